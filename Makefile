@@ -1,0 +1,30 @@
+# Quick start: `make demo`, then `make test`. Everything installs into .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SETUP_STAMP := $(VENV)/.pacore-setup
+DEMO_QUESTION ?= A farmer has 17 sheep. All but 9 run away. How many sheep does the farmer have left?
+
+.PHONY: setup demo test clean
+
+setup: $(SETUP_STAMP)
+
+# Re-run when the dependencies change; pip caches the llama-cpp-python wheel
+# it builds (about 4 minutes on 2 cores the first time), so later runs are quick.
+$(SETUP_STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "Installing pacore and its dependencies (the first build of llama-cpp-python takes a few minutes)..."
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --progress-bar off -e '.[dev]'
+	$(BIN)/pacore model prepare
+	@touch $@
+
+demo: setup
+	$(BIN)/pacore ask --schedule 4 --max-tokens 200 "$(DEMO_QUESTION)"
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,102 @@
+"""Backends, chosen from a spec string through a small registry.
+
+- ``None``, ``"embedded"`` or ``"llama-cpp"``: the embedded Gemma 3 270M model;
+- ``"gguf:/path/model.gguf"`` (or any path ending in ``.gguf``): that GGUF file;
+- ``"http://host:port/v1"`` / ``"https://..."``: an OpenAI-compatible server.
+
+New kinds plug in with :func:`register_backend` without touching the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pacore.backends.base import (
+    Backend,
+    BaseBackend,
+    Completion,
+    GenerationParams,
+    Message,
+    RetryPolicy,
+)
+from pacore.errors import UsageError
+
+BackendFactory = Callable[..., Backend]
+
+_REGISTRY: dict[str, BackendFactory] = {}
+
+
+def register_backend(prefix: str, factory: BackendFactory) -> None:
+    """Make specs starting with ``prefix`` (e.g. ``"http://"``) open with ``factory``.
+
+    The factory is called as ``factory(spec, **options)``.
+    """
+    _REGISTRY[prefix] = factory
+
+
+def _openai(spec: str, **options: Any) -> Backend:
+    from pacore.backends.openai_http import OpenAIBackend
+
+    return OpenAIBackend(spec, **options)
+
+
+def _gguf(spec: str, **options: Any) -> Backend:
+    from pacore.backends.llama_cpp import LlamaCppBackend
+
+    path = spec.removeprefix("gguf:")
+    return LlamaCppBackend(path or None, **_local_options(options))
+
+
+def _embedded(spec: str, **options: Any) -> Backend:
+    from pacore.backends.llama_cpp import LlamaCppBackend
+
+    return LlamaCppBackend(None, **_local_options(options))
+
+
+def _local_options(options: dict[str, Any]) -> dict[str, Any]:
+    # HTTP-only options make no sense for a local model; ignore them quietly
+    # so one set of CLI flags works with every backend.
+    for key in ("api_key", "timeout", "retry", "n_mode", "max_connections"):
+        options.pop(key, None)
+    return options
+
+
+register_backend("http://", _openai)
+register_backend("https://", _openai)
+register_backend("gguf:", _gguf)
+register_backend("embedded", _embedded)
+register_backend("llama-cpp", _embedded)
+
+
+def open_backend(spec: str | None = None, **options: Any) -> Backend:
+    """Open the backend a spec names (see the module docstring).
+
+    ``options`` go to the backend's constructor (``model``, ``api_key``,
+    ``timeout``, ``retry``... for HTTP; ``model`` is ignored by local models
+    unless they support it).
+    """
+    if spec is None or not spec.strip():
+        return _embedded("embedded", **options)
+    spec = spec.strip()
+    for prefix, factory in _REGISTRY.items():
+        if spec.startswith(prefix):
+            return factory(spec, **options)
+    if spec.lower().endswith(".gguf"):
+        return _gguf(spec, **options)
+    raise UsageError(
+        f"unknown backend {spec!r}: use an http(s):// URL of an OpenAI-compatible server, "
+        "gguf:/path/to/model.gguf, or 'embedded'"
+    )
+
+
+__all__ = [
+    "Backend",
+    "BaseBackend",
+    "Completion",
+    "GenerationParams",
+    "Message",
+    "RetryPolicy",
+    "open_backend",
+    "register_backend",
+]

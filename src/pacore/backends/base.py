@@ -1,0 +1,144 @@
+"""The backend protocol: the only thing the engine knows about models.
+
+A backend turns one chat conversation into ``n`` sampled completions. Whether
+it asks the server for ``n`` samples in one call, fans out ``n`` calls, or runs
+a local model is its own business; the engine only reads ``max_n`` to decide
+how to split a round into calls.
+
+Failure contract: ``generate`` raises :class:`~pacore.errors.BackendError` when
+the whole call failed, and may return completions with ``error`` set when only
+some of the ``n`` samples failed. It always returns exactly ``n`` completions
+otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+Message = dict[str, Any]
+"""An OpenAI-style chat message: ``{"role": ..., "content": str | list[part]}``."""
+
+DeltaCallback = Callable[[str, str], None]
+"""Called with ``(content_delta, reasoning_delta)`` while a completion streams."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Sampling settings for every call of a request (the report uses 1.0/1.0)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    # Extra fields sent verbatim in the request body (e.g. top_k, min_p).
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_seed(self, seed: int | None) -> GenerationParams:
+        return replace(self, seed=seed)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Which failures are retried and how long to wait between attempts.
+
+    Retried: connection errors, timeouts, HTTP 408/409/425/429/5xx and
+    malformed answers. Never retried: 400/401/403/404/422 (they would fail
+    again). The wait before attempt ``i`` (from 1) is
+    ``min(backoff_max, backoff_base * 2**(i-1))`` with full jitter, or the
+    server's ``Retry-After`` when it sends one (capped at ``backoff_max``).
+    """
+
+    max_attempts: int = 4
+    backoff_base: float = 0.5
+    backoff_max: float = 20.0
+    retry_statuses: frozenset[int] = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+    def delay(self, attempt: int, retry_after: float | None, rand: float) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.backoff_max)
+        return rand * min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+
+
+@dataclass(slots=True)
+class Completion:
+    """One sampled trajectory as the backend returned it."""
+
+    text: str
+    reasoning: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+    error_kind: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the engine needs from a model."""
+
+    #: Human-readable identity, e.g. ``"openai http://127.0.0.1:8080/v1 (qwen3-8b)"``.
+    name: str
+    #: The model name reported in results and sent to servers.
+    model: str
+    #: Most samples one ``generate`` call should be asked for; 1 means "no batching".
+    max_n: int
+
+    async def generate(
+        self, messages: Sequence[Message], n: int, params: GenerationParams
+    ) -> list[Completion]: ...
+
+    async def stream(
+        self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback
+    ) -> Completion: ...
+
+    async def aclose(self) -> None: ...
+
+
+class BaseBackend:
+    """Shared plumbing: async context manager and a non-streaming ``stream``."""
+
+    name: str = "backend"
+    model: str = "unknown"
+    max_n: int = 1
+
+    async def generate(
+        self, messages: Sequence[Message], n: int, params: GenerationParams
+    ) -> list[Completion]:
+        raise NotImplementedError
+
+    async def stream(
+        self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback
+    ) -> Completion:
+        """Fallback for backends that cannot stream: one delta with the whole text."""
+        (completion,) = await self.generate(messages, 1, params)
+        if completion.ok:
+            on_delta(completion.text, completion.reasoning or "")
+        return completion
+
+    async def aclose(self) -> None:
+        return None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def text_of(content: str | list[dict[str, Any]] | None) -> str:
+    """The text of a message's content, whether a string or a list of parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(
+        part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+    )

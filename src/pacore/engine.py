@@ -1,0 +1,414 @@
+"""The PaCoRe engine: rounds, compaction and synthesis over a Backend.
+
+Pure orchestration: no HTTP, no files, no printing. Every front door (CLI,
+Python API, server, batch runner) calls :func:`asolve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pacore.backends.base import Backend, Completion, GenerationParams, Message, text_of
+from pacore.errors import (
+    BackendError,
+    DeadlineExceededError,
+    InputError,
+    PacoreError,
+    RoundFailedError,
+    UsageError,
+)
+from pacore.prompts import SynthesisTemplate
+from pacore.schedule import Schedule
+from pacore.trace import (
+    AnswerDelta,
+    Event,
+    Final,
+    Result,
+    Round,
+    RoundFinished,
+    RoundStarted,
+    Trajectory,
+    TrajectoryFinished,
+    usage_of,
+)
+
+EventCallback = Callable[[Event], None]
+Prompt = str | Sequence[Message]
+
+THINK_END = "</think>"
+
+
+def compact(text: str | None) -> str | None:
+    """The compaction C: keep only a trajectory's final conclusion.
+
+    ``reasoning_content`` never reaches here (it is kept apart in the trace);
+    inline reasoning is cut at the last ``</think>``. Empty results give
+    ``None``: that trajectory contributes no message.
+    """
+    if not text:
+        return None
+    cut = text.rfind(THINK_END)
+    if cut >= 0:
+        text = text[cut + len(THINK_END) :]
+    text = text.strip()
+    return text or None
+
+
+def normalize_messages(prompt: Prompt) -> list[Message]:
+    """Validate a prompt string or OpenAI-style message list into messages."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("the prompt is empty")
+        return [{"role": "user", "content": prompt}]
+    messages = list(prompt)
+    if not messages:
+        raise InputError("the message list is empty")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise InputError(f"message {i} is not a chat message with a role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InputError(f"message {i} has content that is neither text nor a list of parts")
+    last = last_user_index(messages)
+    if last is None:
+        raise InputError("the conversation has no user message to answer")
+    content = messages[last].get("content")
+    if not text_of(content).strip() and not _non_text_parts(content):
+        raise InputError("the last user message is empty")
+    return messages
+
+
+def last_user_index(messages: Sequence[Message]) -> int | None:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            return i
+    return None
+
+
+def _non_text_parts(content: Any) -> list[dict[str, Any]]:
+    if not isinstance(content, list):
+        return []
+    return [part for part in content if not (isinstance(part, dict) and part.get("type") == "text")]
+
+
+def synthesis_conversation(messages: Sequence[Message], prompt_text: str) -> list[Message]:
+    """Copy of the conversation with only its last user message replaced.
+
+    Non-text parts (images) of that message are kept after the new text, so a
+    vision-language model still sees them while it synthesizes.
+    """
+    index = last_user_index(messages)
+    assert index is not None  # normalize_messages guarantees a user message
+    original = messages[index]
+    extra_parts = _non_text_parts(original.get("content"))
+    content: str | list[dict[str, Any]] = (
+        [{"type": "text", "text": prompt_text}, *extra_parts] if extra_parts else prompt_text
+    )
+    conversation = list(messages)
+    conversation[index] = {**original, "content": content}
+    return conversation
+
+
+def _call_seed(seed: int | None, round_index: int, first_index: int) -> int | None:
+    """A distinct, reproducible sampling seed per call (same seed = same samples)."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + round_index * 10_007 + first_index) % (2**31)
+
+
+def _split(k: int, max_n: int) -> list[tuple[int, int]]:
+    """``(first_index, n)`` of each call a round of ``k`` is split into."""
+    step = max(1, max_n)
+    return [(start, min(step, k - start)) for start in range(0, k, step)]
+
+
+def _trajectory(round_index: int, index: int, completion: Completion) -> Trajectory:
+    return Trajectory(
+        round=round_index,
+        index=index,
+        text=completion.text,
+        reasoning=completion.reasoning,
+        message=compact(completion.text) if completion.ok else None,
+        finish_reason=completion.finish_reason,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        latency_s=completion.latency_s,
+        error=completion.error,
+        error_kind=completion.error_kind,
+    )
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_leaf(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
+
+
+class _Solve:
+    """State of one request; one instance per ``asolve`` call."""
+
+    def __init__(
+        self,
+        messages: list[Message],
+        schedule: Schedule,
+        backend: Backend,
+        params: GenerationParams,
+        template: SynthesisTemplate,
+        seed: int,
+        on_event: EventCallback | None,
+        min_success: float | None,
+        stream_answer: bool,
+        first_round: Sequence[Completion | Trajectory] | None,
+    ) -> None:
+        self.messages = messages
+        self.schedule = schedule
+        self.backend = backend
+        self.params = params
+        self.template = template
+        self.seed = seed
+        self.emit = on_event
+        self.min_success = min_success
+        self.stream_answer = stream_answer
+        self.first_round = first_round
+        self.problem = text_of(messages[last_user_index(messages)].get("content"))  # type: ignore[index]
+        self.rounds: list[Round] = []
+        self.started = time.perf_counter()
+
+    def result(self, answer: str = "", error: str | None = None) -> Result:
+        return Result(
+            answer=answer,
+            schedule=self.schedule.as_list(),
+            rounds=self.rounds,
+            usage=usage_of(self.rounds),
+            model=self.backend.model,
+            backend=self.backend.name,
+            seed=self.seed,
+            elapsed_s=time.perf_counter() - self.started,
+            error=error,
+        )
+
+    async def run(self) -> Result:
+        ks = self.schedule.ks
+        total = len(ks)
+        previous: Round | None = None
+        for index, k in enumerate(ks):
+            final = index == total - 1
+            if previous is None:
+                conversation, references = self.messages, []
+            else:
+                conversation, references = self._synthesis_input(previous, index, total)
+            rnd = Round(index=index, k=k, final=final, references=references, started_at=time.time())
+            self.rounds.append(rnd)
+            if self.emit:
+                self.emit(RoundStarted(round=index, k=k, final=final, total_rounds=total))
+            round_started = time.perf_counter()
+            if index == 0 and self.first_round is not None:
+                self._adopt_first_round(rnd)
+            elif final and self.stream_answer:
+                await self._streamed_call(rnd, conversation)
+            else:
+                await self._run_round(rnd, conversation)
+            rnd.trajectories.sort(key=lambda t: t.index)
+            rnd.elapsed_s = time.perf_counter() - round_started
+            if self.emit:
+                self.emit(RoundFinished(round=rnd))
+            self._check_round(rnd)
+            previous = rnd
+        final_trajectory = self.rounds[-1].trajectories[0]
+        return self.result(answer=final_trajectory.message or "")
+
+    def _synthesis_input(
+        self, previous: Round, index: int, total: int
+    ) -> tuple[list[Message], list[tuple[int, int]]]:
+        usable = [t for t in previous.trajectories if t.message]
+        random.Random(f"pacore:{self.seed}:{index}").shuffle(usable)
+        prompt_text = self.template.render(
+            problem=self.problem,
+            references=[t.message for t in usable],  # type: ignore[misc]
+            round=index + 1,
+            total_rounds=total,
+        )
+        conversation = synthesis_conversation(self.messages, prompt_text)
+        return conversation, [(t.round, t.index) for t in usable]
+
+    def _record(self, rnd: Round, trajectory: Trajectory) -> None:
+        rnd.trajectories.append(trajectory)
+        if self.emit:
+            self.emit(
+                TrajectoryFinished(
+                    round=rnd.index, trajectory=trajectory, done=len(rnd.trajectories), k=rnd.k
+                )
+            )
+
+    def _adopt_first_round(self, rnd: Round) -> None:
+        for i, item in enumerate(self.first_round or ()):
+            if isinstance(item, Trajectory):
+                trajectory = item.model_copy(update={"round": 0, "index": i})
+            else:
+                trajectory = _trajectory(0, i, item)
+            self._record(rnd, trajectory)
+
+    async def _run_round(self, rnd: Round, conversation: list[Message]) -> None:
+        calls = _split(rnd.k, self.backend.max_n)
+        if len(calls) == 1:
+            await self._call(rnd, conversation, *calls[0])
+            return
+        try:
+            async with asyncio.TaskGroup() as group:
+                for first, n in calls:
+                    group.create_task(self._call(rnd, conversation, first, n))
+        except BaseExceptionGroup as group:
+            # A fatal backend error cancelled the siblings; surface it alone.
+            raise _first_leaf(group) from None
+
+    async def _call(self, rnd: Round, conversation: list[Message], first: int, n: int) -> None:
+        params = self.params.with_seed(_call_seed(self.params.seed, rnd.index, first))
+        try:
+            completions = await self.backend.generate(conversation, n, params)
+        except BackendError as exc:
+            if exc.fatal:
+                raise
+            completions = [Completion(text="", error=str(exc), error_kind=exc.kind) for _ in range(n)]
+        for offset, completion in enumerate(completions):
+            self._record(rnd, _trajectory(rnd.index, first + offset, completion))
+
+    async def _streamed_call(self, rnd: Round, conversation: list[Message]) -> None:
+        emit = self.emit
+
+        def on_delta(content: str, reasoning: str) -> None:
+            if emit and (content or reasoning):
+                emit(AnswerDelta(content=content, reasoning=reasoning))
+
+        params = self.params.with_seed(_call_seed(self.params.seed, rnd.index, 0))
+        try:
+            completion = await self.backend.stream(conversation, params, on_delta)
+        except BackendError as exc:
+            if exc.fatal:
+                raise
+            completion = Completion(text="", error=str(exc), error_kind=exc.kind)
+        self._record(rnd, _trajectory(rnd.index, 0, completion))
+
+    def _check_round(self, rnd: Round) -> None:
+        succeeded = rnd.succeeded
+        label = "final round" if rnd.final else f"round {rnd.index + 1}"
+        if succeeded == 0:
+            first_error = next((t.error for t in rnd.trajectories if t.error), "no trajectory ran")
+            what = "the call failed" if rnd.k == 1 else f"all {rnd.k} trajectories failed"
+            raise RoundFailedError(f"{label}: {what}: {first_error}")
+        if self.min_success is not None and not rnd.final:
+            needed = max(1, math.ceil(self.min_success * rnd.k))
+            if succeeded < needed:
+                raise RoundFailedError(
+                    f"{label}: only {succeeded} of {rnd.k} trajectories succeeded, "
+                    f"{needed} required (min_success={self.min_success:g})"
+                )
+        if not rnd.final and not rnd.messages:
+            raise RoundFailedError(f"{label}: every trajectory came back empty; nothing to synthesize")
+
+
+async def asolve(
+    prompt: Prompt,
+    *,
+    schedule: Schedule | str | int | Sequence[int] | None = None,
+    backend: Backend | str | None = None,
+    params: GenerationParams | None = None,
+    template: SynthesisTemplate | str | Path | None = None,
+    seed: int | None = None,
+    on_event: EventCallback | None = None,
+    min_success: float | None = None,
+    deadline: float | None = None,
+    stream_answer: bool = False,
+    first_round: Sequence[Completion | Trajectory] | None = None,
+) -> Result:
+    """Answer ``prompt`` with parallel coordinated reasoning.
+
+    ``prompt`` is a string or an OpenAI-style message list (text and image
+    parts). ``schedule`` lists the coordinated rounds' trajectory counts (a
+    final single-trajectory round is appended). ``backend`` is a Backend, a
+    backend spec (``http://host:port/v1``, ``gguf:/path``) or ``None`` for
+    the embedded model. ``seed`` makes the reference shuffle reproducible
+    (defaults to ``params.seed``, else 0). ``min_success`` is the fraction of
+    a coordinated round's trajectories that must succeed (default: one).
+    ``deadline`` is in seconds for the whole request. With ``stream_answer``
+    the final call is streamed as :class:`AnswerDelta` events.
+    ``first_round`` supplies pre-generated round-1 trajectories (a cached
+    pool) instead of sampling them.
+
+    Raises a :class:`PacoreError`; its ``result`` holds the partial trace.
+    """
+    messages = normalize_messages(prompt)
+    plan = Schedule.parse(schedule)
+    params = params or GenerationParams()
+    if min_success is not None and not 0 < min_success <= 1:
+        raise UsageError(f"min_success must be in (0, 1], got {min_success}")
+    if deadline is not None and deadline <= 0:
+        raise UsageError(f"deadline must be positive, got {deadline}")
+    if first_round is not None and (plan.is_passthrough or len(first_round) != plan.rounds[0]):
+        raise UsageError("first_round must hold exactly K1 trajectories of a non-empty schedule")
+    synthesis = SynthesisTemplate.load(template)
+    shuffle_seed = seed if seed is not None else (params.seed if params.seed is not None else 0)
+
+    owned = not isinstance(backend, Backend)
+    if owned:
+        from pacore.backends import open_backend
+
+        backend = open_backend(backend)  # type: ignore[arg-type]
+    assert isinstance(backend, Backend)
+    state = _Solve(
+        messages, plan, backend, params, synthesis, shuffle_seed, on_event, min_success,
+        stream_answer, first_round,
+    )
+    try:
+        try:
+            async with asyncio.timeout(deadline):
+                result = await state.run()
+        except TimeoutError:
+            raise DeadlineExceededError(f"deadline of {deadline:g}s exceeded") from None
+    except PacoreError as exc:
+        exc.result = state.result(error=str(exc))
+        if on_event:
+            on_event(Final(result=exc.result))
+        raise
+    finally:
+        if owned:
+            await backend.aclose()
+    if on_event:
+        on_event(Final(result=result))
+    return result
+
+
+def solve(prompt: Prompt, **options: Any) -> Result:
+    """Synchronous :func:`asolve` (for scripts and notebooks without a loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(asolve(prompt, **options))
+    raise RuntimeError("solve() was called inside a running event loop; use 'await asolve(...)'")
+
+
+async def iter_solve(prompt: Prompt, **options: Any) -> AsyncIterator[Event]:
+    """Yield the engine's events as they happen; the last one is :class:`Final`.
+
+    Errors are raised after the ``Final`` event that carries the partial trace.
+    Closing the iterator early cancels the request and its backend calls.
+    """
+    queue: asyncio.Queue[Event | None] = asyncio.Queue()
+    task = asyncio.create_task(asolve(prompt, on_event=queue.put_nowait, **options))
+    task.add_done_callback(lambda _: queue.put_nowait(None))
+    try:
+        while (event := await queue.get()) is not None:
+            yield event
+        await task
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,91 @@
+"""One exception hierarchy for everything pacore raises on purpose.
+
+Front doors map these to their own vocabulary in exactly one place each:
+exit codes in ``pacore.cli.main``, HTTP statuses in ``pacore.server``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from pacore.trace import Result
+
+BackendErrorKind = Literal[
+    "connect",  # could not reach the server
+    "timeout",  # no answer in time
+    "status",  # HTTP 5xx / 429 (transient)
+    "protocol",  # the answer was not a valid chat completion
+    "auth",  # HTTP 401/403: wrong or missing API key
+    "not_found",  # HTTP 404: unknown model or wrong URL
+    "bad_request",  # HTTP 400/422: the backend refused the request itself
+    "model",  # the embedded model failed to load or generate
+    "cancelled",
+]
+
+# Kinds that will fail the same way on every retry and every trajectory, so the
+# engine stops the whole request instead of recording N identical failures.
+FATAL_KINDS: frozenset[str] = frozenset({"auth", "not_found", "bad_request", "model"})
+
+
+class PacoreError(Exception):
+    """Base class of every error pacore raises on purpose.
+
+    When a request fails part way, ``result`` holds the partial trace (the
+    rounds computed before the failure), so nothing already computed is lost.
+    """
+
+    result: Result | None = None
+
+
+class UsageError(PacoreError, ValueError):
+    """The caller asked for something invalid (bad argument, empty prompt...)."""
+
+
+class ScheduleError(UsageError):
+    """A schedule string or list is not a valid K-vector."""
+
+
+class TemplateError(UsageError):
+    """The synthesis template cannot be read or rendered."""
+
+
+class InputError(UsageError):
+    """A prompt, message list or attached file is unusable."""
+
+
+class DatasetError(UsageError):
+    """A data set file is missing or a line has an unknown shape."""
+
+
+class StoreError(PacoreError):
+    """A run directory cannot be used (locked, other method, corrupt...)."""
+
+
+class BackendError(PacoreError):
+    """A model backend call failed; ``kind`` says how."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: BackendErrorKind,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status_code = status_code
+        self.retry_after = retry_after
+
+    @property
+    def fatal(self) -> bool:
+        return self.kind in FATAL_KINDS
+
+
+class RoundFailedError(PacoreError):
+    """Too few trajectories of a round succeeded to go on."""
+
+
+class DeadlineExceededError(RoundFailedError):
+    """The request's deadline passed before the final answer."""

@@ -1,0 +1,161 @@
+"""Results, traces, token accounting and the events the engine emits.
+
+Everything here is a pydantic model, so a trace round-trips through JSON
+(``Result.model_dump_json`` / ``Result.model_validate_json``) for the CLI's
+``--json``, the run store and the server.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Trajectory(BaseModel):
+    """One sampled call of one round."""
+
+    round: int
+    index: int
+    text: str = ""
+    reasoning: str | None = None
+    #: The compacted message passed to the next round; ``None`` if it contributes none.
+    message: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+    error_kind: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Round(BaseModel):
+    """One round: its K trajectories and which messages it was given."""
+
+    index: int
+    k: int
+    final: bool = False
+    trajectories: list[Trajectory] = Field(default_factory=list)
+    #: For a synthesis round, ``(round, index)`` of each reference in the order
+    #: shown to the model (after the seeded shuffle); empty for round 1.
+    references: list[tuple[int, int]] = Field(default_factory=list)
+    started_at: float = 0.0
+    elapsed_s: float = 0.0
+
+    @property
+    def succeeded(self) -> int:
+        return sum(1 for t in self.trajectories if t.ok)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for t in self.trajectories if not t.ok)
+
+    @property
+    def messages(self) -> list[str]:
+        return [t.message for t in self.trajectories if t.message]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(t.completion_tokens for t in self.trajectories)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(t.prompt_tokens for t in self.trajectories)
+
+
+class Usage(BaseModel):
+    """Token totals over every call of every round.
+
+    ``completion_tokens`` is the effective test-time compute (TTC) of the
+    request; ``prompt_tokens`` is reported separately because synthesis calls
+    re-read the previous round's messages.
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    failed_calls: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Result(BaseModel):
+    """The answer of one ``solve`` and the full trace that led to it."""
+
+    answer: str
+    schedule: list[int]
+    rounds: list[Round]
+    usage: Usage
+    model: str = ""
+    backend: str = ""
+    seed: int | None = None
+    elapsed_s: float = 0.0
+    #: Set when the request failed; the rounds hold what was computed before.
+    error: str | None = None
+
+    @property
+    def final(self) -> Trajectory | None:
+        if not self.rounds or not self.rounds[-1].final or not self.rounds[-1].trajectories:
+            return None
+        return self.rounds[-1].trajectories[0]
+
+
+def usage_of(rounds: list[Round]) -> Usage:
+    usage = Usage()
+    for rnd in rounds:
+        for t in rnd.trajectories:
+            usage.prompt_tokens += t.prompt_tokens
+            usage.completion_tokens += t.completion_tokens
+            usage.calls += 1
+            usage.failed_calls += 0 if t.ok else 1
+    return usage
+
+
+# --- events ---------------------------------------------------------------
+# Plain, cheap objects: they are created for every trajectory, and progress
+# bars, SSE streams, the trace viewer and the run store all consume them.
+
+
+class RoundStarted(BaseModel):
+    type: Literal["round_started"] = "round_started"
+    round: int
+    k: int
+    final: bool
+    #: How many rounds the request runs, the final one included.
+    total_rounds: int
+
+
+class TrajectoryFinished(BaseModel):
+    type: Literal["trajectory_finished"] = "trajectory_finished"
+    round: int
+    trajectory: Trajectory
+    #: Trajectories of this round finished so far, this one included.
+    done: int
+    k: int
+
+
+class AnswerDelta(BaseModel):
+    """A piece of the final answer as the backend streams it."""
+
+    type: Literal["answer_delta"] = "answer_delta"
+    content: str = ""
+    reasoning: str = ""
+
+
+class RoundFinished(BaseModel):
+    type: Literal["round_finished"] = "round_finished"
+    round: Round
+
+
+class Final(BaseModel):
+    type: Literal["final"] = "final"
+    result: Result
+
+
+Event = RoundStarted | TrajectoryFinished | AnswerDelta | RoundFinished | Final
