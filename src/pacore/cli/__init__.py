@@ -1,0 +1,1 @@
+"""The ``pacore`` command: one module per command group, wired in ``main``."""

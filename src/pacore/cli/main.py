@@ -1,0 +1,99 @@
+"""Entry point of the ``pacore`` command.
+
+Errors become one line on stderr here, and only here: usage mistakes exit
+with 2, runtime failures with 1, an interrupt with 130. No traceback reaches
+the user (set ``PACORE_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+# typer 0.29 vendors its own click; its exceptions are these, not ``click``'s.
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ClickUsageError
+
+from pacore import __version__
+from pacore.errors import PacoreError, UsageError
+
+app = typer.Typer(
+    name="pacore",
+    help="Parallel Coordinated Reasoning: scale a model's test-time compute across parallel, "
+    "compacted, synthesized rounds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pacore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """Parallel Coordinated Reasoning for any language model."""
+
+
+def _register_commands() -> None:
+    # Each command group lives in its own module and registers itself on ``app``.
+    from pacore.cli import model  # noqa: F401
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The one mapping from errors to exit codes."""
+    if isinstance(exc, (UsageError, ClickUsageError)):
+        return 2
+    if isinstance(exc, KeyboardInterrupt | typer.Abort):
+        return 130
+    return 1
+
+
+def fail(message: str, code: int) -> None:
+    """Print ``pacore: error: message`` on one line and exit."""
+    one_line = " ".join(str(message).split())
+    print(f"pacore: error: {one_line}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register_commands()
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        code = command.main(args=args, prog_name="pacore", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else "")
+        raise SystemExit(0) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except ClickUsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "pacore"
+        fail(f"{exc.format_message()} (see '{where} --help')", exit_code_for(exc))
+    except ClickException as exc:
+        fail(exc.format_message(), 1)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        fail("interrupted", exit_code_for(exc))
+    except PacoreError as exc:
+        if os.environ.get("PACORE_DEBUG"):
+            raise
+        fail(str(exc), exit_code_for(exc))
+    except OSError as exc:
+        if os.environ.get("PACORE_DEBUG"):
+            raise
+        fail(str(exc), 1)
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
