@@ -13,6 +13,7 @@ Cancelling a call stops its generation at the next token.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import random
 import threading
@@ -93,14 +94,17 @@ class _LoadedModel:
 
     def __init__(self, path: Path, n_ctx: int, chat_format: str | None) -> None:
         from llama_cpp import Llama
+        from llama_cpp._utils import suppress_stdout_stderr
 
         try:
-            self.llama = Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_threads=os.cpu_count() or 1,
-                verbose=False,
-            )
+            # llama.cpp prints notices straight to fd 2 while it builds the context.
+            with suppress_stdout_stderr(disable=False):
+                self.llama = Llama(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    n_threads=os.cpu_count() or 1,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"could not load model {path}: {exc}", kind="model") from None
         self.n_ctx = n_ctx
@@ -251,8 +255,20 @@ def _load(path: Path, n_ctx: int, chat_format: str | None) -> _LoadedModel:
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
+            if not _MODELS:
+                atexit.register(_close_all)
             model = _MODELS[key] = _LoadedModel(path, n_ctx, chat_format)
         return model
+
+
+def _close_all() -> None:
+    # Free models before interpreter teardown: llama-cpp-python's own __del__
+    # then runs with its C bindings already gone and prints a traceback.
+    with _MODELS_LOCK:
+        for model in _MODELS.values():
+            model.executor.shutdown(wait=True, cancel_futures=True)
+            model.llama.close()
+        _MODELS.clear()
 
 
 class LlamaCppBackend(BaseBackend):
