@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.pacore-setup
 DEMO_QUESTION ?= A farmer has 17 sheep. All but 9 run away. How many sheep does the farmer have left?
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
 setup: $(SETUP_STAMP)
 
@@ -23,7 +23,11 @@ $(SETUP_STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/pacore ask --schedule 4 --max-tokens 200 "$(DEMO_QUESTION)"
 
-test: setup
+# The trace viewer's tests drive Debian's chromium (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 clean:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pacore.backends.base import BaseBackend, Completion, GenerationParams, Message, text_of
+from pacore.backends.base import (
+    BaseBackend,
+    Completion,
+    DeltaCallback,
+    GenerationParams,
+    Message,
+    text_of,
+)
 from pacore.errors import BackendError
 
 Reply = str | Completion | BaseException
@@ -33,23 +41,31 @@ class ScriptedBackend(BaseBackend):
 
     A reply may be text, a full :class:`Completion`, or an exception to raise
     (a ``BackendError`` fails the whole call; any reply that is a Completion
-    with ``error`` set fails only that sample).
+    with ``error`` set fails only that sample). ``delay`` is seconds before
+    replying, or a function of the call giving them; calls cancelled while
+    waiting are listed in ``cancelled``.
     """
 
     respond: Responder = lambda call, i: f"answer {call.number}.{i}"
     max_n: int = 1
-    delay: float = 0.0
+    delay: float | Callable[[Call], float] = 0.0
     model: str = "scripted"
     name: str = "scripted"
     calls: list[Call] = field(default_factory=list)
+    cancelled: list[Call] = field(default_factory=list)
 
     async def generate(
         self, messages: Sequence[Message], n: int, params: GenerationParams
     ) -> list[Completion]:
         call = Call(list(messages), n, params, len(self.calls))
         self.calls.append(call)
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        wait = self.delay(call) if callable(self.delay) else self.delay
+        if wait:
+            try:
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                self.cancelled.append(call)
+                raise
         out: list[Completion] = []
         for i in range(n):
             reply = self.respond(call, i)
@@ -69,6 +85,26 @@ class ScriptedBackend(BaseBackend):
     @property
     def trajectories_requested(self) -> int:
         return sum(call.n for call in self.calls)
+
+
+@dataclass
+class StreamingScriptedBackend(ScriptedBackend):
+    """A ScriptedBackend whose ``stream`` sends the reply one word at a time."""
+
+    streamed: list[Call] = field(default_factory=list)
+
+    async def stream(
+        self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback
+    ) -> Completion:
+        number = len(self.calls)
+        (completion,) = await self.generate(messages, 1, params)
+        self.streamed.append(self.calls[number])
+        if completion.ok:
+            for piece in re.split(r"(?<=\s)", completion.text):
+                if piece:
+                    on_delta(piece, "")
+                    await asyncio.sleep(0)
+        return completion
 
 
 def fail(kind: str = "status", message: str = "HTTP 503 from backend") -> BackendError:

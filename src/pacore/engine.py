@@ -7,6 +7,7 @@ Python API, server, batch runner) calls :func:`asolve`.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import random
 import time
@@ -24,7 +25,7 @@ from pacore.errors import (
     UsageError,
 )
 from pacore.prompts import SynthesisTemplate
-from pacore.schedule import Schedule
+from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
 from pacore.trace import (
     AnswerDelta,
     Event,
@@ -66,6 +67,10 @@ def normalize_messages(prompt: Prompt) -> list[Message]:
         if not prompt.strip():
             raise InputError("the prompt is empty")
         return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
+        raise InputError(
+            f"the prompt must be a string or a list of chat messages, not {type(prompt).__name__}"
+        )
     messages = list(prompt)
     if not messages:
         raise InputError("the message list is empty")
@@ -119,13 +124,29 @@ def _call_seed(seed: int | None, round_index: int, first_index: int) -> int | No
     """A distinct, reproducible sampling seed per call (same seed = same samples)."""
     if seed is None:
         return None
-    return (seed * 1_000_003 + round_index * 10_007 + first_index) % (2**31)
+    # The round stride exceeds any round's size, so no two calls of a request share a seed.
+    stride = MAX_TRAJECTORIES_PER_ROUND + 1
+    return (seed * 1_000_003 + round_index * stride + first_index) % (2**31)
 
 
 def _split(k: int, max_n: int) -> list[tuple[int, int]]:
     """``(first_index, n)`` of each call a round of ``k`` is split into."""
     step = max(1, max_n)
     return [(start, min(step, k - start)) for start in range(0, k, step)]
+
+
+def _exactly(completions: list[Completion], n: int) -> list[Completion]:
+    """Hold a backend to its contract of ``n`` samples per call.
+
+    Some servers silently ignore ``n``; the missing samples are recorded as
+    protocol failures instead of leaving a round short.
+    """
+    missing = Completion(
+        text="",
+        error=f"the backend returned {len(completions)} of {n} requested samples",
+        error_kind="protocol",
+    )
+    return completions[:n] + [missing] * (n - len(completions))
 
 
 def _trajectory(round_index: int, index: int, completion: Completion) -> Trajectory:
@@ -217,7 +238,6 @@ class _Solve:
                 await self._streamed_call(rnd, conversation)
             else:
                 await self._run_round(rnd, conversation)
-            rnd.trajectories.sort(key=lambda t: t.index)
             rnd.elapsed_s = time.perf_counter() - round_started
             if self.emit:
                 self.emit(RoundFinished(round=rnd))
@@ -241,7 +261,8 @@ class _Solve:
         return conversation, [(t.round, t.index) for t in usable]
 
     def _record(self, rnd: Round, trajectory: Trajectory) -> None:
-        rnd.trajectories.append(trajectory)
+        # Kept in index order as calls finish, so a partial round in an error's result is too.
+        bisect.insort(rnd.trajectories, trajectory, key=lambda t: t.index)
         if self.emit:
             self.emit(
                 TrajectoryFinished(
@@ -252,13 +273,15 @@ class _Solve:
     def _adopt_first_round(self, rnd: Round) -> None:
         for i, item in enumerate(self.first_round or ()):
             if isinstance(item, Trajectory):
-                trajectory = item.model_copy(update={"round": 0, "index": i})
+                # Compaction is recomputed: a pool may hold trajectories built without it.
+                message = compact(item.text) if item.ok else None
+                trajectory = item.model_copy(update={"round": 0, "index": i, "message": message})
             else:
                 trajectory = _trajectory(0, i, item)
             self._record(rnd, trajectory)
 
-    async def _run_round(self, rnd: Round, conversation: list[Message]) -> None:
-        calls = _split(rnd.k, self.backend.max_n)
+    async def _run_round(self, rnd: Round, conversation: list[Message], start: int = 0) -> None:
+        calls = [(start + first, n) for first, n in _split(rnd.k, self.backend.max_n)]
         if len(calls) == 1:
             await self._call(rnd, conversation, *calls[0])
             return
@@ -278,7 +301,7 @@ class _Solve:
             if exc.fatal:
                 raise
             completions = [Completion(text="", error=str(exc), error_kind=exc.kind) for _ in range(n)]
-        for offset, completion in enumerate(completions):
+        for offset, completion in enumerate(_exactly(completions, n)):
             self._record(rnd, _trajectory(rnd.index, first + offset, completion))
 
     async def _streamed_call(self, rnd: Round, conversation: list[Message]) -> None:
@@ -313,6 +336,35 @@ class _Solve:
                 )
         if not rnd.final and not rnd.messages:
             raise RoundFailedError(f"{label}: every trajectory came back empty; nothing to synthesize")
+
+
+async def asample(
+    prompt: Prompt,
+    n: int,
+    *,
+    backend: Backend,
+    params: GenerationParams | None = None,
+    start: int = 0,
+    on_event: EventCallback | None = None,
+) -> list[Trajectory]:
+    """``n`` independent samples of ``prompt``, drawn exactly as a first round draws them.
+
+    Same call splitting (``backend.max_n``), per-call seeds and failure
+    handling as round 1 of :func:`asolve`, without synthesis: for trajectory
+    pools and voting baselines. Indices (and so seeds) start at ``start``, so
+    a pool can be topped up without repeating samples. Failed samples come
+    back as failed trajectories; a fatal :class:`BackendError` is raised.
+    """
+    if n < 1:
+        raise UsageError(f"the number of samples must be at least 1, got {n}")
+    messages = normalize_messages(prompt)
+    state = _Solve(
+        messages, Schedule((n,)), backend, params or GenerationParams(), SynthesisTemplate.default(),
+        seed=0, on_event=on_event, min_success=None, stream_answer=False, first_round=None,
+    )  # fmt: skip
+    rnd = Round(index=0, k=n, started_at=time.time())
+    await state._run_round(rnd, messages, start)
+    return rnd.trajectories
 
 
 async def asolve(
@@ -352,12 +404,20 @@ async def asolve(
         raise UsageError(f"min_success must be in (0, 1], got {min_success}")
     if deadline is not None and deadline <= 0:
         raise UsageError(f"deadline must be positive, got {deadline}")
-    if first_round is not None and (plan.is_passthrough or len(first_round) != plan.rounds[0]):
-        raise UsageError("first_round must hold exactly K1 trajectories of a non-empty schedule")
+    if first_round is not None:
+        if plan.is_passthrough:
+            raise UsageError("first_round needs a schedule with at least one coordinated round")
+        if len(first_round) != plan.rounds[0]:
+            raise UsageError(
+                f"first_round holds {len(first_round)} trajectories but the schedule's "
+                f"first round runs {plan.rounds[0]}"
+            )
     synthesis = SynthesisTemplate.load(template)
     shuffle_seed = seed if seed is not None else (params.seed if params.seed is not None else 0)
 
     owned = not isinstance(backend, Backend)
+    if owned and not (backend is None or isinstance(backend, str)):
+        raise UsageError(f"backend must be a Backend, a backend spec string or None, not {backend!r}")
     if owned:
         from pacore.backends import open_backend
 
@@ -368,11 +428,16 @@ async def asolve(
         stream_answer, first_round,
     )
     try:
+        clock = asyncio.timeout(deadline)
         try:
-            async with asyncio.timeout(deadline):
+            async with clock:
                 result = await state.run()
         except TimeoutError:
-            raise DeadlineExceededError(f"deadline of {deadline:g}s exceeded") from None
+            if not clock.expired():
+                raise  # a TimeoutError of the backend's own, not our deadline
+            raise DeadlineExceededError(
+                f"deadline of {deadline:g}s exceeded in round {len(state.rounds)} of {len(plan.ks)}"
+            ) from None
     except PacoreError as exc:
         exc.result = state.result(error=str(exc))
         if on_event:

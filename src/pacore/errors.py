@@ -62,6 +62,10 @@ class StoreError(PacoreError):
     """A run directory cannot be used (locked, other method, corrupt...)."""
 
 
+class RunConflictError(StoreError, UsageError):
+    """The command does not fit the run directory (other data set or options, no run there)."""
+
+
 class BackendError(PacoreError):
     """A model backend call failed; ``kind`` says how."""
 

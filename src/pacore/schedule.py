@@ -9,7 +9,7 @@ round with exactly one trajectory is always appended by the engine, so
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from pacore.errors import ScheduleError
@@ -24,7 +24,10 @@ PRESETS: dict[str, tuple[int, ...]] = {
 # A sanity bound, not a policy: servers enforce their own, smaller caps.
 MAX_TRAJECTORIES_PER_ROUND = 100_000
 
-_INT = re.compile(r"^[+]?\d+$")
+# ASCII digits only, so the canonical text() form is what users typed.
+_INT = re.compile(r"[+]?[0-9]+")
+_MAX_DIGITS = len(str(MAX_TRAJECTORIES_PER_ROUND))
+_HINT = "give a preset (low, medium, high, off), a count like 4, or counts like 32,4"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,17 +54,18 @@ class Schedule:
             return cls(PRESETS["low"])
         if isinstance(value, Schedule):
             return value
-        if isinstance(value, bool):
-            raise ScheduleError(f"invalid schedule {value!r}")
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return cls((value,))
         if isinstance(value, str):
             return cls(_parse_text(value))
+        # bytes and mappings are iterable but never a list of counts.
+        if isinstance(value, (bool, bytes, bytearray, Mapping)):
+            raise ScheduleError(f"invalid schedule {value!r}: {_HINT}")
         try:
             items = list(value)
         except TypeError:
-            raise ScheduleError(f"invalid schedule {value!r}") from None
-        return cls(tuple(_coerce_int(item, str(items)) for item in items))
+            raise ScheduleError(f"invalid schedule {value!r}: {_HINT}") from None
+        return cls(tuple(_coerce_int(item, _shorten(str(items))) for item in items))
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -96,14 +100,19 @@ class Schedule:
 def _parse_text(text: str) -> tuple[int, ...]:
     raw = text.strip()
     if not raw:
-        raise ScheduleError("empty schedule: give a preset (low, medium, high) or counts like 4 or 32,4")
+        raise ScheduleError(f"empty schedule: {_HINT}")
     preset = PRESETS.get(raw.lower())
     if preset is not None:
         return preset
     body = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
     if not body.strip():
         return ()
-    return tuple(_coerce_int(part, raw) for part in body.split(","))
+    return tuple(_coerce_int(part, _shorten(raw)) for part in body.split(","))
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    """Echo user input in an error message without flooding the line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _coerce_int(item: object, whole: str) -> int:
@@ -114,12 +123,22 @@ def _coerce_int(item: object, whole: str) -> int:
     part = str(item).strip()
     if not part:
         raise ScheduleError(f"invalid schedule {whole!r}: empty entry between commas")
-    if part.startswith("-") and _INT.match(part[1:]):
-        raise ScheduleError(f"invalid schedule {whole!r}: counts must be at least 1, got {part}")
-    if not _INT.match(part):
-        names = ", ".join(p for p in PRESETS if p != "off")
+    if part.startswith("-") and _INT.fullmatch(part[1:]):
         raise ScheduleError(
-            f"invalid schedule {whole!r}: {part!r} is neither a count nor a preset ({names})"
+            f"invalid schedule {whole!r}: counts must be at least 1, got {_shorten(part)}"
+        )
+    if part.lower() in PRESETS:
+        raise ScheduleError(f"invalid schedule {whole!r}: a preset name cannot be mixed with counts")
+    if not _INT.fullmatch(part):
+        raise ScheduleError(
+            f"invalid schedule {whole!r}: {_shorten(part)!r} is not a count; {_HINT}"
+        )
+    digits = part.lstrip("+").lstrip("0")
+    if len(digits) > _MAX_DIGITS:
+        # Checked before int(): Python refuses to convert very long digit strings.
+        raise ScheduleError(
+            f"invalid schedule {whole!r}: a {len(digits)}-digit count exceeds the limit of "
+            f"{MAX_TRAJECTORIES_PER_ROUND} per round"
         )
     return int(part)
 

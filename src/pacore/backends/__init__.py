@@ -2,14 +2,15 @@
 
 - ``None``, ``"embedded"`` or ``"llama-cpp"``: the embedded Gemma 3 270M model;
 - ``"gguf:/path/model.gguf"`` (or any path ending in ``.gguf``): that GGUF file;
-- ``"http://host:port/v1"`` / ``"https://..."``: an OpenAI-compatible server.
+- ``"http://host:port/v1"`` / ``"https://..."``: an OpenAI-compatible server;
+- a list of specs: one backend routing each call to the least busy of them.
 
 New kinds plug in with :func:`register_backend` without touching the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pacore.backends.base import (
@@ -69,13 +70,22 @@ register_backend("embedded", _embedded)
 register_backend("llama-cpp", _embedded)
 
 
-def open_backend(spec: str | None = None, **options: Any) -> Backend:
+def open_backend(spec: str | Sequence[str] | None = None, **options: Any) -> Backend:
     """Open the backend a spec names (see the module docstring).
 
     ``options`` go to the backend's constructor (``model``, ``api_key``,
     ``timeout``, ``retry``... for HTTP; ``model`` is ignored by local models
-    unless they support it).
+    unless they support it). Several specs give a
+    :class:`~pacore.backends.router.RouterBackend` over them, all opened
+    with the same options.
     """
+    if spec is not None and not isinstance(spec, str):
+        specs = list(spec)
+        if len(specs) > 1:
+            from pacore.backends.router import RouterBackend
+
+            return RouterBackend([open_backend(one, **options) for one in specs])
+        spec = specs[0] if specs else None
     if spec is None or not spec.strip():
         return _embedded("embedded", **options)
     spec = spec.strip()

@@ -48,6 +48,10 @@ def _root(
 def _register_commands() -> None:
     # Each command group lives in its own module and registers itself on ``app``.
     from pacore.cli import model  # noqa: F401
+    from pacore.cli import serve  # noqa: F401
+    from pacore.cli import ask  # noqa: F401
+    from pacore.cli import run  # noqa: F401
+    from pacore.cli import data  # noqa: F401
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -33,6 +33,8 @@ class SynthesisTemplate:
             self._template = _ENV.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"template {origin}: line {exc.lineno}: {exc.message}") from None
+        # A trial render, so a broken template fails before any round spends compute.
+        self.render("Problem", ["Reference A", "Reference B"], round=2, total_rounds=2)
 
     @classmethod
     def default(cls) -> SynthesisTemplate:
@@ -64,4 +66,7 @@ class SynthesisTemplate:
             )
         except jinja2.TemplateError as exc:
             raise TemplateError(f"template {self.origin}: {exc}") from None
-        return text.strip()
+        text = text.strip()
+        if not text:
+            raise TemplateError(f"template {self.origin}: rendered an empty synthesis prompt")
+        return text

@@ -1,0 +1,119 @@
+"""Helpers shared by the bench scripts: fast backends, clocks, figures, output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+STARTUP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class FastBackend:
+    """A running ``bench/fastbackend.py`` process and its endpoints' base URLs."""
+
+    process: subprocess.Popen[str]
+    urls: list[str]
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def stats(self) -> list[dict[str, int]]:
+        """Each endpoint's counters (calls, samples, active, peak_active)."""
+        import httpx
+
+        return [httpx.get(url.removesuffix("/v1") + "/stats").json() for url in self.urls]
+
+
+@contextlib.contextmanager
+def fast_backend(*args: str | int | float) -> Iterator[FastBackend]:
+    """Run ``bench/fastbackend.py`` with ``args`` in its own process while the block runs."""
+    command = [sys.executable, str(BENCH_DIR / "fastbackend.py"), *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        urls: list[str] = []
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        assert process.stdout is not None
+        while time.monotonic() < deadline:
+            line = process.stdout.readline().strip()
+            if line == "ready":
+                break
+            if not line and process.poll() is not None:
+                raise RuntimeError(f"fastbackend exited with code {process.returncode}")
+            if line.startswith("http"):
+                urls.append(line)
+        else:
+            raise RuntimeError("fastbackend did not start in time")
+        yield FastBackend(process, urls)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Clock:
+    """Wall and process CPU time of a block (``with Clock() as clock: ...``)."""
+
+    def __enter__(self) -> Clock:
+        self.wall = self.cpu = 0.0
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100), nearest rank; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def emit(figures: dict[str, Any], as_json: bool, lines: Sequence[str]) -> None:
+    """Print ONE JSON object (``--json``) or the human-readable lines."""
+    if as_json:
+        print(json.dumps(figures, indent=None, sort_keys=False))
+    else:
+        print("\n".join(lines))
+
+
+def verdict(value: float, target: float, higher_is_better: bool) -> str:
+    met = value >= target if higher_is_better else value <= target
+    return "met" if met else "NOT met"

@@ -1,0 +1,484 @@
+"""Is the orchestrator ever what limits throughput? pacore against two yardsticks.
+
+On one zero-latency fast backend (``bench/fastbackend.py``, its own process),
+the same workload (P problems, each a full PaCoRe request) is run by:
+
+- ceiling: a minimal client with one pooled ``httpx.AsyncClient`` (the HTTP
+  library pacore's OpenAI backend uses) that sends exactly the same calls,
+  round by round, with no orchestration. It keeps 32 connections busy and
+  queues further calls on a semaphore: httpcore's pool costs CPU in
+  proportion to its connections and queued requests on every call, so this
+  is the fastest way to drive this server with httpx;
+- pacore: ``pacore.asolve`` through ``OpenAIBackend`` (one request per
+  trajectory with ``n_mode="off"``; ``n`` batching with the default ``auto``);
+- naive: the reference release's approach, a new client and connection with
+  keep-alive off for every call and one request per trajectory.
+
+The machine's cores are shared by the backend process and the client, so
+trajectories/s are those of this machine, not of a GPU server: what matters
+are the ratios, measured in one run with the clients interleaved. CPU times
+are the client process's own (``time.process_time``), per trajectory.
+
+Also measured: the engine's own CPU against an in-process instant backend
+(no HTTP at all), the round-to-round gap, peak RSS with 10,000 trajectories
+in flight (a child process), and scale-out over 1, 2 and 4 endpoints that
+each serve a fixed number of samples at once.
+
+    python bench/orchestration.py [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from harness import BENCH_DIR, Clock, emit, fast_backend, machine, peak_rss_mb, percentile, verdict
+
+from pacore import asolve
+from pacore.backends.base import Backend, BaseBackend, Completion, GenerationParams, Message
+from pacore.backends.openai_http import OpenAIBackend
+from pacore.prompts import SynthesisTemplate
+from pacore.schedule import Schedule
+
+MODEL = "fast"
+CEILING_CONNECTIONS = 32
+COMPLETION_TOKENS = 64
+PARAMS = GenerationParams(max_tokens=COMPLETION_TOKENS)
+PROBLEM = (
+    "A train leaves the station at 9:00 travelling at 80 km/h; a second train leaves the same "
+    "station at 10:30 on the same track at 120 km/h. At what time does the second train catch up "
+    "with the first, and how far from the station are they then? Explain each step."
+)
+# The reference release used plain HTTP sessions; sharing one TLS context keeps
+# the naive client's cost to what it really pays per call (a new connection),
+# not the creation of a TLS context it never uses on http://.
+_TLS = ssl.create_default_context()
+
+TARGETS = {
+    "pacore_over_ceiling": (0.85, True),
+    "pacore_over_naive_n": (3.0, True),
+    "cpu_ms_per_trajectory": (0.5, False),
+    "round_gap_p99_ms": (5.0, False),
+    "peak_rss_mb_10k": (400.0, False),
+    "scale_out_2_over_1": (1.8, True),
+    "scale_out_4_over_1": (3.2, True),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    problems: int
+    in_flight: int
+    repeats: int
+    schedules: tuple[Schedule, ...] = (Schedule((16,)), Schedule((32, 4)))
+    scale_problems: int = 24
+
+
+FULL = Workload(problems=200, in_flight=16, repeats=3)
+QUICK = Workload(problems=40, in_flight=16, repeats=1, scale_problems=8)
+
+
+def problem(i: int) -> str:
+    return f"Problem {i}. {PROBLEM}"
+
+
+def split(k: int, max_n: int) -> list[int]:
+    """The ``n`` of each call a round of ``k`` trajectories is sent as."""
+    return [min(max_n, k - start) for start in range(0, k, max_n)]
+
+
+# --- the yardstick clients ----------------------------------------------------
+
+Post = Callable[[str, int], Awaitable[list[str]]]
+
+
+def chat_body(content: str, n: int) -> bytes:
+    """The body pacore's OpenAI backend sends for one call (same fields)."""
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": content}],
+        "model": MODEL,
+        "temperature": PARAMS.temperature,
+        "top_p": PARAMS.top_p,
+        "max_tokens": PARAMS.max_tokens,
+    }
+    if n > 1:
+        body["n"] = n
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def contents(response: httpx.Response) -> list[str]:
+    response.raise_for_status()
+    return [choice["message"]["content"] for choice in response.json()["choices"]]
+
+
+async def direct_problem(post: Post, text: str, schedule: Schedule, max_n: int, template: SynthesisTemplate) -> int:
+    """One problem's calls, round by round, with no orchestration; returns its trajectories."""
+    content, ks, done = text, schedule.ks, 0
+    for index, k in enumerate(ks):
+        replies = await asyncio.gather(*(post(content, n) for n in split(k, max_n)))
+        references = [reply for call in replies for reply in call]
+        done += len(references)
+        if index + 1 < len(ks):
+            content = template.render(text, references, index + 2, len(ks))
+    return done
+
+
+def pooled_post(client: httpx.AsyncClient, url: str) -> Post:
+    gate = asyncio.Semaphore(CEILING_CONNECTIONS)
+
+    async def post(content: str, n: int) -> list[str]:
+        async with gate:
+            return contents(await client.post(url, content=chat_body(content, n), headers=_JSON))
+
+    return post
+
+
+def naive_post(url: str) -> Post:
+    async def post(content: str, n: int) -> list[str]:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(verify=_TLS, limits=limits, timeout=60) as client:
+            response = await client.post(url, content=chat_body(content, 1), headers=_CLOSE)
+        return contents(response)
+
+    return post
+
+
+_JSON = {"Content-Type": "application/json"}
+_CLOSE = {**_JSON, "Connection": "close"}
+
+
+# --- pacore, with its calls timed at the Backend interface ----------------------
+
+
+class TimedCalls(BaseBackend):
+    """Wraps one problem's backend to record when each engine call starts and ends.
+
+    Bench-side only: the engine runs exactly as in normal use.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.calls: list[tuple[float, float]] = []
+
+    name = property(lambda self: self.inner.name)  # type: ignore[assignment]
+    model = property(lambda self: self.inner.model)  # type: ignore[assignment]
+    max_n = property(lambda self: self.inner.max_n)  # type: ignore[assignment]
+
+    async def generate(self, messages: Sequence[Message], n: int, params: GenerationParams) -> list[Completion]:
+        started = time.perf_counter()
+        try:
+            return await self.inner.generate(messages, n, params)
+        finally:
+            self.calls.append((started, time.perf_counter()))
+
+    def round_gaps(self, schedule: Schedule, max_n: int) -> list[float]:
+        """From each round's last call ending to the next round's first call starting."""
+        calls = sorted(self.calls)
+        gaps, start = [], 0
+        bounds = []
+        for k in schedule.ks:
+            count = len(split(k, max_n))
+            bounds.append(calls[start : start + count])
+            start += count
+        for previous, following in zip(bounds, bounds[1:]):
+            gaps.append(min(s for s, _ in following) - max(e for _, e in previous))
+        return gaps
+
+
+class InstantBackend(BaseBackend):
+    """In-process, zero-cost completions: what remains is the engine's own CPU."""
+
+    name = model = "instant"
+
+    def __init__(self, max_n: int) -> None:
+        self.max_n = max_n
+        self.text = " ".join(["word"] * COMPLETION_TOKENS)
+
+    async def generate(self, messages: Sequence[Message], n: int, params: GenerationParams) -> list[Completion]:
+        return [
+            Completion(text=self.text, finish_reason="stop", prompt_tokens=100, completion_tokens=COMPLETION_TOKENS)
+            for _ in range(n)
+        ]
+
+
+# --- running a workload ---------------------------------------------------------
+
+
+@dataclass
+class Run:
+    trajectories: int
+    wall_s: float
+    cpu_s: float
+    gaps: list[float] = field(default_factory=list)
+
+    @property
+    def per_s(self) -> float:
+        return self.trajectories / self.wall_s
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.cpu_s / self.trajectories * 1000
+
+
+async def run_all(count: int, in_flight: int, one: Callable[[int], Awaitable[int]]) -> tuple[int, Clock]:
+    gate = asyncio.Semaphore(in_flight)
+
+    async def gated(i: int) -> int:
+        async with gate:
+            return await one(i)
+
+    with Clock() as clock:
+        done = sum(await asyncio.gather(*(gated(i) for i in range(count))))
+    return done, clock
+
+
+async def run_direct(url: str, workload: Workload, schedule: Schedule, batched: bool, naive: bool) -> Run:
+    template = SynthesisTemplate.default()
+    chat_url = url + "/chat/completions"
+    max_n = max(schedule.ks) if batched else 1
+    limits = httpx.Limits(max_connections=CEILING_CONNECTIONS, max_keepalive_connections=CEILING_CONNECTIONS)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        post = naive_post(chat_url) if naive else pooled_post(client, chat_url)
+        done, clock = await run_all(
+            workload.problems,
+            workload.in_flight,
+            lambda i: direct_problem(post, problem(i), schedule, max_n, template),
+        )
+    return Run(done, clock.wall, clock.cpu)
+
+
+async def run_pacore(backend: Backend, workload: Workload, schedule: Schedule, problems: int | None = None) -> Run:
+    timed: list[TimedCalls] = []
+
+    async def one(i: int) -> int:
+        calls = TimedCalls(backend)
+        timed.append(calls)
+        result = await asolve(problem(i), schedule=schedule, backend=calls, params=PARAMS, seed=i)
+        return result.usage.calls - result.usage.failed_calls
+
+    done, clock = await run_all(problems or workload.problems, workload.in_flight, one)
+    gaps = [gap for calls in timed for gap in calls.round_gaps(schedule, backend.max_n)]
+    return Run(done, clock.wall, clock.cpu, gaps)
+
+
+CLIENTS = ("ceiling", "pacore", "naive", "ceiling_n", "pacore_n")
+
+
+async def measure_schedule(url: str, workload: Workload, schedule: Schedule) -> dict[str, Any]:
+    """Every client on one schedule; repeats interleaved, medians kept."""
+    runs: dict[str, list[Run]] = {name: [] for name in CLIENTS}
+    for _ in range(workload.repeats):
+        runs["ceiling"].append(await run_direct(url, workload, schedule, batched=False, naive=False))
+        async with OpenAIBackend(url, model=MODEL, n_mode="off") as backend:
+            runs["pacore"].append(await run_pacore(backend, workload, schedule))
+        runs["naive"].append(await run_direct(url, workload, schedule, batched=False, naive=True))
+        runs["ceiling_n"].append(await run_direct(url, workload, schedule, batched=True, naive=False))
+        async with OpenAIBackend(url, model=MODEL) as backend:
+            runs["pacore_n"].append(await run_pacore(backend, workload, schedule))
+    figures: dict[str, Any] = {}
+    for name, results in runs.items():
+        figures[name] = {
+            "trajectories_per_s": round(statistics.median(r.per_s for r in results), 1),
+            "cpu_ms_per_trajectory": round(statistics.median(r.cpu_ms for r in results), 3),
+        }
+    gaps = [g * 1000 for r in runs["pacore"] + runs["pacore_n"] for g in r.gaps]
+    rate = {name: figures[name]["trajectories_per_s"] for name in CLIENTS}
+    figures["pacore_over_ceiling"] = round(rate["pacore"] / rate["ceiling"], 3)
+    figures["pacore_n_over_ceiling_n"] = round(rate["pacore_n"] / rate["ceiling_n"], 3)
+    figures["pacore_over_naive"] = round(rate["pacore"] / rate["naive"], 2)
+    figures["pacore_over_naive_n"] = round(rate["pacore_n"] / rate["naive"], 2)
+    figures["pacore_added_cpu_ms_per_trajectory"] = round(
+        figures["pacore"]["cpu_ms_per_trajectory"] - figures["ceiling"]["cpu_ms_per_trajectory"], 3
+    )
+    figures["round_gap_p50_ms"] = round(percentile(gaps, 50), 3)
+    figures["round_gap_p99_ms"] = round(percentile(gaps, 99), 3)
+    figures["round_gaps"] = len(gaps)
+    return figures
+
+
+async def engine_cpu(workload: Workload, schedule: Schedule, max_n: int) -> float:
+    """CPU ms per trajectory of the engine alone (in-process instant backend)."""
+    run = await run_pacore(InstantBackend(max_n), workload, schedule)
+    return run.cpu_ms
+
+
+async def isolated_gaps(url: str, schedule: Schedule, problems: int) -> list[float]:
+    """Round gaps of requests run one at a time (no other work on the loop)."""
+    gaps: list[float] = []
+    async with OpenAIBackend(url, model=MODEL) as backend:
+        for i in range(problems):
+            calls = TimedCalls(backend)
+            await asolve(problem(i), schedule=schedule, backend=calls, params=PARAMS, seed=i)
+            gaps += calls.round_gaps(schedule, backend.max_n)
+    return [g * 1000 for g in gaps]
+
+
+async def scale_out(workload: Workload) -> dict[str, Any]:
+    """Throughput over 1, 2 and 4 endpoints that are each the limit."""
+    from pacore.backends import open_backend
+
+    schedule = Schedule((16,))
+    concurrency, ttft_ms, tokens_per_s = 4, 20, 800
+    per_call_s = ttft_ms / 1000 + COMPLETION_TOKENS / tokens_per_s
+    figures: dict[str, Any] = {
+        "endpoint": f"{concurrency} samples at once, {per_call_s * 1000:.0f} ms per call "
+        f"(capacity {concurrency / per_call_s:.0f} trajectories/s each)",
+    }
+    for endpoints in (1, 2, 4):
+        with fast_backend(
+            "--endpoints", endpoints, "--concurrency", concurrency, "--ttft-ms", ttft_ms,
+            "--tokens-per-s", tokens_per_s, "--completion-tokens", COMPLETION_TOKENS,
+        ) as server:  # fmt: skip
+            backend = open_backend(server.urls, model=MODEL, n_mode="off")
+            try:
+                run = await run_pacore(backend, workload, schedule, workload.scale_problems * endpoints)
+            finally:
+                await backend.aclose()
+            samples = [s["samples"] for s in server.stats()]
+        figures[f"endpoints_{endpoints}"] = {"trajectories_per_s": round(run.per_s, 1), "samples_per_endpoint": samples}
+    one = figures["endpoints_1"]["trajectories_per_s"]
+    figures["scale_out_2_over_1"] = round(figures["endpoints_2"]["trajectories_per_s"] / one, 2)
+    figures["scale_out_4_over_1"] = round(figures["endpoints_4"]["trajectories_per_s"] / one, 2)
+    return figures
+
+
+# --- 10,000 trajectories in flight, in a child process ----------------------------
+
+RSS_TRAJECTORIES = 10_000
+
+
+async def rss_child(url: str) -> dict[str, Any]:
+    baseline = peak_rss_mb()
+    async with OpenAIBackend(url, model=MODEL, n_mode="off") as backend:
+        with Clock() as clock:
+            result = await asolve(problem(0), schedule=[RSS_TRAJECTORIES], backend=backend, params=PARAMS)
+    return {
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "rss_before_mb": round(baseline, 1),
+        "trajectories": result.usage.calls,
+        "failed": result.usage.failed_calls,
+        "seconds": round(clock.wall, 1),
+    }
+
+
+def peak_rss_10k() -> dict[str, Any]:
+    with fast_backend("--ttft-ms", 200, "--completion-tokens", COMPLETION_TOKENS) as server:
+        child = subprocess.run(
+            [sys.executable, str(BENCH_DIR / "orchestration.py"), "--rss-child", server.url],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return json.loads(child.stdout)
+
+
+# --- report -----------------------------------------------------------------------
+
+
+async def measure(workload: Workload) -> dict[str, Any]:
+    figures: dict[str, Any] = {"machine": machine(), "workload": {}}
+    with fast_backend("--completion-tokens", COMPLETION_TOKENS) as server:
+        for schedule in workload.schedules:
+            figures[f"schedule_{schedule.text()}"] = await measure_schedule(server.url, workload, schedule)
+        gaps = await isolated_gaps(server.url, Schedule((32, 4)), max(20, workload.problems // 4))
+    figures["workload"] = {
+        "problems": workload.problems,
+        "problems_in_flight": workload.in_flight,
+        "repeats": workload.repeats,
+        "completion_tokens": COMPLETION_TOKENS,
+        "schedules": [s.as_list() for s in workload.schedules],
+    }
+    figures["engine_cpu_ms_per_trajectory"] = {
+        f"{schedule.text()}_max_n_{max_n}": round(await engine_cpu(workload, schedule, max_n), 3)
+        for schedule in workload.schedules
+        for max_n in (1, 128)
+    }
+    figures["round_gap_isolated_p50_ms"] = round(percentile(gaps, 50), 3)
+    figures["round_gap_isolated_p99_ms"] = round(percentile(gaps, 99), 3)
+    figures["scale_out"] = await scale_out(workload)
+    figures["rss_10k"] = peak_rss_10k()
+    sections = [figures[f"schedule_{s.text()}"] for s in workload.schedules]
+    figures["pacore_over_ceiling"] = min(s["pacore_over_ceiling"] for s in sections)
+    figures["pacore_over_naive_n"] = min(s["pacore_over_naive_n"] for s in sections)
+    figures["cpu_ms_per_trajectory"] = max(figures["engine_cpu_ms_per_trajectory"].values())
+    figures["round_gap_p99_ms"] = max(s["round_gap_p99_ms"] for s in sections)
+    figures["peak_rss_mb_10k"] = figures["rss_10k"]["peak_rss_mb"]
+    figures["scale_out_2_over_1"] = figures["scale_out"]["scale_out_2_over_1"]
+    figures["scale_out_4_over_1"] = figures["scale_out"]["scale_out_4_over_1"]
+    figures["targets"] = {
+        key: {"target": target, "measured": figures[key], "verdict": verdict(figures[key], target, higher)}
+        for key, (target, higher) in TARGETS.items()
+    }
+    return figures
+
+
+def report(figures: dict[str, Any]) -> list[str]:
+    w = figures["workload"]
+    lines = [
+        f"Orchestration: {w['problems']} problems per schedule, {w['problems_in_flight']} in flight, "
+        f"{w['completion_tokens']}-token completions, median of {w['repeats']} interleaved repeat(s); "
+        f"{figures['machine']['cores']} cores shared by the fast backend process and the client.",
+    ]
+    for schedule in w["schedules"]:
+        s = figures[f"schedule_{Schedule(tuple(schedule)).text()}"]
+        lines.append(f"\nschedule {schedule}: trajectories/s (client CPU ms per trajectory)")
+        for name in CLIENTS:
+            lines.append(
+                f"  {name:10} {s[name]['trajectories_per_s']:8.1f}/s  ({s[name]['cpu_ms_per_trajectory']:.3f} ms CPU)"
+            )
+        lines.append(
+            f"  pacore/ceiling {s['pacore_over_ceiling']:.3f}  pacore_n/ceiling_n {s['pacore_n_over_ceiling_n']:.3f}  "
+            f"pacore/naive {s['pacore_over_naive']:.2f}  pacore_n/naive {s['pacore_over_naive_n']:.2f}"
+        )
+        lines.append(
+            f"  engine's added CPU over HTTP {s['pacore_added_cpu_ms_per_trajectory']:.3f} ms/trajectory; "
+            f"round gap under load p50 {s['round_gap_p50_ms']:.2f} ms, p99 {s['round_gap_p99_ms']:.2f} ms"
+        )
+    lines.append("\nengine alone (in-process instant backend), CPU ms per trajectory:")
+    for key, value in figures["engine_cpu_ms_per_trajectory"].items():
+        lines.append(f"  {key:24} {value:.3f}")
+    lines.append(
+        f"round gap, requests one at a time: p50 {figures['round_gap_isolated_p50_ms']:.2f} ms, "
+        f"p99 {figures['round_gap_isolated_p99_ms']:.2f} ms"
+    )
+    so = figures["scale_out"]
+    lines.append(f"\nscale-out, endpoints each limited to {so['endpoint']}:")
+    for endpoints in (1, 2, 4):
+        e = so[f"endpoints_{endpoints}"]
+        lines.append(f"  {endpoints} endpoint(s): {e['trajectories_per_s']:7.1f}/s  samples served {e['samples_per_endpoint']}")
+    rss = figures["rss_10k"]
+    lines.append(
+        f"\n10,000 trajectories in flight: peak RSS {rss['peak_rss_mb']:.0f} MB "
+        f"(before the request {rss['rss_before_mb']:.0f} MB), {rss['seconds']} s"
+    )
+    lines.append("\ntargets:")
+    for key, t in figures["targets"].items():
+        lines.append(f"  {key:24} {t['measured']!s:>8}  target {t['target']:<6} {t['verdict']}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller workload (under a minute)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    parser.add_argument("--rss-child", metavar="URL", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        print(json.dumps(asyncio.run(rss_child(args.rss_child))))
+        return
+    figures = asyncio.run(measure(QUICK if args.quick else FULL))
+    emit(figures, args.json, report(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""``pacore ask``: answer one question with parallel coordinated reasoning."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pacore.backends import Message
+from pacore.cli.main import app
+from pacore.cli.options import (
+    ApiKeyOption,
+    BackendOption,
+    MaxTokensOption,
+    ModelOption,
+    RetriesOption,
+    ScheduleOption,
+    SeedOption,
+    TemperatureOption,
+    TemplateOption,
+    TimeoutOption,
+    TopPOption,
+    solve_setup,
+)
+from pacore.cli.progress import open_progress, summary_line
+from pacore.engine import EventCallback, asolve
+from pacore.errors import InputError, PacoreError
+from pacore.trace import Result
+
+EXAMPLES = """\
+[bold]Examples[/bold]
+
+  pacore ask "How many primes are below 100?"
+  pacore ask --schedule high --backend http://127.0.0.1:8000/v1 --model qwen3-8b "Prove that ..."
+  echo "What is 2+3?" | pacore ask - --json > trace.json
+  pacore ask --image chart.png "What does this chart show?" -b http://127.0.0.1:8000/v1
+
+[bold]Exit codes[/bold]: 0 answered; 1 runtime failure (backend unreachable, all trajectories failed...);
+2 bad usage (empty question, bad schedule, unreadable file...).
+"""
+
+# Formats a vision model is likely to accept, recognised by their first bytes.
+_IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+)
+
+
+def image_mime_type(data: bytes, path: Path) -> str:
+    """The image's MIME type from its content; a file name can lie."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    for signature, mime in _IMAGE_SIGNATURES:
+        if data.startswith(signature):
+            return mime
+    raise InputError(f"cannot use image {path}: not a PNG, JPEG, GIF, WebP or BMP file")
+
+
+def image_part(path: Path) -> dict[str, object]:
+    """An OpenAI ``image_url`` content part holding the file as a base64 data URL."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise InputError(f"cannot use image {path}: the file is empty")
+    encoded = base64.b64encode(data).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": f"data:{image_mime_type(data, path)};base64,{encoded}"}}
+
+
+def read_question(question: str) -> str:
+    """The question argument, or stdin's text when it is ``-``."""
+    if question == "-":
+        try:
+            text = sys.stdin.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read the question from stdin: {exc}") from None
+        if not text.strip():
+            raise InputError("the question read from stdin is empty")
+        return text.strip()
+    if not question.strip():
+        raise InputError("the question is empty")
+    return question
+
+
+def build_messages(question: str, images: list[Path], system: str | None) -> list[Message]:
+    content: str | list[dict[str, object]] = question
+    if images:
+        content = [{"type": "text", "text": question}, *(image_part(path) for path in images)]
+    messages: list[Message] = [{"role": "user", "content": content}]
+    if system and system.strip():
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def print_json(result: Result) -> None:
+    sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+    sys.stdout.flush()
+
+
+@app.command("ask", epilog=EXAMPLES)
+def ask(
+    question: Annotated[
+        str, typer.Argument(metavar="QUESTION", help="The question to answer, or - to read it from stdin.")
+    ],
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image",
+            "-i",
+            metavar="FILE",
+            help="Attach an image (repeatable); sent as a data URL to vision models.",
+            show_default=False,
+        ),
+    ] = None,
+    system: Annotated[str | None, typer.Option("--system", help="A system prompt.")] = None,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="Print the whole trace as JSON on stdout instead of the answer."),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress display and no summary on stderr.")
+    ] = False,
+    schedule: ScheduleOption = "low",
+    template: TemplateOption = None,
+    max_tokens: MaxTokensOption = None,
+    temperature: TemperatureOption = 1.0,
+    top_p: TopPOption = 1.0,
+    seed: SeedOption = None,
+    backend: BackendOption = None,
+    model: ModelOption = None,
+    api_key: ApiKeyOption = None,
+    timeout: TimeoutOption = None,
+    retries: RetriesOption = None,
+) -> None:
+    """Answer a question with parallel coordinated reasoning.
+
+    The answer goes to stdout; progress and a one-line summary go to stderr.
+    """
+    messages = build_messages(read_question(question), image or [], system)
+    setup = solve_setup(
+        backend=backend, model=model, api_key=api_key, timeout=timeout, retries=retries,
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        schedule=schedule, template=template,
+    )  # fmt: skip
+
+    async def run(on_event: EventCallback | None) -> Result:
+        try:
+            return await asolve(
+                messages,
+                schedule=setup.schedule,
+                backend=setup.backend,
+                params=setup.params,
+                template=setup.template,
+                on_event=on_event,
+            )
+        finally:
+            await setup.backend.aclose()
+
+    try:
+        with open_progress(quiet) as progress:
+            result = asyncio.run(run(progress.handle if progress else None))
+    except PacoreError as exc:
+        # Keep whatever was computed before the failure; main prints the error.
+        if json_output and exc.result is not None and exc.result.usage.calls:
+            print_json(exc.result)
+        raise
+    if json_output:
+        print_json(result)
+    else:
+        typer.echo(result.answer)
+    if not quiet:
+        typer.echo(summary_line(result), err=True)
+

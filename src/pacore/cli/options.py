@@ -1,0 +1,205 @@
+"""Backend and generation flags shared by the commands that run the engine.
+
+A command declares the options it needs with these annotated types, then
+turns them into engine objects with :func:`solve_setup` (or, for a command
+that only needs a model, :func:`open_backends`). All validation lives here,
+so ``pacore ask``, ``pacore run`` and ``pacore serve`` reject the same
+values with the same one-line messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
+
+import typer
+
+from pacore.backends import Backend, GenerationParams, RetryPolicy, open_backend
+from pacore.errors import UsageError
+from pacore.prompts import SynthesisTemplate
+from pacore.schedule import Schedule
+
+BACKEND_PANEL = "Backend"
+GENERATION_PANEL = "Generation"
+
+BackendOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--backend",
+        "-b",
+        metavar="SPEC",
+        help="Model to use: an OpenAI-compatible server URL (http://host:port/v1), "
+        "gguf:/path/model.gguf, or 'embedded' (the default, Gemma 3 270M). Repeat it to "
+        "spread the calls over several endpoints.",
+        rich_help_panel=BACKEND_PANEL,
+        show_default=False,
+    ),
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Model name sent to the server.", rich_help_panel=BACKEND_PANEL
+    ),
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="PACORE_API_KEY",
+        show_envvar=True,
+        help="API key for the server.",
+        rich_help_panel=BACKEND_PANEL,
+    ),
+]
+TimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="Per-request timeout for HTTP backends \\[default: the backend's].",
+        rich_help_panel=BACKEND_PANEL,
+    ),
+]
+RetriesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--retries",
+        metavar="N",
+        help="Retries of a failed HTTP call (connection errors, timeouts, 429, 5xx) "
+        "\\[default: the backend's].",
+        rich_help_panel=BACKEND_PANEL,
+    ),
+]
+MaxTokensOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-tokens",
+        metavar="N",
+        help="Most tokens each call may generate \\[default: the backend's; embedded: 512].",
+        rich_help_panel=GENERATION_PANEL,
+    ),
+]
+TemperatureOption = Annotated[
+    float,
+    typer.Option("--temperature", "-t", help="Sampling temperature.", rich_help_panel=GENERATION_PANEL),
+]
+TopPOption = Annotated[
+    float, typer.Option("--top-p", help="Nucleus sampling mass.", rich_help_panel=GENERATION_PANEL)
+]
+SeedOption = Annotated[
+    int | None,
+    typer.Option(
+        "--seed",
+        help="Seed for sampling and for shuffling the references (same seed, same run "
+        "where the backend supports seeds).",
+        rich_help_panel=GENERATION_PANEL,
+    ),
+]
+ScheduleOption = Annotated[
+    str,
+    typer.Option(
+        "--schedule",
+        "-s",
+        metavar="K",
+        help="Trajectories per coordinated round: a preset (low=4, medium=16, high=32,4, "
+        "off) or counts like 8 or 16,4. A final single-call round is always added.",
+        rich_help_panel=GENERATION_PANEL,
+    ),
+]
+TemplateOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--template",
+        metavar="FILE",
+        help="Jinja2 synthesis template to use instead of the built-in one.",
+        rich_help_panel=GENERATION_PANEL,
+        show_default=False,
+    ),
+]
+
+
+class SolveSetup(NamedTuple):
+    """Everything :func:`pacore.asolve` needs besides the prompt."""
+
+    backend: Backend
+    params: GenerationParams
+    schedule: Schedule
+    template: SynthesisTemplate
+
+
+def generation_params(
+    *, max_tokens: int | None, temperature: float, top_p: float, seed: int | None
+) -> GenerationParams:
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if temperature < 0:
+        raise UsageError(f"--temperature must be 0 or more, got {temperature:g}")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be greater than 0 and at most 1, got {top_p:g}")
+    return GenerationParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+
+
+def load_template(path: Path | None, schedule: Schedule) -> SynthesisTemplate:
+    """Load a template and render it once per synthesis round of ``schedule``.
+
+    The trial render catches unknown variables now rather than after the
+    first round has spent its compute.
+    """
+    template = SynthesisTemplate.load(path)
+    ks = schedule.ks
+    for index in range(1, len(ks)):
+        template.render(
+            problem="example problem",
+            references=["example reference"] * ks[index - 1],
+            round=index + 1,
+            total_rounds=len(ks),
+        )
+    return template
+
+
+def open_backends(
+    specs: Sequence[str] | None,
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    timeout: float | None = None,
+    retries: int | None = None,
+) -> Backend:
+    """Open the backend that ``--backend`` names (the embedded model when none).
+
+    Takes the list of every ``--backend`` given; several make one backend
+    that sends each call to the least busy of them (see ``pacore.backends.router``).
+    """
+    specs = [spec for spec in specs or () if spec.strip()]
+    if timeout is not None and timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {timeout:g}")
+    if retries is not None and retries < 0:
+        raise UsageError(f"--retries must be 0 or more, got {retries}")
+    options: dict[str, Any] = {"model": model, "api_key": api_key, "timeout": timeout}
+    if retries is not None:
+        options["retry"] = RetryPolicy(max_attempts=retries + 1)
+    # Unset flags are left out so each backend keeps its own defaults.
+    return open_backend(specs, **{k: v for k, v in options.items() if v is not None})
+
+
+def solve_setup(
+    *,
+    backend: Sequence[str] | None,
+    model: str | None,
+    api_key: str | None,
+    timeout: float | None,
+    retries: int | None,
+    max_tokens: int | None,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    schedule: str,
+    template: Path | None,
+) -> SolveSetup:
+    """Validate every flag, then open the backend (the slow part) last."""
+    plan = Schedule.parse(schedule)
+    params = generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    synthesis = load_template(template, plan)
+    opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries)
+    return SolveSetup(opened, params, plan, synthesis)

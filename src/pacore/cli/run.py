@@ -1,0 +1,361 @@
+"""``pacore run``, ``pacore report`` and ``pacore export-train``: the research workflow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Annotated, TextIO
+
+import typer
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
+
+from pacore.cli.main import app
+from pacore.cli.options import (
+    ApiKeyOption,
+    BackendOption,
+    MaxTokensOption,
+    ModelOption,
+    RetriesOption,
+    ScheduleOption,
+    SeedOption,
+    TemperatureOption,
+    TemplateOption,
+    TimeoutOption,
+    TopPOption,
+    generation_params,
+    load_template,
+    open_backends,
+)
+from pacore.cli.progress import format_duration
+from pacore.errors import PacoreError
+from pacore.eval import export, report
+from pacore.eval.datasets import Problem, load_dataset
+from pacore.eval.runner import DEFAULT_SAMPLES, METHODS, Arm, BatchProgress, BatchRun, RunPlan, RunSummary
+from pacore.store import ProblemResult
+
+RUN_PANEL = "Run"
+DATA_PANEL = "Data set"
+
+RUN_EXAMPLES = """\
+[bold]Examples[/bold]
+
+  pacore run gsm8k.jsonl --out runs/gsm8k --limit 20 --method pacore --schedule 2 --max-tokens 256
+  pacore run gsm8k.jsonl --out runs/gsm8k --limit 20 --method majority --samples 3 --add-arm ...
+  pacore run aime.jsonl --out runs/aime --pool-size 32 --schedule low -b http://127.0.0.1:8000/v1
+  pacore run aime.jsonl --out runs/aime --schedule high            # same pool, another arm
+  pacore run aime.jsonl --out runs/aime --method majority --samples 32
+
+Run the same command again to resume: done problems are skipped, unfinished ones
+redone, failed ones retried.
+
+[bold]Exit codes[/bold]: 0 every problem answered; 1 some problems failed (rerun to retry) or
+a runtime failure; 2 bad usage (bad data file, run directory of another data set or
+settings...).
+"""
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+class _LiveDisplay:
+    """A status line redrawn in place; failures are printed above it."""
+
+    def __init__(self, console: Console, progress: BatchProgress) -> None:
+        self.progress = progress
+        self.spinner = Spinner("dots", style="cyan")
+        self.live = Live(
+            console=console, get_renderable=self.render, refresh_per_second=4, transient=True,
+            redirect_stdout=False, redirect_stderr=False,
+        )  # fmt: skip
+
+    def render(self) -> RenderableType:
+        p = self.progress
+        eta = p.eta_s
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(
+            self.spinner,
+            Text(p.arm, style="bold"),
+            ProgressBar(total=max(p.total, 1), completed=p.done + p.failed, width=24),
+            Text(f"{p.done + p.failed}/{p.total} problems" + (f" ({p.failed} failed)" if p.failed else "")),
+            Text(f"· {p.in_flight} in flight"),
+            Text(f"· {p.completion_tokens:,} tokens", style="green"),
+            Text(f"· accuracy {_percent(p.accuracy)}"),
+            Text(f"· ETA {format_duration(eta)}" if eta is not None else "· ETA ...", style="dim"),
+        )
+        return grid
+
+    def problem_finished(self, problem: Problem, result: ProblemResult) -> None:
+        if result.status == "failed":
+            self.live.console.print(f"{problem.id}: failed: {result.error}", highlight=False, markup=False)
+
+    def __enter__(self) -> _LiveDisplay:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.live.stop()
+
+
+class _LineDisplay:
+    """One plain line per finished problem, for logs and pipes."""
+
+    def __init__(self, file: TextIO, progress: BatchProgress) -> None:
+        self.file = file
+        self.progress = progress
+
+    def problem_finished(self, problem: Problem, result: ProblemResult) -> None:
+        p = self.progress
+        if result.status == "failed":
+            outcome = f"failed: {result.error}"
+        else:
+            outcome = {True: "correct", False: "wrong", None: "answered"}[result.correct]
+        eta = p.eta_s
+        print(
+            f"[{p.done + p.failed}/{p.total}] {problem.id}: {outcome} · {result.completion_tokens:,} tokens "
+            f"· {format_duration(result.wall_s or 0.0)} · accuracy {_percent(p.accuracy)}"
+            + (f" · ETA {format_duration(eta)}" if eta is not None else ""),
+            file=self.file,
+            flush=True,
+        )
+
+    def __enter__(self) -> _LineDisplay:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+def _open_display(progress: BatchProgress, quiet: bool) -> AbstractContextManager[_LiveDisplay | _LineDisplay | None]:
+    if quiet:
+        return nullcontext(None)
+    console = Console(file=sys.stderr)
+    if console.is_terminal and not console.is_dumb_terminal:
+        return _LiveDisplay(console, progress)
+    return _LineDisplay(sys.stderr, progress)
+
+
+def plan_lines(plan: RunPlan, arm: str, run_dir: Path, problems: int, data: Path) -> list[str]:
+    """What opening the run found, in a line or two for stderr."""
+    lines = []
+    if plan.set_aside is not None:
+        lines.append(f"--force: the previous run in {run_dir} is kept as {plan.set_aside.name}")
+    pool = f", trajectory pool of {plan.pool_size} per problem" if plan.pool_size else ""
+    if plan.new_run:
+        lines.append(f"new run in {run_dir}: {arm} on {problems} problems from {data}{pool}")
+    elif plan.new_arm:
+        lines.append(f"adding arm {arm} to {run_dir} ({problems} problems{pool})")
+    else:
+        failed = ""
+        if plan.failed:
+            failed = (
+                f"{plan.failed} failed (retrying them; --no-retry-failed skips them), "
+                if plan.retry_failed
+                else f"{plan.failed} failed (skipped: --no-retry-failed), "
+            )
+        lines.append(
+            f"resuming {arm} in {run_dir}: {plan.done} done (skipped), {failed}{plan.pending} unfinished"
+        )
+    return lines
+
+
+def summary_text(summary: RunSummary, run_dir: Path) -> str:
+    accuracy = (
+        f"accuracy {_percent(summary.accuracy)} ({summary.correct}/{summary.graded})"
+        if summary.graded
+        else "no ground truth to grade"
+    )
+    failed = f", {summary.failed} failed" if summary.failed else ""
+    pending = f", {summary.pending} unfinished" if summary.pending else ""
+    return f"{summary.arm}: {summary.done}/{summary.total} answered{failed}{pending}, {accuracy} -> {run_dir}"
+
+
+@app.command("run", epilog=RUN_EXAMPLES)
+def run(
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="Data set file (JSONL or a JSON list).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="RUN_DIR", help="Run directory (created if needed).")
+    ],
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method", help=f"One of {', '.join(METHODS)}.", rich_help_panel=RUN_PANEL
+        ),
+    ] = "pacore",
+    schedule: ScheduleOption = None,  # type: ignore[assignment]  # None: the pacore default (low)
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            "--samples", metavar="K",
+            help=f"Samples voted over by --method majority \\[default: {DEFAULT_SAMPLES}].",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = None,  # fmt: skip
+    pool_size: Annotated[
+        int | None,
+        typer.Option(
+            "--pool-size", metavar="P",
+            help="Generate P first-round trajectories per problem once and draw every arm's "
+            "first round (K1 <= P, k <= P) from them.",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = None,  # fmt: skip
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-j", metavar="N", help="Problems solved at once.", rich_help_panel=RUN_PANEL)
+    ] = 4,
+    add_arm: Annotated[
+        bool,
+        typer.Option(
+            "--add-arm", help="Evaluate another method in a run directory without a pool.",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = False,  # fmt: skip
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="If RUN_DIR holds another data set or settings, set it aside and start over.",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = False,  # fmt: skip
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed/--no-retry-failed", help="When resuming, retry problems that failed.",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = True,  # fmt: skip
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    limit: Annotated[
+        int | None, typer.Option("--limit", metavar="N", help="Use at most N problems.", rich_help_panel=DATA_PANEL)
+    ] = None,
+    offset: Annotated[
+        int, typer.Option("--offset", metavar="N", help="Skip the first N problems.", rich_help_panel=DATA_PANEL)
+    ] = 0,
+    shuffle: Annotated[
+        bool,
+        typer.Option(
+            "--shuffle", help="Shuffle the problems (with --seed, default 0) before --offset and --limit.",
+            rich_help_panel=DATA_PANEL,
+        ),
+    ] = False,  # fmt: skip
+    template: TemplateOption = None,
+    max_tokens: MaxTokensOption = None,
+    temperature: TemperatureOption = 1.0,
+    top_p: TopPOption = 1.0,
+    seed: SeedOption = None,
+    backend: BackendOption = None,
+    model: ModelOption = None,
+    api_key: ApiKeyOption = None,
+    timeout: TimeoutOption = None,
+    retries: RetriesOption = None,
+) -> None:
+    """Evaluate a data set under a method; resumable, every finished problem committed.
+
+    Results go to RUN_DIR/run.sqlite; see them with 'pacore report RUN_DIR'.
+    """
+    arm = Arm.build(method, schedule=schedule, samples=samples)
+    params = generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    synthesis = load_template(template, arm.schedule)
+    problems = load_dataset(data, limit=limit, offset=offset, shuffle=shuffle, seed=seed or 0)
+    opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries)
+
+    async def execute(batch: BatchRun, display: _LiveDisplay | _LineDisplay | None) -> RunSummary:
+        try:
+            return await batch.execute(display.problem_finished if display else None)
+        finally:
+            await opened.aclose()
+
+    with BatchRun.open(
+        out, problems, dataset_path=data, arm=arm, backend=opened, params=params, template=synthesis,
+        pool_size=pool_size, concurrency=concurrency, retry_failed=retry_failed, add_arm=add_arm,
+        force=force,
+    ) as batch:  # fmt: skip
+        if not quiet:
+            for line in plan_lines(batch.plan, arm.name, out, len(problems), data):
+                typer.echo(line, err=True)
+        with _open_display(batch.progress, quiet) as display:
+            summary = asyncio.run(execute(batch, display))
+    typer.echo(summary_text(summary, out))
+    if summary.failed:
+        reason, count = summary.failure_reasons[0]
+        raise PacoreError(
+            f"{summary.failed} of {summary.total} problems failed ({count} x {reason}); "
+            "rerun the same command to retry them"
+        )
+
+
+@app.command("report")
+def report_command(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories to report on.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", metavar="DIR", help="Where to write the report \\[default: the first RUN_DIR]."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the figures as one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """Write report.md, report.html and accuracy_vs_ttc.png for one or more runs.
+
+    Per arm: accuracy with a 95% Wilson interval, mean effective TTC and prompt
+    tokens, wall time, failures; for PaCoRe arms, synthesis diagnostics.
+    """
+    arms, files = report.write_report(run_dirs, out)
+    if json_output:
+        document = {
+            "runs": [str(d) for d in run_dirs],
+            "files": {"markdown": str(files.markdown), "html": str(files.html), "plot": str(files.plot)},
+            "methods": [arm.as_dict() for arm in arms],
+        }
+        typer.echo(json.dumps(document, indent=2))
+        return
+    for arm in arms:
+        prefix = f"{arm.run} " if len(run_dirs) > 1 else ""
+        interval = arm.interval
+        ci = f" [{_percent(interval[0])}, {_percent(interval[1])}]" if interval else ""
+        tokens = f"{arm.mean_completion_tokens:,.0f}" if arm.mean_completion_tokens is not None else "n/a"
+        typer.echo(
+            f"{prefix}{arm.arm}: accuracy {_percent(arm.accuracy)}{ci} on {arm.graded} graded, "
+            f"{tokens} TTC tokens/problem, {arm.failed} failed"
+        )
+    typer.echo(f"wrote {files.markdown}, {files.html} and {files.plot}")
+
+
+@app.command("export-train")
+def export_train_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="JSONL file to write.")],
+    min_acc: Annotated[
+        float, typer.Option("--min-acc", help="Keep problems whose message-set accuracy is above this.")
+    ] = export.DEFAULT_MIN_ACC,
+    max_acc: Annotated[
+        float, typer.Option("--max-acc", help="... and below this (9/24 in the report).")
+    ] = export.DEFAULT_MAX_ACC,
+    min_size: Annotated[int, typer.Option("--min-size", help="Smallest message set (clipped to what exists).")] = (
+        export.DEFAULT_MIN_SIZE
+    ),
+    max_size: Annotated[int, typer.Option("--max-size", help="Largest message set.")] = export.DEFAULT_MAX_SIZE,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the message-set draws.")] = 0,
+    arm: Annotated[
+        str | None,
+        typer.Option(
+            "--arm", help="Take the responses from this arm's first round \\[default: the pool, else the "
+            "arm with the widest first round].",
+        ),
+    ] = None,  # fmt: skip
+) -> None:
+    """Write RL training records (conversation, responses, ground_truth) for the synthesis step."""
+    summary = export.export_train(
+        run_dir, out, min_acc=min_acc, max_acc=max_acc, min_size=min_size, max_size=max_size,
+        seed=seed, arm=arm,
+    )  # fmt: skip
+    typer.echo(f"export-train: {summary.line()}")
+

@@ -1,0 +1,190 @@
+"""``pacore serve``: the OpenAI-compatible PaCoRe server with its trace viewer."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Annotated
+
+import typer
+
+from pacore.cli.main import app
+from pacore.cli.options import (
+    BACKEND_PANEL,
+    BackendOption,
+    MaxTokensOption,
+    ModelOption,
+    RetriesOption,
+    ScheduleOption,
+    TemperatureOption,
+    TemplateOption,
+    TimeoutOption,
+    TopPOption,
+    generation_params,
+    load_template,
+    open_backends,
+)
+from pacore.errors import PacoreError
+from pacore.schedule import Schedule
+
+SERVER_PANEL = "Server"
+API_KEYS_ENV = "PACORE_SERVER_API_KEYS"
+GRACEFUL_SHUTDOWN_S = 5
+
+EXAMPLES = """\
+[bold]Examples[/bold]
+
+  pacore serve
+  pacore serve -b http://127.0.0.1:8080/v1 -m qwen3-8b -s high
+  PACORE_SERVER_API_KEYS=k1,k2 pacore serve --host 0.0.0.0
+
+Point any OpenAI client at http://127.0.0.1:8000/v1. Per request, pick a
+schedule with the model name (pacore-high/MODEL, pacore-16/MODEL,
+pacore-1/MODEL = pass-through) or extra_body={"pacore": {"schedule": [32, 4]}}.
+Watch requests at /ui; scrape /metrics.
+"""
+
+
+def _server_option(
+    *names: str, help: str, metavar: str | None = None, min: int | None = None
+) -> typer.models.OptionInfo:
+    return typer.Option(*names, help=help, metavar=metavar, min=min, rich_help_panel=SERVER_PANEL)
+
+
+@app.command("serve", epilog=EXAMPLES)
+def serve(
+    host: Annotated[
+        str, _server_option("--host", help="Interface to listen on (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, _server_option("--port", "-p", help="Port to listen on (0: any free port).")] = 8000,
+    api_key: Annotated[
+        list[str] | None,
+        _server_option(
+            "--api-key",
+            metavar="KEY",
+            help=f"Accept requests bearing this key (repeatable). Default: the comma-separated keys "
+            f"in ${API_KEYS_ENV}; none means no authentication.",
+        ),
+    ] = None,
+    max_concurrent_requests: Annotated[
+        int,
+        _server_option(
+            "--max-concurrent-requests", metavar="N", min=1, help="Requests answered at once; more get 429."
+        ),
+    ] = 4,
+    max_trajectories: Annotated[
+        int,
+        _server_option(
+            "--max-trajectories", metavar="N", min=1,
+            help="Most calls one request may make (all rounds, final included).",
+        ),  # fmt: skip
+    ] = 128,
+    max_rounds: Annotated[
+        int,
+        _server_option(
+            "--max-rounds", metavar="N", min=1, help="Most coordinated rounds one request may ask for."
+        ),
+    ] = 4,
+    max_body_bytes: Annotated[
+        int,
+        _server_option(
+            "--max-body-bytes", metavar="BYTES", min=1, help="Largest request body accepted (413 beyond)."
+        ),
+    ] = 16 * 1024 * 1024,
+    history: Annotated[
+        int,
+        _server_option(
+            "--history", metavar="N", min=0, help="Recent requests kept in memory for the /ui viewer."
+        ),
+    ] = 100,
+    schedule: ScheduleOption = "medium",
+    template: TemplateOption = None,
+    max_tokens: MaxTokensOption = None,
+    temperature: TemperatureOption = 1.0,
+    top_p: TopPOption = 1.0,
+    backend: BackendOption = None,
+    model: ModelOption = None,
+    backend_api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--backend-api-key",
+            envvar="PACORE_API_KEY",
+            show_envvar=True,
+            help="API key pacore sends to the backend server.",
+            rich_help_panel=BACKEND_PANEL,
+        ),
+    ] = None,
+    timeout: TimeoutOption = None,
+    retries: RetriesOption = None,
+) -> None:
+    """Serve PaCoRe behind an OpenAI-compatible /v1/chat/completions, with a live trace viewer at /ui.
+
+    Request sampling fields (temperature, top_p, max_tokens, seed, stop) override the defaults set here.
+    """
+    import uvicorn
+
+    from pacore.server import ServerConfig, create_app
+
+    keys = api_key if api_key else [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    plan = Schedule.parse(schedule)
+    config = ServerConfig(
+        schedule=plan,
+        params=generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None),
+        template=load_template(template, plan),
+        api_keys=tuple(keys),
+        max_concurrent_requests=max_concurrent_requests,
+        max_trajectories=max_trajectories,
+        max_rounds=max_rounds,
+        max_body_bytes=max_body_bytes,
+        history=history,
+    )
+    listener = _listen(host, port)
+    opened = open_backends(backend, model=model, api_key=backend_api_key, timeout=timeout, retries=retries)
+    bound_host, bound_port = listener.getsockname()[:2]
+    base = f"http://{_url_host(bound_host)}:{bound_port}"
+    auth = f"{len(keys)} API key{'s' if len(keys) != 1 else ''}" if keys else "no API key"
+    typer.echo(
+        f"pacore serve: listening on {base} (OpenAI base_url {base}/v1, viewer {base}/ui, metrics {base}/metrics) "
+        f"· model {opened.model or 'from the backend'} · schedule {plan.name()} · {auth}"
+    )
+    if not keys and not _is_loopback(bound_host):
+        typer.echo(f"pacore serve: warning: {host} is reachable from other machines and no API key is set", err=True)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, opened),
+            log_level="warning",
+            access_log=False,
+            # A PaCoRe request can run for hours; Ctrl+C should not wait for it.
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    )
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:
+        # uvicorn re-raises Ctrl+C after its graceful shutdown; for a server that is a normal stop.
+        pass
+    typer.echo("pacore serve: stopped")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind now, so a busy port is a one-line error and port 0 shows the real port."""
+    if not 0 <= port <= 65535:
+        raise typer.BadParameter(f"{port} is not a port (0-65535)", param_hint="'--port'")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        # Listening now queues early clients until uvicorn serves the socket.
+        listener.listen(2048)
+    except OSError as exc:
+        raise PacoreError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listener
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"

@@ -1,0 +1,472 @@
+"""Reports over run directories: accuracy against test-time compute, and synthesis diagnostics.
+
+For every arm of every run: accuracy with a 95% Wilson interval (over the
+answered problems that have a ground truth), mean effective TTC (completion
+tokens) and prompt tokens per answered problem, wall time and failures. For
+PaCoRe arms, the report's synthesis diagnostics over every synthesized
+trajectory (every round after the first) of graded problems:
+
+- *fixed* / *broke*: the synthesis was right where the majority answer of its
+  input messages was wrong / wrong where that majority was right;
+- *emergent correctness*: the synthesis was right although every input
+  message was wrong (voting can never do that);
+- *cross-checking*: the synthesis refers to the references by number
+  ("Reference 3", "ref 2", "Reference #1").
+
+:func:`write_report` writes ``report.md``, ``report.html`` (self-contained,
+the plot embedded) and ``accuracy_vs_ttc.png``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pacore.eval.grading import grade, majority_vote
+from pacore.store import ArmInfo, ProblemResult, RunStore, StoredProblem
+from pacore.trace import Result
+
+MARKDOWN_NAME = "report.md"
+HTML_NAME = "report.html"
+PLOT_NAME = "accuracy_vs_ttc.png"
+
+# Two-sided 95% normal quantile.
+Z_95 = 1.959963984540054
+
+CROSS_CHECK = re.compile(r"\b(?:references?|refs?\.?)\s*(?:responses?\s*)?#?\s*\d+", re.IGNORECASE)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
+    """The Wilson score interval of a binomial proportion (``None`` when ``n`` is 0)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class SynthesisStats:
+    """Synthesis diagnostics of one PaCoRe arm."""
+
+    synthesized: int = 0
+    majority_wrong: int = 0
+    fixed: int = 0
+    majority_right: int = 0
+    broke: int = 0
+    all_inputs_wrong: int = 0
+    emergent_correct: int = 0
+    cross_checking: int = 0
+
+    @property
+    def fixed_rate(self) -> float | None:
+        return _ratio(self.fixed, self.majority_wrong)
+
+    @property
+    def broke_rate(self) -> float | None:
+        return _ratio(self.broke, self.majority_right)
+
+    @property
+    def emergent_rate(self) -> float | None:
+        return _ratio(self.emergent_correct, self.all_inputs_wrong)
+
+    @property
+    def cross_checking_rate(self) -> float | None:
+        return _ratio(self.cross_checking, self.synthesized)
+
+    def as_dict(self) -> dict[str, Any]:
+        rates = {
+            "fixed_rate": self.fixed_rate,
+            "broke_rate": self.broke_rate,
+            "emergent_correctness_rate": self.emergent_rate,
+            "cross_checking_frequency": self.cross_checking_rate,
+        }
+        return {**asdict(self), **rates}
+
+
+@dataclass
+class ArmReport:
+    """The figures of one arm of one run."""
+
+    run: str
+    arm: str
+    method: str
+    schedule: str | None
+    samples: int | None
+    problems: int
+    answered: int
+    failed: int
+    pending: int
+    graded: int
+    correct: int
+    mean_completion_tokens: float | None
+    mean_prompt_tokens: float | None
+    mean_wall_s: float | None
+    total_wall_s: float
+    failure_reasons: list[tuple[str, int]] = field(default_factory=list)
+    synthesis: SynthesisStats | None = None
+
+    @property
+    def accuracy(self) -> float | None:
+        return _ratio(self.correct, self.graded)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return wilson_interval(self.correct, self.graded)
+
+    @property
+    def setting(self) -> str:
+        """The schedule or sample count, as shown in tables and on the plot."""
+        if self.method == "majority":
+            return f"k={self.samples}"
+        return self.schedule or ""
+
+    def as_dict(self) -> dict[str, Any]:
+        interval = self.interval
+        return {
+            "run": self.run,
+            "arm": self.arm,
+            "method": self.method,
+            "schedule": self.schedule,
+            "samples": self.samples,
+            "problems": self.problems,
+            "answered": self.answered,
+            "failed": self.failed,
+            "pending": self.pending,
+            "graded": self.graded,
+            "correct": self.correct,
+            "accuracy": self.accuracy,
+            "ci_low": interval[0] if interval else None,
+            "ci_high": interval[1] if interval else None,
+            "mean_completion_tokens": self.mean_completion_tokens,
+            "mean_prompt_tokens": self.mean_prompt_tokens,
+            "mean_wall_s": self.mean_wall_s,
+            "total_wall_s": self.total_wall_s,
+            "failure_reasons": [{"reason": r, "count": n} for r, n in self.failure_reasons],
+            "synthesis": self.synthesis.as_dict() if self.synthesis else None,
+        }
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+class _Grader:
+    """``grade`` with a cache: diagnostics grade the same messages many times."""
+
+    def __init__(self) -> None:
+        self.cache: dict[tuple[str | None, str, str], bool] = {}
+
+    def __call__(self, text: str | None, problem: StoredProblem) -> bool:
+        assert problem.ground_truth is not None
+        key = (text, problem.ground_truth, problem.kind)
+        if key not in self.cache:
+            self.cache[key] = bool(text) and grade(text, problem.ground_truth, problem.kind)
+        return self.cache[key]
+
+
+def arm_report(run: str, arm: ArmInfo, results: list[ProblemResult], problems: dict[str, StoredProblem]) -> ArmReport:
+    answered = [r for r in results if r.status == "done"]
+    graded = [r for r in answered if r.correct is not None]
+    reasons = Counter(r.error or "unknown error" for r in results if r.status == "failed")
+    report = ArmReport(
+        run=run,
+        arm=arm.name,
+        method=arm.method,
+        schedule=arm.schedule,
+        samples=arm.samples,
+        problems=len(results),
+        answered=len(answered),
+        failed=sum(1 for r in results if r.status == "failed"),
+        pending=sum(1 for r in results if r.status == "pending"),
+        graded=len(graded),
+        correct=sum(1 for r in graded if r.correct),
+        mean_completion_tokens=_mean([r.completion_tokens for r in answered]),
+        mean_prompt_tokens=_mean([r.prompt_tokens for r in answered]),
+        mean_wall_s=_mean([r.wall_s or 0.0 for r in answered]),
+        total_wall_s=sum(r.wall_s or 0.0 for r in results),
+        failure_reasons=reasons.most_common(3),
+    )
+    if arm.method == "pacore":
+        grader = _Grader()
+        stats = SynthesisStats()
+        for result in answered:
+            problem = problems[result.problem_id]
+            if result.trace is not None and problem.ground_truth is not None:
+                _add_synthesis_stats(stats, result.trace, problem, grader)
+        report.synthesis = stats
+    return report
+
+
+def _add_synthesis_stats(stats: SynthesisStats, trace: Result, problem: StoredProblem, grader: _Grader) -> None:
+    for previous, rnd in zip(trace.rounds, trace.rounds[1:], strict=False):
+        by_index = {t.index: t.message for t in previous.trajectories}
+        inputs = [by_index.get(index) for round_index, index in rnd.references if round_index == previous.index]
+        inputs = [m for m in inputs if m]
+        if not inputs:
+            continue
+        voted, _ = majority_vote(inputs, problem.kind)
+        majority_right = grader(voted, problem)
+        all_wrong = not any(grader(m, problem) for m in inputs)
+        for trajectory in rnd.trajectories:
+            if not trajectory.ok:
+                continue
+            right = grader(trajectory.message, problem)
+            stats.synthesized += 1
+            if majority_right:
+                stats.majority_right += 1
+                stats.broke += int(not right)
+            else:
+                stats.majority_wrong += 1
+                stats.fixed += int(right)
+            if all_wrong:
+                stats.all_inputs_wrong += 1
+                stats.emergent_correct += int(right)
+            stats.cross_checking += int(bool(CROSS_CHECK.search(trajectory.text)))
+
+
+def collect(run_dirs: Sequence[str | Path]) -> list[ArmReport]:
+    """The figures of every arm of every run directory, in order."""
+    reports: list[ArmReport] = []
+    for run_dir in run_dirs:
+        with RunStore.open(run_dir) as store:
+            problems = {p.id: p for p in store.problems()}
+            for arm in store.arms():
+                reports.append(arm_report(str(run_dir), arm, store.results(arm.name), problems))
+    return reports
+
+
+# --- output -----------------------------------------------------------------
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _number(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _fraction(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({_percent(_ratio(part, whole))})" if whole else "n/a"
+
+
+def _accuracy_cell(arm: ArmReport) -> str:
+    interval = arm.interval
+    if interval is None:
+        return "n/a"
+    return f"{_percent(arm.accuracy)} [{_percent(interval[0])}, {_percent(interval[1])}] ({arm.correct}/{arm.graded})"
+
+
+def summary_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "arm", "method", "schedule / k", "problems", "answered", "failed",
+        "accuracy [95% CI]", "mean TTC tokens", "mean prompt tokens", "mean wall", "total wall",
+    ]  # fmt: skip
+    rows = [
+        [
+            arm.arm, arm.method, arm.setting, str(arm.problems), str(arm.answered),
+            str(arm.failed) + (f" (+{arm.pending} pending)" if arm.pending else ""),
+            _accuracy_cell(arm), _number(arm.mean_completion_tokens), _number(arm.mean_prompt_tokens),
+            f"{_number(arm.mean_wall_s, 1)}s", f"{_number(arm.total_wall_s, 1)}s",
+        ]  # fmt: skip
+        for arm in arms
+    ]
+    if with_run:
+        header.insert(0, "run")
+        for arm, row in zip(arms, rows, strict=True):
+            row.insert(0, arm.run)
+    return header, rows
+
+
+def synthesis_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "arm", "synthesized outputs", "fixed the majority (when it was wrong)",
+        "broke the majority (when it was right)", "emergent correctness (all inputs wrong)",
+        "cross-checking",
+    ]  # fmt: skip
+    rows = []
+    for arm in arms:
+        stats = arm.synthesis
+        if stats is None:
+            continue
+        row = [
+            arm.arm, str(stats.synthesized), _fraction(stats.fixed, stats.majority_wrong),
+            _fraction(stats.broke, stats.majority_right),
+            _fraction(stats.emergent_correct, stats.all_inputs_wrong),
+            _fraction(stats.cross_checking, stats.synthesized),
+        ]  # fmt: skip
+        if with_run:
+            row.insert(0, arm.run)
+        rows.append(row)
+    if with_run:
+        header.insert(0, "run")
+    return header, rows
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *(line(row) for row in rows)])
+
+
+def _failures(arms: list[ArmReport]) -> list[tuple[str, str, int]]:
+    return [(arm.arm, reason, count) for arm in arms for reason, count in arm.failure_reasons]
+
+
+def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str]) -> str:
+    with_run = len(run_dirs) > 1
+    parts = [
+        "# PaCoRe evaluation report",
+        "",
+        f"Runs: {', '.join(f'`{d}`' for d in run_dirs)}",
+        "",
+        "Accuracy is over answered problems with a ground truth, with a 95% Wilson interval. "
+        "TTC tokens are the effective test-time compute: completion tokens of every call of a "
+        "problem (pooled trajectories a problem used included).",
+        "",
+        "## Accuracy and compute",
+        "",
+        _markdown_table(*summary_rows(arms, with_run)),
+        "",
+        f"![accuracy vs effective TTC]({PLOT_NAME})",
+    ]
+    header, rows = synthesis_rows(arms, with_run)
+    if rows:
+        parts += [
+            "",
+            "## Synthesis diagnostics",
+            "",
+            "Over every synthesized trajectory of graded problems; the majority is the voted "
+            "answer of the messages the synthesis was given.",
+            "",
+            _markdown_table(header, rows),
+        ]
+    failures = _failures(arms)
+    if failures:
+        parts += ["", "## Failures", ""]
+        parts += [f"- {arm}: {count} × {reason}" for arm, reason, count in failures]
+    return "\n".join(parts) + "\n"
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
+table { border-collapse: collapse; margin: 1rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; }
+th { background: #f3f3f3; }
+img { max-width: 100%; }
+"""
+
+
+def render_html(arms: list[ArmReport], run_dirs: Sequence[str], plot_png: bytes | None) -> str:
+    with_run = len(run_dirs) > 1
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>PaCoRe evaluation report</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>PaCoRe evaluation report</h1>",
+        f"<p>Runs: {html.escape(', '.join(run_dirs))}</p>",
+        "<p>Accuracy is over answered problems with a ground truth, with a 95% Wilson interval; "
+        "TTC tokens are completion tokens of every call of a problem.</p>",
+        "<h2>Accuracy and compute</h2>",
+        _html_table(*summary_rows(arms, with_run)),
+    ]
+    if plot_png:
+        encoded = base64.b64encode(plot_png).decode("ascii")
+        parts.append(f"<img alt='accuracy vs effective TTC' src='data:image/png;base64,{encoded}'>")
+    header, rows = synthesis_rows(arms, with_run)
+    if rows:
+        parts += ["<h2>Synthesis diagnostics</h2>", _html_table(header, rows)]
+    failures = _failures(arms)
+    if failures:
+        parts.append("<h2>Failures</h2><ul>")
+        parts += [f"<li>{html.escape(f'{arm}: {count} × {reason}')}</li>" for arm, reason, count in failures]
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def render_plot(arms: list[ArmReport], path: Path, with_run: bool) -> None:
+    """Accuracy (95% interval bars) against mean effective TTC (log x), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[ArmReport]] = {}
+    for arm in arms:
+        if arm.accuracy is not None and arm.mean_completion_tokens:
+            label = f"{arm.method} ({arm.run})" if with_run else arm.method
+            series.setdefault(label, []).append(arm)
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    try:
+        for label, points in series.items():
+            points.sort(key=lambda a: a.mean_completion_tokens or 0)
+            xs = [a.mean_completion_tokens for a in points]
+            ys = [100 * (a.accuracy or 0) for a in points]
+            intervals = [a.interval or (0.0, 0.0) for a in points]
+            # Clamped: rounding can put a bound a hair past its point (matplotlib refuses that).
+            errors = [
+                [max(0.0, y - 100 * low) for y, (low, _) in zip(ys, intervals, strict=True)],
+                [max(0.0, 100 * high - y) for y, (_, high) in zip(ys, intervals, strict=True)],
+            ]
+            axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
+            for arm, x, y in zip(points, xs, ys, strict=True):
+                axes.annotate(arm.setting, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axes.set_xscale("log")
+        axes.set_xlabel("mean effective TTC per problem (completion tokens, log scale)")
+        axes.set_ylabel("accuracy (%, 95% interval)")
+        axes.set_title("Accuracy vs test-time compute")
+        axes.grid(True, which="both", alpha=0.3)
+        if series:
+            axes.legend()
+        else:
+            axes.text(0.5, 0.5, "no graded answers yet", ha="center", va="center", transform=axes.transAxes)
+        figure.tight_layout()
+        figure.savefig(path, format="png")
+    finally:
+        plt.close(figure)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportFiles:
+    markdown: Path
+    html: Path
+    plot: Path
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> tuple[list[ArmReport], ReportFiles]:
+    """Collect every arm of ``run_dirs`` and write the three report files into ``out_dir``.
+
+    ``out_dir`` defaults to the first run directory.
+    """
+    names = [str(d) for d in run_dirs]
+    arms = collect(run_dirs)
+    out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    files = ReportFiles(out / MARKDOWN_NAME, out / HTML_NAME, out / PLOT_NAME)
+    render_plot(arms, files.plot, with_run=len(names) > 1)
+    files.markdown.write_text(render_markdown(arms, names), encoding="utf-8")
+    files.html.write_text(render_html(arms, names, files.plot.read_bytes()), encoding="utf-8")
+    return arms, files

@@ -1,0 +1,244 @@
+"""Recent requests in memory, folded from the engine's events, for the trace viewer.
+
+Each chat completion gets a :class:`RequestRecord` fed by the same events
+the engine emits to every other consumer; :class:`RequestHistory` keeps the
+last N of them. The viewer polls :meth:`RequestRecord.detail` with the
+sequence number it has seen, so a running request costs only what changed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from typing import Literal
+
+from pydantic import BaseModel
+
+from pacore.backends.base import Message, text_of
+from pacore.engine import last_user_index
+from pacore.eval.grading import extract_answer
+from pacore.trace import (
+    AnswerDelta,
+    Event,
+    Final,
+    Round,
+    RoundFinished,
+    RoundStarted,
+    Trajectory,
+    TrajectoryFinished,
+    Usage,
+    usage_of,
+)
+
+Status = Literal["running", "done", "failed", "cancelled"]
+
+_PREVIEW_CHARS = 240
+_VIEW_FIELDS = {
+    "index", "message", "prompt_tokens", "completion_tokens", "latency_s", "finish_reason", "error", "error_kind",
+}  # fmt: skip
+
+
+def _preview(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _PREVIEW_CHARS else text[: _PREVIEW_CHARS - 1] + "…"
+
+
+class TrajectoryView(BaseModel):
+    seq: int
+    index: int
+    #: The compacted message passed on to the next round (the final answer for the last round).
+    message: str | None
+    #: The answer stated in the message, as the evaluator extracts it.
+    answer: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    finish_reason: str | None
+    error: str | None
+    error_kind: str | None
+
+
+class AnswerCount(BaseModel):
+    answer: str | None
+    count: int
+
+
+class RoundView(BaseModel):
+    index: int
+    k: int
+    final: bool
+    finished: bool
+    done: int
+    failed: int
+    completion_tokens: int
+    elapsed_s: float
+    distribution: list[AnswerCount]
+    #: Trajectories newer than the ``since`` the viewer asked with, in index order.
+    trajectories: list[TrajectoryView]
+
+
+class RequestSummary(BaseModel):
+    id: str
+    created: float
+    model: str
+    schedule: list[int]
+    stream: bool
+    status: Status
+    question: str
+    answer: str | None
+    completion_tokens: int
+    elapsed_s: float
+
+
+class RequestDetail(RequestSummary):
+    images: int
+    error: str | None
+    usage: Usage
+    #: The final answer so far while it streams; the whole answer once done.
+    partial_answer: str
+    final_answer: str | None
+    seq: int
+    rounds: list[RoundView]
+
+
+class _Round:
+    """A round as it fills: the engine's own Round plus what the viewer adds per trajectory."""
+
+    def __init__(self, index: int, k: int, final: bool) -> None:
+        self.trace = Round(index=index, k=k, final=final)
+        self.started = time.perf_counter()
+        self.finished = False
+        self.views: list[TrajectoryView] = []
+
+    def add(self, trajectory: Trajectory, seq: int) -> None:
+        self.trace.trajectories.append(trajectory)
+        answer = extract_answer(trajectory.message) if trajectory.message else None
+        self.views.append(TrajectoryView(seq=seq, answer=answer, **trajectory.model_dump(include=_VIEW_FIELDS)))
+
+    def view(self, since: int) -> RoundView:
+        rnd = self.trace
+        votes = Counter(t.answer for t in self.views if t.error is None)
+        return RoundView(
+            index=rnd.index,
+            k=rnd.k,
+            final=rnd.final,
+            finished=self.finished,
+            done=len(rnd.trajectories),
+            failed=rnd.failed,
+            completion_tokens=rnd.completion_tokens,
+            elapsed_s=rnd.elapsed_s if self.finished else time.perf_counter() - self.started,
+            distribution=[AnswerCount(answer=a, count=c) for a, c in votes.most_common()],
+            trajectories=sorted((t for t in self.views if t.seq > since), key=lambda t: t.index),
+        )
+
+
+class RequestRecord:
+    """One request's trace as the viewer shows it."""
+
+    def __init__(self, request_id: str, model: str, schedule: list[int], messages: list[Message], stream: bool):
+        self.id = request_id
+        self.created = time.time()
+        self.started = time.perf_counter()
+        self.model = model
+        self.schedule = schedule
+        self.stream = stream
+        last = messages[last_user_index(messages) or 0].get("content")
+        self.question = text_of(last)
+        self.images = sum(1 for part in last if part.get("type") == "image_url") if isinstance(last, list) else 0
+        self.status: Status = "running"
+        self.error: str | None = None
+        self.answer: str | None = None
+        self.partial_answer = ""
+        self.elapsed_s: float | None = None
+        self.rounds: list[_Round] = []
+        self.seq = 0
+
+    def apply(self, event: Event) -> None:
+        self.seq += 1
+        if isinstance(event, RoundStarted):
+            self.rounds.append(_Round(event.round, event.k, event.final))
+        elif isinstance(event, TrajectoryFinished):
+            self.rounds[event.round].add(event.trajectory, self.seq)
+        elif isinstance(event, AnswerDelta):
+            self.partial_answer += event.content
+        elif isinstance(event, RoundFinished):
+            rnd = self.rounds[event.round.index]
+            rnd.trace.elapsed_s = event.round.elapsed_s
+            rnd.finished = True
+        elif isinstance(event, Final):
+            result = event.result
+            self.elapsed_s = result.elapsed_s
+            if result.error:
+                self.finish("failed", result.error)
+            else:
+                self.answer = self.partial_answer = result.answer
+                self.status = "done"
+
+    def finish(self, status: Status, error: str | None = None) -> None:
+        """End a request the engine did not finish itself (cancelled, refused, crashed)."""
+        if self.status != "running":
+            return
+        self.seq += 1
+        self.status = status
+        self.error = error
+        if self.elapsed_s is None:
+            self.elapsed_s = time.perf_counter() - self.started
+
+    @property
+    def usage(self) -> Usage:
+        return usage_of([rnd.trace for rnd in self.rounds])
+
+    def _elapsed(self) -> float:
+        return self.elapsed_s if self.elapsed_s is not None else time.perf_counter() - self.started
+
+    def summary(self) -> RequestSummary:
+        return RequestSummary(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            schedule=self.schedule,
+            stream=self.stream,
+            status=self.status,
+            question=_preview(self.question),
+            answer=_preview(self.answer) if self.answer is not None else None,
+            completion_tokens=self.usage.completion_tokens,
+            elapsed_s=self._elapsed(),
+        )
+
+    def detail(self, since: int = 0) -> RequestDetail:
+        final = self.rounds[-1] if self.rounds and self.rounds[-1].trace.final else None
+        final_answer = final.views[0].answer if final and final.views else None
+        return RequestDetail(
+            **self.summary().model_dump(exclude={"question", "answer"}),
+            question=self.question,
+            answer=self.answer,
+            images=self.images,
+            error=self.error,
+            usage=self.usage,
+            partial_answer=self.partial_answer,
+            final_answer=final_answer,
+            seq=self.seq,
+            rounds=[rnd.view(since) for rnd in self.rounds],
+        )
+
+
+class RequestHistory:
+    """The last ``capacity`` requests; finished ones are forgotten first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._records: OrderedDict[str, RequestRecord] = OrderedDict()
+
+    def add(self, record: RequestRecord) -> RequestRecord:
+        self._records[record.id] = record
+        while len(self._records) > self.capacity:
+            oldest_finished = next((r for r in self._records.values() if r.status != "running"), None)
+            self._records.pop(oldest_finished.id if oldest_finished else next(iter(self._records)))
+        return record
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        return self._records.get(request_id)
+
+    def recent(self) -> list[RequestRecord]:
+        """Newest first."""
+        return list(reversed(self._records.values()))

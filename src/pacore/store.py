@@ -1,0 +1,446 @@
+"""The run store: one SQLite database per run directory (``RUN_DIR/run.sqlite``).
+
+A run is one data set evaluated under one or more *arms* (a method with its
+schedule or sample count). The database holds:
+
+- ``run``: the data set (path and fingerprint), the generation settings every
+  arm shares (sampling parameters, model, template; never API keys) and the
+  trajectory pool size, if any;
+- ``problems``: the data set's problems, so reports and exports need no data file;
+- ``arms``: one row per method/schedule/samples evaluated in this run;
+- ``results``: one row per (arm, problem): pending, done or failed, with the
+  answer, grade, tokens, wall time, failure reason and the whole trace;
+- ``pool``: cached first-round trajectories, ``(problem, index)``.
+
+The schema evolves through :data:`MIGRATIONS`, an ordered list of small
+functions, each applied once and recorded in ``schema_migrations``. Never edit
+a released migration; append a new one.
+
+Durability: WAL journal with ``synchronous=FULL`` and one transaction per
+finished problem, so a run killed at any instant (even SIGKILL) keeps every
+problem it had reported done. One writer per run directory at a time,
+enforced by an ``flock`` on ``RUN_DIR/run.lock`` that dies with its process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pacore.errors import RunConflictError, StoreError
+from pacore.trace import Result, Trajectory
+
+DB_NAME = "run.sqlite"
+LOCK_NAME = "run.lock"
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(function: Migration) -> Migration:
+    MIGRATIONS.append(function)
+    return function
+
+
+@migration
+def m001_initial(db: sqlite3.Connection) -> None:
+    # One statement per execute: ``executescript`` would commit the migration's transaction.
+    for statement in (
+        """CREATE TABLE run (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            created_at TEXT NOT NULL,
+            pacore_version TEXT NOT NULL,
+            dataset_path TEXT NOT NULL,
+            dataset_fingerprint TEXT NOT NULL,
+            problem_count INTEGER NOT NULL,
+            config_json TEXT NOT NULL,  -- settings shared by every arm, never credentials
+            pool_size INTEGER  -- first-round trajectories pooled per problem, NULL for none
+        )""",
+        """CREATE TABLE problems (
+            problem_id TEXT PRIMARY KEY,
+            position INTEGER NOT NULL,
+            messages_json TEXT NOT NULL,
+            ground_truth TEXT,
+            kind TEXT NOT NULL
+        )""",
+        """CREATE TABLE arms (
+            name TEXT PRIMARY KEY,
+            method TEXT NOT NULL CHECK (method IN ('pacore', 'single', 'majority')),
+            schedule TEXT,
+            samples INTEGER,
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE results (
+            arm TEXT NOT NULL REFERENCES arms(name),
+            problem_id TEXT NOT NULL REFERENCES problems(problem_id),
+            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
+            answer TEXT,
+            extracted TEXT,
+            correct INTEGER,  -- NULL when the problem has no ground truth
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            calls INTEGER NOT NULL DEFAULT 0,
+            wall_s REAL,
+            error TEXT,
+            trace_json TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            updated_at TEXT,
+            PRIMARY KEY (arm, problem_id)
+        )""",
+        "CREATE INDEX results_by_status ON results (arm, status)",
+        """CREATE TABLE pool (
+            problem_id TEXT NOT NULL REFERENCES problems(problem_id),
+            idx INTEGER NOT NULL,
+            trajectory_json TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (problem_id, idx)
+        )""",
+    ):
+        db.execute(statement)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What a run directory is bound to."""
+
+    dataset_path: str
+    dataset_fingerprint: str
+    problem_count: int
+    #: Generation settings shared by every arm (params, model, template...).
+    config: dict[str, Any]
+    pool_size: int | None = None
+    created_at: str = ""
+    pacore_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ArmInfo:
+    """One method evaluated in a run: ``pacore`` with a schedule, ``majority`` with k samples..."""
+
+    name: str
+    method: str
+    schedule: str | None = None
+    samples: int | None = None
+    created_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredProblem:
+    id: str
+    position: int
+    messages: list[dict[str, Any]]
+    ground_truth: str | None
+    kind: str
+
+
+@dataclass(slots=True)
+class ProblemResult:
+    """The outcome of one problem under one arm."""
+
+    problem_id: str
+    status: str  # "pending", "done" or "failed"
+    answer: str | None = None
+    extracted: str | None = None
+    #: ``None`` when the problem has no ground truth to grade against.
+    correct: bool | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    wall_s: float | None = None
+    error: str | None = None
+    trace: Result | None = None
+    attempts: int = 0
+
+
+class RunStore:
+    """The database of one run directory. Open it with :meth:`open`."""
+
+    def __init__(self, run_dir: Path, db: sqlite3.Connection, lock_fd: int | None) -> None:
+        self.run_dir = run_dir
+        self.db = db
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def open(cls, run_dir: str | Path, *, writer: bool = False) -> RunStore:
+        """Open ``run_dir``'s store.
+
+        A writer creates the directory and database if needed and holds the
+        directory's lock until :meth:`close`; a reader (reports, exports)
+        needs an existing run and may read while a writer works.
+        """
+        run_dir = Path(run_dir)
+        path = run_dir / DB_NAME
+        lock_fd = None
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunConflictError(f"{run_dir} is not a directory")
+        if writer:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
+            lock_fd = _lock(run_dir)
+        elif not path.is_file():
+            raise RunConflictError(f"{run_dir} is not a run directory (no {DB_NAME}); create one with 'pacore run'")
+        try:
+            store = cls(run_dir, _connect(path), lock_fd)
+            store.migrate()
+        except sqlite3.DatabaseError as exc:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise StoreError(f"cannot use {path}: {exc}") from None
+        return store
+
+    def reset(self) -> Path | None:
+        """Start this directory afresh (``--force``): the old database is kept aside.
+
+        Returns where the old database went (``None`` if there was none).
+        """
+        self.db.close()
+        moved = _set_aside(self.run_dir / DB_NAME)
+        self.db = _connect(self.run_dir / DB_NAME)
+        self.migrate()
+        return moved
+
+    def close(self) -> None:
+        self.db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- schema ---------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations, each in its own transaction; returns their names."""
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        applied = self.applied_migrations()
+        newly: list[str] = []
+        for function in MIGRATIONS:
+            if function.__name__ in applied:
+                continue
+            with self.transaction() as db:
+                function(db)
+                db.execute(
+                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                    (function.__name__, _now()),
+                )
+            newly.append(function.__name__)
+        return newly
+
+    def applied_migrations(self) -> set[str]:
+        return {row["name"] for row in self.db.execute("SELECT name FROM schema_migrations")}
+
+    # --- run and problems ----------------------------------------------
+
+    def run_info(self) -> RunInfo | None:
+        row = self.db.execute("SELECT * FROM run WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return RunInfo(
+            dataset_path=row["dataset_path"],
+            dataset_fingerprint=row["dataset_fingerprint"],
+            problem_count=row["problem_count"],
+            config=json.loads(row["config_json"]),
+            pool_size=row["pool_size"],
+            created_at=row["created_at"],
+            pacore_version=row["pacore_version"],
+        )
+
+    def init_run(self, info: RunInfo, problems: Iterable[StoredProblem]) -> None:
+        """Bind an empty store to its data set and settings (one transaction)."""
+        from pacore import __version__
+
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO run (id, created_at, pacore_version, dataset_path, dataset_fingerprint, "
+                "problem_count, config_json, pool_size) VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    _now(), __version__, info.dataset_path, info.dataset_fingerprint,
+                    info.problem_count, _dumps(info.config), info.pool_size,
+                ),
+            )  # fmt: skip
+            db.executemany(
+                "INSERT INTO problems (problem_id, position, messages_json, ground_truth, kind) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(p.id, p.position, _dumps(p.messages), p.ground_truth, p.kind) for p in problems],
+            )
+
+    def problems(self) -> list[StoredProblem]:
+        rows = self.db.execute("SELECT * FROM problems ORDER BY position")
+        return [
+            StoredProblem(
+                id=row["problem_id"],
+                position=row["position"],
+                messages=json.loads(row["messages_json"]),
+                ground_truth=row["ground_truth"],
+                kind=row["kind"],
+            )
+            for row in rows
+        ]
+
+    # --- arms and results ----------------------------------------------
+
+    def arms(self) -> list[ArmInfo]:
+        rows = self.db.execute("SELECT * FROM arms ORDER BY created_at, rowid")
+        return [
+            ArmInfo(row["name"], row["method"], row["schedule"], row["samples"], row["created_at"])
+            for row in rows
+        ]
+
+    def add_arm(self, arm: ArmInfo, problem_ids: Iterable[str]) -> None:
+        """Create an arm with every problem pending (one transaction)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO arms (name, method, schedule, samples, created_at) VALUES (?, ?, ?, ?, ?)",
+                (arm.name, arm.method, arm.schedule, arm.samples, _now()),
+            )
+            db.executemany(
+                "INSERT INTO results (arm, problem_id, status) VALUES (?, ?, 'pending')",
+                [(arm.name, problem_id) for problem_id in problem_ids],
+            )
+
+    def statuses(self, arm: str) -> dict[str, str]:
+        """``problem_id -> status`` of every problem of ``arm``."""
+        rows = self.db.execute("SELECT problem_id, status FROM results WHERE arm = ?", (arm,))
+        return {row["problem_id"]: row["status"] for row in rows}
+
+    def record(self, arm: str, result: ProblemResult) -> None:
+        """Commit one problem's outcome with its trace, in its own transaction."""
+        correct = None if result.correct is None else int(result.correct)
+        trace = result.trace.model_dump_json() if result.trace is not None else None
+        with self.transaction() as db:
+            updated = db.execute(
+                "UPDATE results SET status = ?, answer = ?, extracted = ?, correct = ?, "
+                "prompt_tokens = ?, completion_tokens = ?, calls = ?, wall_s = ?, error = ?, "
+                "trace_json = ?, attempts = attempts + 1, updated_at = ? "
+                "WHERE arm = ? AND problem_id = ?",
+                (
+                    result.status, result.answer, result.extracted, correct, result.prompt_tokens,
+                    result.completion_tokens, result.calls, result.wall_s, result.error, trace,
+                    _now(), arm, result.problem_id,
+                ),
+            ).rowcount  # fmt: skip
+            if updated != 1:
+                raise StoreError(f"arm {arm!r} has no problem {result.problem_id!r}")
+
+    def results(self, arm: str, *, traces: bool = True) -> list[ProblemResult]:
+        """Every problem of ``arm`` in data set order, with traces unless ``traces=False``."""
+        rows = self.db.execute(
+            "SELECT r.* FROM results r JOIN problems p USING (problem_id) WHERE r.arm = ? ORDER BY p.position",
+            (arm,),
+        )
+        return [_result(row, traces) for row in rows]
+
+    # --- trajectory pool -----------------------------------------------
+
+    def pool(self, problem_id: str) -> list[Trajectory]:
+        """The pooled first-round trajectories of a problem, by index."""
+        rows = self.db.execute(
+            "SELECT trajectory_json FROM pool WHERE problem_id = ? ORDER BY idx", (problem_id,)
+        )
+        return [Trajectory.model_validate_json(row["trajectory_json"]) for row in rows]
+
+    def add_pool(self, problem_id: str, trajectories: Iterable[Trajectory]) -> None:
+        """Add trajectories to a problem's pool (keyed by their ``index``), in one transaction."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO pool (problem_id, idx, trajectory_json, created_at) VALUES (?, ?, ?, ?)",
+                [(problem_id, t.index, t.model_dump_json(), _now()) for t in trajectories],
+            )
+
+    def pool_counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT problem_id, COUNT(*) AS n FROM pool GROUP BY problem_id")
+        return {row["problem_id"]: row["n"] for row in rows}
+
+
+def _result(row: sqlite3.Row, traces: bool) -> ProblemResult:
+    trace = row["trace_json"] if traces else None
+    return ProblemResult(
+        problem_id=row["problem_id"],
+        status=row["status"],
+        answer=row["answer"],
+        extracted=row["extracted"],
+        correct=None if row["correct"] is None else bool(row["correct"]),
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        calls=row["calls"],
+        wall_s=row["wall_s"],
+        error=row["error"],
+        trace=Result.model_validate_json(trace) if trace else None,
+        attempts=row["attempts"],
+    )
+
+
+def _lock(run_dir: Path) -> int:
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "ignore").strip()
+        os.close(fd)
+        who = f" (pid {holder})" if holder else ""
+        raise StoreError(f"{run_dir} is in use by another pacore run{who}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+    return fd
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, timeout=30)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit survives power loss too, not only a killed process;
+    # commits are per problem, so the fsync costs nothing noticeable.
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Rename a database (WAL checkpointed first, so the file is complete alone)."""
+    if not path.exists():
+        return None
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"run.replaced-{stamp}.sqlite")
+    path.replace(target)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return target

@@ -1,0 +1,411 @@
+"""The ``pacore`` command: ``ask``, its errors, its progress display.
+
+Most tests run the installed entry point as a subprocess, exactly as a user
+would. Backend failures come from a small fault-injection HTTP server on
+loopback; answers come from the real embedded model (``model``) and from
+llama-cpp-python's real OpenAI-compatible server (``http``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from fakes import ScriptedBackend
+from pacore import __version__, asolve
+from pacore.cli.ask import image_part
+from pacore.cli.progress import LineProgress, LiveProgress, ProgressState, summary_line
+from pacore.errors import InputError
+
+PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
+# A 1x1 transparent PNG.
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+)
+
+
+def pacore(*args: str, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    assert PACORE, "the pacore entry point is not installed next to this Python"
+    # No API key or debug switch from the developer's shell may change the outcome.
+    env = {k: v for k, v in os.environ.items() if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")}
+    return subprocess.run(
+        [PACORE, *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def stderr_lines(process: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in process.stderr.splitlines() if line.strip()]
+
+
+def assert_one_line_error(process: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
+    lines = stderr_lines(process)
+    assert "Traceback" not in process.stderr
+    assert len(lines) == 1, process.stderr
+    assert lines[0].startswith("pacore: error: "), lines[0]
+    assert fragment.lower() in lines[0].lower(), lines[0]
+    assert process.returncode == code, (process.returncode, process.stderr)
+
+
+# --- a fault-injection OpenAI-compatible server ------------------------------
+
+
+class FaultServer(ThreadingHTTPServer):
+    """Answers by the first path segment, the scenario: ``/<scenario>/v1/...``.
+
+    - ``auth``: every request gets HTTP 401;
+    - ``unknown-model``: lists ``real-model``; chat with any other model gets 404;
+    - ``ok``: every chat call succeeds;
+    - ``fail-synthesis``: first-round calls succeed, synthesis calls get HTTP 503.
+    """
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), FaultHandler)
+        self.requests: list[tuple[str, str, Any]] = []
+
+    def url(self, scenario: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{scenario}/v1"
+
+
+class FaultHandler(BaseHTTPRequestHandler):
+    server: FaultServer
+
+    def log_message(self, *args: object) -> None:  # keep pytest output clean
+        return None
+
+    def do_GET(self) -> None:
+        self._answer(None)
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        self._answer(json.loads(self.rfile.read(length) or b"null"))
+
+    def _answer(self, body: Any) -> None:
+        scenario, _, endpoint = self.path.strip("/").partition("/")
+        self.server.requests.append((scenario, endpoint, body))
+        if scenario == "auth":
+            return self._error(401, "Incorrect API key provided.", "invalid_api_key")
+        if endpoint == "v1/models":
+            return self._send(200, {"object": "list", "data": [{"id": "real-model", "object": "model"}]})
+        if scenario == "unknown-model" and body["model"] != "real-model":
+            return self._error(404, f"The model `{body['model']}` does not exist.", "model_not_found")
+        prompt = json.dumps(body["messages"])
+        if scenario == "fail-synthesis" and "Reference Responses" in prompt:
+            return self._error(503, "Server overloaded.", "overloaded")
+        n = body.get("n", 1)
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": f"Five. ({i})"}, "finish_reason": "stop"}
+            for i in range(n)
+        ]
+        usage = {"prompt_tokens": 20, "completion_tokens": 3 * n, "total_tokens": 20 + 3 * n}
+        self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+                         "model": body["model"], "choices": choices, "usage": usage})  # fmt: skip
+
+    def _error(self, status: int, message: str, code: str) -> None:
+        self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
+
+    def _send(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture(scope="module")
+def fault_server() -> Iterator[FaultServer]:
+    server = FaultServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+# --- the command line itself ---------------------------------------------------
+
+
+def test_version() -> None:
+    process = pacore("--version")
+    assert process.returncode == 0
+    assert process.stdout.strip() == f"pacore {__version__}"
+
+
+def test_ask_help_lists_every_flag_and_examples() -> None:
+    process = pacore("ask", "--help")
+    assert process.returncode == 0, process.stderr
+    for flag in ("--schedule", "--json", "--quiet", "--image", "--system", "--backend", "--model",
+                 "--api-key", "--max-tokens", "--temperature", "--top-p", "--seed", "--template",
+                 "--timeout", "--retries", "Examples", "Exit codes"):  # fmt: skip
+        assert flag in process.stdout, flag
+
+
+def test_top_level_help_lists_ask() -> None:
+    process = pacore("--help")
+    assert process.returncode == 0
+    assert "ask" in process.stdout
+
+
+# --- usage errors: exit 2, one line, before any model is loaded -----------------
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "notes.png").write_text("this is text, not an image")
+    (tmp_path / "broken.j2").write_text("{% for reference in references %}{{ reference }}")
+    (tmp_path / "typo.j2").write_text("{{ problm }}\n{% for r in references %}{{ r }}{% endfor %}")
+    return tmp_path
+
+
+USAGE_ERRORS = [
+    (["ask", ""], "", "question is empty"),
+    (["ask", "   "], "", "question is empty"),
+    (["ask", "-"], "", "stdin is empty"),
+    (["ask", "-"], "  \n\n", "stdin is empty"),
+    (["ask"], "", "missing argument"),
+    (["ask", "q", "--schedule", "0"], "", "at least 1"),
+    (["ask", "q", "--schedule", "-1"], "", "at least 1"),
+    (["ask", "q", "--schedule", "a"], "", "invalid schedule 'a'"),
+    (["ask", "q", "--schedule", "4,,2"], "", "empty entry"),
+    (["ask", "q", "--image", "{tmp}/missing.png"], "", "cannot read image"),
+    (["ask", "q", "--image", "{tmp}/notes.png"], "", "not a png, jpeg"),
+    (["ask", "q", "--template", "{tmp}/missing.j2"], "", "cannot read template"),
+    (["ask", "q", "--template", "{tmp}/broken.j2"], "", "broken.j2: line"),
+    (["ask", "q", "--template", "{tmp}/typo.j2"], "", "'problm' is undefined"),
+    (["ask", "q", "--temperature", "-1"], "", "--temperature must be 0 or more"),
+    (["ask", "q", "--temperature", "hot"], "", "--temperature"),
+    (["ask", "q", "--max-tokens", "0"], "", "--max-tokens must be at least 1"),
+    (["ask", "q", "--top-p", "1.5"], "", "--top-p"),
+    (["ask", "q", "--timeout", "0"], "", "--timeout must be positive"),
+    (["ask", "q", "--retries", "-1"], "", "--retries must be 0 or more"),
+    (["ask", "q", "--backend", "ftp://example"], "", "unknown backend"),
+    (["ask", "q", "--backend", "http://"], "", "invalid backend url"),
+    (["ask", "q", "--no-such-flag"], "", "no such option"),
+]
+
+
+def _case_id(args: list[str], stdin: str) -> str:
+    return (shlex.join(args[1:]) or "(no question)") + (f" <<< {stdin!r}" if args[-1] == "-" else "")
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "fragment"), USAGE_ERRORS, ids=[_case_id(args, stdin) for args, stdin, _ in USAGE_ERRORS]
+)
+def test_usage_errors_exit_2_with_one_line(files: Path, args: list[str], stdin: str, fragment: str) -> None:
+    # A short timeout: none of these may get as far as running the model.
+    process = pacore(*(arg.format(tmp=files) for arg in args), stdin=stdin, timeout=60)
+    assert_one_line_error(process, 2, fragment)
+    assert process.stdout == ""
+
+
+# --- runtime errors: exit 1, one line ------------------------------------------
+
+
+def test_unreachable_backend_exits_1(closed_port_url: str) -> None:
+    process = pacore("ask", "q", "--backend", closed_port_url, "--retries", "0", timeout=60)
+    assert_one_line_error(process, 1, "unreachable")
+    assert closed_port_url in process.stderr
+
+
+def test_rejected_api_key_exits_1(fault_server: FaultServer) -> None:
+    process = pacore("ask", "q", "--backend", fault_server.url("auth"), "--api-key", "wrong", timeout=60)
+    assert_one_line_error(process, 1, "HTTP 401")
+    assert "API key" in process.stderr
+    assert "wrong" not in process.stderr  # the key itself is never echoed
+
+
+def test_unknown_model_exits_1(fault_server: FaultServer) -> None:
+    url = fault_server.url("unknown-model")
+    process = pacore("ask", "q", "--backend", url, "--model", "no-such-model", timeout=60)
+    assert_one_line_error(process, 1, "no-such-model")
+    assert "404" in process.stderr
+    # A fatal error stops the request at once: one chat call, not one per trajectory and retry.
+    chats = [r for r in fault_server.requests if r[0] == "unknown-model" and r[1] == "v1/chat/completions"]
+    assert len(chats) == 1
+
+
+def test_failure_after_a_round_keeps_the_partial_trace(fault_server: FaultServer) -> None:
+    url = fault_server.url("fail-synthesis")
+    process = pacore("ask", "q", "--backend", url, "--schedule", "3", "--retries", "0", "--json", timeout=60)
+    assert process.returncode == 1
+    assert "Traceback" not in process.stderr
+    lines = stderr_lines(process)
+    assert lines[0].startswith("round 1/2: 3/3 trajectories")  # plain progress: stderr is a pipe
+    assert lines[-1].startswith("pacore: error: final round: the call failed")
+    assert "503" in lines[-1]
+    trace = json.loads(process.stdout)
+    assert trace["error"] == lines[-1].removeprefix("pacore: error: ")
+    assert [len(r["trajectories"]) for r in trace["rounds"]] == [3, 1]
+    assert all(t["message"].startswith("Five.") for t in trace["rounds"][0]["trajectories"])
+    assert trace["rounds"][1]["trajectories"][0]["error_kind"] == "status"
+    assert trace["usage"]["completion_tokens"] == 9
+
+
+# --- requests as the backend receives them -------------------------------------
+
+
+def test_images_and_system_prompt_reach_the_backend(fault_server: FaultServer, tmp_path: Path) -> None:
+    image = tmp_path / "photo.dat"  # the MIME type comes from the bytes, not the name
+    image.write_bytes(PNG)
+    before = len(fault_server.requests)
+    process = pacore(
+        "ask", "What is in the picture?", "--backend", fault_server.url("ok"), "--schedule", "1",
+        "--image", str(image), "--system", "Be brief.", "--quiet", timeout=60,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.strip() == "Five. (0)"
+    assert process.stderr == ""  # --quiet: no progress, no summary
+    chats = [body for _, endpoint, body in fault_server.requests[before:] if endpoint == "v1/chat/completions"]
+    assert len(chats) == 2  # one trajectory, then the final synthesis
+    expected_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    for body in chats:
+        system, user = body["messages"]
+        assert system == {"role": "system", "content": "Be brief."}
+        text, picture = user["content"]
+        assert picture == {"type": "image_url", "image_url": {"url": expected_url}}
+        assert body["temperature"] == 1.0 and body["top_p"] == 1.0 and "max_tokens" not in body
+    assert chats[0]["messages"][1]["content"][0]["text"] == "What is in the picture?"
+    assert "Reference Responses" in chats[1]["messages"][1]["content"][0]["text"]
+
+
+def test_generation_flags_reach_the_backend(fault_server: FaultServer) -> None:
+    before = len(fault_server.requests)
+    process = pacore(
+        "ask", "q", "-b", fault_server.url("ok"), "-s", "off", "--max-tokens", "7",
+        "--temperature", "0.3", "--top-p", "0.9", "--seed", "5", "-q", "--model", "m1", timeout=60,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    (body,) = [b for _, endpoint, b in fault_server.requests[before:] if endpoint == "v1/chat/completions"]
+    assert (body["model"], body["max_tokens"], body["temperature"], body["top_p"]) == ("m1", 7, 0.3, 0.9)
+    assert isinstance(body["seed"], int)
+
+
+def test_image_part_detects_the_mime_type(tmp_path: Path) -> None:
+    jpeg = tmp_path / "x.png"  # misleading name: the content wins
+    jpeg.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 16)
+    assert image_part(jpeg)["image_url"]["url"].startswith("data:image/jpeg;base64,/9j/")  # type: ignore[index]
+    webp = tmp_path / "y"
+    webp.write_bytes(b"RIFF\0\0\0\0WEBPVP8 " + b"\0" * 8)
+    assert image_part(webp)["image_url"]["url"].startswith("data:image/webp;base64,")  # type: ignore[index]
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        image_part(empty)
+
+
+# --- progress -------------------------------------------------------------------
+
+
+async def test_line_progress_prints_one_line_per_round_and_counts_match() -> None:
+    out = io.StringIO()
+    progress = LineProgress(out)
+    result = await asolve("q", schedule=[3, 2], backend=ScriptedBackend(), on_event=progress.handle)
+    lines = out.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["round 1/3", "round 2/3", "round 3/3 (final)"]
+    assert lines[0].startswith("round 1/3: 3/3 trajectories, ")
+    state = progress.state
+    assert state.usage.calls == result.usage.calls == 6
+    assert state.usage.completion_tokens == result.usage.completion_tokens > 0
+    assert state.usage.prompt_tokens == result.usage.prompt_tokens
+    tokens = result.usage.completion_tokens
+    assert summary_line(result).startswith(f"3 rounds, 6 calls, {tokens} effective TTC tokens, ")
+
+
+async def test_progress_counts_failed_trajectories() -> None:
+    from fakes import fail
+
+    backend = ScriptedBackend(respond=lambda call, i: fail() if call.number == 1 else "fine")
+    state = ProgressState()
+    result = await asolve("q", schedule=[3], backend=backend, on_event=state.apply)
+    assert (state.usage.calls, state.usage.failed_calls) == (4, 1)
+    assert "4 calls (1 failed)" in summary_line(result)
+
+
+def test_live_progress_renders_the_current_round() -> None:
+    from pacore.trace import RoundStarted, Trajectory, TrajectoryFinished
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, color_system=None)
+    progress = LiveProgress(console)
+    progress.handle(RoundStarted(round=0, k=4, final=False, total_rounds=2))
+    for i in range(2):
+        trajectory = Trajectory(round=0, index=i, text="x", completion_tokens=250)
+        progress.handle(TrajectoryFinished(round=0, trajectory=trajectory, done=i + 1, k=4))
+    console.print(progress.render())
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "round 1/2" in text and "2/4 trajectories" in text and "500 tokens" in text
+
+
+# --- the real embedded model ----------------------------------------------------
+
+
+@pytest.mark.model
+def test_ask_json_with_the_embedded_model() -> None:
+    process = pacore("ask", "What is 2+3?", "--schedule", "2", "--max-tokens", "32", "--seed", "3", "--json")
+    assert process.returncode == 0, process.stderr
+    trace = json.loads(process.stdout)
+    assert [len(r["trajectories"]) for r in trace["rounds"]] == [2, 1]
+    assert trace["schedule"] == [2]
+    assert trace["rounds"][-1]["final"] is True
+    assert trace["answer"] == trace["rounds"][-1]["trajectories"][0]["message"]
+    usage = trace["usage"]
+    assert usage["completion_tokens"] == sum(
+        t["completion_tokens"] for r in trace["rounds"] for t in r["trajectories"]
+    )
+    assert 0 < usage["completion_tokens"] <= 3 * 32
+    assert usage["prompt_tokens"] > 0
+    assert trace["error"] is None
+    assert stderr_lines(process)[-1].startswith("2 rounds, 3 calls, ")
+
+
+@pytest.mark.model
+def test_ask_from_stdin_prints_answer_and_progress() -> None:
+    question = "Name a color.\n"
+    process = pacore("ask", "-", "--schedule", "1", "--max-tokens", "16", "--seed", "3", stdin=question)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.strip()
+    lines = stderr_lines(process)
+    assert lines[0].startswith("round 1/2: 1/1 trajectories, ")
+    assert lines[1].startswith("round 2/2 (final): 1/1 trajectories, ")
+    assert lines[2].startswith("2 rounds, 2 calls, ")
+    assert "effective TTC tokens" in lines[2] and "prompt tokens" in lines[2]
+
+
+# --- a real OpenAI-compatible server ---------------------------------------------
+
+
+@pytest.mark.http
+def test_ask_over_http_with_llama_cpp_server(llama_server_url: str) -> None:
+    process = pacore(
+        "ask", "What is 2+3?", "--backend", llama_server_url, "--schedule", "2", "--max-tokens", "16", "--json"
+    )
+    assert process.returncode == 0, process.stderr
+    trace = json.loads(process.stdout)
+    assert [len(r["trajectories"]) for r in trace["rounds"]] == [2, 1]
+    assert all(t["error"] is None for r in trace["rounds"] for t in r["trajectories"])
+    assert trace["usage"]["completion_tokens"] > 0
+    assert llama_server_url in trace["backend"]

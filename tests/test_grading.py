@@ -1,0 +1,195 @@
+"""Answer extraction, graders and majority voting."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pacore.errors import UsageError
+from pacore.eval import extract_answer, grade, majority_vote
+from pacore.eval.grading import KINDS, boxed_answer, equivalent
+
+# (response, ground truth, kind, expected grade)
+GRADES = [
+    # math equivalence through math-verify
+    (r"So \boxed{\frac{1}{2}}", "0.5", "auto", True),
+    (r"\boxed{0.5}", r"\frac{1}{2}", "math", True),
+    (r"\boxed{\dfrac{\sqrt{2}}{2}}", r"\frac{1}{\sqrt{2}}", "math", True),
+    (r"\boxed{\frac{3}{4}}", "3/4", "auto", True),
+    (r"\boxed{x=3}", "3", "math", True),
+    (r"\boxed{3}", "x = 3", "math", True),
+    (r"the interval is \boxed{(0, 1]}", "(0,1]", "math", True),
+    (r"\boxed{[0,1]}", "(0,1]", "math", False),
+    (r"\boxed{(x+1)^2}", "x^2+2x+1", "math", True),
+    (r"\boxed{2\pi}", r"\pi", "math", False),
+    (r"\boxed{50\%}", "0.5", "math", True),
+    (r"\boxed{\frac{1}{3}}", "0.5", "auto", False),
+    # the boxed answer wins over stray numbers after it; nested braces survive
+    (r"The answer is \boxed{3}. Check: 3 + 4 = 7", "3", "auto", True),
+    (r"\boxed{\frac{\sqrt{3}}{2}} (about 0.866)", r"\frac{\sqrt3}{2}", "math", True),
+    (r"\fbox{42}", "42", "auto", True),
+    # GSM8K numerics
+    ("The answer is 1,000.", "1000", "gsm8k", True),
+    ("The answer is $18.00", "18", "gsm8k", True),
+    ("She makes 18 dollars every day.", "18", "gsm8k", True),
+    ("Total: 9 * 2 = 18\n#### 18", "18", "gsm8k", True),
+    ("**Answer:** 72", "72", "gsm8k", True),
+    ("The answer is 18.0", "18", "number", True),
+    ("The answer is 50%", "50", "gsm8k", True),
+    ("So the answer is 18 dollars. Let me double-check: 18 + 0 = 18.", "18", "auto", True),
+    ("The answer is 3.5. Indeed 7/2 = 3.5.", "7/2", "auto", True),
+    ("Answer: 180", "18", "gsm8k", False),
+    ("Answer: 18", "180", "gsm8k", False),
+    (r"\boxed{-5}", "5", "auto", False),
+    (r"\boxed{2x}", "2", "auto", False),
+    ("It took 3 hours, then 5 more, so 8 in total.", "8", "gsm8k", True),
+    # units and text answers (the reference release's sample answers)
+    (r"The area is \boxed{32}", "32 cm²", "auto", True),
+    ("It rises 20 m. Answer: 20 m", "20 meters", "auto", True),
+    (r"Final answer: \text{Box B}", "Box B", "auto", True),
+    ("Final answer: Box C", "Box B", "auto", False),
+    # multiple choice
+    ("The answer is (B).", "B", "choice", True),
+    ("B) is right", "B", "choice", True),
+    ("The answer is b", "B", "choice", True),
+    ("The answer is b", "(B)", "auto", True),
+    (r"\boxed{\text{(D)}}", "D", "choice", True),
+    ("The answer is a bit unclear; I pick (C)", "B", "auto", False),
+    ("Answer: C", "B", "choice", False),
+    # exact match
+    ("Paris", "paris", "exact", True),
+    ("  The   answer: New York ", "new york", "exact", True),
+    ("Paris, France", "paris", "exact", False),
+    # nothing to grade
+    (None, "3", "auto", False),
+    ("", "3", "auto", False),
+    ("   ", "3", "gsm8k", False),
+    ("I don't know.", "3", "gsm8k", False),
+    (r"\boxed{3}", None, "auto", False),
+    (r"\boxed{3}", "", "auto", False),
+]
+
+
+@pytest.mark.parametrize(("response", "truth", "kind", "expected"), GRADES)
+def test_grade_table(response: str | None, truth: str | None, kind: str, expected: bool) -> None:
+    assert grade(response, truth, kind) is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "expected"),
+    [
+        (r"first \boxed{1} then \boxed{\frac{a}{b^{2}}}", "auto", r"\frac{a}{b^{2}}"),
+        (r"\boxed {7}", "auto", "7"),
+        ("The answer is $\\frac{1}{2}$.", "math", r"\frac{1}{2}"),
+        ("blah\n#### 1,234", "gsm8k", "1234"),
+        ("The answer is $18.00 per day.", "gsm8k", "18"),
+        ("We get 5 + 3 = 8", "gsm8k", "8"),
+        ("I computed 2.5 and then 1/4", "auto", "1/4"),
+        ("no numbers here\nBox B.", "auto", "Box B"),
+        ("no numbers at all", "math", None),
+        ("A long closing line of prose that states no answer whatsoever, at length.", "auto", None),
+        ("The answer is (E).", "choice", "E"),
+        ("Option c.", "choice", "C"),
+        ("nothing chosen", "choice", None),
+        (None, "auto", None),
+    ],
+)
+def test_extract_answer(text: str | None, kind: str, expected: str | None) -> None:
+    assert extract_answer(text, kind) == expected
+
+
+def test_boxed_answer_handles_unbalanced_braces() -> None:
+    assert boxed_answer(r"\boxed{\frac{1}{2}") is None
+    assert boxed_answer(r"\boxed{3} but then \boxed{\frac{1}{") == "3"  # cut off mid-answer
+    assert boxed_answer(r"\boxed{1} and \fbox{2}") == "2"
+    assert boxed_answer("plain text") is None
+
+
+def test_giant_numbers_do_not_raise() -> None:
+    huge = "9" * 5000  # int() and str() refuse over 4300 digits
+    assert grade(f"#### {huge}", "9", "gsm8k") is False
+    assert grade(f"Answer: 1/{huge}", "1", "auto") is False
+    assert majority_vote([f"#### {huge}", f"#### {huge}"], "number") == (huge, 2)
+
+
+# Model output is arbitrary: LaTeX fragments, numbers, letters, broken braces.
+model_text = st.lists(
+    st.sampled_from(
+        ["\\boxed{", "\\fbox{", "{", "}", "\\frac", "^", "!", "=", "$", "%", ",", ".", "(", ")", "[", "]",
+         "answer is ", "Answer: ", "#### ", "<think>", "</think>", " ", "\n", "x", "B", "1", "2", "9", "0.5"]
+    )
+    | st.text(max_size=5),
+    max_size=20,
+).map("".join)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(response=model_text, truth=model_text, kind=st.sampled_from(KINDS))
+def test_grading_never_raises_on_model_output(response: str, truth: str, kind: str) -> None:
+    assert isinstance(grade(response, truth, kind), bool)
+    answer = extract_answer(response, kind)
+    assert answer is None or isinstance(answer, str)
+    voted, count = majority_vote([response, truth], kind)
+    assert (voted is None) == (count == 0)
+
+
+def test_unknown_kind_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="unknown grading kind 'maths'"):
+        grade("1", "1", "maths")
+
+
+def test_equivalent_compares_bare_answers() -> None:
+    assert equivalent("1,000", "1000.00", "number")
+    assert equivalent("$1{,}000", "1000")
+    assert not equivalent("1,00", "100", "number")  # not a thousands separator
+
+
+@pytest.mark.parametrize(
+    "tower",
+    [r"9^{9^{9}}", r"10^{10^{10}}", r"(10^{100})!", r"(x+1)^{9999}", r"2**2**2**40", "x" * 5000],
+)
+def test_pathological_answers_finish_fast_in_a_worker_thread(tower: str) -> None:
+    """Outside the main thread math-verify has no timeout; screening must keep sympy away."""
+    outcome: list[bool] = []
+    started = time.perf_counter()
+    worker = threading.Thread(target=lambda: outcome.append(grade(rf"\boxed{{{tower}}}", "5", "math")))
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "grading hung"
+    assert outcome == [False]
+    assert time.perf_counter() - started < 5
+
+
+def test_math_verify_works_in_a_worker_thread() -> None:
+    outcome: list[bool] = []
+    worker = threading.Thread(target=lambda: outcome.append(grade(r"\boxed{\frac{2}{4}}", "0.5", "math")))
+    worker.start()
+    worker.join(timeout=30)
+    assert outcome == [True]
+
+
+async def test_grading_inside_the_event_loop() -> None:
+    assert grade(r"\boxed{\sqrt{4}}", "2", "math")
+
+
+def test_majority_vote_groups_equal_numbers() -> None:
+    texts = ["The answer is 18.", "#### 1,000", r"\boxed{18.0}", "1000", "$1,000.00", None, "no idea"]
+    assert majority_vote(texts, "gsm8k") == ("1000", 3)
+
+
+def test_majority_vote_ties_go_to_the_first_answer() -> None:
+    assert majority_vote(["Answer: 7", "Answer: 9", "Answer: 9.0", "Answer: 7"]) == ("7", 2)
+
+
+def test_majority_vote_text_and_choice() -> None:
+    assert majority_vote(["Answer: Box B", "answer: box b", "Answer: Box C"]) == ("Box B", 2)
+    assert majority_vote(["The answer is (A)", "Answer: b", "B) for sure"], "choice") == ("B", 2)
+
+
+def test_majority_vote_without_answers() -> None:
+    assert majority_vote([]) == (None, 0)
+    assert majority_vote([None, "", "no idea"], "number") == (None, 0)

@@ -1,0 +1,524 @@
+"""The OpenAI-compatible HTTP backend against scripted servers (httpx.MockTransport).
+
+The real server is exercised in test_http_integration.py; here every status
+code, retry and malformed answer can be produced on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable
+from email.utils import format_datetime
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+
+import pacore
+from pacore.backends import open_backend
+from pacore.backends.base import GenerationParams, RetryPolicy
+from pacore.backends.openai_http import MAX_N, OpenAIBackend, _retry_after, normalize_base_url
+from pacore.errors import BackendError, UsageError
+
+MESSAGES = [{"role": "user", "content": "What is 2+3?"}]
+PARAMS = GenerationParams(max_tokens=16)
+FAST_RETRY = RetryPolicy(max_attempts=3, backoff_base=0.001, backoff_max=0.01)
+SECRET = "sk-test-secret-1234"
+
+
+def chat(*texts: str, prompt_tokens: int = 7, completion_tokens: int | None = None, **message_extra) -> dict:
+    """A chat completion with one choice per text."""
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, **message_extra},
+                "finish_reason": "stop",
+            }
+            for i, text in enumerate(texts)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(texts) * 3 if completion_tokens is None else completion_tokens,
+        },
+    }
+
+
+class Server:
+    """A scripted server: ``reply(request, body)`` answers each request; all are recorded."""
+
+    def __init__(self, reply: Callable[[httpx.Request, dict], httpx.Response]) -> None:
+        self.reply = reply
+        self.requests: list[httpx.Request] = []
+        self.bodies: list[dict] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        body = json.loads(request.content) if request.content else {}
+        self.bodies.append(body)
+        return self.reply(request, body)
+
+    def backend(self, **options) -> OpenAIBackend:
+        options.setdefault("model", "test-model")
+        options.setdefault("retry", FAST_RETRY)
+        return OpenAIBackend("http://test.invalid:8000/v1", transport=httpx.MockTransport(self), **options)
+
+
+def ok(payload: dict, **kwargs) -> httpx.Response:
+    return httpx.Response(200, json=payload, **kwargs)
+
+
+def honours_n(request: httpx.Request, body: dict) -> httpx.Response:
+    n = body.get("n", 1)
+    texts = [str(i) * 10 * (i + 1) for i in range(n)]  # "0"*10, "1"*20, ...
+    return ok(chat(*texts, completion_tokens=sum(len(t) for t in texts) // 2))
+
+
+def ignores_n(request: httpx.Request, body: dict) -> httpx.Response:
+    return ok(chat(f"seed {body.get('seed')}"))
+
+
+# --- requests and answers -------------------------------------------------------
+
+
+async def test_generate_sends_the_params_and_reads_the_answer():
+    server = Server(lambda request, body: ok(chat("5", prompt_tokens=11, completion_tokens=2)))
+    params = GenerationParams(
+        temperature=0.6, top_p=0.9, max_tokens=32, seed=3, stop=("</s>",), extra={"top_k": 20}
+    )
+    async with server.backend(api_key=SECRET) as backend:
+        (completion,) = await backend.generate(MESSAGES, 1, params)
+    assert (completion.text, completion.finish_reason) == ("5", "stop")
+    assert (completion.prompt_tokens, completion.completion_tokens) == (11, 2)
+    assert completion.ok and completion.reasoning is None and completion.latency_s > 0
+    request, body = server.requests[0], server.bodies[0]
+    assert request.method == "POST" and str(request.url) == "http://test.invalid:8000/v1/chat/completions"
+    assert request.headers["authorization"] == f"Bearer {SECRET}"
+    assert body == {
+        "messages": MESSAGES,
+        "model": "test-model",
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "max_tokens": 32,
+        "stop": ["</s>"],
+        "top_k": 20,
+        "seed": 3,
+    }
+
+
+async def test_unset_max_tokens_and_seed_are_left_out():
+    server = Server(lambda request, body: ok(chat("hi")))
+    async with server.backend() as backend:
+        await backend.generate(MESSAGES, 1, GenerationParams())
+    assert set(server.bodies[0]) == {"messages", "model", "temperature", "top_p"}
+
+
+async def test_reasoning_content_and_reasoning_are_read():
+    for field in ("reasoning_content", "reasoning"):
+        server = Server(lambda request, body: ok(chat("5", **{field: "2+3 is 5"})))
+        async with server.backend() as backend:
+            (completion,) = await backend.generate(MESSAGES, 1, PARAMS)
+        assert (completion.text, completion.reasoning) == ("5", "2+3 is 5")
+
+
+async def test_a_200_without_choices_is_a_protocol_error_after_retries():
+    server = Server(lambda request, body: ok({"error": {"message": "engine overloaded"}}))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError) as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert caught.value.kind == "protocol" and "engine overloaded" in str(caught.value)
+    assert len(server.requests) == FAST_RETRY.max_attempts
+
+
+# --- n batching -----------------------------------------------------------------------
+
+
+async def test_n_is_sent_in_one_call_when_the_server_honours_it():
+    server = Server(honours_n)
+    async with server.backend() as backend:
+        completions = await backend.generate(MESSAGES, 3, PARAMS)
+        assert backend.max_n == MAX_N
+    assert len(server.requests) == 1 and server.bodies[0]["n"] == 3
+    assert [c.text for c in completions] == ["0" * 10, "1" * 20, "2" * 30]
+    # One usage for the call: prompt tokens once, completion tokens split by length.
+    assert [c.prompt_tokens for c in completions] == [7, 0, 0]
+    assert [c.completion_tokens for c in completions] == [5, 10, 15]
+
+
+async def test_n_falls_back_to_parallel_single_calls_when_the_server_returns_one_choice():
+    server = Server(ignores_n)
+    async with server.backend() as backend:
+        completions = await backend.generate(MESSAGES, 3, GenerationParams(seed=7))
+        assert backend.max_n == 1
+        assert [c.text for c in completions] == ["seed 7", "seed 8", "seed 9"]
+        assert server.bodies[0]["n"] == 3 and all("n" not in body for body in server.bodies[1:])
+        # Once learnt, later calls fan out straight away.
+        more = await backend.generate(MESSAGES, 2, PARAMS)
+    assert len(more) == 2 and len(server.requests) == 5
+    assert all("n" not in body for body in server.bodies[3:])
+    assert all(c.prompt_tokens == 7 and c.completion_tokens == 3 for c in completions)
+
+
+async def test_n_falls_back_when_the_server_rejects_n_with_400():
+    def refuses_n(request, body):
+        if "n" in body:
+            return httpx.Response(400, json={"error": {"message": "n must be 1"}})
+        return ok(chat("one"))
+
+    server = Server(refuses_n)
+    async with server.backend() as backend:
+        completions = await backend.generate(MESSAGES, 3, PARAMS)
+        assert backend.max_n == 1
+    assert [c.text for c in completions] == ["one"] * 3
+    # The refused call, the single-sample probe, then the remaining two.
+    assert len(server.requests) == 4
+
+
+async def test_a_400_that_is_not_about_n_is_raised_and_n_is_kept():
+    server = Server(lambda request, body: httpx.Response(400, json={"error": {"message": "prompt too long"}}))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError) as caught:
+            await backend.generate(MESSAGES, 3, PARAMS)
+        assert backend.max_n == MAX_N
+    assert caught.value.kind == "bad_request" and caught.value.fatal
+    assert str(caught.value) == "backend rejected the request (HTTP 400): prompt too long"
+    assert len(server.requests) == 2
+
+
+async def test_n_mode_off_never_sends_n_and_on_keeps_max_n():
+    server = Server(ignores_n)
+    async with server.backend(n_mode="off") as backend:
+        assert backend.max_n == 1
+        assert len(await backend.generate(MESSAGES, 3, PARAMS)) == 3
+    assert all("n" not in body for body in server.bodies)
+    async with Server(ignores_n).backend(n_mode="on") as backend:
+        assert len(await backend.generate(MESSAGES, 3, PARAMS)) == 3
+        assert backend.max_n == MAX_N
+    with pytest.raises(UsageError):
+        OpenAIBackend("http://127.0.0.1:1/v1", n_mode="sometimes")  # type: ignore[arg-type]
+
+
+async def test_a_failed_single_call_becomes_one_failed_sample():
+    def third_fails(request, body):
+        return httpx.Response(503) if body.get("seed") == 2 else ok(chat("fine"))
+
+    server = Server(third_fails)
+    async with server.backend(n_mode="off") as backend:
+        completions = await backend.generate(MESSAGES, 3, GenerationParams(seed=0))
+    assert [c.ok for c in completions] == [True, True, False]
+    assert completions[2].error_kind == "status" and "HTTP 503" in completions[2].error
+
+
+# --- retries and errors -------------------------------------------------------------------
+
+
+async def test_503_is_retried_until_success():
+    replies = iter([httpx.Response(503), httpx.Response(502), ok(chat("done"))])
+    server = Server(lambda request, body: next(replies))
+    async with server.backend() as backend:
+        (completion,) = await backend.generate(MESSAGES, 1, PARAMS)
+    assert completion.text == "done" and len(server.requests) == 3
+
+
+async def test_retries_give_up_with_a_status_error():
+    server = Server(lambda request, body: httpx.Response(503, json={"error": {"message": "busy"}}))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError) as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+    error = caught.value
+    assert (error.kind, error.status_code, error.fatal) == ("status", 503, False)
+    assert str(error) == (
+        "backend http://test.invalid:8000/v1 answered HTTP 503: busy; gave up after 3 attempts"
+    )
+
+
+async def test_retry_after_is_honoured(caplog):
+    replies = iter([httpx.Response(429, headers={"Retry-After": "0.05"}), ok(chat("done"))])
+    server = Server(lambda request, body: next(replies))
+    # Without Retry-After the jittered wait could be anything up to 30 s.
+    slow_backoff = RetryPolicy(max_attempts=2, backoff_base=30, backoff_max=60)
+    caplog.set_level(logging.INFO, logger="pacore.backends.openai_http")
+    started = time.perf_counter()
+    async with server.backend(retry=slow_backoff) as backend:
+        (completion,) = await backend.generate(MESSAGES, 1, PARAMS)
+    assert completion.text == "done"
+    assert 0.05 <= time.perf_counter() - started < 5
+    assert "retry 1 in 0.05s" in caplog.text
+
+
+def test_retry_after_accepts_seconds_and_http_dates():
+    assert _retry_after("3") == 3.0
+    assert _retry_after(None) is None and _retry_after("soon") is None
+    future = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 27 < _retry_after(future) <= 30
+    past = format_datetime(datetime.now(timezone.utc) - timedelta(seconds=30), usegmt=True)
+    assert _retry_after(past) == 0.0
+    # The policy caps what a server may ask for.
+    assert RetryPolicy(backoff_max=20).delay(1, 3600.0, 0.5) == 20
+
+
+async def test_401_is_a_fatal_auth_error_that_never_shows_the_key():
+    server = Server(
+        lambda request, body: httpx.Response(
+            401, json={"error": {"message": f"Incorrect API key provided: {SECRET}"}}
+        )
+    )
+    async with server.backend(api_key=SECRET) as backend:
+        assert SECRET not in backend.name
+        with pytest.raises(BackendError) as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+    error = caught.value
+    assert (error.kind, error.fatal, error.status_code) == ("auth", True, 401)
+    assert str(error) == "backend rejected the API key (HTTP 401): Incorrect API key provided: ***"
+    assert len(server.requests) == 1
+
+
+async def test_the_api_key_comes_from_the_environment(monkeypatch):
+    server = Server(lambda request, body: httpx.Response(403))
+    monkeypatch.delenv("PACORE_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    async with server.backend() as backend:
+        with pytest.raises(BackendError, match=r"requires an API key \(HTTP 403\); set PACORE_API_KEY"):
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert "authorization" not in server.requests[0].headers
+    monkeypatch.setenv("OPENAI_API_KEY", "from-openai-var")
+    async with server.backend() as backend:
+        with pytest.raises(BackendError, match="rejected the API key"):
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert server.requests[-1].headers["authorization"] == "Bearer from-openai-var"
+    monkeypatch.setenv("PACORE_API_KEY", "from-pacore-var")
+    async with server.backend() as backend:
+        with pytest.raises(BackendError):
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert server.requests[-1].headers["authorization"] == "Bearer from-pacore-var"
+
+
+async def test_404_names_the_unknown_model_or_the_wrong_url():
+    server = Server(
+        lambda request, body: httpx.Response(
+            404, json={"error": {"message": f"The model `{body['model']}` does not exist."}}
+        )
+    )
+    async with server.backend(model="x") as backend:
+        with pytest.raises(BackendError) as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert (caught.value.kind, caught.value.fatal) == ("not_found", True)
+    assert str(caught.value) == "model 'x' not found on backend (HTTP 404): The model `x` does not exist."
+    assert len(server.requests) == 1
+
+    server = Server(lambda request, body: httpx.Response(404, json={"detail": "Not Found"}))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError, match=r"has no /v1/chat/completions \(HTTP 404\); check the URL"):
+            await backend.generate(MESSAGES, 1, PARAMS)
+
+
+async def test_422_is_a_bad_request_without_retries():
+    server = Server(lambda request, body: httpx.Response(422, json={"detail": [{"msg": "bad temperature"}]}))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError) as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert caught.value.kind == "bad_request" and "bad temperature" in str(caught.value)
+    assert len(server.requests) == 1
+
+
+async def test_malformed_json_is_retried_then_reported():
+    replies = iter([httpx.Response(200, content=b"{not json"), ok(chat("fine"))])
+    server = Server(lambda request, body: next(replies))
+    async with server.backend() as backend:
+        (completion,) = await backend.generate(MESSAGES, 1, PARAMS)
+    assert completion.text == "fine" and len(server.requests) == 2
+
+    server = Server(lambda request, body: httpx.Response(200, content=b"<html>oops</html>"))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError) as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert caught.value.kind == "protocol" and "malformed JSON" in str(caught.value)
+    assert len(server.requests) == FAST_RETRY.max_attempts
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_a_closed_port_is_a_connect_error_after_retries():
+    port = closed_port()
+    retry = RetryPolicy(max_attempts=2, backoff_base=0.001)
+    async with OpenAIBackend(f"http://127.0.0.1:{port}/v1", model="m", retry=retry) as backend:
+        with pytest.raises(BackendError) as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert (caught.value.kind, caught.value.fatal) == ("connect", False)
+    assert str(caught.value) == (
+        f"backend http://127.0.0.1:{port}/v1 is unreachable (connection refused); gave up after 2 attempts"
+    )
+
+
+async def test_a_fatal_error_aborts_a_whole_solve():
+    server = Server(lambda request, body: httpx.Response(401))
+    async with server.backend(api_key=SECRET) as backend:
+        with pytest.raises(BackendError) as caught:
+            await pacore.asolve("What is 2+3?", schedule=[4], backend=backend, params=PARAMS)
+    assert caught.value.kind == "auth" and caught.value.result is not None
+    assert len(server.requests) == 1
+
+
+async def test_cancelling_a_call_aborts_its_http_request():
+    closed = asyncio.Event()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            pass  # read the request, answer nothing, wait for the client to hang up
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, OpenAIBackend(f"http://127.0.0.1:{port}/v1", model="m") as backend:
+        call = asyncio.create_task(backend.generate(MESSAGES, 1, PARAMS))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.wait_for(closed.wait(), timeout=5)
+
+
+# --- model discovery and URLs ------------------------------------------------------------
+
+
+async def test_the_model_is_discovered_once_from_the_server():
+    def reply(request, body):
+        if request.url.path == "/v1/models":
+            return ok({"object": "list", "data": [{"id": "served-model"}, {"id": "other"}]})
+        return ok(chat(body["model"]))
+
+    server = Server(reply)
+    async with server.backend(model=None) as backend:
+        assert backend.model == "" and backend.name == "openai http://test.invalid:8000/v1"
+        results = await asyncio.gather(*(backend.generate(MESSAGES, 1, PARAMS) for _ in range(3)))
+        assert backend.name == "openai http://test.invalid:8000/v1 (served-model)"
+    assert [c.text for (c,) in results] == ["served-model"] * 3
+    assert [r.url.path for r in server.requests].count("/v1/models") == 1
+
+
+async def test_a_server_without_models_asks_for_one():
+    server = Server(lambda request, body: ok({"object": "list", "data": []}))
+    async with server.backend(model=None) as backend:
+        with pytest.raises(BackendError, match=r"lists no models; name one \(--model\)") as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert caught.value.fatal
+
+
+def test_base_urls_are_normalized():
+    assert str(normalize_base_url("http://127.0.0.1:8080")) == "http://127.0.0.1:8080/v1"
+    assert str(normalize_base_url("http://127.0.0.1:8080/v1/")) == "http://127.0.0.1:8080/v1"
+    assert str(normalize_base_url("https://h/api/v1/chat/completions")) == "https://h/api/v1"
+    for bad in ("ftp://h/v1", "http://", "localhost:8080"):
+        with pytest.raises(UsageError, match="invalid backend URL"):
+            normalize_base_url(bad)
+    backend = open_backend("http://user:pw@127.0.0.1:8080", model="m", api_key=SECRET)
+    assert isinstance(backend, OpenAIBackend)
+    assert backend.name == "openai http://127.0.0.1:8080/v1 (m)"
+
+
+# --- streaming -------------------------------------------------------------------------------
+
+
+def sse(*events: dict | str) -> bytes:
+    """An SSE body: dicts as JSON data, strings as raw data, ``:``-strings as comments."""
+
+    def line(event: dict | str) -> str:
+        if isinstance(event, dict):
+            return f"data: {json.dumps(event)}"
+        return event if event.startswith(":") else f"data: {event}"
+
+    return "".join(f"{line(event)}\n\n" for event in events).encode()
+
+
+def delta(content: str = "", reasoning: str = "", finish: str | None = None) -> dict:
+    fields = {"content": content} if content else {}
+    if reasoning:
+        fields["reasoning_content"] = reasoning
+    return {"choices": [{"index": 0, "delta": fields, "finish_reason": finish}]}
+
+
+STREAM = [
+    {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
+    delta(reasoning="2+3"),
+    delta("The answer"),
+    ": ping",
+    delta(" is 5."),
+    delta(finish="stop"),
+]
+USAGE = {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}
+
+
+def streaming(body: bytes) -> Server:
+    headers = {"content-type": "text/event-stream"}
+    return Server(lambda request, _: httpx.Response(200, content=body, headers=headers))
+
+
+async def test_stream_delivers_deltas_and_reads_the_usage_chunk():
+    server = streaming(sse(*STREAM, USAGE, "[DONE]"))
+    deltas: list[tuple[str, str]] = []
+    async with server.backend() as backend:
+        completion = await backend.stream(MESSAGES, PARAMS, lambda c, r: deltas.append((c, r)))
+    assert deltas == [("", "2+3"), ("The answer", ""), (" is 5.", "")]
+    assert (completion.text, completion.reasoning) == ("The answer is 5.", "2+3")
+    assert completion.finish_reason == "stop"
+    assert (completion.prompt_tokens, completion.completion_tokens) == (9, 4)
+    assert server.bodies[0]["stream"] is True
+    assert server.bodies[0]["stream_options"] == {"include_usage": True}
+
+
+async def test_stream_without_usage_counts_chunks():
+    server = streaming(sse(*STREAM, "[DONE]"))
+    async with server.backend() as backend:
+        completion = await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
+    assert (completion.prompt_tokens, completion.completion_tokens) == (0, 3)
+
+
+async def test_a_truncated_stream_is_a_protocol_error_and_is_not_retried():
+    server = streaming(sse(*STREAM[:3]))
+    deltas = []
+    async with server.backend() as backend:
+        with pytest.raises(BackendError) as caught:
+            await backend.stream(MESSAGES, PARAMS, lambda c, r: deltas.append(c))
+    assert caught.value.kind == "protocol" and "ended the stream before the completion finished" in str(
+        caught.value
+    )
+    assert len(deltas) == 2 and len(server.requests) == 1
+
+
+async def test_a_stream_cut_by_the_network_is_a_protocol_error():
+    async def cut_off():
+        yield sse(*STREAM[:3])
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    server = Server(lambda request, body: httpx.Response(200, content=cut_off()))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError, match="the connection broke") as caught:
+            await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
+    assert caught.value.kind == "protocol"
+
+
+async def test_a_malformed_chunk_is_a_protocol_error():
+    server = streaming(sse(STREAM[0], "{broken", *STREAM[1:]))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError, match="malformed stream chunk") as caught:
+            await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
+    assert caught.value.kind == "protocol"
+
+
+async def test_a_stream_that_fails_before_its_first_delta_is_retried():
+    replies = iter([httpx.Response(503), httpx.Response(200, content=sse(*STREAM, USAGE, "[DONE]"))])
+    server = Server(lambda request, body: next(replies))
+    async with server.backend() as backend:
+        completion = await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
+    assert completion.text == "The answer is 5." and len(server.requests) == 2

@@ -1,0 +1,202 @@
+"""``pacore run`` as a user runs it: a real subprocess, killed with SIGKILL and resumed.
+
+Answers come from ``bench/fastbackend.py`` (a real OpenAI-compatible server on
+loopback with a fixed latency) or, marked ``model``, from the embedded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_test_1000.jsonl"
+PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
+PROBLEMS = 20
+
+
+def environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")}
+
+
+def pacore(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    assert PACORE, "the pacore entry point is not installed next to this Python"
+    return subprocess.run([PACORE, *args], capture_output=True, text=True, timeout=timeout, env=environment())
+
+
+@pytest.fixture
+def fast_server() -> Iterator[str]:
+    """A fast OpenAI-compatible server taking 200 ms per call."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "fastbackend.py"), "--ttft-ms", "200", "--completion-tokens", "6"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert process.stdout.readline().strip() == "ready"
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def samples_served(url: str) -> int:
+    return httpx.get(url.removesuffix("/v1") + "/stats").json()["samples"]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(PROBLEMS))
+    )
+    return path
+
+
+def done_rows(run_dir: Path) -> dict[str, tuple[str, str, int]]:
+    """``problem -> (updated_at, trace_json, attempts)`` of every done problem."""
+    with sqlite3.connect(run_dir / "run.sqlite") as db:
+        rows = db.execute(
+            "SELECT problem_id, updated_at, trace_json, attempts FROM results WHERE status = 'done'"
+        ).fetchall()
+    return {problem: (updated, trace, attempts) for problem, updated, trace, attempts in rows}
+
+
+def wait_for_done(run_dir: Path, at_least: int, process: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        if (run_dir / "run.sqlite").exists():
+            try:
+                if len(done_rows(run_dir)) >= at_least:
+                    return
+            except sqlite3.OperationalError:
+                pass  # the tables do not exist yet
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {at_least} problems done after {timeout}s")
+
+
+def test_sigkill_then_resume_loses_and_repeats_nothing(fast_server: str, data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [
+        str(data), "--out", str(run_dir), "--method", "pacore", "--schedule", "2", "--concurrency", "2",
+        "--backend", fast_server, "--model", "fast", "--max-tokens", "6",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        [PACORE, "run", *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(), text=True
+    )
+    try:
+        wait_for_done(run_dir, 3, process)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    assert process.returncode == -signal.SIGKILL
+    finished_before = done_rows(run_dir)
+    assert 3 <= len(finished_before) < PROBLEMS
+    time.sleep(0.5)  # calls of the killed run still being served are counted by now
+    served_before = samples_served(fast_server)
+
+    resumed = pacore("run", *command)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming pacore-2 in {run_dir}: {len(finished_before)} done (skipped)" in resumed.stderr
+    assert resumed.stdout.startswith(f"pacore-2: {PROBLEMS}/{PROBLEMS} answered")
+
+    finished = done_rows(run_dir)
+    assert sorted(finished) == sorted(f"p{i}" for i in range(PROBLEMS))  # no loss
+    assert all(attempts == 1 for _, _, attempts in finished.values())  # each answered exactly once
+    for problem, row in finished_before.items():
+        assert finished[problem] == row  # finished work kept as it was, not redone
+    # 2 first-round samples + 1 synthesis per problem, and only for the unfinished ones.
+    assert samples_served(fast_server) - served_before == 3 * (PROBLEMS - len(finished_before))
+
+    again = pacore("run", *command)
+    assert again.returncode == 0 and "0 unfinished" in again.stderr
+    assert samples_served(fast_server) - served_before == 3 * (PROBLEMS - len(finished_before))
+
+
+def assert_one_line_error(process: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in process.stderr
+    assert len(lines) == 1 and lines[0].startswith("pacore: error: "), process.stderr
+    assert fragment in lines[0], lines[0]
+    assert process.returncode == code
+
+
+def test_a_changed_method_or_data_set_is_refused_unless_forced(fast_server: str, data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    backend = ["--backend", fast_server, "--model", "fast", "--max-tokens", "6", "--quiet"]
+    first = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1", *backend)
+    assert first.returncode == 0, first.stderr
+
+    method = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--method", "single", *backend)
+    assert_one_line_error(method, 2, "holds pacore-1, not single; add --add-arm")
+    other_data = pacore("run", str(data), "--out", str(run_dir), "--limit", "3", "--schedule", "1", *backend)
+    assert_one_line_error(other_data, 2, "holds a run of another data set (2 problems")
+    other_settings = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1",
+                            *backend, "--temperature", "0.5")  # fmt: skip
+    assert_one_line_error(other_settings, 2, "temperature 1.0 -> 0.5")
+
+    added = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--method", "single", "--add-arm", *backend)
+    assert added.returncode == 0, added.stderr
+    forced = pacore("run", str(data), "--out", str(run_dir), "--limit", "3", "--schedule", "1", "--force", *backend)
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.startswith("pacore-1: 3/3 answered")
+    assert len(list(run_dir.glob("run.replaced-*.sqlite"))) == 1
+
+
+def test_failed_problems_exit_1_and_are_retried(data: Path, tmp_path: Path) -> None:
+    closed = "http://127.0.0.1:9/v1"  # the discard port: nothing listens
+    run_dir = tmp_path / "run"
+    process = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1",
+                     "--backend", closed, "--retries", "0", "--model", "m")  # fmt: skip
+    assert process.returncode == 1
+    assert process.stdout.startswith("pacore-1: 0/2 answered, 2 failed")
+    assert process.stderr.splitlines()[-1].startswith("pacore: error: 2 of 2 problems failed")
+    again = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1",
+                   "--backend", closed, "--retries", "0", "--model", "m")  # fmt: skip
+    assert "2 failed (retrying them; --no-retry-failed skips them)" in again.stderr
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not GSM8K.exists(), reason="needs ../shared/data/gsm8k_test_1000.jsonl")
+def test_gsm8k_with_the_embedded_model_then_report(tmp_path: Path) -> None:
+    run_dir = tmp_path / "gsm8k"
+    common = ["--out", str(run_dir), "--limit", "3", "--max-tokens", "24", "--seed", "1"]
+    pacore_run = pacore("run", str(GSM8K), *common, "--method", "pacore", "--schedule", "2")
+    assert pacore_run.returncode == 0, pacore_run.stderr
+    assert "new run in" in pacore_run.stderr and "[3/3]" in pacore_run.stderr
+    majority = pacore("run", str(GSM8K), *common, "--method", "majority", "--samples", "2", "--add-arm")
+    assert majority.returncode == 0, majority.stderr
+
+    report = pacore("report", str(run_dir), "--json")
+    assert report.returncode == 0, report.stderr
+    methods = {m["arm"]: m for m in json.loads(report.stdout)["methods"]}
+    assert set(methods) == {"pacore-2", "majority-2"}
+    for arm, calls in (("pacore-2", 3), ("majority-2", 2)):
+        figures = methods[arm]
+        assert (figures["problems"], figures["answered"], figures["failed"], figures["graded"]) == (3, 3, 0, 3)
+        assert 0 < figures["mean_completion_tokens"] <= calls * 24
+        assert 0 <= figures["accuracy"] <= 1
+    assert methods["pacore-2"]["synthesis"]["synthesized"] == 3
+    for name in ("report.md", "report.html", "accuracy_vs_ttc.png"):
+        assert (run_dir / name).stat().st_size > 0
+    with sqlite3.connect(run_dir / "run.sqlite") as db:
+        truths = [row[0] for row in db.execute("SELECT ground_truth FROM problems ORDER BY position")]
+        shapes = [
+            [len(r["trajectories"]) for r in json.loads(trace)["rounds"]]
+            for (trace,) in db.execute("SELECT trace_json FROM results WHERE arm = 'pacore-2'")
+        ]
+    assert truths[0] == "18"  # Janet's ducks
+    assert shapes == [[2, 1]] * 3

@@ -1,0 +1,146 @@
+"""The run store: migrations, per-problem commits, the writer lock, --force."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from pacore import store as store_module
+from pacore.errors import RunConflictError, StoreError
+from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
+from pacore.trace import Result, Round, Trajectory, Usage
+
+PROBLEMS = [
+    StoredProblem("p1", 0, [{"role": "user", "content": "1+1?"}], "2", "gsm8k"),
+    StoredProblem("p2", 1, [{"role": "user", "content": "2+2?"}], None, "auto"),
+]
+INFO = RunInfo("data.jsonl", "abc123", 2, {"model": "m", "params": {"temperature": 1.0}}, pool_size=None)
+
+
+def new_store(tmp_path: Path) -> RunStore:
+    store = RunStore.open(tmp_path / "run", writer=True)
+    store.init_run(INFO, PROBLEMS)
+    store.add_arm(ArmInfo("pacore-4", "pacore", "4"), ["p1", "p2"])
+    return store
+
+
+def migration_rows(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path / "run.sqlite") as db:
+        return db.execute("SELECT name, applied_at FROM schema_migrations ORDER BY name").fetchall()
+
+
+def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with RunStore.open(run_dir, writer=True) as store:
+        assert store.applied_migrations() == {m.__name__ for m in store_module.MIGRATIONS}
+    first = migration_rows(run_dir)
+    with RunStore.open(run_dir, writer=True) as store:
+        assert store.migrate() == []  # nothing left to apply
+    assert migration_rows(run_dir) == first  # not re-applied, not re-recorded
+
+
+def test_a_new_migration_runs_once_on_an_existing_database(tmp_path: Path, monkeypatch) -> None:
+    run_dir = tmp_path / "run"
+    new_store(tmp_path).close()
+    calls = []
+
+    def m900_add_note_column(db: sqlite3.Connection) -> None:
+        calls.append(1)
+        db.execute("ALTER TABLE results ADD COLUMN note TEXT")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, m900_add_note_column])
+    with RunStore.open(run_dir, writer=True) as store:
+        assert "m900_add_note_column" in store.applied_migrations()
+        # Data written before the migration is still there.
+        assert store.statuses("pacore-4") == {"p1": "pending", "p2": "pending"}
+    with RunStore.open(run_dir) as store:
+        pass
+    assert calls == [1]
+    assert [name for name, _ in migration_rows(run_dir)].count("m900_add_note_column") == 1
+
+
+def test_a_failing_migration_leaves_no_trace(tmp_path: Path, monkeypatch) -> None:
+    def m901_broken(db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE half_done (x INTEGER)")
+        db.execute("THIS IS NOT SQL")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, m901_broken])
+    with pytest.raises(StoreError, match="cannot use"):
+        RunStore.open(tmp_path / "run", writer=True)
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:-1])
+    with RunStore.open(tmp_path / "run", writer=True) as store:
+        tables = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "half_done" not in tables  # rolled back with the migration
+        assert "m901_broken" not in store.applied_migrations()
+
+
+def test_store_uses_wal_and_round_trips_results_with_traces(tmp_path: Path) -> None:
+    trace = Result(
+        answer="2",
+        schedule=[1],
+        rounds=[Round(index=0, k=1, trajectories=[Trajectory(round=0, index=0, text="2", message="2")])],
+        usage=Usage(prompt_tokens=5, completion_tokens=7, calls=1),
+    )
+    with new_store(tmp_path) as store:
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        store.record(
+            "pacore-4",
+            ProblemResult("p1", "done", answer="2", extracted="2", correct=True, prompt_tokens=5,
+                          completion_tokens=7, calls=1, wall_s=0.5, trace=trace),
+        )  # fmt: skip
+        store.record("pacore-4", ProblemResult("p2", "failed", error="round 1: all failed"))
+    # A fresh reader sees exactly what was committed.
+    with RunStore.open(tmp_path / "run") as reader:
+        first, second = reader.results("pacore-4")
+        assert (first.status, first.correct, first.completion_tokens, first.attempts) == ("done", True, 7, 1)
+        assert first.trace == trace
+        assert (second.status, second.error, second.correct, second.trace) == (
+            "failed", "round 1: all failed", None, None,
+        )  # fmt: skip
+        assert [p.id for p in reader.problems()] == ["p1", "p2"]
+        assert reader.problems()[1].ground_truth is None
+
+
+def test_recording_an_unknown_problem_is_refused(tmp_path: Path) -> None:
+    with new_store(tmp_path) as store, pytest.raises(StoreError, match="no problem"):
+        store.record("pacore-4", ProblemResult("nope", "done"))
+
+
+def test_pool_rows_are_unique_per_problem_and_index(tmp_path: Path) -> None:
+    with new_store(tmp_path) as store:
+        store.add_pool("p1", [Trajectory(round=0, index=i, text=f"t{i}") for i in range(3)])
+        with pytest.raises(sqlite3.IntegrityError):
+            store.add_pool("p1", [Trajectory(round=0, index=3, text="new"), Trajectory(round=0, index=1, text="dup")])
+        # The failed insert was one transaction: index 3 did not sneak in.
+        assert [t.text for t in store.pool("p1")] == ["t0", "t1", "t2"]
+        assert store.pool_counts() == {"p1": 3}
+
+
+def test_one_writer_per_run_directory(tmp_path: Path) -> None:
+    with new_store(tmp_path):
+        with pytest.raises(StoreError, match="in use by another pacore run"):
+            RunStore.open(tmp_path / "run", writer=True)
+        # Readers (reports) are welcome meanwhile.
+        with RunStore.open(tmp_path / "run") as reader:
+            assert reader.run_info() is not None
+    RunStore.open(tmp_path / "run", writer=True).close()  # released on close
+
+
+def test_reader_needs_an_existing_run(tmp_path: Path) -> None:
+    with pytest.raises(RunConflictError, match="not a run directory"):
+        RunStore.open(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunConflictError, match="not a directory"):
+        RunStore.open(tmp_path / "file", writer=True)
+
+
+def test_reset_sets_the_old_database_aside(tmp_path: Path) -> None:
+    with new_store(tmp_path) as store:
+        store.record("pacore-4", ProblemResult("p1", "done", answer="2"))
+        moved = store.reset()
+        assert store.run_info() is None and store.arms() == []
+    assert moved is not None and moved.parent == tmp_path / "run"
+    with sqlite3.connect(moved) as old:  # complete on its own, WAL folded in
+        assert old.execute("SELECT answer FROM results WHERE problem_id = 'p1'").fetchone() == ("2",)
