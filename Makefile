@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.pacore-setup
 DEMO_QUESTION ?= A farmer has 17 sheep. All but 9 run away. How many sheep does the farmer have left?
 
-.PHONY: setup browser demo test clean
+.PHONY: setup browser demo test bench clean
 
 setup: $(SETUP_STAMP)
 
@@ -29,6 +29,10 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest
+
+# Performance figures against the targets (bench/RESULTS.md); BENCH_FLAGS=--quick for a short run.
+bench: setup
+	$(BIN)/python bench/results.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

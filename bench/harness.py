@@ -114,6 +114,21 @@ def emit(figures: dict[str, Any], as_json: bool, lines: Sequence[str]) -> None:
         print("\n".join(lines))
 
 
-def verdict(value: float, target: float, higher_is_better: bool) -> str:
-    met = value >= target if higher_is_better else value <= target
-    return "met" if met else "NOT met"
+def check_targets(figures: dict[str, Any], targets: dict[str, tuple[float, bool]]) -> dict[str, Any]:
+    """``{key: {measured, goal, met}}`` for ``targets`` of ``key: (target, higher_is_better)``."""
+    checked = {}
+    for key, (target, higher) in targets.items():
+        value = figures[key]
+        checked[key] = {
+            "measured": value,
+            "goal": f"{'>=' if higher else '<='} {target:g}",
+            "met": value >= target if higher else value <= target,
+        }
+    return checked
+
+
+def target_lines(checked: dict[str, Any]) -> list[str]:
+    return [
+        f"  {key:26} {t['measured']!s:>8}  target {t['goal']:<9} {'met' if t['met'] else 'NOT met'}"
+        for key, t in checked.items()
+    ]

@@ -3,12 +3,12 @@
 On one zero-latency fast backend (``bench/fastbackend.py``, its own process),
 the same workload (P problems, each a full PaCoRe request) is run by:
 
-- ceiling: a minimal client with one pooled ``httpx.AsyncClient`` (the HTTP
-  library pacore's OpenAI backend uses) that sends exactly the same calls,
-  round by round, with no orchestration. It keeps 32 connections busy and
-  queues further calls on a semaphore: httpcore's pool costs CPU in
-  proportion to its connections and queued requests on every call, so this
-  is the fastest way to drive this server with httpx;
+- ceiling: a minimal pooled client, one ``httpx.AsyncClient`` (the HTTP
+  library pacore's OpenAI backend uses) per keep-alive connection, 32 of
+  them on a free list, that sends exactly the same calls, round by round,
+  with no orchestration. (httpcore's own pool rescans all its connections
+  and queued requests on every call; one client per connection is the
+  cheapest way to drive a server with httpx.)
 - pacore: ``pacore.asolve`` through ``OpenAIBackend`` (one request per
   trajectory with ``n_mode="off"``; ``n`` batching with the default ``auto``);
 - naive: the reference release's approach, a new client and connection with
@@ -36,13 +36,15 @@ import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import BENCH_DIR, Clock, emit, fast_backend, machine, peak_rss_mb, percentile, verdict
+from harness import BENCH_DIR, Clock, check_targets, emit, fast_backend, machine, peak_rss_mb, percentile, target_lines
 
 from pacore import asolve
 from pacore.backends.base import Backend, BaseBackend, Completion, GenerationParams, Message
@@ -133,12 +135,39 @@ async def direct_problem(post: Post, text: str, schedule: Schedule, max_n: int, 
     return done
 
 
-def pooled_post(client: httpx.AsyncClient, url: str) -> Post:
-    gate = asyncio.Semaphore(CEILING_CONNECTIONS)
+class ConnectionPool:
+    """The ceiling's pool: idle keep-alive connections on a free list.
 
+    Each connection is its own one-connection ``httpx.AsyncClient``, because
+    httpcore's own pool rescans every connection it holds on each request.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.idle: list[httpx.AsyncClient] = []
+        self.clients: list[httpx.AsyncClient] = []
+        self.gate = asyncio.Semaphore(size)
+
+    async def post(self, url: str, body: bytes) -> httpx.Response:
+        async with self.gate:
+            client = self.idle.pop() if self.idle else self._new_client()
+            try:
+                return await client.post(url, content=body, headers=_JSON)
+            finally:
+                self.idle.append(client)
+
+    def _new_client(self) -> httpx.AsyncClient:
+        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        client = httpx.AsyncClient(verify=_TLS, limits=one, timeout=60)
+        self.clients.append(client)
+        return client
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(client.aclose() for client in self.clients))
+
+
+def pooled_post(pool: ConnectionPool, url: str) -> Post:
     async def post(content: str, n: int) -> list[str]:
-        async with gate:
-            return contents(await client.post(url, content=chat_body(content, n), headers=_JSON))
+        return contents(await pool.post(url, chat_body(content, n)))
 
     return post
 
@@ -231,6 +260,7 @@ class Run:
 
 
 async def run_all(count: int, in_flight: int, one: Callable[[int], Awaitable[int]]) -> tuple[int, Clock]:
+    """``one(i)`` for each problem, ``in_flight`` at a time; returns the trajectories done."""
     gate = asyncio.Semaphore(in_flight)
 
     async def gated(i: int) -> int:
@@ -246,14 +276,16 @@ async def run_direct(url: str, workload: Workload, schedule: Schedule, batched: 
     template = SynthesisTemplate.default()
     chat_url = url + "/chat/completions"
     max_n = max(schedule.ks) if batched else 1
-    limits = httpx.Limits(max_connections=CEILING_CONNECTIONS, max_keepalive_connections=CEILING_CONNECTIONS)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        post = naive_post(chat_url) if naive else pooled_post(client, chat_url)
+    pool = ConnectionPool(CEILING_CONNECTIONS)
+    post = naive_post(chat_url) if naive else pooled_post(pool, chat_url)
+    try:
         done, clock = await run_all(
             workload.problems,
             workload.in_flight,
             lambda i: direct_problem(post, problem(i), schedule, max_n, template),
         )
+    finally:
+        await pool.aclose()
     return Run(done, clock.wall, clock.cpu)
 
 
@@ -271,7 +303,33 @@ async def run_pacore(backend: Backend, workload: Workload, schedule: Schedule, p
     return Run(done, clock.wall, clock.cpu, gaps)
 
 
-CLIENTS = ("ceiling", "pacore", "naive", "ceiling_n", "pacore_n")
+async def run_batch(url: str, workload: Workload, schedule: Schedule) -> Run:
+    """The batch runner behind ``pacore run``: each problem committed to its run store."""
+    from pacore.eval.datasets import Problem
+    from pacore.eval.runner import Arm, run_dataset
+
+    problems = [
+        Problem(id=f"p{i}", messages=[{"role": "user", "content": problem(i)}]) for i in range(workload.problems)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        async with OpenAIBackend(url, model=MODEL) as backend:
+            with Clock() as clock:
+                await run_dataset(
+                    Path(tmp) / "run", problems, dataset_path=Path(tmp) / "bench.jsonl",
+                    arm=Arm.build("pacore", schedule=schedule), backend=backend, params=PARAMS,
+                    concurrency=workload.in_flight,
+                )  # fmt: skip
+    return Run(workload.problems * schedule.total_calls, clock.wall, clock.cpu)
+
+
+CLIENTS = {
+    "ceiling": "minimal pooled client, one request per trajectory",
+    "pacore": "pacore.asolve, one request per trajectory (n_mode=off)",
+    "naive": "new connection per call, keep-alive off, one request per trajectory",
+    "ceiling_n": "minimal pooled client, one request per round (n batching)",
+    "pacore_n": "pacore.asolve, n batching (n_mode=auto, the default)",
+    "pacore_run": "batch runner (pacore run), n batching, a store commit per problem",
+}
 
 
 async def measure_schedule(url: str, workload: Workload, schedule: Schedule) -> dict[str, Any]:
@@ -285,35 +343,37 @@ async def measure_schedule(url: str, workload: Workload, schedule: Schedule) -> 
         runs["ceiling_n"].append(await run_direct(url, workload, schedule, batched=True, naive=False))
         async with OpenAIBackend(url, model=MODEL) as backend:
             runs["pacore_n"].append(await run_pacore(backend, workload, schedule))
+        runs["pacore_run"].append(await run_batch(url, workload, schedule))
     figures: dict[str, Any] = {}
     for name, results in runs.items():
         figures[name] = {
             "trajectories_per_s": round(statistics.median(r.per_s for r in results), 1),
             "cpu_ms_per_trajectory": round(statistics.median(r.cpu_ms for r in results), 3),
         }
-    gaps = [g * 1000 for r in runs["pacore"] + runs["pacore_n"] for g in r.gaps]
     rate = {name: figures[name]["trajectories_per_s"] for name in CLIENTS}
+    cpu = {name: figures[name]["cpu_ms_per_trajectory"] for name in CLIENTS}
     figures["pacore_over_ceiling"] = round(rate["pacore"] / rate["ceiling"], 3)
     figures["pacore_n_over_ceiling_n"] = round(rate["pacore_n"] / rate["ceiling_n"], 3)
+    figures["pacore_run_over_ceiling_n"] = round(rate["pacore_run"] / rate["ceiling_n"], 3)
     figures["pacore_over_naive"] = round(rate["pacore"] / rate["naive"], 2)
     figures["pacore_over_naive_n"] = round(rate["pacore_n"] / rate["naive"], 2)
-    figures["pacore_added_cpu_ms_per_trajectory"] = round(
-        figures["pacore"]["cpu_ms_per_trajectory"] - figures["ceiling"]["cpu_ms_per_trajectory"], 3
-    )
-    figures["round_gap_p50_ms"] = round(percentile(gaps, 50), 3)
-    figures["round_gap_p99_ms"] = round(percentile(gaps, 99), 3)
-    figures["round_gaps"] = len(gaps)
+    figures["pacore_added_cpu_ms_per_trajectory"] = round(cpu["pacore"] - cpu["ceiling"], 3)
+    figures["pacore_n_added_cpu_ms_per_trajectory"] = round(cpu["pacore_n"] - cpu["ceiling_n"], 3)
+    gaps = [g * 1000 for r in runs["pacore"] + runs["pacore_n"] for g in r.gaps]
+    figures["round_gap_saturated_p50_ms"] = round(percentile(gaps, 50), 3)
+    figures["round_gap_saturated_p99_ms"] = round(percentile(gaps, 99), 3)
     return figures
 
 
 async def engine_cpu(workload: Workload, schedule: Schedule, max_n: int) -> float:
     """CPU ms per trajectory of the engine alone (in-process instant backend)."""
+    await run_pacore(InstantBackend(max_n), workload, schedule)  # warm up
     run = await run_pacore(InstantBackend(max_n), workload, schedule)
     return run.cpu_ms
 
 
 async def isolated_gaps(url: str, schedule: Schedule, problems: int) -> list[float]:
-    """Round gaps of requests run one at a time (no other work on the loop)."""
+    """Round gaps in ms of requests run one at a time (nothing else on the loop)."""
     gaps: list[float] = []
     async with OpenAIBackend(url, model=MODEL) as backend:
         for i in range(problems):
@@ -323,21 +383,25 @@ async def isolated_gaps(url: str, schedule: Schedule, problems: int) -> list[flo
     return [g * 1000 for g in gaps]
 
 
+SCALE_CONCURRENCY, SCALE_TTFT_MS, SCALE_TOKENS_PER_S = 4, 20, 800
+
+
 async def scale_out(workload: Workload) -> dict[str, Any]:
-    """Throughput over 1, 2 and 4 endpoints that are each the limit."""
+    """Throughput over 1, 2 and 4 endpoints that are each the limit (through the router)."""
     from pacore.backends import open_backend
 
     schedule = Schedule((16,))
-    concurrency, ttft_ms, tokens_per_s = 4, 20, 800
-    per_call_s = ttft_ms / 1000 + COMPLETION_TOKENS / tokens_per_s
+    per_call_s = SCALE_TTFT_MS / 1000 + COMPLETION_TOKENS / SCALE_TOKENS_PER_S
     figures: dict[str, Any] = {
-        "endpoint": f"{concurrency} samples at once, {per_call_s * 1000:.0f} ms per call "
-        f"(capacity {concurrency / per_call_s:.0f} trajectories/s each)",
+        "endpoint": f"{SCALE_CONCURRENCY} samples at once, {per_call_s * 1000:.0f} ms per call "
+        f"(capacity {SCALE_CONCURRENCY / per_call_s:.0f} trajectories/s each)",
+        "schedule": schedule.as_list(),
     }
+    gaps: list[float] = []
     for endpoints in (1, 2, 4):
         with fast_backend(
-            "--endpoints", endpoints, "--concurrency", concurrency, "--ttft-ms", ttft_ms,
-            "--tokens-per-s", tokens_per_s, "--completion-tokens", COMPLETION_TOKENS,
+            "--endpoints", endpoints, "--concurrency", SCALE_CONCURRENCY, "--ttft-ms", SCALE_TTFT_MS,
+            "--tokens-per-s", SCALE_TOKENS_PER_S, "--completion-tokens", COMPLETION_TOKENS,
         ) as server:  # fmt: skip
             backend = open_backend(server.urls, model=MODEL, n_mode="off")
             try:
@@ -345,10 +409,18 @@ async def scale_out(workload: Workload) -> dict[str, Any]:
             finally:
                 await backend.aclose()
             samples = [s["samples"] for s in server.stats()]
-        figures[f"endpoints_{endpoints}"] = {"trajectories_per_s": round(run.per_s, 1), "samples_per_endpoint": samples}
+        gaps += [g * 1000 for g in run.gaps]
+        figures[f"endpoints_{endpoints}"] = {
+            "trajectories_per_s": round(run.per_s, 1),
+            "samples_per_endpoint": samples,
+            "client_cpu_share": round(run.cpu_s / run.wall_s, 2),
+        }
     one = figures["endpoints_1"]["trajectories_per_s"]
     figures["scale_out_2_over_1"] = round(figures["endpoints_2"]["trajectories_per_s"] / one, 2)
     figures["scale_out_4_over_1"] = round(figures["endpoints_4"]["trajectories_per_s"] / one, 2)
+    figures["round_gap_p50_ms"] = round(percentile(gaps, 50), 3)
+    figures["round_gap_p99_ms"] = round(percentile(gaps, 99), 3)
+    figures["round_gaps"] = len(gaps)
     return figures
 
 
@@ -372,6 +444,7 @@ async def rss_child(url: str) -> dict[str, Any]:
 
 
 def peak_rss_10k() -> dict[str, Any]:
+    """One request of schedule [10000], one request per trajectory, 200 ms to first token."""
     with fast_backend("--ttft-ms", 200, "--completion-tokens", COMPLETION_TOKENS) as server:
         child = subprocess.run(
             [sys.executable, str(BENCH_DIR / "orchestration.py"), "--rss-child", server.url],
@@ -386,18 +459,21 @@ def peak_rss_10k() -> dict[str, Any]:
 
 
 async def measure(workload: Workload) -> dict[str, Any]:
-    figures: dict[str, Any] = {"machine": machine(), "workload": {}}
+    figures: dict[str, Any] = {
+        "machine": machine(),
+        "workload": {
+            "problems": workload.problems,
+            "problems_in_flight": workload.in_flight,
+            "repeats": workload.repeats,
+            "completion_tokens": COMPLETION_TOKENS,
+            "schedules": [s.as_list() for s in workload.schedules],
+        },
+        "clients": CLIENTS,
+    }
     with fast_backend("--completion-tokens", COMPLETION_TOKENS) as server:
         for schedule in workload.schedules:
             figures[f"schedule_{schedule.text()}"] = await measure_schedule(server.url, workload, schedule)
         gaps = await isolated_gaps(server.url, Schedule((32, 4)), max(20, workload.problems // 4))
-    figures["workload"] = {
-        "problems": workload.problems,
-        "problems_in_flight": workload.in_flight,
-        "repeats": workload.repeats,
-        "completion_tokens": COMPLETION_TOKENS,
-        "schedules": [s.as_list() for s in workload.schedules],
-    }
     figures["engine_cpu_ms_per_trajectory"] = {
         f"{schedule.text()}_max_n_{max_n}": round(await engine_cpu(workload, schedule, max_n), 3)
         for schedule in workload.schedules
@@ -411,14 +487,12 @@ async def measure(workload: Workload) -> dict[str, Any]:
     figures["pacore_over_ceiling"] = min(s["pacore_over_ceiling"] for s in sections)
     figures["pacore_over_naive_n"] = min(s["pacore_over_naive_n"] for s in sections)
     figures["cpu_ms_per_trajectory"] = max(figures["engine_cpu_ms_per_trajectory"].values())
-    figures["round_gap_p99_ms"] = max(s["round_gap_p99_ms"] for s in sections)
+    figures["round_gap_p99_ms"] = figures["scale_out"]["round_gap_p99_ms"]
+    figures["round_gap_saturated_p99_ms"] = max(s["round_gap_saturated_p99_ms"] for s in sections)
     figures["peak_rss_mb_10k"] = figures["rss_10k"]["peak_rss_mb"]
     figures["scale_out_2_over_1"] = figures["scale_out"]["scale_out_2_over_1"]
     figures["scale_out_4_over_1"] = figures["scale_out"]["scale_out_4_over_1"]
-    figures["targets"] = {
-        key: {"target": target, "measured": figures[key], "verdict": verdict(figures[key], target, higher)}
-        for key, (target, higher) in TARGETS.items()
-    }
+    figures["targets"] = check_targets(figures, TARGETS)
     return figures
 
 
@@ -426,45 +500,58 @@ def report(figures: dict[str, Any]) -> list[str]:
     w = figures["workload"]
     lines = [
         f"Orchestration: {w['problems']} problems per schedule, {w['problems_in_flight']} in flight, "
-        f"{w['completion_tokens']}-token completions, median of {w['repeats']} interleaved repeat(s); "
-        f"{figures['machine']['cores']} cores shared by the fast backend process and the client.",
+        f"{w['completion_tokens']}-token completions, median of {w['repeats']} interleaved repeat(s), "
+        f"against a zero-latency fast backend; {figures['machine']['cores']} cores shared by the "
+        "backend process and the client process. Trajectories/s are this machine's, not a GPU "
+        "server's: read the ratios. CPU is the client process's own time per trajectory.",
+        "",
     ]
+    lines += [f"  {name:10} = {what}" for name, what in figures["clients"].items()]
     for schedule in w["schedules"]:
         s = figures[f"schedule_{Schedule(tuple(schedule)).text()}"]
-        lines.append(f"\nschedule {schedule}: trajectories/s (client CPU ms per trajectory)")
-        for name in CLIENTS:
+        lines.append(f"\nschedule {schedule}:        trajectories/s   client CPU ms/trajectory")
+        for name in figures["clients"]:
             lines.append(
-                f"  {name:10} {s[name]['trajectories_per_s']:8.1f}/s  ({s[name]['cpu_ms_per_trajectory']:.3f} ms CPU)"
+                f"  {name:10} {s[name]['trajectories_per_s']:18.1f} {s[name]['cpu_ms_per_trajectory']:20.3f}"
             )
         lines.append(
-            f"  pacore/ceiling {s['pacore_over_ceiling']:.3f}  pacore_n/ceiling_n {s['pacore_n_over_ceiling_n']:.3f}  "
-            f"pacore/naive {s['pacore_over_naive']:.2f}  pacore_n/naive {s['pacore_over_naive_n']:.2f}"
+            f"  pacore/ceiling {s['pacore_over_ceiling']:.3f}, pacore_n/ceiling_n {s['pacore_n_over_ceiling_n']:.3f}, "
+            f"pacore_run/ceiling_n {s['pacore_run_over_ceiling_n']:.3f}, pacore/naive {s['pacore_over_naive']:.2f}, "
+            f"pacore_n/naive {s['pacore_over_naive_n']:.2f}"
         )
         lines.append(
-            f"  engine's added CPU over HTTP {s['pacore_added_cpu_ms_per_trajectory']:.3f} ms/trajectory; "
-            f"round gap under load p50 {s['round_gap_p50_ms']:.2f} ms, p99 {s['round_gap_p99_ms']:.2f} ms"
+            f"  CPU pacore adds over the same HTTP calls: {s['pacore_added_cpu_ms_per_trajectory']:.3f} ms/trajectory "
+            f"(n batching: {s['pacore_n_added_cpu_ms_per_trajectory']:.3f})"
         )
-    lines.append("\nengine alone (in-process instant backend), CPU ms per trajectory:")
+        lines.append(
+            f"  round gap with the client CPU saturated: p50 {s['round_gap_saturated_p50_ms']:.2f} ms, "
+            f"p99 {s['round_gap_saturated_p99_ms']:.2f} ms (waiting for the event loop behind other requests' HTTP work)"
+        )
+    lines.append("\nengine alone (in-process instant backend, no HTTP), CPU ms per trajectory:")
     for key, value in figures["engine_cpu_ms_per_trajectory"].items():
         lines.append(f"  {key:24} {value:.3f}")
-    lines.append(
-        f"round gap, requests one at a time: p50 {figures['round_gap_isolated_p50_ms']:.2f} ms, "
-        f"p99 {figures['round_gap_isolated_p99_ms']:.2f} ms"
-    )
     so = figures["scale_out"]
-    lines.append(f"\nscale-out, endpoints each limited to {so['endpoint']}:")
+    lines.append(f"\nscale-out, schedule {so['schedule']}, endpoints each limited to {so['endpoint']}:")
     for endpoints in (1, 2, 4):
         e = so[f"endpoints_{endpoints}"]
-        lines.append(f"  {endpoints} endpoint(s): {e['trajectories_per_s']:7.1f}/s  samples served {e['samples_per_endpoint']}")
+        lines.append(
+            f"  {endpoints} endpoint(s): {e['trajectories_per_s']:7.1f} trajectories/s, samples served per endpoint "
+            f"{e['samples_per_endpoint']}, client CPU {e['client_cpu_share']:.0%} of a core"
+        )
+    lines.append(f"  2 endpoints / 1: {so['scale_out_2_over_1']:.2f}x, 4 endpoints / 1: {so['scale_out_4_over_1']:.2f}x")
+    lines.append(
+        f"\nround gap (last call of a round returns -> first call of the next starts, at the Backend interface):\n"
+        f"  endpoints the limit (scale-out runs): p50 {so['round_gap_p50_ms']:.2f} ms, p99 {so['round_gap_p99_ms']:.2f} ms "
+        f"over {so['round_gaps']} gaps\n"
+        f"  requests one at a time: p50 {figures['round_gap_isolated_p50_ms']:.2f} ms, "
+        f"p99 {figures['round_gap_isolated_p99_ms']:.2f} ms"
+    )
     rss = figures["rss_10k"]
     lines.append(
-        f"\n10,000 trajectories in flight: peak RSS {rss['peak_rss_mb']:.0f} MB "
-        f"(before the request {rss['rss_before_mb']:.0f} MB), {rss['seconds']} s"
+        f"\n10,000 trajectories in flight (one request of schedule [10000], one HTTP call each): peak RSS "
+        f"{rss['peak_rss_mb']:.0f} MB (before the request {rss['rss_before_mb']:.0f} MB), {rss['seconds']} s"
     )
-    lines.append("\ntargets:")
-    for key, t in figures["targets"].items():
-        lines.append(f"  {key:24} {t['measured']!s:>8}  target {t['target']:<6} {t['verdict']}")
-    return lines
+    return [*lines, "\ntargets:", *target_lines(figures["targets"])]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,9 @@
 """Run a pacore server on a free loopback port for tests.
 
 :func:`running_app` serves an app object in a background thread (any
-backend, fakes included); :func:`running_cli` starts the real ``pacore
-serve`` command in a subprocess and reads its URL from its first line.
+backend, fakes included); :func:`serving` does the same for any uvicorn
+server (a hostile upstream, say); :func:`running_cli` starts the real
+``pacore serve`` command in a subprocess and reads its URL from its first line.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fastapi import FastAPI
 
 from pacore.backends.base import Backend
 from pacore.server import ServerConfig, create_app
+from pacore.server.shutdown import GracefulServer
 
 STARTUP_TIMEOUT_S = 60.0
 #: The installed ``pacore`` command of this venv.
@@ -35,6 +37,8 @@ PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or "pacor
 class RunningServer:
     base_url: str  # http://127.0.0.1:PORT
     app: FastAPI | None = None
+    #: ``server.should_exit = True`` shuts it down as SIGTERM would.
+    server: uvicorn.Server | None = None
 
     @property
     def api_url(self) -> str:
@@ -42,13 +46,23 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_app(backend: Backend, config: ServerConfig | None = None) -> Iterator[RunningServer]:
-    """Serve ``create_app(config, backend)`` with uvicorn on 127.0.0.1:<free port>."""
+def running_app(
+    backend: Backend, config: ServerConfig | None = None, *, grace_period: float = 5.0
+) -> Iterator[RunningServer]:
+    """Serve ``create_app(config, backend)`` as ``pacore serve`` does, on 127.0.0.1:<free port>."""
     app = create_app(config or ServerConfig(), backend)
-    listener = socket.socket()
+    server = GracefulServer(app, grace_period=grace_period, log_level="warning", access_log=False)
+    with serving(server) as base_url:
+        yield RunningServer(base_url, app, server)
+
+
+@contextlib.contextmanager
+def serving(server: uvicorn.Server) -> Iterator[str]:
+    """Run ``server`` in a thread on 127.0.0.1:<free port>; yields its base URL."""
+    # IPPROTO_TCP so that asyncio turns Nagle off (else each response waits 40 ms for an ACK).
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -57,7 +71,7 @@ def running_app(backend: Backend, config: ServerConfig | None = None) -> Iterato
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", app)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=15)

@@ -155,3 +155,17 @@ def test_report_on_a_directory_without_a_run_is_a_usage_error(tmp_path: Path) ->
     assert process.returncode == 2
     assert process.stderr.startswith("pacore: error: ") and "not a run directory" in process.stderr
     assert len(process.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_with_nothing_answered_yet_still_reports(tmp_path: Path) -> None:
+    from pacore.eval.report import write_report
+    from pacore.store import ArmInfo, RunInfo, RunStore, StoredProblem
+
+    with RunStore.open(tmp_path / "run", writer=True) as store:
+        store.init_run(RunInfo("d.jsonl", "f", 1, {}), [StoredProblem("q0", 0, [], "1", "gsm8k")])
+        store.add_arm(ArmInfo("pacore-4", "pacore", "4"), ["q0"])
+    arms, files = write_report([tmp_path / "run"])
+    (arm,) = arms
+    assert (arm.problems, arm.pending, arm.answered, arm.accuracy, arm.mean_completion_tokens) == (1, 1, 0, None, None)
+    assert "| pacore-4 | pacore | 4 | 1 | 0 | 0 (+1 pending) | n/a |" in files.markdown.read_text()
+    assert files.plot.read_bytes().startswith(b"\x89PNG")

@@ -6,6 +6,7 @@ loopback with a fixed latency) or, marked ``model``, from the embedded model.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -19,6 +20,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rich.console import Console
+
+from pacore.cli.run import LiveBatchDisplay
+from pacore.eval.runner import BatchProgress
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_test_1000.jsonl"
@@ -162,11 +167,23 @@ def test_failed_problems_exit_1_and_are_retried(data: Path, tmp_path: Path) -> N
     process = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1",
                      "--backend", closed, "--retries", "0", "--model", "m")  # fmt: skip
     assert process.returncode == 1
+    assert "[1/2] p0: failed: round 1: the call failed:" in process.stderr  # one line per problem in a pipe
     assert process.stdout.startswith("pacore-1: 0/2 answered, 2 failed")
     assert process.stderr.splitlines()[-1].startswith("pacore: error: 2 of 2 problems failed")
     again = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1",
                    "--backend", closed, "--retries", "0", "--model", "m")  # fmt: skip
     assert "2 failed (retrying them; --no-retry-failed skips them)" in again.stderr
+
+
+def test_live_display_shows_problems_flight_tokens_accuracy_and_eta() -> None:
+    progress = BatchProgress(arm="pacore-4", total=10, done=3, failed=1, todo=8, finished_now=4, correct=2,
+                             graded=3, in_flight=6, completion_tokens=12_345)  # fmt: skip
+    progress.started -= 10  # 4 problems in 10 s: 4 more take 10 s
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(LiveBatchDisplay(console, progress).render())
+    line = console.export_text()
+    for part in ("pacore-4", "4/10 problems (1 failed)", "6 in flight", "12,345 tokens", "accuracy 66.7%", "ETA 10.0s"):
+        assert part in line, line
 
 
 @pytest.mark.model

@@ -66,7 +66,7 @@ def results(tmp_path: Path, arm: str):
 async def test_pacore_arm_goes_through_the_engine_and_stores_whole_traces(tmp_path: Path) -> None:
     backend = ScriptedBackend(respond=right_after_synthesis)
     summary = await run(tmp_path, backend, Arm.build("pacore", schedule="2"))
-    assert (summary.arm, summary.done, summary.failed, summary.correct, summary.graded) == ("pacore-2", 3, 0, 3, 3)
+    assert (summary.arm, summary.answered, summary.failed, summary.correct, summary.graded) == ("pacore-2", 3, 0, 3, 3)
     assert len(backend.calls) == 3 * 3  # 2 trajectories + 1 synthesis per problem
     stored = results(tmp_path, "pacore-2")
     q1 = stored["q1"]
@@ -79,7 +79,7 @@ async def test_pacore_arm_goes_through_the_engine_and_stores_whole_traces(tmp_pa
 async def test_single_is_one_plain_call(tmp_path: Path) -> None:
     backend = ScriptedBackend(respond=lambda call, i: f"It is {problem_number(call) + 1}.")
     summary = await run(tmp_path, backend, Arm.build("single"))
-    assert (summary.done, summary.correct) == (3, 3)
+    assert (summary.answered, summary.correct) == (3, 3)
     assert len(backend.calls) == 3 and not any(is_synthesis(c) for c in backend.calls)
 
 
@@ -94,7 +94,7 @@ async def test_majority_votes_over_k_samples_and_keeps_them_all(tmp_path: Path) 
 
     backend = ScriptedBackend(respond=reply, max_n=1)
     summary = await run(tmp_path, backend, Arm.build("majority", samples=3))
-    assert (summary.arm, summary.done, summary.correct) == ("majority-3", 3, 3)
+    assert (summary.arm, summary.answered, summary.correct) == ("majority-3", 3, 3)
     assert len(backend.calls) == 9 and not any(is_synthesis(c) for c in backend.calls)
     q0 = results(tmp_path, "majority-3")["q0"]
     assert q0.answer == "1"  # the voted answer
@@ -127,7 +127,7 @@ async def test_a_failing_problem_is_recorded_with_its_partial_trace_and_retried_
     arm = Arm.build("pacore", schedule="2")
     first = ScriptedBackend(respond=flaky)
     summary = await run(tmp_path, first, arm)
-    assert (summary.done, summary.failed) == (2, 1)
+    assert (summary.answered, summary.failed) == (2, 1)
     assert "503" in summary.failure_reasons[0][0]
     q1 = results(tmp_path, "pacore-2")["q1"]
     assert q1.status == "failed" and "final round" in q1.error
@@ -137,12 +137,15 @@ async def test_a_failing_problem_is_recorded_with_its_partial_trace_and_retried_
     # Not retried when asked not to: no call at all.
     idle = ScriptedBackend(respond=right_after_synthesis)
     summary = await run(tmp_path, idle, arm, retry_failed=False)
-    assert (summary.done, summary.failed, len(idle.calls)) == (2, 1, 0)
+    assert (summary.answered, summary.failed, len(idle.calls)) == (2, 1, 0)
 
     # Retried by default; only the failed problem is worked on.
     second = ScriptedBackend(respond=right_after_synthesis)
-    summary = await run(tmp_path, second, arm)
-    assert (summary.done, summary.failed) == (3, 0)
+    with BatchRun.open(tmp_path / "run", make_problems(), dataset_path="data.jsonl", arm=arm, backend=second) as batch:
+        assert (batch.progress.done, batch.progress.failed, batch.progress.todo) == (2, 0, 1)
+        summary = await batch.execute()
+        assert (batch.progress.done, batch.progress.failed) == (3, 0)
+    assert (summary.answered, summary.failed) == (3, 0)
     assert {problem_number(c) for c in second.calls} == {1} and len(second.calls) == 3
     stored = results(tmp_path, "pacore-2")
     assert stored["q1"].attempts == 2 and stored["q0"].attempts == 1
@@ -155,7 +158,7 @@ async def test_a_fatal_backend_error_fails_only_its_problem(tmp_path: Path) -> N
         return right_after_synthesis(call, i)
 
     summary = await run(tmp_path, ScriptedBackend(respond=reply), Arm.build("pacore", schedule="2"))
-    assert (summary.done, summary.failed) == (2, 1)
+    assert (summary.answered, summary.failed) == (2, 1)
     assert "prompt too long" in results(tmp_path, "pacore-2")["q0"].error
 
 
@@ -195,7 +198,7 @@ async def test_another_data_set_or_setting_is_refused_unless_forced(tmp_path: Pa
 
     backend = ScriptedBackend(respond=right_after_synthesis)
     summary = await run(tmp_path, backend, arm, other_data, force=True)
-    assert (summary.total, summary.done) == (4, 4)
+    assert (summary.problems, summary.answered) == (4, 4)
     assert len(list((tmp_path / "run").glob("run.replaced-*.sqlite"))) == 1
 
 
@@ -203,7 +206,7 @@ async def test_add_arm_evaluates_another_method_in_the_same_run(tmp_path: Path) 
     await run(tmp_path, ScriptedBackend(respond=right_after_synthesis), Arm.build("pacore", schedule="2"))
     backend = ScriptedBackend(respond=lambda call, i: "The answer is 3")
     summary = await run(tmp_path, backend, Arm.build("majority", samples=2), add_arm=True)
-    assert (summary.arm, summary.done, summary.correct) == ("majority-2", 3, 1)
+    assert (summary.arm, summary.answered, summary.correct) == ("majority-2", 3, 1)
     with RunStore.open(tmp_path / "run") as store:
         assert [a.name for a in store.arms()] == ["pacore-2", "majority-2"]
 
@@ -234,7 +237,7 @@ async def test_pool_is_generated_once_and_shared_by_every_arm(tmp_path: Path) ->
         pooled = {t.text for t in store.pool("q2")}
         pacore8 = {r.problem_id: r for r in store.results("pacore-8")}
         majority8 = {r.problem_id: r for r in store.results("majority-8")}
-        single = store.results("single")
+        single = list(store.results("single"))
     # K1 = k draws the very same trajectories, so PaCoRe and voting are compared on equal terms.
     for problem_id, result in pacore8.items():
         assert [t.text for t in result.trace.rounds[0].trajectories] == [
@@ -250,7 +253,7 @@ async def test_pool_draws_are_seeded(tmp_path: Path) -> None:
         await run(tmp_path / run_dir, backend, Arm.build("majority", samples=3), make_problems(1),
                   pool_size=8, params=GenerationParams(seed=seed))  # fmt: skip
         with RunStore.open(tmp_path / run_dir / "run") as store:
-            texts = [t.text for t in store.results("majority-3")[0].trace.rounds[0].trajectories]
+            texts = [t.text for t in next(store.results("majority-3")).trace.rounds[0].trajectories]
             return texts, [t.text for t in store.pool("q0")]
 
     first, pool = await drawn("a", None)
@@ -284,7 +287,7 @@ async def test_failed_pool_samples_are_generated_again_on_resume(tmp_path: Path)
     with RunStore.open(tmp_path / "run") as store:
         assert store.pool_counts() == {"q0": 3}
     summary = await run(tmp_path, backend, arm, make_problems(1))
-    assert summary.done == 1
+    assert summary.answered == 1
     top_up = backend.calls[1]
     assert (top_up.n, is_synthesis(top_up)) == (1, False)  # only the missing sample
     with RunStore.open(tmp_path / "run") as store:

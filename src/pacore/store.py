@@ -356,13 +356,26 @@ class RunStore:
             if updated != 1:
                 raise StoreError(f"arm {arm!r} has no problem {result.problem_id!r}")
 
-    def results(self, arm: str, *, traces: bool = True) -> list[ProblemResult]:
-        """Every problem of ``arm`` in data set order, with traces unless ``traces=False``."""
+    def results(self, arm: str, *, traces: bool = True) -> Iterator[ProblemResult]:
+        """Every problem of ``arm`` in data set order, with traces unless ``traces=False``.
+
+        A generator: a large run's traces are read one problem at a time.
+        """
+        columns = _RESULT_COLUMNS + (", r.trace_json" if traces else ", NULL AS trace_json")
         rows = self.db.execute(
-            "SELECT r.* FROM results r JOIN problems p USING (problem_id) WHERE r.arm = ? ORDER BY p.position",
+            f"SELECT {columns} FROM results r JOIN problems p USING (problem_id) WHERE r.arm = ? ORDER BY p.position",
             (arm,),
         )
-        return [_result(row, traces) for row in rows]
+        for row in rows:
+            yield _result(row)
+
+    def result(self, arm: str, problem_id: str) -> ProblemResult | None:
+        """One problem's result under ``arm``, with its trace."""
+        row = self.db.execute(
+            f"SELECT {_RESULT_COLUMNS}, r.trace_json FROM results r WHERE r.arm = ? AND r.problem_id = ?",
+            (arm, problem_id),
+        ).fetchone()
+        return _result(row) if row is not None else None
 
     # --- trajectory pool -----------------------------------------------
 
@@ -386,8 +399,17 @@ class RunStore:
         return {row["problem_id"]: row["n"] for row in rows}
 
 
-def _result(row: sqlite3.Row, traces: bool) -> ProblemResult:
-    trace = row["trace_json"] if traces else None
+_RESULT_COLUMNS = ", ".join(
+    f"r.{name}"
+    for name in (
+        "problem_id", "status", "answer", "extracted", "correct", "prompt_tokens",
+        "completion_tokens", "calls", "wall_s", "error", "attempts",
+    )
+)  # fmt: skip
+
+
+def _result(row: sqlite3.Row) -> ProblemResult:
+    trace = row["trace_json"]
     return ProblemResult(
         problem_id=row["problem_id"],
         status=row["status"],

@@ -1,8 +1,8 @@
 """A backend for any OpenAI-compatible ``/v1/chat/completions`` server.
 
 vLLM, SGLang, llama.cpp's server, llama-cpp-python's server and hosted APIs
-all speak this protocol. One pooled keep-alive ``httpx.AsyncClient`` serves
-every call of the backend, since a PaCoRe round fans out tens to hundreds of
+all speak this protocol. One pool of keep-alive connections serves every
+call of the backend, since a PaCoRe round fans out tens to hundreds of
 calls at once.
 
 ``n`` batching: servers that honour ``n`` (vLLM, SGLang) read a shared prompt
@@ -25,6 +25,7 @@ and per-request sums stay exact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -32,7 +33,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import httpx
@@ -125,13 +126,9 @@ class OpenAIBackend(BaseBackend):
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        self._client_options: dict[str, Any] = dict(
-            headers=headers,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
-        )
-        self._client: httpx.AsyncClient | None = None
+        self._max_connections = max_connections
+        self._client_options: dict[str, Any] = dict(headers=headers, timeout=timeout, transport=transport)
+        self._client: _ConnectionPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._model_lock = asyncio.Lock()
 
@@ -141,8 +138,8 @@ class OpenAIBackend(BaseBackend):
     def _endpoint(self, suffix: str) -> httpx.URL:
         return self.base_url.copy_with(path=self.base_url.path + suffix)
 
-    def _http(self) -> httpx.AsyncClient:
-        """The shared client of the running event loop.
+    def _http(self) -> _ConnectionPool:
+        """The shared connection pool of the running event loop.
 
         Pooled connections belong to the loop that opened them, so a backend
         reused by several ``asyncio.run`` calls (``pacore.solve`` in a loop)
@@ -150,7 +147,7 @@ class OpenAIBackend(BaseBackend):
         """
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._client is None:
-            self._client = httpx.AsyncClient(**self._client_options)
+            self._client = _ConnectionPool(self._max_connections, self._client_options)
             self._model_lock = asyncio.Lock()
             self._loop = loop
         return self._client
@@ -445,6 +442,52 @@ class OpenAIBackend(BaseBackend):
             f"backend {self.display_url} ended the stream before the completion finished ({why})",
             kind="protocol",
         )
+
+
+class _ConnectionPool:
+    """Keep-alive connections on a free list, each its own one-connection ``httpx.AsyncClient``.
+
+    httpcore's pool rescans every connection it holds, and every queued
+    request, on each request: with a round's hundreds of calls in flight in
+    one client that costs milliseconds of CPU per call, several times the
+    call itself (``bench/orchestration.py``). Here a call takes an idle
+    connection in constant time; calls beyond ``size`` wait on a semaphore.
+    """
+
+    def __init__(self, size: int, options: dict[str, Any]) -> None:
+        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        # One TLS context for all: building one per client costs milliseconds.
+        self._options = {"verify": httpx.create_ssl_context(), **options, "limits": one}
+        self._gate = asyncio.Semaphore(size)
+        self._idle: list[httpx.AsyncClient] = []
+        self._clients: list[httpx.AsyncClient] = []
+
+    @contextlib.asynccontextmanager
+    async def _lease(self) -> AsyncIterator[httpx.AsyncClient]:
+        async with self._gate:
+            client = self._idle.pop() if self._idle else self._open()
+            try:
+                yield client
+            finally:
+                self._idle.append(client)
+
+    def _open(self) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(**self._options)
+        self._clients.append(client)
+        return client
+
+    async def request(self, method: str, url: httpx.URL, *, content: bytes | None) -> httpx.Response:
+        async with self._lease() as client:
+            return await client.request(method, url, content=content)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, url: httpx.URL, *, content: bytes) -> AsyncIterator[httpx.Response]:
+        async with self._lease() as client, client.stream(method, url, content=content) as response:
+            yield response
+
+    async def aclose(self) -> None:
+        clients, self._clients, self._idle = self._clients, [], []
+        await asyncio.gather(*(client.aclose() for client in clients))
 
 
 class _ChatRequest:

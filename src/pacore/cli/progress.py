@@ -126,6 +126,10 @@ class LineProgress:
         return None
 
 
+_MIN_BAR_WIDTH = 8
+_MAX_BAR_WIDTH = 30
+
+
 class LiveProgress:
     """A status line redrawn in place on a terminal, erased when the request ends."""
 
@@ -153,14 +157,21 @@ class LiveProgress:
         if not state.total_rounds:
             grid.add_row(self.spinner, Text("starting...", style="dim"))
             return grid
-        grid.add_row(
-            self.spinner,
-            Text(state.round_label(), style="bold"),
-            ProgressBar(total=max(state.k, 1), completed=state.done, width=24),
-            Text(state.trajectories_label()),
-            Text(f"· {state.usage.completion_tokens:,} tokens", style="green"),
-            Text(f"· {format_duration(state.elapsed_s)}", style="dim"),
+        label = Text(state.round_label(), style="bold", no_wrap=True)
+        status = Text.assemble(
+            state.trajectories_label(),
+            (f" · {state.usage.completion_tokens:,} tokens", "green"),
+            (f" · {format_duration(state.elapsed_s)}", "dim"),
+            no_wrap=True,
+            overflow="ellipsis",
         )
+        # The bar takes what the text leaves of the line, and goes when that is too little.
+        room = self.live.console.width - label.cell_len - status.cell_len - 5  # spinner, padding
+        if room >= _MIN_BAR_WIDTH:
+            bar = ProgressBar(total=max(state.k, 1), completed=state.done, width=min(room, _MAX_BAR_WIDTH))
+            grid.add_row(self.spinner, label, bar, status)
+        else:
+            grid.add_row(self.spinner, label, status)
         return grid
 
     def __enter__(self) -> LiveProgress:

@@ -38,7 +38,7 @@ from pacore.cli.progress import format_duration
 from pacore.errors import PacoreError
 from pacore.eval import export, report
 from pacore.eval.datasets import Problem, load_dataset
-from pacore.eval.runner import DEFAULT_SAMPLES, METHODS, Arm, BatchProgress, BatchRun, RunPlan, RunSummary
+from pacore.eval.runner import DEFAULT_SAMPLES, METHODS, Arm, BatchProgress, BatchRun, RunPlan
 from pacore.store import ProblemResult
 
 RUN_PANEL = "Run"
@@ -66,7 +66,7 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-class _LiveDisplay:
+class LiveBatchDisplay:
     """A status line redrawn in place; failures are printed above it."""
 
     def __init__(self, console: Console, progress: BatchProgress) -> None:
@@ -97,7 +97,7 @@ class _LiveDisplay:
         if result.status == "failed":
             self.live.console.print(f"{problem.id}: failed: {result.error}", highlight=False, markup=False)
 
-    def __enter__(self) -> _LiveDisplay:
+    def __enter__(self) -> LiveBatchDisplay:
         self.live.start()
         return self
 
@@ -105,7 +105,7 @@ class _LiveDisplay:
         self.live.stop()
 
 
-class _LineDisplay:
+class LineBatchDisplay:
     """One plain line per finished problem, for logs and pipes."""
 
     def __init__(self, file: TextIO, progress: BatchProgress) -> None:
@@ -127,20 +127,24 @@ class _LineDisplay:
             flush=True,
         )
 
-    def __enter__(self) -> _LineDisplay:
+    def __enter__(self) -> LineBatchDisplay:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         return None
 
 
-def _open_display(progress: BatchProgress, quiet: bool) -> AbstractContextManager[_LiveDisplay | _LineDisplay | None]:
+BatchDisplay = LiveBatchDisplay | LineBatchDisplay
+
+
+def open_batch_display(progress: BatchProgress, quiet: bool) -> AbstractContextManager[BatchDisplay | None]:
+    """A live line on a terminal, a line per problem elsewhere, nothing when quiet."""
     if quiet:
         return nullcontext(None)
     console = Console(file=sys.stderr)
     if console.is_terminal and not console.is_dumb_terminal:
-        return _LiveDisplay(console, progress)
-    return _LineDisplay(sys.stderr, progress)
+        return LiveBatchDisplay(console, progress)
+    return LineBatchDisplay(sys.stderr, progress)
 
 
 def plan_lines(plan: RunPlan, arm: str, run_dir: Path, problems: int, data: Path) -> list[str]:
@@ -167,7 +171,7 @@ def plan_lines(plan: RunPlan, arm: str, run_dir: Path, problems: int, data: Path
     return lines
 
 
-def summary_text(summary: RunSummary, run_dir: Path) -> str:
+def summary_text(summary: report.ArmReport, run_dir: Path) -> str:
     accuracy = (
         f"accuracy {_percent(summary.accuracy)} ({summary.correct}/{summary.graded})"
         if summary.graded
@@ -175,7 +179,7 @@ def summary_text(summary: RunSummary, run_dir: Path) -> str:
     )
     failed = f", {summary.failed} failed" if summary.failed else ""
     pending = f", {summary.pending} unfinished" if summary.pending else ""
-    return f"{summary.arm}: {summary.done}/{summary.total} answered{failed}{pending}, {accuracy} -> {run_dir}"
+    return f"{summary.arm}: {summary.answered}/{summary.problems} answered{failed}{pending}, {accuracy} -> {run_dir}"
 
 
 @app.command("run", epilog=RUN_EXAMPLES)
@@ -267,7 +271,7 @@ def run(
     problems = load_dataset(data, limit=limit, offset=offset, shuffle=shuffle, seed=seed or 0)
     opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries)
 
-    async def execute(batch: BatchRun, display: _LiveDisplay | _LineDisplay | None) -> RunSummary:
+    async def execute(batch: BatchRun, display: BatchDisplay | None) -> report.ArmReport:
         try:
             return await batch.execute(display.problem_finished if display else None)
         finally:
@@ -281,13 +285,13 @@ def run(
         if not quiet:
             for line in plan_lines(batch.plan, arm.name, out, len(problems), data):
                 typer.echo(line, err=True)
-        with _open_display(batch.progress, quiet) as display:
+        with open_batch_display(batch.progress, quiet) as display:
             summary = asyncio.run(execute(batch, display))
     typer.echo(summary_text(summary, out))
     if summary.failed:
         reason, count = summary.failure_reasons[0]
         raise PacoreError(
-            f"{summary.failed} of {summary.total} problems failed ({count} x {reason}); "
+            f"{summary.failed} of {summary.problems} problems failed ({count} x {reason}); "
             "rerun the same command to retry them"
         )
 
@@ -325,6 +329,7 @@ def report_command(
         typer.echo(
             f"{prefix}{arm.arm}: accuracy {_percent(arm.accuracy)}{ci} on {arm.graded} graded, "
             f"{tokens} TTC tokens/problem, {arm.failed} failed"
+            + (f", {arm.pending} unfinished" if arm.pending else "")
         )
     typer.echo(f"wrote {files.markdown}, {files.html} and {files.plot}")
 

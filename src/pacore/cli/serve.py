@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from typing import Annotated
 
@@ -24,12 +25,11 @@ from pacore.cli.options import (
     load_template,
     open_backends,
 )
-from pacore.errors import PacoreError
+from pacore.errors import PacoreError, UsageError
 from pacore.schedule import Schedule
 
 SERVER_PANEL = "Server"
 API_KEYS_ENV = "PACORE_SERVER_API_KEYS"
-GRACEFUL_SHUTDOWN_S = 5
 
 EXAMPLES = """\
 [bold]Examples[/bold]
@@ -42,11 +42,12 @@ Point any OpenAI client at http://127.0.0.1:8000/v1. Per request, pick a
 schedule with the model name (pacore-high/MODEL, pacore-16/MODEL,
 pacore-1/MODEL = pass-through) or extra_body={"pacore": {"schedule": [32, 4]}}.
 Watch requests at /ui; scrape /metrics.
+SIGTERM or Ctrl+C: no new requests; running ones get --grace-period to finish.
 """
 
 
 def _server_option(
-    *names: str, help: str, metavar: str | None = None, min: int | None = None
+    *names: str, help: str, metavar: str | None = None, min: float | None = None
 ) -> typer.models.OptionInfo:
     return typer.Option(*names, help=help, metavar=metavar, min=min, rich_help_panel=SERVER_PANEL)
 
@@ -86,11 +87,28 @@ def serve(
         ),
     ] = 4,
     max_body_bytes: Annotated[
-        int,
+        int | None,
         _server_option(
-            "--max-body-bytes", metavar="BYTES", min=1, help="Largest request body accepted (413 beyond)."
-        ),
-    ] = 16 * 1024 * 1024,
+            "--max-body-bytes", metavar="BYTES", min=1,
+            help="Largest request body accepted (413 beyond) \\[default: 8 MiB].",
+        ),  # fmt: skip
+    ] = None,
+    deadline: Annotated[
+        float | None,
+        _server_option(
+            "--deadline", metavar="SECONDS",
+            help="Longest a request may run; then it fails with 504 and its backend calls are cancelled "
+            "\\[default: no limit].",
+        ),  # fmt: skip
+    ] = None,
+    grace_period: Annotated[
+        float,
+        _server_option(
+            "--grace-period", metavar="SECONDS", min=0,
+            help="On SIGTERM or Ctrl+C, how long running requests may take to finish before they are "
+            "ended with a 503.",
+        ),  # fmt: skip
+    ] = 30.0,
     history: Annotated[
         int,
         _server_option(
@@ -121,12 +139,14 @@ def serve(
 
     Request sampling fields (temperature, top_p, max_tokens, seed, stop) override the defaults set here.
     """
-    import uvicorn
-
     from pacore.server import ServerConfig, create_app
+    from pacore.server.shutdown import GracefulServer
 
     keys = api_key if api_key else [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     plan = Schedule.parse(schedule)
+    if deadline is not None and deadline <= 0:
+        raise UsageError(f"--deadline must be positive, got {deadline:g}")
+    limits = {"max_body_bytes": max_body_bytes} if max_body_bytes is not None else {}
     config = ServerConfig(
         schedule=plan,
         params=generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None),
@@ -135,34 +155,41 @@ def serve(
         max_concurrent_requests=max_concurrent_requests,
         max_trajectories=max_trajectories,
         max_rounds=max_rounds,
-        max_body_bytes=max_body_bytes,
         history=history,
+        deadline_s=deadline,
+        **limits,
     )
     listener = _listen(host, port)
     opened = open_backends(backend, model=model, api_key=backend_api_key, timeout=timeout, retries=retries)
     bound_host, bound_port = listener.getsockname()[:2]
     base = f"http://{_url_host(bound_host)}:{bound_port}"
     auth = f"{len(keys)} API key{'s' if len(keys) != 1 else ''}" if keys else "no API key"
+    loopback = _is_loopback(bound_host)
+    reach = "loopback only: this machine alone can connect" if loopback else "reachable from other machines"
     typer.echo(
-        f"pacore serve: listening on {base} (OpenAI base_url {base}/v1, viewer {base}/ui, metrics {base}/metrics) "
-        f"· model {opened.model or 'from the backend'} · schedule {plan.name()} · {auth}"
+        f"pacore serve: listening on {base} ({reach}) · OpenAI base_url {base}/v1 · viewer {base}/ui "
+        f"· metrics {base}/metrics · model {opened.model or 'from the backend'} · schedule {plan.name()} · {auth}"
     )
-    if not keys and not _is_loopback(bound_host):
+    if not keys and not loopback:
         typer.echo(f"pacore serve: warning: {host} is reachable from other machines and no API key is set", err=True)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config, opened),
-            log_level="warning",
-            access_log=False,
-            # A PaCoRe request can run for hours; Ctrl+C should not wait for it.
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        )
+    server = GracefulServer(
+        create_app(config, opened),
+        grace_period=grace_period,
+        report=lambda line: typer.echo(f"pacore serve: {line}", err=True),
+        log_level="warning",
+        access_log=False,
     )
+    # uvicorn handles SIGTERM itself, then raises it again once stopped; this handler
+    # makes that second delivery a normal exit (0), and a SIGTERM before uvicorn
+    # installs its own handler a normal shutdown.
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     try:
         server.run(sockets=[listener])
     except KeyboardInterrupt:
         # uvicorn re-raises Ctrl+C after its graceful shutdown; for a server that is a normal stop.
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     typer.echo("pacore serve: stopped")
 
 
@@ -171,8 +198,10 @@ def _listen(host: str, port: int) -> socket.socket:
     if not 0 <= port <= 65535:
         raise typer.BadParameter(f"{port} is not a port (0-65535)", param_hint="'--port'")
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        listener = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
+        # proto must be IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets, and
+        # without it Nagle plus delayed ACKs hold every response's body for 40 ms.
+        listener = socket.socket(family, kind, proto)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
         # Listening now queues early clients until uvicorn serves the socket.

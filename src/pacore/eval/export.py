@@ -21,6 +21,7 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,25 +50,26 @@ class ExportSummary:
         return f"kept {self.kept} of {self.problems} problems -> {self.out} (responses from {self.source}){dropped}"
 
 
-def _first_round_messages(store: RunStore, arm: str | None) -> tuple[str, dict[str, list[str]]]:
-    """The compacted first-round messages of every problem, and where they come from."""
+def _message_source(store: RunStore, arm: str | None) -> tuple[str, Callable[[str], list[str]]]:
+    """Where the message sets come from, and the compacted first-round messages of a problem."""
     info = store.run_info()
     assert info is not None
     if info.pool_size and arm is None:
-        return "the trajectory pool", {
-            p.id: [t.message for t in store.pool(p.id) if t.message] for p in store.problems()
-        }
+        return "the trajectory pool", lambda problem_id: [t.message for t in store.pool(problem_id) if t.message]
     arms = {a.name: a for a in store.arms()}
     if arm is not None and arm not in arms:
         raise RunConflictError(f"{store.run_dir} has no arm {arm!r} (it has {', '.join(arms) or 'none'})")
     chosen = arms[arm] if arm is not None else _widest_arm(list(arms.values()))
     if chosen is None:
         raise RunConflictError(f"{store.run_dir} has no results to export yet")
-    messages: dict[str, list[str]] = {}
-    for result in store.results(chosen.name):
-        if result.status == "done" and result.trace is not None and result.trace.rounds:
-            messages[result.problem_id] = result.trace.rounds[0].messages
-    return f"the first round of arm {chosen.name}", messages
+
+    def first_round(problem_id: str) -> list[str]:
+        result = store.result(chosen.name, problem_id)
+        if result is None or result.status != "done" or result.trace is None or not result.trace.rounds:
+            return []
+        return result.trace.rounds[0].messages
+
+    return f"the first round of arm {chosen.name}", first_round
 
 
 def _widest_arm(arms: list[ArmInfo]) -> ArmInfo | None:
@@ -100,24 +102,24 @@ def export_train(
     if not 1 <= min_size <= max_size:
         raise UsageError(f"need 1 <= --min-size <= --max-size, got {min_size} and {max_size}")
     out = Path(out)
-    with RunStore.open(run_dir) as store:
-        source, messages = _first_round_messages(store, arm)
-        problems = store.problems()
-    summary = ExportSummary(out=out, source=source, problems=len(problems))
-    records = []
-    for problem in problems:
-        record = _record(problem, messages.get(problem.id, []), min_acc, max_acc, min_size, max_size, seed)
-        if isinstance(record, str):
-            summary.dropped[record] += 1
-        else:
-            records.append(record)
-    summary.kept = len(records)
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    with partial.open("w", encoding="utf-8") as file:
-        for record in records:
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
-    partial.replace(out)
+    with RunStore.open(run_dir) as store:
+        source, messages_of = _message_source(store, arm)
+        problems = store.problems()
+        summary = ExportSummary(out=out, source=source, problems=len(problems))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with partial.open("w", encoding="utf-8") as file:
+                for problem in problems:
+                    record = _record(problem, messages_of(problem.id), min_acc, max_acc, min_size, max_size, seed)
+                    if isinstance(record, str):
+                        summary.dropped[record] += 1
+                    else:
+                        summary.kept += 1
+                        file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            partial.replace(out)
+        finally:
+            partial.unlink(missing_ok=True)
     return summary
 
 

@@ -24,7 +24,7 @@ import html
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,16 +102,17 @@ class ArmReport:
     method: str
     schedule: str | None
     samples: int | None
-    problems: int
-    answered: int
-    failed: int
-    pending: int
-    graded: int
-    correct: int
-    mean_completion_tokens: float | None
-    mean_prompt_tokens: float | None
-    mean_wall_s: float | None
-    total_wall_s: float
+    problems: int = 0
+    answered: int = 0
+    failed: int = 0
+    pending: int = 0
+    graded: int = 0
+    correct: int = 0
+    #: Means over answered problems (``None`` when none is answered).
+    mean_completion_tokens: float | None = None
+    mean_prompt_tokens: float | None = None
+    mean_wall_s: float | None = None
+    total_wall_s: float = 0.0
     failure_reasons: list[tuple[str, int]] = field(default_factory=list)
     synthesis: SynthesisStats | None = None
 
@@ -160,58 +161,67 @@ def _ratio(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 class _Grader:
-    """``grade`` with a cache: diagnostics grade the same messages many times."""
+    """``grade`` for one problem, cached: diagnostics grade the same messages several times."""
 
-    def __init__(self) -> None:
-        self.cache: dict[tuple[str | None, str, str], bool] = {}
-
-    def __call__(self, text: str | None, problem: StoredProblem) -> bool:
+    def __init__(self, problem: StoredProblem) -> None:
         assert problem.ground_truth is not None
-        key = (text, problem.ground_truth, problem.kind)
-        if key not in self.cache:
-            self.cache[key] = bool(text) and grade(text, problem.ground_truth, problem.kind)
-        return self.cache[key]
+        self.ground_truth = problem.ground_truth
+        self.kind = problem.kind
+        self.cache: dict[str | None, bool] = {}
+
+    def __call__(self, text: str | None) -> bool:
+        if text not in self.cache:
+            self.cache[text] = bool(text) and grade(text, self.ground_truth, self.kind)
+        return self.cache[text]
 
 
-def arm_report(run: str, arm: ArmInfo, results: list[ProblemResult], problems: dict[str, StoredProblem]) -> ArmReport:
-    answered = [r for r in results if r.status == "done"]
-    graded = [r for r in answered if r.correct is not None]
-    reasons = Counter(r.error or "unknown error" for r in results if r.status == "failed")
-    report = ArmReport(
-        run=run,
-        arm=arm.name,
-        method=arm.method,
-        schedule=arm.schedule,
-        samples=arm.samples,
-        problems=len(results),
-        answered=len(answered),
-        failed=sum(1 for r in results if r.status == "failed"),
-        pending=sum(1 for r in results if r.status == "pending"),
-        graded=len(graded),
-        correct=sum(1 for r in graded if r.correct),
-        mean_completion_tokens=_mean([r.completion_tokens for r in answered]),
-        mean_prompt_tokens=_mean([r.prompt_tokens for r in answered]),
-        mean_wall_s=_mean([r.wall_s or 0.0 for r in answered]),
-        total_wall_s=sum(r.wall_s or 0.0 for r in results),
-        failure_reasons=reasons.most_common(3),
-    )
-    if arm.method == "pacore":
-        grader = _Grader()
-        stats = SynthesisStats()
-        for result in answered:
-            problem = problems[result.problem_id]
-            if result.trace is not None and problem.ground_truth is not None:
-                _add_synthesis_stats(stats, result.trace, problem, grader)
-        report.synthesis = stats
+def arm_report(
+    run: str,
+    arm: ArmInfo,
+    results: Iterable[ProblemResult],
+    problems: dict[str, StoredProblem] | None = None,
+) -> ArmReport:
+    """The figures of one arm, read in one pass over its results.
+
+    Synthesis diagnostics need the traces and the ``problems`` (for their
+    ground truths); without ``problems`` they are left out.
+    """
+    report = ArmReport(run=run, arm=arm.name, method=arm.method, schedule=arm.schedule, samples=arm.samples)
+    completion_tokens = prompt_tokens = wall_s = 0.0
+    reasons: Counter[str] = Counter()
+    if arm.method == "pacore" and problems is not None:
+        report.synthesis = SynthesisStats()
+    for result in results:
+        report.problems += 1
+        report.total_wall_s += result.wall_s or 0.0
+        if result.status == "pending":
+            report.pending += 1
+        elif result.status == "failed":
+            report.failed += 1
+            reasons[result.error or "unknown error"] += 1
+        else:
+            report.answered += 1
+            completion_tokens += result.completion_tokens
+            prompt_tokens += result.prompt_tokens
+            wall_s += result.wall_s or 0.0
+            if result.correct is not None:
+                report.graded += 1
+                report.correct += int(result.correct)
+            if report.synthesis is not None and result.trace is not None:
+                problem = problems[result.problem_id]  # type: ignore[index]  # set with synthesis
+                if problem.ground_truth is not None:
+                    _add_synthesis_stats(report.synthesis, result.trace, problem)
+    if report.answered:
+        report.mean_completion_tokens = completion_tokens / report.answered
+        report.mean_prompt_tokens = prompt_tokens / report.answered
+        report.mean_wall_s = wall_s / report.answered
+    report.failure_reasons = reasons.most_common(3)
     return report
 
 
-def _add_synthesis_stats(stats: SynthesisStats, trace: Result, problem: StoredProblem, grader: _Grader) -> None:
+def _add_synthesis_stats(stats: SynthesisStats, trace: Result, problem: StoredProblem) -> None:
+    grader = _Grader(problem)
     for previous, rnd in zip(trace.rounds, trace.rounds[1:], strict=False):
         by_index = {t.index: t.message for t in previous.trajectories}
         inputs = [by_index.get(index) for round_index, index in rnd.references if round_index == previous.index]
@@ -219,12 +229,12 @@ def _add_synthesis_stats(stats: SynthesisStats, trace: Result, problem: StoredPr
         if not inputs:
             continue
         voted, _ = majority_vote(inputs, problem.kind)
-        majority_right = grader(voted, problem)
-        all_wrong = not any(grader(m, problem) for m in inputs)
+        majority_right = grader(voted)
+        all_wrong = not any(grader(m) for m in inputs)
         for trajectory in rnd.trajectories:
             if not trajectory.ok:
                 continue
-            right = grader(trajectory.message, problem)
+            right = grader(trajectory.message)
             stats.synthesized += 1
             if majority_right:
                 stats.majority_right += 1
@@ -245,7 +255,9 @@ def collect(run_dirs: Sequence[str | Path]) -> list[ArmReport]:
         with RunStore.open(run_dir) as store:
             problems = {p.id: p for p in store.problems()}
             for arm in store.arms():
-                reports.append(arm_report(str(run_dir), arm, store.results(arm.name), problems))
+                traces = arm.method == "pacore"  # only synthesis diagnostics read traces
+                results = store.results(arm.name, traces=traces)
+                reports.append(arm_report(str(run_dir), arm, results, problems))
     return reports
 
 

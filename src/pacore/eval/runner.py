@@ -40,6 +40,7 @@ from pacore.engine import asample, asolve
 from pacore.errors import DatasetError, PacoreError, RoundFailedError, RunConflictError, UsageError
 from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.grading import extract_answer, grade, majority_vote
+from pacore.eval.report import ArmReport, arm_report
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
@@ -201,23 +202,6 @@ class RunPlan:
     set_aside: Path | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RunSummary:
-    arm: str
-    total: int
-    done: int
-    failed: int
-    pending: int
-    correct: int
-    graded: int
-    #: Most common failure reasons of the arm, most frequent first.
-    failure_reasons: list[tuple[str, int]]
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.graded if self.graded else None
-
-
 class _ProblemTracker:
     """Folds one problem's engine events into the shared progress figures."""
 
@@ -232,11 +216,9 @@ class _ProblemTracker:
         self.progress.in_flight += n
 
     def __call__(self, event: Event) -> None:
-        if event.type == "round_started" and not (self.adopted and event.round == 0):
-            assert isinstance(event, RoundStarted)
+        if isinstance(event, RoundStarted) and not (self.adopted and event.round == 0):
             self.expect(event.k)
-        elif event.type == "trajectory_finished" and not (self.adopted and event.round == 0):
-            assert isinstance(event, TrajectoryFinished)
+        elif isinstance(event, TrajectoryFinished) and not (self.adopted and event.round == 0):
             self.in_flight -= 1
             self.progress.in_flight -= 1
             self.progress.completion_tokens += event.trajectory.completion_tokens
@@ -272,9 +254,11 @@ class BatchRun:
         statuses = store.statuses(arm.name)
         wanted = {"pending", "failed"} if plan.retry_failed else {"pending"}
         self.todo = [p for p in problems if statuses[p.id] in wanted]
+        # Failed problems being retried count again only once they finish.
         self.progress = BatchProgress(
-            arm=arm.name, total=len(problems), done=plan.done, failed=plan.failed, todo=len(self.todo)
-        )
+            arm=arm.name, total=len(problems), done=plan.done, failed=0 if plan.retry_failed else plan.failed,
+            todo=len(self.todo),
+        )  # fmt: skip
 
     @classmethod
     def open(
@@ -360,7 +344,7 @@ class BatchRun:
 
     async def execute(
         self, on_problem: Callable[[Problem, ProblemResult], None] | None = None
-    ) -> RunSummary:
+    ) -> ArmReport:
         """Solve every problem to do, ``concurrency`` at a time, committing each as it finishes."""
         self.progress.started = time.perf_counter()
         slots = asyncio.Semaphore(self.concurrency)
@@ -378,21 +362,9 @@ class BatchRun:
                 group.create_task(one(problem))
         return self.summary()
 
-    def summary(self) -> RunSummary:
-        results = self.store.results(self.arm.name, traces=False)
-        counts = Counter(r.status for r in results)
-        graded = [r for r in results if r.status == "done" and r.correct is not None]
-        reasons = Counter(r.error or "unknown error" for r in results if r.status == "failed")
-        return RunSummary(
-            arm=self.arm.name,
-            total=len(results),
-            done=counts["done"],
-            failed=counts["failed"],
-            pending=counts["pending"],
-            correct=sum(1 for r in graded if r.correct),
-            graded=len(graded),
-            failure_reasons=reasons.most_common(3),
-        )
+    def summary(self) -> ArmReport:
+        """The arm's figures as they stand (the report's, without synthesis diagnostics)."""
+        return arm_report(str(self.store.run_dir), self.arm.info(), self.store.results(self.arm.name, traces=False))
 
     # --- one problem ----------------------------------------------------
 
@@ -566,7 +538,7 @@ async def run_dataset(
     backend: Backend,
     on_problem: Callable[[Problem, ProblemResult], None] | None = None,
     **options: Any,
-) -> RunSummary:
+) -> ArmReport:
     """Open, run and close a batch run (see :meth:`BatchRun.open` for ``options``)."""
     with BatchRun.open(
         run_dir, problems, dataset_path=dataset_path, arm=arm, backend=backend, **options

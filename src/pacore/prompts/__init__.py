@@ -8,6 +8,7 @@ rendered in jinja2's sandbox because users may load them from anywhere.
 
 from __future__ import annotations
 
+import functools
 from importlib.resources import files
 from pathlib import Path
 
@@ -37,7 +38,9 @@ class SynthesisTemplate:
         self.render("Problem", ["Reference A", "Reference B"], round=2, total_rounds=2)
 
     @classmethod
+    @functools.cache
     def default(cls) -> SynthesisTemplate:
+        # Compiled once per process: every request without a template of its own uses it.
         source = files(__name__).joinpath(DEFAULT_TEMPLATE_NAME).read_text(encoding="utf-8")
         return cls(source, origin=f"pacore/prompts/{DEFAULT_TEMPLATE_NAME}")
 

@@ -9,19 +9,21 @@ watches.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacore.backends.base import Backend, GenerationParams
@@ -43,19 +45,23 @@ from pacore.server.completions import (
 from pacore.server.errors import (
     CLIENT_CLOSED_REQUEST,
     AuthenticationError,
+    InternalError,
     OverloadedError,
     PayloadTooLargeError,
+    ShuttingDownError,
     describe,
     install_error_handlers,
 )
 from pacore.server.history import RequestDetail, RequestHistory, RequestRecord, RequestSummary
 from pacore.server.metrics import ServerMetrics
-from pacore.server.protocol import ModelCard, ModelList
+from pacore.server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from pacore.trace import Event, Result
 
 logger = logging.getLogger("pacore.server")
 
 STATIC_DIR = files("pacore.server") / "static"
+#: Large enough for a few images as data URLs; a 10 MB prompt is refused (413).
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Routes anyone may open: the health probe and the viewer's static shell (it holds no data).
 _PUBLIC_PATHS = ("/health", "/ui", "/ui/")
 _PUBLIC_PREFIX = "/ui/static/"
@@ -79,16 +85,20 @@ class ServerConfig:
     #: Most calls one request may make, the final one included.
     max_trajectories: int = 128
     max_rounds: int = 4
-    max_body_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Requests kept for the trace viewer.
     history: int = 100
     #: Seconds a client refused for load is told to wait.
     retry_after_s: int = 5
+    #: Seconds one request may run before it fails with a 504 (``None``: no limit).
+    deadline_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent_requests", "max_trajectories", "max_rounds", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise UsageError(f"deadline_s must be positive, got {self.deadline_s:g}")
         if self.history < 0:
             raise UsageError(f"history must be 0 or more, got {self.history}")
         if any(not key.strip() for key in self.api_keys):
@@ -109,13 +119,21 @@ class _Server:
         self.backend = backend
         self.history = RequestHistory(config.history)
         self.metrics = ServerMetrics()
-        self.running = 0
+        self.runs: set[_ChatRun] = set()
+        #: Set when the server starts shutting down: new chat completions get a 503.
+        self.draining = False
 
     @property
     def model(self) -> str:
         return self.backend.model or "default"
 
+    @property
+    def running(self) -> int:
+        return len(self.runs)
+
     def admit(self, plan: Plan, request: Request) -> _ChatRun:
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down and takes no new requests")
         if self.running >= self.config.max_concurrent_requests:
             raise OverloadedError(
                 f"the server is answering {self.running} requests, its limit; retry in "
@@ -123,6 +141,17 @@ class _Server:
                 retry_after=self.config.retry_after_s,
             )
         return _ChatRun(self, plan, request)
+
+    def drain(self) -> None:
+        """Refuse new chat completions from now on; the running ones go on."""
+        self.draining = True
+
+    def abort_running(self, reason: PacoreError) -> int:
+        """End every running chat completion with ``reason``; how many there were."""
+        runs = [run for run in self.runs if not run.task.done()]
+        for run in runs:
+            run.abort(reason)
+        return len(runs)
 
 
 class _ChatRun:
@@ -140,7 +169,9 @@ class _ChatRun:
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.started = time.perf_counter()
         self.closed = False
-        server.running += 1
+        #: Why the server ended this run itself (shutdown), sent to the client.
+        self.aborted: PacoreError | None = None
+        server.runs.add(self)
         server.metrics.in_flight.inc()
         self.task = asyncio.create_task(self._solve())
         self.task.add_done_callback(lambda _: self.queue.put_nowait(None))
@@ -154,14 +185,17 @@ class _ChatRun:
                 params=self.plan.params,
                 template=self.server.config.template,
                 on_event=self._on_event,
+                deadline=self.server.config.deadline_s,
                 stream_answer=self.plan.stream,
             )
         except PacoreError as exc:
             self.server.metrics.request_failed(exc)
             raise
-        except Exception:
+        except Exception as exc:
+            # A bug, not a failure pacore knows: its traceback goes to the log, never to the client.
+            logger.error("internal error answering %s", self.id, exc_info=exc)
             self.record.finish("failed", "internal error; see the server log")
-            raise
+            raise InternalError("internal server error; see the server log") from exc
 
     def _on_event(self, event: Event) -> None:
         self.record.apply(event)
@@ -176,7 +210,23 @@ class _ChatRun:
             await asyncio.wait({self.task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
-        return self.task.result() if self.task.done() else None
+        if not self.task.done():
+            return None
+        if (error := self._error()) is not None:
+            raise error
+        return self.task.result()
+
+    def _error(self) -> BaseException | None:
+        """Why the finished engine task has no result (``None``: it has one)."""
+        if self.task.cancelled():
+            return self.aborted or ShuttingDownError("the request was cancelled")
+        return self.task.exception()
+
+    def abort(self, reason: PacoreError) -> None:
+        """End the run with ``reason`` for its client; cancel the engine and its backend calls."""
+        self.aborted = reason
+        self.record.finish("cancelled", str(reason))
+        self.task.cancel()
 
     async def chunks(self) -> AsyncIterator[str]:
         writer = ChunkWriter(request_id=self.id, model=self.plan.model, include_usage=self.plan.include_usage)
@@ -184,10 +234,8 @@ class _ChatRun:
         while (event := await self.queue.get()) is not None:
             for chunk in writer.on_event(event):
                 yield chunk
-        if (exc := self.task.exception()) is not None:
+        if (exc := self._error()) is not None:
             reply = describe(exc)
-            if reply.status >= 500 and not isinstance(exc, PacoreError):
-                logger.error("internal error in a streamed request", exc_info=exc)
             setattr(self.request.state, _OUTCOME_KEY, reply.status)
             yield reply.sse_event()
             return
@@ -203,7 +251,7 @@ class _ChatRun:
             self.task.cancel()
             self.record.finish("cancelled", "the client disconnected")
             setattr(self.request.state, _OUTCOME_KEY, CLIENT_CLOSED_REQUEST)
-        self.server.running -= 1
+        self.server.runs.discard(self)
         self.server.metrics.in_flight.dec()
         self.server.metrics.request_seconds.observe(time.perf_counter() - self.started)
 
@@ -239,7 +287,7 @@ class _Guard:
     def __init__(self, app: ASGIApp, server: _Server) -> None:
         self.app = app
         self.server = server
-        self.keys = [key.encode() for key in server.config.api_keys]
+        self.key_digests = [_digest(key.encode()) for key in server.config.api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -266,7 +314,7 @@ class _Guard:
     def _refusal(self, scope: Scope) -> PacoreError | None:
         headers = dict(scope["headers"])
         path = scope["path"]
-        if self.keys and path not in _PUBLIC_PATHS and not path.startswith(_PUBLIC_PREFIX):
+        if self.key_digests and path not in _PUBLIC_PATHS and not path.startswith(_PUBLIC_PREFIX):
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not token.strip():
                 return AuthenticationError("missing API key: send it as the header 'Authorization: Bearer KEY'")
@@ -278,10 +326,12 @@ class _Guard:
         return None
 
     def _known(self, token: bytes) -> bool:
-        # Every key is compared, in constant time each, so timing tells nothing about which matched.
+        # Digests of equal length are compared, every one in constant time, so timing
+        # tells neither which key matched nor how long the keys are.
+        digest = _digest(token)
         matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(token, key)
+        for key_digest in self.key_digests:
+            matched |= hmac.compare_digest(digest, key_digest)
         return matched
 
     def _too_large(self) -> PayloadTooLargeError:
@@ -305,13 +355,17 @@ class _Guard:
         return limited
 
 
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
 def _endpoint(path: str) -> str:
     """A bounded label for a path (no ids, no arbitrary 404 paths)."""
     if path.startswith("/ui/api/requests/"):
         return "/ui/api/requests/{id}"
     if path.startswith(_PUBLIC_PREFIX):
         return "/ui/static"
-    known = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/ui", "/ui/api/requests")
+    known = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/ui", "/ui/api/requests")
     return path if path in known else "other"
 
 
@@ -337,17 +391,26 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
         summary="OpenAI-compatible Parallel Coordinated Reasoning",
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
         lifespan=lifespan,
+        # Every route may answer with these; FastAPI's 422 never happens (see errors.py).
+        responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 413)},
     )
     app.state.pacore = server
     install_error_handlers(app)
     app.add_middleware(_Guard, server=server)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        # parse_body reads the body (stricter than FastAPI's parser), so its schema is declared here.
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ChatCompletionRequest)}}}},
+        responses={
+            200: {"model": ChatCompletion, "content": {"text/event-stream": {}}},
+            **{status: {"model": ErrorResponse} for status in (415, 429, 502, 503, 504)},
+        },
+    )  # fmt: skip
     async def chat_completions(request: Request) -> Response:
         plan = plan_request(
-            parse_body(await request.body()),
+            parse_body(await request.body(), request.headers.get("content-type")),
             default=config.schedule,
             params=config.params,
             limits=config.limits,
@@ -372,7 +435,7 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": server.model, "running": server.running}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=metrics_module.CONTENT_TYPE)
 
@@ -404,4 +467,29 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
             )
         return record.detail(since)
 
+    app.openapi = _openapi_with_request_schemas(app)  # type: ignore[method-assign]
     return app
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _openapi_with_request_schemas(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's schema plus the chat request's models, without the 422 replies it never sends."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schemas = schema["components"]["schemas"]
+            request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(request.pop("$defs", {}), ChatCompletionRequest=request)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+        return app.openapi_schema
+
+    return openapi

@@ -7,16 +7,17 @@ a model name ``pacore-<preset or counts>/<model>``, the server default.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
+
+import pydantic_core
 
 from pacore.backends.base import GenerationParams, Message
 from pacore.cli.progress import ProgressState, round_line
 from pacore.engine import normalize_messages
 from pacore.errors import ScheduleError
 from pacore.schedule import Schedule
-from pacore.server.errors import InvalidRequestError
+from pacore.server.errors import InvalidRequestError, UnsupportedMediaTypeError
 from pacore.server.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -60,22 +61,39 @@ class Plan:
     include_usage: bool
 
 
-def parse_body(body: bytes) -> ChatCompletionRequest:
-    """The request body as a validated request (400 for bad UTF-8, JSON or fields)."""
+def parse_body(body: bytes, content_type: str | None = None) -> ChatCompletionRequest:
+    """The request body as a validated request.
+
+    400 for bad UTF-8, bad JSON (lone surrogates, NaN and numbers too long to
+    convert included), nesting deeper than the parser's limit or bad fields;
+    415 when ``content_type`` says the body is not JSON (a missing one is
+    taken as JSON, as curl users often forget it).
+    """
+    media_type = (content_type or "application/json").partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"the request body must be JSON (Content-Type: application/json), not {media_type[:60]}"
+        )
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequestError(f"the request body is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError(
-            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
+        # pydantic's Rust parser, not json.loads: it has a nesting limit instead of a
+        # RecursionError, and refuses the lone surrogates json.loads lets through.
+        data = pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise InvalidRequestError(_json_problem(body, str(exc))) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     # A ValidationError is described by pacore.server.errors like FastAPI's own.
     return ChatCompletionRequest.model_validate(data)
+
+
+def _json_problem(body: bytes, reason: str) -> str:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"the request body is not valid UTF-8 (byte {exc.start})"
+    if reason.startswith("recursion limit exceeded"):
+        return f"the request body nests arrays or objects too deeply ({reason})"
+    return f"the request body is not valid JSON: {reason}"
 
 
 def plan_request(

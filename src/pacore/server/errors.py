@@ -46,12 +46,24 @@ class PayloadTooLargeError(PacoreError):
     """The request body is larger than the server accepts."""
 
 
+class InternalError(PacoreError):
+    """A bug: an exception nobody raised on purpose (its traceback is logged, not sent)."""
+
+
+class UnsupportedMediaTypeError(PacoreError):
+    """The request body is declared as something other than JSON."""
+
+
 class OverloadedError(PacoreError):
     """Too many requests are running; ``retry_after`` is in seconds."""
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ShuttingDownError(PacoreError):
+    """The server is stopping: it takes no new request, or ended a running one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +110,10 @@ def describe(exc: BaseException) -> ErrorReply:
         )  # fmt: skip
     if isinstance(exc, PayloadTooLargeError):
         return _reply(413, str(exc), "invalid_request_error", code="request_too_large")
+    if isinstance(exc, UnsupportedMediaTypeError):
+        return _reply(415, str(exc), "invalid_request_error", code="unsupported_media_type")
+    if isinstance(exc, ShuttingDownError):
+        return _reply(503, str(exc), "api_error", code="server_shutting_down", headers={"Connection": "close"})
     if isinstance(exc, OverloadedError):
         return _reply(
             429, str(exc), "rate_limit_error", code="too_many_concurrent_requests",

@@ -33,14 +33,19 @@ from pacore.trace import (
 Status = Literal["running", "done", "failed", "cancelled"]
 
 _PREVIEW_CHARS = 240
+#: The viewer's copy of a question is cut here, so a history of huge prompts stays small.
+_QUESTION_CHARS = 20_000
 _VIEW_FIELDS = {
     "index", "message", "prompt_tokens", "completion_tokens", "latency_s", "finish_reason", "error", "error_kind",
 }  # fmt: skip
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _preview(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _PREVIEW_CHARS else text[: _PREVIEW_CHARS - 1] + "…"
+    return _clip(" ".join(text.split()), _PREVIEW_CHARS)
 
 
 class TrajectoryView(BaseModel):
@@ -111,7 +116,9 @@ class _Round:
         self.views: list[TrajectoryView] = []
 
     def add(self, trajectory: Trajectory, seq: int) -> None:
-        self.trace.trajectories.append(trajectory)
+        # The viewer shows compacted messages only; the raw text and reasoning
+        # (the bulk of a long trajectory) are not kept for it.
+        self.trace.trajectories.append(trajectory.model_copy(update={"text": "", "reasoning": None}))
         answer = extract_answer(trajectory.message) if trajectory.message else None
         self.views.append(TrajectoryView(seq=seq, answer=answer, **trajectory.model_dump(include=_VIEW_FIELDS)))
 
@@ -143,7 +150,7 @@ class RequestRecord:
         self.schedule = schedule
         self.stream = stream
         last = messages[last_user_index(messages) or 0].get("content")
-        self.question = text_of(last)
+        self.question = _clip(text_of(last), _QUESTION_CHARS)
         self.images = sum(1 for part in last if part.get("type") == "image_url") if isinstance(last, list) else 0
         self.status: Status = "running"
         self.error: str | None = None

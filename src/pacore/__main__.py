@@ -1,0 +1,5 @@
+"""``python -m pacore``: the same as the ``pacore`` command."""
+
+from pacore.cli.main import main
+
+main()
