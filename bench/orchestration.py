@@ -4,9 +4,9 @@ On one zero-latency fast backend (``bench/fastbackend.py``, its own process),
 the same workload (P problems, each a full PaCoRe request) is run by:
 
 - ceiling: a minimal pooled client, one ``httpx.AsyncClient`` (the HTTP
-  library pacore's OpenAI backend uses) per keep-alive connection, 32 of
-  them on a free list, that sends exactly the same calls, round by round,
-  with no orchestration. (httpcore's own pool rescans all its connections
+  library pacore's OpenAI backend uses) per keep-alive connection, as many
+  as pacore's backend opens, on a free list, that sends exactly the same
+  calls, round by round, with no orchestration. (httpcore's own pool rescans all its connections
   and queued requests on every call; one client per connection is the
   cheapest way to drive a server with httpx.)
 - pacore: ``pacore.asolve`` through ``OpenAIBackend`` (one request per
@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,12 @@ from harness import BENCH_DIR, Clock, check_targets, emit, fast_backend, machine
 
 from pacore import asolve
 from pacore.backends.base import Backend, BaseBackend, Completion, GenerationParams, Message
-from pacore.backends.openai_http import OpenAIBackend
+from pacore.backends.openai_http import DEFAULT_MAX_CONNECTIONS, OpenAIBackend
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
 
 MODEL = "fast"
-CEILING_CONNECTIONS = 32
+CEILING_CONNECTIONS = DEFAULT_MAX_CONNECTIONS  # the same limit as pacore's backend
 COMPLETION_TOKENS = 64
 PARAMS = GenerationParams(max_tokens=COMPLETION_TOKENS)
 PROBLEM = (
@@ -272,20 +272,13 @@ async def run_all(count: int, in_flight: int, one: Callable[[int], Awaitable[int
     return done, clock
 
 
-async def run_direct(url: str, workload: Workload, schedule: Schedule, batched: bool, naive: bool) -> Run:
+async def run_direct(post: Post, workload: Workload, schedule: Schedule, max_n: int) -> Run:
     template = SynthesisTemplate.default()
-    chat_url = url + "/chat/completions"
-    max_n = max(schedule.ks) if batched else 1
-    pool = ConnectionPool(CEILING_CONNECTIONS)
-    post = naive_post(chat_url) if naive else pooled_post(pool, chat_url)
-    try:
-        done, clock = await run_all(
-            workload.problems,
-            workload.in_flight,
-            lambda i: direct_problem(post, problem(i), schedule, max_n, template),
-        )
-    finally:
-        await pool.aclose()
+    done, clock = await run_all(
+        workload.problems,
+        workload.in_flight,
+        lambda i: direct_problem(post, problem(i), schedule, max_n, template),
+    )
     return Run(done, clock.wall, clock.cpu)
 
 
@@ -303,7 +296,7 @@ async def run_pacore(backend: Backend, workload: Workload, schedule: Schedule, p
     return Run(done, clock.wall, clock.cpu, gaps)
 
 
-async def run_batch(url: str, workload: Workload, schedule: Schedule) -> Run:
+async def run_batch(backend: Backend, workload: Workload, schedule: Schedule) -> Run:
     """The batch runner behind ``pacore run``: each problem committed to its run store."""
     from pacore.eval.datasets import Problem
     from pacore.eval.runner import Arm, run_dataset
@@ -312,13 +305,12 @@ async def run_batch(url: str, workload: Workload, schedule: Schedule) -> Run:
         Problem(id=f"p{i}", messages=[{"role": "user", "content": problem(i)}]) for i in range(workload.problems)
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        async with OpenAIBackend(url, model=MODEL) as backend:
-            with Clock() as clock:
-                await run_dataset(
-                    Path(tmp) / "run", problems, dataset_path=Path(tmp) / "bench.jsonl",
-                    arm=Arm.build("pacore", schedule=schedule), backend=backend, params=PARAMS,
-                    concurrency=workload.in_flight,
-                )  # fmt: skip
+        with Clock() as clock:
+            await run_dataset(
+                Path(tmp) / "run", problems, dataset_path=Path(tmp) / "bench.jsonl",
+                arm=Arm.build("pacore", schedule=schedule), backend=backend, params=PARAMS,
+                concurrency=workload.in_flight,
+            )  # fmt: skip
     return Run(workload.problems * schedule.total_calls, clock.wall, clock.cpu)
 
 
@@ -333,30 +325,48 @@ CLIENTS = {
 
 
 async def measure_schedule(url: str, workload: Workload, schedule: Schedule) -> dict[str, Any]:
-    """Every client on one schedule; repeats interleaved, medians kept."""
-    runs: dict[str, list[Run]] = {name: [] for name in CLIENTS}
-    for _ in range(workload.repeats):
-        runs["ceiling"].append(await run_direct(url, workload, schedule, batched=False, naive=False))
-        async with OpenAIBackend(url, model=MODEL, n_mode="off") as backend:
-            runs["pacore"].append(await run_pacore(backend, workload, schedule))
-        runs["naive"].append(await run_direct(url, workload, schedule, batched=False, naive=True))
-        runs["ceiling_n"].append(await run_direct(url, workload, schedule, batched=True, naive=False))
-        async with OpenAIBackend(url, model=MODEL) as backend:
-            runs["pacore_n"].append(await run_pacore(backend, workload, schedule))
-        runs["pacore_run"].append(await run_batch(url, workload, schedule))
+    """Every client on one schedule, warmed up, then repeats interleaved; medians kept.
+
+    Connections stay open across repeats (steady state, as in a long batch
+    run); a warm-up pass of each client opens them first.
+    """
+    chat_url = url + "/chat/completions"
+    pool = ConnectionPool(CEILING_CONNECTIONS)
+    batch = max(schedule.ks)
+    async with OpenAIBackend(url, model=MODEL, n_mode="off") as single, OpenAIBackend(url, model=MODEL) as batched:
+        clients: dict[str, Callable[[Workload], Awaitable[Run]]] = {
+            "ceiling": lambda w: run_direct(pooled_post(pool, chat_url), w, schedule, 1),
+            "pacore": lambda w: run_pacore(single, w, schedule),
+            "naive": lambda w: run_direct(naive_post(chat_url), w, schedule, 1),
+            "ceiling_n": lambda w: run_direct(pooled_post(pool, chat_url), w, schedule, batch),
+            "pacore_n": lambda w: run_pacore(batched, w, schedule),
+            "pacore_run": lambda w: run_batch(batched, w, schedule),
+        }
+        warm_up = replace(workload, problems=workload.in_flight)
+        for run in clients.values():
+            await run(warm_up)
+        runs: dict[str, list[Run]] = {name: [] for name in clients}
+        for _ in range(workload.repeats):
+            for name, run in clients.items():
+                runs[name].append(await run(workload))
+    await pool.aclose()
     figures: dict[str, Any] = {}
     for name, results in runs.items():
         figures[name] = {
             "trajectories_per_s": round(statistics.median(r.per_s for r in results), 1),
             "cpu_ms_per_trajectory": round(statistics.median(r.cpu_ms for r in results), 3),
         }
-    rate = {name: figures[name]["trajectories_per_s"] for name in CLIENTS}
-    cpu = {name: figures[name]["cpu_ms_per_trajectory"] for name in CLIENTS}
-    figures["pacore_over_ceiling"] = round(rate["pacore"] / rate["ceiling"], 3)
-    figures["pacore_n_over_ceiling_n"] = round(rate["pacore_n"] / rate["ceiling_n"], 3)
-    figures["pacore_run_over_ceiling_n"] = round(rate["pacore_run"] / rate["ceiling_n"], 3)
-    figures["pacore_over_naive"] = round(rate["pacore"] / rate["naive"], 2)
-    figures["pacore_over_naive_n"] = round(rate["pacore_n"] / rate["naive"], 2)
+
+    def ratio(a: str, b: str) -> float:
+        """Median over repeats of a/b, each pair measured back to back."""
+        return statistics.median(x.per_s / y.per_s for x, y in zip(runs[a], runs[b], strict=True))
+
+    cpu = {name: figures[name]["cpu_ms_per_trajectory"] for name in clients}
+    figures["pacore_over_ceiling"] = round(ratio("pacore", "ceiling"), 3)
+    figures["pacore_n_over_ceiling_n"] = round(ratio("pacore_n", "ceiling_n"), 3)
+    figures["pacore_run_over_ceiling_n"] = round(ratio("pacore_run", "ceiling_n"), 3)
+    figures["pacore_over_naive"] = round(ratio("pacore", "naive"), 2)
+    figures["pacore_over_naive_n"] = round(ratio("pacore_n", "naive"), 2)
     figures["pacore_added_cpu_ms_per_trajectory"] = round(cpu["pacore"] - cpu["ceiling"], 3)
     figures["pacore_n_added_cpu_ms_per_trajectory"] = round(cpu["pacore_n"] - cpu["ceiling_n"], 3)
     gaps = [g * 1000 for r in runs["pacore"] + runs["pacore_n"] for g in r.gaps]

@@ -39,6 +39,8 @@ class RunningServer:
     app: FastAPI | None = None
     #: ``server.should_exit = True`` shuts it down as SIGTERM would.
     server: uvicorn.Server | None = None
+    #: What ``pacore serve`` printed first (running_cli only).
+    start_line: str = ""
 
     @property
     def api_url(self) -> str:
@@ -90,7 +92,7 @@ def running_cli(*args: str) -> Iterator[tuple[RunningServer, subprocess.Popen[st
             process.kill()
             _, err = process.communicate(timeout=10)
             raise RuntimeError(f"pacore serve did not start: {first_line!r} {err!r}")
-        yield RunningServer(match.group(1)), process
+        yield RunningServer(match.group(1), start_line=first_line.rstrip("\n")), process
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("PACORE_DEBUG"):
             raise
         fail(str(exc), 1)
+    if code == 130:  # the vendored click turns Ctrl-C into a return code
+        fail("interrupted", 130)
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

@@ -425,6 +425,7 @@ def render_plot(arms: list[ArmReport], path: Path, with_run: bool) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     series: dict[str, list[ArmReport]] = {}
     for arm in arms:
@@ -447,6 +448,11 @@ def render_plot(arms: list[ArmReport], path: Path, with_run: bool) -> None:
             for arm, x, y in zip(points, xs, ys, strict=True):
                 axes.annotate(arm.setting, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axes.set_xscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:,.0f}")
+        axes.xaxis.set_major_formatter(plain)
+        low, high = axes.get_xlim()
+        # Within one decade there may be no major tick at all: label the minor ones.
+        axes.xaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
         axes.set_xlabel("mean effective TTC per problem (completion tokens, log scale)")
         axes.set_ylabel("accuracy (%, 95% interval)")
         axes.set_title("Accuracy vs test-time compute")

@@ -33,7 +33,7 @@ from pacore.server.protocol import (
 from pacore.trace import AnswerDelta, Event, Result, RoundFinished, RoundStarted, TrajectoryFinished
 
 # "pacore-high/qwen3-8b", "pacore-16/qwen3-8b", "pacore-32,4/m", "pacore-off"
-_PACORE_MODEL = re.compile(r"pacore-(?P<spec>[^/]*)(?:/(?P<model>.*))?", re.IGNORECASE)
+_PACORE_MODEL = re.compile(r"pacore-(?P<spec>[^/]*)(?:/(?P<model>.*))?", re.IGNORECASE | re.DOTALL)
 #: In a model name, ``pacore-1`` means one call: the request passes straight through.
 PASSTHROUGH_ALIAS = "1"
 

@@ -21,6 +21,7 @@ from pacore.errors import (
     DeadlineExceededError,
     PacoreError,
     RoundFailedError,
+    TemplateError,
     UsageError,
 )
 from pacore.server.protocol import ErrorInfo, ErrorResponse
@@ -119,6 +120,9 @@ def describe(exc: BaseException) -> ErrorReply:
             429, str(exc), "rate_limit_error", code="too_many_concurrent_requests",
             headers={"Retry-After": str(exc.retry_after)},
         )  # fmt: skip
+    if isinstance(exc, TemplateError):
+        # The synthesis template is the server's own configuration, not the client's doing.
+        return _reply(500, f"the server's synthesis template failed: {exc}", "api_error", code="template_error")
     if isinstance(exc, InvalidRequestError):
         return _reply(400, str(exc), "invalid_request_error", param=exc.param, code=exc.code)
     if isinstance(exc, UsageError):
