@@ -13,8 +13,14 @@ and answers an undelayed, unstreamed call without creating a task, so that
 the client under test, not this server, is what a benchmark measures.
 
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /stats``
-(calls and samples served, peak samples in progress). Every reply goes
-through :meth:`Endpoint.respond`, the one place where fault injection slots in.
+(calls and samples served, peak samples in progress, faults injected).
+
+``--faults SPEC --fault-seed N`` makes a share of the chat calls fail the ways
+real servers do under load (5xx, 429 with ``Retry-After``, hangs, resets,
+malformed or truncated answers, an endpoint that is down), deterministically
+by seed; ``bench/faults.py`` lists the kinds. ``--api-key KEY`` makes the
+endpoints require that bearer key (a wrong one gets a 401 quoting it, as some
+hosted APIs do).
 
 Usage::
 
@@ -34,6 +40,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from faults import KINDS, FaultPlan, FaultSpecError, inject, parse_spec
 
 NSupport = Literal["on", "ignore", "reject"]
 
@@ -117,8 +125,10 @@ class _Slots:
 class Endpoint:
     """One listening port: its behaviour, its capacity and its counters."""
 
-    def __init__(self, behaviour: Behaviour) -> None:
+    def __init__(self, behaviour: Behaviour, faults: FaultPlan | None = None, api_key: str | None = None) -> None:
         self.behaviour = behaviour
+        self.faults = faults
+        self.api_key = api_key
         self.slots = _Slots(behaviour.concurrency) if behaviour.concurrency > 0 else None
         self.calls = 0
         self.samples = 0
@@ -280,8 +290,11 @@ class Endpoint:
 
     def stats(self) -> bytes:
         return json.dumps(
-            {"calls": self.calls, "samples": self.samples, "active": self.active, "peak_active": self.peak_active}
-        ).encode()
+            {
+                "calls": self.calls, "samples": self.samples, "active": self.active, "peak_active": self.peak_active,
+                "faults": dict(self.faults.injected) if self.faults else {},
+            }
+        ).encode()  # fmt: skip
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> bytes:
@@ -356,6 +369,7 @@ class _Connection(asyncio.Protocol):
             path, _, version = rest.partition(" ")
             length = 0
             keep_alive = version == "HTTP/1.1"
+            authorization = ""
             for line in head[1:]:
                 name, _, value = line.partition(":")
                 name = name.strip().lower()
@@ -363,6 +377,8 @@ class _Connection(asyncio.Protocol):
                     length = int(value) if value.strip().isdigit() else -1
                 elif name == "connection":
                     keep_alive = value.strip().lower() != "close"
+                elif name == "authorization":
+                    authorization = value.strip()
             if length < 0:
                 self._finish(_error(400, "bad content-length"), False)
                 return
@@ -370,18 +386,23 @@ class _Connection(asyncio.Protocol):
                 return
             body = bytes(self.buffer[end + 4 : end + 4 + length])
             del self.buffer[: end + 4 + length]
-            self._dispatch(method, path, body, keep_alive)
+            self._dispatch(method, path, body, keep_alive, authorization)
 
-    def _dispatch(self, method: str, path: str, body: bytes, keep_alive: bool) -> None:
+    def _dispatch(self, method: str, path: str, body: bytes, keep_alive: bool, authorization: str = "") -> None:
         endpoint = self.endpoint
         path = path.partition("?")[0]
-        if path in ("/v1/chat/completions", "/chat/completions"):
+        if endpoint.api_key is not None and path != "/stats" and authorization != f"Bearer {endpoint.api_key}":
+            presented = authorization.removeprefix("Bearer ") or "none"
+            self._finish(_error(401, f"Incorrect API key provided: {presented}"), keep_alive)
+        elif path in ("/v1/chat/completions", "/chat/completions"):
             if method != "POST":
                 self._finish(_error(405, "use POST"), keep_alive)
                 return
             request = endpoint.parse(body)
             if isinstance(request, Reply):
                 self._finish(request, keep_alive)
+            elif endpoint.faults is not None and (fault := endpoint.faults.draw()) is not None:
+                self.task = asyncio.get_running_loop().create_task(self._fault(fault, request, keep_alive))
             elif endpoint.is_instant(request):
                 self._finish(Reply(200, endpoint.serve_instantly(request)), keep_alive)
             else:
@@ -399,6 +420,16 @@ class _Connection(asyncio.Protocol):
         self.task = None
         self._after(keep_alive)
 
+    async def _fault(self, kind: str, request: ChatRequest, keep_alive: bool) -> None:
+        assert self.transport is not None and self.endpoint.faults is not None
+        answer = self.endpoint.completion(request)
+        reusable = await inject(kind, self.endpoint.faults, self.transport, answer, request.stream, keep_alive)
+        self.task = None
+        if reusable:
+            self._after(keep_alive)
+        else:
+            self.transport = None
+
     def _finish(self, reply: Reply, keep_alive: bool) -> None:
         assert self.transport is not None
         self.transport.write(_http(reply.status, reply.body, keep_alive))
@@ -414,11 +445,21 @@ class _Connection(asyncio.Protocol):
             self._process()
 
 
-async def serve(behaviour: Behaviour, endpoints: int = 1, host: str = "127.0.0.1", port: int = 0) -> None:
+async def serve(
+    behaviour: Behaviour,
+    endpoints: int = 1,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    faults: dict[str, float] | None = None,
+    fault_seed: int = 0,
+    retry_after_s: float = 1.0,
+    api_key: str | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
     servers = []
     for i in range(endpoints):
-        endpoint = Endpoint(behaviour)
+        plan = FaultPlan(faults, fault_seed, i, retry_after_s) if faults else None
+        endpoint = Endpoint(behaviour, plan, api_key)
         server = await loop.create_server(
             lambda endpoint=endpoint: _Connection(endpoint),
             host,
@@ -449,7 +490,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=0, help="samples in progress per endpoint; 0 = no cap")
     parser.add_argument("--chunk-tokens", type=int, default=1, help="tokens per streamed chunk")
     parser.add_argument("--model", default="fast")
+    parser.add_argument(
+        "--faults", metavar="SPEC", default="",
+        help=f"KIND:RATE,... or all:RATE; kinds: {', '.join(KINDS)} (see bench/faults.py)",
+    )  # fmt: skip
+    parser.add_argument("--fault-seed", type=int, default=0, help="seed of the fault draws")
+    parser.add_argument("--fault-retry-after", type=float, default=1.0, help="Retry-After seconds of a 429 fault")
+    parser.add_argument("--api-key", help="require this bearer key")
     args = parser.parse_args(argv)
+    try:
+        faults = parse_spec(args.faults)
+    except FaultSpecError as exc:
+        parser.error(str(exc))
     behaviour = Behaviour(
         ttft_s=args.ttft_ms / 1000,
         tokens_per_s=args.tokens_per_s,
@@ -459,7 +511,12 @@ def main(argv: list[str] | None = None) -> None:
         chunk_tokens=args.chunk_tokens,
         model=args.model,
     )
-    asyncio.run(serve(behaviour, args.endpoints, args.host, args.port))
+    asyncio.run(
+        serve(
+            behaviour, args.endpoints, args.host, args.port, faults, args.fault_seed, args.fault_retry_after,
+            args.api_key,
+        )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ the server and the backend sharing this machine's cores:
 - time to first streamed chunk: a backend with 100 ms to first token; in
   PaCoRe mode the server sends its first chunk before any backend call ends;
 - requests/s with 200 concurrent clients (each its own connection, a fixed
-  number of requests each).
+  number of requests each);
+- the server's CPU per streamed token it relays (pass-through streams).
 
     python bench/proxy.py [--quick] [--json]
 """
@@ -22,12 +23,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +47,20 @@ STARTUP_TIMEOUT_S = 60.0
 TARGETS = {"passthrough_added_p50_ms": (2.0, False), "pacore_first_chunk_p50_ms": (50.0, False)}
 
 
+@dataclass
+class Server:
+    url: str  # .../v1
+    pid: int
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def pacore_serve(backend_url: str) -> Iterator[str]:
-    """``pacore serve`` on a free port in front of ``backend_url``; yields its /v1 URL."""
+def pacore_serve(backend_url: str) -> Iterator[Server]:
+    """``pacore serve`` on a free port in front of ``backend_url``."""
     command = [
         str(PACORE), "serve", "--port", "0", "--backend", backend_url, "--model", "fast",
         "--max-concurrent-requests", "1000", "--history", "0", "--max-tokens", str(COMPLETION_TOKENS),
@@ -58,7 +72,7 @@ def pacore_serve(backend_url: str) -> Iterator[str]:
         match = re.search(r"listening on (http://\S+)", line)
         if not match:
             raise RuntimeError(f"pacore serve did not start: {line!r}")
-        yield match.group(1).rstrip("/") + "/v1"
+        yield Server(match.group(1).rstrip("/") + "/v1", process.pid)
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -121,6 +135,24 @@ async def requests_per_s(url: str, model: str, per_client: int) -> float:
         await asyncio.gather(*(c.aclose() for c in clients))
 
 
+async def relay_cpu_us_per_token(server: Server, clients: int, per_client: int) -> float:
+    """Server CPU per streamed token relayed, pass-through, ``clients`` streams at once."""
+    payload = json.dumps(body("pacore-1/fast", stream=True)).encode()
+    tokens = 0
+
+    async def client_loop() -> None:
+        nonlocal tokens
+        async with httpx.AsyncClient(timeout=120) as client:
+            for _ in range(per_client):
+                async with client.stream("POST", server.url + "/chat/completions", content=payload) as response:
+                    async for line in response.aiter_lines():
+                        tokens += '"content":"' in line and '"content":""' not in line
+
+    before = server.cpu_s()
+    await asyncio.gather(*(client_loop() for _ in range(clients)))
+    return (server.cpu_s() - before) / tokens * 1e6
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"p50_ms": round(percentile(values, 50), 2), "p99_ms": round(percentile(values, 99), 2)}
 
@@ -129,7 +161,8 @@ async def measure(quick: bool) -> dict[str, Any]:
     count = 100 if quick else 400
     per_client = 2 if quick else 6
     figures: dict[str, Any] = {"machine": machine()}
-    with fast_backend("--completion-tokens", COMPLETION_TOKENS) as backend, pacore_serve(backend.url) as server:
+    with fast_backend("--completion-tokens", COMPLETION_TOKENS) as backend, pacore_serve(backend.url) as served:
+        server = served.url
         direct = await latencies(backend.url, "fast", count)
         passthrough = await latencies(server, "pacore-1/fast", count)
         pacore = await latencies(server, "pacore-4/fast", count // 4)
@@ -144,8 +177,12 @@ async def measure(quick: bool) -> dict[str, Any]:
             "pacore_4": await requests_per_s(server, "pacore-4/fast", max(1, per_client // 2)),
         }
         figures["requests_per_s_200_clients"] = {k: round(v, 1) for k, v in rates.items()}
+        figures["server_cpu_us_per_streamed_token"] = round(
+            await relay_cpu_us_per_token(served, 50, 2 if quick else 6), 1
+        )
     streaming = ("--completion-tokens", COMPLETION_TOKENS, "--ttft-ms", STREAM_TTFT_MS, "--tokens-per-s", 500)
-    with fast_backend(*streaming) as backend, pacore_serve(backend.url) as server:
+    with fast_backend(*streaming) as backend, pacore_serve(backend.url) as served:
+        server = served.url
         count = 20 if quick else 60
         figures["first_chunk_direct"] = summary(await first_chunks(backend.url, "fast", count))
         figures["first_chunk_passthrough"] = summary(await first_chunks(server, "pacore-1/fast", count))
@@ -176,6 +213,10 @@ def report(figures: dict[str, Any]) -> list[str]:
     lines.append(f"requests/s with {CLIENTS} concurrent clients:")
     for key, value in figures["requests_per_s_200_clients"].items():
         lines.append(f"  {key:12} {value:8.1f}")
+    lines.append(
+        f"server CPU per streamed token relayed (pass-through, 50 streams at once): "
+        f"{figures['server_cpu_us_per_streamed_token']} us"
+    )
     return [*lines, "targets:", *target_lines(figures["targets"])]
 
 

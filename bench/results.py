@@ -76,7 +76,8 @@ def targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
         for key, t in figures["targets"].items():
             lines.append(f"| {name} | `{key}` | {t['measured']} | {t['goal']} | {'met' if t['met'] else '**not met**'} |")
             if not t["met"]:
-                unmet.append(f"- `{key}` = {t['measured']} (target {t['goal']}): limited by {LIMITS[key](figures)}.")
+                limit = LIMITS[key](figures) if key in LIMITS else "see the figures below"
+                unmet.append(f"- `{key}` = {t['measured']} (target {t['goal']}): limited by {limit}.")
     if unmet:
         lines += ["", "Targets not met, and what limits them:", "", *unmet]
     return lines

@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pacore.backends.base import Backend, Completion, GenerationParams, Message, text_of
+from pacore.backends.base import (
+    Backend,
+    Completion,
+    GenerationParams,
+    Message,
+    RetryBudget,
+    current_retry_budget,
+    text_of,
+)
 from pacore.errors import (
     BackendError,
     DeadlineExceededError,
@@ -162,6 +170,7 @@ def _trajectory(round_index: int, index: int, completion: Completion) -> Traject
         latency_s=completion.latency_s,
         error=completion.error,
         error_kind=completion.error_kind,
+        failed_attempts=completion.failed_attempts,
     )
 
 
@@ -328,7 +337,7 @@ class _Solve:
             what = "the call failed" if rnd.k == 1 else f"all {rnd.k} trajectories failed"
             raise RoundFailedError(f"{label}: {what}: {first_error}")
         if self.min_success is not None and not rnd.final:
-            needed = max(1, math.ceil(self.min_success * rnd.k))
+            needed = required_successes(rnd.k, self.min_success)
             if succeeded < needed:
                 raise RoundFailedError(
                     f"{label}: only {succeeded} of {rnd.k} trajectories succeeded, "
@@ -336,6 +345,11 @@ class _Solve:
                 )
         if not rnd.final and not rnd.messages:
             raise RoundFailedError(f"{label}: every trajectory came back empty; nothing to synthesize")
+
+
+def required_successes(k: int, min_success: float | None) -> int:
+    """Trajectories of ``k`` that must succeed for a round to go on (at least one)."""
+    return 1 if min_success is None else max(1, math.ceil(min_success * k))
 
 
 async def asample(
@@ -363,7 +377,11 @@ async def asample(
         seed=0, on_event=on_event, min_success=None, stream_answer=False, first_round=None,
     )  # fmt: skip
     rnd = Round(index=0, k=n, started_at=time.time())
-    await state._run_round(rnd, messages, start)
+    budget = current_retry_budget.set(RetryBudget())
+    try:
+        await state._run_round(rnd, messages, start)
+    finally:
+        current_retry_budget.reset(budget)
     return rnd.trajectories
 
 
@@ -427,6 +445,7 @@ async def asolve(
         messages, plan, backend, params, synthesis, shuffle_seed, on_event, min_success,
         stream_answer, first_round,
     )
+    budget = current_retry_budget.set(RetryBudget())
     try:
         clock = asyncio.timeout(deadline)
         try:
@@ -444,6 +463,7 @@ async def asolve(
             on_event(Final(result=exc.result))
         raise
     finally:
+        current_retry_budget.reset(budget)
         if owned:
             await backend.aclose()
     if on_event:

@@ -86,6 +86,11 @@ class BackendError(PacoreError):
     def fatal(self) -> bool:
         return self.kind in FATAL_KINDS
 
+    @property
+    def label(self) -> str:
+        """The kind, with the HTTP status when there is one: ``"status 503"``."""
+        return f"{self.kind} {self.status_code}" if self.status_code else self.kind
+
 
 class RoundFailedError(PacoreError):
     """Too few trajectories of a round succeeded to go on."""

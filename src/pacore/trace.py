@@ -27,6 +27,8 @@ class Trajectory(BaseModel):
     latency_s: float = 0.0
     error: str | None = None
     error_kind: str | None = None
+    #: Failed attempts of this call that were retried, e.g. ``["status 503", "timeout"]``.
+    failed_attempts: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:

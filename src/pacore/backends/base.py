@@ -14,8 +14,11 @@ otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
+
+from pacore.errors import BackendError
 
 Message = dict[str, Any]
 """An OpenAI-style chat message: ``{"role": ..., "content": str | list[part]}``."""
@@ -42,24 +45,59 @@ class GenerationParams:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Which failures are retried and how long to wait between attempts.
+    """Which failures are retried, how long to wait between attempts, and how many retries in all.
 
     Retried: connection errors, timeouts, HTTP 408/409/425/429/5xx and
     malformed answers. Never retried: 400/401/403/404/422 (they would fail
-    again). The wait before attempt ``i`` (from 1) is
-    ``min(backoff_max, backoff_base * 2**(i-1))`` with full jitter, or the
-    server's ``Retry-After`` when it sends one (capped at ``backoff_max``).
+    again). A call makes at most ``max_attempts`` attempts. The wait before
+    attempt ``i`` (from 1) is ``min(backoff_max, backoff_base * 2**(i-1))``
+    with full jitter, or the server's ``Retry-After`` when it sends one
+    (capped at ``backoff_max``).
+
+    Budget: all the calls of one request (one ``asolve`` or ``asample``)
+    share ``budget_min + budget_ratio * calls`` retries, so a struggling
+    server is not sent every call's retries at once; once the budget is
+    spent, a failing call fails at its first error (a failed trajectory).
     """
 
     max_attempts: int = 4
     backoff_base: float = 0.5
     backoff_max: float = 20.0
     retry_statuses: frozenset[int] = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+    budget_min: int = 10
+    budget_ratio: float = 0.5
 
     def delay(self, attempt: int, retry_after: float | None, rand: float) -> float:
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.backoff_max)
         return rand * min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+
+
+class RetryBudget:
+    """What one request's calls have spent of the retry budget (see :class:`RetryPolicy`)."""
+
+    __slots__ = ("calls", "retries")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.retries = 0
+
+    def spend(self, policy: RetryPolicy) -> bool:
+        """Take one retry if ``policy`` allows another; ``False`` once the budget is spent."""
+        if self.retries >= policy.budget_min + policy.budget_ratio * self.calls:
+            return False
+        self.retries += 1
+        return True
+
+
+#: The retry budget of the request being served; the engine opens one per request.
+#: Backend calls made outside a request have none (only ``max_attempts`` applies).
+current_retry_budget: ContextVar[RetryBudget | None] = ContextVar("pacore_retry_budget", default=None)
+
+#: Set by a router around a call to one of its endpoints: given an attempt's
+#: error, says whether another endpoint will take the call over, in which case
+#: the endpoint's backend raises at once instead of retrying it itself.
+retry_elsewhere: ContextVar[Callable[[BackendError], bool] | None] = ContextVar("pacore_retry_elsewhere", default=None)
 
 
 @dataclass(slots=True)
@@ -74,6 +112,8 @@ class Completion:
     latency_s: float = 0.0
     error: str | None = None
     error_kind: str | None = None
+    #: The failed attempts retried before this outcome, e.g. ``("status 503", "timeout")``.
+    failed_attempts: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:

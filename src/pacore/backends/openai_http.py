@@ -45,6 +45,8 @@ from pacore.backends.base import (
     GenerationParams,
     Message,
     RetryPolicy,
+    current_retry_budget,
+    retry_elsewhere,
 )
 from pacore.errors import BackendError, UsageError
 
@@ -175,14 +177,18 @@ class OpenAIBackend(BaseBackend):
         fields["stream_options"] = {"include_usage": True}
         payload = _ChatRequest(messages, fields).payload(1, params.seed)
         started = time.perf_counter()
+        _count_call()
+        failures: list[str] = []
         attempt = 0
         while True:
             attempt += 1
             state = _StreamState()
             try:
                 await self._stream_once(payload, state, on_delta)
-                return state.completion(time.perf_counter() - started)
-            except httpx.TransportError as exc:
+                completion = state.completion(time.perf_counter() - started)
+                completion.failed_attempts = tuple(failures)
+                return completion
+            except httpx.RequestError as exc:
                 error = self._transport_error(exc)
             except BackendError as exc:
                 error = exc
@@ -190,7 +196,7 @@ class OpenAIBackend(BaseBackend):
             # that failed before its first delta is retried.
             if state.chunks:
                 raise error
-            await self._before_retry(error, attempt)
+            await self._before_retry(error, attempt, failures)
 
     # --- sampling ---------------------------------------------------------------
 
@@ -248,12 +254,15 @@ class OpenAIBackend(BaseBackend):
 
     async def _call(self, request: _ChatRequest, n: int, seed: int | None) -> list[Completion]:
         started = time.perf_counter()
+        failures: list[str] = []
         completions = await self._request(
-            "POST", self._chat_url, request.payload(n, seed), lambda data: self._parse_chat(data, n)
+            "POST", self._chat_url, request.payload(n, seed), lambda data: self._parse_chat(data, n), failures
         )
         latency_s = time.perf_counter() - started
+        failed_attempts = tuple(failures)
         for completion in completions:
             completion.latency_s = latency_s
+            completion.failed_attempts = failed_attempts
         return completions
 
     def _parse_chat(self, data: Any, asked: int) -> list[Completion]:
@@ -265,7 +274,12 @@ class OpenAIBackend(BaseBackend):
             completions = [
                 _choice_completion(choice["message"], choice.get("finish_reason")) for choice in choices
             ]
-            usage = data.get("usage") or {}
+            usage = data.get("usage")
+            if not usage:
+                # Accept the answer; estimate what it cost rather than count it as free.
+                for completion in completions:
+                    completion.completion_tokens = _estimated_tokens(completion)
+                return completions
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)
             completions[0].prompt_tokens = prompt_tokens
@@ -310,9 +324,18 @@ class OpenAIBackend(BaseBackend):
     # --- HTTP, retries and errors ------------------------------------------------
 
     async def _request(
-        self, method: str, url: httpx.URL, payload: bytes | None, check: Callable[[Any], T]
+        self,
+        method: str,
+        url: httpx.URL,
+        payload: bytes | None,
+        check: Callable[[Any], T],
+        failures: list[str] | None = None,
     ) -> T:
-        """One JSON request with retries; ``check`` validates the parsed answer."""
+        """One JSON request with retries; ``check`` validates the parsed answer.
+
+        The label of each failed attempt that is retried is added to ``failures``.
+        """
+        _count_call()
         attempt = 0
         while True:
             attempt += 1
@@ -328,20 +351,29 @@ class OpenAIBackend(BaseBackend):
                         kind="protocol",
                     ) from None
                 return check(data)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 error = self._transport_error(exc)
             except BackendError as exc:
                 error = exc
-            await self._before_retry(error, attempt)
+            await self._before_retry(error, attempt, failures)
 
-    async def _before_retry(self, error: BackendError, attempt: int) -> None:
-        """Raise ``error`` if it is final, else wait as the retry policy says."""
+    async def _before_retry(self, error: BackendError, attempt: int, failures: list[str] | None) -> None:
+        """Raise ``error`` if it is final, else note it in ``failures`` and wait as the retry policy says."""
         if not self._retryable(error):
             raise error
+        elsewhere = retry_elsewhere.get()
+        if elsewhere is not None and elsewhere(error):
+            raise error  # a router retries the call on another endpoint
         if attempt >= self.retry.max_attempts:
             if attempt > 1:
                 error.args = (f"{error}; gave up after {attempt} attempts",)
             raise error
+        budget = current_retry_budget.get()
+        if budget is not None and not budget.spend(self.retry):
+            error.args = (f"{error}; not retried: the request's retry budget is spent",)
+            raise error
+        if failures is not None:
+            failures.append(error.label)
         delay = self.retry.delay(attempt, error.retry_after, random.random())
         logger.info("backend call failed (%s); retry %d in %.2fs", error, attempt, delay)
         await asyncio.sleep(delay)
@@ -351,7 +383,7 @@ class OpenAIBackend(BaseBackend):
             return error.status_code in self.retry.retry_statuses
         return error.kind in ("connect", "timeout", "protocol")
 
-    def _transport_error(self, exc: httpx.TransportError) -> BackendError:
+    def _transport_error(self, exc: httpx.RequestError) -> BackendError:
         where = f"backend {self.display_url}"
         if isinstance(exc, httpx.ConnectTimeout):
             return BackendError(f"{where} is unreachable (connection timed out)", kind="connect")
@@ -360,7 +392,10 @@ class OpenAIBackend(BaseBackend):
             return BackendError(f"{where} did not answer{limit}", kind="timeout")
         if isinstance(exc, httpx.ConnectError):
             return BackendError(f"{where} is unreachable ({_reason(exc)})", kind="connect")
-        return BackendError(f"connection to {where} failed ({_reason(exc)})", kind="connect")
+        if isinstance(exc, httpx.TransportError):
+            return BackendError(f"connection to {where} failed ({_reason(exc)})", kind="connect")
+        # Not the connection's fault: an undecodable body, a redirect loop...
+        return BackendError(f"{where} sent an unusable answer ({_reason(exc)})", kind="protocol")
 
     def _status_error(self, response: httpx.Response) -> BackendError:
         status = response.status_code
@@ -580,6 +615,18 @@ def _choice_completion(message: dict[str, Any], finish_reason: str | None) -> Co
         reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
         finish_reason=finish_reason,
     )
+
+
+def _count_call() -> None:
+    """Count a call against the running request's retry budget (each call earns it retries)."""
+    budget = current_retry_budget.get()
+    if budget is not None:
+        budget.calls += 1
+
+
+def _estimated_tokens(completion: Completion) -> int:
+    """Tokens of a completion whose server reported no usage, at about 4 characters a token."""
+    return -(-(len(completion.text) + len(completion.reasoning or "")) // 4)
 
 
 def _offset(seed: int | None, index: int) -> int | None:

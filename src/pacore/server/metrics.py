@@ -6,7 +6,15 @@ live in one process (tests) without their counts mixing.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from pacore.errors import BackendError
 from pacore.trace import Event, RoundFinished, TrajectoryFinished
@@ -22,6 +30,8 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds...
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "pacore_requests", "HTTP requests by endpoint and final status (499: client went away).",
             ["endpoint", "status"], registry=r,
