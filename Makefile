@@ -30,9 +30,11 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest
 
-# Performance figures against the targets (bench/RESULTS.md); BENCH_FLAGS=--quick for a short run.
+# Performance figures against the targets (bench/RESULTS.md) and reliability under injected
+# faults (bench/RELIABILITY.md); BENCH_FLAGS=--quick for a short run.
 bench: setup
 	$(BIN)/python bench/results.py $(BENCH_FLAGS)
+	$(BIN)/python bench/reliability.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -423,12 +423,12 @@ class _Connection(asyncio.Protocol):
     async def _fault(self, kind: str, request: ChatRequest, keep_alive: bool) -> None:
         assert self.transport is not None and self.endpoint.faults is not None
         answer = self.endpoint.completion(request)
-        reusable = await inject(kind, self.endpoint.faults, self.transport, answer, request.stream, keep_alive)
+        in_order = await inject(kind, self.endpoint.faults, self.transport, answer, request.stream, keep_alive)
         self.task = None
-        if reusable:
+        if in_order:
             self._after(keep_alive)
         else:
-            self.transport = None
+            self.transport = None  # the fault closed the connection
 
     def _finish(self, reply: Reply, keep_alive: bool) -> None:
         assert self.transport is not None

@@ -39,9 +39,9 @@ KINDS: dict[str, str] = {
     "down": "closes the connection without a reply; at rate 1 the endpoint is down entirely",
 }
 
-#: Kinds after which the connection can serve the next request.
-_KEEPS_CONNECTION = frozenset({"500", "502", "503", "429", "malformed", "no_choices", "no_usage"})
-_STATUS_REASONS = {500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 429: b"Too Many Requests"}
+_STATUS_REASONS = {
+    500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 429: b"Too Many Requests",
+}
 # Lets the client read what was sent before a reset, so the reset comes mid-body.
 _BEFORE_RESET_S = 0.05
 
@@ -56,13 +56,13 @@ def parse_spec(text: str) -> dict[str, float]:
     for part in text.split(","):
         if not part.strip():
             continue
-        name, sep, value = part.partition(":")
+        name, _, value = part.partition(":")
         name = name.strip().lower()
         try:
             rate = float(value)
         except ValueError:
             raise FaultSpecError(f"fault {part.strip()!r}: expected KIND:RATE, e.g. 503:0.05") from None
-        if not sep or not 0 <= rate <= 1:
+        if not 0 <= rate <= 1:
             raise FaultSpecError(f"fault {part.strip()!r}: the rate must be between 0 and 1")
         kinds = list(KINDS) if name == "all" else [name]
         if name not in KINDS and name != "all":
@@ -103,7 +103,8 @@ async def inject(
 ) -> bool:
     """Answer one call with fault ``kind``; ``completion`` is the good answer's JSON.
 
-    Returns whether the connection may serve another request (else it is closed).
+    Returns whether the reply ended in good HTTP order, so the connection may
+    go on as ``keep_alive`` says; else the fault has closed it.
     """
     if kind == "hang":
         await asyncio.Event().wait()  # until the client gives up and the connection is lost
@@ -113,7 +114,7 @@ async def inject(
     if kind[0].isdigit():
         headers = {"retry-after": f"{plan.retry_after_s:g}"} if kind == "429" else {}
         transport.write(_status(int(kind), headers, keep_alive))
-        return keep_alive
+        return True
     good = json.loads(completion)
     if stream:
         return await _stream_fault(kind, good, transport, keep_alive)
@@ -132,7 +133,7 @@ async def inject(
         return False
     else:
         transport.write(_head(200, b"application/json", len(body), keep_alive) + body)
-    return keep_alive and kind in _KEEPS_CONNECTION
+    return True
 
 
 async def _stream_fault(kind: str, good: dict[str, Any], transport: asyncio.Transport, keep_alive: bool) -> bool:
@@ -158,7 +159,7 @@ async def _stream_fault(kind: str, good: dict[str, Any], transport: asyncio.Tran
         _close(transport, reset=True)
         return False
     transport.write(b"0\r\n\r\n")  # a clean end of the chunked body, whatever came before
-    return keep_alive
+    return True
 
 
 def _close(transport: asyncio.Transport, *, reset: bool) -> None:

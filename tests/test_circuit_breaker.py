@@ -136,13 +136,20 @@ async def test_fatal_errors_are_raised_not_failed_over() -> None:
 
 async def test_with_every_member_out_of_rotation_calls_still_go_to_the_one_due_back_first() -> None:
     router, (a, b), clock = router_of("a", "b")
-    a.error = b.error = fail("connect", "gone")
-    for _ in range(POLICY.failures):
-        with pytest.raises(BackendError, match="gone"):
+    a.error = fail("connect", "a is gone")
+    await calls(router, POLICY.failures * 2)  # a opens, due back at 110
+    clock.now += 5
+    b.error = fail("connect", "b is gone")
+    for _ in range(POLICY.failures):  # nowhere to fail over to: the calls fail
+        with pytest.raises(BackendError, match="b is gone"):
             await router.generate(MESSAGES, 1, PARAMS)
-    assert router.circuit_states() == ["open", "open"]
+    assert router.circuit_states() == ["open", "open"]  # b due back at 115
+
     clock.now += 1
-    b.error = None  # b recovers; a stays down
+    with pytest.raises(BackendError, match="a is gone"):  # tried, not refused
+        await router.generate(MESSAGES, 1, PARAMS)
+    # That failed probe put a back for 20 s (at 126), so b (115) is now due first.
+    b.error = None
     assert await calls(router, 1) == ["b"]
     assert router.circuit_states() == ["open", "closed"]
 
@@ -182,6 +189,7 @@ async def test_the_member_skips_its_own_retries_when_another_endpoint_can_take_t
     async with RouterBackend([failing, healthy]) as router:
         (completion,) = await asyncio.wait_for(router.generate(MESSAGES, 1, PARAMS), timeout=2)
     assert completion.text == "answer 0.0" and len(attempts) == 1
+    assert completion.failed_attempts == ("status 503",)  # the failed-over attempt is on record
 
     # Alone, the same member retries as its policy says.
     fast = RetryPolicy(max_attempts=3, backoff_base=0.001)
@@ -214,12 +222,15 @@ async def test_real_endpoints_one_down_one_failing_one_healthy() -> None:
     ) as healthy:
         urls = [closed_port_url(), failing.url, healthy.url]
         members = [OpenAIBackend(url, model="fast", n_mode="off") for url in urls]
-        async with RouterBackend(members, breaker=BreakerPolicy(failures=3, cooldown_s=60)) as router:
+        async with RouterBackend(members, breaker=BreakerPolicy(failures=POLICY.failures, cooldown_s=60)) as router:
             results = [await asolve("q", schedule=[4], backend=router, params=PARAMS) for _ in range(5)]
             states = router.circuit_states()
         failing_calls = failing.stats()[0]["faults"]["503"]
         assert healthy.stats()[0]["calls"] == 25
     assert all(r.usage.failed_calls == 0 and r.answer == "the answer is" for r in results)
     assert states == ["open", "open", "closed"]
+    failed_over = [a for r in results for rnd in r.rounds for t in rnd.trajectories for a in t.failed_attempts]
+    assert failed_over.count("status 503") == failing_calls
+    assert failed_over.count("connect") >= POLICY.failures
     # Calls in flight when the breaker opened may fail there too, but then none.
     assert POLICY.failures <= failing_calls <= 4 + POLICY.failures

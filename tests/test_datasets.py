@@ -232,6 +232,42 @@ def test_reader_only_raises_dataset_errors(lines: list[str]) -> None:
             assert problem.answer is None or problem.answer.strip()
 
 
+# Raw bytes: invalid UTF-8, byte order marks, NULs, stray brackets around the known shapes.
+raw_files = st.lists(
+    st.binary(max_size=40) | st.sampled_from([b"\xef\xbb\xbf", b"\xff\xfe", b"\x00", b"[", b"]", b","])
+    | lines.map(lambda ls: "\n".join(ls).encode("utf-8", "surrogatepass")),
+    max_size=4,
+).map(b"".join)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(content=raw_files, suffix=st.sampled_from([".jsonl", ".json"]))
+def test_any_bytes_give_problems_or_one_dataset_error(content: bytes, suffix: str) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / f"raw{suffix}"
+        path.write_bytes(content)
+        try:
+            problems = load_dataset(path)
+        except DatasetError as exc:
+            assert str(exc).startswith((f"raw{suffix}", str(path))) and "\n" not in str(exc)
+            return
+        assert problems and all(problem.id for problem in problems)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(records, max_size=5))
+def test_json_list_files_only_raise_dataset_errors(items: list[Any]) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "list.json"
+        path.write_text(json.dumps(items), encoding="utf-8", errors="surrogatepass")
+        try:
+            problems = load_dataset(path)
+        except DatasetError as exc:
+            assert str(exc).startswith(("list.json", str(path)))
+            return
+        assert len(problems) == len(items)
+
+
 # --- fingerprints ----------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -32,7 +33,8 @@ from pacore.server import ServerConfig, create_app
 from pacore.server.completions import Limits, parse_body, plan_request
 from pacore.server.errors import describe
 from server_harness import RunningServer, running_app
-from test_server import error_body
+from test_server import error_body, metric, wait_for
+from test_server_faults import asgi_errors  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.http
 
@@ -113,19 +115,35 @@ def test_a_10_mb_prompt_gets_413_by_default(server):
     assert backend.calls == []
 
 
-def test_a_declared_oversize_body_is_refused_before_it_is_sent(server):
-    running, _ = server
+@contextlib.contextmanager
+def partly_sent(running: RunningServer, content_length: int, body_start: bytes = b"") -> Iterator[socket.socket]:
+    """A connection that sent a chat request's headers and ``body_start``, but not the rest of its body."""
     host, port = running.base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as connection:
-        # Headers only: a server that read the body first would wait here for 10 MB.
         connection.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 10485760\r\n\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (content_length, body_start)
         )
+        yield connection
+
+
+def test_a_declared_oversize_body_is_refused_before_it_is_sent(server):
+    running, _ = server
+    # Headers only: a server that read the body first would wait here for 10 MB.
+    with partly_sent(running, 10 * 1024 * 1024) as connection:
         reply = http.client.HTTPResponse(connection)
         reply.begin()
         assert reply.status == 413
         assert json.loads(reply.read())["error"]["code"] == "request_too_large"
+
+
+def test_a_client_gone_before_its_body_arrived_is_counted_not_logged(server, asgi_errors):  # noqa: F811
+    running, backend = server
+    with partly_sent(running, 1000, b'{"model": "m", '):
+        pass  # and hang up
+    wait_for(lambda: metric(running, "pacore_requests_total", endpoint="/v1/chat/completions", status="499") == 1)
+    assert asgi_errors == []
+    assert backend.calls == []
 
 
 @pytest.mark.parametrize(

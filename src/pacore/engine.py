@@ -11,9 +11,9 @@ import bisect
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pacore.backends.base import (
     Backend,
@@ -47,6 +47,7 @@ from pacore.trace import (
     usage_of,
 )
 
+T = TypeVar("T")
 EventCallback = Callable[[Event], None]
 Prompt = str | Sequence[Message]
 
@@ -347,6 +348,19 @@ class _Solve:
             raise RoundFailedError(f"{label}: every trajectory came back empty; nothing to synthesize")
 
 
+async def within_deadline(work: Awaitable[T], deadline: float | None, where: Callable[[], str]) -> T:
+    """Await ``work``; if ``deadline`` seconds pass first, cancel it and raise
+    :class:`DeadlineExceededError` saying ``where()`` it was."""
+    clock = asyncio.timeout(deadline)
+    try:
+        async with clock:
+            return await work
+    except TimeoutError:
+        if not clock.expired():
+            raise  # a TimeoutError of the backend's own, not our deadline
+        raise DeadlineExceededError(f"deadline of {deadline:g}s exceeded {where()}") from None
+
+
 def required_successes(k: int, min_success: float | None) -> int:
     """Trajectories of ``k`` that must succeed for a round to go on (at least one)."""
     return 1 if min_success is None else max(1, math.ceil(min_success * k))
@@ -447,16 +461,9 @@ async def asolve(
     )
     budget = current_retry_budget.set(RetryBudget())
     try:
-        clock = asyncio.timeout(deadline)
-        try:
-            async with clock:
-                result = await state.run()
-        except TimeoutError:
-            if not clock.expired():
-                raise  # a TimeoutError of the backend's own, not our deadline
-            raise DeadlineExceededError(
-                f"deadline of {deadline:g}s exceeded in round {len(state.rounds)} of {len(plan.ks)}"
-            ) from None
+        result = await within_deadline(
+            state.run(), deadline, lambda: f"in round {len(state.rounds)} of {len(plan.ks)}"
+        )
     except PacoreError as exc:
         exc.result = state.result(error=str(exc))
         if on_event:

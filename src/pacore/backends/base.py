@@ -49,8 +49,8 @@ class RetryPolicy:
 
     Retried: connection errors, timeouts, HTTP 408/409/425/429/5xx and
     malformed answers. Never retried: 400/401/403/404/422 (they would fail
-    again). A call makes at most ``max_attempts`` attempts. The wait before
-    attempt ``i`` (from 1) is ``min(backoff_max, backoff_base * 2**(i-1))``
+    again). A call makes at most ``max_attempts`` attempts. The wait after
+    failed attempt ``i`` (from 1) is ``min(backoff_max, backoff_base * 2**(i-1))``
     with full jitter, or the server's ``Retry-After`` when it sends one
     (capped at ``backoff_max``).
 

@@ -496,6 +496,7 @@ class _ConnectionPool:
         self._gate = asyncio.Semaphore(size)
         self._idle: list[httpx.AsyncClient] = []
         self._clients: list[httpx.AsyncClient] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def _lease(self) -> AsyncIterator[httpx.AsyncClient]:
@@ -503,8 +504,19 @@ class _ConnectionPool:
             client = self._idle.pop() if self._idle else self._open()
             try:
                 yield client
-            finally:
-                self._idle.append(client)
+            except BaseException:
+                # A call cut short (cancelled, reset, timed out) can leave the
+                # connection half-used, and httpcore would hand it out again and
+                # hang (encode/httpcore#1093): never reuse it.
+                self._discard(client)
+                raise
+            self._idle.append(client)
+
+    def _discard(self, client: httpx.AsyncClient) -> None:
+        self._clients.remove(client)
+        closing = asyncio.get_running_loop().create_task(client.aclose())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     def _open(self) -> httpx.AsyncClient:
         client = httpx.AsyncClient(**self._options)
@@ -522,7 +534,7 @@ class _ConnectionPool:
 
     async def aclose(self) -> None:
         clients, self._clients, self._idle = self._clients, [], []
-        await asyncio.gather(*(client.aclose() for client in clients))
+        await asyncio.gather(*(client.aclose() for client in clients), *self._closing)
 
 
 class _ChatRequest:

@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from pacore.backends.base import (
     Backend,
@@ -35,7 +34,6 @@ from pacore.backends.base import (
 from pacore.errors import BackendError, UsageError
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: Failures worth another endpoint: the next one may well answer.
 FAILOVER_KINDS = frozenset({"connect", "timeout", "status", "protocol"})
@@ -159,9 +157,15 @@ class RouterBackend(BaseBackend):
         now = self._clock()
         return any(i not in tried and c.available(now) for i, c in enumerate(self._circuits))
 
-    async def _route(self, call: Callable[[Backend], Awaitable[T]], n: int, delivered: Callable[[], bool]) -> T:
-        """Run ``call`` on a member, failing over to others while the failure is transient."""
+    async def _route(
+        self, call: Callable[[Backend], Awaitable[list[Completion]]], n: int, delivered: Callable[[], bool]
+    ) -> list[Completion]:
+        """Run ``call`` on a member, failing over to others while the failure is transient.
+
+        The failures that were failed over are listed first in each completion's ``failed_attempts``.
+        """
         tried: list[int] = []
+        failed_over: list[str] = []
         while True:
             member = self.pick(tried)
             tried.append(member)
@@ -176,9 +180,13 @@ class RouterBackend(BaseBackend):
                 self._record(member, error, probe)
                 if delivered() or not self._can_fail_over(error, tried):
                     raise
+                failed_over.append(error.label)
                 logger.info("%s failed (%s); trying another endpoint", self.backends[member].name, error)
             else:
                 self._record(member, None, probe)
+                if failed_over:
+                    for completion in result:
+                        completion.failed_attempts = (*failed_over, *completion.failed_attempts)
                 return result
             finally:
                 retry_elsewhere.reset(hook)
@@ -225,8 +233,12 @@ class RouterBackend(BaseBackend):
             relayed = True
             on_delta(content, reasoning)
 
+        async def one_stream(backend: Backend) -> list[Completion]:
+            return [await backend.stream(messages, params, relay)]
+
         # Deltas already delivered cannot be taken back: a stream fails over only before its first.
-        return await self._route(lambda backend: backend.stream(messages, params, relay), 1, lambda: relayed)
+        (completion,) = await self._route(one_stream, 1, lambda: relayed)
+        return completion
 
     async def aclose(self) -> None:
         """Close every member, then raise the first failure, if any."""

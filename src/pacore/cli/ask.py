@@ -15,7 +15,9 @@ from pacore.cli.main import app
 from pacore.cli.options import (
     ApiKeyOption,
     BackendOption,
+    DeadlineOption,
     MaxTokensOption,
+    MinSuccessOption,
     ModelOption,
     RetriesOption,
     ScheduleOption,
@@ -24,6 +26,7 @@ from pacore.cli.options import (
     TemplateOption,
     TimeoutOption,
     TopPOption,
+    check_limits,
     solve_setup,
 )
 from pacore.cli.progress import open_progress, summary_line
@@ -134,6 +137,8 @@ def ask(
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
     seed: SeedOption = None,
+    deadline: DeadlineOption = None,
+    min_success: MinSuccessOption = None,
     backend: BackendOption = None,
     model: ModelOption = None,
     api_key: ApiKeyOption = None,
@@ -145,6 +150,7 @@ def ask(
     The answer goes to stdout; progress and a one-line summary go to stderr.
     """
     messages = build_messages(read_question(question), image or [], system)
+    check_limits(deadline=deadline, min_success=min_success)
     setup = solve_setup(
         backend=backend, model=model, api_key=api_key, timeout=timeout, retries=retries,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -160,6 +166,8 @@ def ask(
                 params=setup.params,
                 template=setup.template,
                 on_event=on_event,
+                deadline=deadline,
+                min_success=min_success,
             )
         finally:
             await setup.backend.aclose()

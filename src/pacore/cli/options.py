@@ -107,6 +107,28 @@ ScheduleOption = Annotated[
         rich_help_panel=GENERATION_PANEL,
     ),
 ]
+DeadlineOption = Annotated[
+    float | None,
+    typer.Option(
+        "--deadline",
+        metavar="SECONDS",
+        help="Give up on a request (in 'pacore run': on a problem) after this long; the rounds "
+        "computed so far are kept in its trace.",
+        rich_help_panel=GENERATION_PANEL,
+        show_default=False,
+    ),
+]
+MinSuccessOption = Annotated[
+    float | None,
+    typer.Option(
+        "--min-success",
+        metavar="FRACTION",
+        help="Fraction of a coordinated round's trajectories (or of majority's samples) that must "
+        "succeed to go on, e.g. 0.5 \\[default: at least one].",
+        rich_help_panel=GENERATION_PANEL,
+        show_default=False,
+    ),
+]
 TemplateOption = Annotated[
     Path | None,
     typer.Option(
@@ -138,6 +160,14 @@ def generation_params(
     if not 0 < top_p <= 1:
         raise UsageError(f"--top-p must be greater than 0 and at most 1, got {top_p:g}")
     return GenerationParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+
+
+def check_limits(*, deadline: float | None, min_success: float | None) -> None:
+    """Refuse a bad ``--deadline`` or ``--min-success`` before any work starts."""
+    if deadline is not None and not deadline > 0:
+        raise UsageError(f"--deadline must be a positive number of seconds, got {deadline:g}")
+    if min_success is not None and not 0 < min_success <= 1:
+        raise UsageError(f"--min-success must be a fraction greater than 0 and at most 1, got {min_success:g}")
 
 
 def load_template(path: Path | None, schedule: Schedule) -> SynthesisTemplate:

@@ -21,7 +21,9 @@ from pacore.cli.main import app
 from pacore.cli.options import (
     ApiKeyOption,
     BackendOption,
+    DeadlineOption,
     MaxTokensOption,
+    MinSuccessOption,
     ModelOption,
     RetriesOption,
     ScheduleOption,
@@ -30,6 +32,7 @@ from pacore.cli.options import (
     TemplateOption,
     TimeoutOption,
     TopPOption,
+    check_limits,
     generation_params,
     load_template,
     open_backends,
@@ -255,6 +258,8 @@ def run(
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
     seed: SeedOption = None,
+    deadline: DeadlineOption = None,
+    min_success: MinSuccessOption = None,
     backend: BackendOption = None,
     model: ModelOption = None,
     api_key: ApiKeyOption = None,
@@ -267,6 +272,7 @@ def run(
     """
     arm = Arm.build(method, schedule=schedule, samples=samples)
     params = generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    check_limits(deadline=deadline, min_success=min_success)
     synthesis = load_template(template, arm.schedule)
     problems = load_dataset(data, limit=limit, offset=offset, shuffle=shuffle, seed=seed or 0)
     opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries)
@@ -280,7 +286,7 @@ def run(
     with BatchRun.open(
         out, problems, dataset_path=data, arm=arm, backend=opened, params=params, template=synthesis,
         pool_size=pool_size, concurrency=concurrency, retry_failed=retry_failed, add_arm=add_arm,
-        force=force,
+        force=force, deadline=deadline, min_success=min_success,
     ) as batch:  # fmt: skip
         if not quiet:
             for line in plan_lines(batch.plan, arm.name, out, len(problems), data):

@@ -13,6 +13,7 @@ from pacore.cli.main import app
 from pacore.cli.options import (
     BACKEND_PANEL,
     BackendOption,
+    DeadlineOption,
     MaxTokensOption,
     ModelOption,
     RetriesOption,
@@ -21,11 +22,12 @@ from pacore.cli.options import (
     TemplateOption,
     TimeoutOption,
     TopPOption,
+    check_limits,
     generation_params,
     load_template,
     open_backends,
 )
-from pacore.errors import PacoreError, UsageError
+from pacore.errors import PacoreError
 from pacore.schedule import Schedule
 
 SERVER_PANEL = "Server"
@@ -93,14 +95,6 @@ def serve(
             help="Largest request body accepted (413 beyond) \\[default: 8 MiB].",
         ),  # fmt: skip
     ] = None,
-    deadline: Annotated[
-        float | None,
-        _server_option(
-            "--deadline", metavar="SECONDS",
-            help="Longest a request may run; then it fails with 504 and its backend calls are cancelled "
-            "\\[default: no limit].",
-        ),  # fmt: skip
-    ] = None,
     grace_period: Annotated[
         float,
         _server_option(
@@ -116,6 +110,7 @@ def serve(
         ),
     ] = 100,
     schedule: ScheduleOption = "medium",
+    deadline: DeadlineOption = None,
     template: TemplateOption = None,
     max_tokens: MaxTokensOption = None,
     temperature: TemperatureOption = 1.0,
@@ -144,8 +139,7 @@ def serve(
 
     keys = api_key if api_key else [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     plan = Schedule.parse(schedule)
-    if deadline is not None and deadline <= 0:
-        raise UsageError(f"--deadline must be positive, got {deadline:g}")
+    check_limits(deadline=deadline, min_success=None)
     limits = {"max_body_bytes": max_body_bytes} if max_body_bytes is not None else {}
     config = ServerConfig(
         schedule=plan,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import random
 import re
 import time
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pacore.backends.base import Backend, GenerationParams
-from pacore.engine import asample, asolve
+from pacore.engine import asample, asolve, required_successes, within_deadline
 from pacore.errors import DatasetError, PacoreError, RoundFailedError, RunConflictError, UsageError
 from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.grading import extract_answer, grade, majority_vote
@@ -45,6 +46,8 @@ from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
 from pacore.trace import Event, Result, Round, RoundStarted, Trajectory, TrajectoryFinished, usage_of
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("pacore", "single", "majority")
 DEFAULT_SAMPLES = 16
@@ -241,6 +244,8 @@ class BatchRun:
         template: SynthesisTemplate,
         concurrency: int,
         plan: RunPlan,
+        deadline: float | None = None,
+        min_success: float | None = None,
     ) -> None:
         self.store = store
         self.problems = problems
@@ -250,6 +255,9 @@ class BatchRun:
         self.template = template
         self.concurrency = concurrency
         self.plan = plan
+        #: Seconds each problem may take (its pool sampling, if any, gets as long again).
+        self.deadline = deadline
+        self.min_success = min_success
         self.draw_seed = params.seed if params.seed is not None else 0
         statuses = store.statuses(arm.name)
         wanted = {"pending", "failed"} if plan.retry_failed else {"pending"}
@@ -276,8 +284,15 @@ class BatchRun:
         retry_failed: bool = True,
         add_arm: bool = False,
         force: bool = False,
+        deadline: float | None = None,
+        min_success: float | None = None,
     ) -> BatchRun:
-        """Open (or create) ``run_dir`` for ``arm``; refuse what does not fit it."""
+        """Open (or create) ``run_dir`` for ``arm``; refuse what does not fit it.
+
+        ``deadline`` is in seconds per problem (filling its trajectory pool, if
+        needed, gets as long again); ``min_success`` is the fraction of a
+        coordinated round's trajectories (or of majority's samples) that must succeed.
+        """
         problems = list(problems)
         if not problems:
             raise DatasetError(f"{dataset_path}: no problems to run")
@@ -328,7 +343,7 @@ class BatchRun:
                 pool_size=info.pool_size,
                 set_aside=moved,
             )
-            return cls(store, problems, arm, backend, params, template, concurrency, plan)
+            return cls(store, problems, arm, backend, params, template, concurrency, plan, deadline, min_success)
         except BaseException:
             store.close()
             raise
@@ -377,6 +392,9 @@ class BatchRun:
         except PacoreError as exc:
             trace = exc.result or trace
             return _failed(problem, str(exc), trace, time.perf_counter() - started)
+        except Exception as exc:  # one problem's unforeseen failure is recorded; the run goes on
+            logger.debug("problem %s failed unexpectedly", problem.id, exc_info=True)
+            return _failed(problem, f"unexpected {type(exc).__name__}: {exc}", None, time.perf_counter() - started)
         finally:
             tracker.close()
         answer = trace.answer
@@ -407,20 +425,26 @@ class BatchRun:
                 template=self.template,
                 first_round=first,
                 on_event=tracker,
+                deadline=self.deadline,
+                min_success=self.min_success,
             )
         if arm.method == "single" and first is None:
             return await asolve(
                 problem.messages, schedule=arm.schedule, backend=self.backend, params=self.params,
-                on_event=tracker,
+                on_event=tracker, deadline=self.deadline,
             )  # fmt: skip
         started = time.perf_counter()
         if first is None:
             tracker.expect(arm.first_round_size)
-            first = await asample(
-                problem.messages, arm.first_round_size, backend=self.backend, params=self.params,
-                on_event=tracker,
-            )  # fmt: skip
+            first = await self._sample(problem, arm.first_round_size, tracker)
         return self._sampled_trace(problem, first, time.perf_counter() - started)
+
+    async def _sample(self, problem: Problem, n: int, tracker: _ProblemTracker, start: int = 0) -> list[Trajectory]:
+        """``n`` first-round samples of ``problem``, within the deadline."""
+        samples = asample(
+            problem.messages, n, backend=self.backend, params=self.params, start=start, on_event=tracker
+        )
+        return await within_deadline(samples, self.deadline, lambda: "while sampling")
 
     def _sampled_trace(self, problem: Problem, samples: list[Trajectory], elapsed_s: float) -> Result:
         """The trace of ``single`` (from a pool) or ``majority``: one round of samples, no synthesis."""
@@ -437,9 +461,16 @@ class BatchRun:
             seed=self.params.seed,
             elapsed_s=elapsed_s,
         )
-        if not rnd.succeeded:
+        needed = required_successes(len(samples), self.min_success if self.arm.method == "majority" else None)
+        if rnd.succeeded < needed:
             error = next((t.error for t in samples if t.error), "no sample ran")
-            what = "the call failed" if len(samples) == 1 else f"all {len(samples)} samples failed"
+            if rnd.succeeded:
+                what = (
+                    f"only {rnd.succeeded} of {len(samples)} samples succeeded, {needed} required "
+                    f"(min_success={self.min_success:g})"
+                )
+            else:
+                what = "the call failed" if len(samples) == 1 else f"all {len(samples)} samples failed"
             failure = RoundFailedError(f"{what}: {error}")
             failure.result = trace.model_copy(update={"error": str(failure)})
             raise failure
@@ -458,10 +489,7 @@ class BatchRun:
         if len(pool) < size:
             start = max((t.index for t in pool), default=-1) + 1
             tracker.expect(size - len(pool))
-            fresh = await asample(
-                problem.messages, size - len(pool), backend=self.backend, params=self.params,
-                start=start, on_event=tracker,
-            )  # fmt: skip
+            fresh = await self._sample(problem, size - len(pool), tracker, start)
             # Failed samples are not pooled: the next run generates them again.
             kept = [t for t in fresh if t.ok]
             self.store.add_pool(problem.id, kept)

@@ -24,6 +24,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacore.backends.base import Backend, GenerationParams
@@ -409,8 +410,13 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
         },
     )  # fmt: skip
     async def chat_completions(request: Request) -> Response:
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            # Gone while sending its request: nobody to answer, nothing to log.
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         plan = plan_request(
-            parse_body(await request.body(), request.headers.get("content-type")),
+            parse_body(body, request.headers.get("content-type")),
             default=config.schedule,
             params=config.params,
             limits=config.limits,
