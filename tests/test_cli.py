@@ -202,6 +202,8 @@ USAGE_ERRORS = [
     (["ask", "q", "--max-tokens", "0"], "", "--max-tokens must be at least 1"),
     (["ask", "q", "--top-p", "1.5"], "", "--top-p"),
     (["ask", "q", "--timeout", "0"], "", "--timeout must be positive"),
+    (["ask", "q", "--timeout", "nan"], "", "--timeout must be positive"),
+    (["ask", "q", "--temperature", "nan"], "", "--temperature must be 0 or more and finite"),
     (["ask", "q", "--retries", "-1"], "", "--retries must be 0 or more"),
     (["ask", "q", "--backend", "ftp://example"], "", "unknown backend"),
     (["ask", "q", "--backend", "http://"], "", "invalid backend url"),
@@ -344,6 +346,11 @@ async def test_progress_counts_failed_trajectories() -> None:
     result = await asolve("q", schedule=[3], backend=backend, on_event=state.apply)
     assert (state.usage.calls, state.usage.failed_calls) == (4, 1)
     assert "4 calls (1 failed)" in summary_line(result)
+
+
+async def test_summary_line_says_one_round_one_call_in_the_singular() -> None:
+    result = await asolve("q", schedule="off", backend=ScriptedBackend())
+    assert summary_line(result).startswith("1 round, 1 call, ")
 
 
 def test_live_progress_renders_the_current_round() -> None:

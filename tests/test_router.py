@@ -145,6 +145,17 @@ async def test_engine_spreads_a_round_over_real_endpoints() -> None:
 
 
 @pytest.mark.http
+async def test_asolve_takes_a_list_of_backend_specs() -> None:
+    with fast_backend("--endpoints", 2, "--completion-tokens", 4) as server:
+        result = await asolve("q", schedule=[4], backend=server.urls, params=PARAMS)
+        served = [s["samples"] for s in server.stats()]
+    assert result.usage.calls == 5 and result.usage.failed_calls == 0
+    assert all(samples > 0 for samples in served) and sum(served) == 5
+    with pytest.raises(UsageError, match="list of specs"):
+        await asolve("q", backend=["http://127.0.0.1:9/v1", 42])
+
+
+@pytest.mark.http
 def test_cli_accepts_several_backends() -> None:
     pacore = Path(sys.executable).parent / "pacore"
     with fast_backend("--endpoints", 2, "--completion-tokens", 4) as server:

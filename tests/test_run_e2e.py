@@ -168,7 +168,7 @@ def test_failed_problems_exit_1_and_are_retried(data: Path, tmp_path: Path) -> N
                      "--backend", closed, "--retries", "0", "--model", "m")  # fmt: skip
     assert process.returncode == 1
     assert "[1/2] p0: failed: round 1: the call failed:" in process.stderr  # one line per problem in a pipe
-    assert process.stdout.startswith("pacore-1: 0/2 answered, 2 failed")
+    assert process.stdout.startswith("pacore-1: 0/2 answered, 2 failed, accuracy n/a")
     assert process.stderr.splitlines()[-1].startswith("pacore: error: 2 of 2 problems failed")
     again = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1",
                    "--backend", closed, "--retries", "0", "--model", "m")  # fmt: skip

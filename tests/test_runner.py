@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,27 @@ async def test_progress_counts_problems_tokens_and_flight(tmp_path: Path) -> Non
     assert max(flight for flight, _ in seen) == 4  # two problems, two first-round trajectories each
     assert progress.accuracy == 1.0 and progress.eta_s == 0
 
+
+
+async def test_commits_and_grading_run_off_the_event_loop(tmp_path: Path, monkeypatch) -> None:
+    # A commit waits for fsync and math-verify may take 100s of ms: on the loop they would stall every call.
+    import pacore.eval.runner as runner_module
+
+    used: dict[str, set[threading.Thread]] = {}
+
+    def spy(name: str, function):
+        def wrapper(*args, **kwargs):
+            used.setdefault(name, set()).add(threading.current_thread())
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(runner_module, "grade", spy("grade", runner_module.grade))
+    for method in ("record", "pool", "add_pool"):
+        monkeypatch.setattr(RunStore, method, spy(method, getattr(RunStore, method)))
+    backend = ScriptedBackend(respond=right_after_synthesis)
+    summary = await run(tmp_path, backend, Arm.build("pacore", schedule="2"), pool_size=2)
+    assert (summary.answered, summary.correct) == (3, 3)
+    assert set(used) == {"grade", "record", "pool", "add_pool"}
+    assert all(threading.current_thread() not in threads for threads in used.values())
+    assert len(set().union(*used.values())) == 1  # one worker thread keeps the store's work in order

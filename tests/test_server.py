@@ -8,9 +8,13 @@ The real embedded model is exercised in test_server_model.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -21,7 +25,10 @@ from fakes import Call, StreamingScriptedBackend, fail
 from pacore.backends.base import Completion
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
-from server_harness import RunningServer, running_app
+from server_harness import RunningServer, running_app, running_cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from harness import fast_backend  # noqa: E402
 
 pytestmark = pytest.mark.http
 
@@ -517,3 +524,42 @@ def test_history_keeps_only_the_last_n_requests(fake):
         listing = httpx.get(f"{running.base_url}/ui/api/requests").json()["data"]
         assert [r["id"] for r in listing] == ids[:0:-1]
         assert httpx.get(f"{running.base_url}/ui/api/requests/{ids[0]}").status_code == 404
+
+
+def test_history_db_keeps_the_last_n_finished_requests_across_restarts(tmp_path):
+    config = ServerConfig(schedule=Schedule.parse([2]), history=2, history_db=tmp_path / "history.sqlite")
+    with running_app(backend(), config) as running:
+        ids = [ask(running).id for _ in range(3)]
+    with running_app(backend(), config) as running:
+        listing = httpx.get(f"{running.base_url}/ui/api/requests").json()["data"]
+        assert [(r["id"], r["status"]) for r in listing] == [(ids[2], "done"), (ids[1], "done")]
+        detail = httpx.get(f"{running.base_url}/ui/api/requests/{ids[2]}").json()
+        assert detail["answer"] == FINAL and detail["final_answer"] == "42"
+        assert [(r["k"], len(r["trajectories"])) for r in detail["rounds"]] == [(2, 2), (1, 1)]
+        assert httpx.get(f"{running.base_url}/ui/api/requests/{ids[0]}").status_code == 404
+        newest = ask(running).id
+    with running_app(backend(), config) as running:
+        listing = httpx.get(f"{running.base_url}/ui/api/requests").json()["data"]
+        assert [r["id"] for r in listing] == [newest, ids[2]]
+
+
+def test_history_db_rows_that_cannot_be_read_are_skipped(tmp_path):
+    config = ServerConfig(schedule=Schedule.parse([1]), history_db=tmp_path / "history.sqlite")
+    with running_app(backend(), config) as running:
+        ids = [ask(running).id for _ in range(2)]
+    with contextlib.closing(sqlite3.connect(config.history_db)) as db, db:
+        db.execute("UPDATE requests SET detail_json = '{}' WHERE id = ?", (ids[0],))
+    with running_app(backend(), config) as running:
+        listing = httpx.get(f"{running.base_url}/ui/api/requests").json()["data"]
+    assert [r["id"] for r in listing] == [ids[1]]
+
+
+def test_serve_history_db_from_the_command_line(tmp_path):
+    database = tmp_path / "history.sqlite"
+    with fast_backend("--completion-tokens", 4) as upstream:
+        args = ("--backend", upstream.urls[0], "--schedule", "2", "--history-db", str(database))
+        with running_cli(*args) as (running, _):
+            first = ask(running, model="pacore-2/fast").id
+        with running_cli(*args) as (running, _):
+            listing = httpx.get(f"{running.base_url}/ui/api/requests").json()["data"]
+    assert [(r["id"], r["status"]) for r in listing] == [(first, "done")]

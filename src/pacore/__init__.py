@@ -5,18 +5,25 @@ The whole public API::
     import pacore
     result = pacore.solve("How many primes are below 100?", schedule="low")
     print(result.answer, result.usage.completion_tokens)
+
+Evaluation (data sets, graders, batch runs, reports, training export) lives
+in :mod:`pacore.eval`, RL rewards in :mod:`pacore.rewards`, the server in
+:mod:`pacore.server`.
 """
 
 from pacore.backends import (
     Backend,
     BaseBackend,
+    BreakerPolicy,
     Completion,
     GenerationParams,
+    LlamaCppBackend,
     RetryPolicy,
+    RouterBackend,
     open_backend,
     register_backend,
 )
-from pacore.engine import asolve, compact, iter_solve, solve
+from pacore.engine import asample, asolve, compact, iter_solve, solve
 from pacore.errors import (
     BackendError,
     DatasetError,
@@ -52,6 +59,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BaseBackend",
+    "BreakerPolicy",
     "Completion",
     "DatasetError",
     "DeadlineExceededError",
@@ -59,6 +67,8 @@ __all__ = [
     "Final",
     "GenerationParams",
     "InputError",
+    "LlamaCppBackend",
+    "OpenAIBackend",
     "PacoreError",
     "Result",
     "RetryPolicy",
@@ -66,6 +76,7 @@ __all__ = [
     "RoundFailedError",
     "RoundFinished",
     "RoundStarted",
+    "RouterBackend",
     "Schedule",
     "ScheduleError",
     "StoreError",
@@ -76,6 +87,7 @@ __all__ = [
     "Usage",
     "UsageError",
     "__version__",
+    "asample",
     "asolve",
     "compact",
     "iter_solve",
@@ -83,3 +95,12 @@ __all__ = [
     "register_backend",
     "solve",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # OpenAIBackend is imported on first use (see pacore.backends).
+    if name == "OpenAIBackend":
+        from pacore.backends import OpenAIBackend
+
+        return OpenAIBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -403,7 +403,7 @@ async def asolve(
     prompt: Prompt,
     *,
     schedule: Schedule | str | int | Sequence[int] | None = None,
-    backend: Backend | str | None = None,
+    backend: Backend | str | Sequence[str] | None = None,
     params: GenerationParams | None = None,
     template: SynthesisTemplate | str | Path | None = None,
     seed: int | None = None,
@@ -418,8 +418,10 @@ async def asolve(
     ``prompt`` is a string or an OpenAI-style message list (text and image
     parts). ``schedule`` lists the coordinated rounds' trajectory counts (a
     final single-trajectory round is appended). ``backend`` is a Backend, a
-    backend spec (``http://host:port/v1``, ``gguf:/path``) or ``None`` for
-    the embedded model. ``seed`` makes the reference shuffle reproducible
+    backend spec (``http://host:port/v1``, ``gguf:/path``), a list of specs
+    (calls go to the least busy, see :func:`pacore.open_backend`) or ``None``
+    for the embedded model; a backend opened from specs is closed before
+    returning. ``seed`` makes the reference shuffle reproducible
     (defaults to ``params.seed``, else 0). ``min_success`` is the fraction of
     a coordinated round's trajectories that must succeed (default: one).
     ``deadline`` is in seconds for the whole request. With ``stream_answer``
@@ -448,8 +450,10 @@ async def asolve(
     shuffle_seed = seed if seed is not None else (params.seed if params.seed is not None else 0)
 
     owned = not isinstance(backend, Backend)
-    if owned and not (backend is None or isinstance(backend, str)):
-        raise UsageError(f"backend must be a Backend, a backend spec string or None, not {backend!r}")
+    if owned and not (backend is None or isinstance(backend, str) or _is_spec_list(backend)):
+        raise UsageError(
+            f"backend must be a Backend, a backend spec string, a list of specs or None, not {backend!r}"
+        )
     if owned:
         from pacore.backends import open_backend
 
@@ -476,6 +480,14 @@ async def asolve(
     if on_event:
         on_event(Final(result=result))
     return result
+
+
+def _is_spec_list(value: object) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, (str, bytes, bytearray))
+        and all(isinstance(spec, str) for spec in value)
+    )
 
 
 def solve(prompt: Prompt, **options: Any) -> Result:

@@ -29,7 +29,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -198,7 +198,7 @@ class RunStore:
         elif not path.is_file():
             raise RunConflictError(f"{run_dir} is not a run directory (no {DB_NAME}); create one with 'pacore run'")
         try:
-            store = cls(run_dir, _connect(path), lock_fd)
+            store = cls(run_dir, connect(path), lock_fd)
             store.migrate()
         except sqlite3.DatabaseError as exc:
             if lock_fd is not None:
@@ -213,7 +213,7 @@ class RunStore:
         """
         self.db.close()
         moved = _set_aside(self.run_dir / DB_NAME)
-        self.db = _connect(self.run_dir / DB_NAME)
+        self.db = connect(self.run_dir / DB_NAME)
         self.migrate()
         return moved
 
@@ -229,39 +229,17 @@ class RunStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.db)
 
     # --- schema ---------------------------------------------------------
 
     def migrate(self) -> list[str]:
         """Apply pending migrations, each in its own transaction; returns their names."""
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
-        )
-        applied = self.applied_migrations()
-        newly: list[str] = []
-        for function in MIGRATIONS:
-            if function.__name__ in applied:
-                continue
-            with self.transaction() as db:
-                function(db)
-                db.execute(
-                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
-                    (function.__name__, _now()),
-                )
-            newly.append(function.__name__)
-        return newly
+        return migrate(self.db, MIGRATIONS)
 
     def applied_migrations(self) -> set[str]:
-        return {row["name"] for row in self.db.execute("SELECT name FROM schema_migrations")}
+        return applied_migrations(self.db)
 
     # --- run and problems ----------------------------------------------
 
@@ -440,8 +418,41 @@ def _lock(run_dir: Path) -> int:
     return fd
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, timeout=30)
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on ``db``, rolled back if anything fails."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def migrate(db: sqlite3.Connection, migrations: Iterable[Migration]) -> list[str]:
+    """Apply the ``migrations`` not yet recorded in ``db``, each in its own transaction; returns their names."""
+    db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    applied = applied_migrations(db)
+    newly: list[str] = []
+    for function in migrations:
+        if function.__name__ in applied:
+            continue
+        with transaction(db):
+            function(db)
+            db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (function.__name__, _now()))
+        newly.append(function.__name__)
+    return newly
+
+
+def applied_migrations(db: sqlite3.Connection) -> set[str]:
+    return {row["name"] for row in db.execute("SELECT name FROM schema_migrations")}
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to the database at ``path`` with the store's durability settings."""
+    # Written from a worker thread (batch runs, the server history), not the one that opened it.
+    db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit survives power loss too, not only a killed process;

@@ -21,6 +21,8 @@ from pacore.backends.base import (
     Message,
     RetryPolicy,
 )
+from pacore.backends.llama_cpp import LlamaCppBackend
+from pacore.backends.router import BreakerPolicy, RouterBackend
 from pacore.errors import UsageError
 
 BackendFactory = Callable[..., Backend]
@@ -43,15 +45,11 @@ def _openai(spec: str, **options: Any) -> Backend:
 
 
 def _gguf(spec: str, **options: Any) -> Backend:
-    from pacore.backends.llama_cpp import LlamaCppBackend
-
     path = spec.removeprefix("gguf:")
     return LlamaCppBackend(path or None, **_local_options(options))
 
 
 def _embedded(spec: str, **options: Any) -> Backend:
-    from pacore.backends.llama_cpp import LlamaCppBackend
-
     return LlamaCppBackend(None, **_local_options(options))
 
 
@@ -82,8 +80,6 @@ def open_backend(spec: str | Sequence[str] | None = None, **options: Any) -> Bac
     if spec is not None and not isinstance(spec, str):
         specs = list(spec)
         if len(specs) > 1:
-            from pacore.backends.router import RouterBackend
-
             return RouterBackend([open_backend(one, **options) for one in specs])
         spec = specs[0] if specs else None
     if spec is None or not spec.strip():
@@ -103,10 +99,24 @@ def open_backend(spec: str | Sequence[str] | None = None, **options: Any) -> Bac
 __all__ = [
     "Backend",
     "BaseBackend",
+    "BreakerPolicy",
     "Completion",
     "GenerationParams",
+    "LlamaCppBackend",
     "Message",
+    "OpenAIBackend",
     "RetryPolicy",
+    "RouterBackend",
     "open_backend",
     "register_backend",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the HTTP client costs import time that users of
+    # the embedded model need not pay.
+    if name == "OpenAIBackend":
+        from pacore.backends.openai_http import OpenAIBackend
+
+        return OpenAIBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ values with the same one-line messages.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
@@ -57,7 +58,7 @@ TimeoutOption = Annotated[
     typer.Option(
         "--timeout",
         metavar="SECONDS",
-        help="Per-request timeout for HTTP backends \\[default: the backend's].",
+        help="Timeout of each attempt of an HTTP call \\[default: the backend's].",
         rich_help_panel=BACKEND_PANEL,
     ),
 ]
@@ -155,8 +156,8 @@ def generation_params(
 ) -> GenerationParams:
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if temperature < 0:
-        raise UsageError(f"--temperature must be 0 or more, got {temperature:g}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"--temperature must be 0 or more and finite, got {temperature:g}")
     if not 0 < top_p <= 1:
         raise UsageError(f"--top-p must be greater than 0 and at most 1, got {top_p:g}")
     return GenerationParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
@@ -202,7 +203,7 @@ def open_backends(
     that sends each call to the least busy of them (see ``pacore.backends.router``).
     """
     specs = [spec for spec in specs or () if spec.strip()]
-    if timeout is not None and timeout <= 0:
+    if timeout is not None and not timeout > 0:  # NaN too
         raise UsageError(f"--timeout must be positive, got {timeout:g}")
     if retries is not None and retries < 0:
         raise UsageError(f"--retries must be 0 or more, got {retries}")

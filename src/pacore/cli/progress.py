@@ -78,7 +78,9 @@ def format_duration(seconds: float) -> str:
 def summary_line(result: Result) -> str:
     """One line about a finished request: rounds, calls, tokens, time."""
     usage = result.usage
-    calls = f"{usage.calls} calls" + (f" ({usage.failed_calls} failed)" if usage.failed_calls else "")
+    calls = f"{usage.calls} call{'s' if usage.calls != 1 else ''}" + (
+        f" ({usage.failed_calls} failed)" if usage.failed_calls else ""
+    )
     rounds = len(result.rounds)
     return (
         f"{rounds} round{'s' if rounds != 1 else ''}, {calls}, "

@@ -179,6 +179,8 @@ def summary_text(summary: report.ArmReport, run_dir: Path) -> str:
         f"accuracy {_percent(summary.accuracy)} ({summary.correct}/{summary.graded})"
         if summary.graded
         else "no ground truth to grade"
+        if summary.answered
+        else "accuracy n/a"
     )
     failed = f", {summary.failed} failed" if summary.failed else ""
     pending = f", {summary.pending} unfinished" if summary.pending else ""

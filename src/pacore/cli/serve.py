@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -109,6 +110,13 @@ def serve(
             "--history", metavar="N", min=0, help="Recent requests kept in memory for the /ui viewer."
         ),
     ] = 100,
+    history_db: Annotated[
+        Path | None,
+        _server_option(
+            "--history-db", metavar="FILE",
+            help="Also keep those requests in this SQLite file, so /ui still shows them after a restart.",
+        ),  # fmt: skip
+    ] = None,
     schedule: ScheduleOption = "medium",
     deadline: DeadlineOption = None,
     template: TemplateOption = None,
@@ -150,11 +158,13 @@ def serve(
         max_trajectories=max_trajectories,
         max_rounds=max_rounds,
         history=history,
+        history_db=history_db,
         deadline_s=deadline,
         **limits,
     )
     listener = _listen(host, port)
     opened = open_backends(backend, model=model, api_key=backend_api_key, timeout=timeout, retries=retries)
+    app = create_app(config, opened)
     bound_host, bound_port = listener.getsockname()[:2]
     base = f"http://{_url_host(bound_host)}:{bound_port}"
     auth = f"{len(keys)} API key{'s' if len(keys) != 1 else ''}" if keys else "no API key"
@@ -167,7 +177,7 @@ def serve(
     if not keys and not loopback:
         typer.echo(f"pacore serve: warning: {host} is reachable from other machines and no API key is set", err=True)
     server = GracefulServer(
-        create_app(config, opened),
+        app,
         grace_period=grace_period,
         report=lambda line: typer.echo(f"pacore serve: {line}", err=True),
         log_level="warning",

@@ -32,9 +32,10 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asample, asolve, required_successes, within_deadline
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("pacore", "single", "majority")
 DEFAULT_SAMPLES = 16
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,10 @@ class BatchRun:
         self.deadline = deadline
         self.min_success = min_success
         self.draw_seed = params.seed if params.seed is not None else 0
+        # Store access and grading run here, off the event loop: a commit waits for
+        # the disk (fsync) and math-verify can take a few hundred milliseconds, which
+        # would stall every backend call in flight. One thread keeps them in order.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacore-store")
         statuses = store.statuses(arm.name)
         wanted = {"pending", "failed"} if plan.retry_failed else {"pending"}
         self.todo = [p for p in problems if statuses[p.id] in wanted]
@@ -349,6 +356,7 @@ class BatchRun:
             raise
 
     def close(self) -> None:
+        self._worker.shutdown(wait=True)  # a commit under way finishes first
         self.store.close()
 
     def __enter__(self) -> BatchRun:
@@ -367,7 +375,7 @@ class BatchRun:
         async def one(problem: Problem) -> None:
             async with slots:
                 result = await self._solve(problem)
-            self.store.record(self.arm.name, result)
+            await self._off_loop(self.store.record, self.arm.name, result)
             self.progress.count(result)
             if on_problem:
                 on_problem(problem, result)
@@ -376,6 +384,9 @@ class BatchRun:
             for problem in self.todo:
                 group.create_task(one(problem))
         return self.summary()
+
+    async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
 
     def summary(self) -> ArmReport:
         """The arm's figures as they stand (the report's, without synthesis diagnostics)."""
@@ -398,7 +409,9 @@ class BatchRun:
         finally:
             tracker.close()
         answer = trace.answer
-        correct = grade(answer, problem.answer, problem.kind) if problem.answer is not None else None
+        correct = None
+        if problem.answer is not None:
+            correct = await self._off_loop(grade, answer, problem.answer, problem.kind)
         return ProblemResult(
             problem_id=problem.id,
             status="done",
@@ -485,14 +498,14 @@ class BatchRun:
         """A seeded draw of the arm's first-round size from the problem's pool, filling it first."""
         size = self.plan.pool_size
         assert size is not None
-        pool = self.store.pool(problem.id)
+        pool = await self._off_loop(self.store.pool, problem.id)
         if len(pool) < size:
             start = max((t.index for t in pool), default=-1) + 1
             tracker.expect(size - len(pool))
             fresh = await self._sample(problem, size - len(pool), tracker, start)
             # Failed samples are not pooled: the next run generates them again.
             kept = [t for t in fresh if t.ok]
-            self.store.add_pool(problem.id, kept)
+            await self._off_loop(self.store.add_pool, problem.id, kept)
             pool += kept
             if len(pool) < size:
                 error = next(t.error for t in fresh if not t.ok)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -53,7 +54,7 @@ from pacore.server.errors import (
     describe,
     install_error_handlers,
 )
-from pacore.server.history import RequestDetail, RequestHistory, RequestRecord, RequestSummary
+from pacore.server.history import HistoryDatabase, RequestDetail, RequestHistory, RequestRecord, RequestSummary
 from pacore.server.metrics import ServerMetrics
 from pacore.server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from pacore.trace import Event, Result
@@ -89,6 +90,8 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Requests kept for the trace viewer.
     history: int = 100
+    #: A SQLite file that also keeps them, so they outlive the process (``None``: memory only).
+    history_db: Path | None = None
     #: Seconds a client refused for load is told to wait.
     retry_after_s: int = 5
     #: Seconds one request may run before it fails with a 504 (``None``: no limit).
@@ -118,7 +121,10 @@ class _Server:
     def __init__(self, config: ServerConfig, backend: Backend) -> None:
         self.config = config
         self.backend = backend
-        self.history = RequestHistory(config.history)
+        database = None
+        if config.history_db is not None and config.history:
+            database = HistoryDatabase(config.history_db, config.history)
+        self.history = RequestHistory(config.history, database)
         self.metrics = ServerMetrics()
         self.runs: set[_ChatRun] = set()
         #: Set when the server starts shutting down: new chat completions get a 503.
@@ -255,6 +261,7 @@ class _ChatRun:
         self.server.runs.discard(self)
         self.server.metrics.in_flight.dec()
         self.server.metrics.request_seconds.observe(time.perf_counter() - self.started)
+        self.server.history.finished(self.record)
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -385,7 +392,10 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
         try:
             yield
         finally:
-            await backend.aclose()
+            try:
+                await server.history.aclose()
+            finally:
+                await backend.aclose()
 
     app = FastAPI(
         title="pacore",

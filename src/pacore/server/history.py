@@ -4,18 +4,28 @@ Each chat completion gets a :class:`RequestRecord` fed by the same events
 the engine emits to every other consumer; :class:`RequestHistory` keeps the
 last N of them. The viewer polls :meth:`RequestRecord.detail` with the
 sequence number it has seen, so a running request costs only what changed.
+
+With a :class:`HistoryDatabase`, finished requests are also saved to SQLite
+(the last N again), so the viewer still shows them after a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sqlite3
 import time
 from collections import Counter, OrderedDict
-from typing import Literal
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from pacore import store
 from pacore.backends.base import Message, text_of
 from pacore.engine import last_user_index
+from pacore.errors import StoreError
 from pacore.eval.grading import extract_answer
 from pacore.trace import (
     AnswerDelta,
@@ -29,6 +39,8 @@ from pacore.trace import (
     Usage,
     usage_of,
 )
+
+logger = logging.getLogger("pacore.server")
 
 Status = Literal["running", "done", "failed", "cancelled"]
 
@@ -229,23 +241,135 @@ class RequestRecord:
         )
 
 
-class RequestHistory:
-    """The last ``capacity`` requests; finished ones are forgotten first."""
+class SavedRecord:
+    """A finished request read back from a :class:`HistoryDatabase`, shown as it was saved."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, summary: RequestSummary, detail: RequestDetail) -> None:
+        self.id = summary.id
+        self.status = summary.status
+        self._summary = summary
+        self._detail = detail
+
+    def summary(self) -> RequestSummary:
+        return self._summary
+
+    def detail(self, since: int = 0) -> RequestDetail:
+        # Finished: the viewer asks once, and merges any repeated trajectory by index.
+        return self._detail
+
+
+def _m001_requests(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE requests (
+            id TEXT PRIMARY KEY,
+            created REAL NOT NULL,
+            summary_json TEXT NOT NULL,
+            detail_json TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX requests_by_created ON requests (created)")
+
+
+HISTORY_MIGRATIONS: list[store.Migration] = [_m001_requests]
+
+
+class HistoryDatabase:
+    """The last ``capacity`` finished requests in a SQLite file, written off the event loop."""
+
+    def __init__(self, path: str | Path, capacity: int) -> None:
+        self.path = Path(path)
         self.capacity = capacity
-        self._records: OrderedDict[str, RequestRecord] = OrderedDict()
+        try:
+            self.db = store.connect(self.path)
+            store.migrate(self.db, HISTORY_MIGRATIONS)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot use history database {self.path}: {exc}") from None
+        # One thread: writes stay in order, and a slow disk never stalls the server.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacore-history")
+        self._closed = False
 
-    def add(self, record: RequestRecord) -> RequestRecord:
+    def load(self) -> list[SavedRecord]:
+        """The saved requests, oldest first (rows this version cannot read are left out)."""
+        rows = self.db.execute(
+            "SELECT summary_json, detail_json FROM requests ORDER BY created DESC LIMIT ?", (self.capacity,)
+        ).fetchall()
+        saved = []
+        for row in reversed(rows):
+            try:
+                summary = RequestSummary.model_validate_json(row["summary_json"])
+                saved.append(SavedRecord(summary, RequestDetail.model_validate_json(row["detail_json"])))
+            except ValidationError as exc:
+                logger.warning("history database %s: skipping a request saved in another format: %s", self.path, exc)
+        return saved
+
+    def save(self, record: RequestRecord) -> None:
+        """Queue the writing of a finished request (a request ended during shutdown is not saved)."""
+        if self._closed:
+            return
+        future = self._worker.submit(
+            self._write, record.id, record.created, record.summary().model_dump_json(),
+            record.detail().model_dump_json(),
+        )  # fmt: skip
+        future.add_done_callback(self._written)
+
+    def _write(self, request_id: str, created: float, summary: str, detail: str) -> None:
+        with store.transaction(self.db) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO requests (id, created, summary_json, detail_json) VALUES (?, ?, ?, ?)",
+                (request_id, created, summary, detail),
+            )
+            db.execute(
+                "DELETE FROM requests WHERE id NOT IN (SELECT id FROM requests ORDER BY created DESC LIMIT ?)",
+                (self.capacity,),
+            )
+
+    def _written(self, future: Future[None]) -> None:
+        if not future.cancelled() and (error := future.exception()) is not None:
+            logger.warning("could not save a request to %s: %s", self.path, error)
+
+    async def aclose(self) -> None:
+        """Finish the writes under way, then close the file."""
+        self._closed = True
+        await asyncio.to_thread(self._worker.shutdown, wait=True)
+        self.db.close()
+
+
+AnyRecord = TypeVar("AnyRecord", RequestRecord, SavedRecord)
+
+
+class RequestHistory:
+    """The last ``capacity`` requests; finished ones are forgotten first.
+
+    With a ``database``, its saved requests are shown too and every finished
+    request is saved to it (see :meth:`finished`).
+    """
+
+    def __init__(self, capacity: int, database: HistoryDatabase | None = None) -> None:
+        self.capacity = capacity
+        self.database = database
+        self._records: OrderedDict[str, RequestRecord | SavedRecord] = OrderedDict()
+        for saved in database.load() if database else ():
+            self.add(saved)
+
+    def add(self, record: AnyRecord) -> AnyRecord:
         self._records[record.id] = record
         while len(self._records) > self.capacity:
             oldest_finished = next((r for r in self._records.values() if r.status != "running"), None)
             self._records.pop(oldest_finished.id if oldest_finished else next(iter(self._records)))
         return record
 
-    def get(self, request_id: str) -> RequestRecord | None:
+    def finished(self, record: RequestRecord) -> None:
+        """A request has ended: save it, if there is a database and it is still in the history."""
+        if self.database is not None and record.id in self._records:
+            self.database.save(record)
+
+    async def aclose(self) -> None:
+        if self.database is not None:
+            await self.database.aclose()
+
+    def get(self, request_id: str) -> RequestRecord | SavedRecord | None:
         return self._records.get(request_id)
 
-    def recent(self) -> list[RequestRecord]:
+    def recent(self) -> list[RequestRecord | SavedRecord]:
         """Newest first."""
         return list(reversed(self._records.values()))
