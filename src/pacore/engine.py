@@ -105,6 +105,12 @@ def last_user_index(messages: Sequence[Message]) -> int | None:
     return None
 
 
+def last_user_text(messages: Sequence[Message]) -> str:
+    """The text of the last user message (the problem); empty if there is none."""
+    index = last_user_index(messages)
+    return text_of(messages[index].get("content")) if index is not None else ""
+
+
 def _non_text_parts(content: Any) -> list[dict[str, Any]]:
     if not isinstance(content, list):
         return []
@@ -210,7 +216,7 @@ class _Solve:
         self.min_success = min_success
         self.stream_answer = stream_answer
         self.first_round = first_round
-        self.problem = text_of(messages[last_user_index(messages)].get("content"))  # type: ignore[index]
+        self.problem = last_user_text(messages)
         self.rounds: list[Round] = []
         self.started = time.perf_counter()
 
@@ -331,19 +337,13 @@ class _Solve:
         self._record(rnd, _trajectory(rnd.index, 0, completion))
 
     def _check_round(self, rnd: Round) -> None:
-        succeeded = rnd.succeeded
         label = "final round" if rnd.final else f"round {rnd.index + 1}"
-        if succeeded == 0:
-            first_error = next((t.error for t in rnd.trajectories if t.error), "no trajectory ran")
-            what = "the call failed" if rnd.k == 1 else f"all {rnd.k} trajectories failed"
-            raise RoundFailedError(f"{label}: {what}: {first_error}")
-        if self.min_success is not None and not rnd.final:
-            needed = required_successes(rnd.k, self.min_success)
-            if succeeded < needed:
-                raise RoundFailedError(
-                    f"{label}: only {succeeded} of {rnd.k} trajectories succeeded, "
-                    f"{needed} required (min_success={self.min_success:g})"
-                )
+        succeeded = rnd.succeeded
+        why = too_few_succeeded(rnd.k, succeeded, None if rnd.final else self.min_success, "trajectories")
+        if why is not None:
+            if not succeeded:
+                why += ": " + next((t.error for t in rnd.trajectories if t.error), "no trajectory ran")
+            raise RoundFailedError(f"{label}: {why}")
         if not rnd.final and not rnd.messages:
             raise RoundFailedError(f"{label}: every trajectory came back empty; nothing to synthesize")
 
@@ -361,9 +361,17 @@ async def within_deadline(work: Awaitable[T], deadline: float | None, where: Cal
         raise DeadlineExceededError(f"deadline of {deadline:g}s exceeded {where()}") from None
 
 
-def required_successes(k: int, min_success: float | None) -> int:
-    """Trajectories of ``k`` that must succeed for a round to go on (at least one)."""
-    return 1 if min_success is None else max(1, math.ceil(min_success * k))
+def too_few_succeeded(k: int, succeeded: int, min_success: float | None, noun: str) -> str | None:
+    """Why ``succeeded`` of ``k`` calls are too few to go on, or ``None``.
+
+    At least one must succeed, and with ``min_success`` that fraction of ``k``.
+    """
+    needed = 1 if min_success is None else max(1, math.ceil(min_success * k))
+    if succeeded >= needed:
+        return None
+    if not succeeded:
+        return "the call failed" if k == 1 else f"all {k} {noun} failed"
+    return f"only {succeeded} of {k} {noun} succeeded, {needed} required (min_success={min_success:g})"
 
 
 async def asample(

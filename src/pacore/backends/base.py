@@ -43,6 +43,11 @@ class GenerationParams:
         return replace(self, seed=seed)
 
 
+def offset_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sample ``index`` of a call seeded ``seed``, so that samples differ (unseeded stays so)."""
+    return None if seed is None else seed + index
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Which failures are retried, how long to wait between attempts, and how many retries in all.

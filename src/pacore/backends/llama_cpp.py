@@ -29,6 +29,7 @@ from pacore.backends.base import (
     DeltaCallback,
     GenerationParams,
     Message,
+    offset_seed,
     text_of,
 )
 from pacore.errors import BackendError, UsageError
@@ -190,9 +191,9 @@ def _formatter(llama: Any, chat_format: str | None) -> Callable[[Sequence[Messag
     from llama_cpp import llama_chat_format
 
     template = (llama.metadata or {}).get("tokenizer.chat_template")
+    bos = llama.detokenize([llama.token_bos()]).decode("utf-8", "ignore")
     if chat_format is None and template:
         eos = llama.detokenize([llama.token_eos()]).decode("utf-8", "ignore")
-        bos = llama.detokenize([llama.token_bos()]).decode("utf-8", "ignore")
         formatter = llama_chat_format.Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
     else:
         name = chat_format or "gemma"
@@ -204,7 +205,6 @@ def _formatter(llama: Any, chat_format: str | None) -> Callable[[Sequence[Messag
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         prompt = result.prompt
         # The tokenizer adds BOS itself; a template that writes it too would double it.
-        bos = llama.detokenize([llama.token_bos()]).decode("utf-8", "ignore")
         if bos and prompt.startswith(bos):
             prompt = prompt[len(bos) :]
         return prompt, stops
@@ -332,7 +332,7 @@ class LlamaCppBackend(BaseBackend):
         return list(
             await asyncio.gather(
                 *(
-                    self._run(messages, params.with_seed(None if params.seed is None else params.seed + i))
+                    self._run(messages, params.with_seed(offset_seed(params.seed, i)))
                     for i in range(n)
                 )
             )

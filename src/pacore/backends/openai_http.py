@@ -46,6 +46,7 @@ from pacore.backends.base import (
     Message,
     RetryPolicy,
     current_retry_budget,
+    offset_seed,
     retry_elsewhere,
 )
 from pacore.errors import BackendError, UsageError
@@ -220,7 +221,7 @@ class OpenAIBackend(BaseBackend):
             elif self.n_mode == "auto":
                 self._n_confirmed = True
         if len(completions) < n:
-            rest = await self._sample(request, _offset(seed, len(completions)), n - len(completions))
+            rest = await self._sample(request, offset_seed(seed, len(completions)), n - len(completions))
             completions += rest
         return completions
 
@@ -234,7 +235,7 @@ class OpenAIBackend(BaseBackend):
         if n == 1:
             return await self._call(request, 1, seed)
         outcomes = await asyncio.gather(
-            *(self._call(request, 1, _offset(seed, i)) for i in range(n)), return_exceptions=True
+            *(self._call(request, 1, offset_seed(seed, i)) for i in range(n)), return_exceptions=True
         )
         completions: list[Completion] = []
         errors: list[BackendError] = []
@@ -639,10 +640,6 @@ def _count_call() -> None:
 def _estimated_tokens(completion: Completion) -> int:
     """Tokens of a completion whose server reported no usage, at about 4 characters a token."""
     return -(-(len(completion.text) + len(completion.reasoning or "")) // 4)
-
-
-def _offset(seed: int | None, index: int) -> int | None:
-    return None if seed is None else seed + index
 
 
 def _proportional(total: int, weights: list[int]) -> list[int]:

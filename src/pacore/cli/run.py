@@ -65,10 +65,6 @@ settings...).
 """
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
 class LiveBatchDisplay:
     """A status line redrawn in place; failures are printed above it."""
 
@@ -91,7 +87,7 @@ class LiveBatchDisplay:
             Text(f"{p.done + p.failed}/{p.total} problems" + (f" ({p.failed} failed)" if p.failed else "")),
             Text(f"· {p.in_flight} in flight"),
             Text(f"· {p.completion_tokens:,} tokens", style="green"),
-            Text(f"· accuracy {_percent(p.accuracy)}"),
+            Text(f"· accuracy {report.percent(p.accuracy)}"),
             Text(f"· ETA {format_duration(eta)}" if eta is not None else "· ETA ...", style="dim"),
         )
         return grid
@@ -124,7 +120,7 @@ class LineBatchDisplay:
         eta = p.eta_s
         print(
             f"[{p.done + p.failed}/{p.total}] {problem.id}: {outcome} · {result.completion_tokens:,} tokens "
-            f"· {format_duration(result.wall_s or 0.0)} · accuracy {_percent(p.accuracy)}"
+            f"· {format_duration(result.wall_s or 0.0)} · accuracy {report.percent(p.accuracy)}"
             + (f" · ETA {format_duration(eta)}" if eta is not None else ""),
             file=self.file,
             flush=True,
@@ -176,7 +172,7 @@ def plan_lines(plan: RunPlan, arm: str, run_dir: Path, problems: int, data: Path
 
 def summary_text(summary: report.ArmReport, run_dir: Path) -> str:
     accuracy = (
-        f"accuracy {_percent(summary.accuracy)} ({summary.correct}/{summary.graded})"
+        f"accuracy {report.percent(summary.accuracy)} ({summary.correct}/{summary.graded})"
         if summary.graded
         else "no ground truth to grade"
         if summary.answered
@@ -332,10 +328,10 @@ def report_command(
     for arm in arms:
         prefix = f"{arm.run} " if len(run_dirs) > 1 else ""
         interval = arm.interval
-        ci = f" [{_percent(interval[0])}, {_percent(interval[1])}]" if interval else ""
+        ci = f" [{report.percent(interval[0])}, {report.percent(interval[1])}]" if interval else ""
         tokens = f"{arm.mean_completion_tokens:,.0f}" if arm.mean_completion_tokens is not None else "n/a"
         typer.echo(
-            f"{prefix}{arm.arm}: accuracy {_percent(arm.accuracy)}{ci} on {arm.graded} graded, "
+            f"{prefix}{arm.arm}: accuracy {report.percent(arm.accuracy)}{ci} on {arm.graded} graded, "
             f"{tokens} TTC tokens/problem, {arm.failed} failed"
             + (f", {arm.pending} unfinished" if arm.pending else "")
         )

@@ -29,8 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pacore.backends.base import Message, text_of
-from pacore.engine import last_user_index, normalize_messages
+from pacore.backends.base import Message
+from pacore.engine import last_user_text, normalize_messages
 from pacore.errors import DatasetError, InputError, UsageError
 from pacore.eval.grading import KINDS, boxed_answer
 
@@ -60,8 +60,7 @@ class Problem(BaseModel):
     @property
     def text(self) -> str:
         """The text of the last user message (the problem statement)."""
-        index = last_user_index(self.messages)
-        return text_of(self.messages[index].get("content")) if index is not None else ""
+        return last_user_text(self.messages)
 
 
 class _RecordError(Exception):

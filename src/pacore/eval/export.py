@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pacore.errors import RunConflictError, UsageError
 from pacore.eval.grading import grade
+from pacore.schedule import Schedule
 from pacore.store import ArmInfo, RunStore, StoredProblem
 
 DEFAULT_MIN_ACC = 0.0
@@ -79,7 +80,7 @@ def _widest_arm(arms: list[ArmInfo]) -> ArmInfo | None:
         if arm.method == "majority":
             return arm.samples or 1
         if arm.method == "pacore" and arm.schedule:
-            return int(arm.schedule.split(",")[0])
+            return Schedule.parse(arm.schedule).rounds[0]
         return 1
 
     return max(arms, key=width, default=None)

@@ -264,7 +264,8 @@ def collect(run_dirs: Sequence[str | Path]) -> list[ArmReport]:
 # --- output -----------------------------------------------------------------
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A fraction as ``"12.3%"``, or ``"n/a"``."""
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
@@ -273,14 +274,14 @@ def _number(value: float | None, digits: int = 0) -> str:
 
 
 def _fraction(part: int, whole: int) -> str:
-    return f"{part}/{whole} ({_percent(_ratio(part, whole))})" if whole else "n/a"
+    return f"{part}/{whole} ({percent(_ratio(part, whole))})" if whole else "n/a"
 
 
 def _accuracy_cell(arm: ArmReport) -> str:
     interval = arm.interval
     if interval is None:
         return "n/a"
-    return f"{_percent(arm.accuracy)} [{_percent(interval[0])}, {_percent(interval[1])}] ({arm.correct}/{arm.graded})"
+    return f"{percent(arm.accuracy)} [{percent(interval[0])}, {percent(interval[1])}] ({arm.correct}/{arm.graded})"
 
 
 def summary_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pacore.backends.base import Backend, GenerationParams
-from pacore.engine import asample, asolve, required_successes, within_deadline
+from pacore.engine import asample, asolve, too_few_succeeded, within_deadline
 from pacore.errors import DatasetError, PacoreError, RoundFailedError, RunConflictError, UsageError
 from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.grading import extract_answer, grade, majority_vote
@@ -474,17 +474,11 @@ class BatchRun:
             seed=self.params.seed,
             elapsed_s=elapsed_s,
         )
-        needed = required_successes(len(samples), self.min_success if self.arm.method == "majority" else None)
-        if rnd.succeeded < needed:
+        min_success = self.min_success if self.arm.method == "majority" else None
+        why = too_few_succeeded(len(samples), rnd.succeeded, min_success, "samples")
+        if why is not None:
             error = next((t.error for t in samples if t.error), "no sample ran")
-            if rnd.succeeded:
-                what = (
-                    f"only {rnd.succeeded} of {len(samples)} samples succeeded, {needed} required "
-                    f"(min_success={self.min_success:g})"
-                )
-            else:
-                what = "the call failed" if len(samples) == 1 else f"all {len(samples)} samples failed"
-            failure = RoundFailedError(f"{what}: {error}")
+            failure = RoundFailedError(f"{why}: {error}")
             failure.result = trace.model_copy(update={"error": str(failure)})
             raise failure
         if self.arm.method == "single":
