@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.pacore-setup
 DEMO_QUESTION ?= A farmer has 17 sheep. All but 9 run away. How many sheep does the farmer have left?
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test bench docs clean
 
 setup: $(SETUP_STAMP)
 
@@ -36,5 +36,14 @@ bench: setup
 	$(BIN)/python bench/results.py $(BENCH_FLAGS)
 	$(BIN)/python bench/reliability.py $(BENCH_FLAGS)
 
+# The manual (docs/) as a static site in site/; --strict turns every warning (a broken link) into a failure.
+DOCS_STAMP := $(VENV)/.pacore-docs
+$(DOCS_STAMP): $(SETUP_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	@touch $@
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache
