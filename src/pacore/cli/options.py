@@ -237,13 +237,13 @@ def solve_setup(
     api_key: str | None,
     timeout: float | None,
     retries: int | None,
-    threads: int | None,
     max_tokens: int | None,
     temperature: float,
     top_p: float,
     seed: int | None,
     schedule: str,
     template: Path | None,
+    threads: int | None = None,
 ) -> SolveSetup:
     """Validate every flag, then open the backend (the slow part) last."""
     plan = Schedule.parse(schedule)
