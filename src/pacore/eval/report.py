@@ -501,7 +501,8 @@ def render_plot(arms: list[ArmReport], path: Path, with_run: bool) -> None:
             points.sort(key=lambda a: a.mean_completion_tokens or 0)
             xs = [a.mean_completion_tokens for a in points]
             ys = [100 * (a.accuracy or 0) for a in points]
-            intervals = [a.interval or (0.0, 0.0) for a in points]
+            # No interval (repeats of a single problem): no bar rather than one down to 0.
+            intervals = [a.interval or (a.accuracy or 0.0,) * 2 for a in points]
             # Clamped: rounding can put a bound a hair past its point (matplotlib refuses that).
             errors = [
                 [max(0.0, y - 100 * low) for y, (low, _) in zip(ys, intervals, strict=True)],
