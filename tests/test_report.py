@@ -233,3 +233,7 @@ def test_report_json_gives_repeats_per_arm(tmp_path: Path) -> None:
     assert "| single | single | off | 3 × 5 repeats | 15 | 0 |" in markdown
     assert f"({figures['correct']}/15 over 3 problems)" in markdown
     assert "normal-approximation interval over problems" in markdown
+    env = {k: v for k, v in os.environ.items() if k != "PACORE_DEBUG"}
+    text = subprocess.run([PACORE, "report", str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert "on 15 graded results of 3 problems (mean over repeats)" in text.stdout

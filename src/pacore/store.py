@@ -192,7 +192,7 @@ class StoredProblem:
 
 @dataclass(slots=True)
 class ProblemResult:
-    """The outcome of one problem under one arm."""
+    """The outcome of one problem (one of its repeats) under one arm."""
 
     problem_id: str
     status: str  # "pending", "done" or "failed"
