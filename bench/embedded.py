@@ -5,7 +5,8 @@ Gemma 3 270M and compares each request's wall time with the time the model
 itself spent generating for the same calls (``LlamaCppBackend.busy_s``: from
 prompt formatting to the last token, summed over calls). The model is
 loaded and warmed up first; loading is not part of either figure. The
-model uses every core; the event loop shares them.
+model runs on PACORE_THREADS threads (default 1, see bench/threads.py); the
+event loop shares the cores.
 
     python bench/embedded.py [--quick] [--json]
 """

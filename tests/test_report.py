@@ -169,3 +169,71 @@ def test_a_run_with_nothing_answered_yet_still_reports(tmp_path: Path) -> None:
     assert (arm.problems, arm.pending, arm.answered, arm.accuracy, arm.mean_completion_tokens) == (1, 1, 0, None, None)
     assert "| pacore-4 | pacore | 4 | 1 | 0 | 0 (+1 pending) | n/a |" in files.markdown.read_text()
     assert files.plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_repeat_interval_is_a_normal_approximation_over_problems() -> None:
+    from pacore.eval.report import repeat_interval
+
+    # Per-problem accuracies 0.75, 0.5, 0.25: mean 0.5, s = 0.25, half width 1.96 * 0.25 / sqrt(3).
+    low, high = repeat_interval([0.75, 0.5, 0.25])
+    assert low == pytest.approx(0.5 - 0.282897, abs=1e-5) and high == pytest.approx(0.5 + 0.282897, abs=1e-5)
+    assert repeat_interval([0.9, 1.0]) == pytest.approx((0.8520, 1.0), abs=1e-4)  # clamped at 1
+    assert repeat_interval([0.5]) is None
+
+
+def test_repeats_average_per_problem_then_over_problems(tmp_path: Path) -> None:
+    from pacore.eval.report import arm_report
+    from pacore.store import ArmInfo, ProblemResult
+
+    # q0: 4 repeats, 3 right; q1: 2 repeats, 0 right (one more failed); q2: 1 repeat, right.
+    outcomes = {"q0": [True, True, True, False], "q1": [False, False, None], "q2": [True]}
+    results = [
+        ProblemResult(p, "failed" if c is None else "done", correct=c, completion_tokens=10, repeat=i,
+                      error="boom" if c is None else None)
+        for p, cs in outcomes.items() for i, c in enumerate(cs)
+    ]  # fmt: skip
+    arm = arm_report("run", ArmInfo("majority-2", "majority", None, 2), results)
+    assert (arm.problems, arm.results, arm.repeats, arm.answered, arm.failed) == (3, 8, 4, 7, 1)
+    assert (arm.graded, arm.correct) == (7, 4)
+    assert arm.accuracy == pytest.approx((0.75 + 0 + 1) / 3)  # not 4/7: every problem weighs the same
+    assert arm.interval == pytest.approx((0.0, 1.0))  # three very different problems: wide, clamped
+    figures = arm.as_dict()
+    assert (figures["repeats"], figures["results"], figures["interval_method"]) == (
+        4, 8, "normal approximation over problems",
+    )  # fmt: skip
+    single = arm_report("run", ArmInfo("single", "single"), [ProblemResult("q0", "done", correct=True)])
+    assert (single.repeats, single.interval_method, single.accuracy) == (1, "wilson", 1.0)
+
+
+def test_report_json_gives_repeats_per_arm(tmp_path: Path) -> None:
+    import asyncio
+
+    def reply(call: Call, i: int) -> str:
+        return "The answer is 1" if i % 2 == 0 else "The answer is 5"
+
+    path = tmp_path / "run"
+    problems = [Problem(id=f"q{n}", messages=[{"role": "user", "content": f"Problem {n}"}], answer="1",
+                        kind="gsm8k", line=n + 1) for n in range(3)]  # fmt: skip
+    backend = ScriptedBackend(respond=reply, max_n=4)
+    asyncio.run(run_dataset(path, problems, dataset_path="d.jsonl", arm=Arm.build("single"), backend=backend,
+                            pool_size=4, repeats=5))  # fmt: skip
+    (figures,) = report_json(str(path))["methods"]
+    assert (figures["problems"], figures["results"], figures["repeats"]) == (3, 15, 5)
+    assert figures["interval_method"] == "normal approximation over problems"
+    assert 0 <= figures["ci_low"] <= figures["accuracy"] <= figures["ci_high"] <= 1
+    # Pool samples alternate right and wrong: each problem's accuracy is its share of right draws.
+    from pacore.store import RunStore
+
+    with RunStore.open(path) as store:
+        grades: dict[str, list[bool]] = {}
+        for result in store.results("single"):
+            grades.setdefault(result.problem_id, []).append(bool(result.correct))
+    assert figures["accuracy"] == pytest.approx(sum(sum(g) / len(g) for g in grades.values()) / 3)
+    markdown = (path / "report.md").read_text()
+    assert "| single | single | off | 3 × 5 repeats | 15 | 0 |" in markdown
+    assert f"({figures['correct']}/15 over 3 problems)" in markdown
+    assert "normal-approximation interval over problems" in markdown
+    env = {k: v for k, v in os.environ.items() if k != "PACORE_DEBUG"}
+    text = subprocess.run([PACORE, "report", str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert "on 15 graded results of 3 problems (mean over repeats)" in text.stdout

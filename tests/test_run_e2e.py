@@ -131,6 +131,63 @@ def test_sigkill_then_resume_loses_and_repeats_nothing(fast_server: str, data: P
     assert samples_served(fast_server) - served_before == 3 * (PROBLEMS - len(finished_before))
 
 
+def result_rows(run_dir: Path) -> dict[tuple[str, int, int], tuple[str, str, int]]:
+    """``(problem, seed, repeat) -> (status, updated_at, attempts)`` of every result."""
+    with sqlite3.connect(run_dir / "run.sqlite") as db:
+        rows = db.execute("SELECT problem_id, seed, repeat, status, updated_at, attempts FROM results").fetchall()
+    return {(p, seed, repeat): (status, updated, attempts) for p, seed, repeat, status, updated, attempts in rows}
+
+
+def test_repeats_survive_sigkill_and_a_second_seed_adds_draws(fast_server: str, data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    repeats, problems = 3, 10
+    common = [
+        str(data), "--out", str(run_dir), "--limit", str(problems), "--schedule", "2", "--pool-size", "4",
+        "--concurrency", "2", "--backend", fast_server, "--model", "fast", "--max-tokens", "6",
+    ]  # fmt: skip
+    command = [*common, "--repeats", str(repeats), "--seed", "1"]
+    process = subprocess.Popen(
+        [PACORE, "run", *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(), text=True
+    )
+    try:
+        wait_for_done(run_dir, 4, process)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    before = result_rows(run_dir)
+    done_before = {key: row for key, row in before.items() if row[0] == "done"}
+    assert 4 <= len(done_before) < repeats * problems
+    time.sleep(0.5)
+    served_before = samples_served(fast_server)
+
+    resumed = pacore("run", *command)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming pacore-2 in {run_dir}: {len(done_before)} done (skipped)" in resumed.stderr
+    assert resumed.stdout.startswith(f"pacore-2: {repeats * problems}/{repeats * problems} answered ({problems} problems × 3 repeats)")
+    after = result_rows(run_dir)
+    assert sorted(after) == sorted((f"p{i}", 1, r) for i in range(problems) for r in range(repeats))
+    assert all(status == "done" and attempts == 1 for status, _, attempts in after.values())  # once each
+    for key, row in done_before.items():
+        assert after[key] == row  # kept as it was, not redone
+    # Only synthesis calls for the missing repeats (and pool samples for problems whose pool was unfinished).
+    missing = repeats * problems - len(done_before)
+    extra = samples_served(fast_server) - served_before
+    assert missing <= extra <= missing + 4 * problems
+
+    served_before = samples_served(fast_server)
+    second_seed = pacore("run", *common, "--repeats", str(repeats), "--seed", "2")
+    assert second_seed.returncode == 0, second_seed.stderr
+    assert samples_served(fast_server) - served_before == repeats * problems  # one synthesis each, no new pool
+    report = pacore("report", str(run_dir), "--json")
+    assert report.returncode == 0, report.stderr
+    (figures,) = json.loads(report.stdout)["methods"]
+    assert (figures["problems"], figures["results"], figures["repeats"], figures["answered"]) == (
+        problems, 2 * repeats * problems, 2 * repeats, 2 * repeats * problems,
+    )  # fmt: skip
+    assert figures["interval_method"] == "normal approximation over problems"
+    assert figures["ci_low"] <= figures["accuracy"] <= figures["ci_high"]
+
+
 def assert_one_line_error(process: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
     lines = [line for line in process.stderr.splitlines() if line.strip()]
     assert "Traceback" not in process.stderr

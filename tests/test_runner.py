@@ -341,3 +341,134 @@ async def test_commits_and_grading_run_off_the_event_loop(tmp_path: Path, monkey
     assert set(used) == {"grade", "record", "pool", "add_pool"}
     assert all(threading.current_thread() not in threads for threads in used.values())
     assert len(set().union(*used.values())) == 1  # one worker thread keeps the store's work in order
+
+
+# --- repeats --------------------------------------------------------------------
+
+
+def first_round_texts(result) -> list[str]:
+    return [t.text for t in result.trace.rounds[0].trajectories]
+
+
+async def test_repeats_draw_independent_subsets_from_one_pool(tmp_path: Path) -> None:
+    backend = ScriptedBackend(respond=lambda call, i: f"sample {call.number}.{i}", max_n=8)
+    summary = await run(tmp_path, backend, Arm.build("majority", samples=3), make_problems(2), pool_size=8, repeats=6)
+    assert (summary.problems, summary.results, summary.repeats, summary.answered) == (2, 12, 6, 12)
+    # The pool is filled once per problem although its repeats run concurrently.
+    assert [c.n for c in backend.calls] == [8, 8]
+    with RunStore.open(tmp_path / "run") as store:
+        stored = list(store.results("majority-3"))
+        pools = {p: {t.text for t in store.pool(p)} for p in ("q0", "q1")}
+    assert [(r.problem_id, r.seed, r.repeat) for r in stored] == [(f"q{p}", 0, i) for p in range(2) for i in range(6)]
+    for problem_id in ("q0", "q1"):
+        draws = [first_round_texts(r) for r in stored if r.problem_id == problem_id]
+        assert all(len(set(d)) == 3 and set(d) <= pools[problem_id] for d in draws)
+        assert len({tuple(d) for d in draws}) > 1  # independent draws, not one draw six times
+
+    # Repeat 0 is the draw a run without repeats makes, so older runs stay comparable.
+    single_draw = ScriptedBackend(respond=lambda call, i: f"sample {call.number}.{i}", max_n=8)
+    await run(tmp_path / "plain", single_draw, Arm.build("majority", samples=3), make_problems(2), pool_size=8)
+    with RunStore.open(tmp_path / "plain" / "run") as store:
+        plain = {r.problem_id: first_round_texts(r) for r in store.results("majority-3")}
+    assert plain == {r.problem_id: first_round_texts(r) for r in stored if r.repeat == 0}
+
+
+async def test_pacore_and_majority_repeats_see_the_same_draws(tmp_path: Path) -> None:
+    backend = ScriptedBackend(respond=right_after_synthesis, max_n=8)
+    await run(tmp_path, backend, Arm.build("pacore", schedule="3"), make_problems(2), pool_size=8, repeats=3)
+    await run(tmp_path, backend, Arm.build("majority", samples=3), make_problems(2), repeats=3)
+    with RunStore.open(tmp_path / "run") as store:
+        pacore = {(r.problem_id, r.repeat): first_round_texts(r) for r in store.results("pacore-3")}
+        majority = {(r.problem_id, r.repeat): first_round_texts(r) for r in store.results("majority-3")}
+    assert len(pacore) == 6 and pacore == majority
+
+
+async def test_repeats_without_a_pool_sample_afresh_each_with_its_own_seed(tmp_path: Path) -> None:
+    backend = ScriptedBackend(respond=lambda call, i: f"It is {problem_number(call) + 1}.")
+    summary = await run(tmp_path, backend, Arm.build("single"), make_problems(2), repeats=3,
+                        params=GenerationParams(seed=5))  # fmt: skip
+    assert (summary.results, summary.answered, summary.correct) == (6, 6, 6)
+    seeds: dict[int, set[int | None]] = {}
+    for call in backend.calls:
+        seeds.setdefault(problem_number(call), set()).add(call.params.seed)
+    assert all(len(s) == 3 for s in seeds.values())  # three calls per problem, three seeds
+    # Repeat 0 samples as a run without repeats does.
+    plain = ScriptedBackend(respond=lambda call, i: "It is 1.")
+    await run(tmp_path / "plain", plain, Arm.build("single"), make_problems(1), params=GenerationParams(seed=5))
+    assert plain.calls[0].params.seed in seeds[0]
+
+
+async def test_another_seed_adds_draws_to_a_pooled_run_and_is_refused_without_a_pool(tmp_path: Path) -> None:
+    backend = ScriptedBackend(respond=lambda call, i: f"sample {call.number}.{i}", max_n=8)
+    arm = Arm.build("majority", samples=2)
+    await run(tmp_path, backend, arm, make_problems(2), pool_size=8, repeats=2, params=GenerationParams(seed=1))
+    pool_calls = len(backend.calls)
+    summary = await run(tmp_path, backend, arm, make_problems(2), repeats=2, params=GenerationParams(seed=2))
+    assert len(backend.calls) == pool_calls  # the pool is reused, not regenerated
+    assert (summary.results, summary.repeats, summary.answered) == (8, 4, 8)
+    with RunStore.open(tmp_path / "run") as store:
+        keys = sorted((r.problem_id, r.seed, r.repeat) for r in store.results("majority-2"))
+        by_seed = {}
+        for r in store.results("majority-2"):
+            by_seed.setdefault(r.seed, []).append(first_round_texts(r))
+        assert store.run_info().config["params"]["seed"] == 1  # the run keeps its first settings
+    assert keys == [(f"q{p}", s, i) for p in range(2) for s in (1, 2) for i in range(2)]
+    assert by_seed[1] != by_seed[2]
+
+    # The same seed again is a resume: nothing to do.
+    again = await run(tmp_path, backend, arm, make_problems(2), repeats=2, params=GenerationParams(seed=2))
+    assert again.results == 8 and len(backend.calls) == pool_calls
+
+    await run(tmp_path / "nopool", ScriptedBackend(respond=right_after_synthesis), arm, params=GenerationParams(seed=1))
+    with pytest.raises(RunConflictError, match="seed 1 -> 2"):
+        await run(tmp_path / "nopool", ScriptedBackend(), arm, params=GenerationParams(seed=2))
+
+
+async def test_resume_runs_only_the_missing_repeats(tmp_path: Path) -> None:
+    syntheses = 0
+
+    def flaky(call: Call, i: int):
+        nonlocal syntheses
+        if is_synthesis(call):
+            syntheses += 1
+            if syntheses == 3:  # one repeat's synthesis fails
+                return fail("status", "HTTP 503 from backend")
+        return right_after_synthesis(call, i)
+
+    arm = Arm.build("pacore", schedule="2")
+    first = ScriptedBackend(respond=flaky, max_n=4)
+    summary = await run(tmp_path, first, arm, make_problems(2), pool_size=4, repeats=3, concurrency=1)
+    assert (summary.results, summary.answered, summary.failed) == (6, 5, 1)
+    with RunStore.open(tmp_path / "run") as store:
+        before = {(r.problem_id, r.repeat): (r.status, r.attempts, r.answer) for r in store.results(arm.name)}
+    (failed_key,) = [key for key, (status, _, _) in before.items() if status == "failed"]
+
+    # Same command: only the failed repeat is redone (its draw reused, one synthesis call).
+    second = ScriptedBackend(respond=right_after_synthesis, max_n=4)
+    with BatchRun.open(tmp_path / "run", make_problems(2), dataset_path="data.jsonl", arm=arm, backend=second,
+                       repeats=3) as batch:  # fmt: skip
+        assert (batch.plan.done, batch.plan.failed, batch.progress.total, batch.progress.todo) == (5, 1, 6, 1)
+        summary = await batch.execute()
+    assert (summary.answered, summary.failed) == (6, 0)
+    assert len(second.calls) == 1 and is_synthesis(second.calls[0])
+    assert problem_number(second.calls[0]) == int(failed_key[0][1:])
+
+    # More repeats: only the new ones run; nothing done is redone.
+    third = ScriptedBackend(respond=right_after_synthesis, max_n=4)
+    summary = await run(tmp_path, third, arm, make_problems(2), repeats=5)
+    assert (summary.results, summary.answered, summary.repeats) == (10, 10, 5)
+    assert len(third.calls) == 2 * 2 and all(is_synthesis(c) for c in third.calls)
+    with RunStore.open(tmp_path / "run") as store:
+        after = {(r.problem_id, r.repeat): (r.status, r.attempts, r.answer) for r in store.results(arm.name)}
+    for key, row in before.items():
+        if key != failed_key:
+            assert after[key] == row
+    assert after[failed_key][:2] == ("done", 2)
+    assert all(attempts == 1 for key, (_, attempts, _) in after.items() if key != failed_key)
+
+
+def test_repeats_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--repeats must be at least 1"):
+        BatchRun.open(tmp_path / "run", make_problems(), dataset_path="d.jsonl", arm=Arm.build("single"),
+                      backend=ScriptedBackend(), repeats=0)  # fmt: skip
+    assert not (tmp_path / "run").exists()

@@ -54,7 +54,7 @@ def test_a_new_migration_runs_once_on_an_existing_database(tmp_path: Path, monke
     with RunStore.open(run_dir, writer=True) as store:
         assert "m900_add_note_column" in store.applied_migrations()
         # Data written before the migration is still there.
-        assert store.statuses("pacore-4") == {"p1": "pending", "p2": "pending"}
+        assert store.statuses("pacore-4") == {("p1", 0, 0): "pending", ("p2", 0, 0): "pending"}
     with RunStore.open(run_dir) as store:
         pass
     assert calls == [1]
@@ -144,3 +144,43 @@ def test_reset_sets_the_old_database_aside(tmp_path: Path) -> None:
     assert moved is not None and moved.parent == tmp_path / "run"
     with sqlite3.connect(moved) as old:  # complete on its own, WAL folded in
         assert old.execute("SELECT answer FROM results WHERE problem_id = 'p1'").fetchone() == ("2",)
+
+
+def test_m002_keys_old_results_as_repeat_0_of_the_run_seed(tmp_path: Path, monkeypatch) -> None:
+    run_dir = tmp_path / "run"
+    # A database as pacore wrote it before repeats existed.
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+    with RunStore.open(run_dir, writer=True) as old:
+        old.init_run(RunInfo("d.jsonl", "f", 2, {"model": "m", "params": {"seed": 7}}), PROBLEMS)
+        old.db.execute("INSERT INTO arms (name, method, schedule, created_at) VALUES ('pacore-4', 'pacore', '4', 'x')")
+        old.db.execute(
+            "INSERT INTO results (arm, problem_id, status, answer, correct, completion_tokens, attempts) "
+            "VALUES ('pacore-4', 'p1', 'done', 'two', 1, 9, 1), ('pacore-4', 'p2', 'pending', NULL, NULL, 0, 0)"
+        )
+    monkeypatch.undo()
+    with RunStore.open(run_dir, writer=True) as store:
+        assert "m002_repeats" in store.applied_migrations()
+        done, pending = store.results("pacore-4")
+        assert (done.problem_id, done.seed, done.repeat, done.answer, done.correct, done.completion_tokens) == (
+            "p1", 7, 0, "two", True, 9,
+        )  # fmt: skip
+        assert (pending.seed, pending.repeat, pending.status) == (7, 0, "pending")
+        # New repeats join beside the old rows; existing ones are left as they are.
+        assert store.add_repeats("pacore-4", ["p1", "p2"], seed=7, repeats=2) == 2
+        assert store.add_repeats("pacore-4", ["p1", "p2"], seed=7, repeats=2) == 0
+        store.record("pacore-4", ProblemResult("p1", "done", answer="2", seed=7, repeat=1))
+        assert store.result("pacore-4", "p1").answer == "two"  # the first repeat
+        with pytest.raises(StoreError, match="seed 8, repeat 0"):
+            store.record("pacore-4", ProblemResult("p1", "done", seed=8))
+        assert store.statuses("pacore-4") == {
+            ("p1", 7, 0): "done", ("p1", 7, 1): "done", ("p2", 7, 0): "pending", ("p2", 7, 1): "pending",
+        }  # fmt: skip
+        indexes = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "results_by_status" in indexes
+
+
+def test_add_arm_creates_every_repeat_of_its_seed(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path / "run", writer=True) as store:
+        store.init_run(INFO, PROBLEMS)
+        store.add_arm(ArmInfo("single", "single"), ["p1", "p2"], seed=3, repeats=2)
+        assert sorted(store.statuses("single")) == [("p1", 3, 0), ("p1", 3, 1), ("p2", 3, 0), ("p2", 3, 1)]

@@ -8,8 +8,10 @@ schedule or sample count). The database holds:
   trajectory pool size, if any;
 - ``problems``: the data set's problems, so reports and exports need no data file;
 - ``arms``: one row per method/schedule/samples evaluated in this run;
-- ``results``: one row per (arm, problem): pending, done or failed, with the
-  answer, grade, tokens, wall time, failure reason and the whole trace;
+- ``results``: one row per (arm, problem, seed, repeat): pending, done or
+  failed, with the answer, grade, tokens, wall time, failure reason and the
+  whole trace. A problem is run ``repeats`` times per seed (independent pool
+  draws or fresh samples); reports average over them;
 - ``pool``: cached first-round trajectories, ``(problem, index)``.
 
 The schema evolves through :data:`MIGRATIONS`, an ordered list of small
@@ -107,6 +109,45 @@ def m001_initial(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+@migration
+def m002_repeats(db: sqlite3.Connection) -> None:
+    # Results gain (seed, repeat) in their key: SQLite cannot alter a primary key,
+    # so the table is rebuilt. Existing rows become repeat 0 of the run's seed.
+    statements = (
+        """CREATE TABLE results_repeats (
+            arm TEXT NOT NULL REFERENCES arms(name),
+            problem_id TEXT NOT NULL REFERENCES problems(problem_id),
+            seed INTEGER NOT NULL DEFAULT 0,  -- the --seed that asked for it (0 when none)
+            repeat INTEGER NOT NULL DEFAULT 0,  -- 0..R-1 for --repeats R
+            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
+            answer TEXT,
+            extracted TEXT,
+            correct INTEGER,  -- NULL when the problem has no ground truth
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            calls INTEGER NOT NULL DEFAULT 0,
+            wall_s REAL,
+            error TEXT,
+            trace_json TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            updated_at TEXT,
+            PRIMARY KEY (arm, problem_id, seed, repeat)
+        )""",
+        """INSERT INTO results_repeats (arm, problem_id, seed, repeat, status, answer, extracted, correct,
+            prompt_tokens, completion_tokens, calls, wall_s, error, trace_json, attempts, updated_at)
+        SELECT arm, problem_id,
+            COALESCE((SELECT json_extract(config_json, '$.params.seed') FROM run WHERE id = 1), 0), 0,
+            status, answer, extracted, correct, prompt_tokens, completion_tokens, calls, wall_s, error,
+            trace_json, attempts, updated_at
+        FROM results ORDER BY rowid""",
+        "DROP TABLE results",
+        "ALTER TABLE results_repeats RENAME TO results",
+        "CREATE INDEX results_by_status ON results (arm, status)",
+    )
+    for statement in statements:
+        db.execute(statement)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -151,7 +192,7 @@ class StoredProblem:
 
 @dataclass(slots=True)
 class ProblemResult:
-    """The outcome of one problem under one arm."""
+    """The outcome of one problem (one of its repeats) under one arm."""
 
     problem_id: str
     status: str  # "pending", "done" or "failed"
@@ -166,6 +207,13 @@ class ProblemResult:
     error: str | None = None
     trace: Result | None = None
     attempts: int = 0
+    #: Which draw of the problem this is: the command's seed and the repeat (0..R-1).
+    seed: int = 0
+    repeat: int = 0
+
+
+#: A result's key within an arm: problem, seed, repeat.
+RepeatKey = tuple[str, int, int]
 
 
 class RunStore:
@@ -298,22 +346,24 @@ class RunStore:
             for row in rows
         ]
 
-    def add_arm(self, arm: ArmInfo, problem_ids: Iterable[str]) -> None:
-        """Create an arm with every problem pending (one transaction)."""
+    def add_arm(self, arm: ArmInfo, problem_ids: Iterable[str], *, seed: int = 0, repeats: int = 1) -> None:
+        """Create an arm with repeats ``0..repeats-1`` of ``seed`` pending for every problem (one transaction)."""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO arms (name, method, schedule, samples, created_at) VALUES (?, ?, ?, ?, ?)",
                 (arm.name, arm.method, arm.schedule, arm.samples, _now()),
             )
-            db.executemany(
-                "INSERT INTO results (arm, problem_id, status) VALUES (?, ?, 'pending')",
-                [(arm.name, problem_id) for problem_id in problem_ids],
-            )
+            _add_repeats(db, arm.name, problem_ids, seed, repeats)
 
-    def statuses(self, arm: str) -> dict[str, str]:
-        """``problem_id -> status`` of every problem of ``arm``."""
-        rows = self.db.execute("SELECT problem_id, status FROM results WHERE arm = ?", (arm,))
-        return {row["problem_id"]: row["status"] for row in rows}
+    def add_repeats(self, arm: str, problem_ids: Iterable[str], *, seed: int, repeats: int) -> int:
+        """Make repeats ``0..repeats-1`` of ``seed`` exist for every problem; returns how many were new."""
+        with self.transaction() as db:
+            return _add_repeats(db, arm, problem_ids, seed, repeats)
+
+    def statuses(self, arm: str) -> dict[RepeatKey, str]:
+        """``(problem_id, seed, repeat) -> status`` of every result of ``arm``."""
+        rows = self.db.execute("SELECT problem_id, seed, repeat, status FROM results WHERE arm = ?", (arm,))
+        return {(row["problem_id"], row["seed"], row["repeat"]): row["status"] for row in rows}
 
     def record(self, arm: str, result: ProblemResult) -> None:
         """Commit one problem's outcome with its trace, in its own transaction."""
@@ -324,33 +374,37 @@ class RunStore:
                 "UPDATE results SET status = ?, answer = ?, extracted = ?, correct = ?, "
                 "prompt_tokens = ?, completion_tokens = ?, calls = ?, wall_s = ?, error = ?, "
                 "trace_json = ?, attempts = attempts + 1, updated_at = ? "
-                "WHERE arm = ? AND problem_id = ?",
+                "WHERE arm = ? AND problem_id = ? AND seed = ? AND repeat = ?",
                 (
                     result.status, result.answer, result.extracted, correct, result.prompt_tokens,
                     result.completion_tokens, result.calls, result.wall_s, result.error, trace,
-                    _now(), arm, result.problem_id,
+                    _now(), arm, result.problem_id, result.seed, result.repeat,
                 ),
             ).rowcount  # fmt: skip
             if updated != 1:
-                raise StoreError(f"arm {arm!r} has no problem {result.problem_id!r}")
+                raise StoreError(
+                    f"arm {arm!r} has no problem {result.problem_id!r} (seed {result.seed}, repeat {result.repeat})"
+                )
 
     def results(self, arm: str, *, traces: bool = True) -> Iterator[ProblemResult]:
-        """Every problem of ``arm`` in data set order, with traces unless ``traces=False``.
+        """Every result of ``arm`` in data set order (then seed and repeat), with traces unless ``traces=False``.
 
-        A generator: a large run's traces are read one problem at a time.
+        A generator: a large run's traces are read one result at a time.
         """
         columns = _RESULT_COLUMNS + (", r.trace_json" if traces else ", NULL AS trace_json")
         rows = self.db.execute(
-            f"SELECT {columns} FROM results r JOIN problems p USING (problem_id) WHERE r.arm = ? ORDER BY p.position",
+            f"SELECT {columns} FROM results r JOIN problems p USING (problem_id) WHERE r.arm = ? "
+            "ORDER BY p.position, r.rowid",
             (arm,),
         )
         for row in rows:
             yield _result(row)
 
     def result(self, arm: str, problem_id: str) -> ProblemResult | None:
-        """One problem's result under ``arm``, with its trace."""
+        """One problem's result under ``arm`` (its first repeat), with its trace."""
         row = self.db.execute(
-            f"SELECT {_RESULT_COLUMNS}, r.trace_json FROM results r WHERE r.arm = ? AND r.problem_id = ?",
+            f"SELECT {_RESULT_COLUMNS}, r.trace_json FROM results r WHERE r.arm = ? AND r.problem_id = ? "
+            "ORDER BY r.rowid LIMIT 1",
             (arm, problem_id),
         ).fetchone()
         return _result(row) if row is not None else None
@@ -381,9 +435,17 @@ _RESULT_COLUMNS = ", ".join(
     f"r.{name}"
     for name in (
         "problem_id", "status", "answer", "extracted", "correct", "prompt_tokens",
-        "completion_tokens", "calls", "wall_s", "error", "attempts",
+        "completion_tokens", "calls", "wall_s", "error", "attempts", "seed", "repeat",
     )
 )  # fmt: skip
+
+
+def _add_repeats(db: sqlite3.Connection, arm: str, problem_ids: Iterable[str], seed: int, repeats: int) -> int:
+    cursor = db.executemany(
+        "INSERT OR IGNORE INTO results (arm, problem_id, seed, repeat, status) VALUES (?, ?, ?, ?, 'pending')",
+        [(arm, problem_id, seed, repeat) for problem_id in problem_ids for repeat in range(repeats)],
+    )
+    return cursor.rowcount
 
 
 def _result(row: sqlite3.Row) -> ProblemResult:
@@ -401,6 +463,8 @@ def _result(row: sqlite3.Row) -> ProblemResult:
         error=row["error"],
         trace=Result.model_validate_json(trace) if trace else None,
         attempts=row["attempts"],
+        seed=row["seed"],
+        repeat=row["repeat"],
     )
 
 

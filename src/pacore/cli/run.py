@@ -30,6 +30,7 @@ from pacore.cli.options import (
     SeedOption,
     TemperatureOption,
     TemplateOption,
+    ThreadsOption,
     TimeoutOption,
     TopPOption,
     check_limits,
@@ -55,6 +56,8 @@ RUN_EXAMPLES = """\
   pacore run aime.jsonl --out runs/aime --pool-size 32 --schedule low -b http://127.0.0.1:8000/v1
   pacore run aime.jsonl --out runs/aime --schedule high            # same pool, another arm
   pacore run aime.jsonl --out runs/aime --method majority --samples 32
+  pacore run aime.jsonl --out runs/aime --schedule low --repeats 16   # 16 draws per problem
+  pacore run aime.jsonl --out runs/aime --schedule low --repeats 16 --seed 7  # 16 more
 
 Run the same command again to resume: done problems are skipped, unfinished ones
 redone, failed ones retried.
@@ -84,7 +87,10 @@ class LiveBatchDisplay:
             self.spinner,
             Text(p.arm, style="bold"),
             ProgressBar(total=max(p.total, 1), completed=p.done + p.failed, width=24),
-            Text(f"{p.done + p.failed}/{p.total} problems" + (f" ({p.failed} failed)" if p.failed else "")),
+            Text(
+                f"{p.done + p.failed}/{p.total} {'problems' if p.repeats == 1 else 'problem repeats'}"
+                + (f" ({p.failed} failed)" if p.failed else "")
+            ),
             Text(f"· {p.in_flight} in flight"),
             Text(f"· {p.completion_tokens:,} tokens", style="green"),
             Text(f"· accuracy {report.percent(p.accuracy)}"),
@@ -94,7 +100,8 @@ class LiveBatchDisplay:
 
     def problem_finished(self, problem: Problem, result: ProblemResult) -> None:
         if result.status == "failed":
-            self.live.console.print(f"{problem.id}: failed: {result.error}", highlight=False, markup=False)
+            label = _label(problem, result, self.progress)
+            self.live.console.print(f"{label}: failed: {result.error}", highlight=False, markup=False)
 
     def __enter__(self) -> LiveBatchDisplay:
         self.live.start()
@@ -119,7 +126,7 @@ class LineBatchDisplay:
             outcome = {True: "correct", False: "wrong", None: "answered"}[result.correct]
         eta = p.eta_s
         print(
-            f"[{p.done + p.failed}/{p.total}] {problem.id}: {outcome} · {result.completion_tokens:,} tokens "
+            f"[{p.done + p.failed}/{p.total}] {_label(problem, result, p)}: {outcome} · {result.completion_tokens:,} tokens "
             f"· {format_duration(result.wall_s or 0.0)} · accuracy {report.percent(p.accuracy)}"
             + (f" · ETA {format_duration(eta)}" if eta is not None else ""),
             file=self.file,
@@ -134,6 +141,10 @@ class LineBatchDisplay:
 
 
 BatchDisplay = LiveBatchDisplay | LineBatchDisplay
+
+
+def _label(problem: Problem, result: ProblemResult, progress: BatchProgress) -> str:
+    return problem.id if progress.repeats == 1 else f"{problem.id} #{result.repeat}"
 
 
 def open_batch_display(progress: BatchProgress, quiet: bool) -> AbstractContextManager[BatchDisplay | None]:
@@ -152,10 +163,11 @@ def plan_lines(plan: RunPlan, arm: str, run_dir: Path, problems: int, data: Path
     if plan.set_aside is not None:
         lines.append(f"--force: the previous run in {run_dir} is kept as {plan.set_aside.name}")
     pool = f", trajectory pool of {plan.pool_size} per problem" if plan.pool_size else ""
+    count = f"{problems} problems" + (f" × {plan.repeats} repeats (seed {plan.seed})" if plan.repeats > 1 else "")
     if plan.new_run:
-        lines.append(f"new run in {run_dir}: {arm} on {problems} problems from {data}{pool}")
+        lines.append(f"new run in {run_dir}: {arm} on {count} from {data}{pool}")
     elif plan.new_arm:
-        lines.append(f"adding arm {arm} to {run_dir} ({problems} problems{pool})")
+        lines.append(f"adding arm {arm} to {run_dir} ({count}{pool})")
     else:
         failed = ""
         if plan.failed:
@@ -180,7 +192,18 @@ def summary_text(summary: report.ArmReport, run_dir: Path) -> str:
     )
     failed = f", {summary.failed} failed" if summary.failed else ""
     pending = f", {summary.pending} unfinished" if summary.pending else ""
-    return f"{summary.arm}: {summary.answered}/{summary.problems} answered{failed}{pending}, {accuracy} -> {run_dir}"
+    repeats = f" ({summary.problems} problems × {summary.repeats} repeats)" if summary.repeats > 1 else ""
+    if summary.repeated:
+        accuracy = f"mean accuracy {report.percent(summary.accuracy)}{_interval_text(summary)} over repeats"
+    return (
+        f"{summary.arm}: {summary.answered}/{summary.results} answered{repeats}{failed}{pending}, "
+        f"{accuracy} -> {run_dir}"
+    )
+
+
+def _interval_text(arm: report.ArmReport) -> str:
+    interval = arm.interval
+    return f" [{report.percent(interval[0])}, {report.percent(interval[1])}]" if interval else ""
 
 
 @app.command("run", epilog=RUN_EXAMPLES)
@@ -230,6 +253,15 @@ def run(
             rich_help_panel=RUN_PANEL,
         ),
     ] = False,  # fmt: skip
+    repeats: Annotated[
+        int,
+        typer.Option(
+            "--repeats", metavar="R",
+            help="Run each problem R times (independent draws from the pool, else fresh samples) and "
+            "report the mean accuracy over repeats. Another --seed on a pooled run adds R more.",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = 1,  # fmt: skip
     retry_failed: Annotated[
         bool,
         typer.Option(
@@ -263,6 +295,7 @@ def run(
     api_key: ApiKeyOption = None,
     timeout: TimeoutOption = None,
     retries: RetriesOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Evaluate a data set under a method; resumable, every finished problem committed.
 
@@ -273,7 +306,9 @@ def run(
     check_limits(deadline=deadline, min_success=min_success)
     synthesis = load_template(template, arm.schedule)
     problems = load_dataset(data, limit=limit, offset=offset, shuffle=shuffle, seed=seed or 0)
-    opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries)
+    opened = open_backends(
+        backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads
+    )
 
     async def execute(batch: BatchRun, display: BatchDisplay | None) -> report.ArmReport:
         try:
@@ -284,7 +319,7 @@ def run(
     with BatchRun.open(
         out, problems, dataset_path=data, arm=arm, backend=opened, params=params, template=synthesis,
         pool_size=pool_size, concurrency=concurrency, retry_failed=retry_failed, add_arm=add_arm,
-        force=force, deadline=deadline, min_success=min_success,
+        force=force, deadline=deadline, min_success=min_success, repeats=repeats,
     ) as batch:  # fmt: skip
         if not quiet:
             for line in plan_lines(batch.plan, arm.name, out, len(problems), data):
@@ -294,8 +329,9 @@ def run(
     typer.echo(summary_text(summary, out))
     if summary.failed:
         reason, count = summary.failure_reasons[0]
+        unit = "problems" if summary.repeats == 1 else "problem repeats"
         raise PacoreError(
-            f"{summary.failed} of {summary.problems} problems failed ({count} x {reason}); "
+            f"{summary.failed} of {summary.results} {unit} failed ({count} x {reason}); "
             "rerun the same command to retry them"
         )
 
@@ -313,8 +349,10 @@ def report_command(
 ) -> None:
     """Write report.md, report.html and accuracy_vs_ttc.png for one or more runs.
 
-    Per arm: accuracy with a 95% Wilson interval, mean effective TTC and prompt
-    tokens, wall time, failures; for PaCoRe arms, synthesis diagnostics.
+    Per arm: accuracy with a 95% interval (Wilson with one result per problem; with
+    --repeats, the mean over problems of per-problem accuracy with a normal
+    approximation over problems), mean effective TTC and prompt tokens, wall time,
+    failures; for PaCoRe arms, synthesis diagnostics.
     """
     arms, files = report.write_report(run_dirs, out)
     if json_output:
@@ -327,11 +365,15 @@ def report_command(
         return
     for arm in arms:
         prefix = f"{arm.run} " if len(run_dirs) > 1 else ""
-        interval = arm.interval
-        ci = f" [{report.percent(interval[0])}, {report.percent(interval[1])}]" if interval else ""
+        ci = _interval_text(arm)
         tokens = f"{arm.mean_completion_tokens:,.0f}" if arm.mean_completion_tokens is not None else "n/a"
+        graded = (
+            f"{arm.graded} graded results of {len(arm.problem_accuracies)} problems (mean over repeats)"
+            if arm.repeated
+            else f"{arm.graded} graded"
+        )
         typer.echo(
-            f"{prefix}{arm.arm}: accuracy {report.percent(arm.accuracy)}{ci} on {arm.graded} graded, "
+            f"{prefix}{arm.arm}: accuracy {report.percent(arm.accuracy)}{ci} on {graded}, "
             f"{tokens} TTC tokens/problem, {arm.failed} failed"
             + (f", {arm.pending} unfinished" if arm.pending else "")
         )

@@ -21,6 +21,7 @@ from pacore.cli.options import (
     ScheduleOption,
     TemperatureOption,
     TemplateOption,
+    ThreadsOption,
     TimeoutOption,
     TopPOption,
     check_limits,
@@ -137,6 +138,7 @@ def serve(
     ] = None,
     timeout: TimeoutOption = None,
     retries: RetriesOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Serve PaCoRe behind an OpenAI-compatible /v1/chat/completions, with a live trace viewer at /ui.
 
@@ -163,7 +165,9 @@ def serve(
         **limits,
     )
     listener = _listen(host, port)
-    opened = open_backends(backend, model=model, api_key=backend_api_key, timeout=timeout, retries=retries)
+    opened = open_backends(
+        backend, model=model, api_key=backend_api_key, timeout=timeout, retries=retries, threads=threads
+    )
     app = create_app(config, opened)
     bound_host, bound_port = listener.getsockname()[:2]
     base = f"http://{_url_host(bound_host)}:{bound_port}"

@@ -1,8 +1,12 @@
 """Reports over run directories: accuracy against test-time compute, and synthesis diagnostics.
 
-For every arm of every run: accuracy with a 95% Wilson interval (over the
-answered problems that have a ground truth), mean effective TTC (completion
-tokens) and prompt tokens per answered problem, wall time and failures. For
+For every arm of every run: accuracy with a 95% interval (over the answered
+problems that have a ground truth), mean effective TTC (completion tokens) and
+prompt tokens per answered problem, wall time and failures. With repeats
+(several results per problem), accuracy is the mean over problems of each
+problem's accuracy over its repeats, and the interval a normal approximation
+over problems (see :func:`repeat_interval`); with one result per problem it
+is the plain proportion with a Wilson interval. For
 PaCoRe arms, the report's synthesis diagnostics over every synthesized
 trajectory (every round after the first) of graded problems:
 
@@ -40,6 +44,14 @@ PLOT_NAME = "accuracy_vs_ttc.png"
 # Two-sided 95% normal quantile.
 Z_95 = 1.959963984540054
 
+ACCURACY_NOTE = (
+    "Accuracy is over answered problems with a ground truth. With one result per problem it is the "
+    "proportion correct with a 95% Wilson interval; with repeats (answered and failed count results, "
+    "problem × repeat) it is the mean over problems of each problem's accuracy over its repeats, with a "
+    "95% normal-approximation interval over problems (mean ± 1.96·s/√n, s the standard deviation of "
+    "the n per-problem accuracies)."
+)
+
 CROSS_CHECK = re.compile(r"\b(?:references?|refs?\.?)\s*(?:responses?\s*)?#?\s*\d+", re.IGNORECASE)
 
 
@@ -52,6 +64,22 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def repeat_interval(problem_accuracies: Sequence[float], z: float = Z_95) -> tuple[float, float] | None:
+    """A normal-approximation interval of the mean of per-problem accuracies.
+
+    ``mean ± z·s/√n`` with ``s`` the sample standard deviation of the ``n``
+    per-problem accuracies, clamped to [0, 1]: problems are the independent
+    units, the repeats of one problem are not (``None`` below two problems).
+    """
+    n = len(problem_accuracies)
+    if n < 2:
+        return None
+    mean = sum(problem_accuracies) / n
+    variance = sum((a - mean) ** 2 for a in problem_accuracies) / (n - 1)
+    half = z * math.sqrt(variance / n)
+    return max(0.0, mean - half), min(1.0, mean + half)
 
 
 @dataclass
@@ -102,7 +130,11 @@ class ArmReport:
     method: str
     schedule: str | None
     samples: int | None
+    #: Distinct problems; the counts below are of results (problem repeats).
     problems: int = 0
+    results: int = 0
+    #: Most results of one problem (the repeats asked for, over every seed).
+    repeats: int = 0
     answered: int = 0
     failed: int = 0
     pending: int = 0
@@ -115,14 +147,31 @@ class ArmReport:
     total_wall_s: float = 0.0
     failure_reasons: list[tuple[str, int]] = field(default_factory=list)
     synthesis: SynthesisStats | None = None
+    #: Per graded problem: its accuracy over its graded repeats.
+    problem_accuracies: list[float] = field(default_factory=list)
+
+    @property
+    def repeated(self) -> bool:
+        """Whether some problem has more than one graded result."""
+        return len(self.problem_accuracies) < self.graded
 
     @property
     def accuracy(self) -> float | None:
-        return _ratio(self.correct, self.graded)
+        if not self.repeated:
+            return _ratio(self.correct, self.graded)
+        return sum(self.problem_accuracies) / len(self.problem_accuracies)
+
+    @property
+    def interval_method(self) -> str | None:
+        if not self.graded:
+            return None
+        return "normal approximation over problems" if self.repeated else "wilson"
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        return wilson_interval(self.correct, self.graded)
+        if not self.repeated:
+            return wilson_interval(self.correct, self.graded)
+        return repeat_interval(self.problem_accuracies)
 
     @property
     def setting(self) -> str:
@@ -140,6 +189,8 @@ class ArmReport:
             "schedule": self.schedule,
             "samples": self.samples,
             "problems": self.problems,
+            "results": self.results,
+            "repeats": self.repeats,
             "answered": self.answered,
             "failed": self.failed,
             "pending": self.pending,
@@ -148,6 +199,7 @@ class ArmReport:
             "accuracy": self.accuracy,
             "ci_low": interval[0] if interval else None,
             "ci_high": interval[1] if interval else None,
+            "interval_method": self.interval_method,
             "mean_completion_tokens": self.mean_completion_tokens,
             "mean_prompt_tokens": self.mean_prompt_tokens,
             "mean_wall_s": self.mean_wall_s,
@@ -190,10 +242,13 @@ def arm_report(
     report = ArmReport(run=run, arm=arm.name, method=arm.method, schedule=arm.schedule, samples=arm.samples)
     completion_tokens = prompt_tokens = wall_s = 0.0
     reasons: Counter[str] = Counter()
+    per_problem: Counter[str] = Counter()
+    grades: dict[str, list[bool]] = {}
     if arm.method == "pacore" and problems is not None:
         report.synthesis = SynthesisStats()
     for result in results:
-        report.problems += 1
+        per_problem[result.problem_id] += 1
+        report.results += 1
         report.total_wall_s += result.wall_s or 0.0
         if result.status == "pending":
             report.pending += 1
@@ -208,10 +263,14 @@ def arm_report(
             if result.correct is not None:
                 report.graded += 1
                 report.correct += int(result.correct)
+                grades.setdefault(result.problem_id, []).append(result.correct)
             if report.synthesis is not None and result.trace is not None:
                 problem = problems[result.problem_id]  # type: ignore[index]  # set with synthesis
                 if problem.ground_truth is not None:
                     _add_synthesis_stats(report.synthesis, result.trace, problem)
+    report.problems = len(per_problem)
+    report.repeats = max(per_problem.values(), default=0)
+    report.problem_accuracies = [sum(g) / len(g) for g in grades.values()]
     if report.answered:
         report.mean_completion_tokens = completion_tokens / report.answered
         report.mean_prompt_tokens = prompt_tokens / report.answered
@@ -281,7 +340,12 @@ def _accuracy_cell(arm: ArmReport) -> str:
     interval = arm.interval
     if interval is None:
         return "n/a"
-    return f"{percent(arm.accuracy)} [{percent(interval[0])}, {percent(interval[1])}] ({arm.correct}/{arm.graded})"
+    counts = f"{arm.correct}/{arm.graded}" + (f" over {len(arm.problem_accuracies)} problems" if arm.repeated else "")
+    return f"{percent(arm.accuracy)} [{percent(interval[0])}, {percent(interval[1])}] ({counts})"
+
+
+def _problems_cell(arm: ArmReport) -> str:
+    return f"{arm.problems} × {arm.repeats} repeats" if arm.repeats > 1 else str(arm.problems)
 
 
 def summary_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
@@ -291,7 +355,7 @@ def summary_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list
     ]  # fmt: skip
     rows = [
         [
-            arm.arm, arm.method, arm.setting, str(arm.problems), str(arm.answered),
+            arm.arm, arm.method, arm.setting, _problems_cell(arm), str(arm.answered),
             str(arm.failed) + (f" (+{arm.pending} pending)" if arm.pending else ""),
             _accuracy_cell(arm), _number(arm.mean_completion_tokens), _number(arm.mean_prompt_tokens),
             f"{_number(arm.mean_wall_s, 1)}s", f"{_number(arm.total_wall_s, 1)}s",
@@ -348,8 +412,7 @@ def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str]) -> str:
         "",
         f"Runs: {', '.join(f'`{d}`' for d in run_dirs)}",
         "",
-        "Accuracy is over answered problems with a ground truth, with a 95% Wilson interval. "
-        "TTC tokens are the effective test-time compute: completion tokens of every call of a "
+        f"{ACCURACY_NOTE} TTC tokens are the effective test-time compute: completion tokens of every call of a "
         "problem (pooled trajectories a problem used included).",
         "",
         "## Accuracy and compute",
@@ -400,8 +463,7 @@ def render_html(arms: list[ArmReport], run_dirs: Sequence[str], plot_png: bytes 
         f"<style>{_STYLE}</style></head><body>",
         "<h1>PaCoRe evaluation report</h1>",
         f"<p>Runs: {html.escape(', '.join(run_dirs))}</p>",
-        "<p>Accuracy is over answered problems with a ground truth, with a 95% Wilson interval; "
-        "TTC tokens are completion tokens of every call of a problem.</p>",
+        f"<p>{html.escape(ACCURACY_NOTE)} TTC tokens are completion tokens of every call of a problem.</p>",
         "<h2>Accuracy and compute</h2>",
         _html_table(*summary_rows(arms, with_run)),
     ]
@@ -439,7 +501,8 @@ def render_plot(arms: list[ArmReport], path: Path, with_run: bool) -> None:
             points.sort(key=lambda a: a.mean_completion_tokens or 0)
             xs = [a.mean_completion_tokens for a in points]
             ys = [100 * (a.accuracy or 0) for a in points]
-            intervals = [a.interval or (0.0, 0.0) for a in points]
+            # No interval (repeats of a single problem): no bar rather than one down to 0.
+            intervals = [a.interval or (a.accuracy or 0.0,) * 2 for a in points]
             # Clamped: rounding can put a bound a hair past its point (matplotlib refuses that).
             errors = [
                 [max(0.0, y - 100 * low) for y, (low, _) in zip(ys, intervals, strict=True)],

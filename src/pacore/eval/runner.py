@@ -18,8 +18,14 @@ With a trajectory pool (``pool_size=P``), P first-round trajectories per
 problem are generated once and stored; PaCoRe at K1 <= P and majority@k for
 k <= P draw a seeded sample from the pool instead of generating, so
 comparing arms costs the pool plus the synthesis calls. The draw depends on
-the seed, the problem and the number drawn only, so ``pacore`` with K1 = k
-and ``majority`` with k see the very same trajectories.
+the seed, the repeat, the problem and the number drawn only, so ``pacore``
+with K1 = k and ``majority`` with k see the very same trajectories.
+
+Repeats (``repeats=R``): every problem is run R times per seed, each an
+independent draw from the pool (or, without a pool, fresh samples with a
+seed of its own), and reports average accuracy over them. Each repeat is a
+result of its own, committed and resumed like a problem. On a pooled run,
+another seed adds R more draws instead of being refused; the pool is reused.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("pacore", "single", "majority")
 DEFAULT_SAMPLES = 16
+#: Generation settings that only pick draws from a pool, so a pooled run accepts another value.
+POOL_DRAW_SETTINGS = ("seed",)
 
 T = TypeVar("T")
 
@@ -132,14 +140,14 @@ def _without_credentials(text: str) -> str:
     return re.sub(r"//[^/@\s]*@", "//", text)
 
 
-def _config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``name: old -> new`` for every shared setting that differs (the backend may)."""
+def _config_changes(stored: dict[str, Any], current: dict[str, Any], ignored: Sequence[str] = ()) -> list[str]:
+    """``name: old -> new`` for every shared setting that differs (the backend may), but ``ignored`` params."""
     changes = []
     if stored.get("model") != current["model"]:
         changes.append(f"model {stored.get('model')} -> {current['model']}")
     old_params, new_params = stored.get("params", {}), current["params"]
     for key, value in new_params.items():
-        if old_params.get(key) != value:
+        if key not in ignored and old_params.get(key) != value:
             changes.append(f"{key.replace('_', '-')} {old_params.get(key)} -> {value}")
     if stored.get("template", {}).get("sha256") != current["template"]["sha256"]:
         changes.append(f"template {stored.get('template', {}).get('origin')} -> {current['template']['origin']}")
@@ -150,17 +158,42 @@ def stored_problem(problem: Problem, position: int) -> StoredProblem:
     return StoredProblem(problem.id, position, list(problem.messages), problem.answer, problem.kind)
 
 
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The seed of repeat ``repeat`` of a series seeded ``seed``: ``seed`` itself for repeat 0.
+
+    Hashed rather than offset, so the repeats of seed 1 never replay those of seed 2.
+    """
+    if repeat == 0:
+        return seed
+    digest = hashlib.sha256(f"pacore-repeat:{seed}:{repeat}".encode("ascii")).digest()
+    return int.from_bytes(digest[:4], "big") % 2**31
+
+
+@dataclass(frozen=True, slots=True)
+class Repeat:
+    """One unit of work: repeat ``index`` of ``problem`` in the series of ``seed``."""
+
+    problem: Problem
+    seed: int
+    index: int
+
+    @property
+    def label(self) -> str:
+        return self.problem.id if self.index == 0 else f"{self.problem.id} (repeat {self.index})"
+
+
 @dataclass
 class BatchProgress:
     """Live figures of a batch run, for progress displays."""
 
     arm: str
-    #: Problems of the arm, done before this run included.
+    #: Problem repeats this command asks for (problems x repeats), done before this run included.
     total: int
     done: int = 0
     failed: int = 0
-    #: Problems to work on in this run.
+    #: Problem repeats to work on in this run.
     todo: int = 0
+    repeats: int = 1
     finished_now: int = 0
     correct: int = 0
     graded: int = 0
@@ -206,6 +239,9 @@ class RunPlan:
     pool_size: int | None
     #: Where ``force`` moved a conflicting database, if it did.
     set_aside: Path | None = None
+    #: Repeats per problem this command asks for, and the seed of their series.
+    repeats: int = 1
+    seed: int = 0
 
 
 class _ProblemTracker:
@@ -249,6 +285,7 @@ class BatchRun:
         plan: RunPlan,
         deadline: float | None = None,
         min_success: float | None = None,
+        pool_params: GenerationParams | None = None,
     ) -> None:
         self.store = store
         self.problems = problems
@@ -261,18 +298,24 @@ class BatchRun:
         #: Seconds each problem may take (its pool sampling, if any, gets as long again).
         self.deadline = deadline
         self.min_success = min_success
-        self.draw_seed = params.seed if params.seed is not None else 0
+        #: Pool top-ups sample as the run's first command did, whatever seed draws from the pool now.
+        self.pool_params = pool_params or params
+        # Filling a problem's pool happens once, whichever of its repeats gets there first.
+        self._pool_locks: dict[str, asyncio.Lock] = {}
         # Store access and grading run here, off the event loop: a commit waits for
         # the disk (fsync) and math-verify can take a few hundred milliseconds, which
         # would stall every backend call in flight. One thread keeps them in order.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacore-store")
         statuses = store.statuses(arm.name)
         wanted = {"pending", "failed"} if plan.retry_failed else {"pending"}
-        self.todo = [p for p in problems if statuses[p.id] in wanted]
+        self.todo = [
+            unit for unit in _repeats(problems, plan.seed, plan.repeats)
+            if statuses[unit.problem.id, unit.seed, unit.index] in wanted
+        ]  # fmt: skip
         # Failed problems being retried count again only once they finish.
         self.progress = BatchProgress(
-            arm=arm.name, total=len(problems), done=plan.done, failed=0 if plan.retry_failed else plan.failed,
-            todo=len(self.todo),
+            arm=arm.name, total=len(problems) * plan.repeats, done=plan.done,
+            failed=0 if plan.retry_failed else plan.failed, todo=len(self.todo), repeats=plan.repeats,
         )  # fmt: skip
 
     @classmethod
@@ -293,12 +336,15 @@ class BatchRun:
         force: bool = False,
         deadline: float | None = None,
         min_success: float | None = None,
+        repeats: int = 1,
     ) -> BatchRun:
         """Open (or create) ``run_dir`` for ``arm``; refuse what does not fit it.
 
-        ``deadline`` is in seconds per problem (filling its trajectory pool, if
-        needed, gets as long again); ``min_success`` is the fraction of a
-        coordinated round's trajectories (or of majority's samples) that must succeed.
+        ``deadline`` is in seconds per problem repeat (filling its trajectory pool,
+        if needed, gets as long again); ``min_success`` is the fraction of a
+        coordinated round's trajectories (or of majority's samples) that must
+        succeed; ``repeats`` is how many independent draws (or fresh runs) of
+        each problem this seed's series holds.
         """
         problems = list(problems)
         if not problems:
@@ -308,7 +354,10 @@ class BatchRun:
             raise UsageError(f"--concurrency must be at least 1, got {concurrency}")
         if pool_size is not None and pool_size < 1:
             raise UsageError(f"--pool-size must be at least 1, got {pool_size}")
+        if repeats < 1:
+            raise UsageError(f"--repeats must be at least 1, got {repeats}")
         params = params or GenerationParams()
+        seed = params.seed if params.seed is not None else 0
         template = template or SynthesisTemplate.default()
         config = generation_config(backend, params, template)
         wanted = RunInfo(
@@ -337,9 +386,13 @@ class BatchRun:
                     f"but the pool of {run_dir} holds {info.pool_size}"
                 )
             new_arm = arm.name not in {a.name for a in store.arms()}
+            ids = [p.id for p in problems]
             if new_arm:
-                store.add_arm(arm.info(), (p.id for p in problems))
-            counts = Counter(store.statuses(arm.name).values())
+                store.add_arm(arm.info(), ids, seed=seed, repeats=repeats)
+            else:
+                store.add_repeats(arm.name, ids, seed=seed, repeats=repeats)
+            statuses = store.statuses(arm.name)
+            counts = Counter(statuses[u.problem.id, u.seed, u.index] for u in _repeats(problems, seed, repeats))
             plan = RunPlan(
                 new_run=new_run,
                 new_arm=new_arm,
@@ -349,8 +402,14 @@ class BatchRun:
                 retry_failed=retry_failed,
                 pool_size=info.pool_size,
                 set_aside=moved,
+                repeats=repeats,
+                seed=seed,
             )
-            return cls(store, problems, arm, backend, params, template, concurrency, plan, deadline, min_success)
+            pool_params = params.with_seed(info.config.get("params", {}).get("seed"))
+            return cls(
+                store, problems, arm, backend, params, template, concurrency, plan, deadline, min_success,
+                pool_params,
+            )  # fmt: skip
         except BaseException:
             store.close()
             raise
@@ -368,21 +427,21 @@ class BatchRun:
     async def execute(
         self, on_problem: Callable[[Problem, ProblemResult], None] | None = None
     ) -> ArmReport:
-        """Solve every problem to do, ``concurrency`` at a time, committing each as it finishes."""
+        """Solve every problem repeat to do, ``concurrency`` at a time, committing each as it finishes."""
         self.progress.started = time.perf_counter()
         slots = asyncio.Semaphore(self.concurrency)
 
-        async def one(problem: Problem) -> None:
+        async def one(unit: Repeat) -> None:
             async with slots:
-                result = await self._solve(problem)
+                result = await self._solve(unit)
             await self._off_loop(self.store.record, self.arm.name, result)
             self.progress.count(result)
             if on_problem:
-                on_problem(problem, result)
+                on_problem(unit.problem, result)
 
         async with asyncio.TaskGroup() as group:
-            for problem in self.todo:
-                group.create_task(one(problem))
+            for unit in self.todo:
+                group.create_task(one(unit))
         return self.summary()
 
     async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
@@ -394,18 +453,19 @@ class BatchRun:
 
     # --- one problem ----------------------------------------------------
 
-    async def _solve(self, problem: Problem) -> ProblemResult:
+    async def _solve(self, unit: Repeat) -> ProblemResult:
+        problem = unit.problem
         started = time.perf_counter()
         tracker = _ProblemTracker(self.progress)
         trace: Result | None = None
         try:
-            trace = await self._trace(problem, tracker)
+            trace = await self._trace(unit, tracker)
         except PacoreError as exc:
             trace = exc.result or trace
-            return _failed(problem, str(exc), trace, time.perf_counter() - started)
+            return _failed(unit, str(exc), trace, time.perf_counter() - started)
         except Exception as exc:  # one problem's unforeseen failure is recorded; the run goes on
-            logger.debug("problem %s failed unexpectedly", problem.id, exc_info=True)
-            return _failed(problem, f"unexpected {type(exc).__name__}: {exc}", None, time.perf_counter() - started)
+            logger.debug("problem %s failed unexpectedly", unit.label, exc_info=True)
+            return _failed(unit, f"unexpected {type(exc).__name__}: {exc}", None, time.perf_counter() - started)
         finally:
             tracker.close()
         answer = trace.answer
@@ -423,10 +483,20 @@ class BatchRun:
             calls=trace.usage.calls,
             wall_s=time.perf_counter() - started,
             trace=trace,
+            seed=unit.seed,
+            repeat=unit.index,
         )
 
-    async def _trace(self, problem: Problem, tracker: _ProblemTracker) -> Result:
-        first = await self._pool_draw(problem, tracker) if self.plan.pool_size else None
+    def _params(self, unit: Repeat) -> GenerationParams:
+        """The sampling parameters of a repeat: repeat 0 keeps the command's seed, later ones get their own."""
+        if self.params.seed is None:
+            return self.params  # unseeded calls differ anyway
+        return self.params.with_seed(repeat_seed(self.params.seed, unit.index))
+
+    async def _trace(self, unit: Repeat, tracker: _ProblemTracker) -> Result:
+        problem = unit.problem
+        params = self._params(unit)
+        first = await self._pool_draw(unit, tracker) if self.plan.pool_size else None
         arm = self.arm
         if arm.method == "pacore":
             tracker.adopted = first is not None
@@ -434,32 +504,36 @@ class BatchRun:
                 problem.messages,
                 schedule=arm.schedule,
                 backend=self.backend,
-                params=self.params,
+                params=params,
                 template=self.template,
                 first_round=first,
                 on_event=tracker,
                 deadline=self.deadline,
                 min_success=self.min_success,
+                # Unseeded repeats still shuffle their references each their own way.
+                seed=repeat_seed(unit.seed, unit.index),
             )
         if arm.method == "single" and first is None:
             return await asolve(
-                problem.messages, schedule=arm.schedule, backend=self.backend, params=self.params,
+                problem.messages, schedule=arm.schedule, backend=self.backend, params=params,
                 on_event=tracker, deadline=self.deadline,
             )  # fmt: skip
         started = time.perf_counter()
         if first is None:
             tracker.expect(arm.first_round_size)
-            first = await self._sample(problem, arm.first_round_size, tracker)
-        return self._sampled_trace(problem, first, time.perf_counter() - started)
+            first = await self._sample(problem, arm.first_round_size, tracker, params)
+        return self._sampled_trace(problem, first, time.perf_counter() - started, params)
 
-    async def _sample(self, problem: Problem, n: int, tracker: _ProblemTracker, start: int = 0) -> list[Trajectory]:
+    async def _sample(
+        self, problem: Problem, n: int, tracker: _ProblemTracker, params: GenerationParams, start: int = 0
+    ) -> list[Trajectory]:
         """``n`` first-round samples of ``problem``, within the deadline."""
-        samples = asample(
-            problem.messages, n, backend=self.backend, params=self.params, start=start, on_event=tracker
-        )
+        samples = asample(problem.messages, n, backend=self.backend, params=params, start=start, on_event=tracker)
         return await within_deadline(samples, self.deadline, lambda: "while sampling")
 
-    def _sampled_trace(self, problem: Problem, samples: list[Trajectory], elapsed_s: float) -> Result:
+    def _sampled_trace(
+        self, problem: Problem, samples: list[Trajectory], elapsed_s: float, params: GenerationParams
+    ) -> Result:
         """The trace of ``single`` (from a pool) or ``majority``: one round of samples, no synthesis."""
         rnd = Round(
             index=0, k=len(samples), final=self.arm.method == "single", trajectories=samples
@@ -471,7 +545,7 @@ class BatchRun:
             usage=usage_of([rnd]),
             model=self.backend.model,
             backend=self.backend.name,
-            seed=self.params.seed,
+            seed=params.seed,
             elapsed_s=elapsed_s,
         )
         min_success = self.min_success if self.arm.method == "majority" else None
@@ -488,15 +562,26 @@ class BatchRun:
             trace.answer = voted or ""
         return trace
 
-    async def _pool_draw(self, problem: Problem, tracker: _ProblemTracker) -> list[Trajectory]:
+    async def _pool_draw(self, unit: Repeat, tracker: _ProblemTracker) -> list[Trajectory]:
         """A seeded draw of the arm's first-round size from the problem's pool, filling it first."""
+        problem = unit.problem
+        lock = self._pool_locks.setdefault(problem.id, asyncio.Lock())
+        async with lock:
+            pool = await self._filled_pool(problem, tracker)
+        k = self.arm.first_round_size
+        # Repeat 0 keeps the draw runs made before repeats existed.
+        key = f"pacore-pool:{unit.seed}:{problem.id}:{k}" + (f":{unit.index}" if unit.index else "")
+        rng = random.Random(key)
+        return [t.model_copy(update={"index": i}) for i, t in enumerate(rng.sample(pool, k))]
+
+    async def _filled_pool(self, problem: Problem, tracker: _ProblemTracker) -> list[Trajectory]:
         size = self.plan.pool_size
         assert size is not None
         pool = await self._off_loop(self.store.pool, problem.id)
         if len(pool) < size:
             start = max((t.index for t in pool), default=-1) + 1
             tracker.expect(size - len(pool))
-            fresh = await self._sample(problem, size - len(pool), tracker, start)
+            fresh = await self._sample(problem, size - len(pool), tracker, self.pool_params, start)
             # Failed samples are not pooled: the next run generates them again.
             kept = [t for t in fresh if t.ok]
             await self._off_loop(self.store.add_pool, problem.id, kept)
@@ -507,15 +592,18 @@ class BatchRun:
                     f"trajectory pool: {len(fresh) - len(kept)} of {len(fresh)} samples failed "
                     f"({len(pool)} of {size} pooled; a rerun generates the rest): {error}"
                 )
-        k = self.arm.first_round_size
-        rng = random.Random(f"pacore-pool:{self.draw_seed}:{problem.id}:{k}")
-        return [t.model_copy(update={"index": i}) for i, t in enumerate(rng.sample(pool, k))]
+        return pool
 
 
-def _failed(problem: Problem, reason: str, trace: Result | None, wall_s: float) -> ProblemResult:
+def _repeats(problems: Sequence[Problem], seed: int, repeats: int) -> list[Repeat]:
+    """The work of one command, problem by problem."""
+    return [Repeat(problem, seed, index) for problem in problems for index in range(repeats)]
+
+
+def _failed(unit: Repeat, reason: str, trace: Result | None, wall_s: float) -> ProblemResult:
     usage = trace.usage if trace is not None else None
     return ProblemResult(
-        problem_id=problem.id,
+        problem_id=unit.problem.id,
         status="failed",
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,
@@ -523,6 +611,8 @@ def _failed(problem: Problem, reason: str, trace: Result | None, wall_s: float) 
         wall_s=wall_s,
         error=reason,
         trace=trace,
+        seed=unit.seed,
+        repeat=unit.index,
     )
 
 
@@ -549,7 +639,8 @@ def _conflict(store: RunStore, wanted: RunInfo, arm: Arm, add_arm: bool) -> str 
             f"{where} holds a run of another data set ({info.problem_count} problems from "
             f"{info.dataset_path}); {fix}"
         )
-    changes = _config_changes(info.config, wanted.config)
+    # On a pooled run another seed only draws other subsets: more repeats, not a conflict.
+    changes = _config_changes(info.config, wanted.config, POOL_DRAW_SETTINGS if info.pool_size else ())
     if changes:
         return f"{where} was run with other settings ({'; '.join(changes)}); resume with the same options, or {fix}"
     if wanted.pool_size is not None and wanted.pool_size != info.pool_size:
