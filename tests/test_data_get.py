@@ -61,11 +61,11 @@ MATH500_ROWS = [
     },
 ]
 AIME2024_ROWS = [
-    {"id": 60, "problem": "Find $2+2$.", "solution": "$\\boxed{4}$", "answer": "4", "url": "https://aops/x", "year": "2024"},
-    {"id": 61, "problem": "Find $7 \\cdot 6$.", "solution": "$\\boxed{42}$", "answer": "42", "url": "https://aops/y", "year": "2024"},
+    {"id": 60, "problem": "Find $2+2$.", "solution": "$\\boxed{4}$", "answer": "4", "url": "u1", "year": "2024"},
+    {"id": 61, "problem": "Find $7 \\cdot 6$.", "solution": "$\\boxed{42}$", "answer": "42", "url": "u2", "year": "2024"},
 ]
 MATHARENA_ROWS = [
-    {"problem_idx": 1, "problem": "Find the sum of all bases $b>9$ ...", "answer": "70", "problem_type": ["Number Theory"]},
+    {"problem_idx": 1, "problem": "Find the sum of all bases $b>9$ ...", "answer": "70", "problem_type": ["Algebra"]},
     {"problem_idx": 2, "problem": "Compute $\\sqrt{16}$.", "answer": "4", "problem_type": ["Algebra", "Geometry"]},
 ]
 GPQA_HEADER = [
@@ -269,7 +269,9 @@ def test_math500_uses_unique_ids_and_math_grading(mirror: FileServer, tmp_path: 
         ("hmmt2025", ["hmmt2025-1", "hmmt2025-2"], ["70", "4"]),
     ],
 )
-def test_parquet_competitions(mirror: FileServer, tmp_path: Path, name: str, ids: list[str], answers: list[str]) -> None:
+def test_parquet_competitions(
+    mirror: FileServer, tmp_path: Path, name: str, ids: list[str], answers: list[str]
+) -> None:
     out = tmp_path / f"{name}.jsonl"
     get_dataset(name, out=out, progress=False)
     problems = load_dataset(out)
@@ -325,7 +327,8 @@ def test_pacore_train_keeps_the_training_layout_with_stage_tags(mirror: FileServ
 
 def test_a_changed_schema_is_one_clear_error(mirror: FileServer, tmp_path: Path) -> None:
     mirror.set("/" + CATALOGUE["math500"].files[0].path, jsonl_bytes([{"question_text": "x", "answer": "1"}]))
-    with pytest.raises(DatasetError, match=r"math500: row 1 has no 'unique_id' column \(columns: answer, question_text\)"):
+    expected = r"math500: row 1 has no 'unique_id' column \(columns: answer, question_text\)"
+    with pytest.raises(DatasetError, match=expected):
         get_dataset("math500", out=tmp_path / "m.jsonl", progress=False)
     assert not (tmp_path / "m.jsonl").exists()
 
@@ -458,17 +461,48 @@ def test_the_cap_is_inclusive(server: FileServer, tmp_path: Path) -> None:
     manifest = Manifest(tmp_path / "m.json")
     with pytest.raises(DownloadError, match="download limit"):
         fetch(f"{server.url}/edge.bin", tmp_path / "e", manifest=manifest, limits=DownloadLimits(max_bytes=1000))
-    fetched = fetch(f"{server.url}/edge.bin", tmp_path / "e", manifest=manifest, limits=DownloadLimits(max_bytes=1001))
+    limits = DownloadLimits(max_bytes=1001)
+    fetched = fetch(f"{server.url}/edge.bin", tmp_path / "e", manifest=manifest, limits=limits)
     assert fetched.size == 1001 and (tmp_path / "e").read_bytes() == b"z" * 1001
 
 
-def test_progress_bar_is_drawn_only_when_asked(server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_no_progress_bar_when_stderr_is_not_a_terminal(
+    server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     server.set("/p.bin", b"q" * 300_000)
     manifest = Manifest(tmp_path / "m.json")
     fetch(f"{server.url}/p.bin", tmp_path / "a", manifest=manifest)  # stderr is not a terminal here
     assert capsys.readouterr().err == ""
     fetch(f"{server.url}/p.bin", tmp_path / "b", manifest=manifest, progress=True)
     assert (tmp_path / "b").read_bytes() == b"q" * 300_000
+
+
+def test_progress_bar_on_a_terminal(server: FileServer, tmp_path: Path) -> None:
+    server.set("/p.bin", b"q" * 300_000)
+    code = (
+        "import sys; from pathlib import Path; from pacore.eval.download import Manifest, fetch; "
+        "fetch(sys.argv[1], Path(sys.argv[2]), manifest=Manifest(Path(sys.argv[3])))"
+    )
+    primary, secondary = os.openpty()  # stderr is a terminal: the bar is drawn there
+    env = {**os.environ, "PYTHONPATH": str(SRC), "TERM": "xterm", "COLUMNS": "100"}
+    process = subprocess.run(
+        [sys.executable, "-c", code, f"{server.url}/p.bin", str(tmp_path / "a"), str(tmp_path / "m.json")],
+        stdout=subprocess.PIPE, stderr=secondary, env=env, timeout=120,
+    )
+    os.close(secondary)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(primary)
+    assert process.returncode == 0 and process.stdout == b""
+    assert b"p.bin" in drawn and b"\x1b[" in drawn  # the bar, drawn with terminal control codes
+    assert (tmp_path / "a").read_bytes() == b"q" * 300_000
 
 
 # ---------------------------------------------------------------------------
@@ -495,11 +529,12 @@ def assert_one_line_error(process: subprocess.CompletedProcess[str], code: int, 
 def test_cli_get_from_url_then_check_and_list(server: FileServer, tmp_path: Path) -> None:
     server.set("/test.jsonl", jsonl_bytes(GSM8K_ROWS))
     env = {"PACORE_CACHE_DIR": str(tmp_path / "cache")}
-    got = pacore("data", "get", "gsm8k", "--from", f"{server.url}/test.jsonl", "--out", "x.jsonl", cwd=tmp_path, env=env)
+    source = f"{server.url}/test.jsonl"
+    got = pacore("data", "get", "gsm8k", "--from", source, "--out", "x.jsonl", cwd=tmp_path, env=env)
     assert got.returncode == 0, got.stderr
     assert got.stdout == "wrote 2 problems to x.jsonl\n"
     # Not a terminal: one plain status line on stderr, no progress bar or control codes.
-    assert got.stderr.startswith(f"downloaded {server.url}/test.jsonl ({len(jsonl_bytes(GSM8K_ROWS))} bytes, 2 rows, sha256 ")
+    assert got.stderr.startswith(f"downloaded {source} ({len(jsonl_bytes(GSM8K_ROWS))} bytes, 2 rows, sha256 ")
     assert got.stderr.count("\n") == 1 and "\r" not in got.stderr and "\x1b" not in got.stderr
     checked = pacore("data", "check", "x.jsonl", "--json", cwd=tmp_path, env=env)
     assert checked.returncode == 0, checked.stderr
@@ -535,8 +570,9 @@ def test_cli_errors_are_one_line(server: FileServer, tmp_path: Path) -> None:
         "cannot connect to 127.0.0.1",
     )
     server.set("/test.jsonl", jsonl_bytes(GSM8K_ROWS))
+    source = f"{server.url}/test.jsonl"
     assert_one_line_error(
-        pacore("data", "get", "gsm8k", "--from", f"{server.url}/test.jsonl", "--sha256", "f" * 64, cwd=tmp_path, env=env),
+        pacore("data", "get", "gsm8k", "--from", source, "--sha256", "f" * 64, cwd=tmp_path, env=env),
         1,
         "checksum mismatch",
     )

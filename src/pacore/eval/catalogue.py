@@ -223,7 +223,9 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             name="gsm8k",
             description="GSM8K test split: grade-school math word problems, numeric answers",
             page="https://github.com/openai/grade-school-math",
-            files=(SourceFile(GITHUB_RAW, "openai/grade-school-math/master/grade_school_math/data/test.jsonl", "jsonl"),),
+            files=(
+                SourceFile(GITHUB_RAW, "openai/grade-school-math/master/grade_school_math/data/test.jsonl", "jsonl"),
+            ),
             convert=_gsm8k,
             problems=1319,
             licence="MIT",
