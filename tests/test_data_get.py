@@ -155,6 +155,12 @@ class FileServer:
     files: dict[str, bytes]
     url: str = ""
     hits: Counter = field(default_factory=Counter)
+    #: Headers of every request, in order: ``(path, {header: value})``.
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    #: Paths whose next response stops after this many body bytes (then the connection drops).
+    cuts: dict[str, int] = field(default_factory=dict)
+    #: Paths served with an ETag and HTTP ranges (honouring If-Range).
+    etags: dict[str, str] = field(default_factory=dict)
 
     def set(self, path: str, data: bytes) -> None:
         self.files[path] = data
@@ -168,6 +174,7 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
             server.hits[path] += 1
+            server.requests.append((path, dict(self.headers.items())))
             if path == "/redirect":
                 self._redirect("/plain.jsonl")
             elif path == "/loop":
@@ -185,6 +192,8 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                         self.wfile.write(b"x" * 65536)
                 except OSError:
                     pass
+            elif path in server.etags:
+                self._send_ranged(path)
             elif path in server.files:
                 self._send(200, server.files[path])
             else:
@@ -195,6 +204,26 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Location", where)
             self.send_header("Content-Length", "0")
             self.end_headers()
+
+        def _send_ranged(self, path: str) -> None:
+            body, etag = server.files[path], server.etags[path]
+            wanted, condition = self.headers.get("Range"), self.headers.get("If-Range")
+            start = int(wanted.removeprefix("bytes=").rstrip("-")) if wanted and condition in (None, etag) else 0
+            if start >= len(body) > 0:
+                self._send(416, b"")
+                return
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.send_header("ETag", etag)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.end_headers()
+            cut = server.cuts.pop(path, None)
+            self.wfile.write(body[start:] if cut is None else body[start : start + cut])
+            if cut is not None:
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
 
         def _send(self, status: int, body: bytes) -> None:
             self.send_response(status)
@@ -441,6 +470,72 @@ def test_http_errors(server: FileServer, tmp_path: Path, monkeypatch: pytest.Mon
     assert not (tmp_path / "a.jsonl").exists()
     leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert leftovers == []  # no partial files
+
+
+BIG = bytes(range(256)) * 800  # 204,800 bytes
+
+
+def test_a_broken_download_resumes_where_it_stopped(server: FileServer, tmp_path: Path) -> None:
+    server.set("/big.bin", BIG)
+    server.etags["/big.bin"] = '"v1"'
+    server.cuts["/big.bin"] = 120_000
+    manifest = Manifest(tmp_path / "manifest.json")
+    dest = tmp_path / "cache" / "big.bin"
+    with pytest.raises(DownloadError, match="broke off after .* kept: run the same command again to resume"):
+        fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+    kept = (tmp_path / "cache" / "big.bin.part").stat().st_size
+    assert 0 < kept <= 120_000 and not dest.exists()
+    assert manifest.recorded(f"{server.url}/big.bin") is None
+
+    fetched = fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+    assert dest.read_bytes() == BIG and fetched.downloaded and fetched.size == len(BIG)
+    assert fetched.sha256 == hashlib.sha256(BIG).hexdigest() == manifest.recorded(f"{server.url}/big.bin")
+    path, headers = server.requests[-1]
+    assert headers["Range"] == f"bytes={kept}-" and headers["If-Range"] == '"v1"'
+    assert headers["Accept-Encoding"] == "identity"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["big.bin"]  # no .part, no resume state
+
+
+def test_a_changed_file_starts_over_instead_of_resuming(server: FileServer, tmp_path: Path) -> None:
+    server.set("/big.bin", BIG)
+    server.etags["/big.bin"] = '"v1"'
+    server.cuts["/big.bin"] = 100_000
+    manifest = Manifest(tmp_path / "manifest.json")
+    dest = tmp_path / "big.bin"
+    with pytest.raises(DownloadError, match="to resume"):
+        fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+    changed = BIG[::-1]
+    server.set("/big.bin", changed)
+    server.etags["/big.bin"] = '"v2"'  # If-Range "v1" no longer matches: the server sends the whole new file
+    assert fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False).size == len(changed)
+    assert dest.read_bytes() == changed
+
+
+def test_force_starts_a_broken_download_over(server: FileServer, tmp_path: Path) -> None:
+    server.set("/big.bin", BIG)
+    server.etags["/big.bin"] = '"v1"'
+    server.cuts["/big.bin"] = 50_000
+    manifest = Manifest(tmp_path / "manifest.json")
+    dest = tmp_path / "big.bin"
+    with pytest.raises(DownloadError, match="to resume"):
+        fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+    fetch(f"{server.url}/big.bin", dest, manifest=manifest, force=True, progress=False)
+    assert "Range" not in server.requests[-1][1] and dest.read_bytes() == BIG
+
+
+def test_one_file_is_downloaded_by_one_process_at_a_time(server: FileServer, tmp_path: Path) -> None:
+    import fcntl
+
+    server.set("/big.bin", BIG)
+    dest = tmp_path / "big.bin"
+    part = tmp_path / "big.bin.part"
+    part.write_bytes(b"someone else's bytes")
+    with part.open("a+b") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DownloadError, match="another process is downloading"):
+            fetch(f"{server.url}/big.bin", dest, manifest=Manifest(tmp_path / "m.json"), progress=False)
+    assert part.read_bytes() == b"someone else's bytes"  # the other download is left alone
+    assert server.hits["/big.bin"] == 0
 
 
 def test_too_large_downloads_are_refused(server: FileServer, tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
-"""Bounded, verified file downloads into pacore's data cache.
+"""Bounded, verified, resumable file downloads into pacore's data cache.
 
-A download streams into a temporary file beside its cache path and is renamed
-into place only when complete and verified, so an interrupted or refused
-download never leaves a file that looks finished. Every download is bounded:
-a size cap (checked against ``Content-Length`` first, then counted while
-streaming), connect and read timeouts, and a limited number of redirects.
+A download streams into ``<file>.part`` beside its cache path and is renamed
+into place only when complete and verified, so a file in the cache is always
+whole. A broken connection (or Ctrl-C) keeps the ``.part`` bytes and the next
+attempt asks for the rest; every other failure removes them. Every download
+is bounded: a size cap (checked against ``Content-Length`` first, then counted
+while streaming), connect and read timeouts, and a limited number of
+redirects.
 
 Checksums: a caller may pin a sha256. Without one, the digest of the first
 download is recorded in ``manifest.json`` in the cache directory and every
@@ -27,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: downloads there are not locked against each other
+    fcntl = None  # type: ignore[assignment]
 
 from pacore import __version__
 from pacore.errors import DownloadError, UsageError
@@ -110,23 +117,17 @@ class Manifest:
 def write_atomically(path: Path, content: bytes) -> None:
     """Write ``content`` to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _temporary_beside(path) as (temp, handle):
-        handle.write(content)
-        handle.close()
-        os.replace(temp, path)
-
-
-@contextlib.contextmanager
-def _temporary_beside(path: Path) -> Iterator[tuple[Path, Any]]:
-    """A temporary file in ``path``'s directory, removed unless it was renamed away."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    temp = Path(name)
-    handle = os.fdopen(fd, "wb")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        yield temp, handle
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+        os.replace(name, path)
     finally:
-        handle.close()
-        temp.unlink(missing_ok=True)
+        Path(name).unlink(missing_ok=True)
+
+
+class _PartialDownload(DownloadError):
+    """The transfer broke off; the bytes received so far stay in the ``.part`` file."""
 
 
 def fetch(
@@ -146,11 +147,18 @@ def fetch(
     passes the public URL so that both share one recorded checksum). With
     ``sha256`` the file must match it and the manifest is updated to it;
     otherwise it must match the manifest's record, if there is one. ``force``
-    downloads again even when a cached copy verifies. ``progress`` draws a
-    progress bar on stderr (default: when stderr is a terminal).
+    downloads again from the start even when a cached copy verifies.
+    ``progress`` draws a progress bar on stderr (default: when stderr is a
+    terminal).
+
+    The bytes go to ``dest`` + ``.part`` first. When the connection breaks
+    (or on Ctrl-C) they are kept, and the next call asks the server for the
+    rest (an HTTP range, with ``If-Range`` so a changed file starts over); any
+    other failure removes them.
 
     Raises :class:`DownloadError` (unreachable, HTTP error, too large,
-    checksum mismatch) with a one-line message.
+    checksum mismatch, another process downloading the same file) with a
+    one-line message.
     """
     key = manifest_key or url
     expected = sha256 or manifest.recorded(key)
@@ -166,64 +174,158 @@ def fetch(
             "it was changed or corrupted: pass --force to download it again"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _temporary_beside(dest) as (temp, handle):
-        digest, size = _stream(url, handle, limits, sys.stderr.isatty() if progress is None else progress)
-        handle.close()
-        if expected is not None and digest != expected:
-            where = "the pinned --sha256" if sha256 else f"the one recorded on first download ({manifest.path})"
-            raise DownloadError(
-                f"checksum mismatch for {url}: got sha256 {digest}, expected {where} {expected}; "
-                "the file is not kept"
-            )
-        os.replace(temp, dest)
+    part = dest.with_name(dest.name + ".part")
+    resume = dest.with_name(dest.name + ".part.json")
+    show = sys.stderr.isatty() if progress is None else progress
+    with _locked(part, dest) as handle:
+        keep = False
+        try:
+            if force:
+                handle.truncate(0)
+            try:
+                digest, size = _download(url, handle, resume, limits, show)
+            except (_PartialDownload, KeyboardInterrupt):
+                keep = True
+                raise
+            if expected is not None and digest != expected:
+                where = "the pinned --sha256" if sha256 else f"the one recorded on first download ({manifest.path})"
+                raise DownloadError(
+                    f"checksum mismatch for {url}: got sha256 {digest}, expected {where} {expected}; "
+                    "the file is not kept"
+                )
+            os.replace(part, dest)
+        finally:
+            if not keep or handle.seek(0, os.SEEK_END) == 0:
+                part.unlink(missing_ok=True)
+                resume.unlink(missing_ok=True)
     if expected is None or sha256:
         manifest.record(key, digest, size)
     return Fetched(dest, digest, size, downloaded=True, trust=trust)
 
 
-def _stream(url: str, out: Any, limits: DownloadLimits, show_progress: bool) -> tuple[str, int]:
-    timeout = httpx.Timeout(limits.read_timeout_s, connect=limits.connect_timeout_s)
-    headers = {"User-Agent": f"pacore/{__version__}"}
-    digest = hashlib.sha256()
-    size = 0
+@contextlib.contextmanager
+def _locked(part: Path, dest: Path) -> Iterator[Any]:
+    """``part`` opened for appending, locked so that two processes never write one file."""
+    handle = part.open("a+b")
     try:
-        with (
-            httpx.Client(
-                timeout=timeout, follow_redirects=True, max_redirects=limits.max_redirects, headers=headers
-            ) as client,
-            client.stream("GET", url) as response,
-        ):
-            _check_status(url, response)
-            total = _declared_length(response)
-            if total is not None and total > limits.max_bytes:
-                raise DownloadError(
-                    f"{url} is {format_size(total)}, over the {format_size(limits.max_bytes)} download limit "
-                    "(raise it with --max-mb)"
-                )
-            with _progress_bar(show_progress, url, total) as advance:
-                for chunk in response.iter_bytes(_CHUNK):
-                    size += len(chunk)
-                    if size > limits.max_bytes:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DownloadError(f"another process is downloading {dest} now; try again when it is done") from None
+        yield handle
+    finally:
+        handle.close()
+
+
+def _download(url: str, handle: Any, resume: Path, limits: DownloadLimits, show: bool) -> tuple[str, int]:
+    """Fill ``handle`` (append mode) with ``url``'s bytes, resuming what it holds when the server allows."""
+    offset = handle.seek(0, os.SEEK_END)
+    state = _read_resume_state(resume)
+    if offset and state.get("url") != url:
+        handle.truncate(0)  # bytes of another URL (a mirror shares the cache path): start over
+        offset = 0
+    timeout = httpx.Timeout(limits.read_timeout_s, connect=limits.connect_timeout_s)
+    # identity: the bytes hashed, capped and resumed are the file's own, never a compressed form of them.
+    headers = {"User-Agent": f"pacore/{__version__}", "Accept-Encoding": "identity"}
+    received = 0
+    try:
+        with httpx.Client(
+            timeout=timeout, follow_redirects=True, max_redirects=limits.max_redirects, headers=headers
+        ) as client:
+            for _attempt in range(2):
+                request_headers = {}
+                if offset:
+                    request_headers["Range"] = f"bytes={offset}-"
+                    if state.get("validator"):
+                        request_headers["If-Range"] = state["validator"]
+                with client.stream("GET", url, headers=request_headers) as response:
+                    if offset and response.status_code == 416:  # the range no longer fits the file
+                        handle.truncate(0)
+                        offset = 0
+                        continue
+                    _check_status(url, response)
+                    if not (offset and _resumes_at(response, offset)):
+                        handle.truncate(0)
+                        offset = 0
+                        _write_resume_state(resume, url, response)
+                    digest = _hash_prefix(handle, offset)
+                    size = offset
+                    remaining = _declared_length(response)
+                    total = None if remaining is None else offset + remaining
+                    if total is not None and total > limits.max_bytes:
                         raise DownloadError(
-                            f"{url} sent more than the {format_size(limits.max_bytes)} download limit "
-                            "(raise it with --max-mb); stopped"
+                            f"{url} is {format_size(total)}, over the {format_size(limits.max_bytes)} "
+                            "download limit (raise it with --max-mb)"
                         )
-                    digest.update(chunk)
-                    out.write(chunk)
-                    advance(len(chunk))
+                    with _progress_bar(show, url, total, offset) as advance:
+                        for chunk in response.iter_bytes():  # as received, so a broken transfer keeps it all
+                            size += len(chunk)
+                            if size > limits.max_bytes:
+                                raise DownloadError(
+                                    f"{url} sent more than the {format_size(limits.max_bytes)} download limit "
+                                    "(raise it with --max-mb); stopped"
+                                )
+                            digest.update(chunk)
+                            handle.write(chunk)
+                            received += len(chunk)
+                            advance(len(chunk))
+                    handle.flush()
+                    return digest.hexdigest(), size
+            raise DownloadError(f"{url}: the server refused to resume or restart the download")
     except httpx.TooManyRedirects:
         raise DownloadError(f"{url}: more than {limits.max_redirects} redirects") from None
-    except httpx.TimeoutException as exc:
-        raise DownloadError(f"{url}: timed out ({type(exc).__name__})") from None
-    except httpx.ConnectError as exc:
-        raise DownloadError(f"cannot connect to {_host(url)}: {_reason(exc)}") from None
     except httpx.InvalidURL as exc:
         raise UsageError(f"not a valid URL: {url} ({exc})") from None
     except httpx.UnsupportedProtocol:
         raise UsageError(f"not an http(s) URL: {url}") from None
+    except httpx.TransportError as exc:
+        handle.flush()
+        kept = handle.seek(0, os.SEEK_END)
+        if isinstance(exc, httpx.ConnectError):
+            message = f"cannot connect to {_host(url)}: {_reason(exc)}"
+        elif isinstance(exc, httpx.TimeoutException):
+            message = f"{url}: timed out ({type(exc).__name__})"
+        else:
+            message = f"{url}: the connection broke off after {format_size(received)}: {_reason(exc)}"
+        if kept:
+            message += f"; {format_size(kept)} kept: run the same command again to resume"
+        raise _PartialDownload(message) from None
     except httpx.HTTPError as exc:
         raise DownloadError(f"{url}: download failed: {_reason(exc)}") from None
-    return digest.hexdigest(), size
+
+
+def _resumes_at(response: httpx.Response, offset: int) -> bool:
+    """Whether the server answered the range request with the bytes from ``offset`` on."""
+    if response.status_code != 206:
+        return False
+    content_range = response.headers.get("content-range", "")
+    return content_range.startswith(f"bytes {offset}-")
+
+
+def _hash_prefix(handle: Any, length: int) -> Any:
+    digest = hashlib.sha256()
+    handle.seek(0)
+    left = length
+    while left and (chunk := handle.read(min(_CHUNK, left))):
+        digest.update(chunk)
+        left -= len(chunk)
+    return digest
+
+
+def _read_resume_state(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_resume_state(path: Path, url: str, response: httpx.Response) -> None:
+    # If-Range takes a strong ETag or a Last-Modified date; a weak ETag would never match.
+    etag = response.headers.get("etag", "")
+    validator = etag if etag and not etag.startswith("W/") else response.headers.get("last-modified")
+    write_atomically(path, json.dumps({"url": url, "validator": validator}).encode("utf-8"))
 
 
 def _check_status(url: str, response: httpx.Response) -> None:
@@ -250,7 +352,7 @@ def _declared_length(response: httpx.Response) -> int | None:
 
 
 @contextlib.contextmanager
-def _progress_bar(show: bool, url: str, total: int | None) -> Iterator[Any]:
+def _progress_bar(show: bool, url: str, total: int | None, done: int) -> Iterator[Any]:
     if not show:
         yield lambda _n: None
         return
@@ -259,7 +361,7 @@ def _progress_bar(show: bool, url: str, total: int | None) -> Iterator[Any]:
 
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(url.rsplit("/", 1)[-1][:40], total=total)
+        task = bar.add_task(url.rsplit("/", 1)[-1][:40], total=total, completed=done)
         yield lambda n: bar.advance(task, n)
 
 
