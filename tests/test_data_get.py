@@ -161,6 +161,8 @@ class FileServer:
     cuts: dict[str, int] = field(default_factory=dict)
     #: Paths served with an ETag and HTTP ranges (honouring If-Range).
     etags: dict[str, str] = field(default_factory=dict)
+    #: Of those, paths whose Range header is ignored from now on (a plain 200).
+    no_ranges: set[str] = field(default_factory=set)
 
     def set(self, path: str, data: bytes) -> None:
         self.files[path] = data
@@ -208,7 +210,8 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
         def _send_ranged(self, path: str) -> None:
             body, etag = server.files[path], server.etags[path]
             wanted, condition = self.headers.get("Range"), self.headers.get("If-Range")
-            start = int(wanted.removeprefix("bytes=").rstrip("-")) if wanted and condition in (None, etag) else 0
+            honoured = wanted and condition in (None, etag) and path not in server.no_ranges
+            start = int(wanted.removeprefix("bytes=").rstrip("-")) if honoured else 0
             if start >= len(body) > 0:
                 self._send(416, b"")
                 return
@@ -481,7 +484,7 @@ def test_a_broken_download_resumes_where_it_stopped(server: FileServer, tmp_path
     server.cuts["/big.bin"] = 120_000
     manifest = Manifest(tmp_path / "manifest.json")
     dest = tmp_path / "cache" / "big.bin"
-    with pytest.raises(DownloadError, match="broke off after .* kept: run the same command again to resume"):
+    with pytest.raises(DownloadError, match="broke off: .* kept: run the same command again to resume"):
         fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
     kept = (tmp_path / "cache" / "big.bin.part").stat().st_size
     assert 0 < kept <= 120_000 and not dest.exists()
@@ -509,6 +512,19 @@ def test_a_changed_file_starts_over_instead_of_resuming(server: FileServer, tmp_
     server.etags["/big.bin"] = '"v2"'  # If-Range "v1" no longer matches: the server sends the whole new file
     assert fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False).size == len(changed)
     assert dest.read_bytes() == changed
+
+
+def test_a_server_without_ranges_sends_it_all_again(server: FileServer, tmp_path: Path) -> None:
+    server.set("/big.bin", BIG)
+    server.etags["/big.bin"] = '"v1"'
+    server.cuts["/big.bin"] = 100_000
+    manifest = Manifest(tmp_path / "manifest.json")
+    dest = tmp_path / "big.bin"
+    with pytest.raises(DownloadError, match="to resume"):
+        fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+    server.no_ranges.add("/big.bin")
+    fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+    assert "Range" in server.requests[-1][1] and dest.read_bytes() == BIG  # asked, got a 200, started over
 
 
 def test_force_starts_a_broken_download_over(server: FileServer, tmp_path: Path) -> None:

@@ -228,51 +228,27 @@ def _download(url: str, handle: Any, resume: Path, limits: DownloadLimits, show:
     timeout = httpx.Timeout(limits.read_timeout_s, connect=limits.connect_timeout_s)
     # identity: the bytes hashed, capped and resumed are the file's own, never a compressed form of them.
     headers = {"User-Agent": f"pacore/{__version__}", "Accept-Encoding": "identity"}
-    received = 0
     try:
         with httpx.Client(
             timeout=timeout, follow_redirects=True, max_redirects=limits.max_redirects, headers=headers
         ) as client:
-            for _attempt in range(2):
-                request_headers = {}
+            for _attempt in range(2):  # a refused range is retried once from the start
+                ranged = {}
                 if offset:
-                    request_headers["Range"] = f"bytes={offset}-"
+                    ranged["Range"] = f"bytes={offset}-"
                     if state.get("validator"):
-                        request_headers["If-Range"] = state["validator"]
-                with client.stream("GET", url, headers=request_headers) as response:
-                    if offset and response.status_code == 416:  # the range no longer fits the file
-                        handle.truncate(0)
+                        ranged["If-Range"] = state["validator"]
+                with client.stream("GET", url, headers=ranged) as response:
+                    if offset and not _resumes_at(response, offset):
+                        handle.truncate(0)  # the file changed or ranges are not served: start over
                         offset = 0
-                        continue
+                        if response.status_code in (206, 416):
+                            continue  # an unusable range answer: ask again for the whole file
                     _check_status(url, response)
-                    if not (offset and _resumes_at(response, offset)):
-                        handle.truncate(0)
-                        offset = 0
+                    if not offset:
                         _write_resume_state(resume, url, response)
-                    digest = _hash_prefix(handle, offset)
-                    size = offset
-                    remaining = _declared_length(response)
-                    total = None if remaining is None else offset + remaining
-                    if total is not None and total > limits.max_bytes:
-                        raise DownloadError(
-                            f"{url} is {format_size(total)}, over the {format_size(limits.max_bytes)} "
-                            "download limit (raise it with --max-mb)"
-                        )
-                    with _progress_bar(show, url, total, offset) as advance:
-                        for chunk in response.iter_bytes():  # as received, so a broken transfer keeps it all
-                            size += len(chunk)
-                            if size > limits.max_bytes:
-                                raise DownloadError(
-                                    f"{url} sent more than the {format_size(limits.max_bytes)} download limit "
-                                    "(raise it with --max-mb); stopped"
-                                )
-                            digest.update(chunk)
-                            handle.write(chunk)
-                            received += len(chunk)
-                            advance(len(chunk))
-                    handle.flush()
-                    return digest.hexdigest(), size
-            raise DownloadError(f"{url}: the server refused to resume or restart the download")
+                    return _receive(url, response, handle, offset, limits, show)
+            raise DownloadError(f"{url}: the server answered the range requests with the wrong bytes")
     except httpx.TooManyRedirects:
         raise DownloadError(f"{url}: more than {limits.max_redirects} redirects") from None
     except httpx.InvalidURL as exc:
@@ -280,19 +256,47 @@ def _download(url: str, handle: Any, resume: Path, limits: DownloadLimits, show:
     except httpx.UnsupportedProtocol:
         raise UsageError(f"not an http(s) URL: {url}") from None
     except httpx.TransportError as exc:
-        handle.flush()
-        kept = handle.seek(0, os.SEEK_END)
         if isinstance(exc, httpx.ConnectError):
             message = f"cannot connect to {_host(url)}: {_reason(exc)}"
         elif isinstance(exc, httpx.TimeoutException):
             message = f"{url}: timed out ({type(exc).__name__})"
         else:
-            message = f"{url}: the connection broke off after {format_size(received)}: {_reason(exc)}"
+            message = f"{url}: the connection broke off: {_reason(exc)}"
+        handle.flush()
+        kept = handle.seek(0, os.SEEK_END)
         if kept:
             message += f"; {format_size(kept)} kept: run the same command again to resume"
         raise _PartialDownload(message) from None
     except httpx.HTTPError as exc:
         raise DownloadError(f"{url}: download failed: {_reason(exc)}") from None
+
+
+def _receive(
+    url: str, response: httpx.Response, handle: Any, offset: int, limits: DownloadLimits, show: bool
+) -> tuple[str, int]:
+    """Append the response body to the ``offset`` bytes ``handle`` holds; the sha256 and size of the whole."""
+    remaining = _declared_length(response)
+    total = None if remaining is None else offset + remaining
+    if total is not None and total > limits.max_bytes:
+        raise DownloadError(
+            f"{url} is {format_size(total)}, over the {format_size(limits.max_bytes)} download limit "
+            "(raise it with --max-mb)"
+        )
+    digest = _hash_prefix(handle, offset)
+    size = offset
+    with _progress_bar(show, url, total, offset) as advance:
+        for chunk in response.iter_bytes():  # as received, so a broken transfer keeps all it got
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise DownloadError(
+                    f"{url} sent more than the {format_size(limits.max_bytes)} download limit "
+                    "(raise it with --max-mb); stopped"
+                )
+            digest.update(chunk)
+            handle.write(chunk)
+            advance(len(chunk))
+    handle.flush()
+    return digest.hexdigest(), size
 
 
 def _resumes_at(response: httpx.Response, offset: int) -> bool:
