@@ -357,6 +357,17 @@ def test_pacore_train_keeps_the_training_layout_with_stage_tags(mirror: FileServ
     assert problems[0].metadata["responses"] == PACORE_ROWS[0]["responses"]
 
 
+def test_one_pacore_train_stage_from_a_file_keeps_its_tag_and_ids(tmp_path: Path) -> None:
+    rows = [{**PACORE_ROWS[0], "id": "p7"}, PACORE_ROWS[1]]
+    source = tmp_path / "stage2.json"
+    source.write_text(json.dumps(rows))
+    out = tmp_path / "s2.jsonl"
+    get_dataset("pacore-train-stage2", out=out, source=str(source), progress=False)
+    problems = load_dataset(out)
+    assert [p.id for p in problems] == ["pacore-train-stage2-p7", "pacore-train-stage2-2"]
+    assert {p.metadata["stage"] for p in problems} == {"stage2"}
+
+
 def test_a_changed_schema_is_one_clear_error(mirror: FileServer, tmp_path: Path) -> None:
     mirror.set("/" + CATALOGUE["math500"].files[0].path, jsonl_bytes([{"question_text": "x", "answer": "1"}]))
     expected = r"math500: row 1 has no 'unique_id' column \(columns: answer, question_text\)"

@@ -192,7 +192,9 @@ def _pacore_train(row: Row, number: int, tag: str) -> Row:
     _column(row, "conversation", number, "pacore-train")
     _column(row, "ground_truth", number, "pacore-train")
     record = dict(row)
-    record.setdefault("id", f"pacore-train-{tag + '-' if tag else ''}{number}")
+    own_id = record.get("id")
+    # Prefixed with the stage, so that ids stay unique when both stages are joined.
+    record["id"] = f"pacore-train-{tag + '-' if tag else ''}{number if own_id is None else own_id}"
     if tag:
         metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
         record["metadata"] = {**metadata, "stage": tag}
@@ -487,7 +489,9 @@ def get_dataset(
     limits = DownloadLimits(max_bytes=max_bytes or entry.max_bytes)
     if source is not None:
         declared = entry.files[0]
-        plan = [(source, None, SourceFile(declared.host, declared.path, declared.format, tag=""))]
+        # The catalogue's checksum belongs to the public file, not to what --from names.
+        tag = declared.tag if len(entry.files) == 1 else ""
+        plan = [(source, None, SourceFile(declared.host, declared.path, declared.format, tag=tag))]
     else:
         mirror = os.environ.get(MIRROR_ENV) or None
         plan = [(f.url_via(mirror), f.url, f) for f in entry.files]
