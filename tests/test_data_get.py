@@ -368,6 +368,14 @@ def test_one_pacore_train_stage_from_a_file_keeps_its_tag_and_ids(tmp_path: Path
     assert {p.metadata["stage"] for p in problems} == {"stage2"}
 
 
+def test_parquet_without_pyarrow_names_what_to_install(
+    mirror: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(DatasetError, match=r"parquet file, which needs pyarrow: pip install 'pacore\[eval\]'"):
+        get_dataset("hmmt2025", out=tmp_path / "h.jsonl", progress=False)
+
+
 def test_a_changed_schema_is_one_clear_error(mirror: FileServer, tmp_path: Path) -> None:
     mirror.set("/" + CATALOGUE["math500"].files[0].path, jsonl_bytes([{"question_text": "x", "answer": "1"}]))
     expected = r"math500: row 1 has no 'unique_id' column \(columns: answer, question_text\)"

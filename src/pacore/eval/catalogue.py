@@ -387,8 +387,8 @@ def read_rows(path: Path, fmt: Format) -> list[Row]:
     if fmt == "json":
         try:
             data = json.loads(text)
-        except ValueError as exc:
-            raise DatasetError(f"{path.name}: invalid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise DatasetError(f"{path.name}: invalid JSON: {exc or 'nested too deeply'}") from None
         if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
             raise DatasetError(f"{path.name}: expected a JSON list of objects")
         return data
@@ -398,7 +398,7 @@ def read_rows(path: Path, fmt: Format) -> list[Row]:
             continue
         try:
             row = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise DatasetError(f"{path.name}:{number}: invalid JSON: {exc}") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{path.name}:{number}: expected a JSON object")
@@ -411,7 +411,7 @@ def _parquet_rows(path: Path) -> list[Row]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DatasetError(
-            f"{path.name} is a parquet file, which needs pyarrow: pip install pyarrow"
+            f"{path.name} is a parquet file, which needs pyarrow: pip install 'pacore[eval]' (or pyarrow)"
         ) from None
     try:
         return pq.read_table(path).to_pylist()
