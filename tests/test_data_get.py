@@ -453,6 +453,24 @@ def test_out_is_not_overwritten_without_force(mirror: FileServer, tmp_path: Path
         get_dataset("gsm8k", out=tmp_path / "x.json", progress=False)
 
 
+def test_cache_paths_keep_urls_apart(tmp_path: Path) -> None:
+    from pacore.eval.catalogue import cache_path_for
+
+    paths = {
+        cache_path_for(url, tmp_path)
+        for url in (
+            "https://huggingface.co/datasets/a/b/resolve/main/test.jsonl",
+            "https://hf-mirror.com/datasets/a/b/resolve/main/test.jsonl",
+            "http://127.0.0.1:8001/test.jsonl",
+            "http://127.0.0.1:8002/test.jsonl",
+            "http://127.0.0.1:8002/test.jsonl?rev=2",
+        )
+    }
+    assert len(paths) == 5
+    assert all(tmp_path in p.parents for p in paths)
+    assert cache_path_for("http://h/../../etc/passwd", tmp_path) == tmp_path / "h" / "etc" / "passwd"
+
+
 # ---------------------------------------------------------------------------
 # --from, network failures, limits
 

@@ -15,7 +15,7 @@ from pacore.eval.datasets import dataset_fingerprint, load_dataset
 from pacore.eval.synthetic import OPERATIONS, synthetic_problems, write_jsonl
 
 data_app = typer.Typer(
-    help="Check data set files and generate synthetic problems.", no_args_is_help=True
+    help="Get, check and generate data sets.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
 

@@ -444,12 +444,13 @@ class GetReport:
 
 
 def cache_path_for(url: str, cache: Path) -> Path:
-    """A cache file for ``url``: its host and path under ``cache`` (no '..', query hashed in)."""
+    """A cache file for ``url``: its host (and port) and path under ``cache`` (no '..', query hashed in)."""
     parsed = httpx.URL(url)
     parts = [p for p in parsed.path.split("/") if p not in ("", ".", "..")] or ["index"]
     if parsed.query:
         parts[-1] += "-" + hashlib.sha256(parsed.query).hexdigest()[:12]
-    return cache.joinpath(parsed.host or "local", *parts)
+    host = parsed.host if parsed.port is None else f"{parsed.host}_{parsed.port}"
+    return cache.joinpath(host, *parts)
 
 
 def _is_url(text: str) -> bool:
