@@ -13,10 +13,12 @@ import hashlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -163,6 +165,8 @@ class FileServer:
     etags: dict[str, str] = field(default_factory=dict)
     #: Of those, paths whose Range header is ignored from now on (a plain 200).
     no_ranges: set[str] = field(default_factory=set)
+    #: Of those, paths sent slowly: 4 kB, then this many seconds' pause, and so on.
+    drip: dict[str, float] = field(default_factory=dict)
 
     def set(self, path: str, data: bytes) -> None:
         self.files[path] = data
@@ -222,7 +226,18 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             self.end_headers()
             cut = server.cuts.pop(path, None)
-            self.wfile.write(body[start:] if cut is None else body[start : start + cut])
+            rest = body[start:] if cut is None else body[start : start + cut]
+            pause = server.drip.get(path)
+            if pause:
+                try:
+                    for at in range(0, len(rest), 4096):
+                        self.wfile.write(rest[at : at + 4096])
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except OSError:  # the client went away
+                    self.close_connection = True
+                return
+            self.wfile.write(rest)
             if cut is not None:
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -249,6 +264,13 @@ def server() -> Iterator[FileServer]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the user's cache or follows a mirror set in the shell."""
+    monkeypatch.setenv("PACORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("PACORE_DATA_MIRROR", raising=False)
 
 
 @pytest.fixture
@@ -729,3 +751,33 @@ def test_cli_errors_are_one_line(server: FileServer, tmp_path: Path) -> None:
         2,
         "--max-mb must be more than 0",
     )
+
+
+def test_cli_ctrl_c_keeps_the_partial_download_and_the_next_get_resumes(server: FileServer, tmp_path: Path) -> None:
+    body = jsonl_bytes(GSM8K_ROWS * 400)  # about 80 kB, sent 4 kB at a time
+    server.set("/slow.jsonl", body)
+    server.etags["/slow.jsonl"] = '"slow"'
+    server.drip["/slow.jsonl"] = 0.2
+    env = {k: v for k, v in os.environ.items() if k != "PACORE_DEBUG"}
+    env.update(PACORE_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(SRC))
+    command = [sys.executable, "-m", "pacore", "data", "get", "gsm8k", "--from", f"{server.url}/slow.jsonl"]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    part = tmp_path / "cache" / "data" / f"127.0.0.1_{server.url.rsplit(':', 1)[1]}" / "slow.jsonl.part"
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size >= 8192) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip() == "pacore: error: interrupted"
+    kept = part.stat().st_size
+    assert 8192 <= kept < len(body) and not (tmp_path / "gsm8k.jsonl").exists()
+
+    server.drip.clear()
+    done = pacore("data", "get", "gsm8k", "--from", f"{server.url}/slow.jsonl", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "wrote 800 problems to gsm8k.jsonl\n"
+    assert server.requests[-1][1]["Range"] == f"bytes={kept}-"
+    assert not part.exists()
