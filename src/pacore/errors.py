@@ -58,6 +58,10 @@ class DatasetError(UsageError):
     """A data set file is missing or a line has an unknown shape."""
 
 
+class DownloadError(PacoreError):
+    """A data set download failed: unreachable, refused, too large, or a checksum mismatch."""
+
+
 class StoreError(PacoreError):
     """A run directory cannot be used (locked, other method, corrupt...)."""
 

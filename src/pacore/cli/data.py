@@ -1,4 +1,4 @@
-"""``pacore data``: check data set files and generate synthetic problems."""
+"""``pacore data``: get, check and generate data sets."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pacore.eval.datasets import dataset_fingerprint, load_dataset
 from pacore.eval.synthetic import OPERATIONS, synthetic_problems, write_jsonl
 
 data_app = typer.Typer(
-    help="Check data set files and generate synthetic problems.", no_args_is_help=True
+    help="Get, check and generate data sets.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
 
@@ -77,3 +77,92 @@ def synth(
     problems = synthetic_problems(count, digits=_digit_range(digits), operations=operations, seed=seed)
     written = write_jsonl(problems, out)
     typer.echo(f"wrote {written} problems to {out}")
+
+
+GET_EXAMPLES = """\
+[bold]Examples[/bold]
+
+  pacore data list
+  pacore data get gsm8k                      # writes gsm8k.jsonl here
+  pacore data get math500 --out data/math500.jsonl
+  pacore data get gpqa-diamond --from gpqa_diamond.csv
+  pacore data get gsm8k --from https://mirror.example/test.jsonl --sha256 HEX
+"""
+
+
+@data_app.command("get", epilog=GET_EXAMPLES)
+def get(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A data set from 'pacore data list'.")],
+    source: Annotated[
+        str | None,
+        typer.Option("--from", metavar="FILE_OR_URL", help="Read this file or URL instead of the public source."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", metavar="FILE", help="JSONL file to write \\[default: NAME.jsonl].")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite --out and download again even if cached.")
+    ] = False,
+    sha256: Annotated[
+        str | None, typer.Option("--sha256", metavar="HEX", help="The source file must have this sha256.")
+    ] = None,
+    max_mb: Annotated[
+        float | None,
+        typer.Option("--max-mb", metavar="MB", help="Refuse downloads larger than this \\[default: per data set]."),
+    ] = None,
+) -> None:
+    """Download a data set, verify it and convert it to pacore JSONL."""
+    from pacore.eval.catalogue import get_dataset
+    from pacore.eval.download import format_size
+
+    if max_mb is not None and not max_mb > 0:
+        raise UsageError(f"--max-mb must be more than 0, got {max_mb}")
+    target = out if out is not None else Path(f"{name.strip().lower()}.jsonl")
+    report = get_dataset(
+        name,
+        out=target,
+        source=source,
+        force=force,
+        sha256=sha256,
+        max_bytes=None if max_mb is None else int(max_mb * 1_000_000),
+    )
+    for item in report.sources:
+        how = "downloaded" if item.downloaded else "read" if item.trust == "local" else "cached"
+        typer.echo(
+            f"{how} {item.location} ({format_size(item.size)}, {item.rows} rows, "
+            f"sha256 {item.sha256[:16]}, {item.trust})",
+            err=True,
+        )
+    typer.echo(f"wrote {report.problems} problems to {report.out}")
+
+
+@data_app.command("list")
+def list_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the catalogue as JSON.")] = False,
+) -> None:
+    """The data sets 'pacore data get' knows: name, description, source, problems, licence."""
+    from pacore.eval.catalogue import CATALOGUE
+
+    rows = [
+        {
+            "name": entry.name,
+            "description": entry.description,
+            "source": entry.page,
+            "files": [f.url for f in entry.files],
+            "problems": entry.problems,
+            "kinds": list(entry.kinds),
+            "licence": entry.licence,
+            "verified": entry.verified,
+            "note": entry.note,
+        }
+        for entry in CATALOGUE.values()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        source = row["source"].removeprefix("https://")
+        typer.echo(f"{row['name']:<{width}}  {row['problems']:>5} problems  {row['licence']}  {source}")
+        typer.echo(f"{'':<{width}}  {row['description']}")
+    typer.echo("Details (files, what was verified, notes): pacore data list --json")

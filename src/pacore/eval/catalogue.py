@@ -1,0 +1,560 @@
+"""The data set catalogue: public sources of common benchmarks, converted to pacore's shapes.
+
+Each entry names its public file(s) (Hugging Face ``resolve/main`` or GitHub
+raw URLs), their format and a converter from the published columns to a
+record :func:`pacore.eval.load_dataset` reads. :func:`get_dataset` downloads
+(through the verified cache of :mod:`pacore.eval.download`), converts,
+checks the result with the loader and writes it atomically.
+
+``PACORE_DATA_MIRROR`` replaces the host of every catalogue URL (the path is
+kept), e.g. ``https://hf-mirror.com``; a mirror's file must have the same
+sha256 as the public one.
+
+Which schemas were checked: ``verified`` on each entry says what was checked
+against the published dataset card or file listing when the entry was
+written (no file could be downloaded then); the converters fail with a
+one-line error naming the missing column if a source changes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from pacore.errors import DatasetError, DownloadError, UsageError
+from pacore.eval.datasets import load_dataset
+from pacore.eval.download import (
+    DownloadLimits,
+    Fetched,
+    Manifest,
+    data_cache_dir,
+    fetch,
+    file_sha256,
+    normalize_sha256,
+)
+
+Format = Literal["jsonl", "json", "parquet", "csv"]
+Row = dict[str, Any]
+#: ``(row, 1-based row number, file tag) -> pacore record``.
+Converter = Callable[[Row, int, str], Row]
+
+HUGGING_FACE = "https://huggingface.co"
+GITHUB_RAW = "https://raw.githubusercontent.com"
+MIRROR_ENV = "PACORE_DATA_MIRROR"
+_MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One public file: ``host`` + ``/`` + ``path``."""
+
+    host: str
+    path: str
+    format: Format
+    #: Known sha256; ``None``: recorded on first download (trust on first use).
+    sha256: str | None = None
+    #: Added to each record's metadata and id (e.g. ``stage1``); empty for none.
+    tag: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"{self.host}/{self.path}"
+
+    def url_via(self, mirror: str | None) -> str:
+        return f"{mirror.rstrip('/')}/{self.path}" if mirror else self.url
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    name: str
+    description: str
+    #: The dataset's page (for people).
+    page: str
+    files: tuple[SourceFile, ...]
+    convert: Converter
+    #: Expected number of problems (``data list`` shows it; not enforced).
+    problems: int
+    licence: str
+    #: What was checked against the published card or listing.
+    verified: str
+    max_bytes: int = 200 * _MB
+    note: str = ""
+    kinds: tuple[str, ...] = field(default=())
+
+
+# ---------------------------------------------------------------------------
+# Converters: published columns -> pacore records
+
+
+def _column(row: Row, name: str, number: int, dataset: str) -> Any:
+    if name not in row or row[name] is None:
+        columns = ", ".join(sorted(map(str, row))) or "none"
+        raise DatasetError(f"{dataset}: row {number} has no '{name}' column (columns: {columns})")
+    return row[name]
+
+
+def _text(row: Row, name: str, number: int, dataset: str) -> str:
+    value = _column(row, name, number, dataset)
+    return str(value).strip()
+
+
+def _gsm8k(row: Row, number: int, tag: str) -> Row:
+    # The native shape: the loader takes the number after '####' and grades it as GSM8K.
+    return {
+        "id": f"gsm8k-test-{number}",
+        "question": _text(row, "question", number, "gsm8k"),
+        "answer": _text(row, "answer", number, "gsm8k"),
+    }
+
+
+def _math500(row: Row, number: int, tag: str) -> Row:
+    return {
+        "id": _text(row, "unique_id", number, "math500"),
+        "problem": _text(row, "problem", number, "math500"),
+        "answer": _text(row, "answer", number, "math500"),
+        "kind": "math",
+        "metadata": {key: row[key] for key in ("subject", "level", "solution") if key in row},
+    }
+
+
+def _aime2024(row: Row, number: int, tag: str) -> Row:
+    return {
+        "id": f"aime2024-{_text(row, 'id', number, 'aime2024')}",
+        "problem": _text(row, "problem", number, "aime2024"),
+        "answer": _text(row, "answer", number, "aime2024"),
+        "kind": "math",
+        "metadata": {key: row[key] for key in ("url", "year", "solution") if key in row},
+    }
+
+
+def _matharena(prefix: str) -> Converter:
+    """MathArena competitions: ``problem_idx``, ``problem``, ``answer``, ``problem_type``."""
+
+    def convert(row: Row, number: int, tag: str) -> Row:
+        return {
+            "id": f"{prefix}-{_text(row, 'problem_idx', number, prefix)}",
+            "problem": _text(row, "problem", number, prefix),
+            "answer": _text(row, "answer", number, prefix),
+            "kind": "math",
+            "metadata": {key: row[key] for key in ("problem_type",) if key in row},
+        }
+
+    return convert
+
+
+GPQA_LETTERS = "ABCD"
+GPQA_PROMPT = (
+    "Answer the following multiple choice question. The last line of your response should be of the "
+    "form 'Answer: LETTER' (without quotes), where LETTER is one of ABCD. Think step by step before "
+    "answering.\n\n{question}\n\n{options}"
+)
+
+
+def gpqa_option_order(question_id: str) -> list[int]:
+    """A fixed permutation of the four options (0 = the correct one) for one question id.
+
+    Derived from sha256, so it is the same on every machine and Python version.
+    """
+    return sorted(range(4), key=lambda i: hashlib.sha256(f"{question_id}:{i}".encode()).hexdigest())
+
+
+def _gpqa(row: Row, number: int, tag: str) -> Row:
+    name = "gpqa-diamond"
+    question = _text(row, "Question", number, name)
+    options = [_text(row, "Correct Answer", number, name)] + [
+        _text(row, f"Incorrect Answer {i}", number, name) for i in (1, 2, 3)
+    ]
+    record_id = str(row.get("Record ID") or "").strip() or hashlib.sha256(question.encode()).hexdigest()[:16]
+    order = gpqa_option_order(record_id)
+    lines = "\n".join(f"{letter}) {options[i]}" for letter, i in zip(GPQA_LETTERS, order, strict=True))
+    metadata = {key: row[key] for key in ("High-level domain", "Subdomain") if row.get(key)}
+    return {
+        "id": f"gpqa-{record_id}",
+        "prompt": GPQA_PROMPT.format(question=question, options=lines),
+        "answer": GPQA_LETTERS[order.index(0)],
+        "kind": "choice",
+        "metadata": metadata,
+    }
+
+
+def _pacore_train(row: Row, number: int, tag: str) -> Row:
+    # Keep the released layout (conversation, responses, ground_truth) so training tools read it as is.
+    _column(row, "conversation", number, "pacore-train")
+    _column(row, "ground_truth", number, "pacore-train")
+    record = dict(row)
+    own_id = record.get("id")
+    # Prefixed with the stage, so that ids stay unique when both stages are joined.
+    record["id"] = f"pacore-train-{tag + '-' if tag else ''}{number if own_id is None else own_id}"
+    if tag:
+        metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+        record["metadata"] = {**metadata, "stage": tag}
+    return record
+
+
+# ---------------------------------------------------------------------------
+# The catalogue
+
+_PACORE_TRAIN_PAGE = f"{HUGGING_FACE}/datasets/stepfun-ai/PaCoRe-Train-8k"
+_PACORE_STAGES = {
+    "stage1": SourceFile(
+        HUGGING_FACE, "datasets/stepfun-ai/PaCoRe-Train-8k/resolve/main/stage1/train.json", "json", tag="stage1"
+    ),
+    "stage2": SourceFile(
+        HUGGING_FACE, "datasets/stepfun-ai/PaCoRe-Train-8k/resolve/main/stage2/train.json", "json", tag="stage2"
+    ),
+}
+_PACORE_NOTE = (
+    "the stage1/ and stage2/ folders are documented; the file names inside them are not verified: if the "
+    "download says 404, download the files from the dataset page and pass --from FILE"
+)
+
+CATALOGUE: dict[str, CatalogueEntry] = {
+    entry.name: entry
+    for entry in (
+        CatalogueEntry(
+            name="gsm8k",
+            description="GSM8K test split: grade-school math word problems, numeric answers",
+            page="https://github.com/openai/grade-school-math",
+            files=(
+                SourceFile(GITHUB_RAW, "openai/grade-school-math/master/grade_school_math/data/test.jsonl", "jsonl"),
+            ),
+            convert=_gsm8k,
+            problems=1319,
+            licence="MIT",
+            verified="file path and columns (question, answer ending in '#### N')",
+            kinds=("gsm8k",),
+        ),
+        CatalogueEntry(
+            name="math500",
+            description="MATH-500: the 500-problem MATH test subset of 'Let's Verify Step by Step'",
+            page=f"{HUGGING_FACE}/datasets/HuggingFaceH4/MATH-500",
+            files=(SourceFile(HUGGING_FACE, "datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl", "jsonl"),),
+            convert=_math500,
+            problems=500,
+            licence="MIT (MATH)",
+            verified="file path and columns (problem, solution, answer, subject, level, unique_id)",
+            kinds=("math",),
+        ),
+        CatalogueEntry(
+            name="aime2024",
+            description="AIME 2024 I and II: 30 competition problems, integer answers",
+            page=f"{HUGGING_FACE}/datasets/HuggingFaceH4/aime_2024",
+            files=(
+                SourceFile(
+                    HUGGING_FACE,
+                    "datasets/HuggingFaceH4/aime_2024/resolve/main/data/train-00000-of-00001.parquet",
+                    "parquet",
+                ),
+            ),
+            convert=_aime2024,
+            problems=30,
+            licence="not stated by the source",
+            verified="columns (id, problem, solution, answer, url, year); file name from the card's data/train-*",
+            kinds=("math",),
+        ),
+        CatalogueEntry(
+            name="aime2025",
+            description="AIME 2025 I and II (MathArena): 30 competition problems, integer answers",
+            page=f"{HUGGING_FACE}/datasets/MathArena/aime_2025",
+            files=(
+                SourceFile(
+                    HUGGING_FACE,
+                    "datasets/MathArena/aime_2025/resolve/main/data/train-00000-of-00001.parquet",
+                    "parquet",
+                ),
+            ),
+            convert=_matharena("aime2025"),
+            problems=30,
+            licence="CC BY-NC-SA 4.0",
+            verified="columns of the MathArena cards (problem_idx, problem, answer, problem_type); file name by "
+            "the MathArena layout",
+            kinds=("math",),
+        ),
+        CatalogueEntry(
+            name="hmmt2025",
+            description="HMMT February 2025 (MathArena): 30 competition problems",
+            page=f"{HUGGING_FACE}/datasets/MathArena/hmmt_feb_2025",
+            files=(
+                SourceFile(
+                    HUGGING_FACE,
+                    "datasets/MathArena/hmmt_feb_2025/resolve/main/data/train-00000-of-00001.parquet",
+                    "parquet",
+                ),
+            ),
+            convert=_matharena("hmmt2025"),
+            problems=30,
+            licence="CC BY-NC-SA 4.0",
+            verified="file path (repository listing) and columns (problem_idx, problem, answer, problem_type)",
+            kinds=("math",),
+        ),
+        CatalogueEntry(
+            name="gpqa-diamond",
+            description="GPQA Diamond: 198 graduate-level science questions, 4 options shuffled per question",
+            page=f"{HUGGING_FACE}/datasets/Idavidrein/gpqa",
+            files=(SourceFile(HUGGING_FACE, "datasets/johnsonafool/gpqa/resolve/main/gpqa_diamond.csv", "csv"),),
+            convert=_gpqa,
+            problems=198,
+            licence="CC BY 4.0",
+            verified="columns of the original gpqa_diamond.csv (Question, Correct Answer, Incorrect Answer 1-3, "
+            "Record ID); the mirror's file path from its listing",
+            note="the original (Idavidrein/gpqa) is gated: this downloads a public copy of gpqa_diamond.csv; "
+            "to use the original, download it after accepting its terms and pass --from gpqa_diamond.csv",
+            kinds=("choice",),
+        ),
+        CatalogueEntry(
+            name="pacore-train",
+            description="PaCoRe-Train-8k, stages 1 and 2: problems with 24 cached responses (training layout)",
+            page=_PACORE_TRAIN_PAGE,
+            files=(_PACORE_STAGES["stage1"], _PACORE_STAGES["stage2"]),
+            convert=_pacore_train,
+            problems=7520,
+            licence="MIT",
+            verified="record layout (conversation, responses, ground_truth) from the PaCoRe README; "
+            "file names not verified",
+            max_bytes=8_000 * _MB,
+            note=_PACORE_NOTE,
+        ),
+        *(
+            CatalogueEntry(
+                name=f"pacore-train-{stage}",
+                description=f"PaCoRe-Train-8k, {stage} only",
+                page=_PACORE_TRAIN_PAGE,
+                files=(source,),
+                convert=_pacore_train,
+                problems=3000 if stage == "stage1" else 5000,
+                licence="MIT",
+                verified="as pacore-train",
+                max_bytes=8_000 * _MB,
+                note=_PACORE_NOTE,
+            )
+            for stage, source in _PACORE_STAGES.items()
+        ),
+    )
+}
+
+
+def catalogue_entry(name: str) -> CatalogueEntry:
+    """The entry called ``name``; a :class:`UsageError` listing the names otherwise."""
+    entry = CATALOGUE.get(name.strip().lower())
+    if entry is None:
+        raise UsageError(f"unknown data set {name!r}; known: {', '.join(CATALOGUE)} (see 'pacore data list')")
+    return entry
+
+
+# ---------------------------------------------------------------------------
+# Reading source files
+
+
+def detect_format(path: Path, declared: Format) -> Format:
+    """The file's real format: parquet and JSON lists are recognised by content, CSV by name or catalogue."""
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if path.suffix.lower() == ".csv" or (declared == "csv" and path.suffix.lower() not in (".json", ".jsonl")):
+        return "csv"
+    first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if first == b"[":
+        return "json"
+    if first == b"{":
+        return "jsonl"
+    return declared
+
+
+def read_rows(path: Path, fmt: Format) -> list[Row]:
+    """The rows of a source file as dicts; a :class:`DatasetError` naming the file if it is unreadable."""
+    try:
+        if fmt == "parquet":
+            return _parquet_rows(path)
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path.name}: not valid UTF-8 text") from None
+    if fmt == "csv":
+        try:
+            return list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as exc:
+            raise DatasetError(f"{path.name}: invalid CSV: {exc}") from None
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise DatasetError(f"{path.name}: invalid JSON: {exc or 'nested too deeply'}") from None
+        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+            raise DatasetError(f"{path.name}: expected a JSON list of objects")
+        return data
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise DatasetError(f"{path.name}:{number}: invalid JSON: {exc}") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path.name}:{number}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[Row]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetError(
+            f"{path.name} is a parquet file, which needs pyarrow: pip install 'pacore[eval]' (or pyarrow)"
+        ) from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+        raise DatasetError(f"{path.name}: unreadable parquet file: {' '.join(str(exc).split())}") from None
+
+
+# ---------------------------------------------------------------------------
+# Getting a data set
+
+
+@dataclass(frozen=True)
+class SourceReport:
+    """Where one source file came from and how it was verified."""
+
+    location: str
+    sha256: str
+    size: int
+    downloaded: bool
+    trust: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class GetReport:
+    name: str
+    out: Path
+    problems: int
+    sources: list[SourceReport]
+
+
+def cache_path_for(url: str, cache: Path) -> Path:
+    """A cache file for ``url``: its host (and port) and path under ``cache`` (no '..', query hashed in)."""
+    parsed = httpx.URL(url)
+    parts = [p for p in parsed.path.split("/") if p not in ("", ".", "..")] or ["index"]
+    if parsed.query:
+        parts[-1] += "-" + hashlib.sha256(parsed.query).hexdigest()[:12]
+    host = parsed.host if parsed.port is None else f"{parsed.host}_{parsed.port}"
+    return cache.joinpath(host, *parts)
+
+
+def _is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def get_dataset(
+    name: str,
+    *,
+    out: Path,
+    source: str | None = None,
+    force: bool = False,
+    sha256: str | None = None,
+    max_bytes: int | None = None,
+    progress: bool | None = None,
+    cache: Path | None = None,
+) -> GetReport:
+    """Download (or read) data set ``name``, convert it and write pacore JSONL to ``out``.
+
+    ``source`` is a local file or a URL to use instead of the public source
+    (same conversion). ``sha256`` pins the checksum of the (single) source
+    file. ``out`` must not exist unless ``force``, which also downloads again.
+    The output is checked with :func:`load_dataset` before it is moved into
+    place, so a written file always loads.
+    """
+    entry = catalogue_entry(name)
+    pinned = normalize_sha256(sha256) if sha256 else None
+    if out.suffix.lower() == ".json":
+        raise UsageError(f"{out}: pacore writes JSONL; use a .jsonl name")
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; give a file name for --out")
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it")
+    if pinned and source is None and len(entry.files) > 1:
+        raise UsageError(f"{entry.name} has {len(entry.files)} files; --sha256 needs --from with one of them")
+    cache = cache or data_cache_dir()
+    limits = DownloadLimits(max_bytes=max_bytes or entry.max_bytes)
+    if source is not None:
+        declared = entry.files[0]
+        # The catalogue's checksum belongs to the public file, not to what --from names.
+        tag = declared.tag if len(entry.files) == 1 else ""
+        plan = [(source, None, SourceFile(declared.host, declared.path, declared.format, tag=tag))]
+    else:
+        mirror = os.environ.get(MIRROR_ENV) or None
+        plan = [(f.url_via(mirror), f.url, f) for f in entry.files]
+    records: list[Row] = []
+    reports: list[SourceReport] = []
+    for location, canonical, spec in plan:
+        fetched = _obtain(location, canonical, spec, pinned, force, limits, progress, cache)
+        rows = read_rows(fetched.path, detect_format(fetched.path, spec.format))
+        if not rows:
+            raise DatasetError(f"{location}: the file holds no rows")
+        records.extend(entry.convert(row, number, spec.tag) for number, row in enumerate(rows, start=1))
+        reports.append(
+            SourceReport(location, fetched.sha256, fetched.size, fetched.downloaded, fetched.trust, len(rows))
+        )
+    _write_checked(records, out)
+    return GetReport(entry.name, out, len(records), reports)
+
+
+def _obtain(
+    location: str,
+    canonical: str | None,
+    spec: SourceFile,
+    pinned: str | None,
+    force: bool,
+    limits: DownloadLimits,
+    progress: bool | None,
+    cache: Path,
+) -> Fetched:
+    if not _is_url(location):
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--from {location}: no such file (give a file or an http(s) URL)")
+        digest = file_sha256(path)
+        expected = pinned or spec.sha256
+        if expected and digest != expected:
+            raise DownloadError(f"checksum mismatch for {path}: got sha256 {digest}, expected {expected}")
+        return Fetched(path, digest, path.stat().st_size, downloaded=False, trust="pinned" if expected else "local")
+    key = canonical or location
+    return fetch(
+        location,
+        cache_path_for(key, cache),
+        manifest=Manifest(cache / "manifest.json"),
+        manifest_key=key,
+        sha256=pinned or spec.sha256,
+        force=force,
+        limits=limits,
+        progress=progress,
+    )
+
+
+def _write_checked(records: list[Row], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".jsonl")
+    temp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        try:
+            load_dataset(temp)
+        except DatasetError as exc:
+            raise DatasetError(f"the converted data does not load, nothing written: {exc}") from None
+        os.replace(temp, out)
+    finally:
+        temp.unlink(missing_ok=True)
