@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from pacore import store
 from pacore.backends.base import Message, text_of
-from pacore.engine import last_user_index
+from pacore.messages import last_user_index
 from pacore.errors import StoreError
 from pacore.eval.grading import extract_answer
 from pacore.trace import (
