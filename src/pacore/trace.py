@@ -137,6 +137,8 @@ class RoundStarted(BaseModel):
     final: bool
     #: How many rounds the request runs, the final one included.
     total_rounds: int
+    #: The previous round left no message: this round is sent the original conversation.
+    bypassed: bool = False
 
 
 class TrajectoryFinished(BaseModel):

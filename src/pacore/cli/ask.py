@@ -188,7 +188,7 @@ def ask(
     if json_output:
         print_json(result)
     else:
-        typer.echo(result.answer.strip())  # display only: the answer keeps its bytes
+        typer.echo(result.answer)
     if not quiet:
         typer.echo(summary_line(result), err=True)
 

@@ -497,7 +497,7 @@ class BatchRun:
             failure.result = trace.model_copy(update={"error": str(failure)})
             raise failure
         if self.arm.method == "single":
-            trace.answer = samples[0].message or ""
+            trace.answer = (samples[0].message or "").strip()
         else:
             voted, _count = majority_vote([t.message for t in samples], problem.kind)
             trace.answer = voted or ""
