@@ -179,6 +179,8 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "notes.png").write_text("this is text, not an image")
     (tmp_path / "broken.j2").write_text("{% for reference in references %}{{ reference }}")
     (tmp_path / "typo.j2").write_text("{{ problm }}\n{% for r in references %}{{ r }}{% endfor %}")
+    (tmp_path / "include.j2").write_text('{{ problem }}\n{% include "/etc/passwd" %}')
+    (tmp_path / "range.j2").write_text("{% for i in range(10**9) %}{{ problem }}{% endfor %}")
     return tmp_path
 
 
@@ -197,6 +199,16 @@ USAGE_ERRORS = [
     (["ask", "q", "--template", "{tmp}/missing.j2"], "", "cannot read template"),
     (["ask", "q", "--template", "{tmp}/broken.j2"], "", "broken.j2: line"),
     (["ask", "q", "--template", "{tmp}/typo.j2"], "", "'problm' is undefined"),
+    (["ask", "q", "--template", "{tmp}/include.j2"], "", "'{% include %}' is not allowed"),
+    (["ask", "q", "--template", "{tmp}/range.j2"], "", "limit of 100000"),
+    (["ask", "q", "--template", "{tmp}"], "", "not a regular file"),
+    (["ask", "q", "--template", "pacore-v2"], "", "cannot read template pacore-v2"),
+    (["ask", "q", "--reference-order", "sorted"], "", "--reference-order must be one of shuffle, release"),
+    (["run", "{tmp}/data.jsonl", "--out", "{tmp}/run", "--template", "{tmp}/include.j2"], "", "is not allowed"),
+    (["run", "{tmp}/data.jsonl", "--out", "{tmp}/run", "--reference-order", "x"], "", "--reference-order"),
+    (["serve", "--port", "0", "--template", "{tmp}/include.j2"], "", "'{% include %}' is not allowed"),
+    (["serve", "--port", "0", "--template", "{tmp}/range.j2"], "", "limit of 100000"),
+    (["serve", "--port", "0", "--reference-order", "x"], "", "--reference-order"),
     (["ask", "q", "--temperature", "-1"], "", "--temperature must be 0 or more"),
     (["ask", "q", "--temperature", "hot"], "", "--temperature"),
     (["ask", "q", "--max-tokens", "0"], "", "--max-tokens must be at least 1"),
