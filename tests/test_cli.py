@@ -29,8 +29,9 @@ from rich.console import Console
 from fakes import ScriptedBackend
 from pacore import __version__, asolve
 from pacore.cli.ask import image_part
-from pacore.cli.progress import LineProgress, LiveProgress, ProgressState, summary_line
+from pacore.cli.progress import LineProgress, LiveProgress, ProgressState, round_line, summary_line
 from pacore.errors import InputError
+from pacore.trace import Round
 
 PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 # A 1x1 transparent PNG.
@@ -428,3 +429,8 @@ def test_ask_over_http_with_llama_cpp_server(llama_server_url: str) -> None:
     assert all(t["error"] is None for r in trace["rounds"] for t in r["trajectories"])
     assert trace["usage"]["completion_tokens"] > 0
     assert llama_server_url in trace["backend"]
+
+
+def test_a_bypassed_round_says_so_in_its_progress_line() -> None:
+    assert "no references" in round_line(Round(index=1, k=1, final=True, bypassed=True), 2)
+    assert "no references" not in round_line(Round(index=1, k=1, final=True), 2)
