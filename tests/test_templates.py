@@ -340,3 +340,13 @@ async def test_a_bad_template_fails_before_any_backend_call(tmp_path):
     with pytest.raises(TemplateError):
         await asolve("Q?", schedule=[2], backend=backend, template=path)
     assert backend.calls == []
+
+
+@pytest.mark.parametrize("name", ["generic", "pacore"])
+async def test_asolve_takes_a_builtin_template_by_name(name):
+    backend = ScriptedBackend(respond=lambda call, i: f"m{call.number}")
+    await asolve("Q?", schedule=[1], backend=backend, template=name)
+    assert backend.calls[-1].last_user_text == render(SynthesisTemplate.builtin(name), "Q?", ["m0"])
+    assert backend.calls[-1].last_user_text.startswith("You are given a problem and " + (
+        "several reference responses" if name == "generic" else "a list of reference responses"
+    ))

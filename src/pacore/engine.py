@@ -35,6 +35,7 @@ from pacore.errors import (
 from pacore.messages import THINK_END, compact, last_user_index, last_user_text, non_text_parts  # noqa: F401
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
+from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder, build_synthesis_input
 from pacore.trace import (
     AnswerDelta,
     Event,
@@ -47,7 +48,6 @@ from pacore.trace import (
     TrajectoryFinished,
     usage_of,
 )
-from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder, build_synthesis_input
 
 T = TypeVar("T")
 EventCallback = Callable[[Event], None]
