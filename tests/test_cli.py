@@ -161,7 +161,7 @@ def test_ask_help_lists_every_flag_and_examples() -> None:
     process = pacore("ask", "--help")
     assert process.returncode == 0, process.stderr
     for flag in ("--schedule", "--json", "--quiet", "--image", "--system", "--backend", "--model",
-                 "--api-key", "--max-tokens", "--temperature", "--top-p", "--seed", "--template",
+                 "--api-key", "--max-tokens", "--temperature", "--top-p", "--seed", "--template", "--reference-order",
                  "--timeout", "--retries", "Examples", "Exit codes"):  # fmt: skip
         assert flag in process.stdout, flag
 
