@@ -373,7 +373,10 @@ async def asolve(
     backend spec (``http://host:port/v1``, ``gguf:/path``), a list of specs
     (calls go to the least busy, see :func:`pacore.open_backend`) or ``None``
     for the embedded model; a backend opened from specs is closed before
-    returning. ``seed`` makes the order of the references reproducible
+    returning. ``template`` is a :class:`SynthesisTemplate`, a built-in's
+    name (``"pacore"``, the default: the report's Table 6 prompt;
+    ``"generic"``: for models never trained for PaCoRe) or a template file.
+    ``seed`` makes the order of the references reproducible
     (defaults to ``params.seed``, else 0); ``reference_order`` is
     ``"shuffle"`` (a seeded shuffle per round) or ``"release"`` (the
     reference release's order: by length, then ``random.Random(seed)``;
