@@ -592,3 +592,12 @@ def test_a_round_without_messages_bypasses_the_template_and_the_viewer_says_so()
     assert completion.choices[0].message.content == FINAL
     assert fake.calls[-1].messages == [{"role": "user", "content": "What is six times seven?"}]
     assert [r["bypassed"] for r in detail["rounds"]] == [False, True]
+
+
+def test_serve_takes_a_builtin_template_and_reference_order_by_name():
+    with fast_backend("--completion-tokens", 4) as upstream:
+        args = ("--backend", upstream.urls[0], "--schedule", "2", "--template", "generic", "--reference-order", "release")
+        with running_cli(*args) as (running, _):
+            completion = ask(running, model="pacore-2/fast", seed=42)
+    assert completion.choices[0].message.content
+    assert [r["k"] for r in completion.model_extra["pacore"]["rounds"]] == [2, 1]

@@ -248,7 +248,7 @@ class SynthesisTemplate:
                 pieces.append(piece)
         except jinja2.TemplateError as exc:
             raise TemplateError(f"template {self.origin}: {exc}") from None
-        except (ArithmeticError, MemoryError, RecursionError, TypeError, ValueError, LookupError) as exc:
+        except (ArithmeticError, AttributeError, LookupError, MemoryError, RecursionError, TypeError, ValueError) as exc:
             raise TemplateError(f"template {self.origin}: {type(exc).__name__}: {exc}") from None
         text = "".join(pieces)
         if not text.strip():
