@@ -19,6 +19,7 @@ from pacore.cli.options import (
     MaxTokensOption,
     MinSuccessOption,
     ModelOption,
+    ReferenceOrderOption,
     RetriesOption,
     ScheduleOption,
     SeedOption,
@@ -28,6 +29,7 @@ from pacore.cli.options import (
     TimeoutOption,
     TopPOption,
     check_limits,
+    parse_reference_order,
     solve_setup,
 )
 from pacore.cli.progress import open_progress, summary_line
@@ -134,6 +136,7 @@ def ask(
     ] = False,
     schedule: ScheduleOption = "low",
     template: TemplateOption = None,
+    reference_order: ReferenceOrderOption = "shuffle",
     max_tokens: MaxTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -153,6 +156,7 @@ def ask(
     """
     messages = build_messages(read_question(question), image or [], system)
     check_limits(deadline=deadline, min_success=min_success)
+    order = parse_reference_order(reference_order)
     setup = solve_setup(
         backend=backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -170,6 +174,7 @@ def ask(
                 on_event=on_event,
                 deadline=deadline,
                 min_success=min_success,
+                reference_order=order,
             )
         finally:
             await setup.backend.aclose()
