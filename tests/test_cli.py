@@ -195,7 +195,7 @@ USAGE_ERRORS = [
     (["ask", "q", "--schedule", "-1"], "", "at least 1"),
     (["ask", "q", "--schedule", "a"], "", "invalid schedule 'a'"),
     (["ask", "q", "--schedule", "4,,2"], "", "empty entry"),
-    (["ask", "q", "--image", "{tmp}/missing.png"], "", "cannot read image"),
+    (["ask", "q", "--image", "{tmp}/missing.png"], "", "image not found"),
     (["ask", "q", "--image", "{tmp}/notes.png"], "", "not a png, jpeg"),
     (["ask", "q", "--template", "{tmp}/missing.j2"], "", "cannot read template"),
     (["ask", "q", "--template", "{tmp}/broken.j2"], "", "broken.j2: line"),

@@ -30,6 +30,7 @@ from pacore.errors import (
     PacoreError,
     RoundFailedError,
     UsageError,
+    first_error,
 )
 # THINK_END and last_user_text are re-exported: callers have long imported them from here.
 from pacore.messages import THINK_END, compact, last_user_index, last_user_text, non_text_parts  # noqa: F401
@@ -125,15 +126,6 @@ def _trajectory(round_index: int, index: int, completion: Completion) -> Traject
         error_kind=completion.error_kind,
         failed_attempts=completion.failed_attempts,
     )
-
-
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_leaf(exc)
-        if not isinstance(exc, asyncio.CancelledError):
-            return exc
-    return group.exceptions[0]
 
 
 class _Solve:
@@ -250,7 +242,7 @@ class _Solve:
                     group.create_task(self._call(rnd, conversation, first, n))
         except BaseExceptionGroup as group:
             # A fatal backend error cancelled the siblings; surface it alone.
-            raise _first_leaf(group) from None
+            raise first_error(group) from None
 
     async def _call(self, rnd: Round, conversation: list[Message], first: int, n: int) -> None:
         params = self.params.with_seed(_call_seed(self.params.seed, rnd.index, first))
@@ -388,6 +380,7 @@ async def asolve(
     pool) instead of sampling them.
 
     Raises a :class:`PacoreError`; its ``result`` holds the partial trace.
+    When cancelled, the ``asyncio.CancelledError`` carries it as ``result`` too.
     """
     messages = normalize_messages(prompt)
     plan = Schedule.parse(schedule)
@@ -434,6 +427,10 @@ async def asolve(
         exc.result = state.result(error=str(exc))
         if on_event:
             on_event(Final(result=exc.result))
+        raise
+    except asyncio.CancelledError as exc:
+        # Cancelled from outside (Ctrl-C in the CLI): the partial trace goes along too.
+        exc.result = state.result(error="interrupted")  # type: ignore[attr-defined]
         raise
     finally:
         current_retry_budget.reset(budget)

@@ -35,6 +35,7 @@ from pacore.cli.options import (
 from pacore.cli.progress import open_progress, summary_line
 from pacore.engine import EventCallback, asolve
 from pacore.errors import InputError, PacoreError
+from pacore.files import MIB, read_input, read_stream
 from pacore.trace import Result
 
 EXAMPLES = """\
@@ -48,6 +49,9 @@ EXAMPLES = """\
 [bold]Exit codes[/bold]: 0 answered; 1 runtime failure (backend unreachable, all trajectories failed...);
 2 bad usage (empty question, bad schedule, unreadable file...).
 """
+
+MAX_IMAGE_BYTES = 20 * MIB
+MAX_QUESTION_BYTES = 8 * MIB
 
 # Formats a vision model is likely to accept, recognised by their first bytes.
 _IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -71,10 +75,7 @@ def image_mime_type(data: bytes, path: Path) -> str:
 
 def image_part(path: Path) -> dict[str, object]:
     """An OpenAI ``image_url`` content part holding the file as a base64 data URL."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    data = read_input(path, limit=MAX_IMAGE_BYTES, what="image")
     if not data:
         raise InputError(f"cannot use image {path}: the file is empty")
     encoded = base64.b64encode(data).decode("ascii")
@@ -84,10 +85,11 @@ def image_part(path: Path) -> dict[str, object]:
 def read_question(question: str) -> str:
     """The question argument, or stdin's text when it is ``-``."""
     if question == "-":
+        data = read_stream(getattr(sys.stdin, "buffer", None), limit=MAX_QUESTION_BYTES, what="stdin")
         try:
-            text = sys.stdin.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read the question from stdin: {exc}") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"the question read from stdin is not valid UTF-8 (byte {exc.start})") from None
         if not text.strip():
             raise InputError("the question read from stdin is empty")
         return text.strip()
@@ -163,6 +165,8 @@ def ask(
         schedule=schedule, template=template,
     )  # fmt: skip
 
+    interrupted: list[Result] = []
+
     async def run(on_event: EventCallback | None) -> Result:
         try:
             return await asolve(
@@ -176,6 +180,11 @@ def ask(
                 min_success=min_success,
                 reference_order=order,
             )
+        except asyncio.CancelledError as exc:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
+            partial = getattr(exc, "result", None)
+            if partial is not None:
+                interrupted.append(partial)
+            raise
         finally:
             await setup.backend.aclose()
 
@@ -186,6 +195,15 @@ def ask(
         # Keep whatever was computed before the failure; main prints the error.
         if json_output and exc.result is not None and exc.result.usage.calls:
             print_json(exc.result)
+        raise
+    except KeyboardInterrupt:
+        # As for a failure: the partial trace (--json) or what the finished rounds cost; main says "interrupted".
+        partial = interrupted[0] if interrupted else None
+        if partial is not None and partial.usage.calls:
+            if json_output:
+                print_json(partial)
+            if not quiet:
+                typer.echo(summary_line(partial), err=True)
         raise
     if json_output:
         print_json(result)

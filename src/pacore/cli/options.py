@@ -17,7 +17,8 @@ from typing import Annotated, Any, NamedTuple
 import typer
 
 from pacore.backends import Backend, GenerationParams, RetryPolicy, open_backend
-from pacore.errors import UsageError
+from pacore.errors import OutputError, UsageError
+from pacore.files import output_path
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
 from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder
@@ -244,6 +245,9 @@ def open_backends(
         raise UsageError(f"--retries must be 0 or more, got {retries}")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        # It travels in an HTTP header; never echoed back.
+        raise UsageError("--api-key (or $PACORE_API_KEY) must be printable ASCII")
     options: dict[str, Any] = {"model": model, "api_key": api_key, "timeout": timeout, "threads": threads}
     if retries is not None:
         options["retry"] = RetryPolicy(max_attempts=retries + 1)
@@ -272,3 +276,11 @@ def solve_setup(
     synthesis = load_template(template, plan)
     opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads)
     return SolveSetup(opened, params, plan, synthesis)
+
+
+def output_path_option(text: str) -> Path:
+    """The ``parser`` of every ``--out``: an empty path is a usage error, not the current directory."""
+    try:
+        return output_path(text)
+    except OutputError as exc:
+        raise typer.BadParameter(str(exc)) from None

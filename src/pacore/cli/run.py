@@ -38,6 +38,7 @@ from pacore.cli.options import (
     generation_params,
     load_template,
     open_backends,
+    output_path_option,
     parse_reference_order,
 )
 from pacore.cli.progress import format_duration
@@ -212,7 +213,10 @@ def _interval_text(arm: report.ArmReport) -> str:
 def run(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Data set file (JSONL or a JSON list).")],
     out: Annotated[
-        Path, typer.Option("--out", "-o", metavar="RUN_DIR", help="Run directory (created if needed).")
+        Path,
+        typer.Option(
+            "--out", "-o", metavar="RUN_DIR", parser=output_path_option, help="Run directory (created if needed)."
+        ),
     ],
     method: Annotated[
         str,
@@ -346,7 +350,10 @@ def report_command(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories to report on.")],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", metavar="DIR", help="Where to write the report \\[default: the first RUN_DIR]."),
+        typer.Option(
+            "--out", "-o", metavar="DIR", parser=output_path_option,
+            help="Where to write the report \\[default: the first RUN_DIR].",
+        ),  # fmt: skip
     ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the figures as one JSON object on stdout.")
@@ -388,7 +395,9 @@ def report_command(
 @app.command("export-train")
 def export_train_command(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="JSONL file to write.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="FILE", parser=output_path_option, help="JSONL file to write.")
+    ],
     min_acc: Annotated[
         float, typer.Option("--min-acc", help="Keep problems whose message-set accuracy is above this.")
     ] = export.DEFAULT_MIN_ACC,
