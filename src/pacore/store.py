@@ -639,8 +639,11 @@ def _set_aside(path: Path) -> Path | None:
 
 
 def store_files(run_dir: Path) -> dict[Path, str]:
-    """The files of ``run_dir`` the store owns (database, journals, lock, set-aside databases), described."""
+    """The files of ``run_dir`` the store owns or may create (database, journals, lock, set-aside databases)."""
+    run_dir = Path(run_dir)
+    names = [DB_NAME, *(DB_NAME + suffix for suffix in ("-wal", "-shm", "-journal")), LOCK_NAME]
+    paths = [run_dir / name for name in names] + sorted(run_dir.glob("run.*"))
     return {
         path: f"the run database of {run_dir}" if path.name == DB_NAME else f"a file of run directory {run_dir}"
-        for path in sorted(Path(run_dir).glob("run.*"))
-    } | {Path(run_dir) / DB_NAME: f"the run database of {run_dir}"}
+        for path in paths
+    }
