@@ -61,7 +61,7 @@ def invoke(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
 def subprocess_pacore(
     *args: str | bytes, stdin: int | bytes | None = b"", timeout: float = 60
 ) -> tuple[int, str, str]:
-    """Run ``python -m pacore ARGS`` with real argv bytes; ``stdin`` may be bytes, a file descriptor or closed (None)."""
+    """Run ``python -m pacore ARGS`` with real argv bytes; ``stdin``: bytes, a file descriptor or None (closed)."""
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
     command = [sys.executable, "-m", "pacore", *args]
     if stdin is None:  # a closed file descriptor 0, as with `pacore ask - <&-`
@@ -101,7 +101,8 @@ def server() -> Iterator[FastBackend]:
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "d.jsonl"
-    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    records = [{"id": f"p{i}", "prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(3)]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
 
 
@@ -187,7 +188,9 @@ def test_data_synth_refuses_a_run_database(run_copy: Path) -> None:
     ],
     ids=["run", "report", "export-train", "data synth"],
 )
-def test_an_empty_out_is_a_usage_error(args: list[str], finished_run: Path, data_file: Path, server: FastBackend) -> None:
+def test_an_empty_out_is_a_usage_error(
+    args: list[str], finished_run: Path, data_file: Path, server: FastBackend
+) -> None:
     values = {"data": str(data_file), "url": server.url, "run": str(finished_run)}
     assert_one_line_error(invoke(*(arg.format(**values) for arg in args)), 2, "the path is empty")
 
@@ -253,7 +256,9 @@ def odd_files(tmp_path: Path) -> dict[str, Path]:
         ("missing", "not found"),
     ],
 )
-def test_odd_data_set_files(kind: str, fragment: str, odd_files: dict[str, Path], server: FastBackend, tmp_path: Path) -> None:
+def test_odd_data_set_files(
+    kind: str, fragment: str, odd_files: dict[str, Path], server: FastBackend, tmp_path: Path
+) -> None:
     path = str(odd_files[kind])
     assert_one_line_error(invoke("data", "check", path), 2, fragment)
     assert_one_line_error(invoke("run", path, "--out", str(tmp_path / "r"), "-b", server.url), 2, fragment)
@@ -272,7 +277,8 @@ def test_images_are_read_up_to_a_limit(tmp_path: Path, server: FastBackend) -> N
     with image.open("wb") as file:
         file.write(b"\x89PNG\r\n\x1a\n")
         file.truncate(20 * 1024 * 1024 + 1)
-    assert_one_line_error(invoke("ask", "q", "--image", str(image), "-b", server.url), 2, "larger than the 20 MiB limit")
+    outcome = invoke("ask", "q", "--image", str(image), "-b", server.url)
+    assert_one_line_error(outcome, 2, "larger than the 20 MiB limit")
 
 
 def test_pipes_are_read_with_a_bound(tmp_path: Path) -> None:
@@ -298,13 +304,19 @@ def test_pipes_are_read_with_a_bound(tmp_path: Path) -> None:
         (["data", "synth", "--out", "{tmp}/s.jsonl", "--digits", "1-" + "9" * 5000], "must look like"),
         (["data", "synth", "--out", "{tmp}/s.jsonl", "--count", "9" * 40], "count must be from 1 to"),
         (["ask", "q", "--api-key", "kéy", "-b", "{url}"], "printable ASCII"),
+        (["run", "{data}", "--out", "{tmp}/r", "--pool-size", "100000000", "-b", "{url}"], "--pool-size must be"),
+        (["run", "{data}", "--out", "{tmp}/r", "--method", "majority", "--samples", "10000000", "-b", "{url}"],
+         "--samples must be at most"),
     ],
-    ids=["digits", "digits past int parsing", "count", "api key"],
+    ids=["digits", "digits past int parsing", "count", "api key", "pool size", "samples"],
 )
-def test_out_of_range_arguments(args: list[str], fragment: str, tmp_path: Path, server: FastBackend) -> None:
-    outcome = invoke(*(arg.format(tmp=tmp_path, url=server.url) for arg in args))
+def test_out_of_range_arguments(
+    args: list[str], fragment: str, tmp_path: Path, server: FastBackend, data_file: Path
+) -> None:
+    outcome = invoke(*(arg.format(tmp=tmp_path, url=server.url, data=data_file) for arg in args))
     assert_one_line_error(outcome, 2, fragment)
     assert len(outcome[2]) < 300  # the offending value is not echoed at length
+    assert not (tmp_path / "r").exists()  # refused before any work
 
 
 # --- run database states --------------------------------------------------------
@@ -334,7 +346,9 @@ STATES = {
 
 
 @pytest.mark.parametrize("state", list(STATES))
-def test_every_command_on_an_unusable_run_database(state: str, run_copy: Path, data_file: Path, server: FastBackend, tmp_path: Path) -> None:
+def test_every_command_on_an_unusable_run_database(
+    state: str, run_copy: Path, data_file: Path, server: FastBackend, tmp_path: Path
+) -> None:
     spoil, code, fragment = STATES[state]
     spoil(run_copy / "run.sqlite")
     for args in (
@@ -381,21 +395,22 @@ junk_text = st.one_of(
     st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=24),
     st.sampled_from(["", " ", "-", "--", "-1", "0", "nan", "inf", "1e999", "9" * 60, "\udcff", "a\udcc3b", "../", "/"]),
 )
-junk_file_content = st.one_of(
-    st.binary(max_size=300),
-    st.lists(
-        st.one_of(
-            st.dictionaries(st.sampled_from(["id", "prompt", "question", "answer", "messages", "kind"]), junk_text, max_size=4),
-            junk_text,
-            st.integers(),
-        ),
-        max_size=3,
-    ).map(lambda records: "\n".join(json.dumps(r) for r in records).encode()),
-)
+RECORD_KEYS = ["id", "prompt", "question", "answer", "messages", "kind"]
+junk_records = st.lists(
+    st.one_of(st.dictionaries(st.sampled_from(RECORD_KEYS), junk_text, max_size=4), junk_text, st.integers()),
+    max_size=3,
+).map(lambda records: "\n".join(json.dumps(r) for r in records).encode())
+junk_file_content = st.one_of(st.binary(max_size=300), junk_records)
+
+ASK_OPTIONS = ["--image", "--system", "--schedule", "--max-tokens", "--temperature", "--top-p", "--seed",
+               "--deadline", "--min-success", "--timeout", "--retries", "--model"]  # fmt: skip
+RUN_OPTIONS = ["--method", "--schedule", "--samples", "--pool-size", "--concurrency", "--limit", "--offset"]
+EXPORT_OPTIONS = ["--min-acc", "--max-acc", "--min-size", "--max-size", "--seed", "--arm"]
+SYNTH_OPTIONS = ["--count", "--digits", "--ops", "--seed"]
 
 
 @pytest.fixture(scope="module")
-def junk_dir(tmp_path_factory: pytest.TempPathFactory, finished_run: Path) -> Path:
+def junk_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("junk")
     os.mkfifo(base / "fifo")
     (base / "damaged").mkdir()
@@ -403,54 +418,48 @@ def junk_dir(tmp_path_factory: pytest.TempPathFactory, finished_run: Path) -> Pa
     return base
 
 
-def file_choices(junk_dir: Path, finished_run: Path) -> st.SearchStrategy[str]:
-    return st.sampled_from(
-        [
-            str(junk_dir / "junk.jsonl"), str(junk_dir / "junk.json"), str(junk_dir / "fifo"), str(junk_dir),
-            str(junk_dir / "damaged"), str(junk_dir / "missing"), "/dev/zero", "/dev/null", str(finished_run),
-            str(finished_run / "run.sqlite"), "",
-        ]
-    )  # fmt: skip
+def options(names: list[str], values: st.SearchStrategy[str], most: int) -> st.SearchStrategy[list[str]]:
+    """Up to ``most`` of the options ``names``, each with a drawn value, flattened."""
+    pair = st.tuples(st.sampled_from(names), values).map(list)
+    return st.lists(pair, max_size=most).map(lambda pairs: [arg for p in pairs for arg in p])
 
 
 def command_lines(junk_dir: Path, finished_run: Path, url: str) -> st.SearchStrategy[list[str]]:
-    files = file_choices(junk_dir, finished_run)
+    files = st.sampled_from(
+        [str(junk_dir / name) for name in ("junk.jsonl", "junk.json", "fifo", "damaged", "missing")]
+        + [str(junk_dir), "/dev/zero", "/dev/null", str(finished_run), str(finished_run / "run.sqlite"), ""]
+    )
     text = st.one_of(junk_text, files)
-    ask = st.tuples(
-        st.one_of(junk_text, st.just("-")),
-        st.lists(st.sampled_from(["--image", "--system", "--schedule", "--max-tokens", "--temperature", "--top-p",
-                                  "--seed", "--deadline", "--min-success", "--timeout", "--retries", "--model"]),
-                 max_size=3),
-        st.lists(text, min_size=3, max_size=3),
-        st.sampled_from([[], ["--json"], ["-q"]]),
-    ).map(lambda t: ["ask", t[0], *[x for pair in zip(t[1], t[2]) for x in pair], *t[3], "-b", url])  # fmt: skip
-    run = st.tuples(files, st.one_of(files, st.just(str(junk_dir / "newrun"))), st.lists(
-        st.sampled_from(["--method", "--schedule", "--samples", "--pool-size", "--concurrency", "--limit", "--offset"]),
-        max_size=2), st.lists(junk_text, min_size=2, max_size=2),
-    ).map(lambda t: ["run", t[0], "--out", t[1], *[x for pair in zip(t[2], t[3]) for x in pair], "-q", "-b", url])  # fmt: skip
-    report = st.tuples(st.lists(files, min_size=1, max_size=2), st.one_of(st.just([]), files.map(lambda f: ["--out", f]))).map(
-        lambda t: ["report", *t[0], *t[1]]
-    )
-    export = st.tuples(files, st.one_of(files, st.just(str(junk_dir / "train.jsonl"))), st.sampled_from(
-        ["--min-acc", "--max-acc", "--min-size", "--max-size", "--seed", "--arm"]), junk_text,
-    ).map(lambda t: ["export-train", t[0], "--out", t[1], t[2], t[3]])  # fmt: skip
-    data = st.one_of(
+    # Answers come from the fast backend: never the embedded model.
+    ask = st.tuples(st.one_of(junk_text, st.just("-")), options(ASK_OPTIONS, text, 3),
+                    st.sampled_from([[], ["--json"], ["-q"]]))  # fmt: skip
+    run = st.tuples(files, st.one_of(files, st.just(str(junk_dir / "newrun"))), options(RUN_OPTIONS, junk_text, 2))
+    report = st.tuples(st.lists(files, min_size=1, max_size=2), st.lists(files, max_size=1))
+    export_out = st.one_of(files, st.just(str(junk_dir / "train.jsonl")))
+    export = st.tuples(files, export_out, options(EXPORT_OPTIONS, junk_text, 2))
+    synth = options(SYNTH_OPTIONS, junk_text, 2)
+    return st.one_of(
+        ask.map(lambda t: ["ask", t[0], *t[1], *t[2], "-b", url]),
+        run.map(lambda t: ["run", t[0], "--out", t[1], *t[2], "-q", "-b", url]),
+        report.map(lambda t: ["report", *t[0], *(["--out", *t[1]] if t[1] else [])]),
+        export.map(lambda t: ["export-train", t[0], "--out", t[1], *t[2]]),
         files.map(lambda f: ["data", "check", f]),
-        st.tuples(st.sampled_from(["--count", "--digits", "--ops", "--seed"]), junk_text, st.sampled_from(["--digits", "--count"]), junk_text).map(
-            lambda t: ["data", "synth", "--out", str(junk_dir / "synth.jsonl"), *t]
-        ),
+        synth.map(lambda opts: ["data", "synth", "--out", str(junk_dir / "synth.jsonl"), *opts]),
+        # Never 'model prepare' (it assembles the model)...
+        st.lists(junk_text, max_size=2).map(lambda rest: ["model", *rest] if rest[:1] != ["prepare"] else ["model"]),
+        # ... and never a 'serve' that starts: an invalid --port stops it at argument parsing.
+        st.lists(text, max_size=3).map(lambda rest: ["serve", *rest, "--port", "not-a-port"]),
+        st.lists(text, max_size=4),
     )
-    # Never a plain 'model prepare' (it assembles the model) and never a 'serve' that could start:
-    # an invalid --port always stops it at argument parsing.
-    model = st.lists(junk_text, max_size=2).map(lambda rest: ["model", *rest] if rest[:1] != ["prepare"] else ["model", "path"])
-    serve = st.lists(text, max_size=3).map(lambda rest: ["serve", *rest, "--port", "not-a-port"])
-    junk = st.lists(text, max_size=4)
-    return st.one_of(ask, run, report, export, data, model, serve, junk)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
-def test_no_command_gives_a_traceback_on_junk(data: st.DataObject, junk_dir: Path, finished_run: Path, server: FastBackend) -> None:
+def test_no_command_gives_a_traceback_on_junk(
+    data: st.DataObject, junk_dir: Path, finished_run: Path, server: FastBackend
+) -> None:
     (junk_dir / "junk.jsonl").write_bytes(data.draw(junk_file_content, label="junk.jsonl"))
     (junk_dir / "junk.json").write_bytes(data.draw(junk_file_content, label="junk.json"))
     args = data.draw(command_lines(junk_dir, finished_run, server.url), label="argv")

@@ -47,7 +47,8 @@ EXAMPLES = """\
   pacore ask --image chart.png "What does this chart show?" -b http://127.0.0.1:8000/v1
 
 [bold]Exit codes[/bold]: 0 answered; 1 runtime failure (backend unreachable, all trajectories failed...);
-2 bad usage (empty question, bad schedule, unreadable file...).
+2 bad usage (empty question, bad schedule, unreadable file...); 130 interrupted (Ctrl-C: the
+finished rounds are kept, printed as a partial trace with --json).
 """
 
 MAX_IMAGE_BYTES = 20 * MIB

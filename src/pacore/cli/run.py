@@ -67,7 +67,7 @@ redone, failed ones retried.
 
 [bold]Exit codes[/bold]: 0 every problem answered; 1 some problems failed (rerun to retry) or
 a runtime failure; 2 bad usage (bad data file, run directory of another data set or
-settings...).
+settings...); 130 interrupted (every finished problem is kept; rerun to resume).
 """
 
 

@@ -51,7 +51,7 @@ from pacore.eval.grading import extract_answer, grade, majority_vote
 from pacore.eval.report import ArmReport, arm_report
 from pacore.prompts import SynthesisTemplate
 from pacore.synthesis import ReferenceOrder
-from pacore.schedule import Schedule
+from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
 from pacore.trace import Event, Result, Round, RoundStarted, Trajectory, TrajectoryFinished, usage_of
 
@@ -94,6 +94,8 @@ class Arm:
         k = DEFAULT_SAMPLES if samples is None else samples
         if k < 1:
             raise UsageError(f"--samples must be at least 1, got {k}")
+        if k > MAX_TRAJECTORIES_PER_ROUND:
+            raise UsageError(f"--samples must be at most {MAX_TRAJECTORIES_PER_ROUND:,}, got {k}")
         return cls("majority", samples=k)
 
     @property
@@ -363,8 +365,8 @@ class BatchRun:
         _check_unique_ids(problems)
         if concurrency < 1:
             raise UsageError(f"--concurrency must be at least 1, got {concurrency}")
-        if pool_size is not None and pool_size < 1:
-            raise UsageError(f"--pool-size must be at least 1, got {pool_size}")
+        if pool_size is not None and not 1 <= pool_size <= MAX_TRAJECTORIES_PER_ROUND:
+            raise UsageError(f"--pool-size must be from 1 to {MAX_TRAJECTORIES_PER_ROUND:,}, got {pool_size}")
         if repeats < 1:
             raise UsageError(f"--repeats must be at least 1, got {repeats}")
         params = params or GenerationParams()
