@@ -220,6 +220,18 @@ def test_atomic_output_gives_normal_permissions_and_replaces_a_symlink_not_its_t
         write_atomic(tmp_path, "x")
 
 
+def test_devices_and_pipes_are_written_in_place_never_replaced(tmp_path: Path, finished_run: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    code, _, stderr = invoke("export-train", str(finished_run), "--out", str(fifo), "--min-acc", "-1")
+    assert code == 0, stderr
+    assert json.loads(reader.communicate(timeout=10)[0].splitlines()[0])["id"] == "p0"
+    assert stat.S_ISFIFO(fifo.stat().st_mode)  # still a FIFO, not a regular file renamed over it
+    assert invoke("export-train", str(finished_run), "--out", "/dev/null")[0] == 0
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
 # --- inputs: bytes, streams, files ---------------------------------------------
 
 

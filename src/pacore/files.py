@@ -117,11 +117,18 @@ def _file_mode() -> int:
 def atomic_output(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Write ``path`` all at once: a temporary file beside it, synced, then renamed over it.
 
-    If the block raises, ``path`` is left as it was and the temporary file is removed.
+    If the block raises, ``path`` is left as it was and the temporary file is
+    removed. A device or a pipe is written in place (there is nothing to replace).
     """
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a directory; give a file path")
+    if path.exists() and not path.is_file():
+        # A device or a pipe (/dev/null, /dev/stdout, a FIFO): written in place, never
+        # replaced by a regular file (as root, a rename would replace /dev/null itself).
+        with _open_for_writing(path, mode) as file:
+            yield file
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -141,6 +148,16 @@ def atomic_output(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
         Path(temporary).unlink(missing_ok=True)
         raise
     _sync_directory(path.parent)
+
+
+@contextmanager
+def _open_for_writing(path: Path, mode: str) -> Iterator[IO[Any]]:
+    try:
+        file = open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))  # noqa: SIM115
+    except OSError as exc:
+        raise PacoreError(f"cannot write {path}: {exc.strerror or exc}") from None
+    with file:
+        yield file
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
