@@ -248,6 +248,15 @@ def test_closed_and_endless_stdin(server: FastBackend) -> None:
         assert_one_line_error(subprocess_pacore("ask", "-", "-b", server.url, stdin=zero.fileno()), 2, "limit")
 
 
+def test_closed_stdout_is_refused_before_any_work(server: FastBackend) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    process = subprocess.run(
+        [sys.executable, "-m", "pacore", "ask", "q", "--json", "-b", server.url], stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1), env=env, timeout=60,
+    )  # fmt: skip
+    assert_one_line_error((process.returncode, "", process.stderr.decode()), 2, "stdout is closed")
+
+
 @pytest.fixture
 def odd_files(tmp_path: Path) -> dict[str, Path]:
     fifo = tmp_path / "fifo"
@@ -353,6 +362,11 @@ STATES = {
         ),
         2,
         "written by a newer pacore",
+    ),
+    "another program's database": (
+        lambda db: (db.unlink(), sqlite3.connect(db, isolation_level=None).execute("CREATE TABLE notes (x TEXT)")),
+        2,
+        "database of another program",
     ),
 }
 

@@ -498,11 +498,15 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 def migrate(db: sqlite3.Connection, migrations: Iterable[Migration]) -> list[str]:
     """Apply the ``migrations`` not yet recorded in ``db``, each in its own transaction; returns their names."""
+    where = getattr(db, "path", "the database")
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and "schema_migrations" not in tables:  # never add pacore's tables to someone else's database
+        shown = ", ".join(sorted(tables)[:5])
+        raise StoreUnusableError(f"{where} is a SQLite database of another program (tables: {shown})")
     db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
     applied = applied_migrations(db)
     unknown = applied - {function.__name__ for function in migrations}
     if unknown:
-        where = getattr(db, "path", "the database")
         raise StoreUnusableError(
             f"{where} has schema changes pacore {_version()} does not know ({min(unknown)}): it was "
             "written by a newer pacore (upgrade to use it) or is another kind of database"

@@ -157,6 +157,8 @@ def ask(
 
     The answer goes to stdout; progress and a one-line summary go to stderr.
     """
+    if sys.stdout is None:  # started with stdout closed (`>&-`): refused before any work
+        raise InputError("stdout is closed: there is nowhere to print the answer")
     messages = build_messages(read_question(question), image or [], system)
     check_limits(deadline=deadline, min_success=min_success)
     order = parse_reference_order(reference_order)
