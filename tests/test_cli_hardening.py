@@ -178,6 +178,25 @@ def test_data_synth_refuses_a_run_database(run_copy: Path) -> None:
     assert digest(run_copy / "run.sqlite") == before
 
 
+def test_data_get_refuses_to_write_over_its_source(tmp_path: Path) -> None:
+    source = tmp_path / "gsm8k-mirror.jsonl"
+    source.write_text(json.dumps({"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}) + "\n")
+    before = digest(source)
+    env_cache = {"PACORE_CACHE_DIR": str(tmp_path / "cache")}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env_cache.items():
+            patch.setenv(name, value)
+        outcome = invoke("data", "get", "gsm8k", "--from", str(source), "--out", str(source), "--force")
+        assert_one_line_error(outcome, 2, "the source file")
+        assert digest(source) == before
+        assert invoke("data", "get", "gsm8k", "--from", str(source), "--out", str(tmp_path / "g.jsonl"))[0] == 0
+        huge = tmp_path / "huge.jsonl"
+        with huge.open("wb") as file:  # sparse; refused by its size, not read and hashed
+            file.truncate(3_000_000)
+        outcome = invoke("data", "get", "gsm8k", "--from", str(huge), "--out", str(tmp_path / "h.jsonl"), "--max-mb", "1")
+        assert_one_line_error(outcome, 2, "is more than the 1.0 MB limit")
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -185,8 +204,9 @@ def test_data_synth_refuses_a_run_database(run_copy: Path) -> None:
         ["report", "{run}", "--out", ""],
         ["export-train", "{run}", "--out", "  "],
         ["data", "synth", "--out", ""],
+        ["data", "get", "gsm8k", "--out", ""],
     ],
-    ids=["run", "report", "export-train", "data synth"],
+    ids=["run", "report", "export-train", "data synth", "data get"],
 )
 def test_an_empty_out_is_a_usage_error(
     args: list[str], finished_run: Path, data_file: Path, server: FastBackend
@@ -471,6 +491,10 @@ def command_lines(junk_dir: Path, finished_run: Path, url: str) -> st.SearchStra
         export.map(lambda t: ["export-train", t[0], "--out", t[1], *t[2]]),
         files.map(lambda f: ["data", "check", f]),
         synth.map(lambda opts: ["data", "synth", "--out", str(junk_dir / "synth.jsonl"), *opts]),
+        # Always --from a local file: never the network.
+        st.tuples(st.one_of(st.sampled_from(["gsm8k", "math500", "aime2024"]), junk_text), files, text).map(
+            lambda t: ["data", "get", t[0], "--from", t[1] or "missing", "--out", t[2], "--force"]
+        ),
         # Never 'model prepare' (it assembles the model)...
         st.lists(junk_text, max_size=2).map(lambda rest: ["model", *rest] if rest[:1] != ["prepare"] else ["model"]),
         # ... and never a 'serve' that starts: an invalid --port stops it at argument parsing.
@@ -491,7 +515,11 @@ def test_no_command_gives_a_traceback_on_junk(
     args = data.draw(command_lines(junk_dir, finished_run, server.url), label="argv")
     stdin = data.draw(st.binary(max_size=64), label="stdin")
     before = digest(finished_run / "run.sqlite")
-    code, _, stderr = invoke(*args, stdin=stdin)
+    os.environ["PACORE_CACHE_DIR"] = str(junk_dir / "cache")  # hypothesis forbids monkeypatch here
+    try:
+        code, _, stderr = invoke(*args, stdin=stdin)
+    finally:
+        del os.environ["PACORE_CACHE_DIR"]
     assert "Traceback" not in stderr
     assert "internal error" not in stderr, stderr
     assert code in EXIT_CODES, (code, stderr)

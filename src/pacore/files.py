@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -114,10 +114,13 @@ def _file_mode() -> int:
 
 
 @contextmanager
-def atomic_output(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+def atomic_output(
+    path: Path, mode: str = "w", *, check: Callable[[Path], object] | None = None
+) -> Iterator[IO[Any]]:
     """Write ``path`` all at once: a temporary file beside it, synced, then renamed over it.
 
-    If the block raises, ``path`` is left as it was and the temporary file is
+    If the block (or ``check``, given the complete temporary file before the
+    rename) raises, ``path`` is left as it was and the temporary file is
     removed. A device or a pipe is written in place (there is nothing to replace).
     """
     path = Path(path)
@@ -140,6 +143,8 @@ def atomic_output(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
             yield file
             file.flush()
             os.fsync(file.fileno())
+        if check is not None:
+            check(Path(temporary))
         os.replace(temporary, path)
     except OSError as exc:
         Path(temporary).unlink(missing_ok=True)

@@ -101,7 +101,11 @@ def get(
         typer.Option("--from", metavar="FILE_OR_URL", help="Read this file or URL instead of the public source."),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", metavar="FILE", help="JSONL file to write \\[default: NAME.jsonl].")
+        Path | None,
+        typer.Option(
+            "--out", "-o", metavar="FILE", parser=output_path_option,
+            help="JSONL file to write \\[default: NAME.jsonl].",
+        ),  # fmt: skip
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite --out and download again even if cached.")
