@@ -24,7 +24,9 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -193,7 +195,9 @@ def test_data_get_refuses_to_write_over_its_source(tmp_path: Path) -> None:
         huge = tmp_path / "huge.jsonl"
         with huge.open("wb") as file:  # sparse; refused by its size, not read and hashed
             file.truncate(3_000_000)
-        outcome = invoke("data", "get", "gsm8k", "--from", str(huge), "--out", str(tmp_path / "h.jsonl"), "--max-mb", "1")
+        outcome = invoke(
+            "data", "get", "gsm8k", "--from", str(huge), "--out", str(tmp_path / "h.jsonl"), "--max-mb", "1"
+        )
         assert_one_line_error(outcome, 2, "is more than the 1.0 MB limit")
 
 
@@ -358,6 +362,55 @@ def test_out_of_range_arguments(
     assert_one_line_error(outcome, 2, fragment)
     assert len(outcome[2]) < 300  # the offending value is not echoed at length
     assert not (tmp_path / "r").exists()  # refused before any work
+
+
+class LoneSurrogateServer(ThreadingHTTPServer):
+    """An OpenAI-compatible server whose every answer holds a lone surrogate escape, as some servers send."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), LoneSurrogateHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class LoneSurrogateHandler(BaseHTTPRequestHandler):
+    ANSWER = (
+        b'{"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [{"index": 0, '
+        b'"message": {"role": "assistant", "content": "half a pair \\ud800 here"}, "finish_reason": "stop"}], '
+        b'"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}'
+    )
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.ANSWER)))
+        self.end_headers()
+        self.wfile.write(self.ANSWER)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_lone_surrogate_from_the_backend_is_replaced_not_a_crash(data_file: Path, tmp_path: Path) -> None:
+    server = LoneSurrogateServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, stdout, stderr = invoke("ask", "q", "-b", server.url, "-m", "m", "-s", "1", "--json", "-q")
+        assert code == 0, stderr
+        trace = json.loads(stdout)
+        assert trace["answer"] == "half a pair \ufffd here"
+        # The synthesis call received the reference and the run stores it.
+        run_dir = str(tmp_path / "r")
+        code, _, stderr = invoke("run", str(data_file), "--out", run_dir, "-b", server.url, "-m", "m", "-s", "1", "-q")
+        assert code == 0, stderr
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- run database states --------------------------------------------------------
