@@ -237,9 +237,14 @@ def test_atomic_output_gives_normal_permissions_and_replaces_a_symlink_not_its_t
     write_atomic(link, "new")
     assert other.read_text() == "keep me"
     assert link.read_text() == "new" and not link.is_symlink()
-    umask = os.umask(0)
+    umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE(link.stat().st_mode) == 0o666 & ~umask
+    private = tmp_path / "private.txt"
+    private.write_text("secret")
+    private.chmod(0o600)
+    write_atomic(private, "still secret")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600  # a replaced file keeps its mode
     with pytest.raises(OutputError, match="is a directory"):
         write_atomic(tmp_path, "x")
 

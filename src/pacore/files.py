@@ -11,8 +11,8 @@ target: a reader never sees half a file, a crash never leaves one) after
 from __future__ import annotations
 
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,11 +106,23 @@ def output_path(text: str) -> Path:
     return Path(text)
 
 
-def _file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give (mkstemp's is 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A new file next to ``path``, with ``path``'s mode if it exists, else what ``open(path, "w")`` gives."""
+    try:
+        existing: int | None = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        existing = None
+    for _ in range(100):
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.partial")
+        try:
+            # 0o666 less the umask, applied by the kernel (mkstemp would give 0600).
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        if existing is not None:
+            os.fchmod(fd, existing)  # a replaced file keeps its mode, whatever the umask
+        return fd, name
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 @contextmanager
@@ -134,11 +146,10 @@ def atomic_output(
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        fd, temporary = _temporary_beside(path)
     except OSError as exc:
         raise PacoreError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
-        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
             yield file
             file.flush()
