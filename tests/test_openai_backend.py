@@ -490,11 +490,13 @@ async def test_stream_delivers_deltas_and_reads_the_usage_chunk():
     assert server.bodies[0]["stream_options"] == {"include_usage": True}
 
 
-async def test_stream_without_usage_counts_chunks():
+async def test_stream_without_usage_counts_chunks_and_estimates_the_prompt():
     server = streaming(sse(*STREAM, "[DONE]"))
     async with server.backend() as backend:
         completion = await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
-    assert (completion.prompt_tokens, completion.completion_tokens) == (0, 3)
+    # About 4 characters a token of the messages sent, rather than a free prompt.
+    messages_bytes = len(json.dumps(MESSAGES, separators=(",", ":")))
+    assert (completion.prompt_tokens, completion.completion_tokens) == (-(-messages_bytes // 4), 3)
 
 
 async def test_a_final_answer_stream_that_breaks_after_deltas_keeps_its_partial_text():
@@ -623,6 +625,20 @@ async def test_a_server_that_refuses_stream_is_called_without_it_from_then_on(ca
     assert first.text == streamed.text == "plain" and deltas == ["plain"]
     assert [body.get("stream", False) for body in server.bodies] == [True, False, False]
     assert "refuses stream=true" in caplog.text
+
+
+async def test_an_empty_event_stream_is_asked_again_without_streaming_for_the_real_error():
+    # llama-cpp-python answers a stream it cannot start with 200 and no events at all.
+    def reply(request, body):
+        if body.get("stream"):
+            return httpx.Response(200, content=b"", headers={"content-type": "text/event-stream"})
+        return httpx.Response(400, json=PROMPT_TOO_LONG["sglang"])
+
+    server = Server(reply)
+    async with server.backend() as backend:
+        with pytest.raises(ContextOverflowError, match="does not fit"):
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert [body.get("stream", False) for body in server.bodies] == [True, False]
 
 
 async def test_a_call_that_keeps_streaming_is_retried_from_scratch_only_before_a_consumer_saw_it():

@@ -300,12 +300,13 @@ class OpenAIBackend(BaseBackend):
         started = time.perf_counter()
         failures: list[str] = []
         refit = False
-        plain_probe = False
+        plain = False  # this call goes on without streaming
+        probing_refusal = False
         _count_call()
         attempt = 0
         while True:
             attempt += 1
-            stream = self._streams is not False and not plain_probe
+            stream = self._streams is not False and not plain
             state = _StreamState(n, on_delta, on_progress)
             try:
                 completions = await self._exchange(request.payload(n, seed, stream), state)
@@ -314,11 +315,15 @@ class OpenAIBackend(BaseBackend):
             except BackendError as exc:
                 error = exc
             else:
-                if plain_probe:
+                if probing_refusal:
                     self._streams = False
                     logger.info("backend %s refuses stream=true; calling it without streaming", self.display_url)
                 elif state.streamed:
                     self._streams = True
+                if not any(completion.prompt_tokens for completion in completions):
+                    # No usage (llama-cpp-python does not send it in streams):
+                    # estimate the prompt rather than count it as free.
+                    completions[0].prompt_tokens = -(-len(request.messages_json) // 4)
                 latency_s = time.perf_counter() - started
                 for completion in completions:
                     completion.latency_s = latency_s
@@ -330,7 +335,13 @@ class OpenAIBackend(BaseBackend):
                 attempt -= 1  # not a failure of the server: the retry policy does not count it
                 continue
             if error.kind == "bad_request" and stream and self._streams is None:
-                plain_probe = True  # maybe the server cannot stream: a plain call tells
+                plain = probing_refusal = True  # maybe the server cannot stream: a plain call tells
+                attempt -= 1
+                continue
+            if error.kind == "protocol" and state.streamed and state.events == 0 and not plain:
+                # An event stream that ended before its first event: some servers
+                # (llama-cpp-python) fail so where a plain call gives the real error.
+                plain = True
                 attempt -= 1
                 continue
             if on_delta is not None and state.delivered:
@@ -541,6 +552,9 @@ class OpenAIBackend(BaseBackend):
                     state.deliver_whole(completions)
                     return completions
                 await self._read_events(response, state)
+                # Inside the block: a stream that ended short leaves its connection
+                # discarded, since a server that cut it may well close it next.
+                return state.completions(self)
         except httpx.TransportError:
             if not state.done:
                 raise
@@ -588,6 +602,7 @@ class OpenAIBackend(BaseBackend):
             raise self._truncated(f"the connection broke: {_reason(exc)}") from None
 
     def _feed(self, state: _StreamState, data: bytes) -> None:
+        state.events += 1
         if data == b"[DONE]":
             state.done = True
             return
@@ -771,7 +786,7 @@ class _Choice:
 class _StreamState:
     """What one attempt of a call has received so far, choice by choice (by ``index``)."""
 
-    __slots__ = ("asked", "choices", "usage", "error", "done", "streamed", "on_delta", "on_progress")
+    __slots__ = ("asked", "choices", "usage", "error", "done", "streamed", "events", "on_delta", "on_progress")
 
     def __init__(self, asked: int, on_delta: DeltaCallback | None, on_progress: ProgressCallback | None) -> None:
         self.asked = asked
@@ -783,6 +798,8 @@ class _StreamState:
         self.done = False
         #: The answer came as a stream of events (not plain JSON).
         self.streamed = False
+        #: ``data`` fields received.
+        self.events = 0
         self.on_delta = on_delta
         self.on_progress = on_progress
 
