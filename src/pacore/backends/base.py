@@ -13,7 +13,9 @@ call it. The engine throttles what it makes of it.
 Failure contract: ``generate`` raises :class:`~pacore.errors.BackendError` when
 the whole call failed, and may return completions with ``error`` set when only
 some of the ``n`` samples failed. It always returns exactly ``n`` completions
-otherwise.
+otherwise. ``stream`` raises the same way before its first delta; a stream
+that fails after deltas were delivered returns a failed completion holding
+the partial text (what was shown cannot be taken back).
 """
 
 from __future__ import annotations

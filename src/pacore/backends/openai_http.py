@@ -567,15 +567,18 @@ class OpenAIBackend(BaseBackend):
 
         Lines are split here, on bytes, so a line without end cannot grow
         past the cap unnoticed. After ``[DONE]`` the body is read to its end,
-        so the connection can be reused.
+        so the connection can be reused. This runs for every token of every
+        call: it is written for speed.
         """
         state.streamed = True
+        limit = self.max_reply_bytes
+        feed = state.feed
         received = 0
         pending: list[bytes] = []
         try:
             async for chunk in response.aiter_bytes():
                 received += len(chunk)
-                if received > self.max_reply_bytes:
+                if received > limit:
                     raise self._too_large()
                 if state.done:
                     continue
@@ -590,10 +593,23 @@ class OpenAIBackend(BaseBackend):
                 if rest:
                     pending.append(rest)
                 for line in lines:
-                    if line.startswith(b"data:"):  # not blank separators, ": ping" comments, event names
-                        self._feed(state, line[5:].strip())
-                        if state.done:
-                            break
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, ": ping" comments, event names
+                    data = line[5:].strip()
+                    if not data:
+                        continue
+                    state.events += 1
+                    if data == b"[DONE]":
+                        state.done = True
+                        break
+                    try:
+                        feed(_decode_json(data.decode())[0])
+                    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                        raise BackendError(
+                            f"backend {self.display_url} sent a malformed stream chunk ({exc})", kind="protocol"
+                        ) from None
+                    if state.error is not None:
+                        raise self._stream_error(state.error)
         except httpx.TimeoutException:
             raise
         except httpx.TransportError as exc:
@@ -601,24 +617,12 @@ class OpenAIBackend(BaseBackend):
                 raise
             raise self._truncated(f"the connection broke: {_reason(exc)}") from None
 
-    def _feed(self, state: _StreamState, data: bytes) -> None:
-        state.events += 1
-        if data == b"[DONE]":
-            state.done = True
-            return
-        if not data:
-            return
-        try:
-            state.feed(json.loads(data))
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise BackendError(
-                f"backend {self.display_url} sent a malformed stream chunk ({exc})", kind="protocol"
-            ) from None
-        if state.error is not None:
-            detail = self._redact(_error_detail(state.error))
-            raise self._overflow(state.error, f" (mid-stream): {detail}") or BackendError(
-                f"backend {self.display_url} reported an error mid-stream: {detail}", kind="status"
-            )
+    def _stream_error(self, chunk: Any) -> BackendError:
+        """The error a server reported in a stream chunk."""
+        detail = self._redact(_error_detail(chunk))
+        return self._overflow(chunk, f" (mid-stream): {detail}") or BackendError(
+            f"backend {self.display_url} reported an error mid-stream: {detail}", kind="status"
+        )
 
     async def _read(self, response: httpx.Response) -> bytes:
         """The whole body of ``response``, refused once it exceeds ``max_reply_bytes``."""
@@ -759,6 +763,10 @@ def _fields(model: str, params: GenerationParams) -> dict[str, Any]:
     return fields
 
 
+#: ``json.loads`` without its per-call checks: (value, end) of the JSON text at the start of a str.
+_decode_json = json.JSONDecoder().raw_decode
+
+
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -805,7 +813,7 @@ class _StreamState:
 
     def feed(self, chunk: dict[str, Any]) -> None:
         """Take one chunk; deltas go to ``on_delta`` (choice 0) and ``on_progress``."""
-        if chunk.get("error"):
+        if "error" in chunk and chunk["error"]:
             self.error = chunk
             return
         usage = chunk.get("usage")
@@ -813,26 +821,28 @@ class _StreamState:
             self.usage = usage
         for choice in chunk.get("choices") or ():
             index = choice.get("index") or 0
-            if not isinstance(index, int) or not 0 <= index < self.asked:
-                continue  # a choice nobody asked for
             state = self.choices.get(index)
             if state is None:
+                if not isinstance(index, int) or not 0 <= index < self.asked:
+                    continue  # a choice nobody asked for
                 state = self.choices[index] = _Choice()
-            delta = choice.get("delta") or {}
-            content = delta.get("content") or ""
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-            if content or reasoning:
-                state.chunks += 1
-                if content:
-                    state.text.append(content)
-                if reasoning:
-                    state.reasoning.append(reasoning)
-                if self.on_delta is not None and index == 0:
-                    self.on_delta(content, reasoning)
-                if self.on_progress is not None:
-                    self.on_progress(index, state.chunks)
-            if choice.get("finish_reason"):
-                state.finish_reason = choice["finish_reason"]
+            delta = choice.get("delta")
+            if delta:
+                content = delta.get("content")
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if content or reasoning:
+                    state.chunks += 1
+                    if content:
+                        state.text.append(content)
+                    if reasoning:
+                        state.reasoning.append(reasoning)
+                    if self.on_delta is not None and index == 0:
+                        self.on_delta(content or "", reasoning or "")
+                    if self.on_progress is not None:
+                        self.on_progress(index, state.chunks)
+            finish = choice.get("finish_reason")
+            if finish:
+                state.finish_reason = finish
 
     @property
     def delivered(self) -> bool:
