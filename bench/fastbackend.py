@@ -2,8 +2,10 @@
 
 It stands in for a GPU inference server: every call waits a configurable
 time to first token, then "generates" ``--completion-tokens`` tokens at
-``--tokens-per-s`` per stream (0 = instantly), streamed or not, with ``n``
-samples per call supported, ignored or refused. ``--concurrency`` caps the
+``--tokens-per-s`` per stream (0 = instantly), streamed as server-sent
+events (``n`` > 1 included, choices interleaved by ``index`` as vLLM does)
+or not, with ``n`` samples per call supported, ignored or refused, and
+``stream`` honoured, ignored or refused (``--stream-support``). ``--concurrency`` caps the
 samples an endpoint works on at once (later ones queue, first come first
 served), which models an endpoint that is the bottleneck; ``--endpoints N``
 listens on N ports in one process, each with its own cap.
@@ -44,6 +46,7 @@ from typing import Any, Literal
 from faults import KINDS, FaultPlan, FaultSpecError, inject, parse_spec
 
 NSupport = Literal["on", "ignore", "reject"]
+StreamSupport = Literal["on", "ignore", "reject"]
 
 # Short common words: a completion of N tokens is N of these, space separated.
 _VOCABULARY = ("the", "answer", "is", "so", "we", "check", "each", "case", "and", "get")
@@ -60,6 +63,8 @@ class Behaviour:
     tokens_per_s: float = 0.0
     completion_tokens: int = 32
     n_support: NSupport = "on"
+    #: Whether ``stream: true`` is honoured, ignored (a plain JSON answer) or refused (HTTP 400).
+    stream_support: StreamSupport = "on"
     #: Most samples in progress at once; 0 means unlimited.
     concurrency: int = 0
     #: Tokens per streamed chunk (real servers send one).
@@ -157,12 +162,15 @@ class Endpoint:
             return _error(400, "this server supports only n=1")
         if self.behaviour.n_support == "ignore":
             n = 1
+        stream = bool(data.get("stream"))
+        if stream and self.behaviour.stream_support == "reject":
+            return _error(400, "streaming is not supported")
         max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
         options = data.get("stream_options") or {}
         return ChatRequest(
             model=str(data.get("model") or self.behaviour.model),
             n=n,
-            stream=bool(data.get("stream")),
+            stream=stream and self.behaviour.stream_support == "on",
             include_usage=bool(options.get("include_usage")),
             max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
             prompt_tokens=max(1, len(body) // 4),
@@ -487,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens-per-s", type=float, default=0.0, help="per stream; 0 = instant")
     parser.add_argument("--completion-tokens", type=int, default=32)
     parser.add_argument("--n-support", choices=("on", "ignore", "reject"), default="on")
+    parser.add_argument("--stream-support", choices=("on", "ignore", "reject"), default="on")
     parser.add_argument("--concurrency", type=int, default=0, help="samples in progress per endpoint; 0 = no cap")
     parser.add_argument("--chunk-tokens", type=int, default=1, help="tokens per streamed chunk")
     parser.add_argument("--model", default="fast")
@@ -507,6 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens_per_s=args.tokens_per_s,
         completion_tokens=args.completion_tokens,
         n_support=args.n_support,
+        stream_support=args.stream_support,
         concurrency=args.concurrency,
         chunk_tokens=args.chunk_tokens,
         model=args.model,

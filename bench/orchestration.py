@@ -6,13 +6,17 @@ the same workload (P problems, each a full PaCoRe request) is run by:
 - ceiling: a minimal pooled client, one ``httpx.AsyncClient`` (the HTTP
   library pacore's OpenAI backend uses) per keep-alive connection, as many
   as pacore's backend opens, on a free list, that sends exactly the same
-  calls, round by round, with no orchestration. (httpcore's own pool rescans all its connections
+  calls (streamed, as pacore's are), round by round, with no orchestration. (httpcore's own pool rescans all its connections
   and queued requests on every call; one client per connection is the
   cheapest way to drive a server with httpx.)
 - pacore: ``pacore.asolve`` through ``OpenAIBackend`` (one request per
   trajectory with ``n_mode="off"``; ``n`` batching with the default ``auto``);
 - naive: the reference release's approach, a new client and connection with
-  keep-alive off for every call and one request per trajectory.
+  keep-alive off for every call and one request per trajectory (not streamed).
+
+What streaming costs: the same ceiling and pacore clients on schedule [16]
+with plain (non-streamed) answers, side by side, give the client CPU per
+token of each way.
 
 The machine's cores are shared by the backend process and the client, so
 trajectories/s are those of this machine, not of a GPU server: what matters
@@ -104,7 +108,7 @@ def split(k: int, max_n: int) -> list[int]:
 Post = Callable[[str, int], Awaitable[list[str]]]
 
 
-def chat_body(content: str, n: int) -> bytes:
+def chat_body(content: str, n: int, stream: bool) -> bytes:
     """The body pacore's OpenAI backend sends for one call (same fields)."""
     body: dict[str, Any] = {
         "messages": [{"role": "user", "content": content}],
@@ -115,12 +119,26 @@ def chat_body(content: str, n: int) -> bytes:
     }
     if n > 1:
         body["n"] = n
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def contents(response: httpx.Response) -> list[str]:
+    """Each choice's text, from a plain answer or a server-sent event stream."""
     response.raise_for_status()
-    return [choice["message"]["content"] for choice in response.json()["choices"]]
+    if "event-stream" not in response.headers.get("content-type", ""):
+        return [choice["message"]["content"] for choice in response.json()["choices"]]
+    texts: dict[int, list[str]] = {}
+    for line in response.content.split(b"\n"):
+        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+            continue
+        for choice in _decode_json(line[5:].strip().decode())[0]["choices"]:
+            piece = choice["delta"].get("content")
+            if piece:
+                texts.setdefault(choice["index"], []).append(piece)
+    return ["".join(texts[index]) for index in sorted(texts)]
 
 
 async def direct_problem(post: Post, text: str, schedule: Schedule, max_n: int, template: SynthesisTemplate) -> int:
@@ -165,9 +183,9 @@ class ConnectionPool:
         await asyncio.gather(*(client.aclose() for client in self.clients))
 
 
-def pooled_post(pool: ConnectionPool, url: str) -> Post:
+def pooled_post(pool: ConnectionPool, url: str, stream: bool = True) -> Post:
     async def post(content: str, n: int) -> list[str]:
-        return contents(await pool.post(url, chat_body(content, n)))
+        return contents(await pool.post(url, chat_body(content, n, stream)))
 
     return post
 
@@ -176,13 +194,15 @@ def naive_post(url: str) -> Post:
     async def post(content: str, n: int) -> list[str]:
         limits = httpx.Limits(max_keepalive_connections=0)
         async with httpx.AsyncClient(verify=_TLS, limits=limits, timeout=60) as client:
-            response = await client.post(url, content=chat_body(content, 1), headers=_CLOSE)
+            response = await client.post(url, content=chat_body(content, 1, False), headers=_CLOSE)
         return contents(response)
 
     return post
 
 
 _JSON = {"Content-Type": "application/json"}
+#: The cheapest JSON decoding of a chunk (what pacore's backend uses too).
+_decode_json = json.JSONDecoder().raw_decode
 _CLOSE = {**_JSON, "Connection": "close"}
 
 
@@ -322,9 +342,16 @@ CLIENTS = {
     "pacore_n": "pacore.asolve, n batching (n_mode=auto, the default)",
     "pacore_run": "batch runner (pacore run), n batching, a store commit per problem",
 }
+#: Measured on the first schedule only, for what streaming costs per token.
+PLAIN_CLIENTS = {
+    "ceiling_plain": "as ceiling, answers not streamed",
+    "pacore_plain": "as pacore, from a server that answers plain JSON",
+}
 
 
-async def measure_schedule(url: str, workload: Workload, schedule: Schedule) -> dict[str, Any]:
+async def measure_schedule(
+    url: str, workload: Workload, schedule: Schedule, plain_url: str | None = None
+) -> dict[str, Any]:
     """Every client on one schedule, warmed up, then repeats interleaved; medians kept.
 
     Connections stay open across repeats (steady state, as in a long batch
@@ -333,6 +360,7 @@ async def measure_schedule(url: str, workload: Workload, schedule: Schedule) -> 
     chat_url = url + "/chat/completions"
     pool = ConnectionPool(CEILING_CONNECTIONS)
     batch = max(schedule.ks)
+    plain = OpenAIBackend(plain_url or url, model=MODEL, n_mode="off")
     async with OpenAIBackend(url, model=MODEL, n_mode="off") as single, OpenAIBackend(url, model=MODEL) as batched:
         clients: dict[str, Callable[[Workload], Awaitable[Run]]] = {
             "ceiling": lambda w: run_direct(pooled_post(pool, chat_url), w, schedule, 1),
@@ -342,6 +370,9 @@ async def measure_schedule(url: str, workload: Workload, schedule: Schedule) -> 
             "pacore_n": lambda w: run_pacore(batched, w, schedule),
             "pacore_run": lambda w: run_batch(batched, w, schedule),
         }
+        if plain_url:
+            clients["ceiling_plain"] = lambda w: run_direct(pooled_post(pool, chat_url, False), w, schedule, 1)
+            clients["pacore_plain"] = lambda w: run_pacore(plain, w, schedule)
         warm_up = replace(workload, problems=workload.in_flight)
         for run in clients.values():
             await run(warm_up)
@@ -352,6 +383,7 @@ async def measure_schedule(url: str, workload: Workload, schedule: Schedule) -> 
             for name in order:
                 runs[name].append(await clients[name](workload))
     await pool.aclose()
+    await plain.aclose()
     figures: dict[str, Any] = {}
     for name, results in runs.items():
         figures[name] = {
@@ -372,6 +404,15 @@ async def measure_schedule(url: str, workload: Workload, schedule: Schedule) -> 
     figures["pacore_over_ceiling_cpu"] = round(cpu["ceiling"] / cpu["pacore"], 3)
     figures["pacore_added_cpu_ms_per_trajectory"] = round(cpu["pacore"] - cpu["ceiling"], 3)
     figures["pacore_n_added_cpu_ms_per_trajectory"] = round(cpu["pacore_n"] - cpu["ceiling_n"], 3)
+    if plain_url:
+        # Client CPU per completion token, streamed and not: what streaming costs.
+        per_token = {name: round(cpu[name] / COMPLETION_TOKENS * 1000, 2) for name in cpu}
+        figures["streaming_cost_us_per_token"] = {
+            "ceiling": per_token["ceiling"], "ceiling_plain": per_token["ceiling_plain"],
+            "pacore": per_token["pacore"], "pacore_plain": per_token["pacore_plain"],
+            "ceiling_added": round(per_token["ceiling"] - per_token["ceiling_plain"], 2),
+            "pacore_added": round(per_token["pacore"] - per_token["pacore_plain"], 2),
+        }  # fmt: skip
     gaps = [g * 1000 for r in runs["pacore"] + runs["pacore_n"] for g in r.gaps]
     figures["round_gap_saturated_p50_ms"] = round(percentile(gaps, 50), 3)
     figures["round_gap_saturated_p99_ms"] = round(percentile(gaps, 99), 3)
@@ -481,11 +522,16 @@ async def measure(workload: Workload) -> dict[str, Any]:
             "completion_tokens": COMPLETION_TOKENS,
             "schedules": [s.as_list() for s in workload.schedules],
         },
-        "clients": CLIENTS,
+        "clients": {**CLIENTS, **PLAIN_CLIENTS},
     }
-    with fast_backend("--completion-tokens", COMPLETION_TOKENS) as server:
-        for schedule in workload.schedules:
-            figures[f"schedule_{schedule.text()}"] = await measure_schedule(server.url, workload, schedule)
+    with (
+        fast_backend("--completion-tokens", COMPLETION_TOKENS) as server,
+        fast_backend("--completion-tokens", COMPLETION_TOKENS, "--stream-support", "ignore") as plain_server,
+    ):
+        for i, schedule in enumerate(workload.schedules):
+            figures[f"schedule_{schedule.text()}"] = await measure_schedule(
+                server.url, workload, schedule, plain_server.url if i == 0 else None
+            )
         gaps = await isolated_gaps(server.url, Schedule((32, 4)), max(20, workload.problems // 4))
     figures["engine_cpu_ms_per_trajectory"] = {
         f"{schedule.text()}_max_n_{max_n}": round(await engine_cpu(workload, schedule, max_n), 3)
@@ -524,6 +570,8 @@ def report(figures: dict[str, Any]) -> list[str]:
         s = figures[f"schedule_{Schedule(tuple(schedule)).text()}"]
         lines.append(f"\nschedule {schedule}:        trajectories/s   client CPU ms/trajectory")
         for name in figures["clients"]:
+            if name not in s:
+                continue
             lines.append(
                 f"  {name:10} {s[name]['trajectories_per_s']:18.1f} {s[name]['cpu_ms_per_trajectory']:20.3f}"
             )
@@ -540,6 +588,15 @@ def report(figures: dict[str, Any]) -> list[str]:
         lines.append(
             f"  round gap with the client CPU saturated: p50 {s['round_gap_saturated_p50_ms']:.2f} ms, "
             f"p99 {s['round_gap_saturated_p99_ms']:.2f} ms (waiting for the event loop behind other requests' HTTP work)"
+        )
+    first = figures[f"schedule_{Schedule(tuple(w['schedules'][0])).text()}"]
+    if "streaming_cost_us_per_token" in first:
+        cost = first["streaming_cost_us_per_token"]
+        lines.append(
+            f"\nwhat streaming costs per token (client CPU us per completion token, schedule {w['schedules'][0]}, "
+            f"one run):\n  ceiling {cost['ceiling']:.2f} streamed vs {cost['ceiling_plain']:.2f} plain "
+            f"(+{cost['ceiling_added']:.2f}); pacore {cost['pacore']:.2f} streamed vs {cost['pacore_plain']:.2f} "
+            f"plain (+{cost['pacore_added']:.2f})"
         )
     lines.append("\nengine alone (in-process instant backend, no HTTP), CPU ms per trajectory:")
     for key, value in figures["engine_cpu_ms_per_trajectory"].items():

@@ -12,7 +12,9 @@ the server and the backend sharing this machine's cores:
   PaCoRe mode the server sends its first chunk before any backend call ends;
 - requests/s with 200 concurrent clients (each its own connection, a fixed
   number of requests each);
-- the server's CPU per streamed token it relays (pass-through streams).
+- the server's CPU per streamed token it relays (pass-through streams), from
+  a backend that streams (as pacore's calls ask) and from one answering plain
+  JSON: what streaming the backend calls costs per token.
 
     python bench/proxy.py [--quick] [--json]
 """
@@ -136,7 +138,10 @@ async def requests_per_s(url: str, model: str, per_client: int) -> float:
 
 
 async def relay_cpu_us_per_token(server: Server, clients: int, per_client: int) -> float:
-    """Server CPU per streamed token relayed, pass-through, ``clients`` streams at once."""
+    """Server CPU per token relayed, pass-through, ``clients`` streams at once.
+
+    Each answer is ``COMPLETION_TOKENS`` tokens (the fast backend's, capped by ``max_tokens``).
+    """
     payload = json.dumps(body("pacore-1/fast", stream=True)).encode()
     tokens = 0
 
@@ -145,8 +150,9 @@ async def relay_cpu_us_per_token(server: Server, clients: int, per_client: int) 
         async with httpx.AsyncClient(timeout=120) as client:
             for _ in range(per_client):
                 async with client.stream("POST", server.url + "/chat/completions", content=payload) as response:
-                    async for line in response.aiter_lines():
-                        tokens += '"content":"' in line and '"content":""' not in line
+                    async for _ in response.aiter_lines():
+                        pass
+                tokens += COMPLETION_TOKENS
 
     before = server.cpu_s()
     await asyncio.gather(*(client_loop() for _ in range(clients)))
@@ -178,6 +184,12 @@ async def measure(quick: bool) -> dict[str, Any]:
         }
         figures["requests_per_s_200_clients"] = {k: round(v, 1) for k, v in rates.items()}
         figures["server_cpu_us_per_streamed_token"] = round(
+            await relay_cpu_us_per_token(served, 50, 2 if quick else 6), 1
+        )
+    # The same relay from a backend that answers plain JSON: what streaming the backend calls costs.
+    plain = ("--completion-tokens", COMPLETION_TOKENS, "--stream-support", "ignore")
+    with fast_backend(*plain) as backend, pacore_serve(backend.url) as served:
+        figures["server_cpu_us_per_token_plain_backend"] = round(
             await relay_cpu_us_per_token(served, 50, 2 if quick else 6), 1
         )
     streaming = ("--completion-tokens", COMPLETION_TOKENS, "--ttft-ms", STREAM_TTFT_MS, "--tokens-per-s", 500)
@@ -214,8 +226,9 @@ def report(figures: dict[str, Any]) -> list[str]:
     for key, value in figures["requests_per_s_200_clients"].items():
         lines.append(f"  {key:12} {value:8.1f}")
     lines.append(
-        f"server CPU per streamed token relayed (pass-through, 50 streams at once): "
-        f"{figures['server_cpu_us_per_streamed_token']} us"
+        f"server CPU per token relayed (pass-through, 50 client streams at once): "
+        f"{figures['server_cpu_us_per_streamed_token']} us from a streaming backend, "
+        f"{figures['server_cpu_us_per_token_plain_backend']} us from one answering plain JSON"
     )
     return [*lines, "targets:", *target_lines(figures["targets"])]
 

@@ -13,6 +13,7 @@ from pacore.backends.base import (
     DeltaCallback,
     GenerationParams,
     Message,
+    ProgressCallback,
     text_of,
 )
 from pacore.errors import BackendError
@@ -43,7 +44,8 @@ class ScriptedBackend(BaseBackend):
     (a ``BackendError`` fails the whole call; any reply that is a Completion
     with ``error`` set fails only that sample). ``delay`` is seconds before
     replying, or a function of the call giving them; calls cancelled while
-    waiting are listed in ``cancelled``.
+    waiting are listed in ``cancelled``. ``on_progress`` hears each reply's
+    words counted one by one, as a streaming server would send them.
     """
 
     respond: Responder = lambda call, i: f"answer {call.number}.{i}"
@@ -55,7 +57,11 @@ class ScriptedBackend(BaseBackend):
     cancelled: list[Call] = field(default_factory=list)
 
     async def generate(
-        self, messages: Sequence[Message], n: int, params: GenerationParams
+        self,
+        messages: Sequence[Message],
+        n: int,
+        params: GenerationParams,
+        on_progress: ProgressCallback | None = None,
     ) -> list[Completion]:
         call = Call(list(messages), n, params, len(self.calls))
         self.calls.append(call)
@@ -79,6 +85,9 @@ class ScriptedBackend(BaseBackend):
                     completion_tokens=len(reply.split()),
                     latency_s=0.001,
                 )
+            if on_progress is not None:
+                for tokens in range(1, len(reply.text.split()) + 1):
+                    on_progress(i, tokens)
             out.append(reply)
         return out
 

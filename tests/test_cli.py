@@ -380,6 +380,42 @@ def test_live_progress_renders_the_current_round() -> None:
     assert "round 1/2" in text and "2/4 trajectories" in text and "500 tokens" in text
 
 
+def test_live_progress_shows_tokens_as_they_stream() -> None:
+    from pacore.trace import RoundStarted, Trajectory, TrajectoryFinished, TrajectoryProgress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=160, color_system=None)
+    progress = LiveProgress(console)
+    progress.handle(RoundStarted(round=0, k=4, final=False, total_rounds=2))
+    progress.handle(TrajectoryProgress(round=0, tokens={0: 100, 1: 40}))
+    progress.handle(TrajectoryProgress(round=0, tokens={0: 1200, 2: 7}))
+    state = progress.state
+    assert state.streaming == {0: 1200, 1: 40, 2: 7} and state.tokens == 1247
+    trajectory = Trajectory(round=0, index=0, text="x", completion_tokens=1300)
+    progress.handle(TrajectoryFinished(round=0, trajectory=trajectory, done=1, k=4))
+    # The finished trajectory's final count replaces its live one.
+    assert state.streaming == {1: 40, 2: 7} and state.tokens == 1347
+    console.print(progress.render())
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "1/4 trajectories" in text and "1,347 tokens" in text
+    assert "2 streaming (longest 40 tokens)" in text and "tok/s" in text
+    # A progress event of another round (late, or from elsewhere) is ignored.
+    progress.handle(TrajectoryProgress(round=1, tokens={3: 999}))
+    assert state.tokens == 1347
+
+
+async def test_line_progress_reports_long_streaming_rounds(monkeypatch) -> None:
+    from pacore.cli import progress as progress_module
+    from pacore.trace import RoundStarted, TrajectoryProgress
+
+    monkeypatch.setattr(progress_module, "STREAMING_LINE_INTERVAL_S", 0.0)
+    out = io.StringIO()
+    progress = LineProgress(out)
+    progress.handle(RoundStarted(round=0, k=2, final=False, total_rounds=2))
+    progress.handle(TrajectoryProgress(round=0, tokens={0: 10, 1: 30}))
+    (line,) = out.getvalue().splitlines()
+    assert line.startswith("round 1/2: 0/2 trajectories, 2 streaming (longest 30 tokens) · ")
+
+
 # --- the real embedded model ----------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import json
 import re
 import time
 from contextlib import aclosing
+from dataclasses import dataclass, field
 
 import pytest
 from fakes import Call, ScriptedBackend, StreamingScriptedBackend, fail
@@ -31,6 +32,7 @@ from pacore.trace import (
     RoundStarted,
     Trajectory,
     TrajectoryFinished,
+    TrajectoryProgress,
 )
 
 SYNTHESIS_MARK = "Reference Responses"
@@ -520,9 +522,9 @@ def describe(events) -> list[str]:
             out.append(f"end {event.round.index} n={len(event.round.trajectories)}")
         elif isinstance(event, AnswerDelta):
             out.append(f"delta {event.content!r}")
-        else:
+        elif isinstance(event, Final):
             out.append(f"final error={event.result.error}")
-    return out
+    return out  # TrajectoryProgress events are checked on their own below
 
 
 EXPECTED_EVENTS = [
@@ -549,6 +551,65 @@ async def test_iter_solve_yields_the_same_events():
     events = [e async for e in iter_solve("Q", schedule=[3], backend=ScriptedBackend())]
     assert describe(events) == EXPECTED_EVENTS
     assert events[-1].result.answer == "answer 3.0"
+
+
+@dataclass
+class SlowlyStreaming(ScriptedBackend):
+    """Samples of ``tokens`` words, one word every ``pause`` seconds, reported to ``on_progress``."""
+
+    tokens: int = 60
+    pause: float = 0.01
+    #: The ``on_progress`` of each call.
+    callbacks: list = field(default_factory=list)
+
+    async def generate(self, messages, n, params, on_progress=None):
+        self.calls.append(Call(list(messages), n, params, len(self.calls)))
+        self.callbacks.append(on_progress)
+        for count in range(1, self.tokens + 1):
+            await asyncio.sleep(self.pause)
+            for i in range(n):
+                if on_progress is not None:
+                    on_progress(i, count)
+        return [Completion(text="w " * self.tokens, completion_tokens=self.tokens) for _ in range(n)]
+
+
+async def test_progress_events_report_live_tokens_at_a_throttled_rate():
+    backend = SlowlyStreaming(max_n=2)
+    events = []
+    await asolve("Q", schedule=[4], backend=backend, on_event=events.append)
+    progress = [e for e in events if isinstance(e, TrajectoryProgress)]
+    # 5 trajectories of 60 tokens streamed over about 0.6 s per round: a few events, not 300.
+    assert 2 <= len(progress) <= 12
+    first_round = [e for e in progress if e.round == 0]
+    assert first_round and {e.round for e in progress} == {0, 1}
+    assert all(set(e.tokens) <= {0, 1, 2, 3} and all(0 < t <= 60 for t in e.tokens.values()) for e in first_round)
+    # Counts grow, and no trajectory is reported after it finished.
+    finished: set[tuple[int, int]] = set()
+    seen: dict[tuple[int, int], int] = {}
+    for event in events:
+        if isinstance(event, TrajectoryFinished):
+            finished.add((event.round, event.trajectory.index))
+        elif isinstance(event, TrajectoryProgress):
+            for index, tokens in event.tokens.items():
+                key = (event.round, index)
+                assert key not in finished and tokens >= seen.get(key, 0)
+                seen[key] = tokens
+    # The events round-trip through JSON like every other event.
+    assert TrajectoryProgress.model_validate_json(progress[0].model_dump_json()) == progress[0]
+
+
+async def test_backends_written_before_progress_are_called_without_it():
+    class OldStyle(ScriptedBackend):
+        async def generate(self, messages, n, params):
+            return await super().generate(messages, n, params)
+
+    events = []
+    result = await asolve("Q", schedule=[2], backend=OldStyle(), on_event=events.append)
+    assert result.answer and not any(isinstance(e, TrajectoryProgress) for e in events)
+    # Without an event consumer, no backend is asked for progress at all.
+    backend = SlowlyStreaming(tokens=3)
+    await asolve("Q", schedule=[2], backend=backend)
+    assert len(backend.calls) == 3 and backend.callbacks == [None, None, None]
 
 
 async def test_iter_solve_raises_after_the_final_event():

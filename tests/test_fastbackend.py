@@ -128,3 +128,18 @@ async def test_pacore_runs_against_it_batched_and_streamed(server: FastBackend) 
     assert result.usage.completion_tokens == 7 * 8
     assert len(result.answer.split()) == 8
     assert "".join(deltas) == streamed.text and len(deltas) == 12
+
+
+@pytest.mark.parametrize("support", ["ignore", "reject"])
+async def test_pacore_reads_servers_that_do_not_stream(support: str) -> None:
+    # ``ignore``: plain JSON although a stream was asked; ``reject``: HTTP 400 to ``stream``.
+    with fast_backend("--completion-tokens", 12, "--stream-support", support) as plain:
+        async with OpenAIBackend(plain.url, model="fast") as backend:
+            first = await backend.generate(MESSAGES, 3, GenerationParams())
+            deltas: list[str] = []
+            answer = await backend.stream(MESSAGES, GenerationParams(), lambda c, r: deltas.append(c))
+        (stats,) = plain.stats()
+    assert [len(c.text.split()) for c in first] == [12, 12, 12] and all(c.ok for c in first)
+    assert answer.ok and deltas == [answer.text]  # one delta: the whole answer
+    # Refused once, then remembered: every later call goes without streaming.
+    assert stats["calls"] == 2

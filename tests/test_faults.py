@@ -197,7 +197,8 @@ def test_faults_are_counted_in_the_stats(servers: dict[str, FastBackend]) -> Non
 
 # --- through pacore's HTTP backend: every failed call is in the trace with its kind ------
 
-#: The kind each fault is recorded with (a plain call, then a streamed one); None: the call succeeds.
+#: The kind each fault is recorded with when the server answers plain JSON (it ignores
+#: ``stream``), then when it streams (the default); None: the call succeeds.
 RECORDED = {
     "500": ("status", "status"),
     "502": ("status", "status"),
@@ -212,6 +213,19 @@ RECORDED = {
     "no_usage": (None, None),
     "down": ("connect", "connect"),
 }
+
+
+@pytest.fixture(scope="module")
+def plain_servers() -> Iterator[dict[str, FastBackend]]:
+    """As ``servers``, but answering plain JSON even when asked to stream."""
+    with contextlib.ExitStack() as stack:
+        yield {
+            kind: stack.enter_context(
+                fast_backend("--faults", f"{kind}:1", "--completion-tokens", WORDS, "--fault-retry-after", 0.05,
+                             "--stream-support", "ignore")
+            )
+            for kind in KINDS
+        }  # fmt: skip
 
 
 def backend_for(server: FastBackend, retry: RetryPolicy = ONE_ATTEMPT) -> OpenAIBackend:
@@ -229,35 +243,44 @@ async def solve_through(server: FastBackend) -> list:
     return result.rounds[0].trajectories
 
 
-async def stream_through(server: FastBackend) -> BackendError | int:
+async def stream_through(server: FastBackend) -> str | int:
+    """The final-answer stream's outcome: its tokens, or the kind it failed with."""
     async with backend_for(server) as backend:
         try:
             completion = await backend.stream([{"role": "user", "content": "q"}], PARAMS, lambda c, r: None)
         except BackendError as exc:
-            return exc
-    return completion.completion_tokens
+            return exc.kind
+    return completion.completion_tokens if completion.ok else completion.error_kind
+
+
+def check_recorded(kind: str, trajectories: list, expected: str | None) -> None:
+    assert len(trajectories) == 2
+    if expected is None:
+        assert all(t.ok and t.text.split() == ["the", "answer", "is", "so", "we", "check", "each", "case"]
+                   for t in trajectories)  # fmt: skip
+        # No usage reported: the tokens are estimated or counted, not taken as 0.
+        assert all(6 <= t.completion_tokens <= 10 for t in trajectories)
+        return
+    assert [t.error_kind for t in trajectories] == [expected, expected], (kind, trajectories)
+    assert all(t.error and not t.ok and t.message is None for t in trajectories)
+    if kind[0].isdigit():
+        assert all(f"HTTP {kind}" in t.error for t in trajectories)
 
 
 @pytest.mark.http
-async def test_every_fault_kind_is_recorded_in_the_trace_with_its_kind(servers: dict[str, FastBackend]) -> None:
+async def test_every_fault_kind_is_recorded_in_the_trace_with_its_kind(
+    servers: dict[str, FastBackend], plain_servers: dict[str, FastBackend]
+) -> None:
     kinds = list(RECORDED)
-    solved = await asyncio.gather(*(solve_through(servers[kind]) for kind in kinds))
-    streamed = await asyncio.gather(*(stream_through(servers[kind]) for kind in kinds))
-    for kind, trajectories, stream_outcome in zip(kinds, solved, streamed, strict=True):
-        plain, in_stream = RECORDED[kind]
-        assert len(trajectories) == 2
-        if plain is None:
-            assert all(t.ok and t.text.split() == ["the", "answer", "is", "so", "we", "check", "each", "case"]
-                       for t in trajectories)  # fmt: skip
-            # No usage reported: the tokens are estimated (about 4 characters each), not counted as 0.
-            assert all(6 <= t.completion_tokens <= 10 for t in trajectories)
-            assert stream_outcome == WORDS  # a stream without usage counts its chunks
-            continue
-        assert [t.error_kind for t in trajectories] == [plain, plain], (kind, trajectories)
-        assert all(t.error and not t.ok and t.message is None for t in trajectories)
-        if kind[0].isdigit():
-            assert all(f"HTTP {kind}" in t.error for t in trajectories)
-        assert isinstance(stream_outcome, BackendError) and stream_outcome.kind == in_stream, (kind, stream_outcome)
+    plain = await asyncio.gather(*(solve_through(plain_servers[kind]) for kind in kinds))
+    streamed = await asyncio.gather(*(solve_through(servers[kind]) for kind in kinds))
+    answers = await asyncio.gather(*(stream_through(servers[kind]) for kind in kinds))
+    for kind, plain_trajectories, streamed_trajectories, answer in zip(kinds, plain, streamed, answers, strict=True):
+        in_plain, in_stream = RECORDED[kind]
+        check_recorded(kind, plain_trajectories, in_plain)
+        check_recorded(kind, streamed_trajectories, in_stream)
+        # The final answer's stream: a stream without usage counts its chunks.
+        assert answer == (WORDS if in_stream is None else in_stream), (kind, answer)
 
 
 @pytest.mark.http

@@ -171,9 +171,22 @@ async def test_cancelling_a_call_frees_the_model_at_once():
 @pytest.mark.model
 async def test_prompt_longer_than_context_is_a_clear_error():
     backend = LlamaCppBackend(default_model_path(), n_ctx=256, chat_format="gemma")
-    with pytest.raises(BackendError, match="context window of 256") as info:
+    with pytest.raises(BackendError, match=r"does not fit the model's context \(256 tokens\)") as info:
         await backend.generate([{"role": "user", "content": "word " * 400}], 1, GenerationParams(max_tokens=4))
-    assert info.value.fatal
+    # That call's trajectory fails (kind context); the request is not stopped for it.
+    assert info.value.kind == "context" and not info.value.fatal
+
+
+@pytest.mark.model
+async def test_generate_reports_progress_token_by_token():
+    backend = LlamaCppBackend()
+    progress: list[tuple[int, int]] = []
+    completions = await backend.generate(
+        QUESTION, 2, GenerationParams(max_tokens=8, seed=7), on_progress=lambda i, t: progress.append((i, t))
+    )
+    for index, completion in enumerate(completions):
+        counts = [t for i, t in progress if i == index]
+        assert counts == list(range(1, len(counts) + 1)) and len(counts) >= completion.completion_tokens > 0
 
 
 @pytest.mark.model

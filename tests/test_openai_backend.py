@@ -21,8 +21,15 @@ import pytest
 import pacore
 from pacore.backends import open_backend
 from pacore.backends.base import GenerationParams, RetryPolicy
-from pacore.backends.openai_http import MAX_N, OpenAIBackend, _retry_after, normalize_base_url
-from pacore.errors import BackendError, UsageError
+from pacore.backends.openai_http import (
+    CONTEXT_MARGIN_TOKENS,
+    MAX_N,
+    OpenAIBackend,
+    _retry_after,
+    context_overflow,
+    normalize_base_url,
+)
+from pacore.errors import BackendError, ContextOverflowError, UsageError
 
 MESSAGES = [{"role": "user", "content": "What is 2+3?"}]
 PARAMS = GenerationParams(max_tokens=16)
@@ -109,6 +116,9 @@ async def test_generate_sends_the_params_and_reads_the_answer():
         "stop": ["</s>"],
         "top_k": 20,
         "seed": 3,
+        # Every call streams, so --timeout only limits silence.
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
 
 
@@ -116,7 +126,7 @@ async def test_unset_max_tokens_and_seed_are_left_out():
     server = Server(lambda request, body: ok(chat("hi")))
     async with server.backend() as backend:
         await backend.generate(MESSAGES, 1, GenerationParams())
-    assert set(server.bodies[0]) == {"messages", "model", "temperature", "top_p"}
+    assert set(server.bodies[0]) == {"messages", "model", "temperature", "top_p", "stream", "stream_options"}
 
 
 async def test_reasoning_content_and_reasoning_are_read():
@@ -176,8 +186,9 @@ async def test_n_falls_back_when_the_server_rejects_n_with_400():
         completions = await backend.generate(MESSAGES, 3, PARAMS)
         assert backend.max_n == 1
     assert [c.text for c in completions] == ["one"] * 3
-    # The refused call, the single-sample probe, then the remaining two.
-    assert len(server.requests) == 4
+    # The refused call, the same without streaming (maybe stream was refused),
+    # the single-sample probe, then the remaining two.
+    assert len(server.requests) == 5
 
 
 async def test_a_400_that_is_not_about_n_is_raised_and_n_is_kept():
@@ -188,7 +199,8 @@ async def test_a_400_that_is_not_about_n_is_raised_and_n_is_kept():
         assert backend.max_n == MAX_N
     assert caught.value.kind == "bad_request" and caught.value.fatal
     assert str(caught.value) == "backend rejected the request (HTTP 400): prompt too long"
-    assert len(server.requests) == 2
+    # n=3 streamed and plain, then n=1 streamed and plain: nothing helped.
+    assert len(server.requests) == 4
 
 
 async def test_n_mode_off_never_sends_n_and_on_keeps_max_n():
@@ -324,7 +336,8 @@ async def test_422_is_a_bad_request_without_retries():
         with pytest.raises(BackendError) as caught:
             await backend.generate(MESSAGES, 1, PARAMS)
     assert caught.value.kind == "bad_request" and "bad temperature" in str(caught.value)
-    assert len(server.requests) == 1
+    # Streamed, then once without streaming in case the server refuses stream: never retried.
+    assert len(server.requests) == 2
 
 
 async def test_malformed_json_is_retried_then_reported():
@@ -477,22 +490,26 @@ async def test_stream_delivers_deltas_and_reads_the_usage_chunk():
     assert server.bodies[0]["stream_options"] == {"include_usage": True}
 
 
-async def test_stream_without_usage_counts_chunks():
+async def test_stream_without_usage_counts_chunks_and_estimates_the_prompt():
     server = streaming(sse(*STREAM, "[DONE]"))
     async with server.backend() as backend:
         completion = await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
-    assert (completion.prompt_tokens, completion.completion_tokens) == (0, 3)
+    # About 4 characters a token of the messages sent, rather than a free prompt.
+    messages_bytes = len(json.dumps(MESSAGES, separators=(",", ":")))
+    assert (completion.prompt_tokens, completion.completion_tokens) == (-(-messages_bytes // 4), 3)
 
 
-async def test_a_truncated_stream_is_a_protocol_error_and_is_not_retried():
+async def test_a_final_answer_stream_that_breaks_after_deltas_keeps_its_partial_text():
+    # Its deltas were already shown, so it is not retried: a failed completion holds what came.
     server = streaming(sse(*STREAM[:3]))
     deltas = []
     async with server.backend() as backend:
-        with pytest.raises(BackendError) as caught:
-            await backend.stream(MESSAGES, PARAMS, lambda c, r: deltas.append(c))
-    assert caught.value.kind == "protocol" and "ended the stream before the completion finished" in str(
-        caught.value
-    )
+        completion = await backend.stream(MESSAGES, PARAMS, lambda c, r: deltas.append(c))
+    assert not completion.ok and completion.error_kind == "protocol"
+    assert "ended the stream before the completion finished" in completion.error
+    assert "the partial text is kept" in completion.error
+    assert (completion.text, completion.reasoning) == ("The answer", "2+3")
+    assert completion.completion_tokens == 2
     assert len(deltas) == 2 and len(server.requests) == 1
 
 
@@ -501,11 +518,15 @@ async def test_a_stream_cut_by_the_network_is_a_protocol_error():
         yield sse(*STREAM[:3])
         raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
 
-    server = Server(lambda request, body: httpx.Response(200, content=cut_off()))
+    headers = {"content-type": "text/event-stream"}
+    server = Server(lambda request, body: httpx.Response(200, content=cut_off(), headers=headers))
     async with server.backend() as backend:
+        completion = await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
+        assert completion.error_kind == "protocol" and "the connection broke" in completion.error
+        # generate's text went nowhere yet: it is retried from scratch, then gives up.
         with pytest.raises(BackendError, match="the connection broke") as caught:
-            await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
-    assert caught.value.kind == "protocol"
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert caught.value.kind == "protocol" and len(server.requests) == 1 + FAST_RETRY.max_attempts
 
 
 async def test_a_malformed_chunk_is_a_protocol_error():
@@ -517,8 +538,328 @@ async def test_a_malformed_chunk_is_a_protocol_error():
 
 
 async def test_a_stream_that_fails_before_its_first_delta_is_retried():
-    replies = iter([httpx.Response(503), httpx.Response(200, content=sse(*STREAM, USAGE, "[DONE]"))])
+    headers = {"content-type": "text/event-stream"}
+    replies = iter(
+        [httpx.Response(503), httpx.Response(200, content=sse(*STREAM, USAGE, "[DONE]"), headers=headers)]
+    )
     server = Server(lambda request, body: next(replies))
     async with server.backend() as backend:
         completion = await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
     assert completion.text == "The answer is 5." and len(server.requests) == 2
+
+
+# --- every call streams -----------------------------------------------------------------------
+
+
+def choice_delta(index: int, content: str = "", finish: str | None = None) -> dict:
+    return {"choices": [{"index": index, "delta": {"content": content} if content else {}, "finish_reason": finish}]}
+
+
+def interleaved(texts: list[list[str]], usage: dict | None = None) -> bytes:
+    """An SSE body streaming each choice's pieces, interleaved as vLLM sends them."""
+    events: list[dict | str] = []
+    for step in range(max(len(pieces) for pieces in texts)):
+        events += [choice_delta(i, pieces[step]) for i, pieces in enumerate(texts) if step < len(pieces)]
+    events += [choice_delta(i, finish="stop") for i in range(len(texts))]
+    if usage:
+        events.append({"choices": [], "usage": usage})
+    return sse(*events, "[DONE]")
+
+
+def streams_n(request: httpx.Request, body: dict) -> httpx.Response:
+    n = body.get("n", 1)
+    texts = [[f"s{i}"] + [" x"] * i for i in range(n)]  # choice i: 1 + i pieces
+    usage = {"prompt_tokens": 7, "completion_tokens": 60}
+    return httpx.Response(200, content=interleaved(texts, usage), headers={"content-type": "text/event-stream"})
+
+
+async def test_n_samples_stream_in_one_call_demultiplexed_by_index():
+    server = Server(streams_n)
+    progress: list[tuple[int, int]] = []
+    async with server.backend() as backend:
+        completions = await backend.generate(MESSAGES, 3, PARAMS, on_progress=lambda i, t: progress.append((i, t)))
+        assert backend.max_n == MAX_N
+    assert len(server.requests) == 1
+    assert server.bodies[0]["n"] == 3 and server.bodies[0]["stream"] is True
+    assert [c.text for c in completions] == ["s0", "s1 x", "s2 x x"]
+    assert all(c.ok and c.finish_reason == "stop" for c in completions)
+    # One usage for the call: prompt tokens once, completion tokens split by length.
+    assert [c.prompt_tokens for c in completions] == [7, 0, 0]
+    assert sum(c.completion_tokens for c in completions) == 60
+    assert [c.completion_tokens for c in completions] == [10, 20, 30]
+    # Progress per sample, as its chunks arrived.
+    assert sorted(progress) == [(0, 1), (1, 1), (1, 2), (2, 1), (2, 2), (2, 3)]
+
+
+async def test_a_server_streaming_fewer_choices_than_asked_lowers_max_n():
+    def one_choice(request, body):
+        texts = [[f"seed {body.get('seed')}"]]
+        return httpx.Response(200, content=interleaved(texts), headers={"content-type": "text/event-stream"})
+
+    server = Server(one_choice)
+    progress: list[tuple[int, int]] = []
+    async with server.backend() as backend:
+        completions = await backend.generate(
+            MESSAGES, 3, GenerationParams(seed=7), on_progress=lambda i, t: progress.append((i, t))
+        )
+        assert backend.max_n == 1
+    assert [c.text for c in completions] == ["seed 7", "seed 8", "seed 9"]
+    # Without a usage chunk, each sample counts its text chunks.
+    assert [c.completion_tokens for c in completions] == [1, 1, 1]
+    # The samples fetched by later calls are reported under their own index.
+    assert sorted(progress) == [(0, 1), (1, 1), (2, 1)]
+
+
+async def test_a_server_that_refuses_stream_is_called_without_it_from_then_on(caplog):
+    def refuses_stream(request, body):
+        if body.get("stream"):
+            return httpx.Response(400, json={"error": {"message": "Unrecognized request argument: stream"}})
+        return ok(chat("plain"))
+
+    server = Server(refuses_stream)
+    caplog.set_level(logging.INFO, logger="pacore.backends.openai_http")
+    deltas = []
+    async with server.backend() as backend:
+        (first,) = await backend.generate(MESSAGES, 1, PARAMS)
+        streamed = await backend.stream(MESSAGES, PARAMS, lambda c, r: deltas.append(c))
+    assert first.text == streamed.text == "plain" and deltas == ["plain"]
+    assert [body.get("stream", False) for body in server.bodies] == [True, False, False]
+    assert "refuses stream=true" in caplog.text
+
+
+async def test_an_empty_event_stream_is_asked_again_without_streaming_for_the_real_error():
+    # llama-cpp-python answers a stream it cannot start with 200 and no events at all.
+    def reply(request, body):
+        if body.get("stream"):
+            return httpx.Response(200, content=b"", headers={"content-type": "text/event-stream"})
+        return httpx.Response(400, json=PROMPT_TOO_LONG["sglang"])
+
+    server = Server(reply)
+    async with server.backend() as backend:
+        with pytest.raises(ContextOverflowError, match="does not fit"):
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert [body.get("stream", False) for body in server.bodies] == [True, False]
+
+
+async def test_a_call_that_keeps_streaming_is_retried_from_scratch_only_before_a_consumer_saw_it():
+    headers = {"content-type": "text/event-stream"}
+    bodies = iter([sse(*STREAM[:3]), sse(*STREAM, USAGE, "[DONE]")])
+    server = Server(lambda request, body: httpx.Response(200, content=next(bodies), headers=headers))
+    progress: list[tuple[int, int]] = []
+    async with server.backend() as backend:
+        (completion,) = await backend.generate(MESSAGES, 1, PARAMS, on_progress=lambda i, t: progress.append((i, t)))
+    assert completion.ok and completion.text == "The answer is 5."
+    assert completion.failed_attempts == ("protocol",)
+    # The count restarts with the new attempt.
+    assert progress == [(0, 1), (0, 2), (0, 1), (0, 2), (0, 3)]
+
+
+# --- context overflow ----------------------------------------------------------------------------
+
+#: One overflow 400 of each server, as (body, context tokens, prompt tokens) with its figures.
+OVERFLOWS = {
+    "vllm classic": (
+        {"object": "error", "message": "This model's maximum context length is 4096 tokens. However, you requested "
+         "5000 tokens (1000 in the messages, 4000 in the completion). Please reduce the length of the messages or "
+         "completion.", "type": "BadRequestError", "param": None, "code": 400},
+        4096, 1000,
+    ),
+    "vllm max_tokens too large": (
+        {"error": {"message": "'max_tokens' or 'max_completion_tokens' is too large: 4000. This model's maximum "
+         "context length is 4096 tokens and your request has 1000 input tokens (4000 > 4096 - 1000). None",
+         "type": "BadRequestError", "param": None, "code": 400}},
+        4096, 1000,
+    ),
+    "vllm output tokens": (
+        {"error": {"message": "This model's maximum context length is 131072 tokens. However, you requested "
+         "131072 output tokens and your prompt contains at least 1,000 input tokens, for a total of at least "
+         "132072 tokens. Please reduce the length of the input prompt or the number of requested output tokens. "
+         "(parameter=input_tokens, value=1000)", "type": "BadRequestError", "param": "input_tokens", "code": 400}},
+        131072, 1000,
+    ),
+    "sglang": (
+        {"object": "error", "message": "Requested token count exceeds the model's maximum context length of 4096 "
+         "tokens. You requested a total of 5000 tokens: 1000 tokens from the input messages and 4000 tokens for "
+         "the completion. Please reduce the number of tokens in the input messages or the completion to fit "
+         "within the limit.", "type": "BadRequestError", "param": None, "code": 400},
+        4096, 1000,
+    ),
+    "llama.cpp": (
+        {"error": {"code": 400, "message": "request (1000 tokens) exceeds the available context size (4096 tokens), "
+         "try increasing it", "type": "exceed_context_size_error", "n_prompt_tokens": 1000, "n_ctx": 4096}},
+        4096, 1000,
+    ),
+    "llama.cpp older": (
+        {"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it",
+         "type": "exceed_context_size_error", "n_prompt_tokens": 1000, "n_ctx": 4096}},
+        4096, 1000,
+    ),
+    "llama-cpp-python": (
+        {"error": {"message": "This model's maximum context length is 4096 tokens. However, you requested 5000 "
+         "tokens (1000 in the messages, 4000 in the completion). Please reduce the length of the messages or "
+         "completion.", "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}},
+        4096, 1000,
+    ),
+    "llama-cpp-python raw": ({"detail": "Requested tokens (1000) exceed context window of 4096"}, 4096, 1000),
+}  # fmt: skip
+#: Overflows where the prompt alone does not fit.
+PROMPT_TOO_LONG = {
+    "vllm": {"object": "error", "message": "This model's maximum context length is 4096 tokens. However, your "
+             "request has 5000 input tokens. Please reduce the length of the input messages.", "code": 400},
+    "vllm classic": {"object": "error", "message": "This model's maximum context length is 4096 tokens. However, "
+                     "you requested 5000 tokens in the messages, Please reduce the length of the messages."},
+    "sglang": {"object": "error", "message": "The input (5000 tokens) is longer than the model's context length "
+               "(4096 tokens).", "code": 400},
+    "vllm decoder": {"object": "error", "message": "The decoder prompt (length 5000) is longer than the maximum "
+                     "model length of 4096. Make sure that `max_model_len` is no smaller than the number of text "
+                     "tokens."},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(OVERFLOWS))
+def test_each_servers_overflow_message_is_recognised_with_its_figures(name):
+    body, context, prompt = OVERFLOWS[name]
+    assert context_overflow(body) == (context, prompt)
+
+
+@pytest.mark.parametrize("name", list(PROMPT_TOO_LONG))
+def test_a_prompt_longer_than_the_context_is_recognised(name):
+    context, prompt = context_overflow(PROMPT_TOO_LONG[name])
+    assert context == 4096 and prompt == 5000
+
+
+def test_other_errors_are_not_overflows():
+    for body in (
+        {"error": {"message": "n must be 1"}},
+        {"error": {"message": "temperature must be between 0 and 2"}},
+        {"detail": [{"msg": "field required"}]},
+        "plain text error",
+    ):
+        assert context_overflow(body) is None
+
+
+def overflows_above(context: int, prompt: int, body_of=None):
+    """A server with a ``context``-token window whose prompts take ``prompt`` tokens."""
+
+    def reply(request, body):
+        asked = body.get("max_tokens")
+        if prompt >= context or (asked is not None and prompt + asked > context):
+            message = body_of(asked) if body_of else (
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt + (asked or 0)} tokens ({prompt} in the messages, {asked} in the completion)."
+            )
+            return httpx.Response(400, json={"object": "error", "message": message, "code": 400})
+        return ok(chat(f"max_tokens={asked}"))
+
+    return Server(reply)
+
+
+@pytest.mark.parametrize("name", list(OVERFLOWS))
+async def test_an_overflow_is_retried_once_with_max_tokens_that_fits(name):
+    body, context, prompt = OVERFLOWS[name]
+    replies = iter([httpx.Response(400, json=body), ok(chat("fits"))])
+    server = Server(lambda request, _: next(replies))
+    async with server.backend() as backend:
+        (completion,) = await backend.generate(MESSAGES, 1, GenerationParams(max_tokens=131072))
+    assert completion.ok and completion.text == "fits" and completion.failed_attempts == ()
+    assert [b["max_tokens"] for b in server.bodies] == [131072, context - prompt - CONTEXT_MARGIN_TOKENS]
+
+
+async def test_an_overflow_without_figures_is_retried_without_max_tokens():
+    server = overflows_above(4096, 1000, body_of=lambda asked: "maximum context length exceeded, sorry")
+    async with server.backend() as backend:
+        (completion,) = await backend.generate(MESSAGES, 1, GenerationParams(max_tokens=8000))
+    assert completion.text == "max_tokens=None"
+    assert ["max_tokens" in body for body in server.bodies] == [True, False]
+
+
+@pytest.mark.parametrize("name", list(PROMPT_TOO_LONG))
+async def test_a_prompt_that_does_not_fit_fails_that_call_with_kind_context(name):
+    server = Server(lambda request, _: httpx.Response(400, json=PROMPT_TOO_LONG[name]))
+    async with server.backend() as backend:
+        with pytest.raises(ContextOverflowError) as caught:
+            await backend.generate(MESSAGES, 1, GenerationParams(max_tokens=100))
+    error = caught.value
+    assert (error.kind, error.fatal, error.context_tokens, error.prompt_tokens) == ("context", False, 4096, 5000)
+    assert str(error) == "the prompt (5,000 tokens) does not fit the context of backend " \
+        "http://test.invalid:8000/v1 (4,096 tokens)"
+    assert len(server.requests) == 1  # nothing to retry
+
+
+async def test_an_overflow_is_retried_only_once():
+    server = Server(lambda request, _: httpx.Response(400, json=OVERFLOWS["sglang"][0]))
+    async with server.backend() as backend:
+        with pytest.raises(ContextOverflowError, match="exceed the context") as caught:
+            await backend.generate(MESSAGES, 1, GenerationParams(max_tokens=4000))
+    assert caught.value.kind == "context" and len(server.requests) == 2
+
+
+async def test_an_overflowing_trajectory_fails_and_the_round_goes_on():
+    # Calls whose prompt is long overflow; the others, and the synthesis, go on.
+    def reply(request, body):
+        text = body["messages"][-1]["content"]
+        if "long" in text:
+            return httpx.Response(400, json=PROMPT_TOO_LONG["sglang"])
+        return ok(chat("42"))
+
+    server = Server(reply)
+    async with server.backend(n_mode="off") as backend:
+        result = await pacore.asolve(
+            [{"role": "user", "content": "q"}], schedule=[3], backend=backend, params=PARAMS
+        )
+        pool = await pacore.asample("a long prompt", 2, backend=backend, params=PARAMS)
+    assert result.answer == "42" and result.usage.failed_calls == 0
+    assert [t.error_kind for t in pool] == ["context", "context"]
+    assert all("does not fit the context" in t.error for t in pool)
+
+
+# --- reply size cap and the connection pool -------------------------------------------------------
+
+
+async def test_a_reply_larger_than_the_cap_is_refused_as_a_failed_sample():
+    big = "x" * 5000
+    headers = {"content-type": "text/event-stream"}
+    body = sse(delta(big), delta(big), delta(finish="stop"), "[DONE]")
+    streamed = Server(lambda request, _: httpx.Response(200, content=body, headers=headers))
+    async with streamed.backend(max_reply_bytes=8000) as backend:
+        with pytest.raises(BackendError) as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+        assert caught.value.kind == "too_large" and "8,000 bytes" in str(caught.value)
+        assert not caught.value.fatal and len(streamed.requests) == 1  # not retried: it would come back as large
+        # In a request, that call's trajectories fail and the others go on.
+        pool = await pacore.asample("q", 2, backend=backend, params=PARAMS)
+    assert [t.error_kind for t in pool] == ["too_large", "too_large"]
+
+    plain = Server(lambda request, body: ok(chat(big * 2)))
+    async with plain.backend(max_reply_bytes=8000) as backend:
+        with pytest.raises(BackendError, match="max_reply_bytes") as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+    # Within the cap, the same answers are fine.
+    async with plain.backend(max_reply_bytes=20000) as backend:
+        (completion,) = await backend.generate(MESSAGES, 1, PARAMS)
+    assert completion.text == big * 2
+
+
+async def test_a_line_without_end_cannot_grow_past_the_cap():
+    async def endless():
+        while True:
+            yield b"data: " + b"y" * 65536
+
+    headers = {"content-type": "text/event-stream"}
+    server = Server(lambda request, body: httpx.Response(200, content=endless(), headers=headers))
+    async with server.backend(max_reply_bytes=1 << 20) as backend:
+        with pytest.raises(BackendError) as caught:
+            await backend.generate(MESSAGES, 1, PARAMS)
+    assert caught.value.kind == "too_large"
+
+
+async def test_discarding_a_connection_twice_is_harmless():
+    async with Server(lambda request, body: ok(chat("hi"))).backend() as backend:
+        await backend.generate(MESSAGES, 1, PARAMS)
+        pool = backend._http()
+        (client,) = pool._clients
+        pool._discard(client)
+        pool._discard(client)  # a second Ctrl+C cancels the same call again
+        assert pool._clients == []
+        (completion,) = await backend.generate(MESSAGES, 1, PARAMS)
+    assert completion.text == "hi"

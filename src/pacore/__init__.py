@@ -26,6 +26,7 @@ from pacore.backends import (
 from pacore.engine import asample, asolve, compact, iter_solve, solve
 from pacore.errors import (
     BackendError,
+    ContextOverflowError,
     DatasetError,
     DeadlineExceededError,
     InputError,
@@ -48,6 +49,7 @@ from pacore.trace import (
     RoundStarted,
     Trajectory,
     TrajectoryFinished,
+    TrajectoryProgress,
     Usage,
 )
 
@@ -61,6 +63,7 @@ __all__ = [
     "BaseBackend",
     "BreakerPolicy",
     "Completion",
+    "ContextOverflowError",
     "DatasetError",
     "DeadlineExceededError",
     "Event",
@@ -84,6 +87,7 @@ __all__ = [
     "TemplateError",
     "Trajectory",
     "TrajectoryFinished",
+    "TrajectoryProgress",
     "Usage",
     "UsageError",
     "__version__",

@@ -19,7 +19,9 @@ from pacore.backends.base import (
     Completion,
     GenerationParams,
     Message,
+    ProgressCallback,
     RetryBudget,
+    accepts_progress,
     current_retry_budget,
     text_of,
 )
@@ -47,12 +49,17 @@ from pacore.trace import (
     RoundStarted,
     Trajectory,
     TrajectoryFinished,
+    TrajectoryProgress,
     usage_of,
 )
 
 T = TypeVar("T")
 EventCallback = Callable[[Event], None]
 Prompt = str | Sequence[Message]
+
+#: Least seconds between two TrajectoryProgress events of a round.
+PROGRESS_INTERVAL_S = 0.25
+
 
 def normalize_messages(prompt: Prompt) -> list[Message]:
     """Validate a prompt string or OpenAI-style message list into messages."""
@@ -128,6 +135,36 @@ def _trajectory(round_index: int, index: int, completion: Completion) -> Traject
     )
 
 
+class _RoundProgress:
+    """A round's live token counts, emitted as :class:`TrajectoryProgress` at a throttled rate."""
+
+    __slots__ = ("round", "emit", "pending", "next_at")
+
+    def __init__(self, round_index: int, emit: EventCallback) -> None:
+        self.round = round_index
+        self.emit = emit
+        self.pending: dict[int, int] = {}
+        self.next_at = 0.0
+
+    def callback(self, first: int) -> ProgressCallback:
+        """The backend's ``on_progress`` for a call whose first sample is trajectory ``first``."""
+
+        def on_progress(index: int, tokens: int) -> None:
+            self.pending[first + index] = tokens
+            now = time.monotonic()
+            if now >= self.next_at:
+                self.next_at = now + PROGRESS_INTERVAL_S
+                pending, self.pending = self.pending, {}
+                self.emit(TrajectoryProgress(round=self.round, tokens=pending))
+
+        return on_progress
+
+    def finished(self, first: int, n: int) -> None:
+        """Forget the counts of a finished call's trajectories (their final event says it all)."""
+        for index in range(first, first + n):
+            self.pending.pop(index, None)
+
+
 class _Solve:
     """State of one request; one instance per ``asolve`` call."""
 
@@ -156,6 +193,7 @@ class _Solve:
         self.stream_answer = stream_answer
         self.first_round = first_round
         self.reference_order = reference_order
+        self.reports_progress = on_event is not None and accepts_progress(backend)
         self.rounds: list[Round] = []
         self.started = time.perf_counter()
 
@@ -233,25 +271,34 @@ class _Solve:
 
     async def _run_round(self, rnd: Round, conversation: list[Message], start: int = 0) -> None:
         calls = [(start + first, n) for first, n in _split(rnd.k, self.backend.max_n)]
+        progress = _RoundProgress(rnd.index, self.emit) if self.reports_progress and self.emit else None
         if len(calls) == 1:
-            await self._call(rnd, conversation, *calls[0])
+            await self._call(rnd, conversation, *calls[0], progress)
             return
         try:
             async with asyncio.TaskGroup() as group:
                 for first, n in calls:
-                    group.create_task(self._call(rnd, conversation, first, n))
+                    group.create_task(self._call(rnd, conversation, first, n, progress))
         except BaseExceptionGroup as group:
             # A fatal backend error cancelled the siblings; surface it alone.
             raise first_error(group) from None
 
-    async def _call(self, rnd: Round, conversation: list[Message], first: int, n: int) -> None:
+    async def _call(
+        self, rnd: Round, conversation: list[Message], first: int, n: int, progress: _RoundProgress | None
+    ) -> None:
         params = self.params.with_seed(_call_seed(self.params.seed, rnd.index, first))
         try:
-            completions = await self.backend.generate(conversation, n, params)
+            if progress is None:
+                completions = await self.backend.generate(conversation, n, params)
+            else:
+                completions = await self.backend.generate(conversation, n, params, on_progress=progress.callback(first))
         except BackendError as exc:
             if exc.fatal:
                 raise
             completions = [Completion(text="", error=str(exc), error_kind=exc.kind) for _ in range(n)]
+        finally:
+            if progress is not None:
+                progress.finished(first, n)
         for offset, completion in enumerate(_exactly(completions, n)):
             self._record(rnd, _trajectory(rnd.index, first + offset, completion))
 

@@ -21,6 +21,8 @@ BackendErrorKind = Literal[
     "not_found",  # HTTP 404: unknown model or wrong URL
     "bad_request",  # HTTP 400/422: the backend refused the request itself
     "model",  # the embedded model failed to load or generate
+    "context",  # the prompt does not fit the model's context window
+    "too_large",  # the answer exceeded the backend's reply size limit
     "cancelled",
 ]
 
@@ -103,6 +105,19 @@ class BackendError(PacoreError):
     def label(self) -> str:
         """The kind, with the HTTP status when there is one: ``"status 503"``."""
         return f"{self.kind} {self.status_code}" if self.status_code else self.kind
+
+
+class ContextOverflowError(BackendError):
+    """The server refused a call because prompt plus ``max_tokens`` exceed its context.
+
+    ``context_tokens`` and ``prompt_tokens`` are what the server's message
+    said, when it said them.
+    """
+
+    def __init__(self, message: str, *, context_tokens: int | None = None, prompt_tokens: int | None = None) -> None:
+        super().__init__(message, kind="context", status_code=400)
+        self.context_tokens = context_tokens
+        self.prompt_tokens = prompt_tokens
 
 
 class RoundFailedError(PacoreError):

@@ -150,6 +150,20 @@ class TrajectoryFinished(BaseModel):
     k: int
 
 
+class TrajectoryProgress(BaseModel):
+    """Tokens received so far by trajectories still running, as they stream.
+
+    Emitted at a throttled rate (a few times a second per round), listing
+    only the trajectories that advanced since the round's previous one. A
+    count restarts from 0 when a failed attempt is retried from scratch.
+    """
+
+    type: Literal["trajectory_progress"] = "trajectory_progress"
+    round: int
+    #: Trajectory index -> tokens received so far (about one per streamed chunk).
+    tokens: dict[int, int]
+
+
 class AnswerDelta(BaseModel):
     """A piece of the final answer as the backend streams it."""
 
@@ -168,4 +182,4 @@ class Final(BaseModel):
     result: Result
 
 
-Event = RoundStarted | TrajectoryFinished | AnswerDelta | RoundFinished | Final
+Event = RoundStarted | TrajectoryProgress | TrajectoryFinished | AnswerDelta | RoundFinished | Final

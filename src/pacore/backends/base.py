@@ -5,14 +5,22 @@ it asks the server for ``n`` samples in one call, fans out ``n`` calls, or runs
 a local model is its own business; the engine only reads ``max_n`` to decide
 how to split a round into calls.
 
+Progress: ``generate`` takes an optional ``on_progress`` callback that a
+backend calls as tokens arrive (the HTTP backend on every streamed chunk,
+the embedded model on every token); a backend that cannot tell may never
+call it. The engine throttles what it makes of it.
+
 Failure contract: ``generate`` raises :class:`~pacore.errors.BackendError` when
 the whole call failed, and may return completions with ``error`` set when only
 some of the ``n`` samples failed. It always returns exactly ``n`` completions
-otherwise.
+otherwise. ``stream`` raises the same way before its first delta; a stream
+that fails after deltas were delivered returns a failed completion holding
+the partial text (what was shown cannot be taken back).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -26,6 +34,13 @@ Message = dict[str, Any]
 
 DeltaCallback = Callable[[str, str], None]
 """Called with ``(content_delta, reasoning_delta)`` while a completion streams."""
+
+ProgressCallback = Callable[[int, int], None]
+"""Called with ``(sample_index, tokens_so_far)`` as a sample of a ``generate`` call grows.
+
+``sample_index`` counts from 0 within the call; ``tokens_so_far`` restarts
+from 0 when a failed attempt is retried from scratch.
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +165,11 @@ class Backend(Protocol):
     max_n: int
 
     async def generate(
-        self, messages: Sequence[Message], n: int, params: GenerationParams
+        self,
+        messages: Sequence[Message],
+        n: int,
+        params: GenerationParams,
+        on_progress: ProgressCallback | None = None,
     ) -> list[Completion]: ...
 
     async def stream(
@@ -158,6 +177,14 @@ class Backend(Protocol):
     ) -> Completion: ...
 
     async def aclose(self) -> None: ...
+
+
+def accepts_progress(backend: Backend) -> bool:
+    """Whether ``backend.generate`` takes ``on_progress`` (backends written before it do not)."""
+    try:
+        return "on_progress" in inspect.signature(backend.generate).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class BaseBackend:
@@ -168,7 +195,11 @@ class BaseBackend:
     max_n: int = 1
 
     async def generate(
-        self, messages: Sequence[Message], n: int, params: GenerationParams
+        self,
+        messages: Sequence[Message],
+        n: int,
+        params: GenerationParams,
+        on_progress: ProgressCallback | None = None,
     ) -> list[Completion]:
         raise NotImplementedError
 

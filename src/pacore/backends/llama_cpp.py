@@ -35,10 +35,11 @@ from pacore.backends.base import (
     DeltaCallback,
     GenerationParams,
     Message,
+    ProgressCallback,
     offset_seed,
     text_of,
 )
-from pacore.errors import BackendError, UsageError
+from pacore.errors import BackendError, ContextOverflowError, UsageError
 
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
 DEFAULT_N_CTX = 16384
@@ -167,10 +168,10 @@ class _LoadedModel:
         prompt, stop = self.format(messages)
         tokens = self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         if len(tokens) >= self.n_ctx:
-            raise BackendError(
-                f"the prompt has {len(tokens)} tokens, more than the model's context window "
-                f"of {self.n_ctx}",
-                kind="bad_request",
+            raise ContextOverflowError(
+                f"the prompt ({len(tokens):,} tokens) does not fit the model's context ({self.n_ctx:,} tokens)",
+                context_tokens=self.n_ctx,
+                prompt_tokens=len(tokens),
             )
         max_tokens = generation_budget(len(tokens), self.n_ctx, params.max_tokens, default_max_tokens)
         stops = [*stop, *(params.stop or ())]
@@ -376,10 +377,12 @@ class LlamaCppBackend(BaseBackend):
         params: GenerationParams,
         on_token: Callable[[str], None] | None = None,
     ) -> Completion:
+        """One completion; ``on_token`` is called on the event loop with each token's text."""
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(None, _load, self.path, self.n_ctx, self.chat_format, self.threads)
         cancel = threading.Event()
-        future = loaded.executor.submit(loaded.run, messages, params, cancel, on_token, self.default_max_tokens)
+        relay = None if on_token is None else (lambda text: loop.call_soon_threadsafe(on_token, text))
+        future = loaded.executor.submit(loaded.run, messages, params, cancel, relay, self.default_max_tokens)
         try:
             completion = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -395,16 +398,22 @@ class LlamaCppBackend(BaseBackend):
         return completion
 
     async def generate(
-        self, messages: Sequence[Message], n: int, params: GenerationParams
+        self,
+        messages: Sequence[Message],
+        n: int,
+        params: GenerationParams,
+        on_progress: ProgressCallback | None = None,
     ) -> list[Completion]:
-        if n == 1:
-            return [await self._run(messages, params)]
         # One sequence at a time on one thread: queue the n samples in order,
         # each with its own seed so they differ.
         return list(
             await asyncio.gather(
                 *(
-                    self._run(messages, params.with_seed(offset_seed(params.seed, i)))
+                    self._run(
+                        messages,
+                        params if n == 1 else params.with_seed(offset_seed(params.seed, i)),
+                        _token_counter(on_progress, i),
+                    )
                     for i in range(n)
                 )
             )
@@ -413,12 +422,24 @@ class LlamaCppBackend(BaseBackend):
     async def stream(
         self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback
     ) -> Completion:
-        loop = asyncio.get_running_loop()
-
         def on_token(text: str) -> None:
-            loop.call_soon_threadsafe(on_delta, text, "")
+            on_delta(text, "")
 
         completion = await self._run(messages, params, on_token)
         # Let the deltas scheduled from the worker thread run before returning.
         await asyncio.sleep(0)
         return completion
+
+
+def _token_counter(on_progress: ProgressCallback | None, index: int) -> Callable[[str], None] | None:
+    """An ``on_token`` that reports sample ``index``'s token count to ``on_progress``."""
+    if on_progress is None:
+        return None
+    tokens = 0
+
+    def on_token(_text: str) -> None:
+        nonlocal tokens
+        tokens += 1
+        on_progress(index, tokens)
+
+    return on_token

@@ -20,6 +20,25 @@ Token accounting when one call returns several choices: servers report one
 prompt was read once), and its completion tokens are split between the
 choices in proportion to the length of their text and reasoning, so per-call
 and per-request sums stay exact.
+
+Streaming: every call asks for a stream (``stream: true`` with
+``stream_options.include_usage``), ``n`` > 1 included (choices are told
+apart by their ``index``), so ``timeout`` limits how long the server may stay
+silent, not how long a call may run: a 131k-token trajectory that keeps
+producing tokens is never cut. A server that answers plain JSON anyway is
+read as a normal completion; one that refuses ``stream`` (HTTP 400 where the
+same call without it works) is called without it from then on. A stream
+that breaks part way is retried from scratch as any failed attempt, since
+its text has gone nowhere yet; only :meth:`OpenAIBackend.stream`, whose
+deltas were already shown to a consumer, keeps the partial text in a failed
+completion instead. One call may receive at most ``max_reply_bytes``.
+
+Context overflow: when prompt plus ``max_tokens`` exceed the model's context,
+vLLM, SGLang and llama.cpp answer HTTP 400 (see :func:`context_overflow`).
+The call is retried once with ``max_tokens`` lowered to what fits, when the
+message gives the figures, or without ``max_tokens`` otherwise; when the
+prompt alone does not fit, that call fails with kind ``context`` (its
+trajectories fail, the round goes on).
 """
 
 from __future__ import annotations
@@ -31,6 +50,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -44,12 +64,13 @@ from pacore.backends.base import (
     DeltaCallback,
     GenerationParams,
     Message,
+    ProgressCallback,
     RetryPolicy,
     current_retry_budget,
     offset_seed,
     retry_elsewhere,
 )
-from pacore.errors import BackendError, UsageError
+from pacore.errors import BackendError, ContextOverflowError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +78,17 @@ NMode = Literal["auto", "on", "off"]
 T = TypeVar("T")
 
 API_KEY_ENV_VARS = ("PACORE_API_KEY", "OPENAI_API_KEY")
-#: Seconds one call may take; a long reasoning trajectory easily needs many minutes.
+#: Seconds a call may go without receiving a byte (calls stream, so a long one is never cut).
 DEFAULT_TIMEOUT_S = 1800.0
 CONNECT_TIMEOUT_S = 10.0
 #: Concurrent connections to the server: a whole round should be in flight at once.
 DEFAULT_MAX_CONNECTIONS = 256
 #: OpenAI's own upper bound on ``n``; used until a server shows a smaller one.
 MAX_N = 128
+#: Most bytes one call may receive: a 131k-token trajectory streams a few MB; far more is a broken server.
+DEFAULT_MAX_REPLY_BYTES = 64 * 1024 * 1024
+#: Tokens left free below the context when ``max_tokens`` is lowered after an overflow.
+CONTEXT_MARGIN_TOKENS = 16
 # Longest server error message quoted in our one-line errors.
 _DETAIL_CHARS = 300
 
@@ -86,8 +111,12 @@ class OpenAIBackend(BaseBackend):
     ``base_url`` is the API root (``http://127.0.0.1:8000/v1``; ``/v1`` is
     added when the URL has no path). ``model`` defaults to the first model the
     server lists. ``api_key`` defaults to ``$PACORE_API_KEY``, then
-    ``$OPENAI_API_KEY``. ``timeout`` bounds each attempt of a call (seconds, or
-    an ``httpx.Timeout``). ``transport`` replaces the network (tests, proxies).
+    ``$OPENAI_API_KEY``. ``timeout`` is an inactivity limit (seconds, or an
+    ``httpx.Timeout``): an attempt fails when the server sends nothing for
+    that long, however long the whole call takes, since calls stream.
+    ``max_reply_bytes`` caps what one call may receive; a longer answer is a
+    failed sample (kind ``too_large``). ``transport`` replaces the network
+    (tests, proxies).
     """
 
     def __init__(
@@ -100,12 +129,15 @@ class OpenAIBackend(BaseBackend):
         retry: RetryPolicy = RetryPolicy(),
         n_mode: NMode = "auto",
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if n_mode not in ("auto", "on", "off"):
             raise UsageError(f"n_mode must be 'auto', 'on' or 'off', got {n_mode!r}")
         if max_connections < 1:
             raise UsageError(f"max_connections must be at least 1, got {max_connections}")
+        if max_reply_bytes < 1:
+            raise UsageError(f"max_reply_bytes must be at least 1, got {max_reply_bytes}")
         self.base_url = normalize_base_url(base_url)
         # Shown in names and errors: no user:password, no query (either may hold a secret).
         self.display_url = str(self.base_url.copy_with(userinfo=b"", query=None))
@@ -115,15 +147,19 @@ class OpenAIBackend(BaseBackend):
         #: Samples asked for in one call; see the module docstring for how it is learnt.
         self.max_n = 1 if n_mode == "off" else MAX_N
         self.retry = retry
+        self.max_reply_bytes = max_reply_bytes
         self._api_key = api_key or next(
             (os.environ[var] for var in API_KEY_ENV_VARS if os.environ.get(var)), None
         )
         self._n_confirmed = False
+        #: ``None`` until a call shows whether the server streams; ``False`` once it refused ``stream``.
+        self._streams: bool | None = None
         self._chat_url = self._endpoint("/chat/completions")
         self._models_url = self._endpoint("/models")
         if not isinstance(timeout, httpx.Timeout):
             connect = CONNECT_TIMEOUT_S if timeout is None else min(timeout, CONNECT_TIMEOUT_S)
             # pool=None: waiting for a free connection is queueing, not a failure.
+            # read=timeout is per read, so a stream that keeps sending is never cut.
             timeout = httpx.Timeout(timeout, connect=connect, pool=None)
         self._read_timeout = timeout.read
         headers = {"Content-Type": "application/json"}
@@ -163,57 +199,47 @@ class OpenAIBackend(BaseBackend):
     # --- public calls ---------------------------------------------------------
 
     async def generate(
-        self, messages: Sequence[Message], n: int, params: GenerationParams
+        self,
+        messages: Sequence[Message],
+        n: int,
+        params: GenerationParams,
+        on_progress: ProgressCallback | None = None,
     ) -> list[Completion]:
         model = self.model or await self._discover_model()
         request = _ChatRequest(messages, _fields(model, params))
-        return await self._sample(request, params.seed, n)
+        return await self._sample(request, params.seed, n, on_progress)
 
     async def stream(
         self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback
     ) -> Completion:
+        """The completion, its deltas passed to ``on_delta`` as they arrive.
+
+        Deltas already delivered cannot be taken back, so a stream that breaks
+        after its first delta is not retried: it comes back as a failed
+        completion holding the partial text.
+        """
         model = self.model or await self._discover_model()
-        fields = _fields(model, params)
-        fields["stream"] = True
-        fields["stream_options"] = {"include_usage": True}
-        payload = _ChatRequest(messages, fields).payload(1, params.seed)
-        started = time.perf_counter()
-        _count_call()
-        failures: list[str] = []
-        attempt = 0
-        while True:
-            attempt += 1
-            state = _StreamState()
-            try:
-                await self._stream_once(payload, state, on_delta)
-                completion = state.completion(time.perf_counter() - started)
-                completion.failed_attempts = tuple(failures)
-                return completion
-            except httpx.RequestError as exc:
-                error = self._transport_error(exc)
-            except BackendError as exc:
-                error = exc
-            # Deltas already delivered cannot be taken back, so only a stream
-            # that failed before its first delta is retried.
-            if state.chunks:
-                raise error
-            await self._before_retry(error, attempt, failures)
+        request = _ChatRequest(messages, _fields(model, params))
+        (completion,) = await self._call(request, 1, params.seed, on_delta=on_delta)
+        return completion
 
     # --- sampling ---------------------------------------------------------------
 
-    async def _sample(self, request: _ChatRequest, seed: int | None, n: int) -> list[Completion]:
+    async def _sample(
+        self, request: _ChatRequest, seed: int | None, n: int, on_progress: ProgressCallback | None
+    ) -> list[Completion]:
         """``n`` samples; when they are split over calls, sample ``i`` is seeded ``seed + i``."""
         if n == 1 or self.max_n == 1:
-            return await self._singles(request, seed, n)
+            return await self._singles(request, seed, n, on_progress)
         asked = min(n, self.max_n)
         try:
-            completions = await self._call(request, asked, seed)
+            completions = await self._call(request, asked, seed, on_progress)
         except BackendError as exc:
             if exc.kind != "bad_request" or self.n_mode != "auto" or self._n_confirmed:
                 raise
             # Maybe the server refuses ``n`` itself: a single-sample call tells
             # (and raises the server's real complaint if it was something else).
-            completions = await self._call(request, 1, seed)
+            completions = await self._call(request, 1, seed, on_progress)
             self._learn_max_n(1, f"it refused n={asked} ({exc})")
         else:
             if len(completions) < asked:
@@ -221,7 +247,8 @@ class OpenAIBackend(BaseBackend):
             elif self.n_mode == "auto":
                 self._n_confirmed = True
         if len(completions) < n:
-            rest = await self._sample(request, offset_seed(seed, len(completions)), n - len(completions))
+            done = len(completions)
+            rest = await self._sample(request, offset_seed(seed, done), n - done, _shifted(on_progress, done))
             completions += rest
         return completions
 
@@ -230,12 +257,15 @@ class OpenAIBackend(BaseBackend):
             self.max_n = max(1, returned)
             logger.info("backend %s: asking for at most n=%d, since %s", self.display_url, self.max_n, why)
 
-    async def _singles(self, request: _ChatRequest, seed: int | None, n: int) -> list[Completion]:
+    async def _singles(
+        self, request: _ChatRequest, seed: int | None, n: int, on_progress: ProgressCallback | None
+    ) -> list[Completion]:
         """``n`` parallel single-sample calls; failed calls become failed samples."""
         if n == 1:
-            return await self._call(request, 1, seed)
+            return await self._call(request, 1, seed, on_progress)
         outcomes = await asyncio.gather(
-            *(self._call(request, 1, offset_seed(seed, i)) for i in range(n)), return_exceptions=True
+            *(self._call(request, 1, offset_seed(seed, i), _shifted(on_progress, i)) for i in range(n)),
+            return_exceptions=True,
         )
         completions: list[Completion] = []
         errors: list[BackendError] = []
@@ -253,21 +283,99 @@ class OpenAIBackend(BaseBackend):
             raise errors[0]
         return completions
 
-    async def _call(self, request: _ChatRequest, n: int, seed: int | None) -> list[Completion]:
+    async def _call(
+        self,
+        request: _ChatRequest,
+        n: int,
+        seed: int | None,
+        on_progress: ProgressCallback | None = None,
+        on_delta: DeltaCallback | None = None,
+    ) -> list[Completion]:
+        """One call of ``n`` samples, streamed, with its retries.
+
+        Besides the retry policy: a server that refuses ``stream`` (HTTP 400
+        on a plain request that works) is called without it from then on,
+        and a context overflow is retried once with a ``max_tokens`` that fits.
+        """
         started = time.perf_counter()
         failures: list[str] = []
-        completions = await self._request(
-            "POST", self._chat_url, request.payload(n, seed), lambda data: self._parse_chat(data, n), failures
-        )
-        latency_s = time.perf_counter() - started
-        failed_attempts = tuple(failures)
-        for completion in completions:
-            completion.latency_s = latency_s
-            completion.failed_attempts = failed_attempts
-        return completions
+        refit = False
+        plain = False  # this call goes on without streaming
+        probing_refusal = False
+        _count_call()
+        attempt = 0
+        while True:
+            attempt += 1
+            stream = self._streams is not False and not plain
+            state = _StreamState(n, on_delta, on_progress)
+            try:
+                completions = await self._exchange(request.payload(n, seed, stream), state)
+            except httpx.RequestError as exc:
+                error = self._transport_error(exc)
+            except BackendError as exc:
+                error = exc
+            else:
+                if probing_refusal:
+                    self._streams = False
+                    logger.info("backend %s refuses stream=true; calling it without streaming", self.display_url)
+                elif state.streamed:
+                    self._streams = True
+                if not any(completion.prompt_tokens for completion in completions):
+                    # No usage (llama-cpp-python does not send it in streams):
+                    # estimate the prompt rather than count it as free.
+                    completions[0].prompt_tokens = -(-len(request.messages_json) // 4)
+                latency_s = time.perf_counter() - started
+                for completion in completions:
+                    completion.latency_s = latency_s
+                    completion.failed_attempts = tuple(failures)
+                return completions
+            if isinstance(error, ContextOverflowError) and not refit:
+                refit = True
+                request = self._fit(request, error)
+                attempt -= 1  # not a failure of the server: the retry policy does not count it
+                continue
+            if error.kind == "bad_request" and stream and self._streams is None:
+                plain = probing_refusal = True  # maybe the server cannot stream: a plain call tells
+                attempt -= 1
+                continue
+            if error.kind == "protocol" and state.streamed and state.events == 0 and not plain:
+                # An event stream that ended before its first event: some servers
+                # (llama-cpp-python) fail so where a plain call gives the real error.
+                plain = True
+                attempt -= 1
+                continue
+            if on_delta is not None and state.delivered:
+                partial = state.partial(error, time.perf_counter() - started)
+                partial.failed_attempts = tuple(failures)
+                return [partial]
+            await self._before_retry(error, attempt, failures)
+
+    def _fit(self, request: _ChatRequest, overflow: ContextOverflowError) -> _ChatRequest:
+        """``request`` with a ``max_tokens`` that fits the context, as the server's error tells.
+
+        Without figures in the error, ``max_tokens`` is dropped (the server
+        then generates to the end of its context, as the reference release
+        does). Raises ``overflow`` when the prompt alone does not fit.
+        """
+        context, prompt = overflow.context_tokens, overflow.prompt_tokens
+        if context is not None and prompt is not None:
+            room = context - prompt - CONTEXT_MARGIN_TOKENS
+            if room < 1:
+                raise ContextOverflowError(
+                    f"the prompt ({prompt:,} tokens) does not fit the context of backend "
+                    f"{self.display_url} ({context:,} tokens)",
+                    context_tokens=context,
+                    prompt_tokens=prompt,
+                )
+            logger.info("backend %s: context overflow; retrying with max_tokens=%d", self.display_url, room)
+            return request.with_max_tokens(room)
+        if "max_tokens" not in request.fields and "max_completion_tokens" not in request.fields:
+            raise overflow  # nothing left to lower: the prompt itself is too long
+        logger.info("backend %s: context overflow; retrying without max_tokens", self.display_url)
+        return request.with_max_tokens(None)
 
     def _parse_chat(self, data: Any, asked: int) -> list[Completion]:
-        """The choices of a chat completion, with its usage attributed per choice."""
+        """The choices of a (non-streamed) chat completion, with its usage attributed per choice."""
         try:
             choices = data["choices"]
             if len(choices) > 1:
@@ -275,15 +383,15 @@ class OpenAIBackend(BaseBackend):
             completions = [
                 _choice_completion(choice["message"], choice.get("finish_reason")) for choice in choices
             ]
+            if not completions:
+                raise ValueError("no choices")
             usage = data.get("usage")
             if not usage:
                 # Accept the answer; estimate what it cost rather than count it as free.
                 for completion in completions:
                     completion.completion_tokens = _estimated_tokens(completion)
                 return completions
-            prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            completion_tokens = int(usage.get("completion_tokens") or 0)
-            completions[0].prompt_tokens = prompt_tokens
+            _attribute_usage(completions, usage)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError):
             detail = _error_detail(data)
             raise BackendError(
@@ -291,12 +399,6 @@ class OpenAIBackend(BaseBackend):
                 + (f": {self._redact(detail)}" if detail else ""),
                 kind="protocol",
             ) from None
-        if len(completions) == 1:
-            completions[0].completion_tokens = completion_tokens
-        else:
-            weights = [len(c.text) + len(c.reasoning or "") for c in completions]
-            for completion, share in zip(completions, _proportional(completion_tokens, weights), strict=True):
-                completion.completion_tokens = share
         return completions
 
     async def _discover_model(self) -> str:
@@ -304,7 +406,7 @@ class OpenAIBackend(BaseBackend):
         async with self._model_lock:
             if not self.model:
                 try:
-                    ids = await self._request("GET", self._models_url, None, _model_ids)
+                    ids = await self._get_json(self._models_url, _model_ids)
                 except BackendError as exc:
                     if exc.kind != "not_found":
                         raise
@@ -324,39 +426,23 @@ class OpenAIBackend(BaseBackend):
 
     # --- HTTP, retries and errors ------------------------------------------------
 
-    async def _request(
-        self,
-        method: str,
-        url: httpx.URL,
-        payload: bytes | None,
-        check: Callable[[Any], T],
-        failures: list[str] | None = None,
-    ) -> T:
-        """One JSON request with retries; ``check`` validates the parsed answer.
-
-        The label of each failed attempt that is retried is added to ``failures``.
-        """
+    async def _get_json(self, url: httpx.URL, check: Callable[[Any], T]) -> T:
+        """A GET whose JSON answer ``check`` validates, with retries."""
         _count_call()
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = await self._http().request(method, url, content=payload)
-                if not 200 <= response.status_code < 300:
-                    raise self._status_error(response)
-                try:
-                    data = response.json()
-                except ValueError:
-                    raise BackendError(
-                        f"backend {self.display_url} returned malformed JSON (HTTP {response.status_code})",
-                        kind="protocol",
-                    ) from None
-                return check(data)
+                async with self._http().stream("GET", url, content=None) as response:
+                    body = await self._read(response)
+                    if not 200 <= response.status_code < 300:
+                        raise self._status_error(response, body)
+                return check(self._json(body, response.status_code))
             except httpx.RequestError as exc:
                 error = self._transport_error(exc)
             except BackendError as exc:
                 error = exc
-            await self._before_retry(error, attempt, failures)
+            await self._before_retry(error, attempt, None)
 
     async def _before_retry(self, error: BackendError, attempt: int, failures: list[str] | None) -> None:
         """Raise ``error`` if it is final, else note it in ``failures`` and wait as the retry policy says."""
@@ -389,8 +475,8 @@ class OpenAIBackend(BaseBackend):
         if isinstance(exc, httpx.ConnectTimeout):
             return BackendError(f"{where} is unreachable (connection timed out)", kind="connect")
         if isinstance(exc, httpx.TimeoutException):
-            limit = f" within {self._read_timeout:g}s" if self._read_timeout else ""
-            return BackendError(f"{where} did not answer{limit}", kind="timeout")
+            limit = f" for {self._read_timeout:g}s" if self._read_timeout else ""
+            return BackendError(f"{where} sent nothing{limit}", kind="timeout")
         if isinstance(exc, httpx.ConnectError):
             return BackendError(f"{where} is unreachable ({_reason(exc)})", kind="connect")
         if isinstance(exc, httpx.TransportError):
@@ -398,9 +484,10 @@ class OpenAIBackend(BaseBackend):
         # Not the connection's fault: an undecodable body, a redirect loop...
         return BackendError(f"{where} sent an unusable answer ({_reason(exc)})", kind="protocol")
 
-    def _status_error(self, response: httpx.Response) -> BackendError:
+    def _status_error(self, response: httpx.Response, body: bytes) -> BackendError:
         status = response.status_code
-        detail = self._redact(_error_detail(_json_or_text(response)))
+        parsed = _json_or_text(body)
+        detail = self._redact(_error_detail(parsed))
         suffix = f": {detail}" if detail else ""
         if status in (401, 403):
             if self._api_key:
@@ -427,51 +514,144 @@ class OpenAIBackend(BaseBackend):
                 status_code=status,
                 retry_after=_retry_after(response.headers.get("retry-after")),
             )
+        overflow = self._overflow(parsed, f" (HTTP {status}){suffix}")
+        if overflow is not None:
+            return overflow
         return BackendError(
             f"backend rejected the request (HTTP {status}){suffix}", kind="bad_request", status_code=status
+        )
+
+    def _overflow(self, body: Any, suffix: str) -> ContextOverflowError | None:
+        """The error for ``body`` if it says the request overflows the context, else ``None``."""
+        figures = context_overflow(body)
+        if figures is None:
+            return None
+        context, prompt = figures
+        return ContextOverflowError(
+            f"the prompt and max_tokens exceed the context of backend {self.display_url}{suffix}",
+            context_tokens=context,
+            prompt_tokens=prompt,
         )
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key and text else text
 
-    # --- streaming ------------------------------------------------------------------
+    # --- reading answers --------------------------------------------------------------
 
-    async def _stream_once(self, payload: bytes, state: _StreamState, on_delta: DeltaCallback) -> None:
-        async with self._http().stream("POST", self._chat_url, content=payload) as response:
-            if not 200 <= response.status_code < 300:
-                await response.aread()
-                raise self._status_error(response)
-            try:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+    async def _exchange(self, payload: bytes, state: _StreamState) -> list[Completion]:
+        """Send one chat call and read its answer: a stream of events, or plain JSON."""
+        try:
+            async with self._http().stream("POST", self._chat_url, content=payload) as response:
+                if not 200 <= response.status_code < 300:
+                    raise self._status_error(response, await self._read(response))
+                if "event-stream" not in response.headers.get("content-type", ""):
+                    # The server ignored ``stream`` (or was not asked): one JSON completion.
+                    completions = self._parse_chat(
+                        self._json(await self._read(response), response.status_code), state.asked
+                    )
+                    state.deliver_whole(completions)
+                    return completions
+                await self._read_events(response, state)
+                # Inside the block: a stream that ended short leaves its connection
+                # discarded, since a server that cut it may well close it next.
+                return state.completions(self)
+        except httpx.TransportError:
+            if not state.done:
+                raise
+            # The server sent [DONE] but did not end the body cleanly: the answer
+            # is whole (and the pool has discarded the connection).
+        return state.completions(self)
+
+    async def _read_events(self, response: httpx.Response, state: _StreamState) -> None:
+        """Feed ``state`` the ``data`` fields of a server-sent event stream, up to ``max_reply_bytes``.
+
+        Lines are split here, on bytes, so a line without end cannot grow
+        past the cap unnoticed. After ``[DONE]`` the body is read to its end,
+        so the connection can be reused. This runs for every token of every
+        call: it is written for speed.
+        """
+        state.streamed = True
+        limit = self.max_reply_bytes
+        feed = state.feed
+        received = 0
+        pending: list[bytes] = []
+        try:
+            async for chunk in response.aiter_bytes():
+                received += len(chunk)
+                if received > limit:
+                    raise self._too_large()
+                if state.done:
+                    continue
+                if b"\n" not in chunk:
+                    pending.append(chunk)
+                    continue
+                if pending:
+                    pending.append(chunk)
+                    chunk = b"".join(pending)
+                    pending = []
+                *lines, rest = chunk.split(b"\n")
+                if rest:
+                    pending.append(rest)
+                for line in lines:
+                    if not line.startswith(b"data:"):
                         continue  # blank separators, ": ping" comments, event names
                     data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
                     if not data:
                         continue
-                    try:
-                        content, reasoning = state.feed(data)
-                    except (ValueError, TypeError, AttributeError) as exc:
-                        raise BackendError(
-                            f"backend {self.display_url} sent a malformed stream chunk ({exc})",
-                            kind="protocol",
-                        ) from None
-                    if content or reasoning:
-                        on_delta(content, reasoning)
-                    if state.error is not None:
+                    state.events += 1
+                    if data == b"[DONE]":
+                        state.done = True
                         break
-            except httpx.TimeoutException:
+                    try:
+                        feed(_decode_json(data.decode())[0])
+                    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                        raise BackendError(
+                            f"backend {self.display_url} sent a malformed stream chunk ({exc})", kind="protocol"
+                        ) from None
+                    if state.error is not None:
+                        raise self._stream_error(state.error)
+        except httpx.TimeoutException:
+            raise
+        except httpx.TransportError as exc:
+            if state.done:
                 raise
-            except httpx.TransportError as exc:
-                raise self._truncated(f"the connection broke: {_reason(exc)}") from None
-        if state.error is not None:
+            raise self._truncated(f"the connection broke: {_reason(exc)}") from None
+
+    def _stream_error(self, chunk: Any) -> BackendError:
+        """The error a server reported in a stream chunk."""
+        detail = self._redact(_error_detail(chunk))
+        return self._overflow(chunk, f" (mid-stream): {detail}") or BackendError(
+            f"backend {self.display_url} reported an error mid-stream: {detail}", kind="status"
+        )
+
+    async def _read(self, response: httpx.Response) -> bytes:
+        """The whole body of ``response``, refused once it exceeds ``max_reply_bytes``."""
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_reply_bytes:
+            raise self._too_large()
+        parts: list[bytes] = []
+        received = 0
+        async for chunk in response.aiter_bytes():
+            received += len(chunk)
+            if received > self.max_reply_bytes:
+                raise self._too_large()
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _json(self, body: bytes, status: int) -> Any:
+        try:
+            return json.loads(body)
+        except ValueError:
             raise BackendError(
-                f"backend {self.display_url} reported an error mid-stream: {self._redact(state.error)}",
-                kind="status",
-            )
-        if state.finish_reason is None:
-            raise self._truncated("no finish reason")
+                f"backend {self.display_url} returned malformed JSON (HTTP {status})", kind="protocol"
+            ) from None
+
+    def _too_large(self) -> BackendError:
+        return BackendError(
+            f"backend {self.display_url} sent more than {self.max_reply_bytes:,} bytes for one call; "
+            "refused (max_reply_bytes)",
+            kind="too_large",
+        )
 
     def _truncated(self, why: str) -> BackendError:
         return BackendError(
@@ -514,6 +694,9 @@ class _ConnectionPool:
             self._idle.append(client)
 
     def _discard(self, client: httpx.AsyncClient) -> None:
+        """Close ``client`` for good; a second discard of it (a second Ctrl+C...) does nothing."""
+        if client not in self._clients:
+            return
         self._clients.remove(client)
         closing = asyncio.get_running_loop().create_task(client.aclose())
         self._closing.add(closing)
@@ -524,12 +707,10 @@ class _ConnectionPool:
         self._clients.append(client)
         return client
 
-    async def request(self, method: str, url: httpx.URL, *, content: bytes | None) -> httpx.Response:
-        async with self._lease() as client:
-            return await client.request(method, url, content=content)
-
     @contextlib.asynccontextmanager
-    async def stream(self, method: str, url: httpx.URL, *, content: bytes) -> AsyncIterator[httpx.Response]:
+    async def stream(
+        self, method: str, url: httpx.URL, *, content: bytes | None
+    ) -> AsyncIterator[httpx.Response]:
         async with self._lease() as client, client.stream(method, url, content=content) as response:
             yield response
 
@@ -543,18 +724,33 @@ class _ChatRequest:
 
     __slots__ = ("messages_json", "fields")
 
-    def __init__(self, messages: Sequence[Message], fields: dict[str, Any]) -> None:
-        self.messages_json = _dumps(list(messages))
+    def __init__(self, messages: Sequence[Message] | bytes, fields: dict[str, Any]) -> None:
+        self.messages_json = messages if isinstance(messages, bytes) else _dumps(list(messages))
         self.fields = fields
 
-    def payload(self, n: int, seed: int | None) -> bytes:
+    def payload(self, n: int, seed: int | None, stream: bool) -> bytes:
         fields = self.fields
-        if n > 1 or seed is not None:
-            fields = {**fields, "n": n} if n > 1 else dict(fields)
+        if n > 1 or seed is not None or stream:
+            fields = dict(fields)
+            if n > 1:
+                fields["n"] = n
             if seed is not None:
                 fields["seed"] = seed
+            if stream:
+                fields["stream"] = True
+                fields["stream_options"] = {"include_usage": True}
         # ``fields`` always holds the model, so its JSON object is never empty.
         return b'{"messages":' + self.messages_json + b"," + _dumps(fields)[1:]
+
+    def with_max_tokens(self, max_tokens: int | None) -> _ChatRequest:
+        """The same request with ``max_tokens`` replaced (``None``: left to the server)."""
+        fields = {key: value for key, value in self.fields.items() if key not in _MAX_TOKENS_FIELDS}
+        if max_tokens is not None:
+            fields["max_tokens"] = max_tokens
+        return _ChatRequest(self.messages_json, fields)
+
+
+_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
 def _fields(model: str, params: GenerationParams) -> dict[str, Any]:
@@ -567,59 +763,223 @@ def _fields(model: str, params: GenerationParams) -> dict[str, Any]:
     return fields
 
 
+#: ``json.loads`` without its per-call checks: (value, end) of the JSON text at the start of a str.
+_decode_json = json.JSONDecoder().raw_decode
+
+
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-class _StreamState:
-    """What a stream has delivered so far."""
+def _shifted(on_progress: ProgressCallback | None, offset: int) -> ProgressCallback | None:
+    """``on_progress`` for a call whose sample 0 is sample ``offset`` of the caller's."""
+    if on_progress is None or offset == 0:
+        return on_progress
+    return lambda index, tokens: on_progress(index + offset, tokens)
 
-    __slots__ = ("text", "reasoning", "finish_reason", "usage", "chunks", "error")
+
+class _Choice:
+    """What a stream has delivered of one choice."""
+
+    __slots__ = ("text", "reasoning", "finish_reason", "chunks")
 
     def __init__(self) -> None:
         self.text: list[str] = []
         self.reasoning: list[str] = []
         self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
+        #: Chunks that carried text: servers send about one token each.
         self.chunks = 0
-        self.error: str | None = None
 
-    def feed(self, data: str) -> tuple[str, str]:
-        """Take one SSE ``data`` field; returns its ``(content, reasoning)`` delta."""
-        chunk = json.loads(data)
-        if chunk.get("error"):
-            self.error = _error_detail(chunk) or "unknown error"
-            return "", ""
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        content = reasoning = ""
+
+class _StreamState:
+    """What one attempt of a call has received so far, choice by choice (by ``index``)."""
+
+    __slots__ = ("asked", "choices", "usage", "error", "done", "streamed", "events", "on_delta", "on_progress")
+
+    def __init__(self, asked: int, on_delta: DeltaCallback | None, on_progress: ProgressCallback | None) -> None:
+        self.asked = asked
+        self.choices: dict[int, _Choice] = {}
+        self.usage: Any = None
+        #: The chunk that reported an error, if one did.
+        self.error: Any = None
+        #: ``[DONE]`` was received.
+        self.done = False
+        #: The answer came as a stream of events (not plain JSON).
+        self.streamed = False
+        #: ``data`` fields received.
+        self.events = 0
+        self.on_delta = on_delta
+        self.on_progress = on_progress
+
+    def feed(self, chunk: dict[str, Any]) -> None:
+        """Take one chunk; deltas go to ``on_delta`` (choice 0) and ``on_progress``."""
+        if "error" in chunk and chunk["error"]:
+            self.error = chunk
+            return
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
         for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            content = delta.get("content") or ""
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-            if content or reasoning:
-                self.chunks += 1
-                if content:
-                    self.text.append(content)
-                if reasoning:
-                    self.reasoning.append(reasoning)
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-        return content, reasoning
+            index = choice.get("index") or 0
+            state = self.choices.get(index)
+            if state is None:
+                if not isinstance(index, int) or not 0 <= index < self.asked:
+                    continue  # a choice nobody asked for
+                state = self.choices[index] = _Choice()
+            delta = choice.get("delta")
+            if delta:
+                content = delta.get("content")
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if content or reasoning:
+                    state.chunks += 1
+                    if content:
+                        state.text.append(content)
+                    if reasoning:
+                        state.reasoning.append(reasoning)
+                    if self.on_delta is not None and index == 0:
+                        self.on_delta(content or "", reasoning or "")
+                    if self.on_progress is not None:
+                        self.on_progress(index, state.chunks)
+            finish = choice.get("finish_reason")
+            if finish:
+                state.finish_reason = finish
 
-    def completion(self, latency_s: float) -> Completion:
-        usage = self.usage or {}
+    @property
+    def delivered(self) -> bool:
+        """Whether ``on_delta`` has been given anything."""
+        first = self.choices.get(0)
+        return self.on_delta is not None and first is not None and first.chunks > 0
+
+    def deliver_whole(self, completions: list[Completion]) -> None:
+        """Pass a non-streamed answer to ``on_delta`` as one delta."""
+        if self.on_delta is not None and (completions[0].text or completions[0].reasoning):
+            self.on_delta(completions[0].text, completions[0].reasoning or "")
+
+    def completions(self, backend: OpenAIBackend) -> list[Completion]:
+        """The finished choices in index order, with the usage attributed per choice."""
+        if not self.choices:
+            raise backend._truncated("no choices")
+        ordered = [self.choices[index] for index in sorted(self.choices)]
+        if any(choice.finish_reason is None for choice in ordered):
+            raise backend._truncated("no finish reason")
+        completions = [
+            Completion(text="".join(c.text), reasoning="".join(c.reasoning) or None, finish_reason=c.finish_reason)
+            for c in ordered
+        ]
+        try:
+            if self.usage:
+                _attribute_usage(completions, self.usage)
+                return completions
+        except (TypeError, ValueError, AttributeError):
+            pass  # unusable usage: count chunks as below
+        # Without a usage chunk (the server ignored include_usage), each
+        # choice's text chunks approximate its tokens.
+        for completion, choice in zip(completions, ordered, strict=True):
+            completion.completion_tokens = choice.chunks
+        return completions
+
+    def partial(self, error: BackendError, latency_s: float) -> Completion:
+        """A failed completion keeping what choice 0 streamed before ``error``."""
+        choice = self.choices[0]
         return Completion(
-            text="".join(self.text),
-            reasoning="".join(self.reasoning) or None,
-            finish_reason=self.finish_reason,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            # Without a usage chunk (the server ignored include_usage), count
-            # the chunks that carried text: servers send about one token each,
-            # so this approximates the generated tokens.
-            completion_tokens=int(usage.get("completion_tokens") or 0) if self.usage else self.chunks,
+            text="".join(choice.text),
+            reasoning="".join(choice.reasoning) or None,
+            completion_tokens=choice.chunks,
             latency_s=latency_s,
+            error=f"{error} (after {choice.chunks} streamed chunks; the partial text is kept)",
+            error_kind=error.kind,
         )
+
+
+def _attribute_usage(completions: list[Completion], usage: dict[str, Any]) -> None:
+    """One call's usage per choice: prompt tokens to the first, completion tokens by text length."""
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completion_tokens = int(usage.get("completion_tokens") or 0)
+    for completion in completions:
+        completion.prompt_tokens = 0
+    completions[0].prompt_tokens = prompt_tokens
+    if len(completions) == 1:
+        completions[0].completion_tokens = completion_tokens
+        return
+    weights = [len(c.text) + len(c.reasoning or "") for c in completions]
+    for completion, share in zip(completions, _proportional(completion_tokens, weights), strict=True):
+        completion.completion_tokens = share
+
+
+# --- context overflow -------------------------------------------------------------
+# What each server says when prompt + max_tokens exceed the context, e.g.
+#   vLLM:    "This model's maximum context length is 4096 tokens. However, you requested
+#             5000 tokens (1000 in the messages, 4000 in the completion). ..."
+#            "'max_tokens' or 'max_completion_tokens' is too large: 4000. This model's maximum
+#             context length is 4096 tokens and your request has 1000 input tokens (...)"
+#            "... However, you requested 4000 output tokens and your prompt contains at least
+#             1000 input tokens, for a total of at least 5000 tokens. ..."
+#   SGLang:  "Requested token count exceeds the model's maximum context length of 4096 tokens.
+#             You requested a total of 5000 tokens: 1000 tokens from the input messages and
+#             4000 tokens for the completion. ..."
+#            "The input (5000 tokens) is longer than the model's context length (4096 tokens)."
+#   llama.cpp: "request (5000 tokens) exceeds the available context size (4096 tokens), try
+#             increasing it" (older: "the request exceeds the available context size, try
+#             increasing it"), with ``n_prompt_tokens`` and ``n_ctx`` in the error object.
+#   llama-cpp-python: "Requested tokens (5000) exceed context window of 4096", which its
+#             server rewrites into vLLM's first form (code ``context_length_exceeded``).
+
+_OVERFLOW_SIGNS = re.compile(
+    r"maximum context length|context length \(|exceed(?:s)? (?:the available )?context (?:size|window)"
+    r"|maximum model length|context_length_exceeded|exceed_context_size",
+    re.IGNORECASE,
+)
+_NUMBER = r"(\d[\d,]*)(?:\.\d+)?"
+_CONTEXT_FIGURES = [
+    re.compile(pattern, re.IGNORECASE)
+    for pattern in (
+        rf"maximum context length (?:is|of) {_NUMBER}",
+        rf"context length \({_NUMBER} tokens\)",
+        rf"maximum model length (?:is |of )?{_NUMBER}",
+        rf"available context size \({_NUMBER} tokens\)",
+        rf"context window of {_NUMBER}",
+    )
+]
+_PROMPT_FIGURES = [
+    re.compile(pattern, re.IGNORECASE)
+    for pattern in (
+        rf"{_NUMBER} (?:tokens )?in the messages",
+        rf"{_NUMBER} tokens from the input messages",
+        rf"(?:has|contains)(?: at least)? {_NUMBER} input tokens",
+        rf"the input \({_NUMBER} tokens\)",
+        rf"request \({_NUMBER} tokens\)",
+        rf"prompt \(length {_NUMBER}\)",
+        rf"requested tokens \({_NUMBER}\)",
+    )
+]
+
+
+def context_overflow(body: Any) -> tuple[int | None, int | None] | None:
+    """``(context_tokens, prompt_tokens)`` if an error ``body`` says the context overflowed, else ``None``.
+
+    Either figure is ``None`` when the message does not give it. ``body`` is
+    the parsed JSON error (or its text).
+    """
+    error = body.get("error") if isinstance(body, dict) else None
+    fields = error if isinstance(error, dict) else {}
+    message = _error_detail(body) + " " + str(fields.get("type") or "") + " " + str(fields.get("code") or "")
+    if not _OVERFLOW_SIGNS.search(message):
+        return None
+    context = _integer(fields.get("n_ctx")) or _first_figure(_CONTEXT_FIGURES, message)
+    prompt = _integer(fields.get("n_prompt_tokens")) or _first_figure(_PROMPT_FIGURES, message)
+    return context, prompt
+
+
+def _first_figure(patterns: list[re.Pattern[str]], message: str) -> int | None:
+    for pattern in patterns:
+        match = pattern.search(message)
+        if match:
+            return int(match.group(1).replace(",", ""))
+    return None
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _choice_completion(message: dict[str, Any], finish_reason: str | None) -> Completion:
@@ -663,11 +1023,11 @@ def _model_ids(data: Any) -> list[str]:
     return [m["id"] for m in models if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
-def _json_or_text(response: httpx.Response) -> Any:
+def _json_or_text(body: bytes) -> Any:
     try:
-        return response.json()
+        return json.loads(body)
     except ValueError:
-        return response.text
+        return body.decode(errors="replace")
 
 
 def _error_detail(body: Any) -> str:

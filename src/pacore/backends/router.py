@@ -29,6 +29,8 @@ from pacore.backends.base import (
     DeltaCallback,
     GenerationParams,
     Message,
+    ProgressCallback,
+    accepts_progress,
     retry_elsewhere,
 )
 from pacore.errors import BackendError, UsageError
@@ -113,6 +115,8 @@ class RouterBackend(BaseBackend):
         self._not_closed = 0
         self._clock = clock
         self._next = 0
+        # Members whose generate takes on_progress (by id: members need not be hashable).
+        self._with_progress = {id(backend) for backend in self.backends if accepts_progress(backend)}
 
     # Members may learn their model and ``max_n`` on their first call, so
     # these are read from them each time rather than copied once.
@@ -219,9 +223,18 @@ class RouterBackend(BaseBackend):
         )  # fmt: skip
 
     async def generate(
-        self, messages: Sequence[Message], n: int, params: GenerationParams
+        self,
+        messages: Sequence[Message],
+        n: int,
+        params: GenerationParams,
+        on_progress: ProgressCallback | None = None,
     ) -> list[Completion]:
-        return await self._route(lambda backend: backend.generate(messages, n, params), n, lambda: False)
+        def call(backend: Backend) -> Awaitable[list[Completion]]:
+            if on_progress is None or id(backend) not in self._with_progress:
+                return backend.generate(messages, n, params)
+            return backend.generate(messages, n, params, on_progress=on_progress)
+
+        return await self._route(call, n, lambda: False)
 
     async def stream(
         self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback

@@ -60,7 +60,9 @@ TimeoutOption = Annotated[
     typer.Option(
         "--timeout",
         metavar="SECONDS",
-        help="Timeout of each attempt of an HTTP call \\[default: the backend's].",
+        help="Inactivity limit of an HTTP call: an attempt fails when the server sends nothing for "
+        "this long. Calls stream, so one that keeps producing tokens is never cut; --deadline "
+        "bounds a whole request \\[default: 1800].",
         rich_help_panel=BACKEND_PANEL,
     ),
 ]

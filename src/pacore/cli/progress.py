@@ -22,7 +22,17 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from pacore.trace import Event, Result, Round, RoundFinished, RoundStarted, TrajectoryFinished, Usage
+from pacore.trace import (
+    AnswerDelta,
+    Event,
+    Result,
+    Round,
+    RoundFinished,
+    RoundStarted,
+    TrajectoryFinished,
+    TrajectoryProgress,
+    Usage,
+)
 
 
 @dataclass
@@ -39,16 +49,30 @@ class ProgressState:
     failed: int = 0
     usage: Usage = field(default_factory=Usage)
     started: float = field(default_factory=time.perf_counter)
+    #: Tokens received so far by each trajectory of the current round still running.
+    streaming: dict[int, int] = field(default_factory=dict)
+    #: Tokens of the current round's finished trajectories.
+    round_tokens: int = 0
+    round_started: float = field(default_factory=time.perf_counter)
 
     def apply(self, event: Event) -> None:
         if isinstance(event, RoundStarted):
             self.total_rounds = event.total_rounds
             self.round, self.k, self.final = event.round, event.k, event.final
-            self.done = self.failed = 0
+            self.done = self.failed = self.round_tokens = 0
+            self.streaming = {}
+            self.round_started = time.perf_counter()
+        elif isinstance(event, TrajectoryProgress):
+            if event.round == self.round:
+                self.streaming.update(event.tokens)
+        elif isinstance(event, AnswerDelta):
+            self.streaming[0] = self.streaming.get(0, 0) + 1  # about one token a delta
         elif isinstance(event, TrajectoryFinished):
             trajectory = event.trajectory
             self.done = event.done
             self.failed += 0 if trajectory.ok else 1
+            self.streaming.pop(trajectory.index, None)
+            self.round_tokens += trajectory.completion_tokens
             self.usage.calls += 1
             self.usage.failed_calls += 0 if trajectory.ok else 1
             self.usage.prompt_tokens += trajectory.prompt_tokens
@@ -57,6 +81,28 @@ class ProgressState:
     @property
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.started
+
+    @property
+    def streamed_tokens(self) -> int:
+        """Tokens received so far by the current round's running trajectories."""
+        return sum(self.streaming.values())
+
+    @property
+    def tokens(self) -> int:
+        """Tokens generated so far in the request, those still streaming included."""
+        return self.usage.completion_tokens + self.streamed_tokens
+
+    def tokens_per_s(self) -> float:
+        """The current round's generation rate so far."""
+        elapsed = time.perf_counter() - self.round_started
+        return (self.round_tokens + self.streamed_tokens) / elapsed if elapsed > 0 else 0.0
+
+    def streaming_label(self) -> str:
+        """E.g. ``3 streaming (longest 1,234 tokens) · 87 tok/s``; empty when nothing streams."""
+        if not self.streaming:
+            return ""
+        longest = max(self.streaming.values())
+        return f"{len(self.streaming)} streaming (longest {longest:,} tokens) · {self.tokens_per_s():,.0f} tok/s"
 
     def round_label(self) -> str:
         label = f"round {self.round + 1}/{self.total_rounds}"
@@ -111,16 +157,27 @@ def finished_round_line(event: Event, state: ProgressState) -> str | None:
     return None
 
 
+#: Seconds between two "still streaming" lines of :class:`LineProgress`.
+STREAMING_LINE_INTERVAL_S = 30.0
+
+
 class LineProgress:
-    """One plain line per finished round, for logs and pipes."""
+    """One plain line per finished round, for logs and pipes, and one every
+    ``STREAMING_LINE_INTERVAL_S`` while long calls stream."""
 
     def __init__(self, file: TextIO) -> None:
         self.file = file
         self.state = ProgressState()
+        self.next_streaming_line = time.perf_counter() + STREAMING_LINE_INTERVAL_S
 
     def handle(self, event: Event) -> None:
-        self.state.apply(event)
-        if line := finished_round_line(event, self.state):
+        state = self.state
+        state.apply(event)
+        if line := finished_round_line(event, state):
+            print(line, file=self.file, flush=True)
+        elif isinstance(event, TrajectoryProgress) and time.perf_counter() >= self.next_streaming_line:
+            self.next_streaming_line = time.perf_counter() + STREAMING_LINE_INTERVAL_S
+            line = f"{state.round_label()}: {state.trajectories_label()}, {state.streaming_label()}"
             print(line, file=self.file, flush=True)
 
     def __enter__(self) -> LineProgress:
@@ -162,9 +219,11 @@ class LiveProgress:
             grid.add_row(self.spinner, Text("starting...", style="dim"))
             return grid
         label = Text(state.round_label(), style="bold", no_wrap=True)
+        streaming = state.streaming_label()
         status = Text.assemble(
             state.trajectories_label(),
-            (f" · {state.usage.completion_tokens:,} tokens", "green"),
+            (f" · {state.tokens:,} tokens", "green"),
+            (f" · {streaming}" if streaming else "", "cyan"),
             (f" · {format_duration(state.elapsed_s)}", "dim"),
             no_wrap=True,
             overflow="ellipsis",
