@@ -59,9 +59,15 @@ def page(browser):
     context.close()
 
 
-def ask(running: RunningServer, api_key: str = "unused") -> openai.types.chat.ChatCompletion:
+def ask(
+    running: RunningServer, api_key: str = "unused", question: str = QUESTION, grading: str | None = "math"
+) -> openai.types.chat.ChatCompletion:
+    """Ask ``question``; with a ``grading`` kind (``pacore.grading``) the viewer extracts answers."""
     client = openai.OpenAI(base_url=running.api_url, api_key=api_key, max_retries=0)
-    return client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": QUESTION}])
+    return client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": question}],
+        extra_body={"pacore": {"grading": grading}} if grading else None,
+    )  # fmt: skip
 
 
 def test_viewer_lists_a_finished_request_and_shows_its_rounds(page):

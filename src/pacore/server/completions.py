@@ -59,6 +59,8 @@ class Plan:
     model: str
     stream: bool
     include_usage: bool
+    #: The grading kind the request named (``pacore.grading``), for the trace viewer.
+    grading: str | None = None
 
 
 def parse_body(body: bytes, content_type: str | None = None) -> ChatCompletionRequest:
@@ -110,6 +112,7 @@ def plan_request(
         model=request.model,
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        grading=request.pacore.grading if request.pacore else None,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pacore.eval.grading import GradingKind
 from pacore.trace import Result
 
 
@@ -62,6 +63,9 @@ class PacoreOptions(BaseModel):
     #: Coordinated rounds: a list of counts (``[32, 4]``; ``[]`` passes straight
     #: through), one count, or a preset name / comma form (``"high"``, ``"32,4"``).
     schedule: list[int] | int | str | None = None
+    #: How answers are read (a grading kind, see :mod:`pacore.eval.grading`). Only
+    #: with it does the trace viewer show extracted answers and their votes.
+    grading: GradingKind | None = None
 
 
 class ChatCompletionRequest(OpenAIModel):
