@@ -271,7 +271,7 @@ function finalBox(detail) {
   }
   // The answer is the text; an extracted answer only means something under a grading kind.
   const graded = detail.kind && detail.final_answer !== null;
-  return el("div", { class: "final", id: "final-answer" }, [
+  return el("div", { class: `final${detail.correct === false ? " wrong" : ""}`, id: "final-answer" }, [
     el("h2", { text: "Final answer" }),
     el("div", { class: "text answer-text", text: detail.answer || "" }),
     graded
