@@ -422,9 +422,15 @@ def run_header(store: RunStore, arms: Sequence[ArmReport]) -> RunHeader:
         return RunHeader(str(store.run_dir), "", "", "not started", "", 0, "", "", None, None)
     starts = [a.first_start for a in arms if a.first_start is not None]
     finishes = [a.last_finish for a in arms if a.last_finish is not None]
+    model = info.config.get("model")
+    if not model:  # none asked for: the one the backend named in its answers
+        row = store.db.execute(
+            "SELECT json_extract(trace_json, '$.model') FROM results WHERE trace_json IS NOT NULL LIMIT 1"
+        ).fetchone()
+        model = f"{row[0]} (as the backend named it)" if row and row[0] else ""
     return RunHeader(
         run=str(store.run_dir),
-        model=str(info.config.get("model") or ""),
+        model=str(model),
         backend=str(info.config.get("backend") or ""),
         settings=_settings_text(info),
         dataset=info.dataset_path,
