@@ -23,6 +23,7 @@ from pacore.eval.runner import Arm, run_dataset
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
 from pacore.server.runview import create_run_app, parse_result_id
+from pacore.trace import Final, RoundFinished, RoundStarted, TrajectoryFinished
 from server_harness import PACORE, RunningServer, running_app, serving
 
 pytestmark = pytest.mark.http
@@ -152,7 +153,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ScriptedBac
     backend = ScriptedBackend(respond=run_reply, max_n=2)
 
     async def arms() -> None:
-        await run_dataset(path, PROBLEMS, dataset_path="d.jsonl", arm=Arm.build("pacore", schedule="2"), backend=backend)
+        pacore = Arm.build("pacore", schedule="2")
+        await run_dataset(path, PROBLEMS, dataset_path="d.jsonl", arm=pacore, backend=backend)
         await run_dataset(path, PROBLEMS, dataset_path="d.jsonl", arm=Arm.build("single"), backend=backend,
                           add_arm=True, repeats=2)  # fmt: skip
 
@@ -233,3 +235,30 @@ def test_pacore_view_command_serves_the_run_and_refuses_a_non_run(run_dir, tmp_p
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_prompt_too_long_to_keep_is_left_out_not_cut() -> None:
+    from pacore.prompts import SynthesisTemplate
+    from pacore.server.history import _PROMPT_CHARS, RequestRecord
+    from pacore.trace import Result, Round, Trajectory, Usage
+
+    def replay(question: str) -> list[str | None]:
+        record = RequestRecord("r", "m", [2], [{"role": "user", "content": question}], False,
+                               template=SynthesisTemplate.default())  # fmt: skip
+        first = Round(index=0, k=2, trajectories=[Trajectory(round=0, index=i, message=f"m{i}") for i in range(2)])
+        final = Round(index=1, k=1, final=True, references=[(0, 1), (0, 0)],
+                      trajectories=[Trajectory(round=1, index=0, message="done")])  # fmt: skip
+        for rnd in (first, final):
+            record.apply(RoundStarted(round=rnd.index, k=rnd.k, final=rnd.final, total_rounds=2))
+            for t in rnd.trajectories:
+                record.apply(TrajectoryFinished(round=rnd.index, trajectory=t, done=1, k=rnd.k))
+            record.apply(RoundFinished(round=rnd))
+        record.apply(Final(result=Result(answer="done", schedule=[2], rounds=[first, final], usage=Usage())))
+        assert record.problem == ""  # not kept once every prompt is built
+        return [r.prompt for r in record.detail().rounds]
+
+    short = replay("Why is the sea blue?")
+    assert short[0] is None and short[1] == SynthesisTemplate.default().render(
+        problem="Why is the sea blue?", references=["m1", "m0"], round=2, total_rounds=2
+    )
+    assert replay("x" * (_PROMPT_CHARS + 1)) == [None, None]

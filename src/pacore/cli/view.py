@@ -36,7 +36,7 @@ def view(
     base = f"http://{_url_host(bound_host)}:{bound_port}"
     typer.echo(f"pacore view: {run_dir} (read-only) at {base}/ui · Ctrl-C to stop")
     if not _is_loopback(bound_host):
-        typer.echo(f"pacore view: warning: {host} is reachable from other machines; the viewer has no API key", err=True)
+        typer.echo(f"pacore view: warning: {host} is reachable from other machines; the viewer has no key", err=True)
     server = uvicorn.Server(uvicorn.Config(viewer_app, log_level="warning", access_log=False))
     try:
         server.run(sockets=[listener])

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from pacore import store
 from pacore.backends.base import Message, text_of
 from pacore.engine import last_user_index, last_user_text
-from pacore.errors import StoreError
+from pacore.errors import StoreError, TemplateError
 from pacore.eval.grading import extract_answer
 from pacore.prompts import SynthesisTemplate
 from pacore.trace import (
@@ -49,6 +49,8 @@ Status = Literal["running", "done", "failed", "cancelled", "pending"]
 _PREVIEW_CHARS = 240
 #: The viewer's copy of a question is cut here, so a history of huge prompts stays small.
 _QUESTION_CHARS = 20_000
+#: A synthesis prompt longer than this is not kept (an exact prompt or none, never a cut one).
+_PROMPT_CHARS = 200_000
 _VIEW_FIELDS = {
     "index", "message", "prompt_tokens", "completion_tokens", "latency_s", "finish_reason", "error", "error_kind",
 }  # fmt: skip
@@ -234,6 +236,7 @@ class RequestRecord:
                 self.answer = self.partial_answer = result.answer
                 self.status = "done"
                 self.finished = time.time()
+            self.problem = ""  # every prompt is built: the history keeps the clipped question only
 
     def _references(self, finished: Round) -> None:
         """Rebuild the prompt ``finished`` was sent, from the references it records (in prompt order)."""
@@ -245,11 +248,17 @@ class RequestRecord:
         references = [messages.get(key) for key in finished.references]
         if any(message is None for message in references):
             return  # a reference this record never saw: better no prompt than a wrong one
-        rnd.prompt = self.template.render(
-            problem=self.problem, references=references,  # type: ignore[arg-type]  # checked above
-            round=finished.index + 1, total_rounds=self.total_rounds,
-        )  # fmt: skip
-        rnd.prompt_seq = self.seq
+        if len(self.problem) + sum(len(m) for m in references) > _PROMPT_CHARS:  # type: ignore[arg-type]
+            return
+        try:
+            prompt = self.template.render(
+                problem=self.problem, references=references,  # type: ignore[arg-type]  # checked above
+                round=finished.index + 1, total_rounds=self.total_rounds,
+            )  # fmt: skip
+        except TemplateError:
+            return  # the engine rendered it, so this cannot happen; the viewer never breaks a request
+        if len(prompt) <= _PROMPT_CHARS:
+            rnd.prompt, rnd.prompt_seq = prompt, self.seq
 
     def finish(self, status: Status, error: str | None = None) -> None:
         """End a request the engine did not finish itself (cancelled, refused, crashed)."""
@@ -259,6 +268,7 @@ class RequestRecord:
         self.status = status
         self.error = error
         self.finished = time.time()
+        self.problem = ""
         if self.elapsed_s is None:
             self.elapsed_s = time.perf_counter() - self.started
 

@@ -256,6 +256,7 @@ function metaItem(label, value) {
 }
 
 function finalBox(detail) {
+  const grade = gradeLabel(detail.correct);
   if (detail.status === "failed" || detail.status === "cancelled") {
     return el("div", { class: "final failed" }, [
       el("h2", { text: detail.status === "failed" ? "Failed" : "Cancelled" }),
@@ -284,7 +285,7 @@ function finalBox(detail) {
       ? el("div", { class: "truth" }, [
         el("span", { class: "muted", text: "ground truth " }),
         el("b", { text: detail.ground_truth }),
-        detail.correct !== null ? el("span", { class: `badge ${gradeLabel(detail.correct)}`, text: gradeLabel(detail.correct) }) : null,
+        grade ? el("span", { class: `badge ${grade}`, text: grade }) : null,
       ])
       : null,
   ]);
