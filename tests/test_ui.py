@@ -244,6 +244,8 @@ def test_pacore_view_shows_a_batch_run_read_only(page, tmp_path):
         pool.submit(asyncio.run, run).result()
     server = uvicorn.Server(uvicorn.Config(create_run_app(tmp_path / "run"), log_level="warning"))
     with serving(server) as base_url:
+        listings: list[str] = []
+        page.on("request", lambda r: listings.append(r.url) if r.url.endswith("/ui/api/requests") else None)
         page.goto(f"{base_url}/ui")
         items = page.locator(".request-item")
         items.nth(1).wait_for()
@@ -267,3 +269,5 @@ def test_pacore_view_shows_a_batch_run_read_only(page, tmp_path):
         card.locator("summary").click()
         assert "What is 3 plus one?" in card.locator(".prompt-text").text_content()
         assert page.dialogs == []
+        page.wait_for_timeout(2500)  # longer than the server list's polling interval
+        assert len(listings) == 1  # a run's list is read once, not polled

@@ -13,6 +13,7 @@ const state = {
   detailTimer: null,
   requests: [], // the last list fetched, filtered on the page
   openPrompts: new Set(), // "round:index" of the cards whose prompt is shown, kept across redraws
+  listTimer: null,
 };
 
 // --- DOM helpers -----------------------------------------------------------
@@ -108,8 +109,10 @@ async function refreshList() {
   if (!state.selected && body.data.length && !location.hash) select(body.data[0].id);
 }
 
-// `pacore view RUN_DIR`: a batch run, read-only, no API key.
+// `pacore view RUN_DIR`: a batch run, read-only, no API key; its list can be long and
+// changes only while the run goes on, so it is read once (reload the page for more).
 function showSource(source) {
+  clearInterval(state.listTimer);
   byId("key-form").hidden = true;
   byId("list-title").textContent = "Results";
   byId("source").textContent = `run ${source.run} · read-only`;
@@ -389,8 +392,8 @@ function start() {
     if (id) select(id);
   });
   if (location.hash.length > 1) select(decodeURIComponent(location.hash.slice(1)));
+  state.listTimer = setInterval(refreshList, LIST_EVERY_MS);
   refreshList();
-  setInterval(refreshList, LIST_EVERY_MS);
 }
 
 start();
