@@ -195,6 +195,8 @@ def test_a_run_result_shows_its_rounds_prompt_grade_and_error(viewer, run_dir) -
     assert sorted(t["answer"] for t in first["trajectories"]) == ["2", "6"]
     synthesis_calls = {c.last_user_text for c in run_dir[1].calls if "Reference Responses" in c.last_user_text}
     assert final["prompt"] in synthesis_calls and "Problem 1:" in final["prompt"]
+    single = get(viewer, "/ui/api/requests/single/set/q1/0/1")
+    assert (single["final_answer"], single["title"]) == ("2", "set/q1 · single · seed 0 repeat 1")
     failed = get(viewer, "/ui/api/requests/pacore-2/set/q2/0/0")
     assert failed["status"] == "failed" and "upstream said no" in failed["error"]
     trace = get(viewer, "/ui/api/traces/pacore-2/set/q1/0/0")

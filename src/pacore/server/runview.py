@@ -145,10 +145,12 @@ class RunView:
         elif result.status == "failed":
             record.finish("failed", result.error)
         detail = record.detail()
-        # The stored status, times and error are the run's, not the replay's.
+        # The stored status, times, error and graded answer are the run's, not the replay's
+        # (a majority vote's answer is no trajectory's: only the run knows it).
         return detail.model_copy(update={
             **summary.model_dump(exclude={"question", "answer"}),
             "error": result.error if result.status == "failed" else detail.error,
+            "final_answer": result.extracted if result.extracted is not None else detail.final_answer,
         })  # fmt: skip
 
     def trace(self, request_id: str) -> dict[str, Any] | None:
