@@ -4,7 +4,8 @@ Every result of every arm (one per problem, seed and repeat) is a "request"
 of the viewer: its stored trace is replayed through the same
 :class:`~pacore.server.history.RequestRecord` the server folds live events
 into, so a run's traces look exactly like a server's, with the problem's
-ground truth and grade added. Nothing here writes to the run.
+ground truth and grade added. Nothing here writes to the run (opening an
+older run's store upgrades its schema, as every reader of a run does).
 """
 
 from __future__ import annotations
