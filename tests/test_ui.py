@@ -206,6 +206,8 @@ def test_dates_download_and_filter(page, tmp_path):
         page.wait_for_function("document.querySelectorAll('.request-item').length === 2")
 
         page.goto(f"{running.base_url}/ui#{first.id}")
+        # Only the hash changes: wait for that request's page, not the one shown before.
+        page.locator(".request-head code", has_text=first.id).wait_for()
         page.locator(".round").nth(1).wait_for()
         with page.expect_download() as download:
             page.click("#download")
