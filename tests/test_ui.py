@@ -261,6 +261,7 @@ def test_pacore_view_shows_a_batch_run_read_only(page, tmp_path):
         page.wait_for_function("document.querySelectorAll('.request-item').length === 1")
         page.fill("#filter", "")
         items.filter(has_text="q3 · pacore-2").click()
+        page.locator(".request-head code", has_text="q3 · pacore-2").wait_for()
         page.locator(".round").nth(1).wait_for()
         final = page.locator("#final-answer")
         assert final.locator(".answer-text").text_content() == "It is 5."
