@@ -237,3 +237,82 @@ def test_report_json_gives_repeats_per_arm(tmp_path: Path) -> None:
     text = subprocess.run([PACORE, "report", str(path)], capture_output=True, text=True, env=env, timeout=120)
     assert text.returncode == 0, text.stderr
     assert "on 15 graded results of 3 problems (mean over repeats)" in text.stdout
+
+
+def test_report_opens_with_the_run_and_ends_with_every_problem(run_dir: Path, tmp_path: Path) -> None:
+    import csv
+
+    document = report_json(str(run_dir), "--out", str(tmp_path))
+    assert document["files"]["csv"] == str(tmp_path / "report.csv")
+    markdown = (tmp_path / "report.md").read_text()
+    for line in ("- model: scripted", "- backend: scripted", f"- data set: {Path('d.jsonl').resolve()} (4 problems)",
+                 "- pacore version: ", "- run created: 20", "- wall time: "):  # fmt: skip
+        assert line in markdown, line
+    assert "temperature 1.0" in markdown.split("- settings: ")[1].splitlines()[0]
+    assert markdown.index("## Run ") < markdown.index("## Accuracy and compute") < markdown.index("## Per-problem")
+    assert "| pacore-2 | q2 | 0 | 0 | done | 9 | 3 | wrong |" in markdown
+    assert "| majority-2 | q1 | 0 | 0 | done | 7 | 2 | wrong |" in markdown
+    assert "| pacore-2 | q3 | 0 | 0 | failed |  | 4 |  | 0 | 0 |" in markdown
+
+    with (tmp_path / "report.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 8 and {r["run"] for r in rows} == {str(run_dir)}
+    by_key = {(r["arm"], r["problem"]): r for r in rows}
+    assert (by_key["pacore-2", "q1"]["extracted answer"], by_key["pacore-2", "q1"]["grade"]) == ("2", "correct")
+    assert by_key["pacore-2", "q0"]["completion tokens"] == str(sum(map(words, SCRIPT[0][0])) + words(SCRIPT[0][1]))
+    assert by_key["majority-2", "q3"]["status"] == "failed" and "<b>busy</b>" in by_key["majority-2", "q3"]["error"]
+    assert all(float(r["time (s)"]) >= 0 for r in rows)
+
+    page = (tmp_path / "report.html").read_text()
+    assert "<dt>model</dt><dd>scripted</dd>" in page
+    assert "<h2>Per-problem results</h2>" in page and "<td>q2</td>" in page
+    assert "<b>busy</b>" not in page
+    assert not list(tmp_path.glob(".*.tmp"))  # written through temporary files, none left behind
+
+
+def test_wall_time_is_first_start_to_last_finish_not_the_sum() -> None:
+    from pacore.eval.report import arm_report, summary_rows
+    from pacore.store import ArmInfo, ProblemResult
+
+    # Two problems of 60 s each, the second started 30 s after the first: 90 s of real time.
+    results = [
+        ProblemResult("q0", "done", wall_s=60.0, updated_at="2026-01-02T10:01:00.000+00:00"),
+        ProblemResult("q1", "done", wall_s=60.0, updated_at="2026-01-02T10:01:30.000+00:00"),
+        ProblemResult("q2", "pending"),
+    ]
+    arm = arm_report("run", ArmInfo("single", "single"), results)
+    assert arm.elapsed_s == 90.0 and arm.sum_wall_s == 120.0
+    figures = arm.as_dict()
+    assert (figures["wall_s"], figures["sum_problem_wall_s"]) == (90.0, 120.0)
+    assert figures["first_start"] == "2026-01-02T10:00:00+00:00"
+    assert figures["last_finish"] == "2026-01-02T10:01:30+00:00"
+    header, (row,) = summary_rows([arm], with_run=False)
+    cells = dict(zip(header, row, strict=True))
+    assert cells["wall time (first start to last finish)"] == "1m 30s"
+    assert cells["sum of problem times"] == "120.0s"
+    nothing = arm_report("run", ArmInfo("single", "single"), [ProblemResult("q0", "pending")])
+    assert nothing.elapsed_s is None and summary_rows([nothing], False)[1][0][-2] == "n/a"
+
+
+def test_plot_separates_tied_points_and_labels_each(tmp_path: Path) -> None:
+    from pacore.eval.report import ArmReport, plot_points, render_plot
+
+    def arm(name: str, method: str, tokens: float, correct: int, schedule: str | None = None) -> ArmReport:
+        return ArmReport(run="r", arm=name, method=method, schedule=schedule, samples=None, graded=4,
+                         correct=correct, mean_completion_tokens=tokens,
+                         problem_accuracies=[1.0] * correct + [0.0] * (4 - correct))  # fmt: skip
+
+    arms = [arm("pacore-4", "pacore", 1000, 2, "4"), arm("pacore-4b", "pacore", 1000, 2, "4"),
+            arm("single", "single", 1000, 2), arm("pacore-8", "pacore", 2000, 3, "8")]  # fmt: skip
+    series = plot_points(arms, with_run=False)
+    points = [p for ps in series.values() for p in ps]
+    tied = [p for p in points if p.arm.mean_completion_tokens == 1000]
+    assert len({p.x for p in tied}) == 3  # three arms at the same place are drawn apart
+    assert all(abs(p.x / 1000 - 1) < 0.05 for p in tied)  # ... by a small offset
+    assert sorted(p.tie for p in tied) == [0, 1, 2]
+    assert {p.label for p in tied} == {"pacore-4", "pacore-4b", "single"}  # each named, by its arm
+    (alone,) = [p for p in points if p.arm.arm == "pacore-8"]
+    assert (alone.x, alone.y, alone.label, alone.tie) == (2000, 75.0, "8", 0)
+    assert plot_points(arms, with_run=False) == series  # deterministic
+    render_plot(arms, tmp_path / "plot.png", with_run=False)
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")

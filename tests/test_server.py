@@ -501,7 +501,8 @@ def test_metrics_move_after_requests(fake):
 
 
 def test_viewer_api_shows_rounds_answers_and_distribution(server):
-    completion = ask(server)
+    # Answers are extracted only under a grading kind (see test_viewer_api.py for requests without one).
+    completion = ask(server, extra_body={"pacore": {"grading": "number"}})
     listing = httpx.get(f"{server.base_url}/ui/api/requests").json()["data"]
     assert [r["id"] for r in listing] == [completion.id]
     assert listing[0]["status"] == "done"
@@ -533,7 +534,7 @@ def test_history_keeps_only_the_last_n_requests(fake):
 def test_history_db_keeps_the_last_n_finished_requests_across_restarts(tmp_path):
     config = ServerConfig(schedule=Schedule.parse([2]), history=2, history_db=tmp_path / "history.sqlite")
     with running_app(backend(), config) as running:
-        ids = [ask(running).id for _ in range(3)]
+        ids = [ask(running, extra_body={"pacore": {"grading": "number"}}).id for _ in range(3)]
     with running_app(backend(), config) as running:
         listing = httpx.get(f"{running.base_url}/ui/api/requests").json()["data"]
         assert [(r["id"], r["status"]) for r in listing] == [(ids[2], "done"), (ids[1], "done")]

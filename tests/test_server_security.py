@@ -287,7 +287,8 @@ def test_markup_anywhere_in_a_request_shows_as_text_in_the_viewer(page):  # noqa
     with running_app(backend, ServerConfig(schedule=Schedule.parse([3]))) as running:
         client = openai.OpenAI(base_url=running.api_url, api_key="unused", max_retries=0)
         completion = client.chat.completions.create(
-            model=f"scripted{HOSTILE}", messages=[{"role": "user", "content": f"Question {HOSTILE}"}]
+            model=f"scripted{HOSTILE}", messages=[{"role": "user", "content": f"Question {HOSTILE}"}],
+            extra_body={"pacore": {"grading": "auto"}},  # the extracted answer is shown under a grading kind only
         )
         response = httpx.get(f"{running.base_url}/ui")
         assert "script-src" not in response.headers["content-security-policy"]  # so 'self' only
@@ -304,6 +305,7 @@ def test_markup_anywhere_in_a_request_shows_as_text_in_the_viewer(page):  # noqa
         assert page.locator(".card .message", has_text="the answer is 42").first.text_content() == f"{HOSTILE} the answer is 42"
         assert page.locator(".card.failed .error").text_content() == f"status: HTTP 503 {HOSTILE}"
         assert page.locator("#final-answer .extracted").text_content() == HOSTILE
+        assert HOSTILE in page.locator("#final-answer .answer-text").text_content()
         # ... and no element was made from it, and nothing ran.
         assert page.locator("script:not([src]), img, iframe, object, .pwned").count() == 0
         assert page.evaluate("window.__pwned") is None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 
 import openai
@@ -59,9 +61,15 @@ def page(browser):
     context.close()
 
 
-def ask(running: RunningServer, api_key: str = "unused") -> openai.types.chat.ChatCompletion:
+def ask(
+    running: RunningServer, api_key: str = "unused", question: str = QUESTION, grading: str | None = "math"
+) -> openai.types.chat.ChatCompletion:
+    """Ask ``question``; with a ``grading`` kind (``pacore.grading``) the viewer extracts answers."""
     client = openai.OpenAI(base_url=running.api_url, api_key=api_key, max_retries=0)
-    return client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": QUESTION}])
+    return client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": question}],
+        extra_body={"pacore": {"grading": grading}} if grading else None,
+    )  # fmt: skip
 
 
 def test_viewer_lists_a_finished_request_and_shows_its_rounds(page):
@@ -136,3 +144,133 @@ def test_viewer_asks_for_the_api_key_when_the_server_has_keys(page):
         page.locator(".request-item", has_text=QUESTION).wait_for()
         page.locator(".round").nth(1).wait_for()
         assert page.locator("#notice").text_content() == ""
+
+
+HAIKU = "Write a haiku about the sea."
+POEM = "Grey-green under cloud,\nthe sea keeps 1 secret blue:\nthe sky it lends back."
+
+
+def poem_reply(call: Call, i: int) -> str:
+    return POEM if "Reference Responses" in call.last_user_text else f"Draft {i}: 3 waves and 2 gulls."
+
+
+def test_without_a_grading_kind_the_final_answer_is_the_text_alone(page):
+    backend = StreamingScriptedBackend(respond=poem_reply)
+    with running_app(backend, ServerConfig(schedule=Schedule.parse([3]))) as running:
+        ask(running, question=HAIKU, grading=None)
+        page.goto(f"{running.base_url}/ui")
+        page.locator("#final-answer").wait_for()
+        assert page.locator("#final-answer .answer-text").text_content() == POEM
+        # No number pulled out of a poem: no extracted answer, no chips, no vote.
+        assert page.locator("#final-answer .extracted, .chip, .dist").count() == 0
+        assert "grading" not in page.locator(".meta").text_content()
+
+
+def test_a_synthesis_card_shows_its_prompt_collapsed_and_on_demand(page):
+    backend = StreamingScriptedBackend(respond=reply)
+    with running_app(backend, ServerConfig(schedule=Schedule.parse([4]))) as running:
+        ask(running)
+        page.goto(f"{running.base_url}/ui")
+        final = page.locator(".round").nth(1)
+        final.locator(".card").first.wait_for()
+        assert page.locator(".round").nth(0).locator("details.prompt").count() == 0  # round 1: the question itself
+        box = final.locator(".card details.prompt")
+        assert box.count() == 1 and box.get_attribute("open") is None
+        assert box.locator(".prompt-text").count() == 0  # not even in the page until opened
+        box.locator("summary").click()
+        sent = next(c.last_user_text for c in backend.calls if "Reference Responses" in c.last_user_text)
+        assert box.locator(".prompt-text").text_content() == sent
+        assert QUESTION in sent
+
+
+def test_dates_download_and_filter(page, tmp_path):
+    backend = StreamingScriptedBackend(respond=reply)
+    with running_app(backend, ServerConfig(schedule=Schedule.parse([4]))) as running:
+        first = ask(running)
+        ask(running, question="What is the colour of the sky?", grading=None)
+        page.goto(f"{running.base_url}/ui")
+        page.locator(".request-item").nth(1).wait_for()
+        # Local dates: the list and the detail show the request's day, not only its time.
+        created = page.evaluate(f"new Date({time.time() * 1000}).toLocaleDateString()")
+        assert created in page.locator(".request-item .when").first.text_content()
+        page.locator(".meta", has_text="finished").wait_for()
+        assert created in page.locator(".meta").text_content()
+
+        page.fill("#filter", "six SEVEN")
+        page.wait_for_function("document.querySelectorAll('.request-item').length === 1")
+        assert QUESTION in page.locator(".request-item").text_content()
+        assert page.locator("#filter-count").text_content() == "1 of 2"
+        page.fill("#filter", "no such words")
+        page.wait_for_function("document.querySelectorAll('.request-item').length === 0")
+        page.fill("#filter", "")
+        page.wait_for_function("document.querySelectorAll('.request-item').length === 2")
+
+        page.goto(f"{running.base_url}/ui#{first.id}")
+        # Only the hash changes: wait for that request's page, not the one shown before.
+        page.locator(".request-head code", has_text=first.id).wait_for()
+        page.locator(".round").nth(1).wait_for()
+        with page.expect_download() as download:
+            page.click("#download")
+        saved = tmp_path / "trace.json"
+        download.value.save_as(saved)
+        trace = json.loads(saved.read_text())
+        assert download.value.suggested_filename == f"{first.id}.json"
+        assert trace["id"] == first.id and trace["answer"] == "Weighing the references, the answer is 42."
+        assert [len(r["trajectories"]) for r in trace["rounds"]] == [4, 1]
+        assert page.dialogs == [] and page.locator("#notice").text_content() == ""
+
+
+def test_pacore_view_shows_a_batch_run_read_only(page, tmp_path):
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvicorn
+
+    from fakes import ScriptedBackend
+    from pacore.eval.datasets import Problem
+    from pacore.eval.runner import Arm, run_dataset
+    from pacore.server.runview import create_run_app
+    from server_harness import serving
+
+    def run_reply(call: Call, i: int) -> str:
+        if "Reference Responses" in call.last_user_text:
+            return "Both references say 2, so the answer is 2." if "1 plus" in call.last_user_text else "It is 5."
+        return "The answer is 2" if i == 0 else "I think 3"
+
+    problems = [Problem(id=f"q{n}", messages=[{"role": "user", "content": f"What is {n} plus one?"}],
+                        answer=str(n + 1), kind="gsm8k", line=n + 1) for n in (1, 3)]  # fmt: skip
+    backend = ScriptedBackend(respond=run_reply, max_n=2)
+    run = run_dataset(tmp_path / "run", problems, dataset_path="d.jsonl", arm=Arm.build("pacore", schedule="2"),
+                      backend=backend)  # fmt: skip
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API holds this thread's event loop
+        pool.submit(asyncio.run, run).result()
+    server = uvicorn.Server(uvicorn.Config(create_run_app(tmp_path / "run"), log_level="warning"))
+    with serving(server) as base_url:
+        listings: list[str] = []
+        page.on("request", lambda r: listings.append(r.url) if r.url.endswith("/ui/api/requests") else None)
+        page.goto(f"{base_url}/ui")
+        items = page.locator(".request-item")
+        items.nth(1).wait_for()
+        assert page.locator("#source").text_content() == f"run {tmp_path / 'run'} · read-only"
+        assert page.locator("#key-form").is_hidden()
+        right = items.filter(has_text="q1 · pacore-2")
+        assert right.locator(".badge.correct").text_content() == "correct"
+        assert items.filter(has_text="q3 · pacore-2").locator(".badge.wrong").count() == 1
+
+        page.fill("#filter", "wrong")
+        page.wait_for_function("document.querySelectorAll('.request-item').length === 1")
+        page.fill("#filter", "")
+        items.filter(has_text="q3 · pacore-2").click()
+        page.locator(".request-head code", has_text="q3 · pacore-2").wait_for()
+        page.locator(".round").nth(1).wait_for()
+        final = page.locator("#final-answer")
+        assert final.locator(".answer-text").text_content() == "It is 5."
+        assert final.locator(".extracted").text_content() == "5"
+        assert "ground truth 4" in final.locator(".truth").text_content()
+        assert final.locator(".truth .badge.wrong").count() == 1
+        card = page.locator(".round").nth(1).locator(".card")
+        card.locator("summary").click()
+        assert "What is 3 plus one?" in card.locator(".prompt-text").text_content()
+        assert page.dialogs == []
+        page.wait_for_timeout(2500)  # longer than the server list's polling interval
+        assert len(listings) == 1  # a run's list is read once, not polled

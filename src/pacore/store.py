@@ -149,7 +149,8 @@ def m002_repeats(db: sqlite3.Connection) -> None:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    # Milliseconds: reports derive a run's wall time from these.
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _dumps(value: Any) -> str:
@@ -210,6 +211,8 @@ class ProblemResult:
     #: Which draw of the problem this is: the command's seed and the repeat (0..R-1).
     seed: int = 0
     repeat: int = 0
+    #: When the result was last recorded (ISO 8601, UTC); ``None`` while it was never run.
+    updated_at: str | None = None
 
 
 #: A result's key within an arm: problem, seed, repeat.
@@ -402,12 +405,14 @@ class RunStore:
         for row in rows:
             yield _result(row)
 
-    def result(self, arm: str, problem_id: str) -> ProblemResult | None:
-        """One problem's result under ``arm`` (its first repeat), with its trace."""
+    def result(
+        self, arm: str, problem_id: str, seed: int | None = None, repeat: int | None = None
+    ) -> ProblemResult | None:
+        """One result of ``arm`` with its trace: ``problem_id``'s first, or the ``seed`` / ``repeat`` given."""
         row = self.db.execute(
             f"SELECT {_RESULT_COLUMNS}, r.trace_json FROM results r WHERE r.arm = ? AND r.problem_id = ? "
-            "ORDER BY r.rowid LIMIT 1",
-            (arm, problem_id),
+            "AND (? IS NULL OR r.seed = ?) AND (? IS NULL OR r.repeat = ?) ORDER BY r.rowid LIMIT 1",
+            (arm, problem_id, seed, seed, repeat, repeat),
         ).fetchone()
         return _result(row) if row is not None else None
 
@@ -437,7 +442,7 @@ _RESULT_COLUMNS = ", ".join(
     f"r.{name}"
     for name in (
         "problem_id", "status", "answer", "extracted", "correct", "prompt_tokens",
-        "completion_tokens", "calls", "wall_s", "error", "attempts", "seed", "repeat",
+        "completion_tokens", "calls", "wall_s", "error", "attempts", "seed", "repeat", "updated_at",
     )
 )  # fmt: skip
 
@@ -467,6 +472,7 @@ def _result(row: sqlite3.Row) -> ProblemResult:
         attempts=row["attempts"],
         seed=row["seed"],
         repeat=row["repeat"],
+        updated_at=row["updated_at"],
     )
 
 

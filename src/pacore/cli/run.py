@@ -359,7 +359,10 @@ def report_command(
         bool, typer.Option("--json", help="Print the figures as one JSON object on stdout.")
     ] = False,
 ) -> None:
-    """Write report.md, report.html and accuracy_vs_ttc.png for one or more runs.
+    """Write report.md, report.html, accuracy_vs_ttc.png and report.csv for one or more runs.
+
+    The report opens with each run's model, backend, settings, data set, dates and
+    pacore version, and ends with a table of every problem's result (also in report.csv).
 
     Per arm: accuracy with a 95% interval (Wilson with one result per problem; with
     --repeats, the mean over problems of per-problem accuracy with a normal
@@ -370,7 +373,7 @@ def report_command(
     if json_output:
         document = {
             "runs": [str(d) for d in run_dirs],
-            "files": {"markdown": str(files.markdown), "html": str(files.html), "plot": str(files.plot)},
+            "files": {"markdown": str(files.markdown), "html": str(files.html), "plot": str(files.plot), "csv": str(files.csv)},
             "methods": [arm.as_dict() for arm in arms],
         }
         typer.echo(json.dumps(document, indent=2))
@@ -389,7 +392,7 @@ def report_command(
             f"{tokens} TTC tokens/problem, {arm.failed} failed"
             + (f", {arm.pending} unfinished" if arm.pending else "")
         )
-    typer.echo(f"wrote {files.markdown}, {files.html} and {files.plot}")
+    typer.echo(f"wrote {files.markdown}, {files.html}, {files.plot} and {files.csv}")
 
 
 @app.command("export-train")

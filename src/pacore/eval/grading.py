@@ -25,10 +25,12 @@ import threading
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
+from typing import Literal, get_args
 
 from pacore.errors import UsageError
 
-KINDS = ("auto", "math", "number", "gsm8k", "choice", "exact")
+GradingKind = Literal["auto", "math", "number", "gsm8k", "choice", "exact"]
+KINDS: tuple[str, ...] = get_args(GradingKind)
 _NUMERIC_KINDS = ("number", "gsm8k")
 
 # math-verify gets at most this many characters per side: longer "answers"

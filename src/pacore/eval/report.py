@@ -18,31 +18,40 @@ trajectory (every round after the first) of graded problems:
   ("Reference 3", "ref 2", "Reference #1").
 
 :func:`write_report` writes ``report.md``, ``report.html`` (self-contained,
-the plot embedded) and ``accuracy_vs_ttc.png``.
+the plot embedded), ``accuracy_vs_ttc.png`` and ``report.csv`` (one row per
+result). The report opens with what each run was: model, backend, settings,
+data set, dates and pacore version; it closes with every problem's result.
+Wall time is the run's real elapsed time, from the first result's start to
+the last one's finish; the sum of per-problem times is shown apart (problems
+run concurrently, so it is usually far larger).
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from pacore.eval.grading import grade, majority_vote
 from pacore.errors import OutputError
 from pacore.files import atomic_output, refuse_overwriting, write_atomic
-from pacore.store import ArmInfo, ProblemResult, RunStore, StoredProblem, store_files
+from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem, store_files
 from pacore.trace import Result
 
 MARKDOWN_NAME = "report.md"
 HTML_NAME = "report.html"
 PLOT_NAME = "accuracy_vs_ttc.png"
-REPORT_NAMES = (MARKDOWN_NAME, HTML_NAME, PLOT_NAME)
+CSV_NAME = "report.csv"
+REPORT_NAMES = (MARKDOWN_NAME, HTML_NAME, PLOT_NAME, CSV_NAME)
 
 # Two-sided 95% normal quantile.
 Z_95 = 1.959963984540054
@@ -147,7 +156,11 @@ class ArmReport:
     mean_completion_tokens: float | None = None
     mean_prompt_tokens: float | None = None
     mean_wall_s: float | None = None
-    total_wall_s: float = 0.0
+    #: Per-problem wall times added up (problems overlap: not the run's duration).
+    sum_wall_s: float = 0.0
+    #: When the arm's first result started and its last one finished (UTC).
+    first_start: datetime | None = None
+    last_finish: datetime | None = None
     failure_reasons: list[tuple[str, int]] = field(default_factory=list)
     synthesis: SynthesisStats | None = None
     #: Per graded problem: its accuracy over its graded repeats.
@@ -175,6 +188,13 @@ class ArmReport:
         if not self.repeated:
             return wilson_interval(self.correct, self.graded)
         return repeat_interval(self.problem_accuracies)
+
+    @property
+    def elapsed_s(self) -> float | None:
+        """Real elapsed time: first start to last finish (``None`` before any result)."""
+        if self.first_start is None or self.last_finish is None:
+            return None
+        return (self.last_finish - self.first_start).total_seconds()
 
     @property
     def setting(self) -> str:
@@ -206,7 +226,10 @@ class ArmReport:
             "mean_completion_tokens": self.mean_completion_tokens,
             "mean_prompt_tokens": self.mean_prompt_tokens,
             "mean_wall_s": self.mean_wall_s,
-            "total_wall_s": self.total_wall_s,
+            "wall_s": self.elapsed_s,
+            "sum_problem_wall_s": self.sum_wall_s,
+            "first_start": _iso(self.first_start),
+            "last_finish": _iso(self.last_finish),
             "failure_reasons": [{"reason": r, "count": n} for r, n in self.failure_reasons],
             "synthesis": self.synthesis.as_dict() if self.synthesis else None,
         }
@@ -214,6 +237,20 @@ class ArmReport:
 
 def _ratio(part: int, whole: int) -> float | None:
     return part / whole if whole else None
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="seconds") if moment is not None else None
+
+
+def result_span(result: ProblemResult) -> tuple[datetime, datetime] | None:
+    """When a result started and finished: it was recorded at its finish, ``wall_s`` after its start."""
+    if result.status == "pending" or not result.updated_at:
+        return None
+    finish = datetime.fromisoformat(result.updated_at)
+    if finish.tzinfo is None:
+        finish = finish.replace(tzinfo=UTC)
+    return finish - timedelta(seconds=result.wall_s or 0.0), finish
 
 
 class _Grader:
@@ -252,7 +289,12 @@ def arm_report(
     for result in results:
         per_problem[result.problem_id] += 1
         report.results += 1
-        report.total_wall_s += result.wall_s or 0.0
+        report.sum_wall_s += result.wall_s or 0.0
+        span = result_span(result)
+        if span is not None:
+            start, finish = span
+            report.first_start = min(start, report.first_start or start)
+            report.last_finish = max(finish, report.last_finish or finish)
         if result.status == "pending":
             report.pending += 1
         elif result.status == "failed":
@@ -323,7 +365,135 @@ def collect(run_dirs: Sequence[str | Path]) -> list[ArmReport]:
     return reports
 
 
+@dataclass(frozen=True)
+class RunHeader:
+    """What one run was: model, backend, settings, data set, dates and pacore version."""
+
+    run: str
+    model: str
+    backend: str
+    settings: str
+    dataset: str
+    problems: int
+    created_at: str
+    pacore_version: str
+    first_start: datetime | None
+    last_finish: datetime | None
+
+    @property
+    def elapsed_s(self) -> float | None:
+        if self.first_start is None or self.last_finish is None:
+            return None
+        return (self.last_finish - self.first_start).total_seconds()
+
+    def lines(self) -> list[tuple[str, str]]:
+        """``(label, value)`` pairs, in the order the report shows them."""
+        return [
+            ("model", self.model or "unknown"),
+            ("backend", self.backend or "unknown"),
+            ("settings", self.settings),
+            ("data set", f"{self.dataset} ({self.problems} problems)"),
+            ("run created", self.created_at or "unknown"),
+            ("results", f"{_iso(self.first_start) or 'none yet'} to {_iso(self.last_finish) or 'none yet'}"),
+            ("wall time", _duration(self.elapsed_s)),
+            ("pacore version", self.pacore_version or "unknown"),
+        ]
+
+
+def _settings_text(info: RunInfo) -> str:
+    config = info.config
+    params = config.get("params") or {}
+    parts = [f"{name} {value}" for name, value in params.items() if value not in (None, {}, [])]
+    if (template := config.get("template")) and template.get("origin"):
+        parts.append(f"template {template['origin']}")
+    # Settings other branches add (reference order...) appear as they are stored.
+    parts += [
+        f"{name.replace('_', ' ')} {value}" for name, value in sorted(config.items())
+        if name not in ("model", "backend", "params", "template") and isinstance(value, str | int | float)
+    ]  # fmt: skip
+    if info.pool_size:
+        parts.append(f"pool {info.pool_size} trajectories per problem")
+    return ", ".join(parts) or "defaults"
+
+
+def run_header(store: RunStore, arms: Sequence[ArmReport]) -> RunHeader:
+    """The header of ``store``'s run; its dates span the results of ``arms`` (its arms' figures)."""
+    info = store.run_info()
+    if info is None:
+        return RunHeader(str(store.run_dir), "", "", "not started", "", 0, "", "", None, None)
+    starts = [a.first_start for a in arms if a.first_start is not None]
+    finishes = [a.last_finish for a in arms if a.last_finish is not None]
+    model = info.config.get("model")
+    if not model:  # none asked for: the one the backend named in its answers
+        row = store.db.execute(
+            "SELECT json_extract(trace_json, '$.model') FROM results WHERE trace_json IS NOT NULL LIMIT 1"
+        ).fetchone()
+        model = f"{row[0]} (as the backend named it)" if row and row[0] else ""
+    return RunHeader(
+        run=str(store.run_dir),
+        model=str(model),
+        backend=str(info.config.get("backend") or ""),
+        settings=_settings_text(info),
+        dataset=info.dataset_path,
+        problems=info.problem_count,
+        created_at=info.created_at,
+        pacore_version=info.pacore_version,
+        first_start=min(starts, default=None),
+        last_finish=max(finishes, default=None),
+    )
+
+
+PROBLEM_COLUMNS = [
+    "arm", "problem", "seed", "repeat", "status", "extracted answer", "ground truth", "grade",
+    "completion tokens", "prompt tokens", "time (s)", "error",
+]  # fmt: skip
+
+
+def problem_rows(store: RunStore) -> list[list[str]]:
+    """One row per result of every arm of ``store`` (cells as text, in :data:`PROBLEM_COLUMNS` order)."""
+    truths = {p.id: p.ground_truth for p in store.problems()}
+    rows = []
+    for arm in store.arms():
+        for result in store.results(arm.name, traces=False):
+            grade_text = "" if result.correct is None else ("correct" if result.correct else "wrong")
+            rows.append([
+                arm.name, result.problem_id, str(result.seed), str(result.repeat), result.status,
+                result.extracted or "", truths.get(result.problem_id) or "", grade_text,
+                str(result.completion_tokens), str(result.prompt_tokens),
+                f"{result.wall_s:.1f}" if result.wall_s is not None else "", result.error or "",
+            ])  # fmt: skip
+    return rows
+
+
+@dataclass
+class RunDetails:
+    """A run's header and per-problem rows, for the report's first and last sections."""
+
+    header: RunHeader
+    rows: list[list[str]]
+
+
+def run_details(run_dirs: Sequence[str | Path], arms: Sequence[ArmReport]) -> list[RunDetails]:
+    details = []
+    for run_dir in dict.fromkeys(run_dirs):  # a run named twice is described once
+        with RunStore.open(run_dir) as store:
+            own = [a for a in arms if a.run == str(run_dir)]
+            details.append(RunDetails(run_header(store, own), problem_rows(store)))
+    return details
+
+
 # --- output -----------------------------------------------------------------
+
+
+def _duration(seconds: float | None) -> str:
+    """``"4m 58s"``; ``"n/a"`` for none."""
+    if seconds is None:
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
 def percent(value: float | None) -> str:
@@ -354,14 +524,15 @@ def _problems_cell(arm: ArmReport) -> str:
 def summary_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
     header = [
         "arm", "method", "schedule / k", "problems", "answered", "failed",
-        "accuracy [95% CI]", "mean TTC tokens", "mean prompt tokens", "mean wall", "total wall",
+        "accuracy [95% CI]", "mean TTC tokens", "mean prompt tokens", "mean time per problem",
+        "wall time (first start to last finish)", "sum of problem times",
     ]  # fmt: skip
     rows = [
         [
             arm.arm, arm.method, arm.setting, _problems_cell(arm), str(arm.answered),
             str(arm.failed) + (f" (+{arm.pending} pending)" if arm.pending else ""),
             _accuracy_cell(arm), _number(arm.mean_completion_tokens), _number(arm.mean_prompt_tokens),
-            f"{_number(arm.mean_wall_s, 1)}s", f"{_number(arm.total_wall_s, 1)}s",
+            f"{_number(arm.mean_wall_s, 1)}s", _duration(arm.elapsed_s), f"{_number(arm.sum_wall_s, 1)}s",
         ]  # fmt: skip
         for arm in arms
     ]
@@ -408,13 +579,42 @@ def _failures(arms: list[ArmReport]) -> list[tuple[str, str, int]]:
     return [(arm.arm, reason, count) for arm in arms for reason, count in arm.failure_reasons]
 
 
-def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str]) -> str:
+def _problem_table(details: Sequence[RunDetails]) -> tuple[list[str], list[list[str]]]:
+    if len(details) == 1:
+        return PROBLEM_COLUMNS, details[0].rows
+    return ["run", *PROBLEM_COLUMNS], [[d.header.run, *row] for d in details for row in d.rows]
+
+
+def render_csv(details: Sequence[RunDetails]) -> str:
+    """Every result of every run, one row each (with a ``run`` column)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["run", *PROBLEM_COLUMNS])
+    writer.writerows([d.header.run, *row] for d in details for row in d.rows)
+    return buffer.getvalue()
+
+
+def _generated_line() -> str:
+    from pacore import __version__
+
+    return f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} by pacore {__version__}. Times are UTC."
+
+
+def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str], details: Sequence[RunDetails] = ()) -> str:
     with_run = len(run_dirs) > 1
     parts = [
         "# PaCoRe evaluation report",
         "",
         f"Runs: {', '.join(f'`{d}`' for d in run_dirs)}",
         "",
+        _generated_line(),
+        "",
+    ]
+    for detail in details:
+        parts += [f"## Run `{detail.header.run}`", ""]
+        parts += [f"- {label}: {value}" for label, value in detail.header.lines()]
+        parts.append("")
+    parts += [
         f"{ACCURACY_NOTE} TTC tokens are the effective test-time compute: completion tokens of every call of a "
         "problem (pooled trajectories a problem used included).",
         "",
@@ -439,6 +639,9 @@ def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str]) -> str:
     if failures:
         parts += ["", "## Failures", ""]
         parts += [f"- {arm}: {count} × {reason}" for arm, reason, count in failures]
+    if details:
+        parts += ["", "## Per-problem results", "", f"Also in `{CSV_NAME}`.", ""]
+        parts.append(_markdown_table(*_problem_table(details)))
     return "\n".join(parts) + "\n"
 
 
@@ -456,16 +659,30 @@ table { border-collapse: collapse; margin: 1rem 0; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; }
 th { background: #f3f3f3; }
 img { max-width: 100%; }
+dl.run { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
+dl.run dt { font-weight: 600; }
+dl.run dd { margin: 0; }
 """
 
 
-def render_html(arms: list[ArmReport], run_dirs: Sequence[str], plot_png: bytes | None) -> str:
+def render_html(
+    arms: list[ArmReport], run_dirs: Sequence[str], plot_png: bytes | None, details: Sequence[RunDetails] = ()
+) -> str:
     with_run = len(run_dirs) > 1
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>PaCoRe evaluation report</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<h1>PaCoRe evaluation report</h1>",
         f"<p>Runs: {html.escape(', '.join(run_dirs))}</p>",
+        f"<p>{html.escape(_generated_line())}</p>",
+    ]
+    for detail in details:
+        parts.append(f"<h2>Run {html.escape(detail.header.run)}</h2><dl class='run'>")
+        parts += [
+            f"<dt>{html.escape(label)}</dt><dd>{html.escape(value)}</dd>" for label, value in detail.header.lines()
+        ]
+        parts.append("</dl>")
+    parts += [
         f"<p>{html.escape(ACCURACY_NOTE)} TTC tokens are completion tokens of every call of a problem.</p>",
         "<h2>Accuracy and compute</h2>",
         _html_table(*summary_rows(arms, with_run)),
@@ -481,39 +698,79 @@ def render_html(arms: list[ArmReport], run_dirs: Sequence[str], plot_png: bytes 
         parts.append("<h2>Failures</h2><ul>")
         parts += [f"<li>{html.escape(f'{arm}: {count} × {reason}')}</li>" for arm, reason, count in failures]
         parts.append("</ul>")
+    if details:
+        parts += ["<h2>Per-problem results</h2>", _html_table(*_problem_table(details))]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
+#: One marker per series, so series that overlap stay apart.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+#: Tied points are spread along x by this factor per step (log scale: the same width everywhere).
+_TIE_STEP = 1.04
+
+
+@dataclass(frozen=True)
+class PlotPoint:
+    arm: ArmReport
+    #: Where the point is drawn: its mean TTC, moved a little when it ties another point.
+    x: float
+    y: float
+    label: str
+    #: Which of the points tied at its position it is (0 for a point alone); labels are stacked by it.
+    tie: int
+
+
+def plot_points(arms: Sequence[ArmReport], with_run: bool) -> dict[str, list[PlotPoint]]:
+    """The plotted points by series, in TTC order; tied points (same TTC and accuracy at the plot's
+    resolution) are spread symmetrically by small deterministic x offsets, in the order of ``arms``."""
+    plotted = [a for a in arms if a.accuracy is not None and a.mean_completion_tokens]
+    ties: dict[tuple[float, float], list[ArmReport]] = {}
+    for arm in plotted:
+        key = (round(math.log10(arm.mean_completion_tokens or 1), 2), round(100 * (arm.accuracy or 0), 1))
+        ties.setdefault(key, []).append(arm)
+    series: dict[str, list[PlotPoint]] = {}
+    for group in ties.values():
+        for position, arm in enumerate(group):
+            x = (arm.mean_completion_tokens or 0) * _TIE_STEP ** (position - (len(group) - 1) / 2)
+            name = f"{arm.method} ({arm.run})" if with_run else arm.method
+            label = arm.arm if len(group) > 1 or not arm.setting else arm.setting
+            point = PlotPoint(arm, x, 100 * (arm.accuracy or 0), label, position)
+            series.setdefault(name, []).append(point)
+    order = {name: i for i, name in enumerate(dict.fromkeys(
+        f"{a.method} ({a.run})" if with_run else a.method for a in plotted
+    ))}  # fmt: skip
+    return {name: sorted(series[name], key=lambda p: p.x) for name in sorted(series, key=order.__getitem__)}
+
+
 def render_plot(arms: list[ArmReport], path: Path, with_run: bool) -> None:
-    """Accuracy (95% interval bars) against mean effective TTC (log x), one line per method."""
+    """Accuracy (95% interval bars) against mean effective TTC (log x), one line and marker per
+    method; every point labelled, tied points spread apart (see :func:`plot_points`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    series: dict[str, list[ArmReport]] = {}
-    for arm in arms:
-        if arm.accuracy is not None and arm.mean_completion_tokens:
-            label = f"{arm.method} ({arm.run})" if with_run else arm.method
-            series.setdefault(label, []).append(arm)
+    series = plot_points(arms, with_run)
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     try:
-        for label, points in series.items():
-            points.sort(key=lambda a: a.mean_completion_tokens or 0)
-            xs = [a.mean_completion_tokens for a in points]
-            ys = [100 * (a.accuracy or 0) for a in points]
+        for number, (label, points) in enumerate(series.items()):
+            xs = [p.x for p in points]
+            ys = [p.y for p in points]
             # No interval (repeats of a single problem): no bar rather than one down to 0.
-            intervals = [a.interval or (a.accuracy or 0.0,) * 2 for a in points]
+            intervals = [p.arm.interval or (p.arm.accuracy or 0.0,) * 2 for p in points]
             # Clamped: rounding can put a bound a hair past its point (matplotlib refuses that).
             errors = [
                 [max(0.0, y - 100 * low) for y, (low, _) in zip(ys, intervals, strict=True)],
                 [max(0.0, 100 * high - y) for y, (_, high) in zip(ys, intervals, strict=True)],
             ]
-            axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
-            for arm, x, y in zip(points, xs, ys, strict=True):
-                axes.annotate(arm.setting, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            marker = _MARKERS[number % len(_MARKERS)]
+            axes.errorbar(xs, ys, yerr=errors, marker=marker, capsize=3, label=label, alpha=0.85)
+            for point in points:
+                # Labels of tied points are stacked so each stays readable.
+                axes.annotate(point.label, (point.x, point.y), textcoords="offset points",
+                              xytext=(5, 4 + 10 * point.tie), fontsize=8)  # fmt: skip
         axes.set_xscale("log")
         plain = FuncFormatter(lambda value, _: f"{value:,.0f}")
         axes.xaxis.set_major_formatter(plain)
@@ -540,10 +797,13 @@ class ReportFiles:
     markdown: Path
     html: Path
     plot: Path
+    csv: Path
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> tuple[list[ArmReport], ReportFiles]:
-    """Collect every arm of ``run_dirs`` and write the three report files into ``out_dir``.
+def write_report(
+    run_dirs: Sequence[str | Path], out_dir: str | Path | None = None
+) -> tuple[list[ArmReport], ReportFiles]:
+    """Collect every arm of ``run_dirs`` and write the four report files into ``out_dir``.
 
     ``out_dir`` defaults to the first run directory.
     """
@@ -552,16 +812,18 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
     if out.exists() and not out.is_dir():
         raise OutputError(f"report output {out} is not a directory")
-    files = ReportFiles(out / MARKDOWN_NAME, out / HTML_NAME, out / PLOT_NAME)
+    files = ReportFiles(out / MARKDOWN_NAME, out / HTML_NAME, out / PLOT_NAME, out / CSV_NAME)
     inputs = store_files(out)
     for run_dir in run_dirs:
         with RunStore.open(run_dir) as store:
             inputs |= run_inputs(store, with_reports=False)
-    for path in (files.markdown, files.html, files.plot):
+    for path in (files.markdown, files.html, files.plot, files.csv):
         refuse_overwriting(path, inputs)
+    details = run_details(run_dirs, arms)
     render_plot(arms, files.plot, with_run=len(names) > 1)
-    write_atomic(files.markdown, render_markdown(arms, names))
-    write_atomic(files.html, render_html(arms, names, files.plot.read_bytes()))
+    write_atomic(files.csv, render_csv(details))
+    write_atomic(files.markdown, render_markdown(arms, names, details))
+    write_atomic(files.html, render_html(arms, names, files.plot.read_bytes(), details))
     return arms, files
 
 

@@ -55,7 +55,14 @@ from pacore.server.errors import (
     describe,
     install_error_handlers,
 )
-from pacore.server.history import HistoryDatabase, RequestDetail, RequestHistory, RequestRecord, RequestSummary
+from pacore.server.history import (
+    HistoryDatabase,
+    RequestDetail,
+    RequestHistory,
+    RequestRecord,
+    RequestSummary,
+    SavedRecord,
+)
 from pacore.server.metrics import ServerMetrics
 from pacore.server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from pacore.trace import Event, Result
@@ -63,6 +70,10 @@ from pacore.trace import Event, Result
 logger = logging.getLogger("pacore.server")
 
 STATIC_DIR = files("pacore.server") / "static"
+#: Model text is inserted as text by the page; this stops anything that slips through.
+VIEWER_CSP = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 #: Large enough for a few images as data URLs; a 10 MB prompt is refused (413).
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Routes anyone may open: the health probe and the viewer's static shell (it holds no data).
@@ -174,7 +185,10 @@ class _ChatRun:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.trace_url = f"/ui#{self.id}"
         self.record = server.history.add(
-            RequestRecord(self.id, plan.model, plan.schedule.as_list(), plan.messages, plan.stream)
+            RequestRecord(
+                self.id, plan.model, plan.schedule.as_list(), plan.messages, plan.stream,
+                kind=plan.grading, template=server.config.template,
+            )  # fmt: skip
         )
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.started = time.perf_counter()
@@ -375,6 +389,8 @@ def _endpoint(path: str) -> str:
     """A bounded label for a path (no ids, no arbitrary 404 paths)."""
     if path.startswith("/ui/api/requests/"):
         return "/ui/api/requests/{id}"
+    if path.startswith("/ui/api/traces/"):
+        return "/ui/api/traces/{id}"
     if path.startswith(_PUBLIC_PREFIX):
         return "/ui/static"
     known = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/ui", "/ui/api/requests")
@@ -464,12 +480,7 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
     async def viewer() -> FileResponse:
         return FileResponse(
             str(STATIC_DIR / "index.html"),
-            headers={
-                # Model text is inserted as text by the page; this stops anything that slips through.
-                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
-                "Cache-Control": "no-cache",
-            },
+            headers={"Content-Security-Policy": VIEWER_CSP, "Cache-Control": "no-cache"},
         )
 
     app.mount("/ui/static", StaticFiles(directory=str(STATIC_DIR)), name="ui-static")
@@ -478,14 +489,22 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
     async def recent_requests() -> dict[str, list[RequestSummary]]:
         return {"data": [record.summary() for record in server.history.recent()]}
 
-    @app.get("/ui/api/requests/{request_id}")
-    async def request_detail(request_id: str, since: int = Query(0, ge=0)) -> RequestDetail:
+    def kept(request_id: str) -> RequestRecord | SavedRecord:
         record = server.history.get(request_id)
         if record is None:
             raise HTTPException(
                 404, f"no request {request_id!r} in the history (the server keeps the last {config.history})"
             )
-        return record.detail(since)
+        return record
+
+    @app.get("/ui/api/requests/{request_id}")
+    async def request_detail(request_id: str, since: int = Query(0, ge=0)) -> RequestDetail:
+        return kept(request_id).detail(since)
+
+    @app.get("/ui/api/traces/{request_id}")
+    async def request_trace(request_id: str) -> RequestDetail:
+        """The whole trace as the history keeps it, for the viewer's JSON download."""
+        return kept(request_id).detail()
 
     app.openapi = _openapi_with_request_schemas(app)  # type: ignore[method-assign]
     return app

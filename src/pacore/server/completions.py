@@ -62,6 +62,8 @@ class Plan:
     include_usage: bool
     #: ``None``: the server's default.
     reference_order: ReferenceOrder | None = None
+    #: The grading kind the request named (``pacore.grading``), for the trace viewer.
+    grading: str | None = None
 
 
 def parse_body(body: bytes, content_type: str | None = None) -> ChatCompletionRequest:
@@ -114,6 +116,7 @@ def plan_request(
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         reference_order=request.pacore.reference_order if request.pacore else None,
+        grading=request.pacore.grading if request.pacore else None,
     )
 
 

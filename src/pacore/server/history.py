@@ -24,9 +24,10 @@ from pydantic import BaseModel, ValidationError
 
 from pacore import store
 from pacore.backends.base import Message, text_of
-from pacore.messages import last_user_index
-from pacore.errors import StoreError
+from pacore.errors import StoreError, TemplateError
+from pacore.messages import last_user_index, last_user_text
 from pacore.eval.grading import extract_answer
+from pacore.prompts import SynthesisTemplate
 from pacore.trace import (
     AnswerDelta,
     Event,
@@ -42,11 +43,14 @@ from pacore.trace import (
 
 logger = logging.getLogger("pacore.server")
 
-Status = Literal["running", "done", "failed", "cancelled"]
+#: ``pending``: a batch run's result not run yet (``pacore view``).
+Status = Literal["running", "done", "failed", "cancelled", "pending"]
 
 _PREVIEW_CHARS = 240
 #: The viewer's copy of a question is cut here, so a history of huge prompts stays small.
 _QUESTION_CHARS = 20_000
+#: A synthesis prompt longer than this is not kept (an exact prompt or none, never a cut one).
+_PROMPT_CHARS = 200_000
 _VIEW_FIELDS = {
     "index", "message", "prompt_tokens", "completion_tokens", "latency_s", "finish_reason", "error", "error_kind",
 }  # fmt: skip
@@ -65,7 +69,7 @@ class TrajectoryView(BaseModel):
     index: int
     #: The compacted message passed on to the next round (the final answer for the last round).
     message: str | None
-    #: The answer stated in the message, as the evaluator extracts it.
+    #: The answer stated in the message, as the evaluator extracts it (only with a grading kind).
     answer: str | None
     prompt_tokens: int
     completion_tokens: int
@@ -91,14 +95,20 @@ class RoundView(BaseModel):
     elapsed_s: float
     #: The previous round left no message: the original conversation was sent (see pacore.synthesis).
     bypassed: bool = False
+    #: Votes over the extracted answers (empty without a grading kind).
     distribution: list[AnswerCount]
     #: Trajectories newer than the ``since`` the viewer asked with, in index order.
     trajectories: list[TrajectoryView]
+    #: The exact text that replaced the last user message in this synthesis round's
+    #: calls; sent once (when newer than ``since``), ``None`` for round 1 or when unknown.
+    prompt: str | None = None
 
 
 class RequestSummary(BaseModel):
     id: str
+    #: When the request started and finished (seconds since the epoch; ``None`` while running).
     created: float
+    finished: float | None = None
     model: str
     schedule: list[int]
     stream: bool
@@ -107,6 +117,12 @@ class RequestSummary(BaseModel):
     answer: str | None
     completion_tokens: int
     elapsed_s: float
+    #: The grading kind answers are extracted with; ``None``: the answer is shown as text only.
+    kind: str | None = None
+    #: A batch run's result: where it comes from, its ground truth and grade (``pacore view``).
+    title: str | None = None
+    ground_truth: str | None = None
+    correct: bool | None = None
 
 
 class RequestDetail(RequestSummary):
@@ -123,22 +139,26 @@ class RequestDetail(RequestSummary):
 class _Round:
     """A round as it fills: the engine's own Round plus what the viewer adds per trajectory."""
 
-    def __init__(self, index: int, k: int, final: bool, bypassed: bool) -> None:
+    def __init__(self, index: int, k: int, final: bool, bypassed: bool, kind: str | None) -> None:
         self.trace = Round(index=index, k=k, final=final, bypassed=bypassed)
         self.started = time.perf_counter()
         self.finished = False
+        self.kind = kind
         self.views: list[TrajectoryView] = []
+        self.prompt: str | None = None
+        self.prompt_seq = 0
 
     def add(self, trajectory: Trajectory, seq: int) -> None:
         # The viewer shows compacted messages only; the raw text and reasoning
         # (the bulk of a long trajectory) are not kept for it.
         self.trace.trajectories.append(trajectory.model_copy(update={"text": "", "reasoning": None}))
-        answer = extract_answer(trajectory.message) if trajectory.message else None
+        # Without a grading kind there is no "answer" to pull out of, say, a haiku.
+        answer = extract_answer(trajectory.message, self.kind) if trajectory.message and self.kind else None
         self.views.append(TrajectoryView(seq=seq, answer=answer, **trajectory.model_dump(include=_VIEW_FIELDS)))
 
     def view(self, since: int) -> RoundView:
         rnd = self.trace
-        votes = Counter(t.answer for t in self.views if t.error is None)
+        votes = Counter(t.answer for t in self.views if t.error is None) if self.kind else Counter()
         return RoundView(
             index=rnd.index,
             k=rnd.k,
@@ -151,16 +171,33 @@ class _Round:
             bypassed=rnd.bypassed,
             distribution=[AnswerCount(answer=a, count=c) for a, c in votes.most_common()],
             trajectories=sorted((t for t in self.views if t.seq > since), key=lambda t: t.index),
+            prompt=self.prompt if self.prompt_seq > since else None,
         )
 
 
 class RequestRecord:
     """One request's trace as the viewer shows it."""
 
-    def __init__(self, request_id: str, model: str, schedule: list[int], messages: list[Message], stream: bool):
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        schedule: list[int],
+        messages: list[Message],
+        stream: bool,
+        *,
+        kind: str | None = None,
+        template: SynthesisTemplate | None = None,
+    ) -> None:
         self.id = request_id
         self.created = time.time()
+        self.finished: float | None = None
         self.started = time.perf_counter()
+        self.kind = kind
+        #: With the template, each synthesis round's prompt is rebuilt from its references.
+        self.template = template
+        self.problem = last_user_text(messages) if template is not None else ""
+        self.total_rounds = len(schedule) + 1
         self.model = model
         self.schedule = schedule
         self.stream = stream
@@ -178,7 +215,8 @@ class RequestRecord:
     def apply(self, event: Event) -> None:
         self.seq += 1
         if isinstance(event, RoundStarted):
-            self.rounds.append(_Round(event.round, event.k, event.final, event.bypassed))
+            self.total_rounds = event.total_rounds
+            self.rounds.append(_Round(event.round, event.k, event.final, event.bypassed, self.kind))
         elif isinstance(event, TrajectoryFinished):
             self.rounds[event.round].add(event.trajectory, self.seq)
         elif isinstance(event, AnswerDelta):
@@ -187,14 +225,43 @@ class RequestRecord:
             rnd = self.rounds[event.round.index]
             rnd.trace.elapsed_s = event.round.elapsed_s
             rnd.finished = True
+            self._references(event.round)
         elif isinstance(event, Final):
             result = event.result
             self.elapsed_s = result.elapsed_s
+            # A failed request's rounds still say what each was given.
+            for rnd in result.rounds:
+                if rnd.index < len(self.rounds) and self.rounds[rnd.index].prompt is None:
+                    self._references(rnd)
             if result.error:
                 self.finish("failed", result.error)
             else:
                 self.answer = self.partial_answer = result.answer
                 self.status = "done"
+                self.finished = time.time()
+            self.problem = ""  # every prompt is built: the history keeps the clipped question only
+
+    def _references(self, finished: Round) -> None:
+        """Rebuild the prompt ``finished`` was sent, from the references it records (in prompt order)."""
+        rnd = self.rounds[finished.index]
+        rnd.trace.references = list(finished.references)
+        if self.template is None or finished.index == 0 or not finished.references:
+            return  # round 1, or a round sent the original conversation: no synthesis prompt
+        messages = {(r.trace.index, t.index): t.message for r in self.rounds for t in r.trace.trajectories}
+        references = [messages.get(key) for key in finished.references]
+        if any(message is None for message in references):
+            return  # a reference this record never saw: better no prompt than a wrong one
+        if len(self.problem) + sum(len(m) for m in references) > _PROMPT_CHARS:  # type: ignore[arg-type]
+            return
+        try:
+            prompt = self.template.render(
+                problem=self.problem, references=references,  # type: ignore[arg-type]  # checked above
+                round=finished.index + 1, total_rounds=self.total_rounds,
+            )  # fmt: skip
+        except TemplateError:
+            return  # the engine rendered it, so this cannot happen; the viewer never breaks a request
+        if len(prompt) <= _PROMPT_CHARS:
+            rnd.prompt, rnd.prompt_seq = prompt, self.seq
 
     def finish(self, status: Status, error: str | None = None) -> None:
         """End a request the engine did not finish itself (cancelled, refused, crashed)."""
@@ -203,6 +270,8 @@ class RequestRecord:
         self.seq += 1
         self.status = status
         self.error = error
+        self.finished = time.time()
+        self.problem = ""
         if self.elapsed_s is None:
             self.elapsed_s = time.perf_counter() - self.started
 
@@ -217,6 +286,8 @@ class RequestRecord:
         return RequestSummary(
             id=self.id,
             created=self.created,
+            finished=self.finished,
+            kind=self.kind,
             model=self.model,
             schedule=self.schedule,
             stream=self.stream,
@@ -229,6 +300,7 @@ class RequestRecord:
 
     def detail(self, since: int = 0) -> RequestDetail:
         final = self.rounds[-1] if self.rounds and self.rounds[-1].trace.final else None
+        # Extracted only with a grading kind (see _Round.add): otherwise the text is the answer.
         final_answer = final.views[0].answer if final and final.views else None
         return RequestDetail(
             **self.summary().model_dump(exclude={"question", "answer"}),

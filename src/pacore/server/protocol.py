@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pacore.synthesis import ReferenceOrder
+from pacore.eval.grading import GradingKind
 from pacore.trace import Result
 
 
@@ -66,6 +67,9 @@ class PacoreOptions(BaseModel):
     #: Order of the references in synthesis prompts: ``"shuffle"`` or ``"release"``
     #: (the reference release's order; send ``seed: 42`` to match it). Default: the server's.
     reference_order: ReferenceOrder | None = None
+    #: How answers are read (a grading kind, see :mod:`pacore.eval.grading`). Only
+    #: with it does the trace viewer show extracted answers and their votes.
+    grading: GradingKind | None = None
 
 
 class ChatCompletionRequest(OpenAIModel):

@@ -11,6 +11,9 @@ const state = {
   selected: null, // id of the request shown
   detail: null, // last detail of it, trajectories merged across polls
   detailTimer: null,
+  requests: [], // the last list fetched, filtered on the page
+  openPrompts: new Set(), // "round:index" of the cards whose prompt is shown, kept across redraws
+  listTimer: null,
 };
 
 // --- DOM helpers -----------------------------------------------------------
@@ -50,6 +53,15 @@ function answerLabel(answer) {
   return answer === null || answer === undefined ? "(no answer)" : answer;
 }
 
+// Local date and time: a history can span days.
+function fmtDate(epochSeconds) {
+  return epochSeconds ? new Date(epochSeconds * 1000).toLocaleString() : "";
+}
+
+function gradeLabel(correct) {
+  return correct === true ? "correct" : correct === false ? "wrong" : null;
+}
+
 // --- API --------------------------------------------------------------------
 
 function apiKey() {
@@ -84,28 +96,54 @@ function notice(text) {
 // --- request list -------------------------------------------------------------
 
 async function refreshList() {
-  let data;
+  let body;
   try {
-    data = (await api("/ui/api/requests")).data;
+    body = await api("/ui/api/requests");
   } catch (error) {
     if (error.message !== "unauthorized") notice(`Cannot list requests: ${error.message}`);
     return;
   }
-  const list = byId("request-list");
-  list.replaceChildren(...data.map(listItem));
-  byId("list-empty").hidden = data.length > 0;
-  if (!state.selected && data.length && !location.hash) select(data[0].id);
+  if (body.source) showSource(body.source);
+  state.requests = body.data;
+  renderList();
+  if (!state.selected && body.data.length && !location.hash) select(body.data[0].id);
+}
+
+// `pacore view RUN_DIR`: a batch run, read-only, no API key; its list can be long and
+// changes only while the run goes on, so it is read once (reload the page for more).
+function showSource(source) {
+  clearInterval(state.listTimer);
+  byId("key-form").hidden = true;
+  byId("list-title").textContent = "Results";
+  byId("source").textContent = `run ${source.run} · read-only`;
+  document.title = `pacore · ${source.run}`;
+}
+
+function searchText(request) {
+  return [request.id, request.title, request.status, gradeLabel(request.correct), request.model,
+    request.question, request.answer, fmtDate(request.created)].filter(Boolean).join("\n").toLowerCase();
+}
+
+function renderList() {
+  const words = byId("filter").value.toLowerCase().split(/\s+/).filter(Boolean);
+  const shown = state.requests.filter((r) => words.every((w) => searchText(r).includes(w)));
+  byId("request-list").replaceChildren(...shown.map(listItem));
+  byId("list-empty").hidden = state.requests.length > 0;
+  const count = byId("filter-count");
+  count.textContent = words.length ? `${shown.length} of ${state.requests.length}` : "";
 }
 
 function listItem(request) {
-  const when = new Date(request.created * 1000).toLocaleTimeString();
+  const grade = gradeLabel(request.correct);
   const link = el("a", { class: "request-item", href: `#${request.id}`, "data-id": request.id }, [
     el("div", { class: "line1" }, [
       el("span", { class: `badge ${request.status}`, text: request.status }),
-      el("span", { text: when }),
+      grade ? el("span", { class: `badge ${grade}`, text: grade }) : null,
+      el("span", { class: "when", text: fmtDate(request.created) }),
       el("span", { text: fmtSchedule(request.schedule) }),
       el("span", { text: `${fmtTokens(request.completion_tokens)} tok` }),
     ]),
+    request.title ? el("div", { class: "title", text: request.title }) : null,
     el("div", { class: "question", text: request.question || "(no text)" }),
     request.answer !== null ? el("div", { class: "answer", text: `→ ${request.answer}` }) : null,
   ]);
@@ -122,6 +160,7 @@ function select(id) {
   }
   state.selected = id;
   state.detail = null;
+  state.openPrompts.clear();
   for (const item of document.querySelectorAll(".request-item")) {
     item.classList.toggle("selected", item.dataset.id === id);
   }
@@ -151,28 +190,55 @@ async function pollDetail() {
   if (fresh.status === "running") state.detailTimer = setTimeout(pollDetail, DETAIL_EVERY_MS);
 }
 
-// The server sends only trajectories newer than `since`; keep the ones we have.
+// The server sends only trajectories (and a round's prompt) newer than `since`; keep the ones we have.
 function merge(old, fresh) {
   const known = new Map();
-  if (old) for (const round of old.rounds) known.set(round.index, round.trajectories);
+  if (old) for (const round of old.rounds) known.set(round.index, round);
   for (const round of fresh.rounds) {
-    const byIndex = new Map((known.get(round.index) || []).map((t) => [t.index, t]));
+    const before = known.get(round.index);
+    const byIndex = new Map((before ? before.trajectories : []).map((t) => [t.index, t]));
     for (const t of round.trajectories) byIndex.set(t.index, t);
     round.trajectories = [...byIndex.values()].sort((a, b) => a.index - b.index);
+    if (round.prompt === null && before) round.prompt = before.prompt;
   }
   return fresh;
 }
 
+// The trace as JSON, built in the page: the download needs the API key header a plain link cannot send.
+async function downloadTrace(id) {
+  let trace;
+  try {
+    trace = await api(`/ui/api/traces/${encodeURIComponent(id)}`);
+  } catch (error) {
+    notice(`Cannot download the trace: ${error.message}`);
+    return;
+  }
+  const blob = new Blob([JSON.stringify(trace, null, 2)], { type: "application/json" });
+  const url = URL.createObjectURL(blob);
+  const link = el("a", { href: url, download: `${id.replace(/[^\w.-]+/g, "_")}.json` });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
 function renderDetail(detail) {
   const finalAnswer = detail.final_answer;
+  const download = el("button", { type: "button", id: "download", text: "Download JSON" });
+  download.addEventListener("click", () => downloadTrace(detail.id));
+  const grade = gradeLabel(detail.correct);
   const head = el("div", { class: "request-head" }, [
     el("h1", {}, [
-      el("span", { text: "Request" }),
-      el("code", { text: detail.id }),
+      el("span", { text: detail.title ? "Result" : "Request" }),
+      el("code", { text: detail.title || detail.id }),
       el("span", { class: `badge ${detail.status}`, text: detail.status }),
+      grade ? el("span", { class: `badge ${grade}`, text: grade }) : null,
+      download,
     ]),
     el("div", { class: "question", text: detail.question || "(no text)" }),
     el("div", { class: "meta" }, [
+      metaItem("started", fmtDate(detail.created)),
+      detail.finished ? metaItem("finished", fmtDate(detail.finished)) : null,
       metaItem("model", detail.model),
       metaItem("schedule", fmtSchedule(detail.schedule)),
       metaItem("calls", `${detail.usage.calls}${detail.usage.failed_calls ? ` (${detail.usage.failed_calls} failed)` : ""}`),
@@ -181,6 +247,7 @@ function renderDetail(detail) {
       metaItem("time", fmtSeconds(detail.elapsed_s)),
       detail.images ? metaItem("images", String(detail.images)) : null,
       detail.stream ? metaItem("streamed", "yes") : null,
+      detail.kind ? metaItem("grading", detail.kind) : null,
     ]),
   ]);
   const columns = el("div", { class: "rounds" }, detail.rounds.map((r) => roundColumn(r, detail, finalAnswer)));
@@ -192,6 +259,7 @@ function metaItem(label, value) {
 }
 
 function finalBox(detail) {
+  const grade = gradeLabel(detail.correct);
   if (detail.status === "failed" || detail.status === "cancelled") {
     return el("div", { class: "final failed" }, [
       el("h2", { text: detail.status === "failed" ? "Failed" : "Cancelled" }),
@@ -205,10 +273,24 @@ function finalBox(detail) {
       el("div", { class: "text", text: detail.partial_answer || "waiting for the final round…" }),
     ]);
   }
-  return el("div", { class: "final", id: "final-answer" }, [
+  // The answer is the text; an extracted answer only means something under a grading kind.
+  const graded = detail.kind && detail.final_answer !== null;
+  return el("div", { class: `final${detail.correct === false ? " wrong" : ""}`, id: "final-answer" }, [
     el("h2", { text: "Final answer" }),
-    detail.final_answer !== null ? el("div", { class: "extracted", text: detail.final_answer }) : null,
-    el("div", { class: "text", text: detail.answer || "" }),
+    el("div", { class: "text answer-text", text: detail.answer || "" }),
+    graded
+      ? el("div", { class: "extracted-line" }, [
+        el("span", { class: "muted", text: `extracted (${detail.kind}) ` }),
+        el("span", { class: "extracted", text: detail.final_answer }),
+      ])
+      : null,
+    detail.ground_truth !== null && detail.ground_truth !== undefined
+      ? el("div", { class: "truth" }, [
+        el("span", { class: "muted", text: "ground truth " }),
+        el("b", { text: detail.ground_truth }),
+        grade ? el("span", { class: `badge ${grade}`, text: grade }) : null,
+      ])
+      : null,
   ]);
 }
 
@@ -233,7 +315,7 @@ function roundColumn(round, detail, finalAnswer) {
     ]),
     round.final ? null : distribution(round, finalAnswer),
     el("div", { class: "cards" }, [
-      ...round.trajectories.map((t) => card(t, finalAnswer)),
+      ...round.trajectories.map((t) => card(t, finalAnswer, round)),
       round.done < round.k ? el("div", { class: "card pending-card", text: `${round.k - round.done} running…` }) : null,
     ]),
   ]);
@@ -256,13 +338,14 @@ function distribution(round, finalAnswer) {
   ]);
 }
 
-function card(t, finalAnswer) {
+function card(t, finalAnswer, round) {
   const failed = t.error !== null;
   const matches = !failed && finalAnswer !== null && t.answer === finalAnswer;
   const facts = [`${t.completion_tokens} tok`, fmtSeconds(t.latency_s), t.finish_reason].filter(Boolean).join(" · ");
   return el("div", { class: `card${failed ? " failed" : ""}${matches ? " matches-final" : ""}`, "data-index": String(t.index) }, [
     el("div", { class: "card-head" }, [el("span", { class: "index", text: `#${t.index + 1}` }), el("span", { text: facts })]),
-    failed ? null : el("span", { class: "chip", title: answerLabel(t.answer), text: answerLabel(t.answer) }),
+    failed || t.answer === null ? null : el("span", { class: "chip", title: t.answer, text: t.answer }),
+    round.prompt ? promptBox(round, t) : null,
     failed
       ? el("div", { class: "error", text: `${t.error_kind ? `${t.error_kind}: ` : ""}${t.error}` })
       : t.message
@@ -271,9 +354,31 @@ function card(t, finalAnswer) {
   ]);
 }
 
+// The synthesis prompt the call received, collapsed; its text is only put in the page once opened.
+function promptBox(round, t) {
+  const key = `${round.index}:${t.index}`;
+  const box = el("details", { class: "prompt" }, [el("summary", { text: "Prompt received" })]);
+  const fill = () => {
+    if (box.open && box.childElementCount === 1) {
+      box.append(el("div", { class: "muted note", text: "Sent as the last user message, in place of the question." }));
+      box.append(el("pre", { class: "prompt-text", text: round.prompt }));
+    }
+  };
+  box.addEventListener("toggle", () => {
+    if (box.open) state.openPrompts.add(key); else state.openPrompts.delete(key);
+    fill();
+  });
+  if (state.openPrompts.has(key)) {
+    box.open = true;
+    fill();
+  }
+  return box;
+}
+
 // --- wiring -------------------------------------------------------------------------
 
 function start() {
+  byId("filter").addEventListener("input", renderList);
   const input = byId("api-key");
   input.value = apiKey();
   byId("key-form").addEventListener("submit", (event) => {
@@ -288,8 +393,8 @@ function start() {
     if (id) select(id);
   });
   if (location.hash.length > 1) select(decodeURIComponent(location.hash.slice(1)));
+  state.listTimer = setInterval(refreshList, LIST_EVERY_MS);
   refreshList();
-  setInterval(refreshList, LIST_EVERY_MS);
 }
 
 start();
