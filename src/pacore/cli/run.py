@@ -38,11 +38,16 @@ from pacore.cli.options import (
     open_backends,
 )
 from pacore.cli.progress import format_duration
-from pacore.errors import PacoreError
+from pacore.errors import PacoreError, UsageError
 from pacore.eval import export, report
 from pacore.eval.datasets import Problem, load_dataset
 from pacore.eval.runner import DEFAULT_SAMPLES, METHODS, Arm, BatchProgress, BatchRun, RunPlan
 from pacore.store import ProblemResult
+try:  # MERGE-PROMPT
+    from pacore.synthesis import REFERENCE_ORDERS
+except ImportError:
+    REFERENCE_ORDERS = ("shuffle", "release")
+from pacore.verifier import Verifier
 
 RUN_PANEL = "Run"
 DATA_PANEL = "Data set"
@@ -310,13 +315,34 @@ def report_command(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the figures as one JSON object on stdout.")
     ] = False,
+    verifier: Annotated[
+        str | None,
+        typer.Option(
+            "--verifier", metavar="SPEC",
+            help="Judge the derivation of every correct answer with this model (a backend spec: "
+            "http://host:port/v1, gguf:/path, embedded) and report each arm's spurious correctness.",
+        ),
+    ] = None,  # fmt: skip
+    verifier_template: Annotated[
+        Path | None,
+        typer.Option("--verifier-template", metavar="FILE", help="Jinja2 verifier prompt instead of the built-in one."),
+    ] = None,
+    verifier_model: Annotated[
+        str | None, typer.Option("--verifier-model", help="Model name sent to the verifier's server.")
+    ] = None,
 ) -> None:
     """Write report.md, report.html and accuracy_vs_ttc.png for one or more runs.
 
     Per arm: accuracy with a 95% Wilson interval, mean effective TTC and prompt
-    tokens, wall time, failures; for PaCoRe arms, synthesis diagnostics.
+    tokens, wall time, failures; for PaCoRe arms, synthesis diagnostics; with
+    --verifier, spurious correctness (verdicts cached, see docs/training.md).
     """
-    arms, files = report.write_report(run_dirs, out)
+    if verifier is None:
+        arms, files = report.write_report(run_dirs, out)
+    else:
+        options = {"model": verifier_model} if verifier_model else {}
+        with Verifier(verifier, template=verifier_template, **options) as judge:
+            arms, files = report.write_report(run_dirs, out, verifier=judge)
     if json_output:
         document = {
             "runs": [str(d) for d in run_dirs],
@@ -330,18 +356,45 @@ def report_command(
         interval = arm.interval
         ci = f" [{report.percent(interval[0])}, {report.percent(interval[1])}]" if interval else ""
         tokens = f"{arm.mean_completion_tokens:,.0f}" if arm.mean_completion_tokens is not None else "n/a"
+        spurious = (
+            f", spurious correctness {report.percent(arm.spurious.rate)} of {arm.spurious.judged} judged"
+            if arm.spurious
+            else ""
+        )
         typer.echo(
             f"{prefix}{arm.arm}: accuracy {report.percent(arm.accuracy)}{ci} on {arm.graded} graded, "
             f"{tokens} TTC tokens/problem, {arm.failed} failed"
             + (f", {arm.pending} unfinished" if arm.pending else "")
+            + spurious
         )
     typer.echo(f"wrote {files.markdown}, {files.html} and {files.plot}")
 
 
-@app.command("export-train")
+EXPORT_EXAMPLES = """\
+[bold]Examples[/bold]
+
+  pacore export-train runs/aime --out train.jsonl                       # PaCoRe-Train layout
+  pacore export-train runs/aime --format verl --out stage1.parquet      # verl, stage 1 filter
+  pacore export-train PaCoRe-Train-8k.jsonl --format trl --out train.parquet
+  pacore export-train runs/aime --format verl --out stage2.parquet \\
+      --synthesis-acc 0..1 --synthesis-run runs/aime-stage1-policy      # stage 2 filter
+"""
+
+
+@app.command("export-train", epilog=EXPORT_EXAMPLES)
 def export_train_command(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="JSONL file to write.")],
+    source: Annotated[
+        Path,
+        typer.Argument(metavar="SOURCE", help="A run directory, or a data file in the PaCoRe-Train layout."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="File to write (.jsonl or .parquet).")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", "-f", help=f"One of {', '.join(export.FORMATS)}: the released JSONL layout, verl's "
+            "parquet, or a TRL data set; verl and trl hold the synthesis prompt the engine sends.",
+        ),
+    ] = "pacore",  # fmt: skip
     min_acc: Annotated[
         float, typer.Option("--min-acc", help="Keep problems whose message-set accuracy is above this.")
     ] = export.DEFAULT_MIN_ACC,
@@ -352,7 +405,9 @@ def export_train_command(
         export.DEFAULT_MIN_SIZE
     ),
     max_size: Annotated[int, typer.Option("--max-size", help="Largest message set.")] = export.DEFAULT_MAX_SIZE,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the message-set draws.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the message-set draws and of the reference order.")
+    ] = 0,
     arm: Annotated[
         str | None,
         typer.Option(
@@ -360,11 +415,34 @@ def export_train_command(
             "arm with the widest first round].",
         ),
     ] = None,  # fmt: skip
+    synthesis_acc: Annotated[
+        str | None,
+        typer.Option(
+            "--synthesis-acc", metavar="MIN..MAX",
+            help="Stage 2: keep problems whose synthesis success rate in --synthesis-run lies strictly "
+            "between MIN and MAX (0..1: sometimes but not always right).",
+        ),
+    ] = None,  # fmt: skip
+    synthesis_run: Annotated[
+        Path | None,
+        typer.Option(
+            "--synthesis-run", metavar="RUN_DIR",
+            help="A pacore run of the stage-1 policy on these problems (with repeats) \\[default: SOURCE].",
+        ),
+    ] = None,  # fmt: skip
+    template: TemplateOption = None,
+    order: Annotated[
+        str,
+        typer.Option("--order", help="Reference order of the prompt: shuffle (seeded) or release."),
+    ] = "shuffle",
 ) -> None:
-    """Write RL training records (conversation, responses, ground_truth) for the synthesis step."""
+    """Write RL training records for the synthesis step (PaCoRe-Train JSONL, verl parquet or TRL)."""
+    if order not in REFERENCE_ORDERS:
+        raise UsageError(f"--order must be one of {', '.join(REFERENCE_ORDERS)}, got {order!r}")
     summary = export.export_train(
-        run_dir, out, min_acc=min_acc, max_acc=max_acc, min_size=min_size, max_size=max_size,
-        seed=seed, arm=arm,
+        source, out, format=format, min_acc=min_acc, max_acc=max_acc, min_size=min_size,  # type: ignore[arg-type]
+        max_size=max_size, seed=seed, arm=arm, template=template, order=order,  # type: ignore[arg-type]
+        synthesis_acc=export.parse_range(synthesis_acc) if synthesis_acc is not None else None,
+        synthesis_run=synthesis_run,
     )  # fmt: skip
     typer.echo(f"export-train: {summary.line()}")
-
