@@ -22,7 +22,7 @@ The same graders plug into two trainers:
   ``make_reward_func("process", verifier=...)``.
 
 Reasoning before the last ``</think>`` is dropped before grading (the
-compaction of :func:`pacore.engine.compact`); a response that opened
+compaction of :func:`pacore.messages.compact`); a response that opened
 ``<think>`` and never closed it was cut off and earns 0.
 """
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pacore.backends.base import text_of
-from pacore.engine import THINK_END, compact, last_user_text
+from pacore.messages import THINK_END, compact, last_user_text
 from pacore.errors import UsageError
 from pacore.eval.grading import grade
 from pacore.verifier import Judgement, Verifier

@@ -42,7 +42,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pacore.backends import Backend, GenerationParams, open_backend
-from pacore.engine import compact
+from pacore.messages import compact
 from pacore.errors import BackendError, TemplateError, UsageError
 
 log = logging.getLogger(__name__)

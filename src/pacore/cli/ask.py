@@ -19,6 +19,7 @@ from pacore.cli.options import (
     MaxTokensOption,
     MinSuccessOption,
     ModelOption,
+    ReferenceOrderOption,
     RetriesOption,
     ScheduleOption,
     SeedOption,
@@ -27,6 +28,7 @@ from pacore.cli.options import (
     TimeoutOption,
     TopPOption,
     check_limits,
+    parse_reference_order,
     solve_setup,
 )
 from pacore.cli.progress import open_progress, summary_line
@@ -133,6 +135,7 @@ def ask(
     ] = False,
     schedule: ScheduleOption = "low",
     template: TemplateOption = None,
+    reference_order: ReferenceOrderOption = "shuffle",
     max_tokens: MaxTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -151,6 +154,7 @@ def ask(
     """
     messages = build_messages(read_question(question), image or [], system)
     check_limits(deadline=deadline, min_success=min_success)
+    order = parse_reference_order(reference_order)
     setup = solve_setup(
         backend=backend, model=model, api_key=api_key, timeout=timeout, retries=retries,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -168,6 +172,7 @@ def ask(
                 on_event=on_event,
                 deadline=deadline,
                 min_success=min_success,
+                reference_order=order,
             )
         finally:
             await setup.backend.aclose()

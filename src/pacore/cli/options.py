@@ -20,6 +20,7 @@ from pacore.backends import Backend, GenerationParams, RetryPolicy, open_backend
 from pacore.errors import UsageError
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
+from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder
 
 BACKEND_PANEL = "Backend"
 GENERATION_PANEL = "Generation"
@@ -131,13 +132,26 @@ MinSuccessOption = Annotated[
     ),
 ]
 TemplateOption = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--template",
-        metavar="FILE",
-        help="Jinja2 synthesis template to use instead of the built-in one.",
+        metavar="NAME|FILE",
+        help="Synthesis prompt: 'pacore' (the report's Table 6 prompt, which PaCoRe-trained models "
+        "expect), 'generic' (a more explicit prompt for other models) or a Jinja2 template file "
+        "\\[default: pacore].",
         rich_help_panel=GENERATION_PANEL,
         show_default=False,
+    ),
+]
+ReferenceOrderOption = Annotated[
+    str,
+    typer.Option(
+        "--reference-order",
+        metavar="shuffle|release",
+        help="Order of the references in a synthesis prompt: 'shuffle' (seeded per round) or "
+        "'release' (the reference release's: by length, then shuffled with --seed; use --seed 42 "
+        "to send what it sends).",
+        rich_help_panel=GENERATION_PANEL,
     ),
 ]
 
@@ -171,22 +185,29 @@ def check_limits(*, deadline: float | None, min_success: float | None) -> None:
         raise UsageError(f"--min-success must be a fraction greater than 0 and at most 1, got {min_success:g}")
 
 
-def load_template(path: Path | None, schedule: Schedule) -> SynthesisTemplate:
-    """Load a template and render it once per synthesis round of ``schedule``.
+def parse_reference_order(value: str) -> ReferenceOrder:
+    """The ``--reference-order`` value, checked."""
+    if value not in REFERENCE_ORDERS:
+        raise UsageError(f"--reference-order must be one of {', '.join(REFERENCE_ORDERS)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def load_template(template: str | Path | None, schedule: Schedule) -> SynthesisTemplate:
+    """Load a template (a built-in's name or a file) and render it once per synthesis round of ``schedule``.
 
     The trial render catches unknown variables now rather than after the
     first round has spent its compute.
     """
-    template = SynthesisTemplate.load(path)
+    synthesis = SynthesisTemplate.load(template)
     ks = schedule.ks
     for index in range(1, len(ks)):
-        template.render(
+        synthesis.render(
             problem="example problem",
             references=["example reference"] * ks[index - 1],
             round=index + 1,
             total_rounds=len(ks),
         )
-    return template
+    return synthesis
 
 
 def open_backends(
@@ -226,7 +247,7 @@ def solve_setup(
     top_p: float,
     seed: int | None,
     schedule: str,
-    template: Path | None,
+    template: str | None,
 ) -> SolveSetup:
     """Validate every flag, then open the backend (the slow part) last."""
     plan = Schedule.parse(schedule)

@@ -25,6 +25,7 @@ from pacore.cli.options import (
     MaxTokensOption,
     MinSuccessOption,
     ModelOption,
+    ReferenceOrderOption,
     RetriesOption,
     ScheduleOption,
     SeedOption,
@@ -36,6 +37,7 @@ from pacore.cli.options import (
     generation_params,
     load_template,
     open_backends,
+    parse_reference_order,
 )
 from pacore.cli.progress import format_duration
 from pacore.errors import PacoreError, UsageError
@@ -43,10 +45,7 @@ from pacore.eval import export, report
 from pacore.eval.datasets import Problem, load_dataset
 from pacore.eval.runner import DEFAULT_SAMPLES, METHODS, Arm, BatchProgress, BatchRun, RunPlan
 from pacore.store import ProblemResult
-try:  # MERGE-PROMPT
-    from pacore.synthesis import REFERENCE_ORDERS
-except ImportError:
-    REFERENCE_ORDERS = ("shuffle", "release")
+from pacore.synthesis import REFERENCE_ORDERS
 from pacore.verifier import Verifier
 
 RUN_PANEL = "Run"
@@ -257,6 +256,7 @@ def run(
         ),
     ] = False,  # fmt: skip
     template: TemplateOption = None,
+    reference_order: ReferenceOrderOption = "shuffle",
     max_tokens: MaxTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -277,6 +277,7 @@ def run(
     params = generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     check_limits(deadline=deadline, min_success=min_success)
     synthesis = load_template(template, arm.schedule)
+    order = parse_reference_order(reference_order)
     problems = load_dataset(data, limit=limit, offset=offset, shuffle=shuffle, seed=seed or 0)
     opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries)
 
@@ -289,7 +290,7 @@ def run(
     with BatchRun.open(
         out, problems, dataset_path=data, arm=arm, backend=opened, params=params, template=synthesis,
         pool_size=pool_size, concurrency=concurrency, retry_failed=retry_failed, add_arm=add_arm,
-        force=force, deadline=deadline, min_success=min_success,
+        force=force, deadline=deadline, min_success=min_success, reference_order=order,
     ) as batch:  # fmt: skip
         if not quiet:
             for line in plan_lines(batch.plan, arm.name, out, len(problems), data):

@@ -17,6 +17,7 @@ from pacore.cli.options import (
     DeadlineOption,
     MaxTokensOption,
     ModelOption,
+    ReferenceOrderOption,
     RetriesOption,
     ScheduleOption,
     TemperatureOption,
@@ -27,6 +28,7 @@ from pacore.cli.options import (
     generation_params,
     load_template,
     open_backends,
+    parse_reference_order,
 )
 from pacore.errors import PacoreError
 from pacore.schedule import Schedule
@@ -120,6 +122,7 @@ def serve(
     schedule: ScheduleOption = "medium",
     deadline: DeadlineOption = None,
     template: TemplateOption = None,
+    reference_order: ReferenceOrderOption = "shuffle",
     max_tokens: MaxTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -153,6 +156,7 @@ def serve(
         schedule=plan,
         params=generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None),
         template=load_template(template, plan),
+        reference_order=parse_reference_order(reference_order),
         api_keys=tuple(keys),
         max_concurrent_requests=max_concurrent_requests,
         max_trajectories=max_trajectories,

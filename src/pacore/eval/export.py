@@ -47,17 +47,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pacore.backends.base import Message, text_of
-from pacore.engine import compact, last_user_text
 from pacore.errors import RunConflictError, UsageError
 from pacore.eval.datasets import load_dataset
 from pacore.eval.grading import grade
+from pacore.messages import compact, last_user_text
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
 from pacore.store import ArmInfo, RunStore, StoredProblem
-try:  # MERGE-PROMPT: temporary until branch prompt is merged
-    from pacore.synthesis import ReferenceOrder, build_synthesis_input
-except ImportError:
-    ReferenceOrder = str  # type: ignore[misc]
+from pacore.synthesis import ReferenceOrder, build_synthesis_input
 from pacore.trace import Trajectory
 
 ExportFormat = Literal["pacore", "verl", "trl"]

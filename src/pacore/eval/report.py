@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pacore.eval.grading import grade, majority_vote
-from pacore.engine import last_user_text
+from pacore.messages import last_user_text
 from pacore.store import ArmInfo, ProblemResult, RunStore, StoredProblem
 from pacore.trace import Result
 from pacore.verifier import Judgement, Verifier

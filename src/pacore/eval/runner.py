@@ -44,6 +44,7 @@ from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.grading import extract_answer, grade, majority_vote
 from pacore.eval.report import ArmReport, arm_report
 from pacore.prompts import SynthesisTemplate
+from pacore.synthesis import ReferenceOrder
 from pacore.schedule import Schedule
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
 from pacore.trace import Event, Result, Round, RoundStarted, Trajectory, TrajectoryFinished, usage_of
@@ -107,7 +108,9 @@ class Arm:
         return ArmInfo(self.name, self.method, schedule, self.samples)
 
 
-def generation_config(backend: Backend, params: GenerationParams, template: SynthesisTemplate) -> dict[str, Any]:
+def generation_config(
+    backend: Backend, params: GenerationParams, template: SynthesisTemplate, reference_order: ReferenceOrder = "shuffle"
+) -> dict[str, Any]:
     """The settings every arm of a run shares, as stored (never credentials)."""
     return {
         "model": backend.model,
@@ -122,6 +125,7 @@ def generation_config(backend: Backend, params: GenerationParams, template: Synt
         "template": {
             "origin": template.origin,
             "sha256": hashlib.sha256(template.source.encode("utf-8")).hexdigest(),
+            "reference_order": reference_order,
         },
         # Where the model ran: informational only, a server may move between runs.
         "backend": _without_credentials(backend.name),
@@ -143,6 +147,10 @@ def _config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str
             changes.append(f"{key.replace('_', '-')} {old_params.get(key)} -> {value}")
     if stored.get("template", {}).get("sha256") != current["template"]["sha256"]:
         changes.append(f"template {stored.get('template', {}).get('origin')} -> {current['template']['origin']}")
+    # Runs stored before the option existed used the shuffle.
+    old_order = stored.get("template", {}).get("reference_order", "shuffle")
+    if old_order != current["template"]["reference_order"]:
+        changes.append(f"reference-order {old_order} -> {current['template']['reference_order']}")
     return changes
 
 
@@ -249,6 +257,7 @@ class BatchRun:
         plan: RunPlan,
         deadline: float | None = None,
         min_success: float | None = None,
+        reference_order: ReferenceOrder = "shuffle",
     ) -> None:
         self.store = store
         self.problems = problems
@@ -261,6 +270,7 @@ class BatchRun:
         #: Seconds each problem may take (its pool sampling, if any, gets as long again).
         self.deadline = deadline
         self.min_success = min_success
+        self.reference_order = reference_order
         self.draw_seed = params.seed if params.seed is not None else 0
         # Store access and grading run here, off the event loop: a commit waits for
         # the disk (fsync) and math-verify can take a few hundred milliseconds, which
@@ -293,6 +303,7 @@ class BatchRun:
         force: bool = False,
         deadline: float | None = None,
         min_success: float | None = None,
+        reference_order: ReferenceOrder = "shuffle",
     ) -> BatchRun:
         """Open (or create) ``run_dir`` for ``arm``; refuse what does not fit it.
 
@@ -310,7 +321,7 @@ class BatchRun:
             raise UsageError(f"--pool-size must be at least 1, got {pool_size}")
         params = params or GenerationParams()
         template = template or SynthesisTemplate.default()
-        config = generation_config(backend, params, template)
+        config = generation_config(backend, params, template, reference_order)
         wanted = RunInfo(
             dataset_path=str(Path(dataset_path).resolve()),
             dataset_fingerprint=dataset_fingerprint(problems),
@@ -350,7 +361,10 @@ class BatchRun:
                 pool_size=info.pool_size,
                 set_aside=moved,
             )
-            return cls(store, problems, arm, backend, params, template, concurrency, plan, deadline, min_success)
+            return cls(
+                store, problems, arm, backend, params, template, concurrency, plan, deadline, min_success,
+                reference_order,
+            )  # fmt: skip
         except BaseException:
             store.close()
             raise
@@ -440,6 +454,7 @@ class BatchRun:
                 on_event=tracker,
                 deadline=self.deadline,
                 min_success=self.min_success,
+                reference_order=self.reference_order,
             )
         if arm.method == "single" and first is None:
             return await asolve(
@@ -482,7 +497,7 @@ class BatchRun:
             failure.result = trace.model_copy(update={"error": str(failure)})
             raise failure
         if self.arm.method == "single":
-            trace.answer = samples[0].message or ""
+            trace.answer = (samples[0].message or "").strip()
         else:
             voted, _count = majority_vote([t.message for t in samples], problem.kind)
             trace.answer = voted or ""
