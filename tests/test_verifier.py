@@ -60,6 +60,10 @@ def test_templates_are_checked_and_sandboxed(tmp_path: Path) -> None:
         VerifierTemplate.load(escape)
     with pytest.raises(TemplateError, match="cannot read"):
         VerifierTemplate.load(tmp_path / "missing.j2")
+    loader = tmp_path / "loader.j2"
+    loader.write_text("{% include '/etc/passwd' %}{{ problem }}{{ response }}{{ ground_truth }}")
+    with pytest.raises(TemplateError, match="not allowed"):
+        VerifierTemplate.load(loader)
 
 
 def test_verdicts_over_http_are_cached_by_content(tmp_path: Path) -> None:

@@ -38,12 +38,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from pacore.backends import Backend, GenerationParams, open_backend
 from pacore.messages import compact
 from pacore.errors import BackendError, TemplateError, UsageError
+from pacore.prompts import MAX_TEMPLATE_BYTES, compile_template, render_bounded
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,6 @@ DEFAULT_PARAMS = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=1024)
 DEFAULT_CONCURRENCY = 8
 
 _VERDICT = re.compile(r"VERDICT\s*[:=]\s*[*_`\"']*\s*(VALID|INVALID)\b", re.IGNORECASE)
-_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
 def default_cache_path() -> Path:
@@ -71,10 +68,7 @@ class VerifierTemplate:
     def __init__(self, source: str, origin: str = "<string>") -> None:
         self.source = source
         self.origin = origin
-        try:
-            self._template = _ENV.from_string(source)
-        except jinja2.TemplateSyntaxError as exc:
-            raise TemplateError(f"verifier template {origin}: line {exc.lineno}: {exc.message}") from None
+        self._template = compile_template(source, origin)  # the synthesis templates' bounded sandbox
         self.render("Problem", "Response", "Answer")  # fail now, not after the first rollout
 
     @classmethod
@@ -86,17 +80,19 @@ class VerifierTemplate:
             source = files("pacore.prompts").joinpath(DEFAULT_TEMPLATE_NAME).read_text(encoding="utf-8")
             return cls(source, origin=f"pacore/prompts/{DEFAULT_TEMPLATE_NAME}")
         try:
-            source = Path(template).read_text(encoding="utf-8")
+            with Path(template).open("rb") as file:
+                data = file.read(MAX_TEMPLATE_BYTES + 1)
+            if len(data) > MAX_TEMPLATE_BYTES:
+                raise TemplateError(f"cannot read verifier template {template}: larger than {MAX_TEMPLATE_BYTES} bytes")
+            source = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise TemplateError(f"cannot read verifier template {template}: {reason}") from None
         return cls(source, origin=str(template))
 
     def render(self, problem: str, response: str, ground_truth: str) -> str:
-        try:
-            text = self._template.render(problem=problem, response=response, ground_truth=ground_truth)
-        except jinja2.TemplateError as exc:
-            raise TemplateError(f"verifier template {self.origin}: {exc}") from None
+        values = {"problem": problem, "response": response, "ground_truth": ground_truth}
+        text = render_bounded(self._template, values, f"verifier {self.origin}")
         if not text.strip():
             raise TemplateError(f"verifier template {self.origin}: rendered an empty prompt")
         return text
