@@ -433,12 +433,19 @@ def export_train_command(
     ] = None,  # fmt: skip
     template: TemplateOption = None,
     order: Annotated[
-        str,
-        typer.Option("--order", help="Reference order of the prompt: shuffle (seeded) or release."),
-    ] = "shuffle",
+        str | None,
+        typer.Option(
+            "--order", help="Reference order of the prompt: shuffle (seeded) or release \\[default: the run's, "
+            "else shuffle].",
+        ),
+    ] = None,  # fmt: skip
 ) -> None:
-    """Write RL training records for the synthesis step (PaCoRe-Train JSONL, verl parquet or TRL)."""
-    if order not in REFERENCE_ORDERS:
+    """Write RL training records for the synthesis step (PaCoRe-Train JSONL, verl parquet or TRL).
+
+    In verl and trl records the prompt is the synthesis conversation the engine sends, built with
+    the run's template and reference order unless --template / --order say otherwise.
+    """
+    if order is not None and order not in REFERENCE_ORDERS:
         raise UsageError(f"--order must be one of {', '.join(REFERENCE_ORDERS)}, got {order!r}")
     summary = export.export_train(
         source, out, format=format, min_acc=min_acc, max_acc=max_acc, min_size=min_size,  # type: ignore[arg-type]

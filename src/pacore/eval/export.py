@@ -35,6 +35,7 @@ images is written in verl's multimodal convention: its text with an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pacore.backends.base import Message, text_of
+from pacore.engine import adopt_first_round
 from pacore.errors import RunConflictError, UsageError
 from pacore.eval.datasets import load_dataset
 from pacore.eval.grading import grade
@@ -94,6 +96,8 @@ class MessageSource:
     name: str
     problems: list[StoredProblem]
     trajectories_of: Callable[[str], list[Trajectory]]
+    #: The synthesis settings a run was made with (``None`` for a data file).
+    template: dict[str, Any] | None = None
 
 
 def parse_range(text: str, option: str = "--synthesis-acc") -> tuple[float, float]:
@@ -143,8 +147,10 @@ def _run_source(store: RunStore, arm: str | None) -> MessageSource:
     assert info is not None
     name = Path(info.dataset_path).stem
     problems = store.problems()
+    settings = info.config.get("template")
     if info.pool_size and arm is None:
-        return MessageSource("the trajectory pool", name, problems, lambda problem_id: _adopted(store.pool(problem_id)))
+        pooled = lambda problem_id: _adopted(store.pool(problem_id))  # noqa: E731
+        return MessageSource("the trajectory pool", name, problems, pooled, settings)
     arms = {a.name: a for a in store.arms()}
     if arm is not None and arm not in arms:
         raise RunConflictError(f"{store.run_dir} has no arm {arm!r} (it has {', '.join(arms) or 'none'})")
@@ -158,7 +164,7 @@ def _run_source(store: RunStore, arm: str | None) -> MessageSource:
             return []
         return _adopted(result.trace.rounds[0].trajectories)
 
-    return MessageSource(f"the first round of arm {chosen.name}", name, problems, first_round)
+    return MessageSource(f"the first round of arm {chosen.name}", name, problems, first_round, settings)
 
 
 def _adopted(trajectories: list[Trajectory]) -> list[Trajectory]:
@@ -214,12 +220,14 @@ def export_train(
     synthesis_acc: tuple[float, float] | None = None,
     synthesis_run: str | Path | None = None,
     template: SynthesisTemplate | str | Path | None = None,
-    order: ReferenceOrder = "shuffle",
+    order: ReferenceOrder | None = None,
 ) -> ExportSummary:
     """Write the training records of ``source`` to ``out`` (replaced atomically).
 
     ``seed`` draws the message sets and, in ``verl`` / ``trl``, orders the
-    references as the engine does for a request with that seed.
+    references as the engine does for a request with that seed. The
+    template and reference order default to those the run was made with
+    (for a data file: the default template, ``shuffle``).
     ``synthesis_acc`` reads the synthesis success rates of ``synthesis_run``
     (default: ``source`` when it is a run directory).
     """
@@ -232,13 +240,13 @@ def export_train(
     out = Path(out)
     if format == "verl" and out.suffix != ".parquet":
         raise UsageError(f"verl reads parquet: give --out a .parquet file, not {out.name}")
-    synthesis = SynthesisTemplate.load(template)
     success = None
     if synthesis_acc is not None:
         if synthesis_run is None and not Path(source).is_dir():
             raise UsageError("--synthesis-acc needs --synthesis-run RUN_DIR (a pacore run of the stage-1 policy)")
         success = synthesis_success(synthesis_run if synthesis_run is not None else source)
     with open_source(source, arm) as messages:
+        synthesis, order = _synthesis_settings(messages.template, template, order)
         summary = ExportSummary(out=out, source=messages.description, problems=len(messages.problems))
         rows: list[dict[str, Any]] = []
         for problem in messages.problems:
@@ -255,6 +263,28 @@ def export_train(
         summary.kept = len(rows)
     _write(format, rows, out)
     return summary
+
+
+def _synthesis_settings(
+    run_settings: dict[str, Any] | None, template: SynthesisTemplate | str | Path | None, order: ReferenceOrder | None
+) -> tuple[SynthesisTemplate, ReferenceOrder]:
+    """The template and order the prompts are built with: as asked, else as the run was made."""
+    run_settings = run_settings or {}
+    if order is None:
+        order = run_settings.get("reference_order", "shuffle")
+    if template is not None or "sha256" not in run_settings:
+        return SynthesisTemplate.load(template), order  # type: ignore[return-value]
+    origin = run_settings.get("origin")
+    try:
+        chosen = SynthesisTemplate.load(origin)
+    except UsageError:
+        chosen = None
+    if chosen is None or hashlib.sha256(chosen.source.encode("utf-8")).hexdigest() != run_settings["sha256"]:
+        raise UsageError(
+            f"the run was made with the synthesis template {origin!r}, which cannot be found unchanged; "
+            "pass it with --template"
+        )
+    return chosen, order  # type: ignore[return-value]
 
 
 def _draw(
@@ -317,8 +347,8 @@ def _row(
             "responses": [t.message for t in chosen],
             "ground_truth": problem.ground_truth,
         }
-    # Numbered as the engine numbers an adopted first round, so the order rule sees what it would see.
-    first_round = [t.model_copy(update={"round": 0, "index": i}) for i, t in enumerate(chosen)]
+    # The message set as the engine adopts a first round, so the order rule sees what it would see.
+    first_round = adopt_first_round(chosen)
     built = build_synthesis_input(problem.messages, first_round, template=template, order=order, seed=seed)
     prompt, images = _parquet_messages(built.conversation)
     indices = [chosen[index].index for _, index in built.references]
