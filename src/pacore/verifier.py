@@ -27,7 +27,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import re
 import sqlite3
 import threading
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pacore.backends import Backend, GenerationParams, open_backend
+from pacore.backends.llama_cpp import cache_dir as models_cache_dir
 from pacore.messages import compact
 from pacore.errors import BackendError, TemplateError, UsageError
 from pacore.prompts import MAX_TEMPLATE_BYTES, compile_template, render_bounded
@@ -54,12 +54,8 @@ _VERDICT = re.compile(r"VERDICT\s*[:=]\s*[*_`\"']*\s*(VALID|INVALID)\b", re.IGNO
 
 
 def default_cache_path() -> Path:
-    """``$PACORE_CACHE_DIR/verdicts.sqlite``, else under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
-    base = os.environ.get("PACORE_CACHE_DIR")
-    if base:
-        return Path(base) / "verdicts.sqlite"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "pacore" / "verdicts.sqlite"
+    """``verdicts.sqlite`` in pacore's cache directory (``$PACORE_CACHE_DIR``, else ``~/.cache/pacore``)."""
+    return models_cache_dir().parent / "verdicts.sqlite"
 
 
 class VerifierTemplate:
