@@ -96,6 +96,8 @@ def test_two_grpo_steps_on_a_tiny_gguf_model(tmp_path: Path, training_data: Path
     for directory in (checkpoint, output / "final"):
         model = transformers.AutoModelForCausalLM.from_pretrained(directory)
         assert model.config.model_type == "llama" and model.num_parameters() > 100_000_000
+    # Generation stops at the end of a turn: the GGUF tokenizer's EOS was aligned with the model's.
+    assert transformers.AutoTokenizer.from_pretrained(output / "final").eos_token == "<|im_end|>"
     assert (output / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Running it again finds the work done in the last checkpoint and keeps the log.

@@ -42,6 +42,8 @@ REWARDS_LOG_NAME = "rewards.jsonl"
 PLOT_NAME = "reward_curve.png"
 FINAL_NAME = "final"
 CONFIG_COPY_NAME = "train_config.json"
+#: Bumped when the GGUF conversion changes, so older conversions in the cache are not reused.
+_CONVERSION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ def converted_gguf_dir(gguf: Path, progress: TextIO | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stat = gguf.stat()
-    target = models_cache_dir() / "gguf-hf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    target = models_cache_dir() / "gguf-hf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{_CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
     if progress is not None:
@@ -189,6 +191,11 @@ def converted_gguf_dir(gguf: Path, progress: TextIO | None = None) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
+    eos = config.eos_token_id
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+        # The GGUF tokenizer conversion can take another special token for EOS (SmolLM2: <|im_start|>);
+        # the model's config says which token ends a turn, and generation must stop there.
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
