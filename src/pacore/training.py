@@ -397,6 +397,7 @@ def plot_rewards(history: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [r["step"] for r in history if "reward" in r]
     rewards = [r["reward"] for r in history if "reward" in r]
@@ -414,6 +415,7 @@ def plot_rewards(history: list[dict[str, Any]], path: Path) -> None:
         bottom.plot([s for s, _ in losses], [v for _, v in losses], marker=".", color="tab:red")
         bottom.set_ylabel("loss")
         bottom.set_xlabel("step")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
         bottom.grid(True, alpha=0.3)
         figure.tight_layout()
         figure.savefig(path, format="png")
