@@ -15,6 +15,7 @@ import pytest
 
 from fakes import Call, ScriptedBackend
 from judge_server import judge_server
+from pacore.backends import GenerationParams
 from pacore.errors import TemplateError, UsageError
 from pacore.eval.datasets import Problem
 from pacore.eval.runner import Arm, run_dataset
@@ -180,3 +181,18 @@ def test_report_shows_spurious_correctness_per_arm(tmp_path: Path) -> None:
     plain = subprocess.run([PACORE, "report", str(tmp_path / "run"), "--json"], capture_output=True, text=True)
     assert json.loads(plain.stdout)["methods"][0]["spurious"] is None
     assert "Spurious" not in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.model
+def test_the_embedded_model_as_a_verifier_over_http(llama_server_url: str, tmp_path: Path) -> None:
+    """The real llama.cpp server judges; whatever it says, a definite verdict is cached and reused."""
+    items = [Judgement("What is 2+3?", "2+3=5, so the answer is 5.", "5"), Judgement("What is 2+3?", "I guess 5.", "5")]
+    cache = tmp_path / "v.sqlite"
+    with Verifier(llama_server_url, cache=cache, params=GenerationParams(temperature=0.0, max_tokens=96)) as verifier:
+        first = verifier.verify_many(items)
+        assert verifier.stats.calls == 2 and all(v in (True, False, None) for v in first)
+    with Verifier(llama_server_url, cache=cache, params=GenerationParams(temperature=0.0, max_tokens=96)) as again:
+        second = again.verify_many(items)
+        assert [s for s, f in zip(second, first, strict=True) if f is not None] == [f for f in first if f is not None]
+        definite = sum(v is not None for v in first)
+        assert (again.stats.cache_hits, again.stats.calls) == (definite, 2 - definite)
