@@ -374,11 +374,13 @@ def report_command(
 EXPORT_EXAMPLES = """\
 [bold]Examples[/bold]
 
-  pacore export-train runs/aime --out train.jsonl                       # PaCoRe-Train layout
-  pacore export-train runs/aime --format verl --out stage1.parquet      # verl, stage 1 filter
+  pacore export-train runs/aime --out train.jsonl
+  pacore export-train runs/aime --format verl --out stage1.parquet
   pacore export-train PaCoRe-Train-8k.jsonl --format trl --out train.parquet
   pacore export-train runs/aime --format verl --out stage2.parquet \\
-      --synthesis-acc 0..1 --synthesis-run runs/aime-stage1-policy      # stage 2 filter
+      --synthesis-acc 0..1 --synthesis-run runs/stage1-policy
+
+Stage 1 filters on message accuracy (--min-acc/--max-acc), stage 2 on the synthesis success of the stage-1 policy (--synthesis-acc). Without --template/--order the prompts use the run's template and reference order. See docs/training.md.
 """
 
 

@@ -12,8 +12,8 @@ from pacore.cli.main import app
 TRAIN_EXAMPLES = """\
 [bold]Example config[/bold] (TOML; paths are relative to the file)
 
-  model = "models/SmolLM2-135M-Instruct.Q4_1.gguf"   # or a Hugging Face model directory
-  data = "train.parquet"                             # pacore export-train --format trl
+  model = "models/SmolLM2.gguf"   # a .gguf or a Hugging Face model directory
+  data = "train.parquet"          # pacore export-train --format trl
   output_dir = "checkpoints/synthesis"
   steps = 200
   generations = 8            # completions per prompt
@@ -21,7 +21,7 @@ TRAIN_EXAMPLES = """\
   max_prompt_length = 4096   # longer prompts are dropped, never cut
   max_completion_length = 1024
   learning_rate = 1e-6
-  reward = "outcome"         # or "process" with verifier = "http://127.0.0.1:8080/v1"
+  reward = "outcome"         # or "process", with verifier = URL
 
 Run the same command again to resume from the last checkpoint in output_dir.
 """
