@@ -119,7 +119,9 @@ def par_shaped(score_func: TrlRewardFunc, reference_column: str = "reference_sco
     stays ``None``.
     """
 
-    def shaped(prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs: Any) -> list[float | None]:
+    def shaped(
+        prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs: Any
+    ) -> list[float | None]:
         references = kwargs.get(reference_column)
         if references is None:
             raise UsageError(f"PAR shaping needs a {reference_column!r} column in the data set")
@@ -190,7 +192,9 @@ def compute_score(
         return outcome_reward(solution_str, answer, kind)
     problem = (extra_info or {}).get("problem")
     if not isinstance(problem, str) or not problem:
-        raise UsageError("compute_score with a verifier needs extra_info['problem'] (export with 'pacore export-train --format verl')")
+        raise UsageError(
+            "compute_score with a verifier needs extra_info['problem'] (export with 'pacore export-train --format verl')"
+        )
     judge = shared_verifier(verifier, template=verifier_template, model=verifier_model, cache=verifier_cache)
     (reward,) = process_rewards([problem], [solution_str], [answer], [kind], judge)
     return reward or 0.0

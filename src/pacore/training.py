@@ -46,6 +46,12 @@ CONFIG_COPY_NAME = "train_config.json"
 _CONVERSION_VERSION = 2
 
 
+_POSITIVE = (
+    "steps", "generations", "prompts_per_step", "max_prompt_length", "max_completion_length",
+    "save_steps", "keep_checkpoints", "threads",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The knobs of a GRPO run; paths in a config file are relative to that file."""
@@ -78,8 +84,7 @@ class TrainConfig:
     threads: int = 1
 
     def check(self) -> None:
-        positive = ("steps", "generations", "prompts_per_step", "max_prompt_length", "max_completion_length", "save_steps", "keep_checkpoints", "threads")
-        for name in positive:
+        for name in _POSITIVE:
             if getattr(self, name) < 1:
                 raise UsageError(f"train config: {name} must be at least 1, got {getattr(self, name)}")
         if self.generations < 2:
@@ -214,7 +219,9 @@ def load_prompts(path: str | Path, tokenizer: Any, max_prompt_length: int) -> tu
     dataset = load_dataset(kind, data_files=str(path), split="train")
     missing = [column for column in ("prompt", "ground_truth") if column not in dataset.column_names]
     if missing:
-        raise UsageError(f"{path} has no {', '.join(missing)} column: export it with 'pacore export-train --format trl'")
+        raise UsageError(
+            f"{path} has no {', '.join(missing)} column: export it with 'pacore export-train --format trl'"
+        )
 
     def fits(row: dict[str, Any]) -> bool:
         ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
@@ -264,7 +271,8 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    numbered = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    numbered = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
+                if p.name.split("-")[1].isdigit()]  # fmt: skip
     return max(numbered)[1] if numbered else None
 
 
@@ -289,7 +297,9 @@ def train(config: TrainConfig, *, resume: bool = True, progress: TextIO | None =
         from transformers.utils import logging as transformers_logging
         from trl import GRPOConfig, GRPOTrainer
     except ImportError as exc:
-        raise UsageError(f"pacore train needs the train extra ({exc.name} is missing): pip install 'pacore[train]'") from None
+        raise UsageError(
+            f"pacore train needs the train extra ({exc.name} is missing): pip install 'pacore[train]'"
+        ) from None
     torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +310,8 @@ def train(config: TrainConfig, *, resume: bool = True, progress: TextIO | None =
             (output_dir / name).unlink(missing_ok=True)
     elif checkpoint_step(checkpoint) >= config.steps and (output_dir / FINAL_NAME).is_dir():
         if progress is not None:
-            print(f"already trained {checkpoint_step(checkpoint)} steps ({checkpoint.name}); raise steps to go on", file=progress)
+            done = checkpoint_step(checkpoint)
+            print(f"already trained {done} steps ({checkpoint.name}); raise steps to go on", file=progress)
         return _summary(config, output_dir, checkpoint, dropped=0)
 
     model, tokenizer = load_model(config.model, progress)
@@ -337,7 +348,9 @@ def train(config: TrainConfig, *, resume: bool = True, progress: TextIO | None =
 
         started = time.monotonic()
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
             if not logs:
                 return
             record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
@@ -363,7 +376,8 @@ def train(config: TrainConfig, *, resume: bool = True, progress: TextIO | None =
     if progress is not None:
         origin = f", resuming from {checkpoint.name}" if checkpoint else ""
         skipped = f" ({dropped} longer than {config.max_prompt_length} tokens dropped)" if dropped else ""
-        print(f"GRPO on {len(dataset)} prompts{skipped}, {config.steps} steps, reward {config.reward}{origin}", file=progress, flush=True)
+        plan = f"GRPO on {len(dataset)} prompts{skipped}, {config.steps} steps, reward {config.reward}{origin}"
+        print(plan, file=progress, flush=True)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(str(output_dir / FINAL_NAME))
     tokenizer.save_pretrained(str(output_dir / FINAL_NAME))
@@ -376,7 +390,9 @@ def _summary(config: TrainConfig, output_dir: Path, resumed_from: Path | None, d
     plot_rewards(history, output_dir / PLOT_NAME)
     rewards = [r["reward"] for r in history if "reward" in r]
     last = rewards[-1] if rewards else None
-    return TrainSummary(output_dir, config.steps, resumed_from, dropped, output_dir / FINAL_NAME, output_dir / PLOT_NAME, last)
+    return TrainSummary(
+        output_dir, config.steps, resumed_from, dropped, output_dir / FINAL_NAME, output_dir / PLOT_NAME, last
+    )
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

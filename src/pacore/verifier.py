@@ -177,8 +177,12 @@ class Verifier:
         self._owned = not isinstance(backend, Backend)
         self.backend = open_backend(backend, **backend_options) if self._owned else backend  # type: ignore[arg-type]
         # Fixed now: an HTTP backend learns its model name on its first call, and keys must not change.
-        self._identity = [self.template.source, backend if isinstance(backend, str) else self.backend.name, self.backend.model]
-        self.cache = None if cache is False else VerdictCache(default_cache_path() if cache in (None, True) else cache)  # type: ignore[arg-type]
+        spec = backend if isinstance(backend, str) else self.backend.name
+        self._identity = [self.template.source, spec, self.backend.model]
+        if cache is False:
+            self.cache = None
+        else:
+            self.cache = VerdictCache(default_cache_path() if cache is None or cache is True else cache)
         self._concurrency = concurrency
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pacore-verifier", daemon=True)

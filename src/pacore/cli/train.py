@@ -47,4 +47,6 @@ def train_command(
     settings = load_config(config, steps=steps, output_dir=str(output_dir.resolve()) if output_dir else None)
     summary = train(settings, resume=resume)
     reward = f"{summary.last_reward:.3f}" if summary.last_reward is not None else "n/a"
-    typer.echo(f"train: {summary.steps} steps, last mean reward {reward} -> {summary.final_model} (curve: {summary.plot})")
+    typer.echo(
+        f"train: {summary.steps} steps, last mean reward {reward} -> {summary.final_model} (curve: {summary.plot})"
+    )

@@ -149,7 +149,9 @@ def _run_source(store: RunStore, arm: str | None) -> MessageSource:
     problems = store.problems()
     settings = info.config.get("template")
     if info.pool_size and arm is None:
-        pooled = lambda problem_id: _adopted(store.pool(problem_id))  # noqa: E731
+        def pooled(problem_id: str) -> list[Trajectory]:
+            return _adopted(store.pool(problem_id))
+
         return MessageSource("the trajectory pool", name, problems, pooled, settings)
     arms = {a.name: a for a in store.arms()}
     if arm is not None and arm not in arms:

@@ -293,11 +293,8 @@ def spurious_stats(
     results: Iterable[ProblemResult], problems: dict[str, StoredProblem], verifier: Verifier
 ) -> SpuriousStats:
     """Ask ``verifier`` about the derivation of every correct answer (one batch, cached)."""
-    items = [
-        Judgement(last_user_text(problems[r.problem_id].messages), r.answer or "", problems[r.problem_id].ground_truth or "")
-        for r in results
-        if r.status == "done" and r.correct
-    ]
+    correct = [(problems[r.problem_id], r.answer or "") for r in results if r.status == "done" and r.correct]
+    items = [Judgement(last_user_text(p.messages), answer, p.ground_truth or "") for p, answer in correct]
     verdicts = verifier.verify_many(items)
     return SpuriousStats(
         judged=sum(v is not None for v in verdicts),
