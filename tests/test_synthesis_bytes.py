@@ -8,12 +8,14 @@ empty message set.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jinja2
@@ -151,8 +153,24 @@ RELEASE_REPLIES: list[str | Completion] = [
     "",
     "mid <think>x</think> conclusion\n",
 ]
-# Seconds before each index's call answers: completion order 4, 2, 5, 0, 3, 1.
-RELEASE_DELAYS = [0.12, 0.18, 0.04, 0.15, 0.0, 0.08]
+RELEASE_COMPLETION_ORDER = [4, 2, 5, 0, 3, 1]
+
+
+@dataclass
+class InOrderBackend(ScriptedBackend):
+    """A scripted backend whose round-1 calls (one per trajectory) finish in ``completion_order``."""
+
+    completion_order: list[int] = field(default_factory=list)
+    finished: int = 0
+
+    async def generate(self, messages, n, params):
+        index = len(self.calls)
+        completions = await super().generate(messages, n, params)
+        if not is_synthesis(messages):
+            while self.completion_order[self.finished] != index:
+                await asyncio.sleep(0)
+            self.finished += 1
+        return completions
 
 
 def content_of(reply: str | Completion) -> str:
@@ -160,14 +178,14 @@ def content_of(reply: str | Completion) -> str:
 
 
 async def test_release_order_sends_what_the_release_sends():
-    backend = ScriptedBackend(
+    backend = InOrderBackend(
         respond=lambda call, i: "final" if is_synthesis(call.messages) else RELEASE_REPLIES[call.number],
-        delay=lambda call: 0 if is_synthesis(call.messages) else RELEASE_DELAYS[call.number],
+        completion_order=RELEASE_COMPLETION_ORDER,
     )
     result = await pacore.asolve("Q\n", schedule=[6], backend=backend, reference_order="release", seed=42)
     first = result.rounds[0].trajectories
     completion_order = sorted(range(6), key=lambda i: first[i].finish_order)
-    assert completion_order == [4, 2, 5, 0, 3, 1]
+    assert completion_order == RELEASE_COMPLETION_ORDER
     expected = release_prompt("Q\n", [content_of(RELEASE_REPLIES[i]) for i in completion_order])
     assert backend.calls[-1].messages[-1]["content"] == expected
     # And it is not simply the index order or today's shuffle.

@@ -17,6 +17,7 @@ from pacore.engine import asolve
 from pacore.errors import TemplateError, UsageError
 from pacore.prompts import (
     BUILTIN_TEMPLATES,
+    MAX_LOOP_ITEMS,
     MAX_RENDERED_CHARS,
     MAX_TEMPLATE_BYTES,
     SynthesisTemplate,
@@ -192,6 +193,24 @@ def test_runaway_or_broken_templates_fail_fast_with_one_line(source, fragment):
     assert fragment in message
 
 
+def test_nested_loops_over_long_inputs_are_cut_at_render():
+    quadratic = SynthesisTemplate("{% for c in problem %}{% for d in problem %}{% endfor %}{% endfor %}x")
+    assert quadratic.render("short", [], round=2, total_rounds=2) == "x"
+    started = time.perf_counter()
+    with pytest.raises(TemplateError, match=f"more than {MAX_LOOP_ITEMS} iterations"):
+        quadratic.render("a" * 100_000, [], round=2, total_rounds=2)
+    assert time.perf_counter() - started < 10
+
+
+def test_loops_keep_their_features_under_the_budget():
+    template = SynthesisTemplate(
+        "{% for r in references %}{{ loop.index }}/{{ loop.length }}:{{ r }} {% else %}none{% endfor %}"
+        "|{% for x in references if x != 'b' %}{{ x }}{% endfor %}"
+    )
+    assert template.render("p", ["a", "b", "c"], round=2, total_rounds=2) == "1/3:a 2/3:b 3/3:c |ac"
+    assert template.render("p", [], round=2, total_rounds=2) == "none|"
+
+
 def test_big_numbers_as_filtered_values_are_fine():
     rendered = SynthesisTemplate("{{ 10**12 }} {{ 12345678901 | string }} {{ '=' * 80 }}").render(
         "p", [], round=2, total_rounds=2
@@ -340,3 +359,13 @@ async def test_a_bad_template_fails_before_any_backend_call(tmp_path):
     with pytest.raises(TemplateError):
         await asolve("Q?", schedule=[2], backend=backend, template=path)
     assert backend.calls == []
+
+
+@pytest.mark.parametrize("name", ["generic", "pacore"])
+async def test_asolve_takes_a_builtin_template_by_name(name):
+    backend = ScriptedBackend(respond=lambda call, i: f"m{call.number}")
+    await asolve("Q?", schedule=[1], backend=backend, template=name)
+    assert backend.calls[-1].last_user_text == render(SynthesisTemplate.builtin(name), "Q?", ["m0"])
+    assert backend.calls[-1].last_user_text.startswith("You are given a problem and " + (
+        "several reference responses" if name == "generic" else "a list of reference responses"
+    ))

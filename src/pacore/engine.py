@@ -35,6 +35,7 @@ from pacore.errors import (
 from pacore.messages import THINK_END, compact, last_user_index, last_user_text, non_text_parts  # noqa: F401
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
+from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder, build_synthesis_input
 from pacore.trace import (
     AnswerDelta,
     Event,
@@ -47,7 +48,6 @@ from pacore.trace import (
     TrajectoryFinished,
     usage_of,
 )
-from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder, build_synthesis_input
 
 T = TypeVar("T")
 EventCallback = Callable[[Event], None]
@@ -386,7 +386,10 @@ async def asolve(
     backend spec (``http://host:port/v1``, ``gguf:/path``), a list of specs
     (calls go to the least busy, see :func:`pacore.open_backend`) or ``None``
     for the embedded model; a backend opened from specs is closed before
-    returning. ``seed`` makes the order of the references reproducible
+    returning. ``template`` is a :class:`SynthesisTemplate`, a built-in's
+    name (``"pacore"``, the default: the report's Table 6 prompt;
+    ``"generic"``: for models never trained for PaCoRe) or a template file.
+    ``seed`` makes the order of the references reproducible
     (defaults to ``params.seed``, else 0); ``reference_order`` is
     ``"shuffle"`` (a seeded shuffle per round) or ``"release"`` (the
     reference release's order: by length, then ``random.Random(seed)``;

@@ -16,8 +16,8 @@ Rendering uses jinja2's *default* whitespace settings and the result is not
 stripped, so the built-in ``pacore`` template gives the report's bytes
 exactly. Templates run in jinja2's sandbox, may not load other templates
 (``include``, ``import``, ``extends`` are refused at load) and their work is
-bounded: ``range()`` items per render, numbers handed to functions and
-filters, and the rendered size are capped.
+bounded: loop iterations and ``range()`` items per render, numbers handed
+to functions and filters, and the rendered size are capped.
 """
 
 from __future__ import annotations
@@ -47,7 +47,11 @@ MAX_TEMPLATE_BYTES = 1024 * 1024
 #: Total ``range()`` items one render may iterate, and the largest number a
 #: template may pass to a function, filter or repetition (``"x" * n``).
 MAX_TEMPLATE_NUMBER = MAX_RANGE
+#: ``{% for %}`` iterations one render may run in all (nested loops multiply).
+MAX_LOOP_ITEMS = 1_000_000
 _MAX_POWER_BITS = 64 * 1024
+# The render variable every ``{% for %}`` iterates through (see _LoopBudget).
+_LOOP_BUDGET = "pacore_loop_budget"
 
 _FORBIDDEN_TAGS: tuple[tuple[type[nodes.Node], str], ...] = (
     (nodes.Extends, "extends"),
@@ -131,11 +135,27 @@ class _RangeBudget:
         return items
 
 
+class _LoopBudget:
+    """Counts the items of every ``{% for %}`` of one render; too many end it."""
+
+    def __init__(self) -> None:
+        self.left = MAX_LOOP_ITEMS
+
+    def __call__(self, iterable: Any) -> Any:
+        for item in iterable:
+            if self.left <= 0:
+                raise SecurityError(f"loops ran more than {MAX_LOOP_ITEMS} iterations in all during one render")
+            self.left -= 1
+            yield item
+
+
 def _refuse_loading_tags(source: str, origin: str) -> jinja2.Template:
     """Compile ``source``; a template that loads other templates is refused.
 
     Templates are self-contained: the environment has no loader, and a
-    template from anywhere must not reach other files.
+    template from anywhere must not reach other files. Every loop is made to
+    iterate through the render's loop budget, so nested loops over long
+    texts cannot run for minutes.
     """
     try:
         tree = _ENV.parse(source)
@@ -146,6 +166,9 @@ def _refuse_loading_tags(source: str, origin: str) -> jinja2.Template:
                     f"template {origin}: line {node.lineno}: '{{% {tag} %}}' is not allowed: "
                     "a synthesis template must be self-contained"
                 )
+        for loop in tree.find_all(nodes.For):
+            budget = nodes.Name(_LOOP_BUDGET, "load", lineno=loop.lineno)
+            loop.iter = nodes.Call(budget, [loop.iter], [], None, None, lineno=loop.lineno)
         return _ENV.from_string(tree)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"template {origin}: line {exc.lineno}: {exc.message}") from None
@@ -161,14 +184,14 @@ def render_bounded(template: jinja2.Template, values: dict[str, Any], origin: st
     pieces: list[str] = []
     size = 0
     try:
-        for piece in template.generate({"range": _RangeBudget(), **values}):
+        for piece in template.generate({"range": _RangeBudget(), _LOOP_BUDGET: _LoopBudget(), **values}):
             size += len(piece)
             if size > MAX_RENDERED_CHARS:
                 raise SecurityError(f"rendered more than {MAX_RENDERED_CHARS} characters")
             pieces.append(piece)
     except jinja2.TemplateError as exc:
         raise TemplateError(f"template {origin}: {exc}") from None
-    except (ArithmeticError, MemoryError, RecursionError, TypeError, ValueError, LookupError) as exc:
+    except (ArithmeticError, AttributeError, LookupError, MemoryError, RecursionError, TypeError, ValueError) as exc:
         raise TemplateError(f"template {origin}: {type(exc).__name__}: {exc}") from None
     return "".join(pieces)
 

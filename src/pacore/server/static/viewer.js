@@ -208,7 +208,7 @@ function finalBox(detail) {
   return el("div", { class: "final", id: "final-answer" }, [
     el("h2", { text: "Final answer" }),
     detail.final_answer !== null ? el("div", { class: "extracted", text: detail.final_answer }) : null,
-    el("div", { class: "text", text: (detail.answer || "").trim() }),
+    el("div", { class: "text", text: detail.answer || "" }),
   ]);
 }
 
