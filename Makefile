@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.pacore-setup
+TRAIN_STAMP := $(VENV)/.pacore-train
+# The CPU build of torch; pinned so pip never swaps in the CUDA one (3 GB).
+TORCH_VERSION := 2.13.0
 DEMO_QUESTION ?= A farmer has 17 sheep. All but 9 run away. How many sheep does the farmer have left?
 
-.PHONY: setup browser demo test bench docs clean
+.PHONY: setup train-extra browser demo test bench docs clean
 
 setup: $(SETUP_STAMP)
 
@@ -20,6 +23,15 @@ $(SETUP_STAMP): pyproject.toml Makefile
 	$(BIN)/pacore model prepare
 	@touch $@
 
+# The train extra (torch, transformers, TRL) for 'pacore train' and its tests; 'make setup' stays torch-free.
+train-extra: $(TRAIN_STAMP)
+
+$(TRAIN_STAMP): $(SETUP_STAMP)
+	@echo "Installing the train extra for the training tests (torch $(TORCH_VERSION) CPU, transformers, TRL)..."
+	$(BIN)/python -m pip install --progress-bar off torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --progress-bar off -e '.[dev,train]'
+	@touch $@
+
 demo: setup
 	$(BIN)/pacore ask --schedule 4 --max-tokens 200 "$(DEMO_QUESTION)"
 
@@ -27,7 +39,7 @@ demo: setup
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
-test: setup browser
+test: setup train-extra browser
 	$(BIN)/python -m pytest
 
 # Performance figures against the targets (bench/RESULTS.md) and reliability under injected

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 
 from pacore.errors import UsageError
-from pacore.rewards import compute_score, outcome_reward, reward_func
+from pacore.rewards import compute_score, outcome_reward, par_reward, par_shaped, reward_func
 
 
 @pytest.mark.parametrize(
@@ -85,3 +86,35 @@ def test_reward_func_checks_its_columns() -> None:
         reward_func(prompts=["q"], completions=["a"])
     with pytest.raises(UsageError, match="2 completions but 1 ground truths"):
         reward_func(prompts=["q", "q"], completions=["a", "b"], ground_truth=["a"])
+
+
+def test_par_reward_is_the_mean_sigmoid_margin() -> None:
+    assert par_reward(1.0, [1.0, 1.0]) == 0.5
+    expected = (1 / (1 + math.exp(-1.0)) + 1 / (1 + math.exp(1.0))) / 2  # margins +1 and -1
+    assert par_reward(1.0, [0.0, 2.0]) == pytest.approx(expected) == pytest.approx(0.5)
+    assert par_reward(2.0, [0.0]) == pytest.approx(1 / (1 + math.exp(-2.0)))
+    # Monotone in the score, and strictly inside (0, 1) however far the reward model drifts.
+    scores = [-1e6, -50.0, -1.0, 0.0, 1.0, 50.0, 1e6]
+    shaped = [par_reward(s, [0.0, 0.5]) for s in scores]
+    assert shaped == sorted(shaped)
+    assert all(0.0 < value < 1.0 for value in shaped)
+
+
+def test_par_reward_refuses_bad_input() -> None:
+    with pytest.raises(UsageError, match="at least one reference"):
+        par_reward(1.0, [])
+    with pytest.raises(UsageError, match="finite"):
+        par_reward(float("nan"), [0.0])
+
+
+def test_par_shaped_wraps_a_trl_score_function() -> None:
+    def reward_model(prompts=None, completions=None, **kwargs):
+        return [float(len(c)) if c != "skip" else None for c in completions]
+
+    shaped = par_shaped(reward_model)
+    assert shaped.__name__ == "par_reward_model"
+    rewards = shaped(prompts=["p"] * 3, completions=["aa", "a", "skip"], reference_scores=[[2.0], [2.0, 0.0], [1.0]])
+    assert rewards[0] == 0.5 and rewards[2] is None
+    assert rewards[1] == pytest.approx(par_reward(1.0, [2.0, 0.0]))
+    with pytest.raises(UsageError, match="'reference_scores' column"):
+        shaped(prompts=["p"], completions=["a"])

@@ -165,6 +165,25 @@ class _RoundProgress:
             self.pending.pop(index, None)
 
 
+def adopt_first_round(items: Sequence[Completion | Trajectory]) -> list[Trajectory]:
+    """Pre-generated round-1 trajectories as the engine records them (``asolve(first_round=...)``).
+
+    Numbered in the given order, which is also their completion order, with
+    compaction recomputed: a pool may hold trajectories built without it.
+    The training export builds its prompts from these too.
+    """
+    adopted = []
+    for i, item in enumerate(items):
+        if isinstance(item, Trajectory):
+            message = compact(item.text) if item.ok else None
+            trajectory = item.model_copy(update={"round": 0, "index": i, "message": message, "finish_order": i})
+        else:
+            trajectory = _trajectory(0, i, item)
+            trajectory.finish_order = i
+        adopted.append(trajectory)
+    return adopted
+
+
 class _Solve:
     """State of one request; one instance per ``asolve`` call."""
 
@@ -260,13 +279,7 @@ class _Solve:
             )
 
     def _adopt_first_round(self, rnd: Round) -> None:
-        for i, item in enumerate(self.first_round or ()):
-            if isinstance(item, Trajectory):
-                # Compaction is recomputed: a pool may hold trajectories built without it.
-                message = compact(item.text) if item.ok else None
-                trajectory = item.model_copy(update={"round": 0, "index": i, "message": message})
-            else:
-                trajectory = _trajectory(0, i, item)
+        for trajectory in adopt_first_round(self.first_round or ()):
             self._record(rnd, trajectory)
 
     async def _run_round(self, rnd: Round, conversation: list[Message], start: int = 0) -> None:

@@ -67,6 +67,7 @@ def _register_commands() -> None:
     from pacore.cli import run  # noqa: F401
     from pacore.cli import data  # noqa: F401
     from pacore.cli import view  # noqa: F401
+    from pacore.cli import train  # noqa: F401
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -17,6 +17,10 @@ trajectory (every round after the first) of graded problems:
 - *cross-checking*: the synthesis refers to the references by number
   ("Reference 3", "ref 2", "Reference #1").
 
+With a verifier (:mod:`pacore.verifier`), every arm also gets its *spurious
+correctness* (R-Align): the share of correct answers whose derivation the
+verifier rejects.
+
 :func:`write_report` writes ``report.md``, ``report.html`` (self-contained,
 the plot embedded), ``accuracy_vs_ttc.png`` and ``report.csv`` (one row per
 result). The report opens with what each run was: model, backend, settings,
@@ -44,8 +48,10 @@ from typing import Any
 from pacore.eval.grading import grade, majority_vote
 from pacore.errors import OutputError
 from pacore.files import atomic_output, refuse_overwriting, write_atomic
+from pacore.messages import last_user_text
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem, store_files
 from pacore.trace import Result
+from pacore.verifier import Judgement, Verifier
 
 MARKDOWN_NAME = "report.md"
 HTML_NAME = "report.html"
@@ -134,6 +140,23 @@ class SynthesisStats:
 
 
 @dataclass
+class SpuriousStats:
+    """Correct answers of one arm as a verifier judged their derivations."""
+
+    judged: int = 0
+    rejected: int = 0
+    #: Correct answers the verifier gave no verdict on (left out of the rate).
+    unknown: int = 0
+
+    @property
+    def rate(self) -> float | None:
+        return _ratio(self.rejected, self.judged)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "spurious_correctness": self.rate}
+
+
+@dataclass
 class ArmReport:
     """The figures of one arm of one run."""
 
@@ -170,6 +193,7 @@ class ArmReport:
     def repeated(self) -> bool:
         """Whether some problem has more than one graded result."""
         return len(self.problem_accuracies) < self.graded
+    spurious: SpuriousStats | None = None
 
     @property
     def accuracy(self) -> float | None:
@@ -232,6 +256,7 @@ class ArmReport:
             "last_finish": _iso(self.last_finish),
             "failure_reasons": [{"reason": r, "count": n} for r, n in self.failure_reasons],
             "synthesis": self.synthesis.as_dict() if self.synthesis else None,
+            "spurious": self.spurious.as_dict() if self.spurious else None,
         }
 
 
@@ -352,8 +377,8 @@ def _add_synthesis_stats(stats: SynthesisStats, trace: Result, problem: StoredPr
             stats.cross_checking += int(bool(CROSS_CHECK.search(trajectory.text)))
 
 
-def collect(run_dirs: Sequence[str | Path]) -> list[ArmReport]:
-    """The figures of every arm of every run directory, in order."""
+def collect(run_dirs: Sequence[str | Path], verifier: Verifier | None = None) -> list[ArmReport]:
+    """The figures of every arm of every run directory, in order (spurious correctness with ``verifier``)."""
     reports: list[ArmReport] = []
     for run_dir in run_dirs:
         with RunStore.open(run_dir) as store:
@@ -361,7 +386,10 @@ def collect(run_dirs: Sequence[str | Path]) -> list[ArmReport]:
             for arm in store.arms():
                 traces = arm.method == "pacore"  # only synthesis diagnostics read traces
                 results = store.results(arm.name, traces=traces)
-                reports.append(arm_report(str(run_dir), arm, results, problems))
+                report = arm_report(str(run_dir), arm, results, problems)
+                if verifier is not None:
+                    report.spurious = spurious_stats(store.results(arm.name, traces=False), problems, verifier)
+                reports.append(report)
     return reports
 
 
@@ -482,6 +510,20 @@ def run_details(run_dirs: Sequence[str | Path], arms: Sequence[ArmReport]) -> li
     return details
 
 
+def spurious_stats(
+    results: Iterable[ProblemResult], problems: dict[str, StoredProblem], verifier: Verifier
+) -> SpuriousStats:
+    """Ask ``verifier`` about the derivation of every correct answer (one batch, cached)."""
+    correct = [(problems[r.problem_id], r.answer or "") for r in results if r.status == "done" and r.correct]
+    items = [Judgement(last_user_text(p.messages), answer, p.ground_truth or "") for p, answer in correct]
+    verdicts = verifier.verify_many(items)
+    return SpuriousStats(
+        judged=sum(v is not None for v in verdicts),
+        rejected=sum(v is False for v in verdicts),
+        unknown=sum(v is None for v in verdicts),
+    )
+
+
 # --- output -----------------------------------------------------------------
 
 
@@ -568,6 +610,28 @@ def synthesis_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], li
     return header, rows
 
 
+def spurious_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
+    header = ["arm", "correct answers judged", "derivation rejected (spurious correctness)", "no verdict"]
+    rows = []
+    for arm in arms:
+        stats = arm.spurious
+        if stats is None:
+            continue
+        row = [arm.arm, str(stats.judged), _fraction(stats.rejected, stats.judged), str(stats.unknown)]
+        if with_run:
+            row.insert(0, arm.run)
+        rows.append(row)
+    if with_run:
+        header.insert(0, "run")
+    return header, rows
+
+
+SPURIOUS_NOTE = (
+    "Correct answers whose derivation the verifier rejects (R-Align's spurious correctness); "
+    "answers it gave no verdict on are left out of the share."
+)
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
@@ -635,6 +699,9 @@ def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str], details: Seq
             "",
             _markdown_table(header, rows),
         ]
+    header, rows = spurious_rows(arms, with_run)
+    if rows:
+        parts += ["", "## Spurious correctness", "", SPURIOUS_NOTE, "", _markdown_table(header, rows)]
     failures = _failures(arms)
     if failures:
         parts += ["", "## Failures", ""]
@@ -693,6 +760,9 @@ def render_html(
     header, rows = synthesis_rows(arms, with_run)
     if rows:
         parts += ["<h2>Synthesis diagnostics</h2>", _html_table(header, rows)]
+    header, rows = spurious_rows(arms, with_run)
+    if rows:
+        parts += ["<h2>Spurious correctness</h2>", f"<p>{html.escape(SPURIOUS_NOTE)}</p>", _html_table(header, rows)]
     failures = _failures(arms)
     if failures:
         parts.append("<h2>Failures</h2><ul>")
@@ -801,14 +871,15 @@ class ReportFiles:
 
 
 def write_report(
-    run_dirs: Sequence[str | Path], out_dir: str | Path | None = None
+    run_dirs: Sequence[str | Path], out_dir: str | Path | None = None, verifier: Verifier | None = None
 ) -> tuple[list[ArmReport], ReportFiles]:
-    """Collect every arm of ``run_dirs`` and write the four report files into ``out_dir``.
+    """Collect every arm of ``run_dirs`` and write the report files (markdown, HTML, plot, CSV) into ``out_dir``.
 
-    ``out_dir`` defaults to the first run directory.
+    ``out_dir`` defaults to the first run directory; with ``verifier`` the
+    report adds each arm's spurious correctness.
     """
     names = [str(d) for d in run_dirs]
-    arms = collect(run_dirs)
+    arms = collect(run_dirs, verifier)
     out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
     if out.exists() and not out.is_dir():
         raise OutputError(f"report output {out} is not a directory")

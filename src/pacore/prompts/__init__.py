@@ -174,6 +174,28 @@ def _refuse_loading_tags(source: str, origin: str) -> jinja2.Template:
         raise TemplateError(f"template {origin}: line {exc.lineno}: {exc.message}") from None
 
 
+def compile_template(source: str, origin: str) -> jinja2.Template:
+    """Compile a user template in the bounded sandbox (also used for the verifier's prompt)."""
+    return _refuse_loading_tags(source, origin)
+
+
+def render_bounded(template: jinja2.Template, values: dict[str, Any], origin: str) -> str:
+    """Render ``template`` within the size cap; any failure is a :class:`TemplateError`."""
+    pieces: list[str] = []
+    size = 0
+    try:
+        for piece in template.generate({"range": _RangeBudget(), _LOOP_BUDGET: _LoopBudget(), **values}):
+            size += len(piece)
+            if size > MAX_RENDERED_CHARS:
+                raise SecurityError(f"rendered more than {MAX_RENDERED_CHARS} characters")
+            pieces.append(piece)
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"template {origin}: {exc}") from None
+    except (ArithmeticError, AttributeError, LookupError, MemoryError, RecursionError, TypeError, ValueError) as exc:
+        raise TemplateError(f"template {origin}: {type(exc).__name__}: {exc}") from None
+    return "".join(pieces)
+
+
 class SynthesisTemplate:
     """A compiled synthesis template."""
 
@@ -235,22 +257,8 @@ class SynthesisTemplate:
             "references": list(references),
             "round": round,
             "total_rounds": total_rounds,
-            "range": _RangeBudget(),
-            _LOOP_BUDGET: _LoopBudget(),
         }
-        pieces: list[str] = []
-        size = 0
-        try:
-            for piece in self._template.generate(values):
-                size += len(piece)
-                if size > MAX_RENDERED_CHARS:
-                    raise SecurityError(f"rendered more than {MAX_RENDERED_CHARS} characters")
-                pieces.append(piece)
-        except jinja2.TemplateError as exc:
-            raise TemplateError(f"template {self.origin}: {exc}") from None
-        except (ArithmeticError, AttributeError, LookupError, MemoryError, RecursionError, TypeError, ValueError) as exc:
-            raise TemplateError(f"template {self.origin}: {type(exc).__name__}: {exc}") from None
-        text = "".join(pieces)
+        text = render_bounded(self._template, values, self.origin)
         if not text.strip():
             raise TemplateError(f"template {self.origin}: rendered an empty synthesis prompt")
         return text
