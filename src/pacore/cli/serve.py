@@ -110,6 +110,34 @@ def serve(
             "--history", metavar="N", min=0, help="Recent requests kept in memory for the /ui viewer."
         ),
     ] = 100,
+    history_bytes: Annotated[
+        int | None,
+        _server_option(
+            "--history-bytes", metavar="BYTES", min=0,
+            help="Most the kept requests may hold; the oldest are forgotten first \\[default: 64 MiB].",
+        ),  # fmt: skip
+    ] = None,
+    header_timeout: Annotated[
+        float,
+        _server_option(
+            "--header-timeout", metavar="SECONDS", min=0.001,
+            help="Time a client has to send a request's headers (then 408, connection closed).",
+        ),  # fmt: skip
+    ] = 10.0,
+    body_timeout: Annotated[
+        float,
+        _server_option(
+            "--body-timeout", metavar="SECONDS", min=0.001,
+            help="Time a client has to send a request's body once its headers are in (then 408).",
+        ),  # fmt: skip
+    ] = 60.0,
+    write_timeout: Annotated[
+        float,
+        _server_option(
+            "--write-timeout", metavar="SECONDS", min=0.001,
+            help="Time a client may read nothing of a response before it is dropped and its slot freed.",
+        ),  # fmt: skip
+    ] = 30.0,
     history_db: Annotated[
         Path | None,
         _server_option(
@@ -149,6 +177,8 @@ def serve(
     plan = Schedule.parse(schedule)
     check_limits(deadline=deadline, min_success=None)
     limits = {"max_body_bytes": max_body_bytes} if max_body_bytes is not None else {}
+    if history_bytes is not None:
+        limits["history_bytes"] = history_bytes
     config = ServerConfig(
         schedule=plan,
         params=generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None),
@@ -160,6 +190,9 @@ def serve(
         history=history,
         history_db=history_db,
         deadline_s=deadline,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        write_timeout_s=write_timeout,
         **limits,
     )
     listener = _listen(host, port)

@@ -22,10 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacore.backends.base import Backend, GenerationParams
@@ -50,11 +58,19 @@ from pacore.server.errors import (
     InternalError,
     OverloadedError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     ShuttingDownError,
     describe,
     install_error_handlers,
 )
-from pacore.server.history import HistoryDatabase, RequestDetail, RequestHistory, RequestRecord, RequestSummary
+from pacore.server.history import (
+    HistoryDatabase,
+    RequestDetail,
+    RequestHistory,
+    RequestRecord,
+    RequestSummary,
+    SavedRecord,
+)
 from pacore.server.metrics import ServerMetrics
 from pacore.server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from pacore.trace import Event, Result
@@ -64,9 +80,18 @@ logger = logging.getLogger("pacore.server")
 STATIC_DIR = files("pacore.server") / "static"
 #: Large enough for a few images as data URLs; a 10 MB prompt is refused (413).
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Enough for hundreds of ordinary requests, or a few of 64 long trajectories.
+DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
+_DEFAULT_LIMITS = Limits()
+#: Model text is inserted as text by the viewer; this stops anything that slips through.
+VIEWER_CSP = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 #: Routes anyone may open: the health probe and the viewer's static shell (it holds no data).
 _PUBLIC_PATHS = ("/health", "/ui", "/ui/")
 _PUBLIC_PREFIX = "/ui/static/"
+#: After its deadline, a stream has this long to be written out before its slot is freed anyway.
+_STREAM_WRITE_OUT_S = 2.0
 # Key of the request state where a handler leaves the status it ended with
 # when that differs from the one sent (a stream that failed or lost its client).
 _OUTCOME_KEY = "pacore_status"
@@ -85,26 +110,43 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     max_concurrent_requests: int = 4
     #: Most calls one request may make, the final one included.
-    max_trajectories: int = 128
-    max_rounds: int = 4
+    max_trajectories: int = _DEFAULT_LIMITS.max_trajectories
+    max_rounds: int = _DEFAULT_LIMITS.max_rounds
+    max_messages: int = _DEFAULT_LIMITS.max_messages
+    max_content_parts: int = _DEFAULT_LIMITS.max_content_parts
+    max_model_chars: int = _DEFAULT_LIMITS.max_model_chars
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    #: Requests kept for the trace viewer.
+    #: Requests kept for the trace viewer: at most this many...
     history: int = 100
+    #: ... holding at most about this many bytes.
+    history_bytes: int = DEFAULT_HISTORY_BYTES
     #: A SQLite file that also keeps them, so they outlive the process (``None``: memory only).
     history_db: Path | None = None
     #: Seconds a client refused for load is told to wait.
     retry_after_s: int = 5
     #: Seconds one request may run before it fails with a 504 (``None``: no limit).
     deadline_s: float | None = None
+    #: Seconds a client has to send a request's headers (else 408 and the connection is closed).
+    header_timeout_s: float = 10.0
+    #: Seconds a client has to send a request's body, once its headers are in (else 408).
+    body_timeout_s: float = 60.0
+    #: Seconds a client may take nothing of a response the server is writing, before it is dropped.
+    write_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrent_requests", "max_trajectories", "max_rounds", "max_body_bytes"):
+        for name in (
+            "max_concurrent_requests", "max_trajectories", "max_rounds", "max_messages", "max_content_parts",
+            "max_model_chars", "max_body_bytes",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s", "write_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"{name} must be positive, got {getattr(self, name):g}")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise UsageError(f"deadline_s must be positive, got {self.deadline_s:g}")
-        if self.history < 0:
-            raise UsageError(f"history must be 0 or more, got {self.history}")
+        if self.history < 0 or self.history_bytes < 0:
+            raise UsageError(f"history and history_bytes must be 0 or more, got {self.history}, {self.history_bytes}")
         if any(not key.strip() for key in self.api_keys):
             raise UsageError("an API key must not be empty")
         # The default must pass the server's own caps, or every plain request would be refused.
@@ -112,7 +154,13 @@ class ServerConfig:
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_rounds=self.max_rounds, max_trajectories=self.max_trajectories)
+        return Limits(
+            max_rounds=self.max_rounds,
+            max_trajectories=self.max_trajectories,
+            max_messages=self.max_messages,
+            max_content_parts=self.max_content_parts,
+            max_model_chars=self.max_model_chars,
+        )
 
 
 class _Server:
@@ -121,14 +169,20 @@ class _Server:
     def __init__(self, config: ServerConfig, backend: Backend) -> None:
         self.config = config
         self.backend = backend
+        self.metrics = ServerMetrics()
         database = None
         if config.history_db is not None and config.history:
             database = HistoryDatabase(config.history_db, config.history)
-        self.history = RequestHistory(config.history, database)
-        self.metrics = ServerMetrics()
+        self.history = RequestHistory(
+            config.history, database, max_bytes=config.history_bytes, on_drop=self._forgotten
+        )
         self.runs: set[_ChatRun] = set()
         #: Set when the server starts shutting down: new chat completions get a 503.
         self.draining = False
+
+    def _forgotten(self, record: RequestRecord | SavedRecord) -> None:
+        self.metrics.history_dropped.inc()
+        logger.info("history: forgot request %s (%s bytes) to stay within its limits", record.id, f"{record.size:,}")
 
     @property
     def model(self) -> str:
@@ -138,7 +192,8 @@ class _Server:
     def running(self) -> int:
         return len(self.runs)
 
-    def admit(self, plan: Plan, request: Request) -> _ChatRun:
+    def check_capacity(self) -> None:
+        """Refuse a new chat completion now if it could not be admitted (cheap: before parsing it)."""
         if self.draining:
             raise ShuttingDownError("the server is shutting down and takes no new requests")
         if self.running >= self.config.max_concurrent_requests:
@@ -147,6 +202,9 @@ class _Server:
                 f"{self.config.retry_after_s}s",
                 retry_after=self.config.retry_after_s,
             )
+
+    def admit(self, plan: Plan, request: Request) -> _ChatRun:
+        self.check_capacity()
         return _ChatRun(self, plan, request)
 
     def drain(self) -> None:
@@ -182,6 +240,22 @@ class _ChatRun:
         server.metrics.in_flight.inc()
         self.task = asyncio.create_task(self._solve())
         self.task.add_done_callback(lambda _: self.queue.put_nowait(None))
+        # The engine stops at the deadline; a stream its client does not read could still
+        # hold the slot while it waits to be written, so the slot is freed soon after anyway.
+        deadline = server.config.deadline_s
+        self._overdue = (
+            asyncio.get_running_loop().call_later(deadline + _STREAM_WRITE_OUT_S, self._unwritten)
+            if plan.stream and deadline is not None
+            else None
+        )
+
+    def _unwritten(self) -> None:
+        if self.closed:
+            return
+        self.server.metrics.clients_cut.labels(reason="deadline").inc()
+        logger.info("freed the slot of %s: its stream was still unwritten %gs after its deadline", self.id,
+                    _STREAM_WRITE_OUT_S)  # fmt: skip
+        self.close()
 
     async def _solve(self) -> Result:
         try:
@@ -254,6 +328,8 @@ class _ChatRun:
         if self.closed:
             return
         self.closed = True
+        if self._overdue is not None:
+            self._overdue.cancel()
         if not self.task.done():
             self.task.cancel()
             self.record.finish("cancelled", "the client disconnected")
@@ -348,16 +424,31 @@ class _Guard:
         )
 
     def _limited(self, receive: Receive) -> Receive:
-        """``receive`` that fails once a body without Content-Length grows past the limit."""
+        """``receive`` that fails once the body grows past the size limit, or is not all in by the body timeout."""
+        config = self.server.config
         received = 0
+        complete = False
+        deadline: float | None = None
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete, deadline
+            if complete:
+                return await receive()  # only a disconnect can come now
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + config.body_timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                self.server.metrics.clients_cut.labels(reason="body_timeout").inc()
+                raise RequestTimeoutError(
+                    f"the request body did not arrive within {config.body_timeout_s:g}s"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.server.config.max_body_bytes:
+                if received > config.max_body_bytes:
                     raise self._too_large()
+                complete = not message.get("more_body", False)
             return message
 
         return limited
@@ -408,6 +499,9 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
     )
     app.state.pacore = server
     install_error_handlers(app)
+    # Starlette's own trailing-slash redirect builds its Location from the Host header.
+    app.router.redirect_slashes = False
+    app.add_exception_handler(404, _redirect_to_slash_twin)
     app.add_middleware(_Guard, server=server)
 
     @app.post(
@@ -425,8 +519,10 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
         except ClientDisconnect:
             # Gone while sending its request: nobody to answer, nothing to log.
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        # Refused for load before any parsing: an overloaded server does no work for a request.
+        server.check_capacity()
         plan = plan_request(
-            parse_body(body, request.headers.get("content-type")),
+            parse_body(body, request.headers.get("content-type"), config.limits),
             default=config.schedule,
             params=config.params,
             limits=config.limits,
@@ -460,19 +556,20 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
     async def viewer() -> FileResponse:
         return FileResponse(
             str(STATIC_DIR / "index.html"),
-            headers={
-                # Model text is inserted as text by the page; this stops anything that slips through.
-                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
-                "Cache-Control": "no-cache",
-            },
+            headers={"Content-Security-Policy": VIEWER_CSP, "Cache-Control": "no-cache"},
         )
 
-    app.mount("/ui/static", StaticFiles(directory=str(STATIC_DIR)), name="ui-static")
+    app.mount("/ui/static", _ViewerFiles(directory=str(STATIC_DIR)), name="ui-static")
 
     @app.get("/ui/api/requests")
-    async def recent_requests() -> dict[str, list[RequestSummary]]:
-        return {"data": [record.summary() for record in server.history.recent()]}
+    async def recent_requests() -> HistoryListing:
+        history = server.history
+        return HistoryListing(
+            data=[record.summary() for record in history.recent()],
+            dropped=history.dropped,
+            bytes=history.size,
+            max_bytes=config.history_bytes,
+        )
 
     @app.get("/ui/api/requests/{request_id}")
     async def request_detail(request_id: str, since: int = Query(0, ge=0)) -> RequestDetail:
@@ -485,6 +582,38 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
 
     app.openapi = _openapi_with_request_schemas(app)  # type: ignore[method-assign]
     return app
+
+
+class _ViewerFiles(StaticFiles):
+    """The viewer's static files, each with the viewer's Content-Security-Policy."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Content-Security-Policy"] = VIEWER_CSP
+        return response
+
+
+class HistoryListing(BaseModel):
+    """``/ui/api/requests``: the requests kept, newest first, and what the history had to forget."""
+
+    data: list[RequestSummary]
+    #: Requests forgotten since the server started, to stay within ``--history`` and ``--history-bytes``.
+    dropped: int
+    #: What the kept requests hold, about, and the budget.
+    bytes: int
+    max_bytes: int
+
+
+async def _redirect_to_slash_twin(request: Request, exc: Exception) -> Response:
+    """A 404 whose path with (or without) a trailing slash exists: a relative redirect there."""
+    path = request.scope["path"]
+    if path != "/":
+        twin = {**request.scope, "path": path[:-1] if path.endswith("/") else path + "/"}
+        if any(route.matches(twin)[0] is not Match.NONE for route in request.app.router.routes):
+            query = request.scope.get("query_string", b"").decode("latin-1")
+            # A path only, never a host: the Host header is the client's to make up.
+            return RedirectResponse(twin["path"] + (f"?{query}" if query else ""), status_code=307)
+    return describe(exc).response()
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
