@@ -115,6 +115,7 @@ class ServerConfig:
     max_messages: int = _DEFAULT_LIMITS.max_messages
     max_content_parts: int = _DEFAULT_LIMITS.max_content_parts
     max_model_chars: int = _DEFAULT_LIMITS.max_model_chars
+    max_json_values: int = _DEFAULT_LIMITS.max_json_values
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Requests kept for the trace viewer: at most this many...
     history: int = 100
@@ -136,7 +137,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name in (
             "max_concurrent_requests", "max_trajectories", "max_rounds", "max_messages", "max_content_parts",
-            "max_model_chars", "max_body_bytes",
+            "max_model_chars", "max_json_values", "max_body_bytes",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -160,6 +161,7 @@ class ServerConfig:
             max_messages=self.max_messages,
             max_content_parts=self.max_content_parts,
             max_model_chars=self.max_model_chars,
+            max_json_values=self.max_json_values,
         )
 
 
@@ -236,6 +238,8 @@ class _ChatRun:
         self.closed = False
         #: Why the server ended this run itself (shutdown), sent to the client.
         self.aborted: PacoreError | None = None
+        #: Set when a stream's client is known to be gone: nothing more is written.
+        self.client_gone = False
         server.runs.add(self)
         server.metrics.in_flight.inc()
         self.task = asyncio.create_task(self._solve())
@@ -312,9 +316,13 @@ class _ChatRun:
     async def chunks(self) -> AsyncIterator[str]:
         writer = ChunkWriter(request_id=self.id, model=self.plan.model, include_usage=self.plan.include_usage)
         yield writer.opening()
-        while (event := await self.queue.get()) is not None:
+        # Checked each time: once the client is gone, writes return at once and the queue may
+        # never be empty, so this loop might never reach a point where it could be cancelled.
+        while not self.client_gone and (event := await self.queue.get()) is not None:
             for chunk in writer.on_event(event):
                 yield chunk
+        if self.client_gone:
+            return
         if (exc := self._error()) is not None:
             reply = describe(exc)
             setattr(self.request.state, _OUTCOME_KEY, reply.status)
@@ -357,8 +365,14 @@ class _EventStream(StreamingResponse):
         self.run = run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watched() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.run.client_gone = True
+            return message
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, watched, send)
         finally:
             # Starlette cancels the body when the client disconnects; the
             # engine task runs apart from it and must be cancelled here.

@@ -172,7 +172,9 @@ class RequestRecord:
         self.status: Status = "running"
         self.error: str | None = None
         self.answer: str | None = None
-        self.partial_answer = ""
+        # Pieces, joined when asked for: appending to one string would copy it per piece.
+        self._answer_pieces: list[str] = []
+        self._answer_chars = 0
         self.elapsed_s: float | None = None
         self.rounds: list[_Round] = []
         self.seq = 0
@@ -181,8 +183,16 @@ class RequestRecord:
 
     @property
     def size(self) -> int:
-        """What this record holds in memory, about (its answer counted twice, as it is kept twice)."""
-        return self._kept_bytes + len(self.partial_answer) + len(self.answer or "")
+        """What this record holds in memory, about."""
+        # Once done, the answer and the partial answer are one string.
+        return self._kept_bytes + self._answer_chars
+
+    @property
+    def partial_answer(self) -> str:
+        """The final answer so far (all of it once done)."""
+        if len(self._answer_pieces) > 1:
+            self._answer_pieces = ["".join(self._answer_pieces)]
+        return self._answer_pieces[0] if self._answer_pieces else ""
 
     def apply(self, event: Event) -> None:
         self.seq += 1
@@ -193,7 +203,8 @@ class RequestRecord:
             trajectory = event.trajectory
             self._kept_bytes += len(trajectory.message or "") + len(trajectory.error or "") + _TRAJECTORY_OVERHEAD_BYTES
         elif isinstance(event, AnswerDelta):
-            self.partial_answer += event.content
+            self._answer_pieces.append(event.content)
+            self._answer_chars += len(event.content)
         elif isinstance(event, RoundFinished):
             rnd = self.rounds[event.round.index]
             rnd.trace.elapsed_s = event.round.elapsed_s
@@ -204,7 +215,8 @@ class RequestRecord:
             if result.error:
                 self.finish("failed", result.error)
             else:
-                self.answer = self.partial_answer = result.answer
+                self.answer = result.answer
+                self._answer_pieces, self._answer_chars = [result.answer], len(result.answer)
                 self.status = "done"
 
     def finish(self, status: Status, error: str | None = None) -> None:

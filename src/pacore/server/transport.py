@@ -8,9 +8,9 @@ adds, per connection:
 - a header timeout: a request's headers must be complete within
   ``header_timeout`` seconds of the connection opening (or of the previous
   response ending); a client that sent part of them gets a 408;
-- a write-stall timeout: once the connection's write buffer is full (the
-  client is not reading), the client has ``write_timeout`` seconds to take
-  some of it, or the connection is dropped;
+- a write-stall timeout: while the connection's write buffer is full (the
+  client is not reading), the client must take some of it every
+  ``write_timeout`` seconds, or the connection is dropped;
 - malformed HTTP gets its 400 in OpenAI's JSON error shape, not plain text.
 
 The body's own timeout is the app's (see ``pacore.server.app``), so that a
@@ -61,6 +61,8 @@ class GuardedH11Protocol(H11Protocol):
         self.on_cut = on_cut
         self._header_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
+        #: The write buffer's size when the stall timer was armed.
+        self._buffered = 0
         #: Bytes received since the header timer was armed: a request has begun.
         self._received = 0
         self._request_cycle: object = None
@@ -114,15 +116,23 @@ class GuardedH11Protocol(H11Protocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
+        self._watch_writes()
+
+    def _watch_writes(self) -> None:
         self._cancel(self._stall_timer)
-        self._stall_timer = self.loop.call_later(self.write_timeout, self._client_stalled)
+        self._buffered = self.transport.get_write_buffer_size()
+        self._stall_timer = self.loop.call_later(self.write_timeout, self._check_progress)
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._cancel(self._stall_timer)
         self._stall_timer = None
 
-    def _client_stalled(self) -> None:
+    def _check_progress(self) -> None:
+        # While paused nothing new is buffered, so a smaller buffer means the client took some.
+        if self.transport.get_write_buffer_size() < self._buffered:
+            self._watch_writes()
+            return
         self._stall_timer = None
         self.on_cut("write_stall")
         logger.info("dropped a client that read nothing for %gs", self.write_timeout)
