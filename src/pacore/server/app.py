@@ -321,6 +321,8 @@ class _ChatRun:
         while not self.client_gone and (event := await self.queue.get()) is not None:
             for chunk in writer.on_event(event):
                 yield chunk
+            if not self.queue.empty():
+                await asyncio.sleep(0)  # a backlog: let the loop run between events (and see a disconnect)
         if self.client_gone:
             return
         if (exc := self._error()) is not None:

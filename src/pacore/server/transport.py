@@ -105,8 +105,8 @@ class GuardedH11Protocol(H11Protocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
-        self.on_cut("header_timeout")
-        if self._received:
+        if self._received:  # else an idle connection, closed as keep-alive would
+            self.on_cut("header_timeout")
             # Written directly: h11 has no request to answer yet, and the connection ends here.
             error = RequestTimeoutError(f"the request headers did not arrive within {self.header_timeout:g}s")
             self.transport.write(_raw_response(408, b"Request Timeout", error))
