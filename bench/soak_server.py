@@ -428,7 +428,7 @@ def hostile_report(figures: dict[str, Any]) -> list[str]:
     return [
         f"Hostile soak of `pacore serve` ({HOSTILE_SLOTS} request slots, `--header-timeout` and `--write-timeout` "
         f"{HOSTILE_TIMEOUT_S:g} s, `--body-timeout {HOSTILE_BODY_TIMEOUT_S:g}`, `--deadline {HOSTILE_DEADLINE_S}`), "
-        "all attacks at once on "
+        "attacking in two phases on "
         f"loopback, {figures['attack_s']} s; {m['date']}, {m['cores']} cores, load average {m['load_average_1m']}.",
         "",
         "| attack | requests | statuses | time to refuse (p50) | time to refuse (max) |",
@@ -445,12 +445,18 @@ def hostile_report(figures: dict[str, Any]) -> list[str]:
         + ", ".join(f"{k} {v}" for k, v in figures["ordinary"].items())
         + f"; the first answered after {figures['ordinary_first_answer_s']} s, the last after "
         f"{figures['ordinary_last_answer_s']} s; request slots still held at the end: {figures['slots_held_at_end']}.",
-        f"- Server RSS: {figures['rss_before_mb']} MB before, {figures['rss_after_mb']} MB after; "
+        "- A stream nobody reads is cut once the socket buffers (the kernel's, then the server's 64 KB) are full "
+        "and nothing moved for `--write-timeout`; the answers here are 2M tokens, so filling them takes most of "
+        "the wait above. `--deadline` bounds it in any case.",
+        f"- Server RSS: {figures['rss_before_mb']} MB before, {figures['rss_after_mb']} MB after (the viewer's "
+        "history keeps those long answers, up to `--history-bytes`, 64 MiB); "
         f"exit code after SIGTERM: {figures['exit_code']}.",
         "",
         "Targets:",
         "",
+        "```text",
         *target_lines(figures["targets"]),
+        "```",
     ]
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +35,7 @@ from pacore.errors import PacoreError
 from pacore.schedule import Schedule
 
 SERVER_PANEL = "Server"
+_EVERY_INTERFACE = ("0.0.0.0", "::")
 API_KEYS_ENV = "PACORE_SERVER_API_KEYS"
 
 EXAMPLES = """\
@@ -138,6 +142,20 @@ def serve(
             help="Time a client may read nothing of a response before it is dropped and its slot freed.",
         ),  # fmt: skip
     ] = 30.0,
+    public_url: Annotated[
+        str | None,
+        _server_option(
+            "--public-url", metavar="URL",
+            help="Where clients reach this server (behind a proxy, say): each answer's trace_url starts with it. "
+            "Default: the address listened on, unless that is every interface (0.0.0.0, ::).",
+        ),  # fmt: skip
+    ] = None,
+    log_content: Annotated[
+        bool,
+        _server_option(
+            "--log-content", help="Access log lines also quote each question and answer (shortened)."
+        ),
+    ] = False,
     history_db: Annotated[
         Path | None,
         _server_option(
@@ -193,13 +211,18 @@ def serve(
         header_timeout_s=header_timeout,
         body_timeout_s=body_timeout,
         write_timeout_s=write_timeout,
+        public_url=public_url,
+        log_content=log_content,
         **limits,
     )
     listener = _listen(host, port)
-    opened = open_backends(backend, model=model, api_key=backend_api_key, timeout=timeout, retries=retries)
-    app = create_app(config, opened)
     bound_host, bound_port = listener.getsockname()[:2]
     base = f"http://{_url_host(bound_host)}:{bound_port}"
+    if public_url is None and bound_host not in _EVERY_INTERFACE:
+        # Known from the address listened on, never from a client's Host header.
+        config = dataclasses.replace(config, public_url=base)
+    opened = open_backends(backend, model=model, api_key=backend_api_key, timeout=timeout, retries=retries)
+    app = create_app(config, opened)
     auth = f"{len(keys)} API key{'s' if len(keys) != 1 else ''}" if keys else "no API key"
     loopback = _is_loopback(bound_host)
     reach = "loopback only: this machine alone can connect" if loopback else "reachable from other machines"
@@ -209,6 +232,7 @@ def serve(
     )
     if not keys and not loopback:
         typer.echo(f"pacore serve: warning: {host} is reachable from other machines and no API key is set", err=True)
+    _print_access_log()
     server = GracefulServer(
         app,
         grace_period=grace_period,
@@ -228,6 +252,16 @@ def serve(
     finally:
         signal.signal(signal.SIGTERM, previous)
     typer.echo("pacore serve: stopped")
+
+
+def _print_access_log() -> None:
+    """One ``pacore serve: ...`` line on stderr per chat completion request."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pacore serve: %(message)s"))
+    access = logging.getLogger("pacore.server.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -38,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asolve
-from pacore.errors import PacoreError, UsageError
+from pacore.errors import PacoreError, UsageError, shorten
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import PRESETS, Schedule
 from pacore.server import metrics as metrics_module
@@ -76,6 +77,8 @@ from pacore.server.protocol import ChatCompletion, ChatCompletionRequest, ErrorR
 from pacore.trace import Event, Result
 
 logger = logging.getLogger("pacore.server")
+#: One line per chat completion request; ``pacore serve`` prints it.
+access_logger = logging.getLogger("pacore.server.access")
 
 STATIC_DIR = files("pacore.server") / "static"
 #: Large enough for a few images as data URLs; a 10 MB prompt is refused (413).
@@ -133,6 +136,10 @@ class ServerConfig:
     body_timeout_s: float = 60.0
     #: Seconds a client may take nothing of a response the server is writing, before it is dropped.
     write_timeout_s: float = 30.0
+    #: Where clients reach this server (``http://host:port``): makes each ``trace_url`` absolute.
+    public_url: str | None = None
+    #: Access log lines also quote the question and the answer (shortened).
+    log_content: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -148,6 +155,8 @@ class ServerConfig:
             raise UsageError(f"deadline_s must be positive, got {self.deadline_s:g}")
         if self.history < 0 or self.history_bytes < 0:
             raise UsageError(f"history and history_bytes must be 0 or more, got {self.history}, {self.history_bytes}")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise UsageError(f"public_url must start with http:// or https://, got {shorten(self.public_url)!r}")
         if any(not key.strip() for key in self.api_keys):
             raise UsageError("an API key must not be empty")
         # The default must pass the server's own caps, or every plain request would be refused.
@@ -229,7 +238,7 @@ class _ChatRun:
         self.plan = plan
         self.request = request
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.trace_url = f"/ui#{self.id}"
+        self.trace_url = f"{(server.config.public_url or '').rstrip('/')}/ui#{self.id}"
         self.record = server.history.add(
             RequestRecord(self.id, plan.model, plan.schedule.as_list(), plan.messages, plan.stream)
         )
@@ -401,6 +410,7 @@ class _Guard:
                 sent["status"] = message["status"]
             await send(message)
 
+        started = time.perf_counter()
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
@@ -409,7 +419,13 @@ class _Guard:
             await self.app(scope, self._limited(receive), send_counted)
         finally:
             status = state.get(_OUTCOME_KEY, sent["status"])
-            self.server.metrics.requests.labels(endpoint=_endpoint(scope["path"]), status=str(status)).inc()
+            endpoint = _endpoint(scope["path"])
+            self.server.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            if endpoint == "/v1/chat/completions" and access_logger.isEnabledFor(logging.INFO):
+                access_logger.info(
+                    "%s", _access_line(status, state.get("pacore_run"), time.perf_counter() - started,
+                                       self.server.config.log_content),
+                )  # fmt: skip
 
     def _refusal(self, scope: Scope) -> PacoreError | None:
         headers = dict(scope["headers"])
@@ -468,6 +484,21 @@ class _Guard:
             return message
 
         return limited
+
+
+def _access_line(status: int, run: _ChatRun | None, seconds: float, content: bool) -> str:
+    """``200 chatcmpl-... model=pacore-2/m schedule=2 tokens=345 1.23s``: never a key, content only if asked."""
+    if run is None:  # refused before it was admitted
+        return f"{status} - {seconds:.3f}s"
+    record = run.record
+    line = (
+        f"{status} {run.id} model={shorten(run.plan.model, 60)} schedule={run.plan.schedule} "
+        f"tokens={record.usage.total_tokens} {seconds:.3f}s"
+    )
+    if content:
+        answer = record.answer if record.answer is not None else record.error or ""
+        line += f" question={json.dumps(shorten(record.question, 200))} answer={json.dumps(shorten(answer, 200))}"
+    return line
 
 
 def _digest(key: bytes) -> bytes:
@@ -544,6 +575,7 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
             limits=config.limits,
         )
         run = server.admit(plan, request)
+        request.state.pacore_run = run
         if plan.stream:
             return _EventStream(run)
         try:
