@@ -624,7 +624,9 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
         record = server.history.get(request_id)
         if record is None:
             raise HTTPException(
-                404, f"no request {request_id!r} in the history (the server keeps the last {config.history})"
+                404,
+                f"no request {shorten(request_id)!r} in the history (the server keeps the last {config.history}, "
+                f"up to {config.history_bytes:,} bytes)",
             )
         return record.detail(since)
 

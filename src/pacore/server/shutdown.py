@@ -1,14 +1,14 @@
 """Graceful shutdown: running requests get a grace period, then a clean error.
 
-(:class:`GracefulServer` also serves every connection with the timeouts of
-:mod:`pacore.server.transport`.)
-
 On SIGTERM (or Ctrl+C) :class:`GracefulServer` stops accepting connections,
 answers new chat completions on already open ones with a 503, and lets the
 running ones finish for ``grace_period`` seconds. Those still running then
 are ended by the app itself with an OpenAI-format 503 (an error event for a
 stream), so every client gets a complete response rather than a cut
 connection, and their backend calls are cancelled.
+
+:class:`GracefulServer` also serves every connection with the read and
+write timeouts of :mod:`pacore.server.transport`.
 """
 
 from __future__ import annotations
