@@ -96,6 +96,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+#: The section of bench/RELIABILITY.md that ``soak_server.py --hostile --write`` owns (reliability.py keeps it).
+HOSTILE_SECTION = ("<!-- hostile-soak -->", "<!-- /hostile-soak -->")
+
+
 def machine() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),

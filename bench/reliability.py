@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from faults import KINDS
-from harness import BENCH_DIR, emit, fast_backend, machine
+from harness import BENCH_DIR, HOSTILE_SECTION, emit, fast_backend, machine
 
 PACORE = str(Path(sys.executable).parent / "pacore")
 ARM = "pacore-2"
@@ -372,7 +372,10 @@ def write_markdown(figures: dict[str, Any]) -> Path:
         "`--json` for one JSON object).",
     ]
     path = BENCH_DIR / "RELIABILITY.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # The hostile-client section belongs to bench/soak_server.py --hostile: kept as it is.
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    kept = old[old.index(HOSTILE_SECTION[0]) :] if HOSTILE_SECTION[0] in old else ""
+    path.write_text("\n".join(lines) + "\n" + (f"\n{kept}" if kept else ""), encoding="utf-8")
     return path
 
 

@@ -47,7 +47,7 @@ EXPECTED: dict[str, tuple[int, str | None] | None] = {
     "slow": None,
     "flaky": None,  # half the round-1 samples fail, synthesis still has references
     "status": (502, "round_failed"),  # transient kinds are recorded per trajectory...
-    "timeout": (502, "round_failed"),
+    "timeout": (504, "backend_timeout"),  # every call of the round timed out: 504, as documented
     "connect": (502, "round_failed"),
     "protocol": (502, "round_failed"),
     "auth": (502, "backend_auth"),  # ...fatal ones stop the request at once

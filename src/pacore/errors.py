@@ -31,6 +31,11 @@ BackendErrorKind = Literal[
 FATAL_KINDS: frozenset[str] = frozenset({"auth", "not_found", "bad_request", "model"})
 
 
+def shorten(text: str, limit: int = 40) -> str:
+    """Echo user input in an error message without flooding the line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class PacoreError(Exception):
     """Base class of every error pacore raises on purpose.
 

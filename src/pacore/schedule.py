@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from pacore.errors import ScheduleError
+from pacore.errors import ScheduleError, shorten
 
 PRESETS: dict[str, tuple[int, ...]] = {
     "low": (4,),
@@ -27,6 +27,8 @@ MAX_TRAJECTORIES_PER_ROUND = 100_000
 # ASCII digits only, so the canonical text() form is what users typed.
 _INT = re.compile(r"[+]?[0-9]+")
 _MAX_DIGITS = len(str(MAX_TRAJECTORIES_PER_ROUND))
+#: Items of a list schedule shown in an error about it.
+_ECHO_ITEMS = 12
 _HINT = "give a preset (low, medium, high, off), a count like 4, or counts like 32,4"
 
 
@@ -60,12 +62,14 @@ class Schedule:
             return cls(_parse_text(value))
         # bytes and mappings are iterable but never a list of counts.
         if isinstance(value, (bool, bytes, bytearray, Mapping)):
-            raise ScheduleError(f"invalid schedule {value!r}: {_HINT}")
+            raise ScheduleError(f"invalid schedule {shorten(repr(value))}: {_HINT}")
         try:
             items = list(value)
         except TypeError:
-            raise ScheduleError(f"invalid schedule {value!r}: {_HINT}") from None
-        return cls(tuple(_coerce_int(item, _shorten(str(items))) for item in items))
+            raise ScheduleError(f"invalid schedule {shorten(repr(value))}: {_HINT}") from None
+        # The echo is built once, from a bounded prefix: linear in the list, whatever its length.
+        whole = shorten(str(items[:_ECHO_ITEMS]))
+        return cls(tuple(_coerce_int(item, whole) for item in items))
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -107,12 +111,8 @@ def _parse_text(text: str) -> tuple[int, ...]:
     body = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
     if not body.strip():
         return ()
-    return tuple(_coerce_int(part, _shorten(raw)) for part in body.split(","))
-
-
-def _shorten(text: str, limit: int = 40) -> str:
-    """Echo user input in an error message without flooding the line."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    whole = shorten(raw)
+    return tuple(_coerce_int(part, whole) for part in body.split(","))
 
 
 def _coerce_int(item: object, whole: str) -> int:
@@ -125,13 +125,13 @@ def _coerce_int(item: object, whole: str) -> int:
         raise ScheduleError(f"invalid schedule {whole!r}: empty entry between commas")
     if part.startswith("-") and _INT.fullmatch(part[1:]):
         raise ScheduleError(
-            f"invalid schedule {whole!r}: counts must be at least 1, got {_shorten(part)}"
+            f"invalid schedule {whole!r}: counts must be at least 1, got {shorten(part)}"
         )
     if part.lower() in PRESETS:
         raise ScheduleError(f"invalid schedule {whole!r}: a preset name cannot be mixed with counts")
     if not _INT.fullmatch(part):
         raise ScheduleError(
-            f"invalid schedule {whole!r}: {_shorten(part)!r} is not a count; {_HINT}"
+            f"invalid schedule {whole!r}: {shorten(part)!r} is not a count; {_HINT}"
         )
     digits = part.lstrip("+").lstrip("0")
     if len(digits) > _MAX_DIGITS:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -35,6 +38,7 @@ from pacore.errors import PacoreError
 from pacore.schedule import Schedule
 
 SERVER_PANEL = "Server"
+_EVERY_INTERFACE = ("0.0.0.0", "::")
 API_KEYS_ENV = "PACORE_SERVER_API_KEYS"
 
 EXAMPLES = """\
@@ -113,6 +117,48 @@ def serve(
             "--history", metavar="N", min=0, help="Recent requests kept in memory for the /ui viewer."
         ),
     ] = 100,
+    history_bytes: Annotated[
+        int | None,
+        _server_option(
+            "--history-bytes", metavar="BYTES", min=0,
+            help="Most the kept requests may hold; the oldest are forgotten first \\[default: 64 MiB].",
+        ),  # fmt: skip
+    ] = None,
+    header_timeout: Annotated[
+        float,
+        _server_option(
+            "--header-timeout", metavar="SECONDS", min=0.001,
+            help="Time a client has to send a request's headers (then 408, connection closed).",
+        ),  # fmt: skip
+    ] = 10.0,
+    body_timeout: Annotated[
+        float,
+        _server_option(
+            "--body-timeout", metavar="SECONDS", min=0.001,
+            help="Time a client has to send a request's body once its headers are in (then 408).",
+        ),  # fmt: skip
+    ] = 60.0,
+    write_timeout: Annotated[
+        float,
+        _server_option(
+            "--write-timeout", metavar="SECONDS", min=0.001,
+            help="Time a client may read nothing of a response before it is dropped and its slot freed.",
+        ),  # fmt: skip
+    ] = 30.0,
+    public_url: Annotated[
+        str | None,
+        _server_option(
+            "--public-url", metavar="URL",
+            help="Where clients reach this server (behind a proxy, say): each answer's trace_url starts with it. "
+            "Default: the address listened on, unless that is every interface (0.0.0.0, ::).",
+        ),  # fmt: skip
+    ] = None,
+    log_content: Annotated[
+        bool,
+        _server_option(
+            "--log-content", help="Access log lines also quote each question and answer (shortened)."
+        ),
+    ] = False,
     history_db: Annotated[
         Path | None,
         _server_option(
@@ -154,6 +200,8 @@ def serve(
     plan = Schedule.parse(schedule)
     check_limits(deadline=deadline, min_success=None)
     limits = {"max_body_bytes": max_body_bytes} if max_body_bytes is not None else {}
+    if history_bytes is not None:
+        limits["history_bytes"] = history_bytes
     config = ServerConfig(
         schedule=plan,
         params=generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None),
@@ -166,15 +214,23 @@ def serve(
         history=history,
         history_db=history_db,
         deadline_s=deadline,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        write_timeout_s=write_timeout,
+        public_url=public_url,
+        log_content=log_content,
         **limits,
     )
     listener = _listen(host, port)
+    bound_host, bound_port = listener.getsockname()[:2]
+    base = f"http://{_url_host(bound_host)}:{bound_port}"
+    if public_url is None and bound_host not in _EVERY_INTERFACE:
+        # Known from the address listened on, never from a client's Host header.
+        config = dataclasses.replace(config, public_url=base)
     opened = open_backends(
         backend, model=model, api_key=backend_api_key, timeout=timeout, retries=retries, threads=threads
     )
     app = create_app(config, opened)
-    bound_host, bound_port = listener.getsockname()[:2]
-    base = f"http://{_url_host(bound_host)}:{bound_port}"
     auth = f"{len(keys)} API key{'s' if len(keys) != 1 else ''}" if keys else "no API key"
     loopback = _is_loopback(bound_host)
     reach = "loopback only: this machine alone can connect" if loopback else "reachable from other machines"
@@ -184,6 +240,7 @@ def serve(
     )
     if not keys and not loopback:
         typer.echo(f"pacore serve: warning: {host} is reachable from other machines and no API key is set", err=True)
+    _print_access_log()
     server = GracefulServer(
         app,
         grace_period=grace_period,
@@ -203,6 +260,16 @@ def serve(
     finally:
         signal.signal(signal.SIGTERM, previous)
     typer.echo("pacore serve: stopped")
+
+
+def _print_access_log() -> None:
+    """One ``pacore serve: ...`` line on stderr per chat completion request."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pacore serve: %(message)s"))
+    access = logging.getLogger("pacore.server.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
 
 
 def _listen(host: str, port: int) -> socket.socket:

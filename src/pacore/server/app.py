@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -22,15 +23,23 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asolve
-from pacore.errors import PacoreError, UsageError
+from pacore.errors import PacoreError, UsageError, shorten
 from pacore.prompts import SynthesisTemplate
 from pacore.synthesis import ReferenceOrder
 from pacore.schedule import PRESETS, Schedule
@@ -51,6 +60,7 @@ from pacore.server.errors import (
     InternalError,
     OverloadedError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     ShuttingDownError,
     describe,
     install_error_handlers,
@@ -68,6 +78,8 @@ from pacore.server.protocol import ChatCompletion, ChatCompletionRequest, ErrorR
 from pacore.trace import Event, Result
 
 logger = logging.getLogger("pacore.server")
+#: One line per chat completion request; ``pacore serve`` prints it.
+access_logger = logging.getLogger("pacore.server.access")
 
 STATIC_DIR = files("pacore.server") / "static"
 #: Model text is inserted as text by the page; this stops anything that slips through.
@@ -76,9 +88,18 @@ VIEWER_CSP = (
 )
 #: Large enough for a few images as data URLs; a 10 MB prompt is refused (413).
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Enough for hundreds of ordinary requests, or a few of 64 long trajectories.
+DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
+_DEFAULT_LIMITS = Limits()
+#: Model text is inserted as text by the viewer; this stops anything that slips through.
+VIEWER_CSP = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 #: Routes anyone may open: the health probe and the viewer's static shell (it holds no data).
 _PUBLIC_PATHS = ("/health", "/ui", "/ui/")
 _PUBLIC_PREFIX = "/ui/static/"
+#: After its deadline, a stream has this long to be written out before its slot is freed anyway.
+_STREAM_WRITE_OUT_S = 2.0
 # Key of the request state where a handler leaves the status it ended with
 # when that differs from the one sent (a stream that failed or lost its client).
 _OUTCOME_KEY = "pacore_status"
@@ -99,26 +120,50 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     max_concurrent_requests: int = 4
     #: Most calls one request may make, the final one included.
-    max_trajectories: int = 128
-    max_rounds: int = 4
+    max_trajectories: int = _DEFAULT_LIMITS.max_trajectories
+    max_rounds: int = _DEFAULT_LIMITS.max_rounds
+    max_messages: int = _DEFAULT_LIMITS.max_messages
+    max_content_parts: int = _DEFAULT_LIMITS.max_content_parts
+    max_model_chars: int = _DEFAULT_LIMITS.max_model_chars
+    max_json_values: int = _DEFAULT_LIMITS.max_json_values
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    #: Requests kept for the trace viewer.
+    #: Requests kept for the trace viewer: at most this many...
     history: int = 100
+    #: ... holding at most about this many bytes.
+    history_bytes: int = DEFAULT_HISTORY_BYTES
     #: A SQLite file that also keeps them, so they outlive the process (``None``: memory only).
     history_db: Path | None = None
     #: Seconds a client refused for load is told to wait.
     retry_after_s: int = 5
     #: Seconds one request may run before it fails with a 504 (``None``: no limit).
     deadline_s: float | None = None
+    #: Seconds a client has to send a request's headers (else 408 and the connection is closed).
+    header_timeout_s: float = 10.0
+    #: Seconds a client has to send a request's body, once its headers are in (else 408).
+    body_timeout_s: float = 60.0
+    #: Seconds a client may take nothing of a response the server is writing, before it is dropped.
+    write_timeout_s: float = 30.0
+    #: Where clients reach this server (``http://host:port``): makes each ``trace_url`` absolute.
+    public_url: str | None = None
+    #: Access log lines also quote the question and the answer (shortened).
+    log_content: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrent_requests", "max_trajectories", "max_rounds", "max_body_bytes"):
+        for name in (
+            "max_concurrent_requests", "max_trajectories", "max_rounds", "max_messages", "max_content_parts",
+            "max_model_chars", "max_json_values", "max_body_bytes",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s", "write_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"{name} must be positive, got {getattr(self, name):g}")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise UsageError(f"deadline_s must be positive, got {self.deadline_s:g}")
-        if self.history < 0:
-            raise UsageError(f"history must be 0 or more, got {self.history}")
+        if self.history < 0 or self.history_bytes < 0:
+            raise UsageError(f"history and history_bytes must be 0 or more, got {self.history}, {self.history_bytes}")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise UsageError(f"public_url must start with http:// or https://, got {shorten(self.public_url)!r}")
         if any(not key.strip() for key in self.api_keys):
             raise UsageError("an API key must not be empty")
         # The default must pass the server's own caps, or every plain request would be refused.
@@ -126,7 +171,14 @@ class ServerConfig:
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_rounds=self.max_rounds, max_trajectories=self.max_trajectories)
+        return Limits(
+            max_rounds=self.max_rounds,
+            max_trajectories=self.max_trajectories,
+            max_messages=self.max_messages,
+            max_content_parts=self.max_content_parts,
+            max_model_chars=self.max_model_chars,
+            max_json_values=self.max_json_values,
+        )
 
 
 class _Server:
@@ -135,14 +187,20 @@ class _Server:
     def __init__(self, config: ServerConfig, backend: Backend) -> None:
         self.config = config
         self.backend = backend
+        self.metrics = ServerMetrics()
         database = None
         if config.history_db is not None and config.history:
             database = HistoryDatabase(config.history_db, config.history)
-        self.history = RequestHistory(config.history, database)
-        self.metrics = ServerMetrics()
+        self.history = RequestHistory(
+            config.history, database, max_bytes=config.history_bytes, on_drop=self._forgotten
+        )
         self.runs: set[_ChatRun] = set()
         #: Set when the server starts shutting down: new chat completions get a 503.
         self.draining = False
+
+    def _forgotten(self, record: RequestRecord | SavedRecord) -> None:
+        self.metrics.history_dropped.inc()
+        logger.info("history: forgot request %s (%s bytes) to stay within its limits", record.id, f"{record.size:,}")
 
     @property
     def model(self) -> str:
@@ -152,7 +210,8 @@ class _Server:
     def running(self) -> int:
         return len(self.runs)
 
-    def admit(self, plan: Plan, request: Request) -> _ChatRun:
+    def check_capacity(self) -> None:
+        """Refuse a new chat completion now if it could not be admitted (cheap: before parsing it)."""
         if self.draining:
             raise ShuttingDownError("the server is shutting down and takes no new requests")
         if self.running >= self.config.max_concurrent_requests:
@@ -161,6 +220,9 @@ class _Server:
                 f"{self.config.retry_after_s}s",
                 retry_after=self.config.retry_after_s,
             )
+
+    def admit(self, plan: Plan, request: Request) -> _ChatRun:
+        self.check_capacity()
         return _ChatRun(self, plan, request)
 
     def drain(self) -> None:
@@ -183,7 +245,7 @@ class _ChatRun:
         self.plan = plan
         self.request = request
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.trace_url = f"/ui#{self.id}"
+        self.trace_url = f"{(server.config.public_url or '').rstrip('/')}/ui#{self.id}"
         self.record = server.history.add(
             RequestRecord(
                 self.id, plan.model, plan.schedule.as_list(), plan.messages, plan.stream,
@@ -195,10 +257,28 @@ class _ChatRun:
         self.closed = False
         #: Why the server ended this run itself (shutdown), sent to the client.
         self.aborted: PacoreError | None = None
+        #: Set when a stream's client is known to be gone: nothing more is written.
+        self.client_gone = False
         server.runs.add(self)
         server.metrics.in_flight.inc()
         self.task = asyncio.create_task(self._solve())
         self.task.add_done_callback(lambda _: self.queue.put_nowait(None))
+        # The engine stops at the deadline; a stream its client does not read could still
+        # hold the slot while it waits to be written, so the slot is freed soon after anyway.
+        deadline = server.config.deadline_s
+        self._overdue = (
+            asyncio.get_running_loop().call_later(deadline + _STREAM_WRITE_OUT_S, self._unwritten)
+            if plan.stream and deadline is not None
+            else None
+        )
+
+    def _unwritten(self) -> None:
+        if self.closed:
+            return
+        self.server.metrics.clients_cut.labels(reason="deadline").inc()
+        logger.info("freed the slot of %s: its stream was still unwritten %gs after its deadline", self.id,
+                    _STREAM_WRITE_OUT_S)  # fmt: skip
+        self.close()
 
     async def _solve(self) -> Result:
         try:
@@ -256,9 +336,15 @@ class _ChatRun:
     async def chunks(self) -> AsyncIterator[str]:
         writer = ChunkWriter(request_id=self.id, model=self.plan.model, include_usage=self.plan.include_usage)
         yield writer.opening()
-        while (event := await self.queue.get()) is not None:
+        # Checked each time: once the client is gone, writes return at once and the queue may
+        # never be empty, so this loop might never reach a point where it could be cancelled.
+        while not self.client_gone and (event := await self.queue.get()) is not None:
             for chunk in writer.on_event(event):
                 yield chunk
+            if not self.queue.empty():
+                await asyncio.sleep(0)  # a backlog: let the loop run between events (and see a disconnect)
+        if self.client_gone:
+            return
         if (exc := self._error()) is not None:
             reply = describe(exc)
             setattr(self.request.state, _OUTCOME_KEY, reply.status)
@@ -272,6 +358,8 @@ class _ChatRun:
         if self.closed:
             return
         self.closed = True
+        if self._overdue is not None:
+            self._overdue.cancel()
         if not self.task.done():
             self.task.cancel()
             self.record.finish("cancelled", "the client disconnected")
@@ -299,8 +387,14 @@ class _EventStream(StreamingResponse):
         self.run = run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watched() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.run.client_gone = True
+            return message
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, watched, send)
         finally:
             # Starlette cancels the body when the client disconnects; the
             # engine task runs apart from it and must be cancelled here.
@@ -327,6 +421,7 @@ class _Guard:
                 sent["status"] = message["status"]
             await send(message)
 
+        started = time.perf_counter()
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
@@ -335,7 +430,13 @@ class _Guard:
             await self.app(scope, self._limited(receive), send_counted)
         finally:
             status = state.get(_OUTCOME_KEY, sent["status"])
-            self.server.metrics.requests.labels(endpoint=_endpoint(scope["path"]), status=str(status)).inc()
+            endpoint = _endpoint(scope["path"])
+            self.server.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            if endpoint == "/v1/chat/completions" and access_logger.isEnabledFor(logging.INFO):
+                access_logger.info(
+                    "%s", _access_line(status, state.get("pacore_run"), time.perf_counter() - started,
+                                       self.server.config.log_content),
+                )  # fmt: skip
 
     def _refusal(self, scope: Scope) -> PacoreError | None:
         headers = dict(scope["headers"])
@@ -366,19 +467,49 @@ class _Guard:
         )
 
     def _limited(self, receive: Receive) -> Receive:
-        """``receive`` that fails once a body without Content-Length grows past the limit."""
+        """``receive`` that fails once the body grows past the size limit, or is not all in by the body timeout."""
+        config = self.server.config
         received = 0
+        complete = False
+        deadline: float | None = None
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete, deadline
+            if complete:
+                return await receive()  # only a disconnect can come now
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + config.body_timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                self.server.metrics.clients_cut.labels(reason="body_timeout").inc()
+                raise RequestTimeoutError(
+                    f"the request body did not arrive within {config.body_timeout_s:g}s"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.server.config.max_body_bytes:
+                if received > config.max_body_bytes:
                     raise self._too_large()
+                complete = not message.get("more_body", False)
             return message
 
         return limited
+
+
+def _access_line(status: int, run: _ChatRun | None, seconds: float, content: bool) -> str:
+    """``200 chatcmpl-... model=pacore-2/m schedule=2 tokens=345 1.23s``: never a key, content only if asked."""
+    if run is None:  # refused before it was admitted
+        return f"{status} - {seconds:.3f}s"
+    record = run.record
+    line = (
+        f"{status} {run.id} model={shorten(run.plan.model, 60)} schedule={run.plan.schedule} "
+        f"tokens={record.usage.total_tokens} {seconds:.3f}s"
+    )
+    if content:
+        answer = record.answer if record.answer is not None else record.error or ""
+        line += f" question={json.dumps(shorten(record.question, 200))} answer={json.dumps(shorten(answer, 200))}"
+    return line
 
 
 def _digest(key: bytes) -> bytes:
@@ -428,6 +559,9 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
     )
     app.state.pacore = server
     install_error_handlers(app)
+    # Starlette's own trailing-slash redirect builds its Location from the Host header.
+    app.router.redirect_slashes = False
+    app.add_exception_handler(404, _redirect_to_slash_twin)
     app.add_middleware(_Guard, server=server)
 
     @app.post(
@@ -445,13 +579,16 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
         except ClientDisconnect:
             # Gone while sending its request: nobody to answer, nothing to log.
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        # Refused for load before any parsing: an overloaded server does no work for a request.
+        server.check_capacity()
         plan = plan_request(
-            parse_body(body, request.headers.get("content-type")),
+            parse_body(body, request.headers.get("content-type"), config.limits),
             default=config.schedule,
             params=config.params,
             limits=config.limits,
         )
         run = server.admit(plan, request)
+        request.state.pacore_run = run
         if plan.stream:
             return _EventStream(run)
         try:
@@ -483,17 +620,25 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
             headers={"Content-Security-Policy": VIEWER_CSP, "Cache-Control": "no-cache"},
         )
 
-    app.mount("/ui/static", StaticFiles(directory=str(STATIC_DIR)), name="ui-static")
+    app.mount("/ui/static", _ViewerFiles(directory=str(STATIC_DIR)), name="ui-static")
 
     @app.get("/ui/api/requests")
-    async def recent_requests() -> dict[str, list[RequestSummary]]:
-        return {"data": [record.summary() for record in server.history.recent()]}
+    async def recent_requests() -> HistoryListing:
+        history = server.history
+        return HistoryListing(
+            data=[record.summary() for record in history.recent()],
+            dropped=history.dropped,
+            bytes=history.size,
+            max_bytes=config.history_bytes,
+        )
 
     def kept(request_id: str) -> RequestRecord | SavedRecord:
         record = server.history.get(request_id)
         if record is None:
             raise HTTPException(
-                404, f"no request {request_id!r} in the history (the server keeps the last {config.history})"
+                404,
+                f"no request {shorten(request_id)!r} in the history (the server keeps the last {config.history}, "
+                f"up to {config.history_bytes:,} bytes)",
             )
         return record
 
@@ -508,6 +653,38 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
 
     app.openapi = _openapi_with_request_schemas(app)  # type: ignore[method-assign]
     return app
+
+
+class _ViewerFiles(StaticFiles):
+    """The viewer's static files, each with the viewer's Content-Security-Policy."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Content-Security-Policy"] = VIEWER_CSP
+        return response
+
+
+class HistoryListing(BaseModel):
+    """``/ui/api/requests``: the requests kept, newest first, and what the history had to forget."""
+
+    data: list[RequestSummary]
+    #: Requests forgotten since the server started, to stay within ``--history`` and ``--history-bytes``.
+    dropped: int
+    #: What the kept requests hold, about, and the budget.
+    bytes: int
+    max_bytes: int
+
+
+async def _redirect_to_slash_twin(request: Request, exc: Exception) -> Response:
+    """A 404 whose path with (or without) a trailing slash exists: a relative redirect there."""
+    path = request.scope["path"]
+    if path != "/":
+        twin = {**request.scope, "path": path[:-1] if path.endswith("/") else path + "/"}
+        if any(route.matches(twin)[0] is not Match.NONE for route in request.app.router.routes):
+            query = request.scope.get("query_string", b"").decode("latin-1")
+            # A path only, never a host: the Host header is the client's to make up.
+            return RedirectResponse(twin["path"] + (f"?{query}" if query else ""), status_code=307)
+    return describe(exc).response()
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:

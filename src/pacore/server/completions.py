@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pydantic_core
 
@@ -43,10 +44,17 @@ _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter",
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-request caps of a server."""
+    """Per-request caps of a server, each checked before the work it bounds."""
 
-    max_rounds: int
-    max_trajectories: int
+    max_rounds: int = 4
+    max_trajectories: int = 128
+    max_messages: int = 1000
+    #: Content parts (text, images) of one message.
+    max_content_parts: int = 256
+    #: Characters of the model name (a ``pacore-<schedule>/<model>`` name included).
+    max_model_chars: int = 256
+    #: JSON values (strings, numbers, objects...) in the whole body, about: the parser's work.
+    max_json_values: int = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,18 +74,27 @@ class Plan:
     grading: str | None = None
 
 
-def parse_body(body: bytes, content_type: str | None = None) -> ChatCompletionRequest:
-    """The request body as a validated request.
+def parse_body(body: bytes, content_type: str | None = None, limits: Limits = Limits()) -> ChatCompletionRequest:
+    """The request body as a validated request, in time linear in its size.
 
     400 for bad UTF-8, bad JSON (lone surrogates, NaN and numbers too long to
-    convert included), nesting deeper than the parser's limit or bad fields;
-    415 when ``content_type`` says the body is not JSON (a missing one is
-    taken as JSON, as curl users often forget it).
+    convert included), nesting deeper than the parser's limit, a field over
+    ``limits`` (checked on the parsed JSON, before any model object is built)
+    or bad fields; 415 when ``content_type`` says the body is not JSON (a
+    missing one is taken as JSON, as curl users often forget it).
     """
     media_type = (content_type or "application/json").partition(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise UnsupportedMediaTypeError(
             f"the request body must be JSON (Content-Type: application/json), not {media_type[:60]}"
+        )
+    # Parsing builds a Python object per value, ~0.1 to 2 µs each: 8 MiB of [0,0,...] or of
+    # {} would hold the event loop for seconds, so the values are counted first, at memchr speed.
+    values = count_json_values(body, limits.max_json_values)
+    if values > limits.max_json_values:
+        raise InvalidRequestError(
+            f"the request body holds more than {limits.max_json_values:,} JSON values (about {values:,})",
+            code="too_many_json_values",
         )
     try:
         # pydantic's Rust parser, not json.loads: it has a nesting limit instead of a
@@ -87,8 +104,82 @@ def parse_body(body: bytes, content_type: str | None = None) -> ChatCompletionRe
         raise InvalidRequestError(_json_problem(body, str(exc))) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    check_sizes(data, limits)
     # A ValidationError is described by pacore.server.errors like FastAPI's own.
     return ChatCompletionRequest.model_validate(data)
+
+
+_FEW_STRINGS = 1000
+
+
+def count_json_values(body: bytes, limit: int) -> int:
+    """About how many values the JSON text ``body`` holds (never fewer), in a few passes of C code.
+
+    Strings are counted by their quotes once escapes are removed; other values
+    by the commas and opening brackets, at first wherever they are (no copy of
+    the body), then, only when that is over ``limit``, outside strings alone.
+    """
+    if b"\\" in body:
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    strings = body.count(b'"') // 2
+    if strings > limit:
+        return strings
+    separators = _separators(body)
+    if separators > limit:
+        # Too many, counting those inside strings: take those out, string by string if
+        # there are few (no copy of the body), else all at once.
+        if strings <= _FEW_STRINGS:
+            end = -1
+            while (start := body.find(b'"', end + 1)) >= 0 and (end := body.find(b'"', start + 1)) >= 0:
+                separators -= _separators(body, start, end)
+        else:
+            separators = _separators(b"".join(body.split(b'"')[::2]))  # at most 2 * limit + 1 pieces
+    return max(strings, separators + 1)
+
+
+def _separators(text: bytes, start: int = 0, end: int | None = None) -> int:
+    return text.count(b",", start, end) + text.count(b"[", start, end) + text.count(b"{", start, end)
+
+
+def check_sizes(data: dict[str, Any], limits: Limits) -> None:
+    """Refuse a parsed body whose fields are over ``limits``; looks at lengths only, never at content."""
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        if len(messages) > limits.max_messages:
+            raise _over_limit("messages", f"{len(messages):,} messages", f"{limits.max_messages:,}", "too_many_messages")
+        for index, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list) and len(content) > limits.max_content_parts:
+                raise _over_limit(
+                    f"messages.{index}.content", f"{len(content):,} content parts",
+                    f"{limits.max_content_parts:,}", "too_many_content_parts",
+                )  # fmt: skip
+    model = data.get("model")
+    if isinstance(model, str) and len(model) > limits.max_model_chars:
+        raise _over_limit("model", f"a name of {len(model):,} characters", f"{limits.max_model_chars:,}", "model_too_long")
+    options = data.get("pacore")
+    if isinstance(options, dict):
+        _check_rounds(options.get("schedule"), "pacore.schedule", limits)
+
+
+def _over_limit(param: str, found: str, limit: str, code: str) -> InvalidRequestError:
+    return InvalidRequestError(f"{param}: {found}; this server accepts at most {limit}", param=param, code=code)
+
+
+def _check_rounds(schedule: object, param: str, limits: Limits) -> None:
+    """Refuse a raw schedule (list or text) with more rounds than allowed, before it is parsed."""
+    if isinstance(schedule, list):
+        rounds = len(schedule)
+    elif isinstance(schedule, str):
+        rounds = schedule.count(",") + 1  # "32,4" and "[32, 4]": one more than the commas
+    else:
+        return
+    if rounds > limits.max_rounds:
+        raise InvalidRequestError(
+            f"{param}: a schedule of {rounds:,} coordinated rounds; this server allows at most {limits.max_rounds}",
+            param=param,
+            code="schedule_too_large",
+        )
 
 
 def _json_problem(body: bytes, reason: str) -> str:
@@ -105,7 +196,7 @@ def plan_request(
     request: ChatCompletionRequest, *, default: Schedule, params: GenerationParams, limits: Limits
 ) -> Plan:
     _refuse_unsupported(request)
-    schedule, param = resolve_schedule(request, default)
+    schedule, param = resolve_schedule(request, default, limits)
     check_limits(schedule, param, limits)
     messages = normalize_messages([m.model_dump(exclude_none=True) for m in request.messages])
     return Plan(
@@ -120,7 +211,9 @@ def plan_request(
     )
 
 
-def resolve_schedule(request: ChatCompletionRequest, default: Schedule) -> tuple[Schedule, str | None]:
+def resolve_schedule(
+    request: ChatCompletionRequest, default: Schedule, limits: Limits = Limits()
+) -> tuple[Schedule, str | None]:
     """The request's schedule and the field it came from (``None``: server default)."""
     if request.pacore is not None and request.pacore.schedule is not None:
         return _parse_schedule(request.pacore.schedule, "pacore.schedule"), "pacore.schedule"
@@ -129,6 +222,7 @@ def resolve_schedule(request: ChatCompletionRequest, default: Schedule) -> tuple
         spec = match["spec"].strip()
         if spec == PASSTHROUGH_ALIAS:
             return Schedule(()), "model"
+        _check_rounds(spec, "model", limits)
         return _parse_schedule(spec, "model"), "model"
     return default, None
 

@@ -23,11 +23,15 @@ from pacore.errors import (
     RoundFailedError,
     TemplateError,
     UsageError,
+    shorten,
 )
 from pacore.server.protocol import ErrorInfo, ErrorResponse
 
 #: The status logged and counted for a client that went away mid-request (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
+#: Longest validation message and parameter path sent back (they may quote the client's input).
+_MESSAGE_CHARS = 200
+_PARAM_CHARS = 80
 
 
 class InvalidRequestError(UsageError):
@@ -45,6 +49,10 @@ class AuthenticationError(PacoreError):
 
 class PayloadTooLargeError(PacoreError):
     """The request body is larger than the server accepts."""
+
+
+class RequestTimeoutError(PacoreError):
+    """The client took too long to send its request (headers or body)."""
 
 
 class InternalError(PacoreError):
@@ -111,6 +119,8 @@ def describe(exc: BaseException) -> ErrorReply:
         )  # fmt: skip
     if isinstance(exc, PayloadTooLargeError):
         return _reply(413, str(exc), "invalid_request_error", code="request_too_large")
+    if isinstance(exc, RequestTimeoutError):
+        return _reply(408, str(exc), "invalid_request_error", code="request_timeout", headers={"Connection": "close"})
     if isinstance(exc, UnsupportedMediaTypeError):
         return _reply(415, str(exc), "invalid_request_error", code="unsupported_media_type")
     if isinstance(exc, ShuttingDownError):
@@ -133,10 +143,21 @@ def describe(exc: BaseException) -> ErrorReply:
     if isinstance(exc, DeadlineExceededError):
         return _reply(504, str(exc), "api_error", code="deadline_exceeded")
     if isinstance(exc, RoundFailedError):
+        if _timed_out(exc):
+            return _reply(504, str(exc), "api_error", code="backend_timeout")
         return _reply(502, str(exc), "api_error", code="round_failed")
     if isinstance(exc, PacoreError):
         return _reply(500, str(exc), "api_error")
     return _reply(500, "internal server error; see the server log", "api_error")
+
+
+def _timed_out(exc: RoundFailedError) -> bool:
+    """Whether the round that failed did so because every one of its calls timed out."""
+    rounds = exc.result.rounds if exc.result is not None else []
+    failed = [t for t in rounds[-1].trajectories if not t.ok] if rounds else []
+    return bool(failed) and len(failed) == len(rounds[-1].trajectories) and all(
+        t.error_kind == "timeout" for t in failed
+    )
 
 
 def _reply(
@@ -160,7 +181,9 @@ def _validation_message(exc: RequestValidationError | ValidationError) -> tuple[
     # FastAPI prefixes where the value came from ("body", "query"); OpenAI names the field only.
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
     param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
+    # Some messages quote the input (a discriminator's tag, say): never at length.
+    message = shorten(first.get("msg", "invalid value"), _MESSAGE_CHARS)
+    param = shorten(param, _PARAM_CHARS) if param else None
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 

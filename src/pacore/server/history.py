@@ -2,7 +2,7 @@
 
 Each chat completion gets a :class:`RequestRecord` fed by the same events
 the engine emits to every other consumer; :class:`RequestHistory` keeps the
-last N of them. The viewer polls :meth:`RequestRecord.detail` with the
+most recent of them, up to a count and a byte budget. The viewer polls :meth:`RequestRecord.detail` with the
 sequence number it has seen, so a running request costs only what changed.
 
 With a :class:`HistoryDatabase`, finished requests are also saved to SQLite
@@ -16,6 +16,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -47,6 +48,10 @@ logger = logging.getLogger("pacore.server")
 Status = Literal["running", "done", "failed", "cancelled", "pending"]
 
 _PREVIEW_CHARS = 240
+#: What a kept trajectory costs besides its text: its objects, fields and views.
+_TRAJECTORY_OVERHEAD_BYTES = 1024
+#: What a record costs besides its text.
+_RECORD_OVERHEAD_BYTES = 4096
 #: The viewer's copy of a question is cut here, so a history of huge prompts stays small.
 _QUESTION_CHARS = 20_000
 #: A synthesis prompt longer than this is not kept (an exact prompt or none, never a cut one).
@@ -207,10 +212,27 @@ class RequestRecord:
         self.status: Status = "running"
         self.error: str | None = None
         self.answer: str | None = None
-        self.partial_answer = ""
+        # Pieces, joined when asked for: appending to one string would copy it per piece.
+        self._answer_pieces: list[str] = []
+        self._answer_chars = 0
         self.elapsed_s: float | None = None
         self.rounds: list[_Round] = []
         self.seq = 0
+        #: The text kept (question, compacted messages, errors), in bytes, give or take.
+        self._kept_bytes = len(self.question) + _RECORD_OVERHEAD_BYTES
+
+    @property
+    def size(self) -> int:
+        """What this record holds in memory, about."""
+        # Once done, the answer and the partial answer are one string.
+        return self._kept_bytes + self._answer_chars
+
+    @property
+    def partial_answer(self) -> str:
+        """The final answer so far (all of it once done)."""
+        if len(self._answer_pieces) > 1:
+            self._answer_pieces = ["".join(self._answer_pieces)]
+        return self._answer_pieces[0] if self._answer_pieces else ""
 
     def apply(self, event: Event) -> None:
         self.seq += 1
@@ -219,8 +241,11 @@ class RequestRecord:
             self.rounds.append(_Round(event.round, event.k, event.final, event.bypassed, self.kind))
         elif isinstance(event, TrajectoryFinished):
             self.rounds[event.round].add(event.trajectory, self.seq)
+            trajectory = event.trajectory
+            self._kept_bytes += len(trajectory.message or "") + len(trajectory.error or "") + _TRAJECTORY_OVERHEAD_BYTES
         elif isinstance(event, AnswerDelta):
-            self.partial_answer += event.content
+            self._answer_pieces.append(event.content)
+            self._answer_chars += len(event.content)
         elif isinstance(event, RoundFinished):
             rnd = self.rounds[event.round.index]
             rnd.trace.elapsed_s = event.round.elapsed_s
@@ -236,7 +261,8 @@ class RequestRecord:
             if result.error:
                 self.finish("failed", result.error)
             else:
-                self.answer = self.partial_answer = result.answer
+                self.answer = result.answer
+                self._answer_pieces, self._answer_chars = [result.answer], len(result.answer)
                 self.status = "done"
                 self.finished = time.time()
             self.problem = ""  # every prompt is built: the history keeps the clipped question only
@@ -319,9 +345,11 @@ class RequestRecord:
 class SavedRecord:
     """A finished request read back from a :class:`HistoryDatabase`, shown as it was saved."""
 
-    def __init__(self, summary: RequestSummary, detail: RequestDetail) -> None:
+    def __init__(self, summary: RequestSummary, detail: RequestDetail, size: int) -> None:
         self.id = summary.id
         self.status = summary.status
+        #: The size of its saved JSON, a fair measure of what it holds in memory.
+        self.size = size
         self._summary = summary
         self._detail = detail
 
@@ -372,7 +400,8 @@ class HistoryDatabase:
         for row in reversed(rows):
             try:
                 summary = RequestSummary.model_validate_json(row["summary_json"])
-                saved.append(SavedRecord(summary, RequestDetail.model_validate_json(row["detail_json"])))
+                detail = RequestDetail.model_validate_json(row["detail_json"])
+                saved.append(SavedRecord(summary, detail, len(row["summary_json"]) + len(row["detail_json"])))
             except ValidationError as exc:
                 logger.warning("history database %s: skipping a request saved in another format: %s", self.path, exc)
         return saved
@@ -413,28 +442,62 @@ AnyRecord = TypeVar("AnyRecord", RequestRecord, SavedRecord)
 
 
 class RequestHistory:
-    """The last ``capacity`` requests; finished ones are forgotten first.
+    """The most recent requests: at most ``capacity`` of them, holding at most ``max_bytes``.
 
-    With a ``database``, its saved requests are shown too and every finished
-    request is saved to it (see :meth:`finished`).
+    Over either bound, the oldest finished requests are forgotten first (a
+    running one only when no finished one is left); ``dropped`` counts them,
+    and ``on_drop`` hears of each. With a ``database``, its saved requests
+    are shown too and every finished request is saved to it (see
+    :meth:`finished`).
     """
 
-    def __init__(self, capacity: int, database: HistoryDatabase | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        database: HistoryDatabase | None = None,
+        *,
+        max_bytes: int | None = None,
+        on_drop: Callable[[RequestRecord | SavedRecord], None] | None = None,
+    ) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.database = database
+        self.on_drop = on_drop
+        self.dropped = 0
         self._records: OrderedDict[str, RequestRecord | SavedRecord] = OrderedDict()
         for saved in database.load() if database else ():
             self.add(saved)
 
+    @property
+    def size(self) -> int:
+        """Bytes the kept requests hold, about."""
+        return sum(record.size for record in self._records.values())
+
     def add(self, record: AnyRecord) -> AnyRecord:
         self._records[record.id] = record
-        while len(self._records) > self.capacity:
-            oldest_finished = next((r for r in self._records.values() if r.status != "running"), None)
-            self._records.pop(oldest_finished.id if oldest_finished else next(iter(self._records)))
+        self._trim()
         return record
 
+    def _trim(self) -> None:
+        # Records grow while they run, so the budget is checked again as each one finishes.
+        size = self.size if self.max_bytes is not None else 0
+        while self._records:
+            oldest_finished = next((r for r in self._records.values() if r.status != "running"), None)
+            if len(self._records) > self.capacity:
+                victim = oldest_finished or next(iter(self._records.values()))
+            elif self.max_bytes is not None and size > self.max_bytes and oldest_finished is not None:
+                victim = oldest_finished  # a running request is never forgotten for its size
+            else:
+                return
+            del self._records[victim.id]
+            size -= victim.size
+            self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop(victim)
+
     def finished(self, record: RequestRecord) -> None:
-        """A request has ended: save it, if there is a database and it is still in the history."""
+        """A request has ended: keep it within the budget, and save it if there is a database."""
+        self._trim()
         if self.database is not None and record.id in self._records:
             self.database.save(record)
 

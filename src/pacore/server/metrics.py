@@ -55,6 +55,15 @@ class ServerMetrics:
             "pacore_generated_tokens", "Completion tokens generated over all rounds (effective TTC).", registry=r
         )
         self.prompt_tokens = Counter("pacore_prompt_tokens", "Prompt tokens read over all rounds.", registry=r)
+        self.clients_cut = Counter(
+            "pacore_clients_cut", "Connections or request slots the server ended itself: a client too slow "
+            "to send its headers or body, or to read its response, or a stream unwritten past its deadline.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.history_dropped = Counter(
+            "pacore_history_dropped", "Requests the viewer's history forgot to stay within its count and bytes.",
+            registry=r,
+        )  # fmt: skip
         self.backend_errors = Counter(
             "pacore_backend_errors", "Backend failures by kind (connect, timeout, status, ...).",
             ["kind"], registry=r,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from pacore.synthesis import ReferenceOrder
 from pacore.eval.grading import GradingKind
@@ -53,7 +53,7 @@ class ChatMessage(OpenAIModel):
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class PacoreOptions(BaseModel):
@@ -63,7 +63,7 @@ class PacoreOptions(BaseModel):
 
     #: Coordinated rounds: a list of counts (``[32, 4]``; ``[]`` passes straight
     #: through), one count, or a preset name / comma form (``"high"``, ``"32,4"``).
-    schedule: list[int] | int | str | None = None
+    schedule: list[StrictInt] | StrictInt | str | None = None
     #: Order of the references in synthesis prompts: ``"shuffle"`` or ``"release"``
     #: (the reference release's order; send ``seed: 42`` to match it). Default: the server's.
     reference_order: ReferenceOrder | None = None
@@ -75,19 +75,20 @@ class PacoreOptions(BaseModel):
 class ChatCompletionRequest(OpenAIModel):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    seed: int | None = None
+    # Strict where OpenAI's schema is typed: true is not a number, "yes" is not a boolean.
+    temperature: Annotated[StrictFloat, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, Field(ge=1)] | None = 1
-    stream: bool | None = False
+    n: Annotated[StrictInt, Field(ge=1)] | None = 1
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[StrictFloat, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2, le=2)] | None = None
     # Declared so that asking for them is refused clearly instead of ignored.
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     tools: list[dict[str, Any]] | None = None
     functions: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None

@@ -6,6 +6,9 @@ running ones finish for ``grace_period`` seconds. Those still running then
 are ended by the app itself with an OpenAI-format 503 (an error event for a
 stream), so every client gets a complete response rather than a cut
 connection, and their backend calls are cancelled.
+
+:class:`GracefulServer` also serves every connection with the read and
+write timeouts of :mod:`pacore.server.transport`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from fastapi import FastAPI
 
 from pacore.errors import UsageError
 from pacore.server.errors import ShuttingDownError
+from pacore.server.transport import GuardedH11Protocol
 
 logger = logging.getLogger("pacore.server")
 
@@ -41,8 +45,17 @@ class GracefulServer(uvicorn.Server):
     ) -> None:
         if grace_period < 0:
             raise UsageError(f"grace_period must be 0 or more, got {grace_period:g}")
-        super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=grace_period + _WRITE_OUT_S, **options))
-        self.pacore = app.state.pacore
+        pacore = app.state.pacore
+        config = pacore.config
+        protocol = GuardedH11Protocol.factory(
+            header_timeout=config.header_timeout_s,
+            write_timeout=config.write_timeout_s,
+            on_cut=lambda reason: pacore.metrics.clients_cut.labels(reason=reason).inc(),
+        )
+        super().__init__(
+            uvicorn.Config(app, http=protocol, timeout_graceful_shutdown=grace_period + _WRITE_OUT_S, **options)
+        )
+        self.pacore = pacore
         self.grace_period = grace_period
         self.report = report
 

@@ -1,0 +1,158 @@
+"""HTTP connections that cannot hold the server: uvicorn's h11 protocol with read and write timeouts.
+
+uvicorn closes idle keep-alive connections, but a client that sends its
+headers a byte at a time, or stops reading a response, keeps its connection
+(and, for a stream, its request slot) for as long as it likes. This protocol
+adds, per connection:
+
+- a header timeout: a request's headers must be complete within
+  ``header_timeout`` seconds of the connection opening (or of the previous
+  response ending); a client that sent part of them gets a 408;
+- a write-stall timeout: while the connection's write buffer is full (the
+  client is not reading), the client must take some of it every
+  ``write_timeout`` seconds, or the connection is dropped;
+- malformed HTTP gets its 400 in OpenAI's JSON error shape, not plain text.
+
+The body's own timeout is the app's (see ``pacore.server.app``), so that a
+slow body gets a 408 in OpenAI's shape from the route that was reading it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from pacore.server.errors import InvalidRequestError, RequestTimeoutError, describe
+
+logger = logging.getLogger("pacore.server")
+
+CutReason = Literal["header_timeout", "write_stall"]
+
+
+def _raw_response(status: int, reason: bytes, exc: Exception) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, its body the OpenAI error of ``exc``."""
+    body = describe(exc).body.model_dump_json().encode()
+    head = (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        % (status, reason, len(body))
+    )
+    return head + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the timeouts above; ``on_cut`` hears of each connection they end."""
+
+    def __init__(
+        self,
+        *args: Any,
+        header_timeout: float,
+        write_timeout: float,
+        on_cut: Callable[[CutReason], None] = lambda reason: None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self.write_timeout = write_timeout
+        self.on_cut = on_cut
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        #: The write buffer's size when the stall timer was armed.
+        self._buffered = 0
+        #: Bytes received since the header timer was armed: a request has begun.
+        self._received = 0
+        self._request_cycle: object = None
+
+    @classmethod
+    def factory(cls, **options: Any) -> Callable[..., GuardedH11Protocol]:
+        """What to give ``uvicorn.Config(http=...)``: uvicorn adds its own arguments."""
+        return functools.partial(cls, **options)
+
+    # --- headers --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel(self._header_timer)
+        self._received = 0
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        self._received += len(data)
+        super().data_received(data)
+        self._check_request_started()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # for the next request on this connection
+            self._check_request_started()  # a pipelined one may have started already
+
+    def _check_request_started(self) -> None:
+        """Stop the header timer once a new request's headers are in (uvicorn made its cycle)."""
+        if self.cycle is not None and self.cycle is not self._request_cycle:
+            self._request_cycle = self.cycle
+            self._cancel(self._header_timer)
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self._received:  # else an idle connection, closed as keep-alive would
+            self.on_cut("header_timeout")
+            # Written directly: h11 has no request to answer yet, and the connection ends here.
+            error = RequestTimeoutError(f"the request headers did not arrive within {self.header_timeout:g}s")
+            self.transport.write(_raw_response(408, b"Request Timeout", error))
+        self.transport.close()
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_writes()
+
+    def _watch_writes(self) -> None:
+        self._cancel(self._stall_timer)
+        self._buffered = self.transport.get_write_buffer_size()
+        self._stall_timer = self.loop.call_later(self.write_timeout, self._check_progress)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel(self._stall_timer)
+        self._stall_timer = None
+
+    def _check_progress(self) -> None:
+        # While paused nothing new is buffered, so a smaller buffer means the client took some.
+        if self.transport.get_write_buffer_size() < self._buffered:
+            self._watch_writes()
+            return
+        self._stall_timer = None
+        self.on_cut("write_stall")
+        logger.info("dropped a client that read nothing for %gs", self.write_timeout)
+        # abort, not close: close would wait for the client to read what is buffered.
+        self.transport.abort()
+
+    # --- the rest ------------------------------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel(self._header_timer)
+        self._cancel(self._stall_timer)
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own 400 for unparseable HTTP is plain text; clients here expect OpenAI's JSON.
+        error = InvalidRequestError(f"malformed HTTP request: {msg}", code="malformed_http")
+        self.transport.write(_raw_response(400, b"Bad Request", error))
+        self.transport.close()
+
+    @staticmethod
+    def _cancel(timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()
