@@ -91,10 +91,6 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Enough for hundreds of ordinary requests, or a few of 64 long trajectories.
 DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
 _DEFAULT_LIMITS = Limits()
-#: Model text is inserted as text by the viewer; this stops anything that slips through.
-VIEWER_CSP = (
-    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-)
 #: Routes anyone may open: the health probe and the viewer's static shell (it holds no data).
 _PUBLIC_PATHS = ("/health", "/ui", "/ui/")
 _PUBLIC_PREFIX = "/ui/static/"
