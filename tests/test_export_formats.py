@@ -255,7 +255,7 @@ async def test_cli_formats_and_refusals(tmp_path: Path) -> None:
         (["--format", "csv", "--out", str(tmp_path / "x.csv")], "unknown export format 'csv'"),
         (["--format", "verl", "--out", str(tmp_path / "x.jsonl")], "give --out a .parquet file"),
         (["--format", "verl", "--out", str(tmp_path / "x.parquet"), "--synthesis-acc", "1..0"], "MIN < MAX"),
-        (["--format", "trl", "--out", str(tmp_path / "x.parquet"), "--order", "sorted"], "--order must be one of"),
+        (["--format", "trl", "--out", str(tmp_path / "x.parquet"), "--order", "sorted"], "--reference-order must be one of"),
         (["--out", str(tmp_path / "x.jsonl"), "--arm", "pacore-4"], "--arm applies to a run directory"),
     ):
         failed = export(*args)

@@ -9,7 +9,7 @@
 # Extra arguments are passed to verl as Hydra overrides, e.g. trainer.nnodes=4 trainer.n_gpus_per_node=8.
 # Process-aware reward instead of the outcome reward (the verifier is any backend pacore can call):
 #   ... ./run_pacore_synthesis.sh stage1 +reward.custom_reward_function.reward_kwargs.verifier=http://judge:8000/v1
-# Between the stages, see docs/training.md: merge the stage-1 checkpoint to a Hugging Face model, serve
+# Between the stages, see docs/train.md: merge the stage-1 checkpoint to a Hugging Face model, serve
 # it, measure synthesis success with 'pacore run --repeats', and export stage 2 with --synthesis-acc.
 set -euo pipefail
 

@@ -385,7 +385,7 @@ def report_command(
     --repeats, the mean over problems of per-problem accuracy with a normal
     approximation over problems), mean effective TTC and prompt tokens, wall time,
     failures; for PaCoRe arms, synthesis diagnostics; with --verifier, spurious correctness
-    (verdicts cached, see docs/training.md).
+    (verdicts cached, see docs/train.md).
     """
     if verifier is None:
         arms, files = report.write_report(run_dirs, out)
@@ -433,7 +433,7 @@ EXPORT_EXAMPLES = """\
   pacore export-train runs/aime --format verl --out stage2.parquet \\
       --synthesis-acc 0..1 --synthesis-run runs/stage1-policy
 
-Stage 1 filters on message accuracy (--min-acc/--max-acc), stage 2 on the synthesis success of the stage-1 policy (--synthesis-acc). Without --template/--order the prompts use the run's template and reference order. See docs/training.md.
+Stage 1 filters on message accuracy (--min-acc/--max-acc), stage 2 on the synthesis success of the stage-1 policy (--synthesis-acc). Without --template/--reference-order the prompts use the run's template and reference order. See docs/train.md.
 """
 
 
@@ -498,10 +498,10 @@ def export_train_command(
     """Write RL training records for the synthesis step (PaCoRe-Train JSONL, verl parquet or TRL).
 
     In verl and trl records the prompt is the synthesis conversation the engine sends, built with
-    the run's template and reference order unless --template / --order say otherwise.
+    the run's template and reference order unless --template / --reference-order say otherwise.
     """
     if order is not None and order not in REFERENCE_ORDERS:
-        raise UsageError(f"--order must be one of {', '.join(REFERENCE_ORDERS)}, got {order!r}")
+        raise UsageError(f"--reference-order must be one of {', '.join(REFERENCE_ORDERS)}, got {order!r}")
     summary = export.export_train(
         source, out, format=format, min_acc=min_acc, max_acc=max_acc, min_size=min_size,  # type: ignore[arg-type]
         max_size=max_size, seed=seed, arm=arm, template=template, order=order,  # type: ignore[arg-type]
