@@ -30,8 +30,8 @@ from pacore.trace import (
     Round,
     RoundFinished,
     RoundStarted,
-    TrajectoryFinished,
     Trajectory,
+    TrajectoryFinished,
     TrajectoryProgress,
     Usage,
 )
