@@ -123,7 +123,7 @@ def test_a_piped_streamed_answer_is_byte_identical_to_the_plain_one() -> None:
     with fast_backend("--tokens-per-s", 200, "--completion-tokens", 12) as backend:
         streamed = run_pacore("ask", "-b", backend.url, "--schedule", "2", "hi")
         plain = run_pacore("ask", "-b", backend.url, "--schedule", "2", "--no-stream", "hi")
-        as_json = run_pacore("ask", "-b", backend.url, "--schedule", "2", "--json", "hi")
+        as_json = run_pacore("ask", "-b", backend.url, "--schedule", "2", "--json", "--show-rounds", "hi")
     assert streamed.returncode == plain.returncode == as_json.returncode == 0, streamed.stderr
     assert streamed.stdout == plain.stdout
     assert streamed.stdout == b"the answer is so we check each case and get the answer\n"
@@ -131,6 +131,8 @@ def test_a_piped_streamed_answer_is_byte_identical_to_the_plain_one() -> None:
     import json
 
     assert json.loads(as_json.stdout)["answer"] + "\n" == streamed.stdout.decode()
+    # --show-rounds writes on stderr only: stdout stays the one JSON document.
+    assert b"  #2 \xc2\xb7 12 tokens" in as_json.stderr and b"#2" not in as_json.stdout
 
 
 def read_until_exit(process: subprocess.Popen[bytes], fds: list[int], timeout: float) -> dict[int, list[tuple[float, bytes]]]:
