@@ -7,7 +7,10 @@ SETUP_STAMP := $(VENV)/.pacore-setup
 TRAIN_STAMP := $(VENV)/.pacore-train
 # The CPU build of torch; pinned so pip never swaps in the CUDA one (3 GB).
 TORCH_VERSION := 2.13.0
-DEMO_QUESTION ?= A farmer has 17 sheep. All but 9 run away. How many sheep does the farmer have left?
+# The embedded model is a tiny base model (Gemma 3 270M): it continues a pattern
+# far better than it answers a question, so the demo gives it one.
+DEMO_QUESTION ?= 1 + 1 = 2. 2 + 2 = 4. 2 + 3 =
+DEMO_FLAGS ?= --schedule 4 --max-tokens 16 --temperature 0.7 --seed 1
 
 .PHONY: setup train-extra browser demo test bench docs clean
 
@@ -32,8 +35,11 @@ $(TRAIN_STAMP): $(SETUP_STAMP)
 	$(BIN)/python -m pip install --progress-bar off -e '.[dev,train]'
 	@touch $@
 
+# Round 1: 4 trajectories in parallel; round 2: one synthesis call that reads them.
 demo: setup
-	$(BIN)/pacore ask --schedule 4 --max-tokens 200 "$(DEMO_QUESTION)"
+	$(BIN)/pacore ask --show-rounds $(DEMO_FLAGS) "$(DEMO_QUESTION)"
+	@echo "Every trajectory in full and the exact synthesis prompt: $(BIN)/pacore serve, then open"
+	@echo "http://127.0.0.1:8000/ui and send a question (docs/serve.md); 'pacore ask --help' for the options."
 
 # The trace viewer's tests drive Debian's chromium (never a downloaded browser build).
 browser:

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
@@ -32,11 +32,14 @@ from pacore.cli.options import (
     parse_reference_order,
     solve_setup,
 )
-from pacore.cli.progress import open_progress, summary_line
+from pacore.cli.progress import Progress, open_progress, summary_line
 from pacore.engine import EventCallback, asolve
 from pacore.errors import InputError, PacoreError
 from pacore.files import MIB, read_input, read_stream
-from pacore.trace import Result
+from pacore.messages import THINK_END
+from pacore.trace import AnswerDelta, Event, Result, RoundStarted, TrajectoryFinished
+
+THINK_START = "<think>"
 
 EXAMPLES = """\
 [bold]Examples[/bold]
@@ -44,6 +47,7 @@ EXAMPLES = """\
   pacore ask "How many primes are below 100?"
   pacore ask --schedule high --backend http://127.0.0.1:8000/v1 --model qwen3-8b "Prove that ..."
   echo "What is 2+3?" | pacore ask - --json > trace.json
+  pacore ask --show-rounds --schedule 4 --max-tokens 96 "What is the capital of France?"
   pacore ask --image chart.png "What does this chart show?" -b http://127.0.0.1:8000/v1
 
 [bold]Exit codes[/bold]: 0 answered; 1 runtime failure (backend unreachable, all trajectories failed...);
@@ -114,6 +118,104 @@ def print_json(result: Result) -> None:
     sys.stdout.flush()
 
 
+def _held_back(text: str, marker: str) -> int:
+    """How many final characters of ``text`` could start ``marker`` (kept until more text tells)."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
+
+
+class AnswerStream:
+    """Writes the final answer to ``out`` as it is generated.
+
+    What it writes in all is what printing ``Result.answer`` and a newline
+    writes: the answer is the final message stripped, so leading whitespace
+    is dropped and trailing whitespace held back until more text follows;
+    inline reasoning (up to the last ``</think>``) is not the answer, so text
+    is held back while it may be reasoning. A model whose reasoning has no
+    opening ``<think>`` in its output cannot be told apart until its
+    ``</think>`` arrives: then the stream stops and the whole answer is
+    printed again on a new line when it is known (``diverged`` is set).
+    """
+
+    def __init__(self, out: TextIO, progress: Progress | None) -> None:
+        self.out = out
+        self.progress = progress
+        self.received = ""
+        self.written = ""
+        self.final_round = False
+        self.finished = False
+        self.diverged = False
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, RoundStarted):
+            self.final_round = event.final
+        elif isinstance(event, AnswerDelta) and event.content and not (self.finished or self.diverged):
+            self.received += event.content
+            self._write_known_part()
+        elif isinstance(event, TrajectoryFinished) and self.final_round and not self.finished:
+            self.finished = True
+            trajectory = event.trajectory
+            if trajectory.ok:  # the engine's answer: the final message, stripped
+                self._finish((trajectory.message or "").strip())
+            elif self.written:  # the round fails and its error follows on stderr
+                self._emit("\n")
+
+    def end_line(self) -> None:
+        """End a partly written answer's line (the request failed or was interrupted mid-stream)."""
+        if self.written and not self.finished:
+            self.finished = True
+            self._emit("\n")
+
+    def _answer_so_far(self) -> str:
+        """The part of the answer the text received so far already determines."""
+        text = self.received
+        cut = text.rfind(THINK_END)
+        if cut >= 0:
+            text = text[cut + len(THINK_END) :]
+        elif (head := text.lstrip()).startswith(THINK_START) or THINK_START.startswith(head):
+            return ""  # reasoning (or the start of its tag), not the answer
+        text = text[: len(text) - _held_back(text, THINK_END)]
+        return text.strip()
+
+    def _write_known_part(self) -> None:
+        known = self._answer_so_far()
+        if known.startswith(self.written):
+            self._emit(known[len(self.written) :])
+        else:
+            self.diverged = True  # text already written was reasoning (see the class docstring)
+
+    def _finish(self, answer: str) -> None:
+        if self.diverged or not answer.startswith(self.written):
+            self.diverged = True
+            self._emit(("\n" if self.written else "") + answer + "\n")
+        else:
+            self._emit(answer[len(self.written) :] + "\n")
+
+    def _emit(self, text: str) -> None:
+        if not text:
+            return
+        if not self.written and self.progress is not None:
+            self.progress.pause()  # a status line redrawn on the same screen would tear the text
+        self.written += text
+        self.out.write(text)
+        self.out.flush()
+
+
+def combine(*handlers: EventCallback | None) -> EventCallback | None:
+    """One ``on_event`` calling each handler in turn."""
+    present = [handler for handler in handlers if handler is not None]
+    if not present:
+        return None
+
+    def on_event(event: Event) -> None:
+        for handler in present:
+            handler(event)
+
+    return on_event
+
+
 @app.command("ask", epilog=EXAMPLES)
 def ask(
     question: Annotated[
@@ -137,6 +239,20 @@ def ask(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress display and no summary on stderr.")
     ] = False,
+    show_rounds: Annotated[
+        bool,
+        typer.Option(
+            "--show-rounds",
+            help="After each round, print on stderr what each trajectory did: tokens, stated answer, first words.",
+        ),
+    ] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream/--no-stream",
+            help="Print the final answer as it is generated (the same bytes in the end); never with --json.",
+        ),
+    ] = True,
     schedule: ScheduleOption = "low",
     template: TemplateOption = None,
     reference_order: ReferenceOrderOption = "shuffle",
@@ -161,6 +277,8 @@ def ask(
         raise InputError("stdout is closed: there is nowhere to print the answer")
     messages = build_messages(read_question(question), image or [], system)
     check_limits(deadline=deadline, min_success=min_success)
+    if quiet and show_rounds:
+        raise InputError("--show-rounds prints on stderr, which --quiet keeps silent: use one of them")
     order = parse_reference_order(reference_order)
     setup = solve_setup(
         backend=backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads,
@@ -169,6 +287,7 @@ def ask(
     )  # fmt: skip
 
     interrupted: list[Result] = []
+    answer_stream: AnswerStream | None = None
 
     async def run(on_event: EventCallback | None) -> Result:
         try:
@@ -179,6 +298,7 @@ def ask(
                 params=setup.params,
                 template=setup.template,
                 on_event=on_event,
+                stream_answer=answer_stream is not None,
                 deadline=deadline,
                 min_success=min_success,
                 reference_order=order,
@@ -192,14 +312,23 @@ def ask(
             await setup.backend.aclose()
 
     try:
-        with open_progress(quiet) as progress:
-            result = asyncio.run(run(progress.handle if progress else None))
+        with open_progress(quiet, max_tokens=setup.params.max_tokens, show_rounds=show_rounds) as progress:
+            if stream and not json_output:
+                # The status line is paused only when the answer is written to the same screen.
+                answer_stream = AnswerStream(sys.stdout, progress if sys.stdout.isatty() else None)
+            result = asyncio.run(
+                run(combine(progress.handle if progress else None, answer_stream.handle if answer_stream else None))
+            )
     except PacoreError as exc:
+        if answer_stream is not None:
+            answer_stream.end_line()
         # Keep whatever was computed before the failure; main prints the error.
         if json_output and exc.result is not None and exc.result.usage.calls:
             print_json(exc.result)
         raise
     except KeyboardInterrupt:
+        if answer_stream is not None:
+            answer_stream.end_line()
         # As for a failure: the partial trace (--json) or what the finished rounds cost; main says "interrupted".
         partial = interrupted[0] if interrupted else None
         if partial is not None and partial.usage.calls:
@@ -210,8 +339,10 @@ def ask(
         raise
     if json_output:
         print_json(result)
-    else:
+    elif answer_stream is None or not answer_stream.finished:
         typer.echo(result.answer)
+    elif answer_stream.diverged and not quiet:
+        typer.echo("pacore: note: the streamed text included reasoning; the answer was printed again", err=True)
     if not quiet:
         typer.echo(summary_line(result), err=True)
 

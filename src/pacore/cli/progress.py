@@ -22,6 +22,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from pacore.eval.grading import extract_answer
 from pacore.trace import (
     AnswerDelta,
     Event,
@@ -29,6 +30,7 @@ from pacore.trace import (
     Round,
     RoundFinished,
     RoundStarted,
+    Trajectory,
     TrajectoryFinished,
     TrajectoryProgress,
     Usage,
@@ -54,12 +56,19 @@ class ProgressState:
     #: Tokens of the current round's finished trajectories.
     round_tokens: int = 0
     round_started: float = field(default_factory=time.perf_counter)
+    #: Most tokens a call may generate, when known: bounds the ETA.
+    max_tokens: int | None = None
+    #: Successful trajectories (and their tokens) of the current round, then of the whole request.
+    round_ok: int = 0
+    round_ok_tokens: int = 0
+    request_ok: int = 0
+    request_ok_tokens: int = 0
 
     def apply(self, event: Event) -> None:
         if isinstance(event, RoundStarted):
             self.total_rounds = event.total_rounds
             self.round, self.k, self.final = event.round, event.k, event.final
-            self.done = self.failed = self.round_tokens = 0
+            self.done = self.failed = self.round_tokens = self.round_ok = self.round_ok_tokens = 0
             self.streaming = {}
             self.round_started = time.perf_counter()
         elif isinstance(event, TrajectoryProgress):
@@ -73,6 +82,11 @@ class ProgressState:
             self.failed += 0 if trajectory.ok else 1
             self.streaming.pop(trajectory.index, None)
             self.round_tokens += trajectory.completion_tokens
+            if trajectory.ok:
+                self.round_ok += 1
+                self.round_ok_tokens += trajectory.completion_tokens
+                self.request_ok += 1
+                self.request_ok_tokens += trajectory.completion_tokens
             self.usage.calls += 1
             self.usage.failed_calls += 0 if trajectory.ok else 1
             self.usage.prompt_tokens += trajectory.prompt_tokens
@@ -97,12 +111,50 @@ class ProgressState:
         elapsed = time.perf_counter() - self.round_started
         return (self.round_tokens + self.streamed_tokens) / elapsed if elapsed > 0 else 0.0
 
+    def expected_tokens(self) -> float | None:
+        """Tokens a trajectory of the current round is expected to generate.
+
+        The mean of the round's finished trajectories; before any has finished,
+        the mean of the request's earlier ones (a synthesis answer is about as
+        long as the answers it reads); before that, ``max_tokens`` if known.
+        """
+        if self.round_ok:
+            expected: float | None = self.round_ok_tokens / self.round_ok
+        elif self.request_ok:
+            expected = self.request_ok_tokens / self.request_ok
+        else:
+            expected = self.max_tokens
+        if expected is not None and self.max_tokens:
+            expected = min(expected, self.max_tokens)
+        return expected
+
+    def eta_s(self) -> float | None:
+        """Rough seconds left in the current round; ``None`` until it can be estimated.
+
+        The tokens the unfinished trajectories are expected to still generate
+        (see :meth:`expected_tokens`, less what each has streamed), divided by
+        the round's token rate so far.
+        """
+        expected, rate = self.expected_tokens(), self.tokens_per_s()
+        if expected is None or rate <= 0:
+            return None
+        waiting = max(self.k - self.done - len(self.streaming), 0)
+        remaining = waiting * expected + sum(max(expected - tokens, 0.0) for tokens in self.streaming.values())
+        return remaining / rate
+
+    def eta_label(self) -> str:
+        """E.g. ``ETA ~12.0s``; empty when the ETA is unknown."""
+        eta = self.eta_s()
+        return "" if eta is None else f"ETA ~{format_duration(eta)}"
+
     def streaming_label(self) -> str:
         """E.g. ``3 streaming (longest 1,234 tokens) · 87 tok/s``; empty when nothing streams."""
         if not self.streaming:
             return ""
         longest = max(self.streaming.values())
-        return f"{len(self.streaming)} streaming (longest {longest:,} tokens) · {self.tokens_per_s():,.0f} tok/s"
+        label = f"{len(self.streaming)} streaming (longest {longest:,} tokens) · {self.tokens_per_s():,.0f} tok/s"
+        eta = self.eta_label()
+        return f"{label} · {eta}" if eta else label
 
     def round_label(self) -> str:
         label = f"round {self.round + 1}/{self.total_rounds}"
@@ -147,14 +199,47 @@ def round_line(rnd: Round, total_rounds: int) -> str:
     )
 
 
-def finished_round_line(event: Event, state: ProgressState) -> str | None:
-    """The line to print for ``event`` if it ends a round that produced something.
+#: Characters of a trajectory's opening shown per trajectory by ``--show-rounds``.
+OPENING_CHARS = 60
+
+
+def opening(text: str, chars: int = OPENING_CHARS) -> str:
+    """``text``'s first words on one line, cut with an ellipsis after ``chars`` characters."""
+    words = " ".join(text.split())
+    return words if len(words) <= chars else words[: chars - 1].rstrip() + "…"
+
+
+def trajectory_line(trajectory: Trajectory) -> str:
+    """E.g. ``#2 · 41 tokens · answer: Paris · "The capital of France is Paris..."``."""
+    head = f"#{trajectory.index + 1} · {trajectory.completion_tokens:,} tokens"
+    if not trajectory.ok:
+        return f"{head} · failed: {opening(trajectory.error or 'unknown error')}"
+    if trajectory.message is None:
+        return f"{head} · no message (the next round does not read it)"
+    answer = extract_answer(trajectory.message)
+    stated = f" · answer: {opening(answer, 30)}" if answer else ""
+    return f'{head}{stated} · "{opening(trajectory.message)}"'
+
+
+def round_details(rnd: Round) -> list[str]:
+    """What a finished round did, for ``--show-rounds``: what it read, then one line per trajectory."""
+    lines = []
+    if rnd.references:
+        calls = "the synthesis call" if rnd.k == 1 else f"each of the {rnd.k} synthesis calls"
+        lines.append(f"  {calls} read the {len(rnd.references)} answers of round {rnd.index}")
+    lines.extend(f"  {trajectory_line(t)}" for t in rnd.trajectories)
+    return lines
+
+
+def finished_round_lines(event: Event, state: ProgressState, details: bool = False) -> list[str]:
+    """The lines to print for ``event`` if it ends a round that produced something.
 
     A round where nothing succeeded ends the request, and its error says so.
     """
     if isinstance(event, RoundFinished) and event.round.succeeded:
-        return round_line(event.round, state.total_rounds)
-    return None
+        line = round_line(event.round, state.total_rounds)
+        return [line, *round_details(event.round)] if details else [line]
+    return []
 
 
 #: Seconds between two "still streaming" lines of :class:`LineProgress`.
@@ -165,20 +250,24 @@ class LineProgress:
     """One plain line per finished round, for logs and pipes, and one every
     ``STREAMING_LINE_INTERVAL_S`` while long calls stream."""
 
-    def __init__(self, file: TextIO) -> None:
+    def __init__(self, file: TextIO, max_tokens: int | None = None, show_rounds: bool = False) -> None:
         self.file = file
-        self.state = ProgressState()
+        self.state = ProgressState(max_tokens=max_tokens)
+        self.show_rounds = show_rounds
         self.next_streaming_line = time.perf_counter() + STREAMING_LINE_INTERVAL_S
 
     def handle(self, event: Event) -> None:
         state = self.state
         state.apply(event)
-        if line := finished_round_line(event, state):
-            print(line, file=self.file, flush=True)
+        if lines := finished_round_lines(event, state, self.show_rounds):
+            print("\n".join(lines), file=self.file, flush=True)
         elif isinstance(event, TrajectoryProgress) and time.perf_counter() >= self.next_streaming_line:
             self.next_streaming_line = time.perf_counter() + STREAMING_LINE_INTERVAL_S
             line = f"{state.round_label()}: {state.trajectories_label()}, {state.streaming_label()}"
             print(line, file=self.file, flush=True)
+
+    def pause(self) -> None:
+        """Nothing to do: this display never redraws a line."""
 
     def __enter__(self) -> LineProgress:
         return self
@@ -194,8 +283,9 @@ _MAX_BAR_WIDTH = 30
 class LiveProgress:
     """A status line redrawn in place on a terminal, erased when the request ends."""
 
-    def __init__(self, console: Console) -> None:
-        self.state = ProgressState()
+    def __init__(self, console: Console, max_tokens: int | None = None, show_rounds: bool = False) -> None:
+        self.state = ProgressState(max_tokens=max_tokens)
+        self.show_rounds = show_rounds
         self.spinner = Spinner("dots", style="cyan")
         self.live = Live(
             console=console,
@@ -208,9 +298,13 @@ class LiveProgress:
 
     def handle(self, event: Event) -> None:
         self.state.apply(event)
-        if line := finished_round_line(event, self.state):
+        for line in finished_round_lines(event, self.state, self.show_rounds):
             # Printed above the status line, so finished rounds stay on screen.
-            self.live.console.print(line, highlight=False, markup=False)
+            self.live.console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    def pause(self) -> None:
+        """Erase the status line and stop redrawing it (the answer is being streamed to the same screen)."""
+        self.live.stop()
 
     def render(self) -> RenderableType:
         state = self.state
@@ -224,6 +318,7 @@ class LiveProgress:
             state.trajectories_label(),
             (f" · {state.tokens:,} tokens", "green"),
             (f" · {streaming}" if streaming else "", "cyan"),
+            (f" · {state.eta_label()}" if not streaming and state.eta_label() else "", "cyan"),
             (f" · {format_duration(state.elapsed_s)}", "dim"),
             no_wrap=True,
             overflow="ellipsis",
@@ -249,17 +344,19 @@ Progress = LiveProgress | LineProgress
 
 
 def open_progress(
-    quiet: bool = False, file: TextIO | None = None
+    quiet: bool = False, file: TextIO | None = None, *, max_tokens: int | None = None, show_rounds: bool = False
 ) -> AbstractContextManager[Progress | None]:
     """The right display for ``file`` (stderr by default); ``None`` when quiet.
 
     Use as ``with open_progress(quiet) as progress:`` and pass
-    ``progress.handle`` as the engine's ``on_event``.
+    ``progress.handle`` as the engine's ``on_event``. ``max_tokens`` (the
+    per-call limit, when known) bounds the ETA; ``show_rounds`` adds what
+    each finished round did (see :func:`round_details`).
     """
     if quiet:
         return nullcontext(None)
     file = file or sys.stderr
     console = Console(file=file)
     if console.is_terminal and not console.is_dumb_terminal:
-        return LiveProgress(console)
-    return LineProgress(file)
+        return LiveProgress(console, max_tokens, show_rounds)
+    return LineProgress(file, max_tokens, show_rounds)
