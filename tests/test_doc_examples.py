@@ -306,6 +306,18 @@ def test_every_skip_is_listed_with_its_reason() -> None:
     assert len(skipped) < len(BLOCKS) / 4
 
 
+def test_each_run_directory_belongs_to_one_example() -> None:
+    """A reader may follow every page in one directory: two examples writing the same
+    run directory would have the second refused (another data set or settings)."""
+    users: dict[str, set[str]] = {}
+    for block in BLOCKS:
+        for name in set(re.findall(r"\bruns/[\w.,\-]+", block.code)):
+            users.setdefault(name, set()).add(block.id)
+    assert users, "no example writes a run directory"
+    shared = {name: sorted(ids) for name, ids in users.items() if len(ids) > 1}
+    assert not shared, f"run directories used by several examples: {shared}"
+
+
 @pytest.mark.parametrize(
     "block", [pytest.param(b, id=b.id, marks=[pytest.mark.model] if b.model else []) for b in BLOCKS]
 )
