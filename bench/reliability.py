@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", action="store_true", help="also write bench/RELIABILITY.md (make bench does)")
     args = parser.parse_args(argv)
     figures = measure(args.quick, args.seed)
-    outcome = f"wrote {write_markdown(figures)}" if args.write else "bench/RELIABILITY.md unchanged (--write updates it)"
+    outcome = f"wrote {write_markdown(figures)}" if args.write else "bench/RELIABILITY.md not written (--write does)"
     emit(figures, args.json, [*report(figures), "", outcome])
     totals = figures["totals"]
     broken = any(row["tracebacks"] or row["not_retried"] for row in figures["rows"])

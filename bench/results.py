@@ -99,7 +99,7 @@ def write_results(results: dict[str, dict[str, Any]], quick: bool, started: dict
         "Reproduce:",
         "",
         "```bash",
-        f"make bench{' BENCH_FLAGS=--quick' if quick else ''}      # all of it, writes this file (bench/results.py --write)",
+        f"make bench{' BENCH_FLAGS=--quick' if quick else ''}      # all of it; writes this file (--write)",
         *(f".venv/bin/python bench/{name}.py{flag}   # prints the figures; add --json for one JSON object" for name in SCRIPTS),
         "```",
         "",
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         (BENCH_DIR / "RESULTS.md").write_text(markdown, encoding="utf-8")
     else:
-        print("bench/RESULTS.md unchanged (--write updates it)")
+        print("bench/RESULTS.md not written (--write does)")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -238,7 +239,7 @@ class Servers:
         code = PORT_OPTION.sub(f"--port {port}", block.code)
         if not ports:
             code = code.replace("pacore serve", f"pacore serve --port {port}")
-        directory = workspace(self.root / f"server-{len(self.running)}")
+        directory = workspace(Path(tempfile.mkdtemp(prefix=f"{block.page.stem}-{block.line}-", dir=self.root)))
         (directory / "example.sh").write_text(render_shell(block, code, self.fast_url), encoding="utf-8")
         log = directory / "server.log"
         with log.open("w") as out:
@@ -246,18 +247,18 @@ class Servers:
                 ["bash", "-euo", "pipefail", "example.sh"], cwd=directory, env={**self.env, "HOME": str(directory)},
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        server = Server(block, documented, port, process, log)
-        self.running[block.id] = server
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"{block.id}: the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        while time.monotonic() < deadline and process.poll() is None:
             try:
-                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-                return server
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)  # any answer: it listens
             except httpx.HTTPError:
                 time.sleep(0.5)
-        pytest.fail(f"{block.id}: no answer on port {port} after {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+                continue
+            self.running[block.id] = Server(block, documented, port, process, log)
+            return self.running[block.id]
+        stop(process)
+        status = process.returncode
+        pytest.fail(f"{block.id}: no answer on port {port} (exit status {status}):\n{log.read_text()[-3000:]}")
 
     def stop_all(self) -> None:
         for server in self.running.values():
@@ -318,10 +319,16 @@ def test_each_run_directory_belongs_to_one_example() -> None:
     assert not shared, f"run directories used by several examples: {shared}"
 
 
-@pytest.mark.parametrize(
-    "block", [pytest.param(b, id=b.id, marks=[pytest.mark.model] if b.model else []) for b in BLOCKS]
-)
-def test_example_runs(block: Block, tmp_path: Path, environment: dict[str, str], fast_backend: str, servers: Servers) -> None:
+def marks(block: Block) -> list[pytest.MarkDecorator]:
+    """``model`` for the embedded model, ``http`` for a loopback server."""
+    wanted = ((pytest.mark.model, block.model), (pytest.mark.http, block.backend or block.background))
+    return [mark for mark, applies in wanted if applies]
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=marks(b)) for b in BLOCKS])
+def test_example_runs(
+    block: Block, tmp_path: Path, environment: dict[str, str], fast_backend: str, servers: Servers
+) -> None:
     if block.skip:
         pytest.skip(f"{block.id}: {block.skip}")
     if block.background:
