@@ -14,7 +14,7 @@ Markers: an HTML comment on the lines right before the opening fence, one per
 line (markdown renderers do not show them)::
 
     <!-- example: skip (REASON) -->   not run here (a GPU server, a cluster, the network...); the reason is required
-    <!-- example: model -->           uses the embedded model (pytest marker ``model``)
+    <!-- example: model -->           uses the embedded model (pytest marker ``model``); unmarked blocks cannot load it
     <!-- example: backend -->         every http(s)://HOST[:PORT]/v1 URL is replaced by the fast backend's
                                       (bench/fastbackend.py on loopback)
     <!-- example: setup COMMAND -->   a shell line run first, in the same shell for a shell block (repeatable)
@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -167,12 +167,23 @@ def data_mirror() -> Iterator[str]:
         httpd.server_close()
 
 
+Environment = Callable[[Block, Path], dict[str, str]]
+
+
 @pytest.fixture(scope="session")
-def environment(tmp_path_factory: pytest.TempPathFactory, data_mirror: str) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("pacore-cache")
+def environment(tmp_path_factory: pytest.TempPathFactory, data_mirror: str) -> Environment:
+    """``environment(block, home)``: the variables a block runs with.
+
+    A block marked ``model`` gets a cache whose ``models`` is the real one; any
+    other block a cache where the embedded model cannot be assembled, so an
+    example that uses it without the marker fails instead of being slow.
+    """
+    with_model = tmp_path_factory.mktemp("pacore-cache")
     models = models_dir()
     models.mkdir(parents=True, exist_ok=True)
-    (cache / "models").symlink_to(models, target_is_directory=True)
+    (with_model / "models").symlink_to(models, target_is_directory=True)
+    without_model = tmp_path_factory.mktemp("pacore-cache-no-model")
+    (without_model / "models").write_text("not a directory: mark the example <!-- example: model -->\n")
     env = {
         k: v for k, v in os.environ.items()
         if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_SERVER_API_KEYS", "PACORE_DEBUG")
@@ -180,11 +191,15 @@ def environment(tmp_path_factory: pytest.TempPathFactory, data_mirror: str) -> d
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PYTHONPATH=str(ROOT / "src"),
-        PACORE_CACHE_DIR=str(cache),
         PACORE_DATA_MIRROR=data_mirror,
         NO_COLOR="1",
     )
-    return env
+
+    def for_block(block: Block, home: Path) -> dict[str, str]:
+        cache = with_model if block.model else without_model
+        return {**env, "PACORE_CACHE_DIR": str(cache), "HOME": str(home)}  # '~' stays in the workspace
+
+    return for_block
 
 
 def workspace(directory: Path) -> Path:
@@ -221,7 +236,7 @@ class Server:
 class Servers:
     """Background blocks, started on first need and stopped at the end of the session."""
 
-    def __init__(self, root: Path, env: dict[str, str], fast_url: str) -> None:
+    def __init__(self, root: Path, env: Environment, fast_url: str) -> None:
         self.root, self.env, self.fast_url = root, env, fast_url
         self.running: dict[str, Server] = {}
 
@@ -244,7 +259,7 @@ class Servers:
         log = directory / "server.log"
         with log.open("w") as out:
             process = subprocess.Popen(
-                ["bash", "-euo", "pipefail", "example.sh"], cwd=directory, env={**self.env, "HOME": str(directory)},
+                ["bash", "-euo", "pipefail", "example.sh"], cwd=directory, env=self.env(block, directory),
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
@@ -267,7 +282,7 @@ class Servers:
 
 @pytest.fixture(scope="session")
 def servers(
-    tmp_path_factory: pytest.TempPathFactory, environment: dict[str, str], fast_backend: str
+    tmp_path_factory: pytest.TempPathFactory, environment: Environment, fast_backend: str
 ) -> Iterator[Servers]:
     started = Servers(tmp_path_factory.mktemp("servers"), environment, fast_backend)
     try:
@@ -327,7 +342,7 @@ def marks(block: Block) -> list[pytest.MarkDecorator]:
 
 @pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=marks(b)) for b in BLOCKS])
 def test_example_runs(
-    block: Block, tmp_path: Path, environment: dict[str, str], fast_backend: str, servers: Servers
+    block: Block, tmp_path: Path, environment: Environment, fast_backend: str, servers: Servers
 ) -> None:
     if block.skip:
         pytest.skip(f"{block.id}: {block.skip}")
@@ -337,7 +352,7 @@ def test_example_runs(
         return
     server = servers.for_block(block)
     directory = workspace(tmp_path / "work")
-    environment = {**environment, "HOME": str(directory)}  # '~' in an example stays in the workspace
+    env = environment(block, directory)
     if block.language == "shell":
         code = render_shell(block, block.code, fast_backend, server)
         (directory / "example.sh").write_text(code, encoding="utf-8")
@@ -348,14 +363,14 @@ def test_example_runs(
             setup = substitute(block, "\n".join(block.setup), fast_backend, server)
             (directory / "setup.sh").write_text(setup + "\n", encoding="utf-8")
             done = subprocess.run(
-                ["bash", "-euo", "pipefail", "setup.sh"], cwd=directory, env=environment,
+                ["bash", "-euo", "pipefail", "setup.sh"], cwd=directory, env=env,
                 capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S,
             )  # fmt: skip
             assert done.returncode == 0, f"setup of {block.id} failed:\n{done.stderr[-3000:]}"
         (directory / "example.py").write_text(code, encoding="utf-8")
         command = [sys.executable, "example.py"]
     process = subprocess.Popen(
-        command, cwd=directory, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        command, cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
     try:
