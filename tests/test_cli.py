@@ -29,8 +29,9 @@ from rich.console import Console
 from fakes import ScriptedBackend
 from pacore import __version__, asolve
 from pacore.cli.ask import image_part
-from pacore.cli.progress import LineProgress, LiveProgress, ProgressState, summary_line
+from pacore.cli.progress import LineProgress, LiveProgress, ProgressState, round_line, summary_line
 from pacore.errors import InputError
+from pacore.trace import Round
 
 PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 # A 1x1 transparent PNG.
@@ -160,7 +161,7 @@ def test_ask_help_lists_every_flag_and_examples() -> None:
     process = pacore("ask", "--help")
     assert process.returncode == 0, process.stderr
     for flag in ("--schedule", "--json", "--quiet", "--image", "--system", "--backend", "--model",
-                 "--api-key", "--max-tokens", "--temperature", "--top-p", "--seed", "--template",
+                 "--api-key", "--max-tokens", "--temperature", "--top-p", "--seed", "--template", "--reference-order",
                  "--timeout", "--retries", "Examples", "Exit codes"):  # fmt: skip
         assert flag in process.stdout, flag
 
@@ -179,6 +180,8 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "notes.png").write_text("this is text, not an image")
     (tmp_path / "broken.j2").write_text("{% for reference in references %}{{ reference }}")
     (tmp_path / "typo.j2").write_text("{{ problm }}\n{% for r in references %}{{ r }}{% endfor %}")
+    (tmp_path / "include.j2").write_text('{{ problem }}\n{% include "/etc/passwd" %}')
+    (tmp_path / "range.j2").write_text("{% for i in range(10**9) %}{{ problem }}{% endfor %}")
     return tmp_path
 
 
@@ -192,11 +195,21 @@ USAGE_ERRORS = [
     (["ask", "q", "--schedule", "-1"], "", "at least 1"),
     (["ask", "q", "--schedule", "a"], "", "invalid schedule 'a'"),
     (["ask", "q", "--schedule", "4,,2"], "", "empty entry"),
-    (["ask", "q", "--image", "{tmp}/missing.png"], "", "cannot read image"),
+    (["ask", "q", "--image", "{tmp}/missing.png"], "", "image not found"),
     (["ask", "q", "--image", "{tmp}/notes.png"], "", "not a png, jpeg"),
     (["ask", "q", "--template", "{tmp}/missing.j2"], "", "cannot read template"),
     (["ask", "q", "--template", "{tmp}/broken.j2"], "", "broken.j2: line"),
     (["ask", "q", "--template", "{tmp}/typo.j2"], "", "'problm' is undefined"),
+    (["ask", "q", "--template", "{tmp}/include.j2"], "", "'{% include %}' is not allowed"),
+    (["ask", "q", "--template", "{tmp}/range.j2"], "", "limit of 100000"),
+    (["ask", "q", "--template", "{tmp}"], "", "not a regular file"),
+    (["ask", "q", "--template", "pacore-v2"], "", "cannot read template pacore-v2"),
+    (["ask", "q", "--reference-order", "sorted"], "", "--reference-order must be one of shuffle, release"),
+    (["run", "{tmp}/data.jsonl", "--out", "{tmp}/run", "--template", "{tmp}/include.j2"], "", "is not allowed"),
+    (["run", "{tmp}/data.jsonl", "--out", "{tmp}/run", "--reference-order", "x"], "", "--reference-order"),
+    (["serve", "--port", "0", "--template", "{tmp}/include.j2"], "", "'{% include %}' is not allowed"),
+    (["serve", "--port", "0", "--template", "{tmp}/range.j2"], "", "limit of 100000"),
+    (["serve", "--port", "0", "--reference-order", "x"], "", "--reference-order"),
     (["ask", "q", "--temperature", "-1"], "", "--temperature must be 0 or more"),
     (["ask", "q", "--temperature", "hot"], "", "--temperature"),
     (["ask", "q", "--max-tokens", "0"], "", "--max-tokens must be at least 1"),
@@ -416,3 +429,8 @@ def test_ask_over_http_with_llama_cpp_server(llama_server_url: str) -> None:
     assert all(t["error"] is None for r in trace["rounds"] for t in r["trajectories"])
     assert trace["usage"]["completion_tokens"] > 0
     assert llama_server_url in trace["backend"]
+
+
+def test_a_bypassed_round_says_so_in_its_progress_line() -> None:
+    assert "no references" in round_line(Round(index=1, k=1, final=True, bypassed=True), 2)
+    assert "no references" not in round_line(Round(index=1, k=1, final=True), 2)

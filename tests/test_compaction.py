@@ -1,4 +1,4 @@
-"""The compaction C: only a trajectory's final conclusion reaches the next round."""
+"""The compaction C: only a trajectory's final conclusion reaches the next round, byte for byte."""
 
 from __future__ import annotations
 
@@ -13,20 +13,23 @@ from pacore.engine import THINK_END, compact
     ("text", "message"),
     [
         ("The answer is 4.", "The answer is 4."),
-        ("  padded \n", "padded"),
+        ("  padded \n", "  padded \n"),  # kept as is: the release passes it on unstripped
         ("<think>2+2... 4</think>The answer is 4.", "The answer is 4."),
-        ("<think>a</think>draft</think>\n final", "final"),  # only after the LAST </think>
+        ("<think>2+2... 4</think>\n\nThe answer is 4.\n", "\n\nThe answer is 4.\n"),  # blank lines kept
+        ("<think>a</think>draft</think>\n final", "\n final"),  # only after the LAST </think>
         ("reasoning without an opening tag</think>conclusion", "conclusion"),
         ("<think>unfinished reasoning", "<think>unfinished reasoning"),  # no </think>: kept whole
         ("a </THINK> b", "a </THINK> b"),  # the tag is matched exactly
     ],
 )
-def test_keeps_only_the_conclusion(text, message):
+def test_keeps_the_conclusion_exactly(text, message):
     assert compact(text) == message
 
 
-@pytest.mark.parametrize("text", [None, "", "   ", "\n\t", "<think>all reasoning</think>", "x</think>  \n"])
-def test_empty_conclusions_contribute_no_message(text):
+@pytest.mark.parametrize(
+    "text", [None, "", "   ", "\n\t", "<think>all reasoning</think>", "x</think>  \n", "a</think>\n\n"]
+)
+def test_empty_or_blank_conclusions_contribute_no_message(text):
     assert compact(text) is None
 
 
@@ -38,9 +41,14 @@ think_heavy_text = st.lists(
 
 
 @given(st.text() | think_heavy_text)
-def test_never_returns_the_closing_tag(text):
+def test_is_the_text_after_the_last_tag_or_none(text):
     message = compact(text)
-    assert message is None or (THINK_END not in message and message == message.strip() and message)
+    after = text.rsplit(THINK_END, 1)[-1]
+    if after.strip():
+        assert message == after  # unstripped, byte for byte
+    else:
+        assert message is None
+    assert message is None or THINK_END not in message
 
 
 @given(st.text() | think_heavy_text)

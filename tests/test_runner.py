@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from pacore.backends.base import GenerationParams
 from pacore.errors import RunConflictError, UsageError
 from pacore.eval.datasets import Problem
 from pacore.eval.runner import Arm, BatchRun, run_dataset
+from pacore.prompts import SynthesisTemplate
 from pacore.store import RunStore
 
 SYNTHESIS_MARK = "Reference Responses"
@@ -193,6 +195,10 @@ async def test_another_data_set_or_setting_is_refused_unless_forced(tmp_path: Pa
         await run(tmp_path, ScriptedBackend(), arm, other_data)
     with pytest.raises(RunConflictError, match="max-tokens None -> 64"):
         await run(tmp_path, ScriptedBackend(), arm, params=GenerationParams(max_tokens=64))
+    with pytest.raises(RunConflictError, match="reference-order shuffle -> release"):
+        await run(tmp_path, ScriptedBackend(), arm, reference_order="release")
+    with pytest.raises(RunConflictError, match="template pacore -> generic"):
+        await run(tmp_path, ScriptedBackend(), arm, template=SynthesisTemplate.load("generic"))
     with pytest.raises(RunConflictError, match="--add-arm"):
         await run(tmp_path, ScriptedBackend(), Arm.build("majority", samples=2))
     assert set(results(tmp_path, "pacore-2")) == {"q0", "q1", "q2"}  # untouched
@@ -472,3 +478,17 @@ def test_repeats_must_be_positive(tmp_path: Path) -> None:
         BatchRun.open(tmp_path / "run", make_problems(), dataset_path="d.jsonl", arm=Arm.build("single"),
                       backend=ScriptedBackend(), repeats=0)  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+async def test_the_reference_order_reaches_every_problem(tmp_path: Path) -> None:
+    # Round-1 replies of distinct lengths: the release order is sorted by length, then Random(seed).
+    def respond(call: Call, i: int) -> str:
+        return "The answer is 1" if is_synthesis(call) else "x" * (call.number % 4 + 1)
+
+    backend = ScriptedBackend(respond=respond)
+    await run(tmp_path, backend, Arm.build("pacore", schedule="4"), make_problems(1),
+              params=GenerationParams(seed=42), reference_order="release")  # fmt: skip
+    expected = ["x" * n for n in range(1, 5)]
+    random.Random(42).shuffle(expected)
+    prompt = backend.calls[-1].last_user_text
+    assert sorted((m for m in expected), key=lambda m: prompt.index(f"\n{m}\n")) == expected

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import re
 import sqlite3
 import sys
 import threading
@@ -326,6 +328,8 @@ def test_api_keys_are_required_everywhere_but_health(keyed_server, fake):
         ({"temperature": 5}, "temperature", "less than or equal to 2"),
         ({"logprobs": True}, "logprobs", "not supported"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"extra_body": {"pacore": {"reference_order": "sorted"}}}, "pacore.reference_order", "'shuffle' or 'release'"),
+        ({"extra_body": {"pacore": {"reference_order": 1}}}, "pacore.reference_order", "'shuffle' or 'release'"),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(server, fake, options, param, words):
@@ -563,3 +567,37 @@ def test_serve_history_db_from_the_command_line(tmp_path):
         with running_cli(*args) as (running, _):
             listing = httpx.get(f"{running.base_url}/ui/api/requests").json()["data"]
     assert [(r["id"], r["status"]) for r in listing] == [(first, "done")]
+
+
+# --- synthesis prompt: reference order and bypass --------------------------------
+
+
+def test_reference_order_release_sends_the_release_order():
+    # Round-1 replies of distinct lengths, so the release's sort-then-Random(42) order is known.
+    fake = backend(respond=lambda call, i: FINAL if is_synthesis(call) else "x" * (call.number + 1))
+    with running_app(fake, ServerConfig(schedule=Schedule.parse([5]))) as running:
+        ask(running, seed=42, extra_body={"pacore": {"reference_order": "release"}})
+    replies = ["x" * (n + 1) for n in range(5)]
+    random.Random(42).shuffle(replies)
+    prompt = fake.calls[-1].last_user_text
+    shown = re.findall(r"Reference \d+:\n(x+)\n", prompt)
+    assert shown == replies
+
+
+def test_a_round_without_messages_bypasses_the_template_and_the_viewer_says_so():
+    fake = backend(respond=lambda call, i: FINAL if call.number == 3 else "<think>only thinking</think>\n")
+    with running_app(fake, ServerConfig(schedule=Schedule.parse([3]))) as running:
+        completion = ask(running)
+        detail = httpx.get(f"{running.base_url}/ui/api/requests/{completion.id}").json()
+    assert completion.choices[0].message.content == FINAL
+    assert fake.calls[-1].messages == [{"role": "user", "content": "What is six times seven?"}]
+    assert [r["bypassed"] for r in detail["rounds"]] == [False, True]
+
+
+def test_serve_takes_a_builtin_template_and_reference_order_by_name():
+    with fast_backend("--completion-tokens", 4) as upstream:
+        args = ("--backend", upstream.urls[0], "--schedule", "2", "--template", "generic", "--reference-order", "release")
+        with running_cli(*args) as (running, _):
+            completion = ask(running, model="pacore-2/fast", seed=42)
+    assert completion.choices[0].message.content
+    assert [r["k"] for r in completion.model_extra["pacore"]["rounds"]] == [2, 1]

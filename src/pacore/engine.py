@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -31,9 +30,13 @@ from pacore.errors import (
     PacoreError,
     RoundFailedError,
     UsageError,
+    first_error,
 )
+# THINK_END and last_user_text are re-exported: callers have long imported them from here.
+from pacore.messages import THINK_END, compact, last_user_index, last_user_text, non_text_parts  # noqa: F401
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
+from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder, build_synthesis_input
 from pacore.trace import (
     AnswerDelta,
     Event,
@@ -50,25 +53,6 @@ from pacore.trace import (
 T = TypeVar("T")
 EventCallback = Callable[[Event], None]
 Prompt = str | Sequence[Message]
-
-THINK_END = "</think>"
-
-
-def compact(text: str | None) -> str | None:
-    """The compaction C: keep only a trajectory's final conclusion.
-
-    ``reasoning_content`` never reaches here (it is kept apart in the trace);
-    inline reasoning is cut at the last ``</think>``. Empty results give
-    ``None``: that trajectory contributes no message.
-    """
-    if not text:
-        return None
-    cut = text.rfind(THINK_END)
-    if cut >= 0:
-        text = text[cut + len(THINK_END) :]
-    text = text.strip()
-    return text or None
-
 
 def normalize_messages(prompt: Prompt) -> list[Message]:
     """Validate a prompt string or OpenAI-style message list into messages."""
@@ -93,46 +77,9 @@ def normalize_messages(prompt: Prompt) -> list[Message]:
     if last is None:
         raise InputError("the conversation has no user message to answer")
     content = messages[last].get("content")
-    if not text_of(content).strip() and not _non_text_parts(content):
+    if not text_of(content).strip() and not non_text_parts(content):
         raise InputError("the last user message is empty")
     return messages
-
-
-def last_user_index(messages: Sequence[Message]) -> int | None:
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].get("role") == "user":
-            return i
-    return None
-
-
-def last_user_text(messages: Sequence[Message]) -> str:
-    """The text of the last user message (the problem); empty if there is none."""
-    index = last_user_index(messages)
-    return text_of(messages[index].get("content")) if index is not None else ""
-
-
-def _non_text_parts(content: Any) -> list[dict[str, Any]]:
-    if not isinstance(content, list):
-        return []
-    return [part for part in content if not (isinstance(part, dict) and part.get("type") == "text")]
-
-
-def synthesis_conversation(messages: Sequence[Message], prompt_text: str) -> list[Message]:
-    """Copy of the conversation with only its last user message replaced.
-
-    Non-text parts (images) of that message are kept after the new text, so a
-    vision-language model still sees them while it synthesizes.
-    """
-    index = last_user_index(messages)
-    assert index is not None  # normalize_messages guarantees a user message
-    original = messages[index]
-    extra_parts = _non_text_parts(original.get("content"))
-    content: str | list[dict[str, Any]] = (
-        [{"type": "text", "text": prompt_text}, *extra_parts] if extra_parts else prompt_text
-    )
-    conversation = list(messages)
-    conversation[index] = {**original, "content": content}
-    return conversation
 
 
 def _call_seed(seed: int | None, round_index: int, first_index: int) -> int | None:
@@ -181,15 +128,6 @@ def _trajectory(round_index: int, index: int, completion: Completion) -> Traject
     )
 
 
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_leaf(exc)
-        if not isinstance(exc, asyncio.CancelledError):
-            return exc
-    return group.exceptions[0]
-
-
 class _Solve:
     """State of one request; one instance per ``asolve`` call."""
 
@@ -205,6 +143,7 @@ class _Solve:
         min_success: float | None,
         stream_answer: bool,
         first_round: Sequence[Completion | Trajectory] | None,
+        reference_order: ReferenceOrder = "shuffle",
     ) -> None:
         self.messages = messages
         self.schedule = schedule
@@ -216,7 +155,7 @@ class _Solve:
         self.min_success = min_success
         self.stream_answer = stream_answer
         self.first_round = first_round
-        self.problem = last_user_text(messages)
+        self.reference_order = reference_order
         self.rounds: list[Round] = []
         self.started = time.perf_counter()
 
@@ -240,13 +179,19 @@ class _Solve:
         for index, k in enumerate(ks):
             final = index == total - 1
             if previous is None:
-                conversation, references = self.messages, []
+                conversation, references, bypassed = self.messages, [], False
             else:
-                conversation, references = self._synthesis_input(previous, index, total)
-            rnd = Round(index=index, k=k, final=final, references=references, started_at=time.time())
+                synthesis = build_synthesis_input(
+                    self.messages, previous.trajectories, template=self.template, order=self.reference_order,
+                    seed=self.seed, round_index=index, total_rounds=total,
+                )  # fmt: skip
+                conversation, references, bypassed = synthesis.conversation, synthesis.references, synthesis.bypassed
+            rnd = Round(
+                index=index, k=k, final=final, references=references, bypassed=bypassed, started_at=time.time()
+            )
             self.rounds.append(rnd)
             if self.emit:
-                self.emit(RoundStarted(round=index, k=k, final=final, total_rounds=total))
+                self.emit(RoundStarted(round=index, k=k, final=final, total_rounds=total, bypassed=bypassed))
             round_started = time.perf_counter()
             if index == 0 and self.first_round is not None:
                 self._adopt_first_round(rnd)
@@ -260,23 +205,13 @@ class _Solve:
             self._check_round(rnd)
             previous = rnd
         final_trajectory = self.rounds[-1].trajectories[0]
-        return self.result(answer=final_trajectory.message or "")
-
-    def _synthesis_input(
-        self, previous: Round, index: int, total: int
-    ) -> tuple[list[Message], list[tuple[int, int]]]:
-        usable = [t for t in previous.trajectories if t.message]
-        random.Random(f"pacore:{self.seed}:{index}").shuffle(usable)
-        prompt_text = self.template.render(
-            problem=self.problem,
-            references=[t.message for t in usable],  # type: ignore[misc]
-            round=index + 1,
-            total_rounds=total,
-        )
-        conversation = synthesis_conversation(self.messages, prompt_text)
-        return conversation, [(t.round, t.index) for t in usable]
+        # The answer is for people and graders: stripped. The trace keeps the message's bytes.
+        return self.result(answer=(final_trajectory.message or "").strip())
 
     def _record(self, rnd: Round, trajectory: Trajectory) -> None:
+        # The release orders references by completion (see pacore.synthesis); adopted
+        # trajectories are recorded in index order, which defines theirs.
+        trajectory.finish_order = len(rnd.trajectories)
         # Kept in index order as calls finish, so a partial round in an error's result is too.
         bisect.insort(rnd.trajectories, trajectory, key=lambda t: t.index)
         if self.emit:
@@ -307,7 +242,7 @@ class _Solve:
                     group.create_task(self._call(rnd, conversation, first, n))
         except BaseExceptionGroup as group:
             # A fatal backend error cancelled the siblings; surface it alone.
-            raise _first_leaf(group) from None
+            raise first_error(group) from None
 
     async def _call(self, rnd: Round, conversation: list[Message], first: int, n: int) -> None:
         params = self.params.with_seed(_call_seed(self.params.seed, rnd.index, first))
@@ -337,6 +272,8 @@ class _Solve:
         self._record(rnd, _trajectory(rnd.index, 0, completion))
 
     def _check_round(self, rnd: Round) -> None:
+        """Too few successful calls end the request; successful but empty ones do not
+        (the next round then bypasses the template, see :mod:`pacore.synthesis`)."""
         label = "final round" if rnd.final else f"round {rnd.index + 1}"
         succeeded = rnd.succeeded
         why = too_few_succeeded(rnd.k, succeeded, None if rnd.final else self.min_success, "trajectories")
@@ -344,8 +281,6 @@ class _Solve:
             if not succeeded:
                 why += ": " + next((t.error for t in rnd.trajectories if t.error), "no trajectory ran")
             raise RoundFailedError(f"{label}: {why}")
-        if not rnd.final and not rnd.messages:
-            raise RoundFailedError(f"{label}: every trajectory came back empty; nothing to synthesize")
 
 
 async def within_deadline(work: Awaitable[T], deadline: float | None, where: Callable[[], str]) -> T:
@@ -420,6 +355,7 @@ async def asolve(
     deadline: float | None = None,
     stream_answer: bool = False,
     first_round: Sequence[Completion | Trajectory] | None = None,
+    reference_order: ReferenceOrder = "shuffle",
 ) -> Result:
     """Answer ``prompt`` with parallel coordinated reasoning.
 
@@ -429,8 +365,14 @@ async def asolve(
     backend spec (``http://host:port/v1``, ``gguf:/path``), a list of specs
     (calls go to the least busy, see :func:`pacore.open_backend`) or ``None``
     for the embedded model; a backend opened from specs is closed before
-    returning. ``seed`` makes the reference shuffle reproducible
-    (defaults to ``params.seed``, else 0). ``min_success`` is the fraction of
+    returning. ``template`` is a :class:`SynthesisTemplate`, a built-in's
+    name (``"pacore"``, the default: the report's Table 6 prompt;
+    ``"generic"``: for models never trained for PaCoRe) or a template file.
+    ``seed`` makes the order of the references reproducible
+    (defaults to ``params.seed``, else 0); ``reference_order`` is
+    ``"shuffle"`` (a seeded shuffle per round) or ``"release"`` (the
+    reference release's order: by length, then ``random.Random(seed)``;
+    use ``seed=42`` to send what the release sends). ``min_success`` is the fraction of
     a coordinated round's trajectories that must succeed (default: one).
     ``deadline`` is in seconds for the whole request. With ``stream_answer``
     the final call is streamed as :class:`AnswerDelta` events.
@@ -438,6 +380,7 @@ async def asolve(
     pool) instead of sampling them.
 
     Raises a :class:`PacoreError`; its ``result`` holds the partial trace.
+    When cancelled, the ``asyncio.CancelledError`` carries it as ``result`` too.
     """
     messages = normalize_messages(prompt)
     plan = Schedule.parse(schedule)
@@ -446,6 +389,10 @@ async def asolve(
         raise UsageError(f"min_success must be in (0, 1], got {min_success}")
     if deadline is not None and deadline <= 0:
         raise UsageError(f"deadline must be positive, got {deadline}")
+    if reference_order not in REFERENCE_ORDERS:
+        raise UsageError(
+            f"reference_order must be one of {', '.join(REFERENCE_ORDERS)}, got {reference_order!r}"
+        )
     if first_round is not None:
         if plan.is_passthrough:
             raise UsageError("first_round needs a schedule with at least one coordinated round")
@@ -469,7 +416,7 @@ async def asolve(
     assert isinstance(backend, Backend)
     state = _Solve(
         messages, plan, backend, params, synthesis, shuffle_seed, on_event, min_success,
-        stream_answer, first_round,
+        stream_answer, first_round, reference_order,
     )
     budget = current_retry_budget.set(RetryBudget())
     try:
@@ -480,6 +427,10 @@ async def asolve(
         exc.result = state.result(error=str(exc))
         if on_event:
             on_event(Final(result=exc.result))
+        raise
+    except asyncio.CancelledError as exc:
+        # Cancelled from outside (Ctrl-C in the CLI): the partial trace goes along too.
+        exc.result = state.result(error="interrupted")  # type: ignore[attr-defined]
         raise
     finally:
         current_retry_budget.reset(budget)

@@ -6,6 +6,7 @@ exit codes in ``pacore.cli.main``, HTTP statuses in ``pacore.server``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -54,6 +55,10 @@ class InputError(UsageError):
     """A prompt, message list or attached file is unusable."""
 
 
+class OutputError(UsageError):
+    """An output path cannot be used: it names an input, a directory, or nothing."""
+
+
 class DatasetError(UsageError):
     """A data set file is missing or a line has an unknown shape."""
 
@@ -64,6 +69,10 @@ class DownloadError(PacoreError):
 
 class StoreError(PacoreError):
     """A run directory cannot be used (locked, other method, corrupt...)."""
+
+
+class StoreUnusableError(StoreError, UsageError):
+    """The run database cannot be used as it is: damaged, not a database, read-only, or from a newer pacore."""
 
 
 class RunConflictError(StoreError, UsageError):
@@ -102,3 +111,13 @@ class RoundFailedError(PacoreError):
 
 class DeadlineExceededError(RoundFailedError):
     """The request's deadline passed before the final answer."""
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first real error of a task group's failure (a cancellation only if nothing else)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]

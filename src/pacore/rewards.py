@@ -9,7 +9,7 @@ The same grader plugs into two trainers:
   ``ground_truth`` column in the data set.
 
 Reasoning before the last ``</think>`` is dropped before grading (the
-compaction of :func:`pacore.engine.compact`); a response that opened
+compaction of :func:`pacore.messages.compact`); a response that opened
 ``<think>`` and never closed it was cut off and earns 0.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pacore.backends.base import text_of
-from pacore.engine import THINK_END, compact
+from pacore.messages import THINK_END, compact
 from pacore.errors import UsageError
 from pacore.eval.grading import grade
 

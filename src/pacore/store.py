@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pacore.errors import RunConflictError, StoreError
+from pacore.errors import RunConflictError, StoreError, StoreUnusableError
 from pacore.trace import Result, Trajectory
 
 DB_NAME = "run.sqlite"
@@ -246,12 +246,14 @@ class RunStore:
         elif not path.is_file():
             raise RunConflictError(f"{run_dir} is not a run directory (no {DB_NAME}); create one with 'pacore run'")
         try:
-            store = cls(run_dir, connect(path), lock_fd)
+            store = cls(run_dir, connect(path, factory=CheckedConnection), lock_fd)
             store.migrate()
-        except sqlite3.DatabaseError as exc:
+        except BaseException as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
-            raise StoreError(f"cannot use {path}: {exc}") from None
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(f"cannot use {path}: {exc}") from None
+            raise
         return store
 
     def reset(self) -> Path | None:
@@ -261,7 +263,7 @@ class RunStore:
         """
         self.db.close()
         moved = _set_aside(self.run_dir / DB_NAME)
-        self.db = connect(self.run_dir / DB_NAME)
+        self.db = connect(self.run_dir / DB_NAME, factory=CheckedConnection)
         self.migrate()
         return moved
 
@@ -496,8 +498,19 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 def migrate(db: sqlite3.Connection, migrations: Iterable[Migration]) -> list[str]:
     """Apply the ``migrations`` not yet recorded in ``db``, each in its own transaction; returns their names."""
+    where = getattr(db, "path", "the database")
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and "schema_migrations" not in tables:  # never add pacore's tables to someone else's database
+        shown = ", ".join(sorted(tables)[:5])
+        raise StoreUnusableError(f"{where} is a SQLite database of another program (tables: {shown})")
     db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
     applied = applied_migrations(db)
+    unknown = applied - {function.__name__ for function in migrations}
+    if unknown:
+        raise StoreUnusableError(
+            f"{where} has schema changes pacore {_version()} does not know ({min(unknown)}): it was "
+            "written by a newer pacore (upgrade to use it) or is another kind of database"
+        )
     newly: list[str] = []
     for function in migrations:
         if function.__name__ in applied:
@@ -513,10 +526,10 @@ def applied_migrations(db: sqlite3.Connection) -> set[str]:
     return {row["name"] for row in db.execute("SELECT name FROM schema_migrations")}
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
     """A connection to the database at ``path`` with the store's durability settings."""
     # Written from a worker thread (batch runs, the server history), not the one that opened it.
-    db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+    db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False, factory=factory)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit survives power loss too, not only a killed process;
@@ -526,11 +539,97 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+# SQLite's primary result codes that say the database file itself is unusable or
+# unavailable, with how to say so (https://www.sqlite.org/rescode.html).
+_UNUSABLE = {
+    3: "is not accessible (permission denied)",  # SQLITE_PERM
+    8: "is read-only",  # SQLITE_READONLY
+    11: "is damaged (corrupt pages); restore it from a copy or move it away to start over",  # SQLITE_CORRUPT
+    14: "cannot be opened",  # SQLITE_CANTOPEN
+    26: "is not a SQLite database (truncated or overwritten?)",  # SQLITE_NOTADB
+}
+_UNAVAILABLE = {
+    5: "is locked by another process",  # SQLITE_BUSY
+    6: "is locked by another process",  # SQLITE_LOCKED
+    10: "could not be read or written (I/O error)",  # SQLITE_IOERR
+    13: "could not be written: the disk or database is full",  # SQLITE_FULL
+}
+
+
+def _translated(exc: sqlite3.Error, path: object) -> BaseException:
+    """The one-line pacore error for a database that cannot be used, else ``exc`` itself."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in _UNUSABLE:
+        return StoreUnusableError(f"run database {path} {_UNUSABLE[code]} ({exc})")
+    if code in _UNAVAILABLE:
+        return StoreError(f"run database {path} {_UNAVAILABLE[code]} ({exc})")
+    return exc
+
+
+class CheckedCursor(sqlite3.Cursor):
+    """A cursor whose "database unusable" errors (on any query or fetch) become one-line pacore errors.
+
+    A damaged page surfaces only when a query reaches it, possibly long after
+    opening, so every call is checked, not just the connection's first.
+    """
+
+    def _check(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except sqlite3.Error as exc:
+            raise _translated(exc, getattr(self.connection, "path", "")) from None
+
+    def execute(self, *args: Any) -> CheckedCursor:
+        return self._check(super().execute, *args)
+
+    def executemany(self, *args: Any) -> CheckedCursor:
+        return self._check(super().executemany, *args)
+
+    def fetchone(self) -> Any:
+        return self._check(super().fetchone)
+
+    def fetchmany(self, *args: Any) -> list[Any]:
+        return self._check(super().fetchmany, *args)
+
+    def fetchall(self) -> list[Any]:
+        return self._check(super().fetchall)
+
+    def __next__(self) -> Any:
+        return self._check(super().__next__)
+
+
+class CheckedConnection(sqlite3.Connection):
+    """The run store's connection: every cursor is a :class:`CheckedCursor`."""
+
+    def __init__(self, database: Path, *args: Any, **kwargs: Any) -> None:
+        self.path = database
+        try:
+            super().__init__(database, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _translated(exc, database) from None
+
+    def cursor(self, factory: Any = CheckedCursor) -> Any:  # type: ignore[override]
+        return super().cursor(factory)
+
+    # The C ``execute`` shortcuts do not go through ``cursor()``.
+    def execute(self, *args: Any) -> Any:  # type: ignore[override]
+        return self.cursor().execute(*args)
+
+    def executemany(self, *args: Any) -> Any:  # type: ignore[override]
+        return self.cursor().executemany(*args)
+
+
+def _version() -> str:
+    from pacore import __version__
+
+    return __version__
+
+
 def _set_aside(path: Path) -> Path | None:
     """Rename a database (WAL checkpointed first, so the file is complete alone)."""
     if not path.exists():
         return None
-    db = sqlite3.connect(path, isolation_level=None)
+    db = sqlite3.connect(path, isolation_level=None, factory=CheckedConnection)
     try:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
@@ -541,3 +640,14 @@ def _set_aside(path: Path) -> Path | None:
     for suffix in ("-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     return target
+
+
+def store_files(run_dir: Path) -> dict[Path, str]:
+    """The files of ``run_dir`` the store owns or may create (database, journals, lock, set-aside databases)."""
+    run_dir = Path(run_dir)
+    names = [DB_NAME, *(DB_NAME + suffix for suffix in ("-wal", "-shm", "-journal")), LOCK_NAME]
+    paths = [run_dir / name for name in names] + sorted(run_dir.glob("run.*"))
+    return {
+        path: f"the run database of {run_dir}" if path.name == DB_NAME else f"a file of run directory {run_dir}"
+        for path in paths
+    }

@@ -29,6 +29,9 @@ class Trajectory(BaseModel):
     error_kind: str | None = None
     #: Failed attempts of this call that were retried, e.g. ``["status 503", "timeout"]``.
     failed_attempts: tuple[str, ...] = ()
+    #: Position in which this trajectory finished within its round (0 first); ``None`` if unknown.
+    #: The reference release orders messages by it (see ``pacore.synthesis``).
+    finish_order: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -43,8 +46,11 @@ class Round(BaseModel):
     final: bool = False
     trajectories: list[Trajectory] = Field(default_factory=list)
     #: For a synthesis round, ``(round, index)`` of each reference in the order
-    #: shown to the model (after the seeded shuffle); empty for round 1.
+    #: shown to the model (see ``reference_order``); empty for round 1.
     references: list[tuple[int, int]] = Field(default_factory=list)
+    #: The previous round left no message, so the template was skipped and the
+    #: original conversation sent unmodified.
+    bypassed: bool = False
     started_at: float = 0.0
     elapsed_s: float = 0.0
 
@@ -131,6 +137,8 @@ class RoundStarted(BaseModel):
     final: bool
     #: How many rounds the request runs, the final one included.
     total_rounds: int
+    #: The previous round left no message: this round is sent the original conversation.
+    bypassed: bool = False
 
 
 class TrajectoryFinished(BaseModel):

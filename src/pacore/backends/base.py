@@ -13,6 +13,7 @@ otherwise.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -120,9 +121,21 @@ class Completion:
     #: The failed attempts retried before this outcome, e.g. ``("status 503", "timeout")``.
     failed_attempts: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # A server may send a lone surrogate (``"\ud800"`` in its JSON). No UTF-8 can hold
+        # one, so the text could be neither sent back in a synthesis prompt, nor printed,
+        # nor stored: U+FFFD stands in for it, as for any undecodable byte.
+        if not self.text.isascii():
+            self.text = _LONE_SURROGATE.sub("\ufffd", self.text)
+        if self.reasoning and not self.reasoning.isascii():
+            self.reasoning = _LONE_SURROGATE.sub("\ufffd", self.reasoning)
+
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @runtime_checkable

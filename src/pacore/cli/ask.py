@@ -19,6 +19,7 @@ from pacore.cli.options import (
     MaxTokensOption,
     MinSuccessOption,
     ModelOption,
+    ReferenceOrderOption,
     RetriesOption,
     ScheduleOption,
     SeedOption,
@@ -28,11 +29,13 @@ from pacore.cli.options import (
     TimeoutOption,
     TopPOption,
     check_limits,
+    parse_reference_order,
     solve_setup,
 )
 from pacore.cli.progress import open_progress, summary_line
 from pacore.engine import EventCallback, asolve
 from pacore.errors import InputError, PacoreError
+from pacore.files import MIB, read_input, read_stream
 from pacore.trace import Result
 
 EXAMPLES = """\
@@ -44,8 +47,12 @@ EXAMPLES = """\
   pacore ask --image chart.png "What does this chart show?" -b http://127.0.0.1:8000/v1
 
 [bold]Exit codes[/bold]: 0 answered; 1 runtime failure (backend unreachable, all trajectories failed...);
-2 bad usage (empty question, bad schedule, unreadable file...).
+2 bad usage (empty question, bad schedule, unreadable file...); 130 interrupted (Ctrl-C: the
+finished rounds are kept, printed as a partial trace with --json).
 """
+
+MAX_IMAGE_BYTES = 20 * MIB
+MAX_QUESTION_BYTES = 8 * MIB
 
 # Formats a vision model is likely to accept, recognised by their first bytes.
 _IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -69,10 +76,7 @@ def image_mime_type(data: bytes, path: Path) -> str:
 
 def image_part(path: Path) -> dict[str, object]:
     """An OpenAI ``image_url`` content part holding the file as a base64 data URL."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    data = read_input(path, limit=MAX_IMAGE_BYTES, what="image")
     if not data:
         raise InputError(f"cannot use image {path}: the file is empty")
     encoded = base64.b64encode(data).decode("ascii")
@@ -82,10 +86,11 @@ def image_part(path: Path) -> dict[str, object]:
 def read_question(question: str) -> str:
     """The question argument, or stdin's text when it is ``-``."""
     if question == "-":
+        data = read_stream(getattr(sys.stdin, "buffer", None), limit=MAX_QUESTION_BYTES, what="stdin")
         try:
-            text = sys.stdin.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read the question from stdin: {exc}") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"the question read from stdin is not valid UTF-8 (byte {exc.start})") from None
         if not text.strip():
             raise InputError("the question read from stdin is empty")
         return text.strip()
@@ -134,6 +139,7 @@ def ask(
     ] = False,
     schedule: ScheduleOption = "low",
     template: TemplateOption = None,
+    reference_order: ReferenceOrderOption = "shuffle",
     max_tokens: MaxTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -151,13 +157,18 @@ def ask(
 
     The answer goes to stdout; progress and a one-line summary go to stderr.
     """
+    if sys.stdout is None:  # started with stdout closed (`>&-`): refused before any work
+        raise InputError("stdout is closed: there is nowhere to print the answer")
     messages = build_messages(read_question(question), image or [], system)
     check_limits(deadline=deadline, min_success=min_success)
+    order = parse_reference_order(reference_order)
     setup = solve_setup(
         backend=backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
         schedule=schedule, template=template,
     )  # fmt: skip
+
+    interrupted: list[Result] = []
 
     async def run(on_event: EventCallback | None) -> Result:
         try:
@@ -170,7 +181,13 @@ def ask(
                 on_event=on_event,
                 deadline=deadline,
                 min_success=min_success,
+                reference_order=order,
             )
+        except asyncio.CancelledError as exc:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
+            partial = getattr(exc, "result", None)
+            if partial is not None:
+                interrupted.append(partial)
+            raise
         finally:
             await setup.backend.aclose()
 
@@ -181,6 +198,15 @@ def ask(
         # Keep whatever was computed before the failure; main prints the error.
         if json_output and exc.result is not None and exc.result.usage.calls:
             print_json(exc.result)
+        raise
+    except KeyboardInterrupt:
+        # As for a failure: the partial trace (--json) or what the finished rounds cost; main says "interrupted".
+        partial = interrupted[0] if interrupted else None
+        if partial is not None and partial.usage.calls:
+            if json_output:
+                print_json(partial)
+            if not quiet:
+                typer.echo(summary_line(partial), err=True)
         raise
     if json_output:
         print_json(result)

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from pacore.cli.main import app
+from pacore.cli.options import output_path_option
 from pacore.errors import UsageError
 from pacore.eval.datasets import dataset_fingerprint, load_dataset
 from pacore.eval.synthetic import OPERATIONS, synthetic_problems, write_jsonl
@@ -55,13 +56,15 @@ def _digit_range(text: str) -> tuple[int, int]:
     try:
         bounds = (int(low), int(high or low))
     except ValueError:
-        raise UsageError(f"--digits must look like 11-13 or 12, got {text!r}") from None
+        raise UsageError(f"--digits must look like 11-13 or 12, got {text[:30]!r}") from None
     return bounds
 
 
 @data_app.command("synth", epilog=SYNTH_EXAMPLES)
 def synth(
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="JSONL file to write.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="FILE", parser=output_path_option, help="JSONL file to write.")
+    ],
     count: Annotated[int, typer.Option("--count", "-n", metavar="N", help="How many problems.")] = 100,
     digits: Annotated[
         str, typer.Option("--digits", metavar="LOW-HIGH", help="Operand length in digits, e.g. 11-13.")
@@ -98,7 +101,11 @@ def get(
         typer.Option("--from", metavar="FILE_OR_URL", help="Read this file or URL instead of the public source."),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", metavar="FILE", help="JSONL file to write \\[default: NAME.jsonl].")
+        Path | None,
+        typer.Option(
+            "--out", "-o", metavar="FILE", parser=output_path_option,
+            help="JSONL file to write \\[default: NAME.jsonl].",
+        ),  # fmt: skip
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite --out and download again even if cached.")

@@ -1,8 +1,9 @@
 """Entry point of the ``pacore`` command.
 
-Errors become one line on stderr here, and only here: usage mistakes exit
-with 2, runtime failures with 1, an interrupt with 130. No traceback reaches
-the user (set ``PACORE_DEBUG=1`` to see one).
+Errors become one line on stderr here, and only here: usage mistakes and
+unusable inputs exit with 2, runtime failures with 1, an interrupt with 130
+(see :data:`EXIT_CODES`). No traceback reaches the user (set
+``PACORE_DEBUG=1`` to see one).
 """
 
 from __future__ import annotations
@@ -17,12 +18,25 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 
 from pacore import __version__
-from pacore.errors import PacoreError, UsageError
+from pacore.errors import PacoreError, UsageError, first_error
+
+#: Every exit status of ``pacore``; docs/cli-errors.md explains each.
+EXIT_CODES = {
+    0: "success",
+    1: "runtime failure (backend unreachable or failing, problems failed, run directory in use, "
+    "an output that cannot be written)",
+    2: "bad usage or unusable input (arguments, files, data sets, templates, a damaged or newer "
+    "run database, an output path that names an input)",
+    130: "interrupted (Ctrl-C); what was computed is kept",
+}
+
+EPILOG = "[bold]Exit codes[/bold]: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
 
 app = typer.Typer(
     name="pacore",
     help="Parallel Coordinated Reasoning: scale a model's test-time compute across parallel, "
     "compacted, synthesized rounds.",
+    epilog=EPILOG,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -70,12 +84,33 @@ def fail(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
+def check_text(args: list[str]) -> None:
+    """Refuse arguments and PACORE_* variables that are not UTF-8 (Python hands them over as lone surrogates)."""
+    named = [(f"argument {index}", arg) for index, arg in enumerate(args, start=1)]
+    named += [(f"${name}", value) for name, value in os.environ.items() if name.startswith("PACORE_")]
+    for where, text in named:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "surrogateescape")[:40]
+            raise UsageError(f"{where} is not valid UTF-8 text: {shown!r}") from None
+
+
+def run_command(args: list[str]) -> object:
+    """Run the command line; a task group's failure is reported as its first error."""
+    check_text(args)
+    command = typer.main.get_command(app)
+    try:
+        return command.main(args=args, prog_name="pacore", standalone_mode=False)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     _register_commands()
-    command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
     try:
-        code = command.main(args=args, prog_name="pacore", standalone_mode=False)
+        code = run_command(args)
     except NoArgsIsHelpError as exc:
         typer.echo(exc.ctx.get_help() if exc.ctx else "")
         raise SystemExit(0) from None
@@ -96,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("PACORE_DEBUG"):
             raise
         fail(str(exc), 1)
+    except Exception as exc:  # a bug: still one line, and the way to see more
+        if os.environ.get("PACORE_DEBUG"):
+            raise
+        fail(f"internal error: {type(exc).__name__}: {exc} (PACORE_DEBUG=1 shows the traceback)", 1)
     if code == 130:  # the vendored click turns Ctrl-C into a return code
         fail("interrupted", 130)
     raise SystemExit(code if isinstance(code, int) else 0)

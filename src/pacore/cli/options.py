@@ -17,9 +17,11 @@ from typing import Annotated, Any, NamedTuple
 import typer
 
 from pacore.backends import Backend, GenerationParams, RetryPolicy, open_backend
-from pacore.errors import UsageError
+from pacore.errors import OutputError, UsageError
+from pacore.files import output_path
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
+from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder
 
 BACKEND_PANEL = "Backend"
 GENERATION_PANEL = "Generation"
@@ -144,13 +146,26 @@ MinSuccessOption = Annotated[
     ),
 ]
 TemplateOption = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--template",
-        metavar="FILE",
-        help="Jinja2 synthesis template to use instead of the built-in one.",
+        metavar="NAME|FILE",
+        help="Synthesis prompt: 'pacore' (the report's Table 6 prompt, which PaCoRe-trained models "
+        "expect), 'generic' (a more explicit prompt for other models) or a Jinja2 template file "
+        "\\[default: pacore].",
         rich_help_panel=GENERATION_PANEL,
         show_default=False,
+    ),
+]
+ReferenceOrderOption = Annotated[
+    str,
+    typer.Option(
+        "--reference-order",
+        metavar="shuffle|release",
+        help="Order of the references in a synthesis prompt: 'shuffle' (seeded per round) or "
+        "'release' (the reference release's: by length, then shuffled with --seed; use --seed 42 "
+        "to send what it sends).",
+        rich_help_panel=GENERATION_PANEL,
     ),
 ]
 
@@ -184,22 +199,29 @@ def check_limits(*, deadline: float | None, min_success: float | None) -> None:
         raise UsageError(f"--min-success must be a fraction greater than 0 and at most 1, got {min_success:g}")
 
 
-def load_template(path: Path | None, schedule: Schedule) -> SynthesisTemplate:
-    """Load a template and render it once per synthesis round of ``schedule``.
+def parse_reference_order(value: str) -> ReferenceOrder:
+    """The ``--reference-order`` value, checked."""
+    if value not in REFERENCE_ORDERS:
+        raise UsageError(f"--reference-order must be one of {', '.join(REFERENCE_ORDERS)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def load_template(template: str | Path | None, schedule: Schedule) -> SynthesisTemplate:
+    """Load a template (a built-in's name or a file) and render it once per synthesis round of ``schedule``.
 
     The trial render catches unknown variables now rather than after the
     first round has spent its compute.
     """
-    template = SynthesisTemplate.load(path)
+    synthesis = SynthesisTemplate.load(template)
     ks = schedule.ks
     for index in range(1, len(ks)):
-        template.render(
+        synthesis.render(
             problem="example problem",
             references=["example reference"] * ks[index - 1],
             round=index + 1,
             total_rounds=len(ks),
         )
-    return template
+    return synthesis
 
 
 def open_backends(
@@ -223,6 +245,9 @@ def open_backends(
         raise UsageError(f"--retries must be 0 or more, got {retries}")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        # It travels in an HTTP header; never echoed back.
+        raise UsageError("--api-key (or $PACORE_API_KEY) must be printable ASCII")
     options: dict[str, Any] = {"model": model, "api_key": api_key, "timeout": timeout, "threads": threads}
     if retries is not None:
         options["retry"] = RetryPolicy(max_attempts=retries + 1)
@@ -242,7 +267,7 @@ def solve_setup(
     top_p: float,
     seed: int | None,
     schedule: str,
-    template: Path | None,
+    template: str | None,
     threads: int | None = None,
 ) -> SolveSetup:
     """Validate every flag, then open the backend (the slow part) last."""
@@ -251,3 +276,11 @@ def solve_setup(
     synthesis = load_template(template, plan)
     opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads)
     return SolveSetup(opened, params, plan, synthesis)
+
+
+def output_path_option(text: str) -> Path:
+    """The ``parser`` of every ``--out``: an empty path is a usage error, not the current directory."""
+    try:
+        return output_path(text)
+    except OutputError as exc:
+        raise typer.BadParameter(str(exc)) from None

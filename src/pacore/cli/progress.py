@@ -93,6 +93,8 @@ def round_line(rnd: Round, total_rounds: int) -> str:
     """One line about a finished round, e.g. ``round 1/2: 4/4 trajectories, 812 tokens, 9.1s``."""
     failed = f" ({rnd.failed} failed)" if rnd.failed else ""
     final = " (final)" if rnd.final else ""
+    if rnd.bypassed:
+        final += " (no references: sent the question as is)"
     return (
         f"round {rnd.index + 1}/{total_rounds}{final}: {rnd.succeeded}/{rnd.k} trajectories{failed}, "
         f"{rnd.completion_tokens:,} tokens, {format_duration(rnd.elapsed_s)}"

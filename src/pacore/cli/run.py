@@ -25,6 +25,7 @@ from pacore.cli.options import (
     MaxTokensOption,
     MinSuccessOption,
     ModelOption,
+    ReferenceOrderOption,
     RetriesOption,
     ScheduleOption,
     SeedOption,
@@ -37,6 +38,8 @@ from pacore.cli.options import (
     generation_params,
     load_template,
     open_backends,
+    output_path_option,
+    parse_reference_order,
 )
 from pacore.cli.progress import format_duration
 from pacore.errors import PacoreError
@@ -64,7 +67,7 @@ redone, failed ones retried.
 
 [bold]Exit codes[/bold]: 0 every problem answered; 1 some problems failed (rerun to retry) or
 a runtime failure; 2 bad usage (bad data file, run directory of another data set or
-settings...).
+settings...); 130 interrupted (every finished problem is kept; rerun to resume).
 """
 
 
@@ -210,7 +213,10 @@ def _interval_text(arm: report.ArmReport) -> str:
 def run(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Data set file (JSONL or a JSON list).")],
     out: Annotated[
-        Path, typer.Option("--out", "-o", metavar="RUN_DIR", help="Run directory (created if needed).")
+        Path,
+        typer.Option(
+            "--out", "-o", metavar="RUN_DIR", parser=output_path_option, help="Run directory (created if needed)."
+        ),
     ],
     method: Annotated[
         str,
@@ -284,6 +290,7 @@ def run(
         ),
     ] = False,  # fmt: skip
     template: TemplateOption = None,
+    reference_order: ReferenceOrderOption = "shuffle",
     max_tokens: MaxTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -305,6 +312,7 @@ def run(
     params = generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     check_limits(deadline=deadline, min_success=min_success)
     synthesis = load_template(template, arm.schedule)
+    order = parse_reference_order(reference_order)
     problems = load_dataset(data, limit=limit, offset=offset, shuffle=shuffle, seed=seed or 0)
     opened = open_backends(
         backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads
@@ -320,6 +328,7 @@ def run(
         out, problems, dataset_path=data, arm=arm, backend=opened, params=params, template=synthesis,
         pool_size=pool_size, concurrency=concurrency, retry_failed=retry_failed, add_arm=add_arm,
         force=force, deadline=deadline, min_success=min_success, repeats=repeats,
+        reference_order=order,
     ) as batch:  # fmt: skip
         if not quiet:
             for line in plan_lines(batch.plan, arm.name, out, len(problems), data):
@@ -341,7 +350,10 @@ def report_command(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories to report on.")],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", metavar="DIR", help="Where to write the report \\[default: the first RUN_DIR]."),
+        typer.Option(
+            "--out", "-o", metavar="DIR", parser=output_path_option,
+            help="Where to write the report \\[default: the first RUN_DIR].",
+        ),  # fmt: skip
     ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the figures as one JSON object on stdout.")
@@ -383,7 +395,9 @@ def report_command(
 @app.command("export-train")
 def export_train_command(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="JSONL file to write.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="FILE", parser=output_path_option, help="JSONL file to write.")
+    ],
     min_acc: Annotated[
         float, typer.Option("--min-acc", help="Keep problems whose message-set accuracy is above this.")
     ] = export.DEFAULT_MIN_ACC,

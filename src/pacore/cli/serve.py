@@ -17,6 +17,7 @@ from pacore.cli.options import (
     DeadlineOption,
     MaxTokensOption,
     ModelOption,
+    ReferenceOrderOption,
     RetriesOption,
     ScheduleOption,
     TemperatureOption,
@@ -28,6 +29,7 @@ from pacore.cli.options import (
     generation_params,
     load_template,
     open_backends,
+    parse_reference_order,
 )
 from pacore.errors import PacoreError
 from pacore.schedule import Schedule
@@ -121,6 +123,7 @@ def serve(
     schedule: ScheduleOption = "medium",
     deadline: DeadlineOption = None,
     template: TemplateOption = None,
+    reference_order: ReferenceOrderOption = "shuffle",
     max_tokens: MaxTokensOption = None,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -155,6 +158,7 @@ def serve(
         schedule=plan,
         params=generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None),
         template=load_template(template, plan),
+        reference_order=parse_reference_order(reference_order),
         api_keys=tuple(keys),
         max_concurrent_requests=max_concurrent_requests,
         max_trajectories=max_trajectories,

@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,11 @@ from pacore.eval.download import (
     data_cache_dir,
     fetch,
     file_sha256,
+    format_size,
     normalize_sha256,
 )
+from pacore.files import atomic_output, refuse_overwriting
+from pacore.store import store_files
 
 Format = Literal["jsonl", "json", "parquet", "csv"]
 Row = dict[str, Any]
@@ -498,8 +500,11 @@ def get_dataset(
         plan = [(f.url_via(mirror), f.url, f) for f in entry.files]
     records: list[Row] = []
     reports: list[SourceReport] = []
+    inputs = store_files(out.parent)
     for location, canonical, spec in plan:
         fetched = _obtain(location, canonical, spec, pinned, force, limits, progress, cache)
+        inputs[fetched.path] = f"the source file {location}"
+        refuse_overwriting(out, inputs)
         rows = read_rows(fetched.path, detect_format(fetched.path, spec.format))
         if not rows:
             raise DatasetError(f"{location}: the file holds no rows")
@@ -525,6 +530,11 @@ def _obtain(
         path = Path(location).expanduser()
         if not path.is_file():
             raise UsageError(f"--from {location}: no such file (give a file or an http(s) URL)")
+        if path.stat().st_size > limits.max_bytes:  # the same bound as a download, checked before reading
+            raise UsageError(
+                f"--from {location}: {format_size(path.stat().st_size)} is more than the "
+                f"{format_size(limits.max_bytes)} limit of this data set (raise it with --max-mb)"
+            )
         digest = file_sha256(path)
         expected = pinned or spec.sha256
         if expected and digest != expected:
@@ -544,17 +554,12 @@ def _obtain(
 
 
 def _write_checked(records: list[Row], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".jsonl")
-    temp = Path(name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    def loads(temp: Path) -> None:
         try:
             load_dataset(temp)
         except DatasetError as exc:
             raise DatasetError(f"the converted data does not load, nothing written: {exc}") from None
-        os.replace(temp, out)
-    finally:
-        temp.unlink(missing_ok=True)
+
+    with atomic_output(out, check=loads) as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")

@@ -33,12 +33,15 @@ from pacore.backends.base import Message
 from pacore.engine import last_user_text, normalize_messages
 from pacore.errors import DatasetError, InputError, UsageError
 from pacore.eval.grading import KINDS, boxed_answer
+from pacore.files import MIB, read_input
 
 _SHAPES = (
     "'messages' (chat) with optional 'ground_truth', 'question' + 'answer' (GSM8K), "
     "'problem' + 'answer' or 'solution' (MATH), or 'prompt' with optional 'answer'"
 )
 _ROLES = ("system", "developer", "user", "assistant", "tool")
+#: Larger data set files are refused before they are read (they are held in memory whole).
+MAX_DATASET_BYTES = 512 * MIB
 
 
 class Problem(BaseModel):
@@ -100,14 +103,7 @@ def load_dataset(
 
 
 def _read(file: Path) -> list[Problem]:
-    try:
-        raw = file.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"data set file not found: {file}") from None
-    except IsADirectoryError:
-        raise DatasetError(f"{file} is a directory, not a data set file") from None
-    except OSError as exc:
-        raise DatasetError(f"cannot read {file}: {exc.strerror or exc}") from None
+    raw = read_input(file, limit=MAX_DATASET_BYTES, what="data set file", error=DatasetError)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

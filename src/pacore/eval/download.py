@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ except ImportError:  # not on Windows: downloads there are not locked against ea
 
 from pacore import __version__
 from pacore.errors import DownloadError, UsageError
+from pacore.files import write_atomic
 
 _CHUNK = 1 << 16
 
@@ -111,19 +111,7 @@ class Manifest:
     def record(self, url: str, sha256: str, size: int) -> None:
         data = self._load()
         data[url] = {"sha256": sha256, "bytes": size, "recorded": datetime.now(UTC).isoformat(timespec="seconds")}
-        write_atomically(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def write_atomically(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-        os.replace(name, path)
-    finally:
-        Path(name).unlink(missing_ok=True)
+        write_atomic(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 class _PartialDownload(DownloadError):
@@ -329,7 +317,7 @@ def _write_resume_state(path: Path, url: str, response: httpx.Response) -> None:
     # If-Range takes a strong ETag or a Last-Modified date; a weak ETag would never match.
     etag = response.headers.get("etag", "")
     validator = etag if etag and not etag.startswith("W/") else response.headers.get("last-modified")
-    write_atomically(path, json.dumps({"url": url, "validator": validator}).encode("utf-8"))
+    write_atomic(path, json.dumps({"url": url, "validator": validator}).encode("utf-8"))
 
 
 def _check_status(url: str, response: httpx.Response) -> None:

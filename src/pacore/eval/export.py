@@ -18,7 +18,6 @@ skipped.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from pathlib import Path
 
 from pacore.errors import RunConflictError, UsageError
 from pacore.eval.grading import grade
+from pacore.eval.report import run_inputs
+from pacore.files import atomic_output, refuse_overwriting
 from pacore.schedule import Schedule
 from pacore.store import ArmInfo, RunStore, StoredProblem
 
@@ -103,24 +104,19 @@ def export_train(
     if not 1 <= min_size <= max_size:
         raise UsageError(f"need 1 <= --min-size <= --max-size, got {min_size} and {max_size}")
     out = Path(out)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     with RunStore.open(run_dir) as store:
+        refuse_overwriting(out, run_inputs(store))
         source, messages_of = _message_source(store, arm)
         problems = store.problems()
         summary = ExportSummary(out=out, source=source, problems=len(problems))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with partial.open("w", encoding="utf-8") as file:
-                for problem in problems:
-                    record = _record(problem, messages_of(problem.id), min_acc, max_acc, min_size, max_size, seed)
-                    if isinstance(record, str):
-                        summary.dropped[record] += 1
-                    else:
-                        summary.kept += 1
-                        file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            partial.replace(out)
-        finally:
-            partial.unlink(missing_ok=True)
+        with atomic_output(out) as file:
+            for problem in problems:
+                record = _record(problem, messages_of(problem.id), min_acc, max_acc, min_size, max_size, seed)
+                if isinstance(record, str):
+                    summary.dropped[record] += 1
+                else:
+                    summary.kept += 1
+                    file.write(json.dumps(record, ensure_ascii=False) + "\n")
     return summary
 
 

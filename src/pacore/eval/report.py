@@ -34,12 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from pacore.eval.grading import grade, majority_vote
-from pacore.store import ArmInfo, ProblemResult, RunStore, StoredProblem
+from pacore.errors import OutputError
+from pacore.files import atomic_output, refuse_overwriting, write_atomic
+from pacore.store import ArmInfo, ProblemResult, RunStore, StoredProblem, store_files
 from pacore.trace import Result
 
 MARKDOWN_NAME = "report.md"
 HTML_NAME = "report.html"
 PLOT_NAME = "accuracy_vs_ttc.png"
+REPORT_NAMES = (MARKDOWN_NAME, HTML_NAME, PLOT_NAME)
 
 # Two-sided 95% normal quantile.
 Z_95 = 1.959963984540054
@@ -526,7 +529,8 @@ def render_plot(arms: list[ArmReport], path: Path, with_run: bool) -> None:
         else:
             axes.text(0.5, 0.5, "no graded answers yet", ha="center", va="center", transform=axes.transAxes)
         figure.tight_layout()
-        figure.savefig(path, format="png")
+        with atomic_output(path, "wb") as file:
+            figure.savefig(file, format="png")
     finally:
         plt.close(figure)
 
@@ -546,9 +550,28 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     names = [str(d) for d in run_dirs]
     arms = collect(run_dirs)
     out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"report output {out} is not a directory")
     files = ReportFiles(out / MARKDOWN_NAME, out / HTML_NAME, out / PLOT_NAME)
+    inputs = store_files(out)
+    for run_dir in run_dirs:
+        with RunStore.open(run_dir) as store:
+            inputs |= run_inputs(store, with_reports=False)
+    for path in (files.markdown, files.html, files.plot):
+        refuse_overwriting(path, inputs)
     render_plot(arms, files.plot, with_run=len(names) > 1)
-    files.markdown.write_text(render_markdown(arms, names), encoding="utf-8")
-    files.html.write_text(render_html(arms, names, files.plot.read_bytes()), encoding="utf-8")
+    write_atomic(files.markdown, render_markdown(arms, names))
+    write_atomic(files.html, render_html(arms, names, files.plot.read_bytes()))
     return arms, files
+
+
+def run_inputs(store: RunStore, *, with_reports: bool = True) -> dict[Path, str]:
+    """The files no output may replace: the run's own files (and report), and its data set."""
+    run_dir = store.run_dir
+    inputs = store_files(run_dir)
+    if with_reports:
+        inputs |= {run_dir / name: f"a report file of run directory {run_dir}" for name in REPORT_NAMES}
+    info = store.run_info()
+    if info is not None:
+        inputs[Path(info.dataset_path)] = f"the data set of run directory {run_dir}"
+    return inputs

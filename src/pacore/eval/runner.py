@@ -50,7 +50,8 @@ from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.grading import extract_answer, grade, majority_vote
 from pacore.eval.report import ArmReport, arm_report
 from pacore.prompts import SynthesisTemplate
-from pacore.schedule import Schedule
+from pacore.synthesis import ReferenceOrder
+from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
 from pacore.trace import Event, Result, Round, RoundStarted, Trajectory, TrajectoryFinished, usage_of
 
@@ -93,6 +94,8 @@ class Arm:
         k = DEFAULT_SAMPLES if samples is None else samples
         if k < 1:
             raise UsageError(f"--samples must be at least 1, got {k}")
+        if k > MAX_TRAJECTORIES_PER_ROUND:
+            raise UsageError(f"--samples must be at most {MAX_TRAJECTORIES_PER_ROUND:,}, got {k}")
         return cls("majority", samples=k)
 
     @property
@@ -115,7 +118,9 @@ class Arm:
         return ArmInfo(self.name, self.method, schedule, self.samples)
 
 
-def generation_config(backend: Backend, params: GenerationParams, template: SynthesisTemplate) -> dict[str, Any]:
+def generation_config(
+    backend: Backend, params: GenerationParams, template: SynthesisTemplate, reference_order: ReferenceOrder = "shuffle"
+) -> dict[str, Any]:
     """The settings every arm of a run shares, as stored (never credentials)."""
     return {
         "model": backend.model,
@@ -130,6 +135,7 @@ def generation_config(backend: Backend, params: GenerationParams, template: Synt
         "template": {
             "origin": template.origin,
             "sha256": hashlib.sha256(template.source.encode("utf-8")).hexdigest(),
+            "reference_order": reference_order,
         },
         # Where the model ran: informational only, a server may move between runs.
         "backend": _without_credentials(backend.name),
@@ -151,6 +157,10 @@ def _config_changes(stored: dict[str, Any], current: dict[str, Any], ignored: Se
             changes.append(f"{key.replace('_', '-')} {old_params.get(key)} -> {value}")
     if stored.get("template", {}).get("sha256") != current["template"]["sha256"]:
         changes.append(f"template {stored.get('template', {}).get('origin')} -> {current['template']['origin']}")
+    # Runs stored before the option existed used the shuffle.
+    old_order = stored.get("template", {}).get("reference_order", "shuffle")
+    if old_order != current["template"]["reference_order"]:
+        changes.append(f"reference-order {old_order} -> {current['template']['reference_order']}")
     return changes
 
 
@@ -286,6 +296,7 @@ class BatchRun:
         deadline: float | None = None,
         min_success: float | None = None,
         pool_params: GenerationParams | None = None,
+        reference_order: ReferenceOrder = "shuffle",
     ) -> None:
         self.store = store
         self.problems = problems
@@ -302,6 +313,7 @@ class BatchRun:
         self.pool_params = pool_params or params
         # Filling a problem's pool happens once, whichever of its repeats gets there first.
         self._pool_locks: dict[str, asyncio.Lock] = {}
+        self.reference_order = reference_order
         # Store access and grading run here, off the event loop: a commit waits for
         # the disk (fsync) and math-verify can take a few hundred milliseconds, which
         # would stall every backend call in flight. One thread keeps them in order.
@@ -337,6 +349,7 @@ class BatchRun:
         deadline: float | None = None,
         min_success: float | None = None,
         repeats: int = 1,
+        reference_order: ReferenceOrder = "shuffle",
     ) -> BatchRun:
         """Open (or create) ``run_dir`` for ``arm``; refuse what does not fit it.
 
@@ -352,14 +365,14 @@ class BatchRun:
         _check_unique_ids(problems)
         if concurrency < 1:
             raise UsageError(f"--concurrency must be at least 1, got {concurrency}")
-        if pool_size is not None and pool_size < 1:
-            raise UsageError(f"--pool-size must be at least 1, got {pool_size}")
+        if pool_size is not None and not 1 <= pool_size <= MAX_TRAJECTORIES_PER_ROUND:
+            raise UsageError(f"--pool-size must be from 1 to {MAX_TRAJECTORIES_PER_ROUND:,}, got {pool_size}")
         if repeats < 1:
             raise UsageError(f"--repeats must be at least 1, got {repeats}")
         params = params or GenerationParams()
         seed = params.seed if params.seed is not None else 0
         template = template or SynthesisTemplate.default()
-        config = generation_config(backend, params, template)
+        config = generation_config(backend, params, template, reference_order)
         wanted = RunInfo(
             dataset_path=str(Path(dataset_path).resolve()),
             dataset_fingerprint=dataset_fingerprint(problems),
@@ -408,7 +421,7 @@ class BatchRun:
             pool_params = params.with_seed(info.config.get("params", {}).get("seed"))
             return cls(
                 store, problems, arm, backend, params, template, concurrency, plan, deadline, min_success,
-                pool_params,
+                pool_params, reference_order,
             )  # fmt: skip
         except BaseException:
             store.close()
@@ -512,6 +525,7 @@ class BatchRun:
                 min_success=self.min_success,
                 # Unseeded repeats still shuffle their references each their own way.
                 seed=repeat_seed(unit.seed, unit.index),
+                reference_order=self.reference_order,
             )
         if arm.method == "single" and first is None:
             return await asolve(
@@ -556,7 +570,7 @@ class BatchRun:
             failure.result = trace.model_copy(update={"error": str(failure)})
             raise failure
         if self.arm.method == "single":
-            trace.answer = samples[0].message or ""
+            trace.answer = (samples[0].message or "").strip()
         else:
             voted, _count = majority_vote([t.message for t in samples], problem.kind)
             trace.answer = voted or ""

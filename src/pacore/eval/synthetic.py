@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pacore.errors import UsageError
 from pacore.eval.datasets import Problem
+from pacore.files import atomic_output, refuse_overwriting
+from pacore.store import store_files
 
 _INSTRUCTION = "Give the exact integer as your final answer in \\boxed{}."
 
@@ -41,6 +43,14 @@ _OPERATIONS: dict[str, Callable[[int, int, int], tuple[str, int]]] = {
     "modexp": _modexp,
 }
 OPERATIONS = tuple(_OPERATIONS)
+# Bounds that keep generation to seconds and memory small.
+MAX_COUNT = 100_000
+MAX_DIGITS = 100
+
+
+def _clip(number: int) -> str:
+    # str() of a huge integer is slow, and refused past 4300 digits.
+    return str(number) if abs(number) < 10**30 else f"a number of about {int(number.bit_length() * 0.30103)} digits"
 
 
 def synthetic_problems(
@@ -55,11 +65,13 @@ def synthetic_problems(
     The same arguments always give the same problems. Ids are
     ``synth-<seed>-<index>``; answers are exact integers graded as numbers.
     """
-    if count < 1:
-        raise UsageError(f"count must be at least 1, got {count}")
+    if not 1 <= count <= MAX_COUNT:
+        raise UsageError(f"count must be from 1 to {MAX_COUNT:,}, got {_clip(count)}")
     low, high = digits
-    if not 1 <= low <= high:
-        raise UsageError(f"digits must be a range like 11-13 with 1 <= low <= high, got {low}-{high}")
+    if not 1 <= low <= high <= MAX_DIGITS:
+        raise UsageError(
+            f"digits must be a range like 11-13 with 1 <= low <= high <= {MAX_DIGITS}, got {_clip(low)}-{_clip(high)}"
+        )
     unknown = [op for op in operations if op not in _OPERATIONS]
     if unknown or not operations:
         raise UsageError(
@@ -98,9 +110,12 @@ def write_jsonl(problems: Iterable[Problem], path: str | Path) -> int:
     A single-message problem is written in the plain format (``id``,
     ``prompt``, ``answer``, ``kind``, ``metadata``), a conversation in the
     reference format (``messages``, ``ground_truth``). Returns the count.
+    The file is replaced atomically; a run directory's own files are refused.
     """
+    path = Path(path)
+    refuse_overwriting(path, store_files(path.parent))
     count = 0
-    with Path(path).open("w", encoding="utf-8") as out:
+    with atomic_output(path) as out:
         for problem in problems:
             record: dict[str, object] = {"id": problem.id}
             if len(problem.messages) == 1 and isinstance(problem.messages[0].get("content"), str):

@@ -32,6 +32,7 @@ from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asolve
 from pacore.errors import PacoreError, UsageError
 from pacore.prompts import SynthesisTemplate
+from pacore.synthesis import ReferenceOrder
 from pacore.schedule import PRESETS, Schedule
 from pacore.server import metrics as metrics_module
 from pacore.server.completions import (
@@ -81,6 +82,8 @@ class ServerConfig:
     #: Defaults for sampling; a request's own fields override them.
     params: GenerationParams = field(default_factory=GenerationParams)
     template: SynthesisTemplate = field(default_factory=SynthesisTemplate.default)
+    #: Used when a request names no ``pacore.reference_order``.
+    reference_order: ReferenceOrder = "shuffle"
     #: Accepted bearer tokens; empty means no authentication.
     api_keys: tuple[str, ...] = ()
     max_concurrent_requests: int = 4
@@ -191,6 +194,7 @@ class _ChatRun:
                 backend=self.server.backend,
                 params=self.plan.params,
                 template=self.server.config.template,
+                reference_order=self.plan.reference_order or self.server.config.reference_order,
                 on_event=self._on_event,
                 deadline=self.server.config.deadline_s,
                 stream_answer=self.plan.stream,

@@ -30,6 +30,7 @@ from pacore.server.protocol import (
     PacoreSummary,
     StreamChoice,
 )
+from pacore.synthesis import ReferenceOrder
 from pacore.trace import AnswerDelta, Event, Result, RoundFinished, RoundStarted, TrajectoryFinished
 
 # "pacore-high/qwen3-8b", "pacore-16/qwen3-8b", "pacore-32,4/m", "pacore-off"
@@ -59,6 +60,8 @@ class Plan:
     model: str
     stream: bool
     include_usage: bool
+    #: ``None``: the server's default.
+    reference_order: ReferenceOrder | None = None
 
 
 def parse_body(body: bytes, content_type: str | None = None) -> ChatCompletionRequest:
@@ -110,6 +113,7 @@ def plan_request(
         model=request.model,
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        reference_order=request.pacore.reference_order if request.pacore else None,
     )
 
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from pacore import store
 from pacore.backends.base import Message, text_of
-from pacore.engine import last_user_index
+from pacore.messages import last_user_index
 from pacore.errors import StoreError
 from pacore.eval.grading import extract_answer
 from pacore.trace import (
@@ -89,6 +89,8 @@ class RoundView(BaseModel):
     failed: int
     completion_tokens: int
     elapsed_s: float
+    #: The previous round left no message: the original conversation was sent (see pacore.synthesis).
+    bypassed: bool = False
     distribution: list[AnswerCount]
     #: Trajectories newer than the ``since`` the viewer asked with, in index order.
     trajectories: list[TrajectoryView]
@@ -121,8 +123,8 @@ class RequestDetail(RequestSummary):
 class _Round:
     """A round as it fills: the engine's own Round plus what the viewer adds per trajectory."""
 
-    def __init__(self, index: int, k: int, final: bool) -> None:
-        self.trace = Round(index=index, k=k, final=final)
+    def __init__(self, index: int, k: int, final: bool, bypassed: bool) -> None:
+        self.trace = Round(index=index, k=k, final=final, bypassed=bypassed)
         self.started = time.perf_counter()
         self.finished = False
         self.views: list[TrajectoryView] = []
@@ -146,6 +148,7 @@ class _Round:
             failed=rnd.failed,
             completion_tokens=rnd.completion_tokens,
             elapsed_s=rnd.elapsed_s if self.finished else time.perf_counter() - self.started,
+            bypassed=rnd.bypassed,
             distribution=[AnswerCount(answer=a, count=c) for a, c in votes.most_common()],
             trajectories=sorted((t for t in self.views if t.seq > since), key=lambda t: t.index),
         )
@@ -175,7 +178,7 @@ class RequestRecord:
     def apply(self, event: Event) -> None:
         self.seq += 1
         if isinstance(event, RoundStarted):
-            self.rounds.append(_Round(event.round, event.k, event.final))
+            self.rounds.append(_Round(event.round, event.k, event.final, event.bypassed))
         elif isinstance(event, TrajectoryFinished):
             self.rounds[event.round].add(event.trajectory, self.seq)
         elif isinstance(event, AnswerDelta):

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pacore.synthesis import ReferenceOrder
 from pacore.trace import Result
 
 
@@ -62,6 +63,9 @@ class PacoreOptions(BaseModel):
     #: Coordinated rounds: a list of counts (``[32, 4]``; ``[]`` passes straight
     #: through), one count, or a preset name / comma form (``"high"``, ``"32,4"``).
     schedule: list[int] | int | str | None = None
+    #: Order of the references in synthesis prompts: ``"shuffle"`` or ``"release"``
+    #: (the reference release's order; send ``seed: 42`` to match it). Default: the server's.
+    reference_order: ReferenceOrder | None = None
 
 
 class ChatCompletionRequest(OpenAIModel):

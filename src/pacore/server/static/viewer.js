@@ -220,6 +220,7 @@ function roundColumn(round, detail, finalAnswer) {
     round.failed ? `${round.failed} failed` : null,
     `${fmtTokens(round.completion_tokens)} tok`,
     fmtSeconds(round.elapsed_s),
+    round.bypassed ? "no references: the question was sent as is" : null,
   ].filter(Boolean).join(" · ");
   const column = el("div", {
     class: `round${round.finished ? " finished" : ""}${round.final ? " final-round" : ""}`,
@@ -265,7 +266,7 @@ function card(t, finalAnswer) {
     failed
       ? el("div", { class: "error", text: `${t.error_kind ? `${t.error_kind}: ` : ""}${t.error}` })
       : t.message
-        ? el("div", { class: "message", text: t.message })
+        ? el("div", { class: "message", text: t.message.trim() })
         : el("div", { class: "message placeholder", text: "(empty: contributes no message)" }),
   ]);
 }
