@@ -49,10 +49,11 @@ test: setup train-extra browser
 	$(BIN)/python -m pytest
 
 # Performance figures against the targets (bench/RESULTS.md) and reliability under injected
-# faults (bench/RELIABILITY.md); BENCH_FLAGS=--quick for a short run.
+# faults (bench/RELIABILITY.md); BENCH_FLAGS=--quick for a short run. Only --write (passed
+# here) updates those files; the scripts run by hand just print.
 bench: setup
-	$(BIN)/python bench/results.py $(BENCH_FLAGS)
-	$(BIN)/python bench/reliability.py $(BENCH_FLAGS)
+	$(BIN)/python bench/results.py --write $(BENCH_FLAGS)
+	$(BIN)/python bench/reliability.py --write $(BENCH_FLAGS)
 
 # The manual (docs/) as a static site in site/; --strict turns every warning (a broken link) into a failure.
 DOCS_STAMP := $(VENV)/.pacore-docs

@@ -13,9 +13,10 @@ After every invocation the run's database is read and checked:
   invocation changed, or more than one row for a problem;
 - a re-run must retry exactly the failed problems and leave done ones alone.
 
-    python bench/reliability.py [--quick] [--json] [--seed N]
+    python bench/reliability.py [--quick] [--json] [--seed N] [--write]
 
-writes ``bench/RELIABILITY.md``; exits with 1 if anything was lost or duplicated.
+prints the results (``--write``, as ``make bench`` passes, also writes
+``bench/RELIABILITY.md``); exits with 1 if anything was lost or duplicated.
 """
 
 from __future__ import annotations
@@ -368,8 +369,8 @@ def write_markdown(figures: dict[str, Any]) -> Path:
         "",
         *report(figures),
         "",
-        "Reproduce: `.venv/bin/python bench/reliability.py` (about 80 s on 2 cores; `--quick`: under 40 s; "
-        "`--json` for one JSON object).",
+        "Reproduce: `.venv/bin/python bench/reliability.py --write` (about 80 s on 2 cores; `--quick`: under 40 s; "
+        "`--json` for one JSON object; without `--write` it only prints).",
     ]
     path = BENCH_DIR / "RELIABILITY.md"
     # The hostile-client section belongs to bench/soak_server.py --hostile: kept as it is.
@@ -384,10 +385,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer problems per scenario (under a minute)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--seed", type=int, default=1, help="seed of the faults and of the kill moments")
+    parser.add_argument("--write", action="store_true", help="also write bench/RELIABILITY.md (make bench does)")
     args = parser.parse_args(argv)
     figures = measure(args.quick, args.seed)
-    path = write_markdown(figures)
-    emit(figures, args.json, [*report(figures), "", f"wrote {path}"])
+    outcome = f"wrote {write_markdown(figures)}" if args.write else "bench/RELIABILITY.md not written (--write does)"
+    emit(figures, args.json, [*report(figures), "", outcome])
     totals = figures["totals"]
     broken = any(row["tracebacks"] or row["not_retried"] for row in figures["rows"])
     if totals["lost"] or totals["duplicated"] or broken:

@@ -1,11 +1,11 @@
-"""Run every benchmark and write ``bench/RESULTS.md`` (``make bench``).
+"""Run every benchmark and print ``bench/RESULTS.md``; ``--write`` (``make bench``) writes it.
 
 Each script runs in its own process with ``--json``; its figures and its
 human-readable report go into RESULTS.md with the machine, the date and the
 commands to reproduce them. A target that is not met is shown with the
 measured figure and what limits it.
 
-    python bench/results.py [--quick]
+    python bench/results.py [--quick] [--write]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def write_results(results: dict[str, dict[str, Any]], quick: bool, started: dict
         "Reproduce:",
         "",
         "```bash",
-        f"make bench{' BENCH_FLAGS=--quick' if quick else ''}      # all of it, writes this file",
+        f"make bench{' BENCH_FLAGS=--quick' if quick else ''}      # all of it; writes this file (--write)",
         *(f".venv/bin/python bench/{name}.py{flag}   # prints the figures; add --json for one JSON object" for name in SCRIPTS),
         "```",
         "",
@@ -133,12 +133,16 @@ def write_results(results: dict[str, dict[str, Any]], quick: bool, started: dict
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the smaller workloads of each script")
+    parser.add_argument("--write", action="store_true", help="write bench/RESULTS.md (make bench does)")
     args = parser.parse_args(argv)
     started = machine()
     results = {name: run_script(name, args.quick) for name in SCRIPTS}
-    path = BENCH_DIR / "RESULTS.md"
-    path.write_text(write_results(results, args.quick, started), encoding="utf-8")
-    print(path.read_text(encoding="utf-8"))
+    markdown = write_results(results, args.quick, started)
+    print(markdown)
+    if args.write:
+        (BENCH_DIR / "RESULTS.md").write_text(markdown, encoding="utf-8")
+    else:
+        print("bench/RESULTS.md not written (--write does)")
 
 
 if __name__ == "__main__":

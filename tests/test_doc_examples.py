@@ -1,0 +1,401 @@
+"""Every shell and Python example in README.md and docs/*.md runs.
+
+Each ```bash / ```sh / ```shell and ```python block is one test (id
+``FILE:LINE`` of its opening fence). It runs in a fresh temporary directory
+holding ``.venv`` and ``bench`` links to this checkout, so the documented
+``.venv/bin/python bench/...`` commands work: shell blocks with
+``bash -euo pipefail`` and this interpreter's ``bin`` first on ``PATH``,
+Python blocks with this interpreter, both with ``PYTHONPATH`` at ``src/``.
+``pacore data get`` downloads from a loopback mirror (``PACORE_DATA_MIRROR``)
+serving small fixtures in each source's published schema, into a cache of the
+session's own (the embedded model is shared, not re-assembled).
+
+Markers: an HTML comment on the lines right before the opening fence, one per
+line (markdown renderers do not show them)::
+
+    <!-- example: skip (REASON) -->   not run here (a GPU server, a cluster, the network...); the reason is required
+    <!-- example: model -->           uses the embedded model (pytest marker ``model``); unmarked blocks cannot load it
+    <!-- example: backend -->         every http(s)://HOST[:PORT]/v1 URL is replaced by the fast backend's
+                                      (bench/fastbackend.py on loopback)
+    <!-- example: setup COMMAND -->   a shell line run first, in the same shell for a shell block (repeatable)
+    <!-- example: background -->      a server: started in the background with its ``--port N`` replaced by a
+                                      free port (``pacore serve`` without ``--port`` gets one; N = 8000); once it
+                                      answers HTTP, later blocks of the same page see 127.0.0.1:N pointing at it
+
+Anything else after ``example:`` is an error, and so is a skip without a reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pacore.backends.llama_cpp import cache_dir as models_dir
+from test_data_get import FileServer, _handler, catalogue_files
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BIN = Path(sys.executable).parent
+BLOCK_TIMEOUT_S = 600
+SERVER_START_TIMEOUT_S = 180
+
+LANGUAGES = {"bash": "shell", "sh": "shell", "shell": "shell", "python": "python", "py": "python"}
+FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
+MARKER = re.compile(r"^\s*<!--\s*example:\s*(.*?)\s*-->\s*$")
+SKIP = re.compile(r"^skip(?:\s*\((.*)\))?$")
+URL = re.compile(r"https?://[A-Za-z0-9.\-]+(?::(?:\d+|PORT\d*))?/v1")
+PORT_OPTION = re.compile(r"--port[ =](\d+)")
+DEFAULT_SERVE_PORT = 8000
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # of the opening fence, 1-based
+    language: str  # "shell" or "python"
+    code: str
+    skip: str | None = None  # the reason
+    model: bool = False
+    backend: bool = False
+    background: bool = False
+    setup: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def parse_markers(block: Block, markers: list[str]) -> None:
+    for text in markers:
+        skip = SKIP.match(text)
+        if skip:
+            block.skip = (skip.group(1) or "").strip()
+            if not block.skip:
+                block.errors.append(f"{block.id}: 'skip' needs a reason: <!-- example: skip (why) -->")
+        elif text in ("model", "backend", "background"):
+            setattr(block, text, True)
+        elif text.startswith("setup "):
+            block.setup.append(text.removeprefix("setup ").strip())
+        else:
+            block.errors.append(f"{block.id}: unknown example marker {text!r}")
+
+
+def extract_blocks(page: Path) -> list[Block]:
+    """The shell and Python blocks of one markdown page, with their markers."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks: list[Block] = []
+    at = 0
+    while at < len(lines):
+        opening = FENCE.match(lines[at])
+        if not opening:
+            at += 1
+            continue
+        indent, fence, language = opening.groups()
+        end = at + 1
+        while end < len(lines) and not lines[end].strip().startswith(fence):
+            end += 1
+        if language.lower() in LANGUAGES:
+            body = [line.removeprefix(indent) for line in lines[at + 1 : end]]
+            block = Block(page, at + 1, LANGUAGES[language.lower()], "\n".join(body) + "\n")
+            markers: list[str] = []
+            before = at - 1
+            while before >= 0 and MARKER.match(lines[before]):
+                markers.insert(0, MARKER.match(lines[before]).group(1))  # type: ignore[union-attr]
+                before -= 1
+            parse_markers(block, markers)
+            blocks.append(block)
+        at = end + 1
+    return blocks
+
+
+BLOCKS = [block for page in PAGES for block in extract_blocks(page)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# What every block runs against
+
+
+@pytest.fixture(scope="session")
+def fast_backend() -> Iterator[str]:
+    """bench/fastbackend.py on loopback: instant answers of 16 tokens."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "fastbackend.py"), "--completion-tokens", "16"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert process.stdout.readline().strip() == "ready"
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def data_mirror() -> Iterator[str]:
+    """A loopback mirror of every catalogue file (small fixtures in the published schemas)."""
+    state = FileServer(files=catalogue_files())
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+Environment = Callable[[Block, Path], dict[str, str]]
+
+
+@pytest.fixture(scope="session")
+def environment(tmp_path_factory: pytest.TempPathFactory, data_mirror: str) -> Environment:
+    """``environment(block, home)``: the variables a block runs with.
+
+    A block marked ``model`` gets a cache whose ``models`` is the real one; any
+    other block a cache where the embedded model cannot be assembled, so an
+    example that uses it without the marker fails instead of being slow.
+    """
+    with_model = tmp_path_factory.mktemp("pacore-cache")
+    models = models_dir()
+    models.mkdir(parents=True, exist_ok=True)
+    (with_model / "models").symlink_to(models, target_is_directory=True)
+    without_model = tmp_path_factory.mktemp("pacore-cache-no-model")
+    (without_model / "models").write_text("not a directory: mark the example <!-- example: model -->\n")
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_SERVER_API_KEYS", "PACORE_DEBUG")
+    }  # fmt: skip
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(ROOT / "src"),
+        PACORE_DATA_MIRROR=data_mirror,
+        NO_COLOR="1",
+    )
+
+    def for_block(block: Block, home: Path) -> dict[str, str]:
+        cache = with_model if block.model else without_model
+        return {**env, "PACORE_CACHE_DIR": str(cache), "HOME": str(home)}  # '~' stays in the workspace
+
+    return for_block
+
+
+def workspace(directory: Path) -> Path:
+    """A directory where the documented repository-relative paths (.venv, bench) work."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    (directory / "bench").symlink_to(ROOT / "bench", target_is_directory=True)
+    return directory
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a block's process group (its own children included)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    process.wait()
+
+
+@dataclass
+class Server:
+    block: Block
+    documented_port: int
+    port: int
+    process: subprocess.Popen
+    log: Path
+
+
+class Servers:
+    """Background blocks, started on first need and stopped at the end of the session."""
+
+    def __init__(self, root: Path, env: Environment, fast_url: str) -> None:
+        self.root, self.env, self.fast_url = root, env, fast_url
+        self.running: dict[str, Server] = {}
+
+    def for_block(self, block: Block) -> Server | None:
+        """The server of the last background block before ``block`` on its page, started."""
+        earlier = [b for b in BLOCKS if b.page == block.page and b.background and b.line < block.line and not b.skip]
+        return self.start(earlier[-1]) if earlier else None
+
+    def start(self, block: Block) -> Server:
+        if block.id in self.running:
+            return self.running[block.id]
+        port = free_port()
+        ports = PORT_OPTION.findall(block.code)
+        documented = int(ports[0]) if ports else DEFAULT_SERVE_PORT
+        code = PORT_OPTION.sub(f"--port {port}", block.code)
+        if not ports:
+            code = code.replace("pacore serve", f"pacore serve --port {port}")
+        directory = workspace(Path(tempfile.mkdtemp(prefix=f"{block.page.stem}-{block.line}-", dir=self.root)))
+        (directory / "example.sh").write_text(render_shell(block, code, self.fast_url), encoding="utf-8")
+        log = directory / "server.log"
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                ["bash", "-euo", "pipefail", "example.sh"], cwd=directory, env=self.env(block, directory),
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)  # any answer: it listens
+            except httpx.HTTPError:
+                time.sleep(0.5)
+                continue
+            self.running[block.id] = Server(block, documented, port, process, log)
+            return self.running[block.id]
+        stop(process)
+        status = process.returncode
+        pytest.fail(f"{block.id}: no answer on port {port} (exit status {status}):\n{log.read_text()[-3000:]}")
+
+    def stop_all(self) -> None:
+        for server in self.running.values():
+            stop(server.process)
+
+
+@pytest.fixture(scope="session")
+def servers(
+    tmp_path_factory: pytest.TempPathFactory, environment: Environment, fast_backend: str
+) -> Iterator[Servers]:
+    started = Servers(tmp_path_factory.mktemp("servers"), environment, fast_backend)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+def substitute(block: Block, code: str, fast_url: str, server: Server | None) -> str:
+    if block.backend:
+        code = URL.sub(fast_url, code)
+    elif server is not None:
+        code = code.replace(f"127.0.0.1:{server.documented_port}", f"127.0.0.1:{server.port}")
+    return code
+
+
+def render_shell(block: Block, code: str, fast_url: str, server: Server | None = None) -> str:
+    """The block's script: its setup lines, then its code, both with the URLs substituted."""
+    return substitute(block, "\n".join([*block.setup, code]), fast_url, server)
+
+
+# ---------------------------------------------------------------------------
+# The tests
+
+
+def test_the_pages_have_examples_and_every_marker_is_valid() -> None:
+    assert len(BLOCKS) > 30, "the extraction found too few blocks"
+    errors = [error for block in BLOCKS for error in block.errors]
+    assert not errors, "\n".join(errors)
+
+
+def test_every_skip_is_listed_with_its_reason() -> None:
+    skipped = {block.id: block.skip for block in BLOCKS if block.skip is not None}
+    print("\n".join(f"skipped {where}: {reason}" for where, reason in skipped.items()))
+    assert all(skipped.values())
+    # A skip is for what cannot run here; most blocks must run.
+    assert len(skipped) < len(BLOCKS) / 4
+
+
+def test_each_run_directory_belongs_to_one_example() -> None:
+    """A reader may follow every page in one directory: two examples writing the same
+    run directory would have the second refused (another data set or settings)."""
+    users: dict[str, set[str]] = {}
+    for block in BLOCKS:
+        for name in set(re.findall(r"\bruns/[\w.,\-]+", block.code)):
+            users.setdefault(name, set()).add(block.id)
+    assert users, "no example writes a run directory"
+    shared = {name: sorted(ids) for name, ids in users.items() if len(ids) > 1}
+    assert not shared, f"run directories used by several examples: {shared}"
+
+
+def marks(block: Block) -> list[pytest.MarkDecorator]:
+    """``model`` for the embedded model, ``http`` for a loopback server."""
+    wanted = ((pytest.mark.model, block.model), (pytest.mark.http, block.backend or block.background))
+    return [mark for mark, applies in wanted if applies]
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=marks(b)) for b in BLOCKS])
+def test_example_runs(
+    block: Block, tmp_path: Path, environment: Environment, fast_backend: str, servers: Servers
+) -> None:
+    if block.skip:
+        pytest.skip(f"{block.id}: {block.skip}")
+    if block.background:
+        server = servers.start(block)
+        assert server.process.poll() is None
+        return
+    server = servers.for_block(block)
+    directory = workspace(tmp_path / "work")
+    env = environment(block, directory)
+    if block.language == "shell":
+        code = render_shell(block, block.code, fast_backend, server)
+        (directory / "example.sh").write_text(code, encoding="utf-8")
+        command = ["bash", "-euo", "pipefail", "example.sh"]
+    else:
+        code = substitute(block, block.code, fast_backend, server)
+        if block.setup:
+            setup = substitute(block, "\n".join(block.setup), fast_backend, server)
+            (directory / "setup.sh").write_text(setup + "\n", encoding="utf-8")
+            done = subprocess.run(
+                ["bash", "-euo", "pipefail", "setup.sh"], cwd=directory, env=env,
+                capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S,
+            )  # fmt: skip
+            assert done.returncode == 0, f"setup of {block.id} failed:\n{done.stderr[-3000:]}"
+        (directory / "example.py").write_text(code, encoding="utf-8")
+        command = [sys.executable, "example.py"]
+    process = subprocess.Popen(
+        command, cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=BLOCK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        pytest.fail(f"{block.id} ran longer than {BLOCK_TIMEOUT_S} s")
+    finally:
+        stop(process)  # background jobs the block started and did not end
+    assert process.returncode == 0, (
+        f"{block.id} exited with {process.returncode}\n--- code\n{code}\n--- stdout\n{stdout[-3000:]}"
+        f"\n--- stderr\n{stderr[-3000:]}"
+    )
+
+
+def test_bench_prints_without_write_and_leaves_the_committed_file(tmp_path: Path) -> None:
+    """The cheapest benchmark that writes markdown, run as the docs show it, but without --write."""
+    committed = ROOT / "bench" / "RELIABILITY.md"
+    before = (committed.read_bytes(), committed.stat().st_mtime_ns)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "reliability.py"), "--quick"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| scenario" in done.stdout  # the results table, printed
+    assert "--write" in done.stdout  # says how to update the file
+    assert (committed.read_bytes(), committed.stat().st_mtime_ns) == before
