@@ -9,7 +9,7 @@ TRAIN_STAMP := $(VENV)/.pacore-train
 TORCH_VERSION := 2.13.0
 DEMO_QUESTION ?= A farmer has 17 sheep. All but 9 run away. How many sheep does the farmer have left?
 
-.PHONY: setup train-extra browser demo test bench docs clean
+.PHONY: setup train-extra browser demo lint test bench docs clean
 
 setup: $(SETUP_STAMP)
 
@@ -34,6 +34,11 @@ $(TRAIN_STAMP): $(SETUP_STAMP)
 
 demo: setup
 	$(BIN)/pacore ask --schedule 4 --max-tokens 200 "$(DEMO_QUESTION)"
+
+# ruff (lint rules and import order) and mypy, both configured in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 # The trace viewer's tests drive Debian's chromium (never a downloaded browser build).
 browser:

@@ -34,6 +34,7 @@ from pacore.errors import (
     UsageError,
     first_error,
 )
+
 # THINK_END and last_user_text are re-exported: callers have long imported them from here.
 from pacore.messages import THINK_END, compact, last_user_index, last_user_text, non_text_parts  # noqa: F401
 from pacore.prompts import SynthesisTemplate

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pacore.backends.base import text_of
-from pacore.messages import THINK_END, compact, last_user_text
 from pacore.errors import UsageError
 from pacore.eval.grading import grade
+from pacore.messages import THINK_END, compact, last_user_text
 from pacore.verifier import Judgement, Verifier
 
 RewardName = Literal["outcome", "process"]

@@ -39,8 +39,8 @@ from typing import Any
 
 from pacore.backends import Backend, GenerationParams, open_backend
 from pacore.backends.llama_cpp import cache_dir as models_cache_dir
-from pacore.messages import compact
 from pacore.errors import BackendError, TemplateError, UsageError
+from pacore.messages import compact
 from pacore.prompts import MAX_TEMPLATE_BYTES, compile_template, render_bounded
 
 log = logging.getLogger(__name__)

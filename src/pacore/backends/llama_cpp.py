@@ -24,10 +24,10 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pacore.backends.base import (
     BaseBackend,
@@ -193,7 +193,8 @@ class _LoadedModel:
             **{k: v for k, v in params.extra.items() if k in _LLAMA_EXTRA},
         )
         if on_token is None:
-            out = self.llama.create_completion(tokens, **options)
+            # llama_cpp types the result as a union of the streamed and the whole response.
+            out = cast(dict[str, Any], self.llama.create_completion(tokens, **options))
             choice = out["choices"][0]
             usage = out["usage"]
             return Completion(
@@ -206,7 +207,8 @@ class _LoadedModel:
         pieces: list[str] = []
         finish_reason = None
         generated = 0
-        for chunk in self.llama.create_completion(tokens, stream=True, **options):
+        chunks = cast(Iterator[dict[str, Any]], self.llama.create_completion(tokens, stream=True, **options))
+        for chunk in chunks:
             choice = chunk["choices"][0]
             if choice["text"]:
                 pieces.append(choice["text"])
@@ -248,7 +250,8 @@ def _formatter(llama: Any, chat_format: str | None) -> Callable[[Sequence[Messag
     system_role = has_system_role(formatter)
 
     def format_messages(messages: Sequence[Message]) -> tuple[str, list[str]]:
-        result = formatter(messages=_plain_messages(messages, system_role=system_role))
+        # Plain role/content dicts are what llama_cpp's TypedDict messages hold at run time.
+        result = formatter(messages=cast(Any, _plain_messages(messages, system_role=system_role)))
         stop = result.stop
         stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         prompt = result.prompt
@@ -381,7 +384,13 @@ class LlamaCppBackend(BaseBackend):
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(None, _load, self.path, self.n_ctx, self.chat_format, self.threads)
         cancel = threading.Event()
-        relay = None if on_token is None else (lambda text: loop.call_soon_threadsafe(on_token, text))
+        relay: Callable[[str], None] | None = None
+        if on_token is not None:
+            token_callback = on_token
+
+            def relay(text: str) -> None:
+                loop.call_soon_threadsafe(token_callback, text)
+
         future = loaded.executor.submit(loaded.run, messages, params, cancel, relay, self.default_max_tokens)
         try:
             completion = await asyncio.wrap_future(future)

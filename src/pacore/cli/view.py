@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -38,8 +39,6 @@ def view(
     if not _is_loopback(bound_host):
         typer.echo(f"pacore view: warning: {host} is reachable from other machines; the viewer has no key", err=True)
     server = uvicorn.Server(uvicorn.Config(viewer_app, log_level="warning", access_log=False))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[listener])
-    except KeyboardInterrupt:
-        pass
     typer.echo("pacore view: stopped")

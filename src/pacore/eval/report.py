@@ -45,8 +45,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pacore.eval.grading import grade, majority_vote
 from pacore.errors import OutputError
+from pacore.eval.grading import grade, majority_vote
 from pacore.files import atomic_output, refuse_overwriting, write_atomic
 from pacore.messages import last_user_text
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem, store_files

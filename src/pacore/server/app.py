@@ -41,7 +41,6 @@ from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asolve
 from pacore.errors import PacoreError, UsageError, shorten
 from pacore.prompts import SynthesisTemplate
-from pacore.synthesis import ReferenceOrder
 from pacore.schedule import PRESETS, Schedule
 from pacore.server import metrics as metrics_module
 from pacore.server.completions import (
@@ -75,6 +74,7 @@ from pacore.server.history import (
 )
 from pacore.server.metrics import ServerMetrics
 from pacore.server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from pacore.synthesis import ReferenceOrder
 from pacore.trace import Event, Result
 
 logger = logging.getLogger("pacore.server")

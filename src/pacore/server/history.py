@@ -26,8 +26,8 @@ from pydantic import BaseModel, ValidationError
 from pacore import store
 from pacore.backends.base import Message, text_of
 from pacore.errors import StoreError, TemplateError
-from pacore.messages import last_user_index, last_user_text
 from pacore.eval.grading import extract_answer
+from pacore.messages import last_user_index, last_user_text
 from pacore.prompts import SynthesisTemplate
 from pacore.trace import (
     AnswerDelta,
