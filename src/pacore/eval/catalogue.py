@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import httpx
 
+from pacore._extras import require
 from pacore.errors import DatasetError, DownloadError, UsageError
 from pacore.eval.datasets import load_dataset
 from pacore.eval.download import (
@@ -409,12 +410,9 @@ def read_rows(path: Path, fmt: Format) -> list[Row]:
 
 
 def _parquet_rows(path: Path) -> list[Row]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DatasetError(
-            f"{path.name} is a parquet file, which needs pyarrow: pip install 'pacore[eval]' (or pyarrow)"
-        ) from None
+    require("eval", "pyarrow.parquet", feature=f"reading the parquet file {path.name}")
+    import pyarrow.parquet as pq
+
     try:
         return pq.read_table(path).to_pylist()
     except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
