@@ -153,7 +153,7 @@ def shared_verifier(
     key = (spec, str(template) if template else None, model, str(cache) if cache else None)
     with _verifiers_lock:
         if key not in _verifiers:
-            options = {"model": model} if model else {}
+            options: dict[str, Any] = {"model": model} if model else {}
             _verifiers[key] = Verifier(spec, template=template, cache=cache, **options)
         return _verifiers[key]
 

@@ -175,7 +175,7 @@ class Verifier:
         self.params = params
         self.stats = VerifierStats()
         self._owned = not isinstance(backend, Backend)
-        self.backend = open_backend(backend, **backend_options) if self._owned else backend  # type: ignore[arg-type]
+        self.backend: Backend = backend if isinstance(backend, Backend) else open_backend(backend, **backend_options)
         # Fixed now: an HTTP backend learns its model name on its first call, and keys must not change.
         spec = backend if isinstance(backend, str) else self.backend.name
         self._identity = [self.template.source, spec, self.backend.model]
