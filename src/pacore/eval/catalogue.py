@@ -199,7 +199,9 @@ def _pacore_train(row: Row, number: int, tag: str) -> Row:
     # Prefixed with the stage, so that ids stay unique when both stages are joined.
     record["id"] = f"pacore-train-{tag + '-' if tag else ''}{number if own_id is None else own_id}"
     if tag:
-        metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+        metadata = record.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = {}
         record["metadata"] = {**metadata, "stage": tag}
     return record
 
@@ -488,6 +490,7 @@ def get_dataset(
         raise UsageError(f"{entry.name} has {len(entry.files)} files; --sha256 needs --from with one of them")
     cache = cache or data_cache_dir()
     limits = DownloadLimits(max_bytes=max_bytes or entry.max_bytes)
+    plan: list[tuple[str, str | None, SourceFile]]
     if source is not None:
         declared = entry.files[0]
         # The catalogue's checksum belongs to the public file, not to what --from names.

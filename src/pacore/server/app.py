@@ -692,16 +692,17 @@ def _openapi_with_request_schemas(app: FastAPI) -> Callable[[], dict[str, Any]]:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            schemas = schema["components"]["schemas"]
-            request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            schemas.update(request.pop("$defs", {}), ChatCompletionRequest=request)
-            for name in ("HTTPValidationError", "ValidationError"):
-                schemas.pop(name, None)
-            for operations in schema["paths"].values():
-                for operation in operations.values():
-                    operation["responses"].pop("422", None)
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # FastAPI keeps this dict as app.openapi_schema: edited in place, once
+        schemas = schema["components"]["schemas"]
+        request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(request.pop("$defs", {}), ChatCompletionRequest=request)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        return schema
 
     return openapi
