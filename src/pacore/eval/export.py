@@ -290,7 +290,7 @@ def _synthesis_settings(
     if order is None:
         order = run_settings.get("reference_order", "shuffle")
     if template is not None or "sha256" not in run_settings:
-        return SynthesisTemplate.load(template), order  # type: ignore[return-value]
+        return SynthesisTemplate.load(template), order
     origin = run_settings.get("origin")
     try:
         chosen = SynthesisTemplate.load(origin)
@@ -301,7 +301,7 @@ def _synthesis_settings(
             f"the run was made with the synthesis template {origin!r}, which cannot be found unchanged; "
             "pass it with --template"
         )
-    return chosen, order  # type: ignore[return-value]
+    return chosen, order
 
 
 def _draw(
