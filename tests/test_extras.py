@@ -93,7 +93,15 @@ def test_library_calls_name_the_missing_extra(tmp_path: Path) -> None:
         from pacore.errors import MissingExtraError
         from pacore.eval.grading import grade
         from pacore.eval.export import _write_parquet
-        for call in (lambda: grade("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}", "math"), lambda: _write_parquet([{"a": 1}], Path("out.parquet"))):
+        from pacore.eval.report import render_plot
+        from pacore.training import plot_rewards
+        calls = [
+            lambda: grade("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}", "math"),
+            lambda: _write_parquet([{"a": 1}], Path("out.parquet")),
+            lambda: render_plot([], Path("plot.png"), with_run=False),
+            lambda: plot_rewards([], Path("rewards.png")),
+        ]
+        for call in calls:
             try:
                 call()
             except MissingExtraError as exc:
@@ -105,4 +113,6 @@ def test_library_calls_name_the_missing_extra(tmp_path: Path) -> None:
     assert done.stdout.splitlines() == [
         "math grading needs the 'eval' extra: pip install 'pacore[eval]'",
         "writing parquet needs the 'export' extra: pip install 'pacore[export]'",
+        "the report's figure needs the 'eval' extra: pip install 'pacore[eval]'",
+        "the training reward plot needs the 'train' extra: pip install 'pacore[train]'",
     ]
