@@ -12,7 +12,7 @@ TORCH_VERSION := 2.13.0
 DEMO_QUESTION ?= 1 + 1 = 2. 2 + 2 = 4. 2 + 3 =
 DEMO_FLAGS ?= --schedule 4 --max-tokens 16 --temperature 0.7 --seed 1
 
-.PHONY: setup train-extra browser demo test bench docs clean
+.PHONY: setup train-extra browser demo lint test bench docs clean
 
 setup: $(SETUP_STAMP)
 
@@ -41,6 +41,11 @@ demo: setup
 	@echo "Every trajectory in full and the exact synthesis prompt: $(BIN)/pacore serve, then open"
 	@echo "http://127.0.0.1:8000/ui and send a question (docs/serve.md); 'pacore ask --help' for the options."
 
+# ruff (lint rules and import order) and mypy, both configured in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
 # The trace viewer's tests drive Debian's chromium (never a downloaded browser build).
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
@@ -65,4 +70,4 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 clean:
-	rm -rf $(VENV) build site src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -18,7 +18,6 @@ import asyncio
 from typing import Any
 
 from harness import Clock, check_targets, emit, machine, target_lines
-
 from pacore import GenerationParams, asolve
 from pacore.backends.llama_cpp import LlamaCppBackend
 

@@ -41,7 +41,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from faults import KINDS, FaultPlan, FaultSpecError, inject, parse_spec
 

@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import BENCH_DIR, Clock, check_targets, emit, fast_backend, machine, peak_rss_mb, percentile, target_lines
 
+from harness import BENCH_DIR, Clock, check_targets, emit, fast_backend, machine, peak_rss_mb, percentile, target_lines
 from pacore import asolve
 from pacore.backends.base import Backend, BaseBackend, Completion, GenerationParams, Message
 from pacore.backends.openai_http import DEFAULT_MAX_CONNECTIONS, OpenAIBackend
@@ -239,7 +239,7 @@ class TimedCalls(BaseBackend):
             count = len(split(k, max_n))
             bounds.append(calls[start : start + count])
             start += count
-        for previous, following in zip(bounds, bounds[1:]):
+        for previous, following in zip(bounds, bounds[1:], strict=False):
             gaps.append(min(s for s, _ in following) - max(e for _, e in previous))
         return gaps
 
@@ -324,13 +324,12 @@ async def run_batch(backend: Backend, workload: Workload, schedule: Schedule) ->
     problems = [
         Problem(id=f"p{i}", messages=[{"role": "user", "content": problem(i)}]) for i in range(workload.problems)
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        with Clock() as clock:
-            await run_dataset(
-                Path(tmp) / "run", problems, dataset_path=Path(tmp) / "bench.jsonl",
-                arm=Arm.build("pacore", schedule=schedule), backend=backend, params=PARAMS,
-                concurrency=workload.in_flight,
-            )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, Clock() as clock:
+        await run_dataset(
+            Path(tmp) / "run", problems, dataset_path=Path(tmp) / "bench.jsonl",
+            arm=Arm.build("pacore", schedule=schedule), backend=backend, params=PARAMS,
+            concurrency=workload.in_flight,
+        )  # fmt: skip
     return Run(workload.problems * schedule.total_calls, clock.wall, clock.cpu)
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from harness import check_targets, emit, fast_backend, machine, percentile, target_lines
 
 MESSAGES = [{"role": "user", "content": "How many primes are there below 100? Answer with the number."}]

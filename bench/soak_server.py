@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from harness import BENCH_DIR, HOSTILE_SECTION, check_targets, emit, fast_backend, machine, target_lines
 
 CLIENTS = 200
@@ -157,7 +158,7 @@ async def burst(base_url: str, seed: int) -> tuple[Counter[str], int]:
     outcomes = Counter(outcome for outcome, _ in results)
     # An expected refusal of a bad input counts as handled, not as an error to look at.
     for kind, status in EXPECTED_ERRORS.items():
-        expected = sum(1 for k, (outcome, _) in zip(kinds, results) if k == kind and outcome == f"error_{status}")
+        expected = sum(1 for k, (outcome, _) in zip(kinds, results, strict=True) if k == kind and outcome == f"error_{status}")
         outcomes[f"error_{status}"] -= expected
         outcomes["refused_as_expected"] += expected
     return +outcomes, sum(retries for _, retries in results)
@@ -263,7 +264,7 @@ async def raw_request(url: str, head: bytes, trickle: bytes | None, body: bytes 
     try:
         line = await asyncio.wait_for(reader.readline(), ATTACK_CAP_S)
         status = int(line.split()[1]) if line.startswith(b"HTTP/") else None
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         status = None
     finally:
         dripping.cancel()
@@ -439,7 +440,7 @@ def hostile_report(figures: dict[str, Any]) -> list[str]:
         "",
         f"- `/health` during the attack ({figures['health_probes']} probes): p50 {figures['health_p50_ms']} ms, "
         f"p90 {figures['health_p90_ms']} ms, max {figures['health_max_ms']} ms.",
-        f"- Clients the server cut (`pacore_clients_cut_total`): "
+        "- Clients the server cut (`pacore_clients_cut_total`): "
         + ", ".join(f"{k} {v}" for k, v in sorted(figures["clients_cut"].items())) + ".",
         f"- Ordinary requests sent while the streams nobody reads held every slot ({ORDINARY}, retrying 429s): "
         + ", ".join(f"{k} {v}" for k, v in figures["ordinary"].items())

@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from harness import emit, machine
-
 from pacore.backends.base import GenerationParams
 from pacore.backends.llama_cpp import LlamaCppBackend
 

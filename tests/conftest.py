@@ -29,7 +29,6 @@ def llama_server_url() -> Iterator[str]:
     """Base URL (``http://127.0.0.1:PORT/v1``) of a real llama-cpp-python server
     serving the embedded GGUF, shared by the whole session."""
     from llama_server import llama_server
-
     from pacore.backends.llama_cpp import default_model_path
 
     with llama_server(default_model_path()) as url:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pacore.errors import DatasetError, DownloadError, UsageError
+from pacore.errors import DatasetError, DownloadError, MissingExtraError, UsageError
 from pacore.eval import grade, load_dataset
 from pacore.eval.catalogue import CATALOGUE, GPQA_LETTERS, get_dataset, gpqa_option_order
 from pacore.eval.download import DownloadLimits, Manifest, fetch
@@ -394,7 +394,7 @@ def test_parquet_without_pyarrow_names_what_to_install(
     mirror: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
-    with pytest.raises(DatasetError, match=r"parquet file, which needs pyarrow: pip install 'pacore\[eval\]'"):
+    with pytest.raises(MissingExtraError, match=r"needs the 'eval' extra: pip install 'pacore\[eval\]'"):
         get_dataset("hmmt2025", out=tmp_path / "h.jsonl", progress=False)
 
 

@@ -296,10 +296,10 @@ def test_synthetic_answers_are_exact() -> None:
         assert all(str(n) in problem.text for n in operands)
         a, b, *rest = operands
         expected = {
-            "add": lambda: a + b,
-            "sub": lambda: a - b,
-            "mul": lambda: a * b,
-            "modexp": lambda: pow(a, b, rest[0]),
+            "add": lambda a=a, b=b: a + b,
+            "sub": lambda a=a, b=b: a - b,
+            "mul": lambda a=a, b=b: a * b,
+            "modexp": lambda a=a, b=b, rest=rest: pow(a, b, rest[0]),
         }[problem.metadata["operation"]]()
         assert problem.answer == str(expected)
         assert problem.kind == "number"

@@ -11,9 +11,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import pytest
-from fakes import Call, ScriptedBackend, StreamingScriptedBackend, fail
 
 import pacore
+from fakes import Call, ScriptedBackend, StreamingScriptedBackend, fail
 from pacore.backends.base import Completion, GenerationParams
 from pacore.engine import _call_seed, asolve, iter_solve, solve
 from pacore.errors import (

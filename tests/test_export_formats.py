@@ -6,7 +6,6 @@ images, and the CLI's refusals.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil

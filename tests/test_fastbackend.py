@@ -17,7 +17,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from harness import FastBackend, fast_backend  # noqa: E402
-
 from pacore import GenerationParams, asolve  # noqa: E402
 from pacore.backends.openai_http import OpenAIBackend  # noqa: E402
 

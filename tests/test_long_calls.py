@@ -125,7 +125,6 @@ LONG_PROMPT = "Summarize: " + " ".join(f"item {i} is red;" for i in range(80))
 @pytest.fixture(scope="module")
 def small_context_url() -> Iterator[str]:
     from llama_server import llama_server
-
     from pacore.backends.llama_cpp import default_model_path
 
     with llama_server(default_model_path(), n_ctx=SMALL_CONTEXT) as url:

@@ -12,8 +12,8 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -131,7 +131,7 @@ async def test_unset_max_tokens_and_seed_are_left_out():
 
 async def test_reasoning_content_and_reasoning_are_read():
     for field in ("reasoning_content", "reasoning"):
-        server = Server(lambda request, body: ok(chat("5", **{field: "2+3 is 5"})))
+        server = Server(lambda request, body, field=field: ok(chat("5", **{field: "2+3 is 5"})))
         async with server.backend() as backend:
             (completion,) = await backend.generate(MESSAGES, 1, PARAMS)
         assert (completion.text, completion.reasoning) == ("5", "2+3 is 5")
@@ -267,9 +267,9 @@ async def test_retry_after_is_honoured(caplog):
 def test_retry_after_accepts_seconds_and_http_dates():
     assert _retry_after("3") == 3.0
     assert _retry_after(None) is None and _retry_after("soon") is None
-    future = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    future = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 27 < _retry_after(future) <= 30
-    past = format_datetime(datetime.now(timezone.utc) - timedelta(seconds=30), usegmt=True)
+    past = format_datetime(datetime.now(UTC) - timedelta(seconds=30), usegmt=True)
     assert _retry_after(past) == 0.0
     # The policy caps what a server may ask for.
     assert RetryPolicy(backoff_max=20).delay(1, 3600.0, 0.5) == 20

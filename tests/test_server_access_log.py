@@ -30,18 +30,20 @@ QUESTION = "What is the secret colour of the sky?"
 def serve_and_ask(monkeypatch, *options: str, host_header: str | None = None) -> tuple[str, object, str]:
     """``(base_url, completion, stderr)`` of the real command asked one good and one bad request."""
     monkeypatch.setenv("PACORE_SERVER_API_KEYS", KEY)
-    with fast_backend("--completion-tokens", 4) as upstream:
-        with running_cli("--backend", upstream.urls[0], "--schedule", "2", *options) as (running, process):
-            headers = {"Host": host_header} if host_header else None
-            client = openai.OpenAI(base_url=running.api_url, api_key=KEY, max_retries=0, default_headers=headers)
-            completion = client.chat.completions.create(
-                model="pacore-2/fast", messages=[{"role": "user", "content": QUESTION}]
-            )
-            refused = httpx.post(f"{running.api_url}/chat/completions", json={"model": "m"},
-                                 headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
-            assert refused.status_code == 400
-            process.send_signal(signal.SIGTERM)
-            _, err = process.communicate(timeout=30)
+    with (
+        fast_backend("--completion-tokens", 4) as upstream,
+        running_cli("--backend", upstream.urls[0], "--schedule", "2", *options) as (running, process),
+    ):
+        headers = {"Host": host_header} if host_header else None
+        client = openai.OpenAI(base_url=running.api_url, api_key=KEY, max_retries=0, default_headers=headers)
+        completion = client.chat.completions.create(
+            model="pacore-2/fast", messages=[{"role": "user", "content": QUESTION}]
+        )
+        refused = httpx.post(f"{running.api_url}/chat/completions", json={"model": "m"},
+                             headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert refused.status_code == 400
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
     return running.base_url, completion, err
 
 

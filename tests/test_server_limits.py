@@ -280,10 +280,12 @@ def test_a_slow_body_gets_a_408_and_frees_everything(fake):
 
 
 def test_slow_headers_are_cut_by_the_real_command():
-    with running_cli("--backend", "http://127.0.0.1:9/v1", "--model", "m", "--header-timeout", "0.5") as (running, _):
-        with raw_connection(running) as connection:
-            connection.sendall(b"GET /health HTTP/1.1\r\n")
-            status, _, body = read_reply(connection)
+    with (
+        running_cli("--backend", "http://127.0.0.1:9/v1", "--model", "m", "--header-timeout", "0.5") as (running, _),
+        raw_connection(running) as connection,
+    ):
+        connection.sendall(b"GET /health HTTP/1.1\r\n")
+        status, _, body = read_reply(connection)
     assert status == 408 and body["error"]["type"] == "invalid_request_error"
 
 
@@ -452,12 +454,14 @@ def test_a_running_request_is_never_forgotten_for_its_size(fake):
 
 
 def test_history_bytes_from_the_command_line():
-    with fast_backend("--completion-tokens", 4) as upstream:
-        with running_cli("--backend", upstream.urls[0], "--history-bytes", "1000") as (running, _):
-            for _ in range(2):
-                client(running).chat.completions.create(
-                    model="pacore-2/fast", messages=[{"role": "user", "content": "Hi"}]
-                )
-            listing = httpx.get(f"{running.base_url}/ui/api/requests").json()
+    with (
+        fast_backend("--completion-tokens", 4) as upstream,
+        running_cli("--backend", upstream.urls[0], "--history-bytes", "1000") as (running, _),
+    ):
+        for _ in range(2):
+            client(running).chat.completions.create(
+                model="pacore-2/fast", messages=[{"role": "user", "content": "Hi"}]
+            )
+        listing = httpx.get(f"{running.base_url}/ui/api/requests").json()
     # Every finished request holds more than 1,000 bytes: none is kept, and the listing says so.
     assert (listing["data"], listing["dropped"], listing["max_bytes"]) == ([], 2, 1000)

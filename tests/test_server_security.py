@@ -40,8 +40,7 @@ from pacore.errors import TemplateError
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
-from server_harness import PACORE, RunningServer, running_app, running_cli, serving
-from test_server import error_body
+from server_harness import PACORE, running_app, running_cli, serving
 from test_ui import browser, page  # noqa: F401 - fixtures: one headless Chromium per module
 
 pytestmark = pytest.mark.http

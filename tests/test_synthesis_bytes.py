@@ -20,18 +20,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jinja2
 import pytest
-from fakes import ScriptedBackend
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_templates import TABLE_6, WORKED_EXAMPLE_JSON
 
 import pacore
+from fakes import ScriptedBackend
 from pacore.backends import open_backend
 from pacore.backends.base import Completion
 from pacore.errors import RoundFailedError
 from pacore.prompts import SynthesisTemplate
 from pacore.synthesis import SynthesisInput, build_synthesis_input
 from pacore.trace import Result, Trajectory
+from test_templates import TABLE_6, WORKED_EXAMPLE_JSON
 
 GOLDEN = json.loads(WORKED_EXAMPLE_JSON)
 PROBLEM = "What is 2+3?"

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 import pytest
 
 from fakes import Call, ScriptedBackend

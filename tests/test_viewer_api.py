@@ -4,7 +4,6 @@ prompt of each round, dates, the trace download, and ``pacore view`` over a batc
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import subprocess

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pacore.backends.base import (
     Backend,
@@ -34,6 +34,7 @@ from pacore.errors import (
     UsageError,
     first_error,
 )
+
 # THINK_END and last_user_text are re-exported: callers have long imported them from here.
 from pacore.messages import THINK_END, compact, last_user_index, last_user_text, non_text_parts  # noqa: F401
 from pacore.prompts import SynthesisTemplate
@@ -71,7 +72,8 @@ def normalize_messages(prompt: Prompt) -> list[Message]:
         raise InputError(
             f"the prompt must be a string or a list of chat messages, not {type(prompt).__name__}"
         )
-    messages = list(prompt)
+    # mypy loses the narrowing to Sequence[Message] in the bytes check above; each item is checked below.
+    messages = list(cast(Sequence[Message], prompt))
     if not messages:
         raise InputError("the message list is empty")
     for i, message in enumerate(messages):

@@ -50,6 +50,10 @@ class UsageError(PacoreError, ValueError):
     """The caller asked for something invalid (bad argument, empty prompt...)."""
 
 
+class MissingExtraError(UsageError):
+    """A feature needs an optional dependency group (``pip install 'pacore[extra]'``) that is not installed."""
+
+
 class ScheduleError(UsageError):
     """A schedule string or list is not a valid K-vector."""
 

@@ -150,7 +150,7 @@ def atomic_output(
     except OSError as exc:
         raise PacoreError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
@@ -169,7 +169,7 @@ def atomic_output(
 @contextmanager
 def _open_for_writing(path: Path, mode: str) -> Iterator[IO[Any]]:
     try:
-        file = open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))  # noqa: SIM115
+        file = open(path, mode, encoding=None if "b" in mode else "utf-8")  # noqa: SIM115
     except OSError as exc:
         raise PacoreError(f"cannot write {path}: {exc.strerror or exc}") from None
     with file:

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pacore.backends.base import text_of
-from pacore.messages import THINK_END, compact, last_user_text
 from pacore.errors import UsageError
 from pacore.eval.grading import grade
+from pacore.messages import THINK_END, compact, last_user_text
 from pacore.verifier import Judgement, Verifier
 
 RewardName = Literal["outcome", "process"]
@@ -153,7 +153,7 @@ def shared_verifier(
     key = (spec, str(template) if template else None, model, str(cache) if cache else None)
     with _verifiers_lock:
         if key not in _verifiers:
-            options = {"model": model} if model else {}
+            options: dict[str, Any] = {"model": model} if model else {}
             _verifiers[key] = Verifier(spec, template=template, cache=cache, **options)
         return _verifiers[key]
 

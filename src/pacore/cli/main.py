@@ -61,13 +61,15 @@ def _root(
 
 def _register_commands() -> None:
     # Each command group lives in its own module and registers itself on ``app``.
-    from pacore.cli import model  # noqa: F401
-    from pacore.cli import serve  # noqa: F401
-    from pacore.cli import ask  # noqa: F401
-    from pacore.cli import run  # noqa: F401
-    from pacore.cli import data  # noqa: F401
-    from pacore.cli import view  # noqa: F401
-    from pacore.cli import train  # noqa: F401
+    from pacore.cli import (
+        ask,  # noqa: F401
+        data,  # noqa: F401
+        model,  # noqa: F401
+        run,  # noqa: F401
+        serve,  # noqa: F401
+        train,  # noqa: F401
+        view,  # noqa: F401
+    )
 
 
 def exit_code_for(exc: BaseException) -> int:

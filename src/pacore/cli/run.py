@@ -7,7 +7,7 @@ import json
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console, RenderableType
@@ -390,7 +390,7 @@ def report_command(
     if verifier is None:
         arms, files = report.write_report(run_dirs, out)
     else:
-        options = {"model": verifier_model} if verifier_model else {}
+        options: dict[str, Any] = {"model": verifier_model} if verifier_model else {}
         with Verifier(verifier, template=verifier_template, **options) as judge:
             arms, files = report.write_report(run_dirs, out, verifier=judge)
     if json_output:

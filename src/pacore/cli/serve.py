@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from pacore._extras import SERVER_MODULES, require
 from pacore.cli.main import app
 from pacore.cli.options import (
     BACKEND_PANEL,
@@ -193,6 +194,7 @@ def serve(
 
     Request sampling fields (temperature, top_p, max_tokens, seed, stop) override the defaults set here.
     """
+    require("server", *SERVER_MODULES, feature="pacore serve")
     from pacore.server import ServerConfig, create_app
     from pacore.server.shutdown import GracefulServer
 

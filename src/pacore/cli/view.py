@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pacore._extras import SERVER_MODULES, require
 from pacore.cli.main import app
 from pacore.cli.serve import _is_loopback, _listen, _url_host
 
@@ -26,6 +28,7 @@ def view(
 
     Example: pacore view runs/gsm8k, then open http://127.0.0.1:8001/ui
     """
+    require("server", *SERVER_MODULES, feature="pacore view")
     import uvicorn
 
     from pacore.server.runview import create_run_app
@@ -38,8 +41,6 @@ def view(
     if not _is_loopback(bound_host):
         typer.echo(f"pacore view: warning: {host} is reachable from other machines; the viewer has no key", err=True)
     server = uvicorn.Server(uvicorn.Config(viewer_app, log_level="warning", access_log=False))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[listener])
-    except KeyboardInterrupt:
-        pass
     typer.echo("pacore view: stopped")

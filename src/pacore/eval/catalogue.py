@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import httpx
 
+from pacore._extras import require
 from pacore.errors import DatasetError, DownloadError, UsageError
 from pacore.eval.datasets import load_dataset
 from pacore.eval.download import (
@@ -198,7 +199,9 @@ def _pacore_train(row: Row, number: int, tag: str) -> Row:
     # Prefixed with the stage, so that ids stay unique when both stages are joined.
     record["id"] = f"pacore-train-{tag + '-' if tag else ''}{number if own_id is None else own_id}"
     if tag:
-        metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+        metadata = record.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = {}
         record["metadata"] = {**metadata, "stage": tag}
     return record
 
@@ -409,12 +412,9 @@ def read_rows(path: Path, fmt: Format) -> list[Row]:
 
 
 def _parquet_rows(path: Path) -> list[Row]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DatasetError(
-            f"{path.name} is a parquet file, which needs pyarrow: pip install 'pacore[eval]' (or pyarrow)"
-        ) from None
+    require("eval", "pyarrow.parquet", feature=f"reading the parquet file {path.name}")
+    import pyarrow.parquet as pq
+
     try:
         return pq.read_table(path).to_pylist()
     except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
@@ -490,6 +490,7 @@ def get_dataset(
         raise UsageError(f"{entry.name} has {len(entry.files)} files; --sha256 needs --from with one of them")
     cache = cache or data_cache_dir()
     limits = DownloadLimits(max_bytes=max_bytes or entry.max_bytes)
+    plan: list[tuple[str, str | None, SourceFile]]
     if source is not None:
         declared = entry.files[0]
         # The catalogue's checksum belongs to the public file, not to what --from names.

@@ -109,10 +109,7 @@ def _read(file: Path) -> list[Problem]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DatasetError(f"{file.name}:{line}: not valid UTF-8 text") from None
-    if file.suffix.lower() == ".json":
-        records = _json_records(file, text)
-    else:
-        records = _jsonl_records(file, text)
+    records = _json_records(file, text) if file.suffix.lower() == ".json" else _jsonl_records(file, text)
     if not records:
         raise DatasetError(f"{file}: the file holds no problems")
     problems: list[Problem] = []

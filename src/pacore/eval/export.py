@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from pacore._extras import require
 from pacore.backends.base import Message, text_of
 from pacore.engine import adopt_first_round
 from pacore.errors import RunConflictError, UsageError
@@ -289,7 +290,7 @@ def _synthesis_settings(
     if order is None:
         order = run_settings.get("reference_order", "shuffle")
     if template is not None or "sha256" not in run_settings:
-        return SynthesisTemplate.load(template), order  # type: ignore[return-value]
+        return SynthesisTemplate.load(template), order
     origin = run_settings.get("origin")
     try:
         chosen = SynthesisTemplate.load(origin)
@@ -300,7 +301,7 @@ def _synthesis_settings(
             f"the run was made with the synthesis template {origin!r}, which cannot be found unchanged; "
             "pass it with --template"
         )
-    return chosen, order  # type: ignore[return-value]
+    return chosen, order
 
 
 def _draw(
@@ -431,11 +432,9 @@ def _write(format: ExportFormat, rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def _write_parquet(rows: list[dict[str, Any]], out: Path) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UsageError("writing parquet needs pyarrow: pip install 'pacore[export]'") from None
+    require("export", "pyarrow.parquet", feature="writing parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     table = pa.Table.from_pylist(rows)
     with atomic_output(out, "wb") as file:
         pq.write_table(table, file)

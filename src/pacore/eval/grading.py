@@ -27,6 +27,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Literal, get_args
 
+from pacore._extras import require
 from pacore.errors import UsageError
 
 GradingKind = Literal["auto", "math", "number", "gsm8k", "choice", "exact"]
@@ -321,6 +322,7 @@ def _timeouts() -> int | None:
 def _math_verify_equal(predicted: str, ground_truth: str) -> bool:
     if not (_safe_for_sympy(predicted) and _safe_for_sympy(ground_truth)):
         return False
+    require("eval", "math_verify", feature="math grading")
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     timeout = _timeouts()

@@ -45,8 +45,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pacore.eval.grading import grade, majority_vote
+from pacore._extras import require
 from pacore.errors import OutputError
+from pacore.eval.grading import grade, majority_vote
 from pacore.files import atomic_output, refuse_overwriting, write_atomic
 from pacore.messages import last_user_text
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem, store_files
@@ -816,6 +817,7 @@ def plot_points(arms: Sequence[ArmReport], with_run: bool) -> dict[str, list[Plo
 def render_plot(arms: list[ArmReport], path: Path, with_run: bool) -> None:
     """Accuracy (95% interval bars) against mean effective TTC (log x), one line and marker per
     method; every point labelled, tied points spread apart (see :func:`plot_points`)."""
+    require("eval", "matplotlib", feature="the report's figure")
     import matplotlib
 
     matplotlib.use("Agg")

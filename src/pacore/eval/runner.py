@@ -50,9 +50,9 @@ from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.grading import extract_answer, grade, majority_vote
 from pacore.eval.report import ArmReport, arm_report
 from pacore.prompts import SynthesisTemplate
-from pacore.synthesis import ReferenceOrder
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
+from pacore.synthesis import ReferenceOrder
 from pacore.trace import Event, Result, Round, RoundStarted, Trajectory, TrajectoryFinished, usage_of
 
 logger = logging.getLogger(__name__)

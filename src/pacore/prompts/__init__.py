@@ -102,9 +102,10 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             for count, other in ((left, right), (right, left)):
                 if isinstance(other, (str, list, tuple)):
                     _check_number(count, "a repetition")
-        elif isinstance(left, int) and isinstance(right, int) and right > 0:
-            if left.bit_length() * right > _MAX_POWER_BITS:
-                raise SecurityError(f"{_describe(left)} ** {_describe(right)} is too large a number for a template")
+        elif (
+            isinstance(left, int) and isinstance(right, int) and right > 0 and left.bit_length() * right > _MAX_POWER_BITS
+        ):
+            raise SecurityError(f"{_describe(left)} ** {_describe(right)} is too large a number for a template")
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805

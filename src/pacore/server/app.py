@@ -41,7 +41,6 @@ from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asolve
 from pacore.errors import PacoreError, UsageError, shorten
 from pacore.prompts import SynthesisTemplate
-from pacore.synthesis import ReferenceOrder
 from pacore.schedule import PRESETS, Schedule
 from pacore.server import metrics as metrics_module
 from pacore.server.completions import (
@@ -75,6 +74,7 @@ from pacore.server.history import (
 )
 from pacore.server.metrics import ServerMetrics
 from pacore.server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from pacore.synthesis import ReferenceOrder
 from pacore.trace import Event, Result
 
 logger = logging.getLogger("pacore.server")
@@ -692,16 +692,17 @@ def _openapi_with_request_schemas(app: FastAPI) -> Callable[[], dict[str, Any]]:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            schemas = schema["components"]["schemas"]
-            request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            schemas.update(request.pop("$defs", {}), ChatCompletionRequest=request)
-            for name in ("HTTPValidationError", "ValidationError"):
-                schemas.pop(name, None)
-            for operations in schema["paths"].values():
-                for operation in operations.values():
-                    operation["responses"].pop("422", None)
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # FastAPI keeps this dict as app.openapi_schema: edited in place, once
+        schemas = schema["components"]["schemas"]
+        request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(request.pop("$defs", {}), ChatCompletionRequest=request)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        return schema
 
     return openapi

@@ -26,8 +26,8 @@ from pydantic import BaseModel, ValidationError
 from pacore import store
 from pacore.backends.base import Message, text_of
 from pacore.errors import StoreError, TemplateError
-from pacore.messages import last_user_index, last_user_text
 from pacore.eval.grading import extract_answer
+from pacore.messages import last_user_index, last_user_text
 from pacore.prompts import SynthesisTemplate
 from pacore.trace import (
     AnswerDelta,
@@ -255,9 +255,9 @@ class RequestRecord:
             result = event.result
             self.elapsed_s = result.elapsed_s
             # A failed request's rounds still say what each was given.
-            for rnd in result.rounds:
-                if rnd.index < len(self.rounds) and self.rounds[rnd.index].prompt is None:
-                    self._references(rnd)
+            for finished in result.rounds:
+                if finished.index < len(self.rounds) and self.rounds[finished.index].prompt is None:
+                    self._references(finished)
             if result.error:
                 self.finish("failed", result.error)
             else:
@@ -274,14 +274,14 @@ class RequestRecord:
         if self.template is None or finished.index == 0 or not finished.references:
             return  # round 1, or a round sent the original conversation: no synthesis prompt
         messages = {(r.trace.index, t.index): t.message for r in self.rounds for t in r.trace.trajectories}
-        references = [messages.get(key) for key in finished.references]
-        if any(message is None for message in references):
+        references = [message for key in finished.references if (message := messages.get(key)) is not None]
+        if len(references) < len(finished.references):
             return  # a reference this record never saw: better no prompt than a wrong one
-        if len(self.problem) + sum(len(m) for m in references) > _PROMPT_CHARS:  # type: ignore[arg-type]
+        if len(self.problem) + sum(len(m) for m in references) > _PROMPT_CHARS:
             return
         try:
             prompt = self.template.render(
-                problem=self.problem, references=references,  # type: ignore[arg-type]  # checked above
+                problem=self.problem, references=references,
                 round=finished.index + 1, total_rounds=self.total_rounds,
             )  # fmt: skip
         except TemplateError:

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from pacore.synthesis import ReferenceOrder
 from pacore.eval.grading import GradingKind
+from pacore.synthesis import ReferenceOrder
 from pacore.trace import Result
 
 

@@ -18,14 +18,14 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from pacore.messages import last_user_text
 from pacore.errors import PacoreError, RunConflictError
 from pacore.eval.report import result_span
+from pacore.messages import last_user_text
 from pacore.prompts import SynthesisTemplate
+from pacore.schedule import Schedule
+from pacore.server.app import STATIC_DIR, VIEWER_CSP
 from pacore.server.errors import install_error_handlers
 from pacore.server.history import RequestDetail, RequestRecord, RequestSummary
-from pacore.server.app import STATIC_DIR, VIEWER_CSP
-from pacore.schedule import Schedule
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
 from pacore.trace import Final, RoundFinished, RoundStarted, TrajectoryFinished
 

@@ -52,9 +52,11 @@ class GracefulServer(uvicorn.Server):
             write_timeout=config.write_timeout_s,
             on_cut=lambda reason: pacore.metrics.clients_cut.labels(reason=reason).inc(),
         )
-        super().__init__(
-            uvicorn.Config(app, http=protocol, timeout_graceful_shutdown=grace_period + _WRITE_OUT_S, **options)
+        # uvicorn's annotations are narrower than what it accepts: a protocol factory, fractional seconds.
+        config = uvicorn.Config(
+            app, http=protocol, timeout_graceful_shutdown=grace_period + _WRITE_OUT_S, **options  # type: ignore[arg-type]
         )
+        super().__init__(config)
         self.pacore = pacore
         self.grace_period = grace_period
         self.report = report
