@@ -27,6 +27,7 @@ Anything else after ``example:`` is an error, and so is a skip without a reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -217,10 +218,8 @@ def stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             break
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
     process.wait()
 
 
