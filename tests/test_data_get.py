@@ -466,7 +466,7 @@ def test_fetch_verifies_a_pinned_checksum_on_a_cached_file(server: FileServer, t
 def test_out_is_not_overwritten_without_force(mirror: FileServer, tmp_path: Path) -> None:
     out = tmp_path / "gsm8k.jsonl"
     out.write_text("precious\n")
-    with pytest.raises(UsageError, match="exists; pass --force"):
+    with pytest.raises(UsageError, match="exists with other content; pass --force"):
         get_dataset("gsm8k", out=out, progress=False)
     assert out.read_text() == "precious\n"
     get_dataset("gsm8k", out=out, force=True, progress=False)
@@ -723,7 +723,12 @@ def test_cli_default_out_and_mirror(server: FileServer, tmp_path: Path) -> None:
     assert got.stdout == "wrote 2 problems to aime2025.jsonl\n"
     assert len(load_dataset(tmp_path / "aime2025.jsonl")) == 2
     again = pacore("data", "get", "aime2025", cwd=tmp_path, env=env)
-    assert_one_line_error(again, 2, "aime2025.jsonl exists; pass --force")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "aime2025.jsonl already holds these 2 problems\n"
+    (tmp_path / "aime2025.jsonl").write_text('{"problem": "other", "answer": "1"}\n')
+    other = pacore("data", "get", "aime2025", cwd=tmp_path, env=env)
+    assert_one_line_error(other, 2, "aime2025.jsonl exists with other content; pass --force")
+    assert (tmp_path / "aime2025.jsonl").read_text() == '{"problem": "other", "answer": "1"}\n'
 
 
 def test_cli_errors_are_one_line(server: FileServer, tmp_path: Path) -> None:

@@ -140,7 +140,10 @@ def get(
             f"sha256 {item.sha256[:16]}, {item.trust})",
             err=True,
         )
-    typer.echo(f"wrote {report.problems} problems to {report.out}")
+    if report.unchanged:
+        typer.echo(f"{report.out} already holds these {report.problems} problems")
+    else:
+        typer.echo(f"wrote {report.problems} problems to {report.out}")
 
 
 @data_app.command("list")

@@ -443,6 +443,8 @@ class GetReport:
     out: Path
     problems: int
     sources: list[SourceReport]
+    #: ``out`` already held exactly this data set: nothing was written.
+    unchanged: bool = False
 
 
 def cache_path_for(url: str, cache: Path) -> Path:
@@ -474,7 +476,8 @@ def get_dataset(
 
     ``source`` is a local file or a URL to use instead of the public source
     (same conversion). ``sha256`` pins the checksum of the (single) source
-    file. ``out`` must not exist unless ``force``, which also downloads again.
+    file. An existing ``out`` is replaced only with ``force`` (which also downloads
+    again); one that already holds this very data set is left as it is.
     The output is checked with :func:`load_dataset` before it is moved into
     place, so a written file always loads.
     """
@@ -484,8 +487,6 @@ def get_dataset(
         raise UsageError(f"{out}: pacore writes JSONL; use a .jsonl name")
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give a file name for --out")
-    if out.exists() and not force:
-        raise UsageError(f"{out} exists; pass --force to overwrite it")
     if pinned and source is None and len(entry.files) > 1:
         raise UsageError(f"{entry.name} has {len(entry.files)} files; --sha256 needs --from with one of them")
     cache = cache or data_cache_dir()
@@ -513,8 +514,23 @@ def get_dataset(
         reports.append(
             SourceReport(location, fetched.sha256, fetched.size, fetched.downloaded, fetched.trust, len(rows))
         )
-    _write_checked(records, out)
+    content = "".join(json.dumps(record, ensure_ascii=False, default=str) + "\n" for record in records)
+    if out.exists() and not force:
+        # Getting the same data set twice is not a mistake; replacing another file silently would be.
+        if _holds(out, content):
+            return GetReport(entry.name, out, len(records), reports, unchanged=True)
+        raise UsageError(f"{out} exists with other content; pass --force to overwrite it")
+    _write_checked(content, out)
     return GetReport(entry.name, out, len(records), reports)
+
+
+def _holds(path: Path, content: str) -> bool:
+    """Whether ``path`` is a file holding exactly ``content``."""
+    expected = content.encode("utf-8")
+    try:
+        return path.is_file() and path.stat().st_size == len(expected) and path.read_bytes() == expected
+    except OSError:
+        return False
 
 
 def _obtain(
@@ -554,7 +570,7 @@ def _obtain(
     )
 
 
-def _write_checked(records: list[Row], out: Path) -> None:
+def _write_checked(content: str, out: Path) -> None:
     def loads(temp: Path) -> None:
         try:
             load_dataset(temp)
@@ -562,5 +578,4 @@ def _write_checked(records: list[Row], out: Path) -> None:
             raise DatasetError(f"the converted data does not load, nothing written: {exc}") from None
 
     with atomic_output(out, check=loads) as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        handle.write(content)
