@@ -368,17 +368,21 @@ def test_example_runs(
             assert done.returncode == 0, f"setup of {block.id} failed:\n{done.stderr[-3000:]}"
         (directory / "example.py").write_text(code, encoding="utf-8")
         command = [sys.executable, "example.py"]
-    process = subprocess.Popen(
-        command, cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    # Output goes to files, not pipes: a background job the block leaves running would
+    # hold a pipe open, and waiting for its end would wait for that job.
+    out_path, err_path = directory / "stdout.txt", directory / "stderr.txt"
+    with out_path.open("w") as out, err_path.open("w") as err:
+        process = subprocess.Popen(
+            command, cwd=directory, env=env, stdout=out, stderr=err, text=True, start_new_session=True
+        )
     try:
-        stdout, stderr = process.communicate(timeout=BLOCK_TIMEOUT_S)
+        process.wait(timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         stop(process)
         pytest.fail(f"{block.id} ran longer than {BLOCK_TIMEOUT_S} s")
     finally:
         stop(process)  # background jobs the block started and did not end
+    stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
     assert process.returncode == 0, (
         f"{block.id} exited with {process.returncode}\n--- code\n{code}\n--- stdout\n{stdout[-3000:]}"
         f"\n--- stderr\n{stderr[-3000:]}"
