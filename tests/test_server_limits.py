@@ -342,7 +342,7 @@ def test_a_stream_its_client_does_not_read_loses_its_slot(limits, reason):
 
 def test_a_stream_read_slowly_but_steadily_is_not_cut():
     backend = StreamingScriptedBackend(respond=long_answer)
-    with running_app(backend, ServerConfig(schedule=DEFAULT, write_timeout_s=2.0)) as running:
+    with running_app(backend, ServerConfig(schedule=DEFAULT, write_timeout_s=5.0)) as running:
         with a_stream_nobody_reads(running) as connection:
             wait_for(lambda: len(backend.calls) == 1)
             received = bytearray()
