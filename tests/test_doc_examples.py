@@ -48,6 +48,9 @@ import pytest
 from pacore.backends.llama_cpp import cache_dir as models_dir
 from test_data_get import FileServer, _handler, catalogue_files
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from harness import fast_backend  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BIN = Path(sys.executable).parent
@@ -138,20 +141,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def fast_backend() -> Iterator[str]:
+def fast_backend_url() -> Iterator[str]:
     """bench/fastbackend.py on loopback: instant answers of 16 tokens."""
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "fastbackend.py"), "--completion-tokens", "16"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        url = process.stdout.readline().strip()
-        assert process.stdout.readline().strip() == "ready"
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with fast_backend("--completion-tokens", 16) as backend:
+        yield backend.url
 
 
 @pytest.fixture(scope="session")
@@ -281,9 +274,9 @@ class Servers:
 
 @pytest.fixture(scope="session")
 def servers(
-    tmp_path_factory: pytest.TempPathFactory, environment: Environment, fast_backend: str
+    tmp_path_factory: pytest.TempPathFactory, environment: Environment, fast_backend_url: str
 ) -> Iterator[Servers]:
-    started = Servers(tmp_path_factory.mktemp("servers"), environment, fast_backend)
+    started = Servers(tmp_path_factory.mktemp("servers"), environment, fast_backend_url)
     try:
         yield started
     finally:
@@ -341,7 +334,7 @@ def marks(block: Block) -> list[pytest.MarkDecorator]:
 
 @pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=marks(b)) for b in BLOCKS])
 def test_example_runs(
-    block: Block, tmp_path: Path, environment: Environment, fast_backend: str, servers: Servers
+    block: Block, tmp_path: Path, environment: Environment, fast_backend_url: str, servers: Servers
 ) -> None:
     if block.skip:
         pytest.skip(f"{block.id}: {block.skip}")
@@ -353,13 +346,13 @@ def test_example_runs(
     directory = workspace(tmp_path / "work")
     env = environment(block, directory)
     if block.language == "shell":
-        code = render_shell(block, block.code, fast_backend, server)
+        code = render_shell(block, block.code, fast_backend_url, server)
         (directory / "example.sh").write_text(code, encoding="utf-8")
         command = ["bash", "-euo", "pipefail", "example.sh"]
     else:
-        code = substitute(block, block.code, fast_backend, server)
+        code = substitute(block, block.code, fast_backend_url, server)
         if block.setup:
-            setup = substitute(block, "\n".join(block.setup), fast_backend, server)
+            setup = substitute(block, "\n".join(block.setup), fast_backend_url, server)
             (directory / "setup.sh").write_text(setup + "\n", encoding="utf-8")
             done = subprocess.run(
                 ["bash", "-euo", "pipefail", "setup.sh"], cwd=directory, env=env,

@@ -25,6 +25,9 @@ from rich.console import Console
 from pacore.cli.run import LiveBatchDisplay
 from pacore.eval.runner import BatchProgress
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from harness import fast_backend  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_test_1000.jsonl"
 PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
@@ -43,18 +46,8 @@ def pacore(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]
 @pytest.fixture
 def fast_server() -> Iterator[str]:
     """A fast OpenAI-compatible server taking 200 ms per call."""
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "fastbackend.py"), "--ttft-ms", "200", "--completion-tokens", "6"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        url = process.stdout.readline().strip()
-        assert process.stdout.readline().strip() == "ready"
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with fast_backend("--ttft-ms", 200, "--completion-tokens", 6) as backend:
+        yield backend.url
 
 
 def samples_served(url: str) -> int:
