@@ -11,6 +11,7 @@ in :mod:`pacore.eval`, RL rewards in :mod:`pacore.rewards`, the server in
 :mod:`pacore.server`.
 """
 
+from pacore.adaptive import ComputePolicy
 from pacore.backends import (
     Backend,
     BaseBackend,
@@ -41,6 +42,7 @@ from pacore.prompts import SynthesisTemplate
 from pacore.schedule import PRESETS, Schedule
 from pacore.trace import (
     AnswerDelta,
+    Confidence,
     Event,
     Final,
     Result,
@@ -63,6 +65,8 @@ __all__ = [
     "BaseBackend",
     "BreakerPolicy",
     "Completion",
+    "ComputePolicy",
+    "Confidence",
     "ContextOverflowError",
     "DatasetError",
     "DeadlineExceededError",

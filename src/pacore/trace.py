@@ -12,6 +12,27 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
+class Confidence(BaseModel):
+    """DeepConf's confidence measures of one trajectory (see :mod:`pacore.confidence`).
+
+    Token confidence is the negative mean log-probability of a token's top
+    alternatives: high when the model was sure. Figures, not per-token arrays,
+    unless ``tokens`` was asked for (``ComputePolicy.keep_token_confidences``).
+    """
+
+    #: Mean token confidence over the whole trajectory.
+    mean: float
+    #: Lowest mean confidence of any sliding window of ``window`` tokens.
+    lowest_group: float
+    #: Mean confidence of the last ``window`` tokens.
+    tail: float
+    #: The window used (the policy's, scaled down for short outputs).
+    window: int
+    #: Tokens the figures are computed from.
+    token_count: int
+    tokens: list[float] | None = None
+
+
 class Trajectory(BaseModel):
     """One sampled call of one round."""
 
@@ -32,6 +53,11 @@ class Trajectory(BaseModel):
     #: Position in which this trajectory finished within its round (0 first); ``None`` if unknown.
     #: The reference release orders messages by it (see ``pacore.synthesis``).
     finish_order: int | None = None
+    #: DeepConf confidence, when the backend returned logprobs (``ComputePolicy.confidence``).
+    confidence: Confidence | None = None
+    #: Why an adaptive-compute policy ended this trajectory before it finished
+    #: (``"early_stop"``, ``"quorum"``, ``"budget"``); its tokens still count.
+    stopped: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -51,6 +77,12 @@ class Round(BaseModel):
     #: The previous round left no message, so the template was skipped and the
     #: original conversation sent unmodified.
     bypassed: bool = False
+    #: Messages of the previous round left out of this round's synthesis prompt by
+    #: ``ComputePolicy.keep_top`` (least confident first), as ``(round, index)``.
+    dropped: list[tuple[int, int]] = Field(default_factory=list)
+    #: What an adaptive-compute policy decided for this round, for people
+    #: (e.g. ``"adaptive width: answer settled after 8 of 16"``); ``None`` if none acted.
+    policy_note: str | None = None
     started_at: float = 0.0
     elapsed_s: float = 0.0
 

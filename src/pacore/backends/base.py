@@ -42,6 +42,14 @@ ProgressCallback = Callable[[int, int], None]
 from 0 when a failed attempt is retried from scratch.
 """
 
+ConfidenceCallback = Callable[[int, Sequence[float]], None]
+"""Called with ``(sample_index, new_token_confidences)`` as a sample of a ``generate`` call
+grows, when ``params.top_logprobs`` is set and the backend returns logprobs.
+
+Each value is DeepConf's token confidence (see :func:`pacore.confidence.token_confidence`)
+of one newly generated token, in order. The engine cancels the call to stop a sample early.
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
@@ -52,6 +60,8 @@ class GenerationParams:
     max_tokens: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] | None = None
+    #: Request token logprobs with this many alternatives per token (``None``: no logprobs).
+    top_logprobs: int | None = None
     # Extra fields sent verbatim in the request body (e.g. top_k, min_p).
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -135,6 +145,8 @@ class Completion:
     error_kind: str | None = None
     #: The failed attempts retried before this outcome, e.g. ``("status 503", "timeout")``.
     failed_attempts: tuple[str, ...] = ()
+    #: DeepConf token confidence of every generated token, when logprobs were requested and returned.
+    token_confidences: list[float] | None = None
 
     def __post_init__(self) -> None:
         # A server may send a lone surrogate (``"\ud800"`` in its JSON). No UTF-8 can hold

@@ -1,0 +1,79 @@
+"""Adaptive compute: policies that spend tokens where they change the answer.
+
+Every policy is off by default, so the paper's method (fixed K per round,
+every message synthesized) stays what ``asolve`` does. One
+:class:`ComputePolicy` value carries them through every front door: the
+Python API (``asolve(..., compute=ComputePolicy(...))``), the CLI flags, the
+server's ``pacore`` request field and ``pacore run``.
+
+Sources: DeepConf (Fu et al., 2025, "Deep Think with Confidence") for token
+confidence, confidence-filtered synthesis and online early stop;
+Adaptive-Consistency (Aggarwal et al., 2023) for the stopping test of
+adaptive width; short-m@k / quorum for ending a round on its first finishers.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: Most ``top_logprobs`` an OpenAI-compatible server accepts.
+MAX_TOP_LOGPROBS = 20
+
+
+class ComputePolicy(BaseModel):
+    """Which adaptive-compute policies a request uses (all off by default)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Request token logprobs and record DeepConf's confidence measures per trajectory.
+    #: Implied by ``keep_top`` and ``early_stop``.
+    confidence: bool = False
+    #: Alternatives per token the confidence is computed from (``top_logprobs``).
+    top_logprobs: int = Field(5, ge=1, le=MAX_TOP_LOGPROBS)
+    #: Tokens per sliding window of group confidence (scaled down for short outputs).
+    window: int = Field(2048, ge=1)
+    #: Keep per-token confidences in the trace, not only the summary figures.
+    keep_token_confidences: bool = False
+
+    #: Only this fraction of a round's messages, the most confident, go into the synthesis prompt.
+    keep_top: float | None = Field(None, gt=0, le=1)
+
+    #: Cancel a trajectory mid-stream when its windowed confidence drops below a threshold
+    #: set by the round's first ``warmup`` trajectories.
+    early_stop: bool = False
+    warmup: int = Field(4, ge=1)
+    #: The threshold is this percentile of the warm-up trajectories' lowest group confidence
+    #: (DeepConf-high keeps 90%: percentile 10; DeepConf-low keeps 10%: percentile 90).
+    early_stop_percentile: float = Field(10.0, gt=0, lt=100)
+
+    #: Sample round 1 in waves up to its K and stop once the leading answer is settled.
+    adaptive_k: bool = False
+    wave: int = Field(4, ge=1)
+    #: Posterior probability that the leading answer is the majority answer needed to stop.
+    settle_threshold: float = Field(0.95, gt=0.5, lt=1)
+
+    #: A round ends when this fraction of its trajectories has finished; the rest are cancelled.
+    quorum: float | None = Field(None, gt=0, le=1)
+    #: Once the quorum is met, wait at most this many seconds more for stragglers.
+    straggler_timeout: float | None = Field(None, ge=0)
+
+    #: Cap on generated tokens per problem; no trajectory is opened that would exceed it.
+    budget_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.straggler_timeout is not None and self.quorum is None:
+            raise ValueError("straggler_timeout needs quorum")
+        return self
+
+    @property
+    def wants_confidence(self) -> bool:
+        """Whether calls must request logprobs."""
+        return self.confidence or self.keep_top is not None or self.early_stop
+
+    @property
+    def is_default(self) -> bool:
+        """No policy is on: the paper's method."""
+        return self == ComputePolicy.model_construct()
