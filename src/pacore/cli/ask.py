@@ -11,6 +11,7 @@ from typing import Annotated, TextIO
 import typer
 
 from pacore.backends import Message
+from pacore.adaptive import ComputePolicy
 from pacore.cli.main import app
 from pacore.cli.options import (
     ApiKeyOption,
@@ -28,9 +29,8 @@ from pacore.cli.options import (
     ThreadsOption,
     TimeoutOption,
     TopPOption,
-    check_limits,
-    parse_reference_order,
     solve_setup,
+    with_compute_options,
 )
 from pacore.cli.progress import Progress, open_progress, summary_line
 from pacore.engine import EventCallback, asolve
@@ -217,6 +217,7 @@ def combine(*handlers: EventCallback | None) -> EventCallback | None:
 
 
 @app.command("ask", epilog=EXAMPLES)
+@with_compute_options
 def ask(
     question: Annotated[
         str, typer.Argument(metavar="QUESTION", help="The question to answer, or - to read it from stdin.")
@@ -268,6 +269,7 @@ def ask(
     timeout: TimeoutOption = None,
     retries: RetriesOption = None,
     threads: ThreadsOption = None,
+    compute: ComputePolicy | None = None,
 ) -> None:
     """Answer a question with parallel coordinated reasoning.
 
@@ -276,14 +278,14 @@ def ask(
     if sys.stdout is None:  # started with stdout closed (`>&-`): refused before any work
         raise InputError("stdout is closed: there is nowhere to print the answer")
     messages = build_messages(read_question(question), image or [], system)
-    check_limits(deadline=deadline, min_success=min_success)
     if quiet and show_rounds:
         raise InputError("--show-rounds prints on stderr, which --quiet keeps silent: use one of them")
-    order = parse_reference_order(reference_order)
+    streamed = stream and not json_output
     setup = solve_setup(
         backend=backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        schedule=schedule, template=template,
+        schedule=schedule, template=template, deadline=deadline, min_success=min_success,
+        reference_order=reference_order, compute=compute, stream_answer=streamed,
     )  # fmt: skip
 
     interrupted: list[Result] = []
@@ -291,18 +293,7 @@ def ask(
 
     async def run(on_event: EventCallback | None) -> Result:
         try:
-            return await asolve(
-                messages,
-                schedule=setup.schedule,
-                backend=setup.backend,
-                params=setup.params,
-                template=setup.template,
-                on_event=on_event,
-                stream_answer=answer_stream is not None,
-                deadline=deadline,
-                min_success=min_success,
-                reference_order=order,
-            )
+            return await asolve(messages, backend=setup.backend, on_event=on_event, **setup.options.as_kwargs())
         except asyncio.CancelledError as exc:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
             partial = getattr(exc, "result", None)
             if partial is not None:
@@ -312,8 +303,8 @@ def ask(
             await setup.backend.aclose()
 
     try:
-        with open_progress(quiet, max_tokens=setup.params.max_tokens, show_rounds=show_rounds) as progress:
-            if stream and not json_output:
+        with open_progress(quiet, max_tokens=setup.options.params.max_tokens, show_rounds=show_rounds) as progress:
+            if streamed:
                 # The status line is paused only when the answer is written to the same screen.
                 answer_stream = AnswerStream(sys.stdout, progress if sys.stdout.isatty() else None)
             result = asyncio.run(

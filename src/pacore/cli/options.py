@@ -4,27 +4,35 @@ A command declares the options it needs with these annotated types, then
 turns them into engine objects with :func:`solve_setup` (or, for a command
 that only needs a model, :func:`open_backends`). All validation lives here,
 so ``pacore ask``, ``pacore run`` and ``pacore serve`` reject the same
-values with the same one-line messages.
+values with the same one-line messages. The adaptive-compute flags are added
+to a command by :func:`with_compute_options`, which hands it one
+:class:`~pacore.ComputePolicy` built by :func:`compute_policy`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
 import typer
+from pydantic import ValidationError
 
+from pacore.adaptive import MAX_TOP_LOGPROBS, ComputePolicy
 from pacore.backends import Backend, GenerationParams, RetryPolicy, open_backend
 from pacore.errors import OutputError, UsageError
 from pacore.files import output_path
+from pacore.options import SolveOptions
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
 from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder
 
 BACKEND_PANEL = "Backend"
 GENERATION_PANEL = "Generation"
+COMPUTE_PANEL = "Adaptive compute (all off by default; see docs/adaptive-compute.md)"
 
 BackendOption = Annotated[
     list[str] | None,
@@ -172,13 +180,122 @@ ReferenceOrderOption = Annotated[
 ]
 
 
+def _compute_option(flag: str, help: str, metavar: str | None = None) -> Any:
+    extra = {"metavar": metavar} if metavar else {}  # a flag shows none
+    return typer.Option(flag, help=help, rich_help_panel=COMPUTE_PANEL, show_default=False, **extra)
+
+
+#: Each ComputePolicy field: its flag, the flag's typer annotation and the default meaning
+#: "not given" (the policy's own default then applies).
+_COMPUTE_FLAGS: dict[str, tuple[str, Any, Any]] = {
+    "confidence": ("--confidence", Annotated[bool, _compute_option(
+        "--confidence", "Request token logprobs and record DeepConf's confidence figures per trajectory.",
+    )], False),
+    "top_logprobs": ("--top-logprobs", Annotated[int | None, _compute_option(
+        "--top-logprobs", f"Alternatives per token the confidence is computed from (1 to {MAX_TOP_LOGPROBS}) "
+        "\\[default: 5].", "K",
+    )], None),
+    "window": ("--confidence-window", Annotated[int | None, _compute_option(
+        "--confidence-window", "Tokens per sliding window of group confidence, scaled down for short "
+        "outputs \\[default: 2048].", "N",
+    )], None),
+    "keep_top": ("--keep-top", Annotated[float | None, _compute_option(
+        "--keep-top", "Synthesize only this fraction of a round's messages, the most confident (e.g. 0.5).",
+        "FRACTION",
+    )], None),
+    "early_stop": ("--early-stop", Annotated[bool, _compute_option(
+        "--early-stop", "Cancel a trajectory mid-stream once its windowed confidence falls below the "
+        "threshold its round's warm-up set.",
+    )], False),
+    "warmup": ("--warmup", Annotated[int | None, _compute_option(
+        "--warmup", "Trajectories per round that finish before early stop sets its threshold \\[default: 4].",
+        "N",
+    )], None),
+    "early_stop_percentile": ("--early-stop-percentile", Annotated[float | None, _compute_option(
+        "--early-stop-percentile", "Early stop's threshold: this percentile of the warm-up's lowest group "
+        "confidence; 10 keeps ~90%, 90 keeps ~10% \\[default: 10].", "P",
+    )], None),
+    "adaptive_k": ("--adaptive-k", Annotated[bool, _compute_option(
+        "--adaptive-k", "Sample round 1 in waves and stop once the leading answer is settled.",
+    )], False),
+    "wave": ("--wave", Annotated[int | None, _compute_option(
+        "--wave", "Trajectories per wave of --adaptive-k \\[default: 4].", "N",
+    )], None),
+    "settle_threshold": ("--settle-threshold", Annotated[float | None, _compute_option(
+        "--settle-threshold", "Posterior probability that the leading answer is the majority one needed to "
+        "stop sampling (0.5 to 1) \\[default: 0.95].", "P",
+    )], None),
+    "quorum": ("--quorum", Annotated[float | None, _compute_option(
+        "--quorum", "End a round once this fraction of its trajectories has finished; cancel the rest.",
+        "FRACTION",
+    )], None),
+    "straggler_timeout": ("--straggler-timeout", Annotated[float | None, _compute_option(
+        "--straggler-timeout", "With --quorum: once the quorum is met, wait at most this long for the rest.",
+        "SECONDS",
+    )], None),
+    "budget_tokens": ("--budget-tokens", Annotated[int | None, _compute_option(
+        "--budget-tokens", "Cap on generated tokens per problem: no trajectory is opened that could exceed it.",
+        "N",
+    )], None),
+}  # fmt: skip
+
+
+def compute_policy(**flags: Any) -> ComputePolicy | None:
+    """The :class:`ComputePolicy` the adaptive-compute flags ask for (``None`` when none is given).
+
+    Takes the flags by their ComputePolicy field names; a bad value is a
+    one-line :class:`UsageError` naming the flag.
+    """
+    given = {name: value for name, value in flags.items() if value is not None and value is not False}
+    if not given:
+        return None
+    try:
+        return ComputePolicy(**given)
+    except ValidationError as exc:
+        raise UsageError(_policy_problem(exc)) from None
+
+
+def _policy_problem(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False)[0]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    field = error["loc"][0] if error["loc"] else None
+    if isinstance(field, str) and field in _COMPUTE_FLAGS:
+        message = f"{_COMPUTE_FLAGS[field][0]}: {message[:1].lower()}{message[1:]}, got {error['input']!r}"
+    for name, (flag, _annotation, _default) in _COMPUTE_FLAGS.items():
+        message = message.replace(name, flag)  # a cross-field rule names fields: say flags
+    return message
+
+
+def with_compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the adaptive-compute flags to a typer command.
+
+    The command declares a ``compute: ComputePolicy | None`` parameter; typer
+    sees the flags instead, and the command receives the policy they build
+    (``None`` when no flag is given).
+    """
+    signature = inspect.signature(command, eval_str=True)
+    kept = [p for p in signature.parameters.values() if p.name != "compute"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        for name, (_flag, annotation, default) in _COMPUTE_FLAGS.items()
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flags = {name: kwargs.pop(name) for name in _COMPUTE_FLAGS if name in kwargs}
+        return command(*args, compute=compute_policy(**flags), **kwargs)
+
+    parameters = kept + added
+    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
 class SolveSetup(NamedTuple):
-    """Everything :func:`pacore.asolve` needs besides the prompt."""
+    """Everything :func:`pacore.asolve` needs besides the prompt and the event callback."""
 
     backend: Backend
-    params: GenerationParams
-    schedule: Schedule
-    template: SynthesisTemplate
+    options: SolveOptions
 
 
 def generation_params(
@@ -271,13 +388,23 @@ def solve_setup(
     schedule: str,
     template: str | None,
     threads: int | None = None,
+    deadline: float | None = None,
+    min_success: float | None = None,
+    reference_order: str = "shuffle",
+    compute: ComputePolicy | None = None,
+    stream_answer: bool = False,
 ) -> SolveSetup:
     """Validate every flag, then open the backend (the slow part) last."""
     plan = Schedule.parse(schedule)
     params = generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    synthesis = load_template(template, plan)
+    check_limits(deadline=deadline, min_success=min_success)
+    options = SolveOptions(
+        schedule=plan, params=params, template=load_template(template, plan), deadline=deadline,
+        min_success=min_success, reference_order=parse_reference_order(reference_order),
+        stream_answer=stream_answer, compute=compute,
+    )  # fmt: skip
     opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads)
-    return SolveSetup(opened, params, plan, synthesis)
+    return SolveSetup(opened, options)
 
 
 def output_path_option(text: str) -> Path:

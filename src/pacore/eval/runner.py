@@ -43,12 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pacore.adaptive import ComputePolicy
 from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asample, asolve, too_few_succeeded, within_deadline
 from pacore.errors import DatasetError, PacoreError, RoundFailedError, RunConflictError, UsageError
 from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.grading import extract_answer, grade, majority_vote
 from pacore.eval.report import ArmReport, arm_report
+from pacore.options import SolveOptions
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
@@ -65,30 +67,51 @@ POOL_DRAW_SETTINGS = ("seed",)
 T = TypeVar("T")
 
 
+def policy_label(policy: ComputePolicy) -> str:
+    """The policy's non-default settings, as an arm name's suffix: ``+keep-top=0.5+early-stop``."""
+    parts = []
+    for name, value in policy.model_dump(exclude_defaults=True).items():
+        label = name.replace("_", "-")
+        parts.append(label if value is True else f"{label}={value:g}" if isinstance(value, float) else f"{label}={value}")
+    return "".join(f"+{part}" for part in parts)
+
+
 @dataclass(frozen=True, slots=True)
 class Arm:
-    """A method with its schedule or sample count; build one with :meth:`build`."""
+    """A method with its schedule or sample count (and, for ``pacore``, an adaptive-compute
+    policy); build one with :meth:`build`."""
 
     method: str
     schedule: Schedule = Schedule(())
     samples: int | None = None
+    #: ``None``: the paper's method.
+    compute: ComputePolicy | None = None
 
     @classmethod
     def build(
-        cls, method: str = "pacore", *, schedule: Schedule | str | None = None, samples: int | None = None
+        cls,
+        method: str = "pacore",
+        *,
+        schedule: Schedule | str | None = None,
+        samples: int | None = None,
+        compute: ComputePolicy | None = None,
     ) -> Arm:
         method = method.strip().lower()
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         if method != "pacore" and schedule is not None:
             raise UsageError(f"--schedule is for --method pacore, not {method}")
+        if compute is not None and compute.is_default:
+            compute = None
+        if method != "pacore" and compute is not None:
+            raise UsageError(f"the adaptive-compute options are for --method pacore, not {method}")
         if method != "majority" and samples is not None:
             raise UsageError(f"--samples is for --method majority, not {method}")
         if method == "pacore":
             plan = Schedule.parse(schedule)
             if plan.is_passthrough:
                 raise UsageError("--schedule off is one plain call: use --method single")
-            return cls("pacore", plan)
+            return cls("pacore", plan, compute=compute)
         if method == "single":
             return cls("single")
         k = DEFAULT_SAMPLES if samples is None else samples
@@ -101,7 +124,7 @@ class Arm:
     @property
     def name(self) -> str:
         if self.method == "pacore":
-            return f"pacore-{self.schedule.text()}"
+            return f"pacore-{self.schedule.text()}" + (policy_label(self.compute) if self.compute else "")
         if self.method == "majority":
             return f"majority-{self.samples}"
         return "single"
@@ -303,17 +326,20 @@ class BatchRun:
         self.arm = arm
         self.backend = backend
         self.params = params
-        self.template = template
         self.concurrency = concurrency
         self.plan = plan
         #: Seconds each problem may take (its pool sampling, if any, gets as long again).
         self.deadline = deadline
         self.min_success = min_success
+        #: What every problem passes to the engine; a repeat changes its seed and params.
+        self.options = SolveOptions(
+            schedule=arm.schedule, params=params, template=template, min_success=min_success, deadline=deadline,
+            reference_order=reference_order, compute=arm.compute,
+        )  # fmt: skip
         #: Pool top-ups sample as the run's first command did, whatever seed draws from the pool now.
         self.pool_params = pool_params or params
         # Filling a problem's pool happens once, whichever of its repeats gets there first.
         self._pool_locks: dict[str, asyncio.Lock] = {}
-        self.reference_order = reference_order
         # Store access and grading run here, off the event loop: a commit waits for
         # the disk (fsync) and math-verify can take a few hundred milliseconds, which
         # would stall every backend call in flight. One thread keeps them in order.
@@ -513,25 +539,14 @@ class BatchRun:
         arm = self.arm
         if arm.method == "pacore":
             tracker.adopted = first is not None
+            # Unseeded repeats still shuffle their references each their own way.
+            options = self.options.replace(params=params, seed=repeat_seed(unit.seed, unit.index))
             return await asolve(
-                problem.messages,
-                schedule=arm.schedule,
-                backend=self.backend,
-                params=params,
-                template=self.template,
-                first_round=first,
-                on_event=tracker,
-                deadline=self.deadline,
-                min_success=self.min_success,
-                # Unseeded repeats still shuffle their references each their own way.
-                seed=repeat_seed(unit.seed, unit.index),
-                reference_order=self.reference_order,
+                problem.messages, backend=self.backend, first_round=first, on_event=tracker, **options.as_kwargs()
             )
         if arm.method == "single" and first is None:
-            return await asolve(
-                problem.messages, schedule=arm.schedule, backend=self.backend, params=params,
-                on_event=tracker, deadline=self.deadline,
-            )  # fmt: skip
+            options = self.options.replace(params=params)
+            return await asolve(problem.messages, backend=self.backend, on_event=tracker, **options.as_kwargs())
         started = time.perf_counter()
         if first is None:
             tracker.expect(arm.first_round_size)

@@ -37,9 +37,11 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pacore.adaptive import ComputePolicy
 from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asolve
 from pacore.errors import PacoreError, UsageError, shorten
+from pacore.options import SolveOptions
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import PRESETS, Schedule
 from pacore.server import metrics as metrics_module
@@ -112,6 +114,8 @@ class ServerConfig:
     template: SynthesisTemplate = field(default_factory=SynthesisTemplate.default)
     #: Used when a request names no ``pacore.reference_order``.
     reference_order: ReferenceOrder = "shuffle"
+    #: Adaptive-compute policy used when a request names no ``pacore.compute`` (``None``: all off).
+    compute: ComputePolicy | None = None
     #: Accepted bearer tokens; empty means no authentication.
     api_keys: tuple[str, ...] = ()
     max_concurrent_requests: int = 4
@@ -183,6 +187,11 @@ class _Server:
     def __init__(self, config: ServerConfig, backend: Backend) -> None:
         self.config = config
         self.backend = backend
+        #: What every request passes to the engine unless it says otherwise.
+        self.options = SolveOptions(
+            schedule=config.schedule, params=config.params, template=config.template,
+            reference_order=config.reference_order, deadline=config.deadline_s, compute=config.compute,
+        )  # fmt: skip
         self.metrics = ServerMetrics()
         database = None
         if config.history_db is not None and config.history:
@@ -240,6 +249,11 @@ class _ChatRun:
         self.server = server
         self.plan = plan
         self.request = request
+        self.options = server.options.replace(
+            schedule=plan.schedule, params=plan.params, stream_answer=plan.stream,
+            reference_order=plan.reference_order or server.options.reference_order,
+            compute=plan.compute or server.options.compute,
+        )  # fmt: skip
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.trace_url = f"{(server.config.public_url or '').rstrip('/')}/ui#{self.id}"
         self.record = server.history.add(
@@ -279,15 +293,7 @@ class _ChatRun:
     async def _solve(self) -> Result:
         try:
             return await asolve(
-                self.plan.messages,
-                schedule=self.plan.schedule,
-                backend=self.server.backend,
-                params=self.plan.params,
-                template=self.server.config.template,
-                reference_order=self.plan.reference_order or self.server.config.reference_order,
-                on_event=self._on_event,
-                deadline=self.server.config.deadline_s,
-                stream_answer=self.plan.stream,
+                self.plan.messages, backend=self.server.backend, on_event=self._on_event, **self.options.as_kwargs()
             )
         except PacoreError as exc:
             self.server.metrics.request_failed(exc)
@@ -330,7 +336,10 @@ class _ChatRun:
         self.task.cancel()
 
     async def chunks(self) -> AsyncIterator[str]:
-        writer = ChunkWriter(request_id=self.id, model=self.plan.model, include_usage=self.plan.include_usage)
+        writer = ChunkWriter(
+            request_id=self.id, model=self.plan.model, include_usage=self.plan.include_usage,
+            policy=self.options.compute,
+        )  # fmt: skip
         yield writer.opening()
         # Checked each time: once the client is gone, writes return at once and the queue may
         # never be empty, so this loop might never reach a point where it could be cancelled.
@@ -593,7 +602,9 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
             run.close()
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        completion = completion_of(result, request_id=run.id, model=plan.model, trace_url=run.trace_url)
+        completion = completion_of(
+            result, request_id=run.id, model=plan.model, trace_url=run.trace_url, policy=run.options.compute
+        )
         return JSONResponse(completion.model_dump(mode="json"))
 
     @app.get("/v1/models")

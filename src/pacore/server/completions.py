@@ -13,6 +13,7 @@ from typing import Any
 
 import pydantic_core
 
+from pacore.adaptive import ComputePolicy
 from pacore.backends.base import GenerationParams, Message
 from pacore.cli.progress import ProgressState, round_line
 from pacore.engine import normalize_messages
@@ -72,6 +73,8 @@ class Plan:
     reference_order: ReferenceOrder | None = None
     #: The grading kind the request named (``pacore.grading``), for the trace viewer.
     grading: str | None = None
+    #: The request's adaptive-compute policy (``pacore.compute``); ``None``: the server's.
+    compute: ComputePolicy | None = None
 
 
 def parse_body(body: bytes, content_type: str | None = None, limits: Limits = Limits()) -> ChatCompletionRequest:
@@ -208,6 +211,7 @@ def plan_request(
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         reference_order=request.pacore.reference_order if request.pacore else None,
         grading=request.pacore.grading if request.pacore else None,
+        compute=request.pacore.compute if request.pacore else None,
     )
 
 
@@ -307,7 +311,9 @@ def _usage(result: Result) -> CompletionUsage:
     )
 
 
-def completion_of(result: Result, *, request_id: str, model: str, trace_url: str) -> ChatCompletion:
+def completion_of(
+    result: Result, *, request_id: str, model: str, trace_url: str, policy: ComputePolicy | None = None
+) -> ChatCompletion:
     final = result.final
     return ChatCompletion(
         id=request_id,
@@ -319,7 +325,7 @@ def completion_of(result: Result, *, request_id: str, model: str, trace_url: str
             )
         ],
         usage=_usage(result),
-        pacore=PacoreSummary.of(result, trace_url),
+        pacore=PacoreSummary.of(result, trace_url, policy),
     )
 
 
@@ -331,10 +337,13 @@ class ChunkWriter:
     it. A pass-through request (one round) shows no progress lines.
     """
 
-    def __init__(self, *, request_id: str, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, *, request_id: str, model: str, include_usage: bool, policy: ComputePolicy | None = None
+    ) -> None:
         self.request_id = request_id
         self.model = model
         self.include_usage = include_usage
+        self.policy = policy
         self.progress = ProgressState()
         self.references = 0
 
@@ -377,7 +386,7 @@ class ChunkWriter:
             id=self.request_id,
             model=self.model,
             choices=[StreamChoice(delta=DeltaMessage(), finish_reason=_finish_reason(result))],
-            pacore=PacoreSummary.of(result, trace_url),
+            pacore=PacoreSummary.of(result, trace_url, self.policy),
         )
         events = [self._event(finish)]
         if self.include_usage:

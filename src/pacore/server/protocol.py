@@ -12,8 +12,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
+from pacore.adaptive import ComputePolicy
 from pacore.eval.grading import GradingKind
 from pacore.synthesis import ReferenceOrder
 from pacore.trace import Result
@@ -70,6 +71,15 @@ class PacoreOptions(BaseModel):
     #: How answers are read (a grading kind, see :mod:`pacore.eval.grading`). Only
     #: with it does the trace viewer show extracted answers and their votes.
     grading: GradingKind | None = None
+    #: Adaptive-compute policies, the fields of :class:`pacore.ComputePolicy`
+    #: (``{"keep_top": 0.5, "early_stop": true}``); all off when absent.
+    compute: ComputePolicy | None = None
+
+    @field_validator("compute", mode="before")
+    @classmethod
+    def _strict_compute(cls, value: Any) -> Any:
+        # Strict like the OpenAI fields: "0.5" is not a number, 1 is not true.
+        return ComputePolicy.model_validate(value, strict=True) if isinstance(value, dict) else value
 
 
 class ChatCompletionRequest(OpenAIModel):
@@ -118,6 +128,42 @@ class RoundSummary(BaseModel):
     elapsed_s: float
 
 
+class ComputeSummary(BaseModel):
+    """What the request's adaptive-compute policies did (present only when a policy was on)."""
+
+    #: The policy fields the request set (the others are at their defaults).
+    policy: dict[str, Any]
+    #: Trajectories a policy ended early, by reason (``early_stop``, ``quorum``, ``budget``).
+    stopped: dict[str, int]
+    #: Tokens those stopped trajectories generated before they were stopped (counted in ``usage``).
+    stopped_tokens: int
+    #: Messages left out of synthesis prompts by ``keep_top``.
+    dropped: int
+    #: Trajectories that recorded confidence figures, and their mean token confidence.
+    with_confidence: int
+    mean_confidence: float | None
+    #: Each round's policy note, as ``"round N: ..."``.
+    notes: list[str]
+
+    @classmethod
+    def of(cls, result: Result, policy: ComputePolicy) -> ComputeSummary:
+        trajectories = [t for rnd in result.rounds for t in rnd.trajectories]
+        stopped: dict[str, int] = {}
+        for t in trajectories:
+            if t.stopped:
+                stopped[t.stopped] = stopped.get(t.stopped, 0) + 1
+        confident = [t.confidence.mean for t in trajectories if t.confidence is not None]
+        return cls(
+            policy=policy.model_dump(exclude_defaults=True),
+            stopped=stopped,
+            stopped_tokens=sum(t.completion_tokens for t in trajectories if t.stopped),
+            dropped=sum(len(rnd.dropped) for rnd in result.rounds),
+            with_confidence=len(confident),
+            mean_confidence=round(sum(confident) / len(confident), 4) if confident else None,
+            notes=[f"round {rnd.index + 1}: {rnd.policy_note}" for rnd in result.rounds if rnd.policy_note],
+        )
+
+
 class PacoreSummary(BaseModel):
     """The response's ``pacore`` extension: how the answer was computed."""
 
@@ -131,9 +177,11 @@ class PacoreSummary(BaseModel):
     backend_model: str
     #: Where the server's trace viewer shows this request.
     trace_url: str
+    #: What the adaptive-compute policies did; left out when none was on.
+    compute: ComputeSummary | None = Field(default=None, exclude_if=lambda value: value is None)
 
     @classmethod
-    def of(cls, result: Result, trace_url: str) -> PacoreSummary:
+    def of(cls, result: Result, trace_url: str, policy: ComputePolicy | None = None) -> PacoreSummary:
         return cls(
             schedule=result.schedule,
             calls=result.usage.calls,
@@ -154,6 +202,7 @@ class PacoreSummary(BaseModel):
             elapsed_s=round(result.elapsed_s, 3),
             backend_model=result.model,
             trace_url=trace_url,
+            compute=None if policy is None or policy.is_default else ComputeSummary.of(result, policy),
         )
 
 
