@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
@@ -260,10 +261,9 @@ def _policy_problem(exc: ValidationError) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     field = error["loc"][0] if error["loc"] else None
     if isinstance(field, str) and field in _COMPUTE_FLAGS:
-        message = f"{_COMPUTE_FLAGS[field][0]}: {message[:1].lower()}{message[1:]}, got {error['input']!r}"
-    for name, (flag, _annotation, _default) in _COMPUTE_FLAGS.items():
-        message = message.replace(name, flag)  # a cross-field rule names fields: say flags
-    return message
+        return f"{_COMPUTE_FLAGS[field][0]}: {message[:1].lower()}{message[1:]}, got {error['input']!r}"
+    # A rule across fields names them: say their flags.
+    return re.sub(r"\b[a-z_]+\b", lambda m: _COMPUTE_FLAGS.get(m[0], (m[0],))[0], message)
 
 
 def with_compute_options(command: Callable[..., Any]) -> Callable[..., Any]:

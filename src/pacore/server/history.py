@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from pacore import store
 from pacore.backends.base import Message, text_of
@@ -31,6 +31,7 @@ from pacore.messages import last_user_index, last_user_text
 from pacore.prompts import SynthesisTemplate
 from pacore.trace import (
     AnswerDelta,
+    Confidence,
     Event,
     Final,
     Round,
@@ -58,6 +59,7 @@ _QUESTION_CHARS = 20_000
 _PROMPT_CHARS = 200_000
 _VIEW_FIELDS = {
     "index", "message", "prompt_tokens", "completion_tokens", "latency_s", "finish_reason", "error", "error_kind",
+    "stopped",
 }  # fmt: skip
 
 
@@ -82,6 +84,10 @@ class TrajectoryView(BaseModel):
     finish_reason: str | None
     error: str | None
     error_kind: str | None
+    #: DeepConf's figures when the backend returned logprobs (never the per-token values).
+    confidence: Confidence | None = None
+    #: Why an adaptive-compute policy ended it early (``early_stop``, ``quorum``, ``budget``).
+    stopped: str | None = None
 
 
 class AnswerCount(BaseModel):
@@ -100,6 +106,10 @@ class RoundView(BaseModel):
     elapsed_s: float
     #: The previous round left no message: the original conversation was sent (see pacore.synthesis).
     bypassed: bool = False
+    #: ``(round, index)`` of the previous round's messages ``keep_top`` left out of this round's prompt.
+    dropped: list[tuple[int, int]] = Field(default_factory=list)
+    #: What an adaptive-compute policy decided for this round.
+    policy_note: str | None = None
     #: Votes over the extracted answers (empty without a grading kind).
     distribution: list[AnswerCount]
     #: Trajectories newer than the ``since`` the viewer asked with, in index order.
@@ -159,7 +169,12 @@ class _Round:
         self.trace.trajectories.append(trajectory.model_copy(update={"text": "", "reasoning": None}))
         # Without a grading kind there is no "answer" to pull out of, say, a haiku.
         answer = extract_answer(trajectory.message, self.kind) if trajectory.message and self.kind else None
-        self.views.append(TrajectoryView(seq=seq, answer=answer, **trajectory.model_dump(include=_VIEW_FIELDS)))
+        confidence = trajectory.confidence.model_copy(update={"tokens": None}) if trajectory.confidence else None
+        self.views.append(
+            TrajectoryView(
+                seq=seq, answer=answer, confidence=confidence, **trajectory.model_dump(include=_VIEW_FIELDS)
+            )
+        )
 
     def view(self, since: int) -> RoundView:
         rnd = self.trace
@@ -174,6 +189,8 @@ class _Round:
             completion_tokens=rnd.completion_tokens,
             elapsed_s=rnd.elapsed_s if self.finished else time.perf_counter() - self.started,
             bypassed=rnd.bypassed,
+            dropped=rnd.dropped,
+            policy_note=rnd.policy_note,
             distribution=[AnswerCount(answer=a, count=c) for a, c in votes.most_common()],
             trajectories=sorted((t for t in self.views if t.seq > since), key=lambda t: t.index),
             prompt=self.prompt if self.prompt_seq > since else None,
@@ -271,6 +288,8 @@ class RequestRecord:
         """Rebuild the prompt ``finished`` was sent, from the references it records (in prompt order)."""
         rnd = self.rounds[finished.index]
         rnd.trace.references = list(finished.references)
+        rnd.trace.dropped = list(finished.dropped)
+        rnd.trace.policy_note = finished.policy_note
         if self.template is None or finished.index == 0 or not finished.references:
             return  # round 1, or a round sent the original conversation: no synthesis prompt
         messages = {(r.trace.index, t.index): t.message for r in self.rounds for t in r.trace.trajectories}

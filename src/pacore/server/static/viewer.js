@@ -303,6 +303,7 @@ function roundColumn(round, detail, finalAnswer) {
     `${fmtTokens(round.completion_tokens)} tok`,
     fmtSeconds(round.elapsed_s),
     round.bypassed ? "no references: the question was sent as is" : null,
+    round.dropped && round.dropped.length ? `${round.dropped.length} references dropped by keep-top` : null,
   ].filter(Boolean).join(" · ");
   const column = el("div", {
     class: `round${round.finished ? " finished" : ""}${round.final ? " final-round" : ""}`,
@@ -311,6 +312,8 @@ function roundColumn(round, detail, finalAnswer) {
     el("div", { class: "round-head" }, [
       el("h3", {}, [el("span", { text: title }), el("span", { class: "muted", text: `K=${round.k}` })]),
       el("div", { class: "stats", text: stats }),
+      round.policy_note ? el("div", { class: "policy-note", text: round.policy_note }) : null,
+      round.dropped && round.dropped.length ? droppedLine(round.dropped) : null,
       el("div", { class: "progress" }, [el("div", { width: `${(100 * round.done) / round.k}%` })]),
     ]),
     round.final ? null : distribution(round, finalAnswer),
@@ -338,12 +341,26 @@ function distribution(round, finalAnswer) {
   ]);
 }
 
+// The previous round's messages keep-top left out of this round's synthesis prompt.
+function droppedLine(dropped) {
+  const names = dropped.map(([r, i]) => `R${r + 1}#${i + 1}`).join(", ");
+  return el("div", { class: "dropped", text: `dropped (least confident): ${names}` });
+}
+
+// DeepConf's figures: mean token confidence, lowest sliding-window group, tail.
+function confidenceLine(c) {
+  const text = `confidence ${c.mean.toFixed(2)} · lowest group ${c.lowest_group.toFixed(2)} · tail ${c.tail.toFixed(2)}`;
+  return el("div", { class: "confidence", title: `window ${c.window} of ${c.token_count} tokens`, text });
+}
+
 function card(t, finalAnswer, round) {
   const failed = t.error !== null;
   const matches = !failed && finalAnswer !== null && t.answer === finalAnswer;
   const facts = [`${t.completion_tokens} tok`, fmtSeconds(t.latency_s), t.finish_reason].filter(Boolean).join(" · ");
-  return el("div", { class: `card${failed ? " failed" : ""}${matches ? " matches-final" : ""}`, "data-index": String(t.index) }, [
-    el("div", { class: "card-head" }, [el("span", { class: "index", text: `#${t.index + 1}` }), el("span", { text: facts })]),
+  const stopped = t.stopped ? el("span", { class: "badge stopped", text: `stopped: ${t.stopped.replace("_", " ")}` }) : null;
+  return el("div", { class: `card${failed ? " failed" : ""}${matches ? " matches-final" : ""}${t.stopped ? " stopped" : ""}`, "data-index": String(t.index) }, [
+    el("div", { class: "card-head" }, [el("span", { class: "index", text: `#${t.index + 1}` }), stopped, el("span", { text: facts })]),
+    t.confidence ? confidenceLine(t.confidence) : null,
     failed || t.answer === null ? null : el("span", { class: "chip", title: t.answer, text: t.answer }),
     round.prompt ? promptBox(round, t) : null,
     failed

@@ -1,0 +1,174 @@
+"""The adaptive-compute policies through every front door: SolveOptions, the CLI
+flags of ``pacore ask`` and ``pacore run``, the server's ``pacore.compute`` object,
+its response summary and the trace viewer's data.
+
+Validation runs against the real entry point and a real loopback server (the
+openai SDK as client). The end-to-end tests run the engine's policies against
+bench/fastbackend.py's simulated model, which returns OpenAI-format logprobs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from fakes import StreamingScriptedBackend
+from pacore import ComputePolicy, asolve
+from pacore.cli.options import compute_policy
+from pacore.errors import UsageError
+from pacore.eval.runner import Arm
+from pacore.options import SolveOptions
+from pacore.schedule import Schedule
+from pacore.server import ServerConfig
+from server_harness import RunningServer, running_app
+
+PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
+
+
+def pacore(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    assert PACORE, "the pacore entry point is not installed next to this Python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")}
+    return subprocess.run([PACORE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# --- SolveOptions ------------------------------------------------------------------
+
+
+def test_solve_options_are_asolve_keywords_and_leave_compute_out_when_off():
+    accepted = set(inspect.signature(asolve).parameters)
+    plain = SolveOptions(schedule=Schedule.parse("4"), seed=3, deadline=9.0).as_kwargs()
+    assert set(plain) <= accepted
+    assert "compute" not in plain  # the paper's method: the engine is called exactly as before
+    assert "compute" not in SolveOptions(compute=ComputePolicy()).as_kwargs()
+    policy = ComputePolicy(keep_top=0.5)
+    assert SolveOptions(compute=policy).as_kwargs()["compute"] == policy
+
+
+def test_solve_options_replace_keeps_the_rest():
+    base = SolveOptions(schedule=Schedule.parse("4"), min_success=0.5, reference_order="release")
+    changed = base.replace(seed=7)
+    assert (changed.seed, changed.min_success, changed.reference_order) == (7, 0.5, "release")
+    assert base.seed is None
+
+
+# --- the CLI -------------------------------------------------------------------------
+
+
+def test_compute_policy_from_flags():
+    assert compute_policy(confidence=False, keep_top=None) is None
+    policy = compute_policy(keep_top=0.5, early_stop=True, warmup=2, window=64, confidence=False)
+    assert policy == ComputePolicy(keep_top=0.5, early_stop=True, warmup=2, window=64)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"keep_top": 1.5}, "--keep-top: input should be less than or equal to 1, got 1.5"),
+        ({"top_logprobs": 21}, "--top-logprobs: input should be less than or equal to 20, got 21"),
+        ({"window": 0}, "--confidence-window: input should be greater than or equal to 1, got 0"),
+        ({"straggler_timeout": 2.0}, "--straggler-timeout needs --quorum"),
+        ({"settle_threshold": 0.3}, "--settle-threshold: input should be greater than 0.5, got 0.3"),
+    ],
+)
+def test_bad_policy_flags_name_the_flag(flags, message):
+    with pytest.raises(UsageError) as caught:
+        compute_policy(**flags)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["ask", "--quorum", "0", "hi"], "--quorum: input should be greater than 0, got 0.0"),
+        (["ask", "--straggler-timeout", "1", "hi"], "--straggler-timeout needs --quorum"),
+        (["ask", "--budget-tokens", "0", "hi"], "--budget-tokens: input should be greater than or equal to 1"),
+        (["ask", "--warmup", "0", "--early-stop", "hi"], "--warmup: input should be greater than or equal to 1"),
+    ],
+)
+def test_cli_refuses_bad_policy_values_with_exit_2(args, fragment):
+    process = pacore(*args, "--backend", "http://127.0.0.1:9/v1")
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    assert process.returncode == 2, process.stderr
+    assert lines == [f"pacore: error: {lines[0].removeprefix('pacore: error: ')}"] and fragment in lines[0]
+    assert "Traceback" not in process.stderr
+
+
+def test_ask_help_lists_every_policy_flag():
+    process = pacore("ask", "--help")
+    assert process.returncode == 0
+    for flag in (
+        "--confidence", "--top-logprobs", "--confidence-window", "--keep-top", "--early-stop", "--warmup",
+        "--early-stop-percentile", "--adaptive-k", "--wave", "--settle-threshold", "--quorum",
+        "--straggler-timeout", "--budget-tokens",
+    ):  # fmt: skip
+        assert flag in process.stdout, flag
+
+
+# --- batch-run arms ------------------------------------------------------------------
+
+
+def test_an_arm_is_a_schedule_and_a_policy():
+    plain = Arm.build("pacore", schedule="4")
+    assert plain.name == "pacore-4" and plain.compute is None
+    assert Arm.build("pacore", schedule="4", compute=ComputePolicy()).name == "pacore-4"
+    arm = Arm.build("pacore", schedule="8", compute=ComputePolicy(keep_top=0.5, early_stop=True, warmup=2))
+    assert arm.name == "pacore-8+keep-top=0.5+early-stop+warmup=2"
+    with pytest.raises(UsageError, match="for --method pacore, not majority"):
+        Arm.build("majority", samples=4, compute=ComputePolicy(quorum=0.5))
+
+
+# --- the server ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake() -> StreamingScriptedBackend:
+    return StreamingScriptedBackend(respond=lambda call, i: "The answer is 42.")
+
+
+@pytest.fixture
+def server(fake) -> Iterator[RunningServer]:
+    with running_app(fake, ServerConfig(schedule=Schedule.parse([2]))) as running:
+        yield running
+
+
+def ask(running: RunningServer, **options):
+    client = openai.OpenAI(base_url=running.api_url, api_key="unused", max_retries=0)
+    return client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "What is six times seven?"}], **options
+    )
+
+
+@pytest.mark.parametrize(
+    ("compute", "param", "words"),
+    [
+        ({"keep_top": 1.5}, "pacore.compute.keep_top", "less than or equal to 1"),
+        ({"keep_top": "0.5"}, "pacore.compute.keep_top", "valid number"),
+        ({"early_stop": 1}, "pacore.compute.early_stop", "valid boolean"),
+        ({"warmup": 2.5}, "pacore.compute.warmup", "valid integer"),
+        ({"top_logprobs": 40}, "pacore.compute.top_logprobs", "less than or equal to 20"),
+        ({"keep_topp": 0.5}, "pacore.compute.keep_topp", "Extra inputs are not permitted"),
+        ({"straggler_timeout": 1.0}, "pacore.compute", "straggler_timeout needs quorum"),
+        ("fast", "pacore.compute", "valid dictionary"),
+    ],
+)
+def test_bad_compute_objects_get_400_naming_the_field(server, fake, compute, param, words):
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(server, extra_body={"pacore": {"compute": compute}})
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == param
+    assert words in caught.value.body["message"]
+    assert fake.calls == []
+
+
+def test_a_request_without_policy_has_no_compute_summary(server, fake):
+    completion = ask(server)
+    assert "compute" not in completion.model_extra["pacore"]
+    assert [call.params.top_logprobs for call in fake.calls] == [None] * 3
