@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pacore.adaptive import ComputePolicy
+from pacore.backends.base import Completion
 from pacore.confidence import (
     WindowedConfidence,
     effective_window,
@@ -15,6 +17,7 @@ from pacore.confidence import (
     summarize,
     token_confidence,
 )
+from pacore.trace import Trajectory
 
 
 def test_token_confidence_is_negative_mean_logprob() -> None:
@@ -164,3 +167,33 @@ def test_lowest_group_at_is_the_first_full_window_under_threshold(
         assert cut >= window - 1
         # The cut output's tail (its last full window) is under the threshold.
         assert summarize(values[: cut + 1], window).tail < threshold + 1e-9
+
+
+def test_trajectory_from_completion_records_confidence_with_the_policy_window() -> None:
+    completion = Completion(
+        text="<think>x</think>The answer is 4.",
+        finish_reason="stop",
+        prompt_tokens=3,
+        completion_tokens=4,
+        token_confidences=[4.0, 2.0, 0.0, 6.0],
+    )
+    trajectory = Trajectory.from_completion(1, 2, completion, ComputePolicy(window=2, keep_token_confidences=True))
+    assert (trajectory.round, trajectory.index) == (1, 2)
+    assert trajectory.message == "The answer is 4."
+    assert trajectory.completion_tokens == 4
+    assert trajectory.confidence is not None
+    assert trajectory.confidence.lowest_group == pytest.approx(1.0)
+    assert trajectory.confidence.tail == pytest.approx(3.0)
+    assert trajectory.confidence.tokens == [4.0, 2.0, 0.0, 6.0]
+    # Without a policy: the default window (scaled to the 4 tokens), figures only.
+    default = Trajectory.from_completion(0, 0, completion)
+    assert default.confidence is not None
+    assert default.confidence.window == 4 and default.confidence.tokens is None
+
+
+def test_trajectory_from_completion_without_logprobs_has_no_confidence() -> None:
+    for token_confidences in (None, list[float]()):
+        completion = Completion(text="4", token_confidences=token_confidences)
+        assert Trajectory.from_completion(0, 0, completion, ComputePolicy(confidence=True)).confidence is None
+    failed = Trajectory.from_completion(0, 1, Completion(text="", error="boom", error_kind="status"))
+    assert failed.message is None and failed.error == "boom" and failed.confidence is None
