@@ -308,3 +308,104 @@ async def test_adaptive_width_settles_on_a_clear_majority_after_more_waves():
     result = await asolve("Q", schedule=[16], backend=backend, params=SEEDED, compute=policy)
     assert len(round_one(result).trajectories) == 8
     assert "settled after 8 of 16 (leader 7 of 8 answers" in round_one(result).policy_note
+
+
+# --- keep-top -------------------------------------------------------------------------
+
+
+def confident_replies(levels: Sequence[float]):
+    """Round-1 replies ``message i`` whose every token has confidence ``levels[i]``."""
+
+    def respond(call, i):
+        if "Reference Responses" in call.last_user_text:
+            return "final answer"
+        index = call.params.seed % STRIDE + i
+        return Completion(
+            text=f"message {index}", finish_reason="stop", completion_tokens=3,
+            token_confidences=[levels[index]] * 3,
+        )  # fmt: skip
+
+    return respond
+
+
+async def test_keep_top_synthesizes_only_the_most_confident_messages():
+    backend = ScriptedBackend(respond=confident_replies([1.0, 4.0, 2.0, 3.0, 3.0]), max_n=8)
+    policy = ComputePolicy(keep_top=0.5)
+    result = await asolve("Q", schedule=[5], backend=backend, params=SEEDED, compute=policy)
+    assert [c.n for c in backend.calls] == [5, 1]  # keep-top needs no per-trajectory calls
+    assert all(t.confidence is not None for t in round_one(result).trajectories)
+    synthesis = result.rounds[1]
+    # ceil(0.5 * 5) = 3 kept: 4.0 and the two 3.0s; the tie is no problem, both fit.
+    assert sorted(i for _, i in synthesis.references) == [1, 3, 4]
+    assert synthesis.dropped == [(0, 0), (0, 2)]  # least confident first
+    prompt = backend.calls[1].last_user_text
+    assert "message 1" in prompt and "message 4" in prompt and "message 0" not in prompt and "message 2" not in prompt
+    assert synthesis.policy_note == "keep-top: 3 of 5 messages kept"
+
+
+async def test_keep_top_breaks_ties_by_index_and_keeps_at_least_one():
+    backend = ScriptedBackend(respond=confident_replies([2.0, 2.0, 2.0, 2.0]), max_n=8)
+    result = await asolve("Q", schedule=[4], backend=backend, params=SEEDED, compute=ComputePolicy(keep_top=0.1))
+    assert result.rounds[1].references == [(0, 0)]
+    assert result.rounds[1].dropped == [(0, 3), (0, 2), (0, 1)]
+
+
+async def test_keep_top_without_logprobs_keeps_every_message_and_says_why():
+    backend = ScriptedBackend(max_n=8)  # returns no token confidences
+    result = await asolve("Q", schedule=[4], backend=backend, compute=ComputePolicy(keep_top=0.5))
+    assert len(result.rounds[1].references) == 4 and result.rounds[1].dropped == []
+    assert result.rounds[1].policy_note == (
+        "keep-top: no confidence recorded (did the backend return logprobs?); all 4 messages kept"
+    )
+
+
+# --- online early stop ------------------------------------------------------------------
+
+
+def confident_then_doubtful(doubtful: set[int], fast: int = 4):
+    """``fast`` quick confident trajectories (5.0 per token), then slow ones: doubtful (1.0) or sure (9.0)."""
+
+    def script(r, i):
+        if i < fast:
+            return Paced(f"\\boxed{{{i}}}", tokens=10, pace=0.002, confidence=5.0)
+        return Paced(f"\\boxed{{{i}}}", tokens=40, pace=0.005, confidence=1.0 if i in doubtful else 9.0)
+
+    return script
+
+
+async def test_early_stop_cancels_trajectories_whose_confidence_falls_below_the_warmup_threshold():
+    backend = PacedBackend(script=confident_then_doubtful({4, 6}))
+    policy = ComputePolicy(early_stop=True, warmup=4, window=4)
+    result = await asolve("Q", schedule=[8], backend=backend, params=SEEDED, compute=policy)
+    first = round_one(result)
+    assert stopped(result) == {4: "early_stop", 6: "early_stop"}
+    assert sorted(i for _, i, _ in backend.cancelled) == [4, 6]
+    cut = {t.index: t for t in first.trajectories if t.stopped}
+    # Cut mid-stream: some tokens generated and counted, fewer than the 40 planned.
+    assert all(0 < t.completion_tokens < 40 and t.message is None and t.ok for t in cut.values())
+    assert all(t.confidence is not None and t.confidence.lowest_group == 1.0 for t in cut.values())
+    assert [t.completion_tokens for t in first.trajectories if t.index in (5, 7)] == [40, 40]
+    # Saved: each stopped one counted as long as the mean finished one, (4*10 + 2*40) / 6 = 20.
+    assert first.tokens_saved == sum(20 - t.completion_tokens for t in cut.values())
+    assert first.policy_note == f"early stop: threshold 5.000, 2 stopped, about {first.tokens_saved} tokens saved"
+    assert sorted(i for _, i in result.rounds[1].references) == [0, 1, 2, 3, 5, 7]
+    assert all(p.top_logprobs == 5 for p in backend.params)
+
+
+async def test_early_stop_does_nothing_when_k_is_not_above_warmup():
+    backend = PacedBackend(script=confident_then_doubtful({4, 6}))
+    policy = ComputePolicy(early_stop=True, warmup=8, window=4)
+    result = await asolve("Q", schedule=[8], backend=backend, params=SEEDED, compute=policy)
+    assert stopped(result) == {}
+    assert round_one(result).policy_note == "early stop: off for this round (K=8 is not above warmup 8)"
+
+
+async def test_early_stop_without_logprobs_stops_nothing_and_says_so():
+    script = confident_then_doubtful({4, 6})
+    backend = PacedBackend(script=lambda r, i: Paced(script(r, i).text, script(r, i).tokens, script(r, i).pace))
+    policy = ComputePolicy(early_stop=True, warmup=2, window=4)
+    result = await asolve("Q", schedule=[6], backend=backend, params=SEEDED, compute=policy)
+    assert stopped(result) == {}
+    assert round_one(result).policy_note == (
+        "early stop: fewer than 2 trajectories finished with confidence; none stopped"
+    )
