@@ -10,6 +10,7 @@ bench/fastbackend.py's simulated model, which returns OpenAI-format logprobs.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -17,11 +18,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from fakes import StreamingScriptedBackend
 from pacore import ComputePolicy, asolve
+from pacore.backends import open_backend
 from pacore.cli.options import compute_policy
 from pacore.errors import UsageError
 from pacore.eval.runner import Arm
@@ -29,6 +32,9 @@ from pacore.options import SolveOptions
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
 from server_harness import RunningServer, running_app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from harness import fast_backend  # noqa: E402
 
 PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 
@@ -172,3 +178,68 @@ def test_a_request_without_policy_has_no_compute_summary(server, fake):
     completion = ask(server)
     assert "compute" not in completion.model_extra["pacore"]
     assert [call.params.top_logprobs for call in fake.calls] == [None] * 3
+
+
+# --- end to end on the simulated model (bench/fastbackend.py --simulate: logprobs) ---------
+
+
+@pytest.fixture(scope="module")
+def simulated_url() -> Iterator[str]:
+    with fast_backend("--simulate", "--sim-median-tokens", 60) as backend:
+        yield backend.url
+
+
+@pytest.fixture
+def policy_server(simulated_url) -> Iterator[RunningServer]:
+    with running_app(open_backend(simulated_url), ServerConfig(schedule=Schedule.parse([8]))) as running:
+        yield running
+
+
+def test_keep_top_through_the_server_drops_the_least_confident_and_the_viewer_shows_it(policy_server):
+    completion = ask(policy_server, seed=1, extra_body={"pacore": {"compute": {"keep_top": 0.5, "window": 16}}})
+    summary = completion.model_extra["pacore"]["compute"]
+    assert summary["policy"] == {"keep_top": 0.5, "window": 16}
+    assert summary["dropped"] == 4
+    assert summary["with_confidence"] >= 8 and summary["mean_confidence"] > 0
+    assert summary["notes"] == ["round 2: keep-top: 4 of 8 messages kept"]
+    detail = httpx.get(f"{policy_server.base_url}/ui/api/requests/{completion.id}").json()
+    first, synthesis = detail["rounds"]
+    confidences = {t["index"]: t["confidence"]["lowest_group"] for t in first["trajectories"]}
+    assert len(confidences) == 8 and all(t["confidence"]["tokens"] is None for t in first["trajectories"])
+    dropped = {index for _round, index in synthesis["dropped"]}
+    kept = set(confidences) - dropped
+    assert len(dropped) == 4 and synthesis["policy_note"] == "keep-top: 4 of 8 messages kept"
+    # The dropped messages are the least confident ones.
+    assert max(confidences[i] for i in dropped) <= min(confidences[i] for i in kept)
+
+
+def test_early_stop_through_a_streamed_request_reports_stopped_trajectories(policy_server):
+    client = openai.OpenAI(base_url=policy_server.api_url, api_key="unused", max_retries=0)
+    compute = {"early_stop": True, "warmup": 2, "window": 16, "early_stop_percentile": 90}
+    stream = client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "Problem 7"}], seed=1, stream=True,
+        extra_body={"pacore": {"compute": compute}},
+    )  # fmt: skip
+    chunks = list(stream)
+    summary = chunks[-1].model_extra["pacore"]["compute"]
+    assert summary["stopped"]["early_stop"] >= 1
+    assert summary["stopped_tokens"] > 0
+    assert summary["notes"][0].startswith("round 1: early stop: threshold ")
+    detail = httpx.get(f"{policy_server.base_url}/ui/api/requests/{chunks[0].id}").json()
+    stopped = [t for t in detail["rounds"][0]["trajectories"] if t["stopped"] == "early_stop"]
+    assert len(stopped) == summary["stopped"]["early_stop"]
+
+
+def test_ask_flags_reach_the_engine(simulated_url):
+    process = pacore(
+        "ask", "Problem 7", "--json", "--schedule", "8", "--seed", "1", "--backend", simulated_url,
+        "--keep-top", "0.25", "--confidence-window", "16", "--adaptive-k", "--wave", "4",
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    trace = json.loads(process.stdout)
+    first, synthesis = trace["rounds"]
+    sampled = len(first["trajectories"])
+    assert sampled in (4, 8) and first["policy_note"].startswith("adaptive width: ")
+    assert all(t["confidence"]["window"] <= 16 for t in first["trajectories"])
+    assert len(synthesis["references"]) == max(1, sampled // 4)
+    assert len(synthesis["dropped"]) == sampled - len(synthesis["references"])

@@ -137,6 +137,10 @@ class ComputeSummary(BaseModel):
     stopped: dict[str, int]
     #: Tokens those stopped trajectories generated before they were stopped (counted in ``usage``).
     stopped_tokens: int
+    #: Early stop's estimate of the tokens the stopped trajectories would still have generated.
+    tokens_saved: int
+    #: Quorum's estimate of the seconds saved by cancelling stragglers.
+    seconds_saved: float
     #: Messages left out of synthesis prompts by ``keep_top``.
     dropped: int
     #: Trajectories that recorded confidence figures, and their mean token confidence.
@@ -157,6 +161,8 @@ class ComputeSummary(BaseModel):
             policy=policy.model_dump(exclude_defaults=True),
             stopped=stopped,
             stopped_tokens=sum(t.completion_tokens for t in trajectories if t.stopped),
+            tokens_saved=sum(rnd.tokens_saved or 0 for rnd in result.rounds),
+            seconds_saved=round(sum(rnd.seconds_saved or 0.0 for rnd in result.rounds), 3),
             dropped=sum(len(rnd.dropped) for rnd in result.rounds),
             with_confidence=len(confident),
             mean_confidence=round(sum(confident) / len(confident), 4) if confident else None,
