@@ -338,6 +338,7 @@ class BatchRun:
         )  # fmt: skip
         #: Pool top-ups sample as the run's first command did, whatever seed draws from the pool now.
         self.pool_params = pool_params or params
+        self.pool_compute = _pool_policy(arm.compute)
         # Filling a problem's pool happens once, whichever of its repeats gets there first.
         self._pool_locks: dict[str, asyncio.Lock] = {}
         # Store access and grading run here, off the event loop: a commit waits for
@@ -554,10 +555,18 @@ class BatchRun:
         return self._sampled_trace(problem, first, time.perf_counter() - started, params)
 
     async def _sample(
-        self, problem: Problem, n: int, tracker: _ProblemTracker, params: GenerationParams, start: int = 0
+        self,
+        problem: Problem,
+        n: int,
+        tracker: _ProblemTracker,
+        params: GenerationParams,
+        start: int = 0,
+        compute: ComputePolicy | None = None,
     ) -> list[Trajectory]:
         """``n`` first-round samples of ``problem``, within the deadline."""
-        samples = asample(problem.messages, n, backend=self.backend, params=params, start=start, on_event=tracker)
+        samples = asample(
+            problem.messages, n, backend=self.backend, params=params, start=start, on_event=tracker, compute=compute
+        )
         return await within_deadline(samples, self.deadline, lambda: "while sampling")
 
     def _sampled_trace(
@@ -610,7 +619,7 @@ class BatchRun:
         if len(pool) < size:
             start = max((t.index for t in pool), default=-1) + 1
             tracker.expect(size - len(pool))
-            fresh = await self._sample(problem, size - len(pool), tracker, self.pool_params, start)
+            fresh = await self._sample(problem, size - len(pool), tracker, self.pool_params, start, self.pool_compute)
             # Failed samples are not pooled: the next run generates them again.
             kept = [t for t in fresh if t.ok]
             await self._off_loop(self.store.add_pool, problem.id, kept)
@@ -622,6 +631,16 @@ class BatchRun:
                     f"({len(pool)} of {size} pooled; a rerun generates the rest): {error}"
                 )
         return pool
+
+
+def _pool_policy(policy: ComputePolicy | None) -> ComputePolicy | None:
+    """How a pool is sampled for an arm: keeping per-token confidences when the arm's policy reads
+    them (keep-top, early stop), so the engine can replay the policy on the pool offline."""
+    if policy is None or not policy.wants_confidence:
+        return None
+    return ComputePolicy(
+        confidence=True, top_logprobs=policy.top_logprobs, window=policy.window, keep_token_confidences=True
+    )
 
 
 def _repeats(problems: Sequence[Problem], seed: int, repeats: int) -> list[Repeat]:
