@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import inspect
 import math
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from pacore.backends.base import (
     Message,
     ProgressCallback,
     RetryBudget,
+    accepts_confidence,
     accepts_progress,
     current_retry_budget,
     text_of,
@@ -351,14 +351,6 @@ class _Solve:
             if not succeeded:
                 why += ": " + next((t.error for t in rnd.trajectories if t.error), "no trajectory ran")
             raise RoundFailedError(f"{label}: {why}")
-
-
-def accepts_confidence(backend: Backend) -> bool:
-    """Whether ``backend.generate`` takes ``on_confidence`` (needed for online early stop)."""
-    try:
-        return "on_confidence" in inspect.signature(backend.generate).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class _Budget:
