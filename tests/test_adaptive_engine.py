@@ -23,10 +23,11 @@ from pacore.backends.base import (
     ProgressCallback,
     text_of,
 )
+from pacore.confidence import lowest_group_at, summarize
 from pacore.engine import asample, asolve
 from pacore.errors import UsageError
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND
-from pacore.trace import Result
+from pacore.trace import Result, Trajectory
 
 STRIDE = MAX_TRAJECTORIES_PER_ROUND + 1  # the engine's seed stride per round (see engine._call_seed)
 SEEDED = GenerationParams(seed=0)
@@ -409,3 +410,65 @@ async def test_early_stop_without_logprobs_stops_nothing_and_says_so():
     assert round_one(result).policy_note == (
         "early stop: fewer than 2 trajectories finished with confidence; none stopped"
     )
+
+
+# --- offline replay over a stored round 1 -------------------------------------------------
+
+
+def pooled(text: str, confidences: Sequence[float]) -> Trajectory:
+    """A stored round-1 trajectory that kept its per-token confidences."""
+    return Trajectory(
+        round=0, index=0, text=text, finish_reason="stop", prompt_tokens=3, completion_tokens=len(confidences),
+        confidence=summarize(confidences, 2048, keep_tokens=True),
+    )  # fmt: skip
+
+
+async def test_replayed_early_stop_cuts_where_the_online_monitor_would():
+    doubtful = [5.0] * 4 + [1.0] * 16  # the window of 4 ending at token 4 averages 4.0 < 5.0
+    pool = [pooled(f"\\boxed{{{i}}}", [5.0] * 10) for i in range(4)]
+    pool += [pooled("\\boxed{9}", doubtful), Completion(text="\\boxed{1}", completion_tokens=8, token_confidences=[9.0] * 8)]
+    backend = ScriptedBackend()
+    policy = ComputePolicy(early_stop=True, warmup=4, window=4)
+    result = await asolve("Q", schedule=[6], backend=backend, first_round=pool, compute=policy)
+    assert len(backend.calls) == 1  # only the synthesis call: round 1 came from the pool
+    first = round_one(result)
+    assert stopped(result) == {4: "early_stop"}
+    cut = first.trajectories[4]
+    assert (cut.completion_tokens, cut.message, cut.text) == (5, None, "")
+    assert cut.confidence is not None and cut.confidence.token_count == 5
+    assert first.tokens_saved == 15
+    assert first.policy_note == "early stop: threshold 5.000, 1 stopped, 15 tokens saved (replayed)"
+    assert result.usage.completion_tokens == 4 * 10 + 5 + 8 + 2  # and the synthesis reply "answer 0.0"
+    assert sorted(i for _, i in result.rounds[1].references) == [0, 1, 2, 3, 5]
+    # The same decision online, on a live stream with the same confidences.
+    assert lowest_group_at(doubtful, 4, 5.0) == 4
+
+
+async def test_replayed_adaptive_width_adopts_the_pool_wave_by_wave():
+    pool = [Completion(text="so \\boxed{3}", completion_tokens=7) for _ in range(16)]
+    backend = ScriptedBackend()
+    policy = ComputePolicy(adaptive_k=True, wave=4)
+    result = await asolve("Q", schedule=[16], backend=backend, first_round=pool, compute=policy)
+    first = round_one(result)
+    assert [t.index for t in first.trajectories] == [0, 1, 2, 3]
+    assert first.policy_note == (
+        "adaptive width: answer settled after 4 of 16 (leader 4 of 4 answers, P(majority)=0.969) (replayed)"
+    )
+    assert result.usage.completion_tokens == 4 * 7 + 2  # only what was adopted counts
+    assert len(backend.calls) == 1
+
+
+async def test_replayed_keep_top_ranks_the_stored_confidences():
+    pool = [pooled(f"message {i}", [float(level)] * 3) for i, level in enumerate([3, 1, 2, 4])]
+    backend = ScriptedBackend()
+    result = await asolve("Q", schedule=[4], backend=backend, first_round=pool, compute=ComputePolicy(keep_top=0.5))
+    assert sorted(i for _, i in result.rounds[1].references) == [0, 3]
+    assert result.rounds[1].dropped == [(0, 1), (0, 2)]
+
+
+async def test_early_stop_replay_needs_stored_per_token_confidences():
+    pool = [pooled("a", [5.0] * 3), Trajectory(round=0, index=1, text="b", completion_tokens=3)]
+    backend = ScriptedBackend()
+    with pytest.raises(UsageError, match=r"^first_round trajectory 1 has no per-token confidences") as caught:
+        await asolve("Q", schedule=[2], backend=backend, first_round=pool, compute=ComputePolicy(early_stop=True))
+    assert "\n" not in str(caught.value) and backend.calls == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import inspect
 import math
 import time
 from collections import Counter
@@ -29,11 +28,12 @@ from pacore.backends.base import (
     Message,
     ProgressCallback,
     RetryBudget,
+    accepts_confidence,
     accepts_progress,
     current_retry_budget,
     text_of,
 )
-from pacore.confidence import WindowedConfidence, summarize
+from pacore.confidence import WindowedConfidence, lowest_group_at, summarize
 from pacore.errors import (
     BackendError,
     DeadlineExceededError,
@@ -287,6 +287,9 @@ class _Solve:
             )
 
     def _adopt_first_round(self, rnd: Round) -> None:
+        if self.compute.early_stop or self.compute.adaptive_k:
+            _replay_first_round(self, rnd)
+            return
         for trajectory in adopt_first_round(self.first_round or ()):
             self._record(rnd, trajectory)
 
@@ -351,14 +354,6 @@ class _Solve:
             if not succeeded:
                 why += ": " + next((t.error for t in rnd.trajectories if t.error), "no trajectory ran")
             raise RoundFailedError(f"{label}: {why}")
-
-
-def accepts_confidence(backend: Backend) -> bool:
-    """Whether ``backend.generate`` takes ``on_confidence`` (needed for online early stop)."""
-    try:
-        return "on_confidence" in inspect.signature(backend.generate).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class _Budget:
@@ -477,23 +472,12 @@ class _PolicyRound:
         """Adaptive width: whether to sample another wave, after the settle test on what finished."""
         if not self.adaptive or self.ended or self.budget_limited or self.target >= self.rnd.k:
             return False
-        if self._settled():
+        note = settled_note(self.rnd, len(self.opened_at), self.policy.settle_threshold)
+        if note is not None:
+            self.notes.append(note)
             return False
         self.target = min(self.target + self.policy.wave, self.rnd.k)
         return True
-
-    def _settled(self) -> bool:
-        answers = tally([t.message for t in self.rnd.trajectories if t.message])
-        leader = max((count for _, count in answers), default=0)
-        others = sum(count for _, count in answers) - leader
-        probability = majority_probability(leader, others)
-        if leader and probability >= self.policy.settle_threshold:
-            self.notes.append(
-                f"adaptive width: answer settled after {len(self.opened_at)} of {self.rnd.k} "
-                f"(leader {leader} of {leader + others} answers, P(majority)={probability:.3f})"
-            )
-            return True
-        return False
 
     async def _generate(self, index: int) -> Completion:
         solve = self.solve
@@ -657,6 +641,88 @@ class _PolicyRound:
         return f"early stop: threshold {self.threshold:.3f}, {stopped} stopped, about {saved} tokens saved"
 
 
+def settled_note(rnd: Round, sampled: int, threshold: float) -> str | None:
+    """Adaptive width's stopping test on a round's answers so far: the note saying so if settled, else ``None``.
+
+    The leading answer's count ``a`` and the other answers' ``b`` (trajectories
+    stating no answer do not count) give ``P(p > 1/2)`` under ``Beta(a + 1, b + 1)``.
+    """
+    answers = tally([t.message for t in rnd.trajectories if t.message])
+    leader = max((count for _, count in answers), default=0)
+    others = sum(count for _, count in answers) - leader
+    probability = majority_probability(leader, others)
+    if not leader or probability < threshold:
+        return None
+    return (
+        f"adaptive width: answer settled after {sampled} of {rnd.k} "
+        f"(leader {leader} of {leader + others} answers, P(majority)={probability:.3f})"
+    )
+
+
+def _replay_first_round(solve: _Solve, rnd: Round) -> None:
+    """Offline replay of early stop and adaptive width over a stored round 1 (``first_round``).
+
+    The trajectories are taken in the given order, which is their completion
+    order. Adaptive width adopts them wave by wave and stops where the online
+    test would; trajectories never adopted are not recorded (nor counted).
+    Early stop: the first ``warmup`` adopted ones set the threshold from their
+    stored per-token confidences; each later one is cut where
+    :func:`~pacore.confidence.lowest_group_at` says the online monitor would have
+    cut it (``stopped="early_stop"``, its tokens counted up to that point).
+    """
+    policy = solve.compute
+    items = list(solve.first_round or ())
+    adopted = adopt_first_round(items)
+    wave_end = min(policy.wave, rnd.k) if policy.adaptive_k else rnd.k
+    notes: list[str] = []
+    warmup_lowest: list[float] = []
+    threshold: float | None = None
+    saved = cut_count = 0
+    taken = 0
+    for item, trajectory in zip(items, adopted, strict=True):
+        if taken == wave_end:
+            note = settled_note(rnd, taken, policy.settle_threshold)
+            if note is not None:
+                notes.append(note)
+                break
+            wave_end = min(wave_end + policy.wave, rnd.k)
+        taken += 1
+        values = stored_token_confidences(item)
+        if policy.early_stop and trajectory.ok and values:
+            if threshold is None:
+                warmup_lowest.append(summarize(values, policy.window).lowest_group)
+                if len(warmup_lowest) == policy.warmup:
+                    threshold = percentile(warmup_lowest, policy.early_stop_percentile)
+            elif (cut := lowest_group_at(values, policy.window, threshold)) is not None:
+                kept = values[: cut + 1]
+                saved += max(0, trajectory.completion_tokens - len(kept))
+                cut_count += 1
+                trajectory = trajectory.model_copy(
+                    update={
+                        "text": "", "reasoning": None, "message": None, "finish_reason": None, "stopped": "early_stop",
+                        "completion_tokens": len(kept),
+                        "confidence": summarize(kept, policy.window, policy.keep_token_confidences),
+                    }
+                )  # fmt: skip
+        solve._record(rnd, trajectory)
+    if policy.adaptive_k and not notes:
+        notes.append(f"adaptive width: not settled, sampled {taken} of {rnd.k}")
+    if policy.early_stop:
+        if threshold is None:
+            notes.append(f"early stop: fewer than {policy.warmup} trajectories to warm up with; none stopped")
+        else:
+            rnd.tokens_saved = saved
+            notes.append(f"early stop: threshold {threshold:.3f}, {cut_count} stopped, {saved} tokens saved")
+    rnd.policy_note = "; ".join(f"{note} (replayed)" for note in notes) or None
+
+
+def stored_token_confidences(item: Completion | Trajectory) -> list[float] | None:
+    """The per-token confidences a stored trajectory kept, if any."""
+    if isinstance(item, Completion):
+        return item.token_confidences
+    return item.confidence.tokens if item.confidence is not None else None
+
+
 def _note_keep_top(rnd: Round, previous: Round, dropped: list[tuple[int, int]]) -> None:
     rnd.dropped = dropped
     usable = len(previous.messages)
@@ -800,6 +866,8 @@ async def asolve(
             )
     policy = compute_policy(compute)
     _check_policy(policy, plan, params)
+    if first_round is not None and policy.early_stop:
+        _check_replayable(first_round)
     synthesis = SynthesisTemplate.load(template)
     shuffle_seed = seed if seed is not None else (params.seed if params.seed is not None else 0)
 
@@ -864,6 +932,16 @@ def _check_policy(policy: ComputePolicy, plan: Schedule, params: GenerationParam
             f"budget_tokens={budget} cannot run one trajectory of each of the {len(plan.ks)} rounds "
             f"at max_tokens={max_tokens} (needs at least {max_tokens * len(plan.ks)})"
         )
+
+
+def _check_replayable(first_round: Sequence[Completion | Trajectory]) -> None:
+    """Early stop replays offline only from stored per-token confidences."""
+    for index, item in enumerate(first_round):
+        if item.ok and stored_token_confidences(item) is None:
+            raise UsageError(
+                f"first_round trajectory {index} has no per-token confidences, so early stop cannot be replayed "
+                "(sample the pool with confidence and keep_token_confidences)"
+            )
 
 
 def _is_spec_list(value: object) -> bool:
