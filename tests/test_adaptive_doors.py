@@ -25,12 +25,15 @@ import pytest
 from fakes import StreamingScriptedBackend
 from pacore import ComputePolicy, asolve
 from pacore.backends import open_backend
+from pacore.backends.base import GenerationParams
 from pacore.cli.options import compute_policy
 from pacore.errors import UsageError
-from pacore.eval.runner import Arm
+from pacore.eval.datasets import Problem
+from pacore.eval.runner import Arm, run_dataset
 from pacore.options import SolveOptions
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
+from pacore.store import RunStore
 from server_harness import RunningServer, running_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -243,3 +246,48 @@ def test_ask_flags_reach_the_engine(simulated_url):
     assert all(t["confidence"]["window"] <= 16 for t in first["trajectories"])
     assert len(synthesis["references"]) == max(1, sampled // 4)
     assert len(synthesis["dropped"]) == sampled - len(synthesis["references"])
+
+
+# --- batch runs: policy arms and offline replay on a pool ------------------------------
+
+
+def simulated_problems(count: int = 3) -> list[Problem]:
+    return [
+        Problem(id=f"p{i}", messages=[{"role": "user", "content": f"Problem {i}"}], answer="0", kind="math", line=i + 1)
+        for i in range(count)
+    ]
+
+
+async def test_policy_arms_replay_on_a_pool_without_sampling_again(simulated_url, tmp_path):
+    run_dir = tmp_path / "run"
+    problems = simulated_problems()
+    backend = open_backend(simulated_url, model="fast")
+    params = GenerationParams(seed=1)
+    try:
+        early = Arm.build("pacore", schedule="8", compute=ComputePolicy(
+            early_stop=True, warmup=2, window=16, early_stop_percentile=90,
+        ))  # fmt: skip
+        await run_dataset(run_dir, problems, dataset_path="d.jsonl", arm=early, backend=backend, params=params,
+                          pool_size=8)  # fmt: skip
+        with RunStore.open(run_dir) as store:
+            pool = store.pool("p0")
+        # Sampled for replay: every pooled trajectory keeps its per-token confidences.
+        assert len(pool) == 8 and all(t.confidence and t.confidence.tokens for t in pool)
+        calls_before = backend_calls(simulated_url)
+        keep = Arm.build("pacore", schedule="8", compute=ComputePolicy(keep_top=0.5, window=16))
+        await run_dataset(run_dir, problems, dataset_path="d.jsonl", arm=keep, backend=backend, params=params)
+        # Round 1 came from the pool: one synthesis call per problem, nothing else.
+        assert backend_calls(simulated_url) - calls_before == len(problems)
+    finally:
+        await backend.aclose()
+    with RunStore.open(run_dir) as store:
+        assert {a.name for a in store.arms()} == {early.name, keep.name}
+        replayed = [r.trace for r in store.results(early.name)]
+        kept = [r.trace for r in store.results(keep.name)]
+    assert all(t.rounds[0].policy_note.endswith("(replayed)") for t in replayed)
+    assert any(t.stopped == "early_stop" for trace in replayed for t in trace.rounds[0].trajectories)
+    assert all(len(trace.rounds[1].dropped) == 4 for trace in kept)
+
+
+def backend_calls(url: str) -> int:
+    return httpx.get(url.removesuffix("/v1") + "/stats").json()["calls"]
