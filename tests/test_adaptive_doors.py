@@ -34,7 +34,7 @@ from pacore.options import SolveOptions
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
 from pacore.store import RunStore
-from server_harness import RunningServer, running_app
+from server_harness import RunningServer, running_app, running_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from harness import fast_backend  # noqa: E402
@@ -231,6 +231,15 @@ def test_early_stop_through_a_streamed_request_reports_stopped_trajectories(poli
     detail = httpx.get(f"{policy_server.base_url}/ui/api/requests/{chunks[0].id}").json()
     stopped = [t for t in detail["rounds"][0]["trajectories"] if t["stopped"] == "early_stop"]
     assert len(stopped) == summary["stopped"]["early_stop"]
+
+
+def test_serve_flags_set_the_default_policy_a_request_may_replace(simulated_url):
+    with running_cli("--backend", simulated_url, "--schedule", "4", "--keep-top", "0.5",
+                     "--confidence-window", "16") as (running, _process):  # fmt: skip
+        default = ask(running, seed=1).model_extra["pacore"]["compute"]
+        own = ask(running, seed=1, extra_body={"pacore": {"compute": {"quorum": 1.0}}}).model_extra["pacore"]
+    assert default["policy"] == {"keep_top": 0.5, "window": 16} and default["dropped"] == 2
+    assert own["compute"]["policy"] == {"quorum": 1.0} and own["compute"]["dropped"] == 0
 
 
 def test_ask_flags_reach_the_engine(simulated_url):

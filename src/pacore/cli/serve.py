@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from pacore._extras import SERVER_MODULES, require
+from pacore.adaptive import ComputePolicy
 from pacore.cli.main import app
 from pacore.cli.options import (
     BACKEND_PANEL,
@@ -34,6 +35,7 @@ from pacore.cli.options import (
     load_template,
     open_backends,
     parse_reference_order,
+    with_compute_options,
 )
 from pacore.errors import PacoreError
 from pacore.schedule import Schedule
@@ -64,6 +66,7 @@ def _server_option(
 
 
 @app.command("serve", epilog=EXAMPLES)
+@with_compute_options
 def serve(
     host: Annotated[
         str, _server_option("--host", help="Interface to listen on (127.0.0.1: this machine only).")
@@ -189,10 +192,12 @@ def serve(
     timeout: TimeoutOption = None,
     retries: RetriesOption = None,
     threads: ThreadsOption = None,
+    compute: ComputePolicy | None = None,
 ) -> None:
     """Serve PaCoRe behind an OpenAI-compatible /v1/chat/completions, with a live trace viewer at /ui.
 
-    Request sampling fields (temperature, top_p, max_tokens, seed, stop) override the defaults set here.
+    Request sampling fields (temperature, top_p, max_tokens, seed, stop) override the defaults set here;
+    so does a request's pacore.compute object the adaptive-compute flags.
     """
     require("server", *SERVER_MODULES, feature="pacore serve")
     from pacore.server import ServerConfig, create_app
@@ -209,6 +214,7 @@ def serve(
         params=generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None),
         template=load_template(template, plan),
         reference_order=parse_reference_order(reference_order),
+        compute=compute,
         api_keys=tuple(keys),
         max_concurrent_requests=max_concurrent_requests,
         max_trajectories=max_trajectories,
