@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
 from playwright.sync_api import sync_playwright
 
 from fakes import Call, StreamingScriptedBackend
+from pacore.backends import open_backend
 from pacore.backends.base import Completion
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
 from server_harness import RunningServer, running_app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from harness import fast_backend  # noqa: E402
 
 pytestmark = pytest.mark.http
 
@@ -274,3 +280,29 @@ def test_pacore_view_shows_a_batch_run_read_only(page, tmp_path):
         assert page.dialogs == []
         page.wait_for_timeout(2500)  # longer than the server list's polling interval
         assert len(listings) == 1  # a run's list is read once, not polled
+
+
+def test_viewer_shows_what_the_adaptive_policies_did(page):
+    """Confidence per trajectory, stopped badges, dropped references and policy notes, on the
+    simulated model of bench/fastbackend.py (it returns logprobs)."""
+    compute = {"keep_top": 0.5, "early_stop": True, "warmup": 2, "window": 16, "early_stop_percentile": 90}
+    with fast_backend("--simulate", "--sim-median-tokens", 60) as simulated:
+        with running_app(open_backend(simulated.url), ServerConfig(schedule=Schedule.parse([8]))) as running:
+            client = openai.OpenAI(base_url=running.api_url, api_key="unused", max_retries=0)
+            completion = client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "Problem 7"}], seed=1,
+                extra_body={"pacore": {"compute": compute}},
+            )  # fmt: skip
+            summary = completion.model_extra["pacore"]["compute"]
+            page.goto(f"{running.base_url}/ui#{completion.id}")
+            rounds = page.locator(".round")
+            rounds.nth(1).wait_for()
+            first, synthesis = rounds.nth(0), rounds.nth(1)
+            first.locator(".card .confidence").first.wait_for()
+            assert first.locator(".card .confidence").count() == 8
+            assert first.locator(".card .confidence").first.text_content().startswith("confidence ")
+            assert first.locator(".badge.stopped").count() == summary["stopped"]["early_stop"] >= 1
+            assert first.locator(".policy-note").text_content().startswith("early stop: threshold ")
+            assert synthesis.locator(".policy-note").text_content().startswith("keep-top: ")
+            assert synthesis.locator(".dropped").text_content().startswith("dropped (least confident): R1#")
+            assert f"{summary['dropped']} references dropped by keep-top" in synthesis.locator(".stats").text_content()
