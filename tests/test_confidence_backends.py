@@ -352,3 +352,24 @@ async def test_cancelling_a_live_embedded_generation_frees_the_model_within_a_se
     assert freed - cancelled < 1.0
     # It stopped early: 400 tokens take far longer than that on this model.
     assert loaded.llama.n_tokens < 200
+
+
+@pytest.mark.model
+async def test_a_call_cancelled_while_reading_a_long_prompt_stops_at_once_and_leaves_the_model_sound():
+    backend = LlamaCppBackend()
+    short = GenerationParams(max_tokens=6, seed=11)
+    (before,) = await backend.generate(QUESTION, 1, short)
+    loaded = _load(backend.path, backend.n_ctx, backend.chat_format, backend.threads)
+    # About 1,400 tokens: seconds of prompt reading, during which no token is sampled.
+    long_prompt = [{"role": "user", "content": "hello world " * 700 + "\nName a colour."}]
+    call = asyncio.create_task(backend.generate(long_prompt, 1, GenerationParams(max_tokens=4)))
+    await asyncio.sleep(0.5)
+    reading_since = time.monotonic()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    freed = await asyncio.wait_for(asyncio.wrap_future(loaded.executor.submit(time.monotonic)), timeout=60)
+    assert freed - reading_since < 1.0
+    # The aborted prompt left no half-read state behind: the same seeded call gives the same text.
+    (after,) = await backend.generate(QUESTION, 1, short)
+    assert after.text == before.text
