@@ -21,6 +21,7 @@ from pacore.backends.llama_cpp import LlamaCppBackend, _load
 from pacore.backends.openai_http import OpenAIBackend
 from pacore.backends.router import RouterBackend
 from pacore.confidence import token_confidence
+from pacore.errors import BackendError
 from test_openai_backend import FAST_RETRY, MESSAGES, Server, chat, sse
 
 EVENT_STREAM = {"content-type": "text/event-stream"}
@@ -373,3 +374,30 @@ async def test_a_call_cancelled_while_reading_a_long_prompt_stops_at_once_and_le
     # The aborted prompt left no half-read state behind: the same seeded call gives the same text.
     (after,) = await backend.generate(QUESTION, 1, short)
     assert after.text == before.text
+
+
+async def test_a_server_that_refuses_logprobs_is_called_without_them():
+    refusal = {"error": {"message": "logprobs is not supported with this model", "type": "invalid_request_error"}}
+
+    def reply(request, body):
+        if "logprobs" in body:
+            return httpx.Response(400, json=refusal)
+        return httpx.Response(
+            200, content=sse(chunk(content="5"), chunk(finish="stop"), "[DONE]"), headers=EVENT_STREAM
+        )
+
+    server = Server(reply)
+    async with server.backend() as backend:
+        (first,) = await backend.generate(MESSAGES, 1, WITH_LOGPROBS)
+        (second,) = await backend.generate(MESSAGES, 1, WITH_LOGPROBS)
+    assert first.ok and second.ok and first.token_confidences is None is second.token_confidences
+    # Refused once, then never asked again.
+    assert ["logprobs" in body for body in server.bodies] == [True, False, False]
+
+
+async def test_a_400_about_something_else_still_fails_a_call_asking_for_logprobs():
+    server = Server(lambda request, body: httpx.Response(400, json={"error": {"message": "temperature out of range"}}))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError, match="temperature out of range"):
+            await backend.generate(MESSAGES, 1, WITH_LOGPROBS)
+    assert all("logprobs" in body for body in server.bodies)
