@@ -120,23 +120,6 @@ def _exactly(completions: list[Completion], n: int) -> list[Completion]:
     return completions[:n] + [missing] * (n - len(completions))
 
 
-def _trajectory(round_index: int, index: int, completion: Completion) -> Trajectory:
-    return Trajectory(
-        round=round_index,
-        index=index,
-        text=completion.text,
-        reasoning=completion.reasoning,
-        message=compact(completion.text) if completion.ok else None,
-        finish_reason=completion.finish_reason,
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        latency_s=completion.latency_s,
-        error=completion.error,
-        error_kind=completion.error_kind,
-        failed_attempts=completion.failed_attempts,
-    )
-
-
 class _RoundProgress:
     """A round's live token counts, emitted as :class:`TrajectoryProgress` at a throttled rate."""
 
@@ -180,7 +163,7 @@ def adopt_first_round(items: Sequence[Completion | Trajectory]) -> list[Trajecto
             message = compact(item.text) if item.ok else None
             trajectory = item.model_copy(update={"round": 0, "index": i, "message": message, "finish_order": i})
         else:
-            trajectory = _trajectory(0, i, item)
+            trajectory = Trajectory.from_completion(0, i, item)
             trajectory.finish_order = i
         adopted.append(trajectory)
     return adopted
@@ -315,7 +298,7 @@ class _Solve:
             if progress is not None:
                 progress.finished(first, n)
         for offset, completion in enumerate(_exactly(completions, n)):
-            self._record(rnd, _trajectory(rnd.index, first + offset, completion))
+            self._record(rnd, Trajectory.from_completion(rnd.index, first + offset, completion))
 
     async def _streamed_call(self, rnd: Round, conversation: list[Message]) -> None:
         emit = self.emit
@@ -331,7 +314,7 @@ class _Solve:
             if exc.fatal:
                 raise
             completion = Completion(text="", error=str(exc), error_kind=exc.kind)
-        self._record(rnd, _trajectory(rnd.index, 0, completion))
+        self._record(rnd, Trajectory.from_completion(rnd.index, 0, completion))
 
     def _check_round(self, rnd: Round) -> None:
         """Too few successful calls end the request; successful but empty ones do not
