@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +30,9 @@ from pacore.engine import asample, asolve
 from pacore.errors import UsageError
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND
 from pacore.trace import Result, Trajectory
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from harness import fast_backend  # noqa: E402
 
 STRIDE = MAX_TRAJECTORIES_PER_ROUND + 1  # the engine's seed stride per round (see engine._call_seed)
 SEEDED = GenerationParams(seed=0)
@@ -472,3 +477,56 @@ async def test_early_stop_replay_needs_stored_per_token_confidences():
     with pytest.raises(UsageError, match=r"^first_round trajectory 1 has no per-token confidences") as caught:
         await asolve("Q", schedule=[2], backend=backend, first_round=pool, compute=ComputePolicy(early_stop=True))
     assert "\n" not in str(caught.value) and backend.calls == []
+
+
+# --- over HTTP, on a loopback server ----------------------------------------------------
+
+
+async def test_quorum_over_http_cancels_the_calls_still_waiting():
+    # Two samples at a time, 0.4 s each: once two have finished, the other two are cut.
+    with fast_backend("--tokens-per-s", 50, "--completion-tokens", 20, "--concurrency", 2) as server:
+        policy = ComputePolicy(quorum=0.5)
+        result = await asolve("Q", schedule=[4], backend=server.url, params=SEEDED, compute=policy)
+    first = round_one(result)
+    finished = [t for t in first.trajectories if t.stopped is None]
+    assert len(finished) == 2 and all(t.completion_tokens == 20 for t in finished)
+    assert sorted(stopped(result).values()) == ["quorum", "quorum"]
+    assert len(result.rounds[1].references) == 2
+    assert first.policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
+
+
+async def test_budget_over_http_cuts_streams_mid_way_and_counts_their_tokens():
+    # 100 tokens per call at 200/s; the budget leaves 80 tokens for round 1 (see the scripted test).
+    with fast_backend("--tokens-per-s", 200, "--completion-tokens", 100) as server:
+        policy = ComputePolicy(budget_tokens=100)
+        result = await asolve("Q", schedule=[4], backend=server.url, params=SEEDED, compute=policy)
+    first = round_one(result)
+    assert sorted(stopped(result).values()) == ["budget"] * 4
+    assert all(0 < t.completion_tokens < 100 for t in first.trajectories)
+    assert 80 <= first.completion_tokens <= 80 + 4  # each stream is cut within a token of the cap
+    assert result.usage.completion_tokens == first.completion_tokens + result.rounds[1].completion_tokens
+
+
+# --- the embedded model ------------------------------------------------------------------
+
+
+@pytest.mark.model
+async def test_early_stop_cancels_a_live_generation_on_the_embedded_model():
+    from pacore.backends.llama_cpp import LlamaCppBackend
+
+    # One warm-up trajectory sets the threshold at its lowest 2-token window; the embedded
+    # model runs one sequence at a time, so the others are judged token by token as they
+    # stream. Seeded: with this seed all three later ones dip below it (seeds 0-2 all stop some).
+    policy = ComputePolicy(early_stop=True, warmup=1, window=2)
+    params = GenerationParams(max_tokens=24, seed=1)
+    result = await asolve("Name three colours.", schedule=[4], backend=LlamaCppBackend(), params=params, compute=policy)
+    first = round_one(result)
+    assert all(t.confidence is not None for t in first.trajectories)
+    cut = [t for t in first.trajectories if t.stopped == "early_stop"]
+    assert cut, first.policy_note
+    assert all(0 < t.completion_tokens < 24 and t.finish_reason is None for t in cut)
+    # With one warm-up trajectory, the threshold is its lowest group: each cut one fell below it.
+    warmup = next(t for t in first.trajectories if t.finish_order == 0)
+    assert warmup.stopped is None and warmup.confidence is not None
+    assert all(t.confidence is not None and t.confidence.lowest_group < warmup.confidence.lowest_group for t in cut)
+    assert result.answer  # the final round ran on the same backend after the cancellations
