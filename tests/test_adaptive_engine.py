@@ -26,10 +26,10 @@ from pacore.backends.base import (
     text_of,
 )
 from pacore.confidence import lowest_group_at, summarize
-from pacore.engine import asample, asolve
+from pacore.engine import asample, asolve, iter_solve
 from pacore.errors import UsageError
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND
-from pacore.trace import Result, Trajectory
+from pacore.trace import Final, Result, RoundFinished, Trajectory, TrajectoryFinished, TrajectoryProgress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from harness import fast_backend  # noqa: E402
@@ -246,6 +246,19 @@ async def test_straggler_timeout_keeps_stragglers_that_finish_in_time():
     assert set(stopped(result).values()) == {"quorum"} and len(stopped(result)) == 4
     assert round_one(result).elapsed_s >= 0.05  # the grace was waited for
 
+
+
+async def test_policy_rounds_emit_progress_and_stopped_trajectories_through_iter_solve():
+    backend = PacedBackend(script=fast_and_slow(2))
+    options = {"schedule": [4], "backend": backend, "params": SEEDED, "compute": {"quorum": 0.5}}
+    events = [event async for event in iter_solve("Q", **options)]
+    progress = [e for e in events if isinstance(e, TrajectoryProgress)]
+    assert progress and all(e.round == 0 for e in progress)
+    finished = [e.trajectory for e in events if isinstance(e, TrajectoryFinished) and e.round == 0]
+    assert sorted(t.stopped or "" for t in finished) == ["", "", "quorum", "quorum"]
+    (summary,) = [e.round for e in events if isinstance(e, RoundFinished) and e.round.index == 0]
+    assert summary.policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
+    assert isinstance(events[-1], Final) and events[-1].result.rounds[0].policy_note == summary.policy_note
 
 # --- budget -------------------------------------------------------------------------
 

@@ -143,16 +143,15 @@ class _RoundProgress:
 
     def callback(self, first: int) -> ProgressCallback:
         """The backend's ``on_progress`` for a call whose first sample is trajectory ``first``."""
+        return lambda index, tokens: self.report(first + index, tokens)
 
-        def on_progress(index: int, tokens: int) -> None:
-            self.pending[first + index] = tokens
-            now = time.monotonic()
-            if now >= self.next_at:
-                self.next_at = now + PROGRESS_INTERVAL_S
-                pending, self.pending = self.pending, {}
-                self.emit(TrajectoryProgress(round=self.round, tokens=pending))
-
-        return on_progress
+    def report(self, trajectory: int, tokens: int) -> None:
+        self.pending[trajectory] = tokens
+        now = time.monotonic()
+        if now >= self.next_at:
+            self.next_at = now + PROGRESS_INTERVAL_S
+            pending, self.pending = self.pending, {}
+            self.emit(TrajectoryProgress(round=self.round, tokens=pending))
 
     def finished(self, first: int, n: int) -> None:
         """Forget the counts of a finished call's trajectories (their final event says it all)."""
@@ -417,6 +416,7 @@ class _PolicyRound:
         self.target = min(policy.wave, rnd.k) if self.adaptive else rnd.k
         self.quorum = None if policy.quorum is None else math.ceil(policy.quorum * rnd.k)
         self.running: dict[asyncio.Task[Completion], int] = {}
+        self.tasks: dict[int, asyncio.Task[Completion]] = {}  # the running ones by trajectory index
         self.opened_at: dict[int, float] = {}
         self.live: dict[int, int] = {}  # tokens reported so far by running trajectories
         self.live_total = 0
@@ -465,7 +465,8 @@ class _PolicyRound:
                     return
             index = len(self.opened_at)
             self.opened_at[index] = time.perf_counter()
-            self.running[asyncio.create_task(self._generate(index))] = index
+            task = self.tasks[index] = asyncio.create_task(self._generate(index))
+            self.running[task] = index
             self.budget_limited = False
 
     def _next_wave(self) -> bool:
@@ -501,7 +502,7 @@ class _PolicyRound:
         self.live_total += tokens - self.live.get(index, 0)
         self.live[index] = tokens
         if self.progress is not None:
-            self.progress.callback(index)(0, tokens)
+            self.progress.report(index, tokens)
         budget = self.solve.budget
         if budget is not None and self.live_total > budget.available(self.later_rounds):
             self._stop(index, "budget")
@@ -517,7 +518,7 @@ class _PolicyRound:
             self._stop(index, "early_stop")
 
     def _stop(self, index: int, why: str) -> None:
-        task = next((task for task, i in self.running.items() if i == index), None)
+        task = self.tasks.get(index)
         if task is not None and index not in self.stopping:
             self.stopping[index] = why
             task.cancel()
@@ -552,6 +553,7 @@ class _PolicyRound:
 
     def _finish(self, task: asyncio.Task[Completion]) -> None:
         index = self.running.pop(task)
+        del self.tasks[index]
         if self.progress is not None:
             self.progress.finished(index, 1)
         tokens = self.live.pop(index, 0)
