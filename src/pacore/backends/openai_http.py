@@ -311,7 +311,7 @@ class OpenAIBackend(BaseBackend):
         while True:
             attempt += 1
             stream = self._streams is not False and not plain
-            state = _StreamState(n, on_delta, listeners or _NO_LISTENERS)
+            state = _StreamState(n, on_delta, listeners or _NO_LISTENERS, request.fields.get("logprobs") is True)
             try:
                 completions = await self._exchange(request.payload(n, seed, stream), state)
             except httpx.RequestError as exc:
@@ -378,13 +378,13 @@ class OpenAIBackend(BaseBackend):
         logger.info("backend %s: context overflow; retrying without max_tokens", self.display_url)
         return request.with_max_tokens(None)
 
-    def _parse_chat(self, data: Any, asked: int) -> list[Completion]:
+    def _parse_chat(self, data: Any, asked: int, logprobs: bool = False) -> list[Completion]:
         """The choices of a (non-streamed) chat completion, with its usage attributed per choice."""
         try:
             choices = data["choices"]
             if len(choices) > 1:
                 choices = sorted(choices, key=lambda choice: choice.get("index", 0))[:asked]
-            completions = [_choice_completion(choice) for choice in choices]
+            completions = [_choice_completion(choice, logprobs) for choice in choices]
             if not completions:
                 raise ValueError("no choices")
             usage = data.get("usage")
@@ -549,7 +549,7 @@ class OpenAIBackend(BaseBackend):
                 if "event-stream" not in response.headers.get("content-type", ""):
                     # The server ignored ``stream`` (or was not asked): one JSON completion.
                     completions = self._parse_chat(
-                        self._json(await self._read(response), response.status_code), state.asked
+                        self._json(await self._read(response), response.status_code), state.asked, state.logprobs
                     )
                     state.deliver_whole(completions)
                     return completions
@@ -847,9 +847,10 @@ class _StreamState:
 
     __slots__ = (
         "asked", "choices", "usage", "error", "done", "streamed", "events", "on_delta", "on_progress", "on_confidence",
+        "logprobs",
     )  # fmt: skip
 
-    def __init__(self, asked: int, on_delta: DeltaCallback | None, listeners: _Listeners) -> None:
+    def __init__(self, asked: int, on_delta: DeltaCallback | None, listeners: _Listeners, logprobs: bool) -> None:
         self.asked = asked
         self.choices: dict[int, _Choice] = {}
         self.usage: Any = None
@@ -864,6 +865,8 @@ class _StreamState:
         self.on_delta = on_delta
         self.on_progress = listeners.on_progress
         self.on_confidence = listeners.on_confidence
+        #: Logprobs were asked for: only then are they read (a server may send them unasked).
+        self.logprobs = logprobs
 
     def feed(self, chunk: dict[str, Any]) -> None:
         """Take one chunk; deltas go to ``on_delta`` (choice 0), ``on_progress`` and ``on_confidence``."""
@@ -894,7 +897,7 @@ class _StreamState:
                         self.on_delta(content or "", reasoning or "")
                     if self.on_progress is not None:
                         self.on_progress(index, state.chunks)
-            logprobs = choice.get("logprobs")
+            logprobs = choice.get("logprobs") if self.logprobs else None
             if logprobs:
                 # Every generated token counts, reasoning included (DeepConf scores them all).
                 self.add_confidences(index, state, _token_confidences(logprobs))
@@ -1058,10 +1061,10 @@ def _integer(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _choice_completion(choice: dict[str, Any]) -> Completion:
+def _choice_completion(choice: dict[str, Any], logprobs_asked: bool) -> Completion:
     """One choice of a non-streamed chat completion."""
     message = choice["message"]
-    logprobs = choice.get("logprobs")
+    logprobs = choice.get("logprobs") if logprobs_asked else None
     return Completion(
         text=message.get("content") or "",
         reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
