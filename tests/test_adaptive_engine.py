@@ -27,7 +27,7 @@ from pacore.backends.base import (
 )
 from pacore.confidence import lowest_group_at, summarize
 from pacore.engine import asample, asolve, iter_solve
-from pacore.errors import UsageError
+from pacore.errors import BackendError, DeadlineExceededError, UsageError
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND
 from pacore.trace import Final, Result, RoundFinished, Trajectory, TrajectoryFinished, TrajectoryProgress
 
@@ -61,12 +61,14 @@ class PacedBackend(BaseBackend):
 
     ``script(round, index)`` says what trajectory ``index`` of ``round`` generates
     (read from the engine's per-call seed, so requests must be seeded); synthesis
-    rounds answer ``final`` at once. Progress and token confidences (when the
-    request asks for logprobs) are reported per token; cancelled calls are listed.
+    rounds answer ``final`` at once unless ``script_synthesis``. Progress and token
+    confidences (when the request asks for logprobs) are reported per token;
+    cancelled calls are listed.
     """
 
     script: Callable[[int, int], Paced] = lambda r, i: Paced(f"\\boxed{{{i}}}")
     final: str = "final answer"
+    script_synthesis: bool = False
     name: str = "paced"
     model: str = "paced"
     started: list[tuple[int, int]] = field(default_factory=list)
@@ -83,7 +85,7 @@ class PacedBackend(BaseBackend):
     ) -> list[Completion]:
         assert n == 1, "a per-trajectory policy samples one trajectory per call"
         self.params.append(params)
-        if "Reference Responses" in text_of(messages[-1]["content"]):
+        if not self.script_synthesis and "Reference Responses" in text_of(messages[-1]["content"]):
             return [Completion(text=self.final, finish_reason="stop", completion_tokens=2)]
         assert params.seed is not None, "seed the request: the script is keyed by the call's seed"
         rnd, index = divmod(params.seed, STRIDE)
@@ -491,6 +493,58 @@ async def test_early_stop_replay_needs_stored_per_token_confidences():
         await asolve("Q", schedule=[2], backend=backend, first_round=pool, compute=ComputePolicy(early_stop=True))
     assert "\n" not in str(caught.value) and backend.calls == []
 
+
+
+# --- combined, and when things go wrong ------------------------------------------------------
+
+
+async def test_policies_combine_and_their_notes_add_up():
+    def script(r, i):
+        return Paced(f"\\boxed{{{i}}}", tokens=10, pace=0.002 if i < 2 else 0.05, confidence=float(i + 1))
+
+    backend = PacedBackend(script=script, script_synthesis=True)
+    policy = ComputePolicy(keep_top=0.5, quorum=0.5)
+    result = await asolve("Q", schedule=[4, 4], backend=backend, params=SEEDED, compute=policy)
+    second = result.rounds[1]
+    # Round 2's prompt keeps the more confident of round 1's two messages; round 2 has its own quorum.
+    assert second.references == [(0, 1)] and second.dropped == [(0, 0)]
+    assert second.policy_note == "keep-top: 1 of 2 messages kept; quorum: ended after 2 of 4 finished, 2 cancelled"
+    assert round_one(result).policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
+
+
+async def test_a_deadline_cancels_every_running_trajectory_and_keeps_the_finished_ones():
+    backend = PacedBackend(script=fast_and_slow(2))
+    with pytest.raises(DeadlineExceededError) as caught:
+        await asolve("Q", schedule=[4], backend=backend, params=SEEDED, compute={"quorum": 1}, deadline=0.2)
+    assert sorted(i for _, i, _ in backend.cancelled) == [2, 3]
+    assert [t.index for t in caught.value.result.rounds[0].trajectories] == [0, 1]
+    await asyncio.sleep(0.05)
+    assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
+
+
+async def test_a_fatal_backend_error_ends_the_request_and_cancels_the_rest():
+    def script(r, i):
+        if i == 1:
+            raise BackendError("HTTP 401: bad key", kind="auth")
+        return Paced("slow", tokens=50, pace=0.01)
+
+    backend = PacedBackend(script=script)
+    with pytest.raises(BackendError, match="bad key"):
+        await asolve("Q", schedule=[3], backend=backend, params=SEEDED, compute={"early_stop": True})
+    assert sorted(i for _, i, _ in backend.cancelled) == [0, 2]
+
+
+async def test_a_failed_trajectory_is_recorded_and_the_round_goes_on():
+    def script(r, i):
+        if i == 0:
+            raise BackendError("HTTP 503", kind="status")
+        return Paced(f"\\boxed{{{i}}}")
+
+    backend = PacedBackend(script=script)
+    result = await asolve("Q", schedule=[3], backend=backend, params=SEEDED, compute={"quorum": 1})
+    first = round_one(result)
+    assert [(t.index, t.error_kind) for t in first.trajectories] == [(0, "status"), (1, None), (2, None)]
+    assert sorted(i for _, i in result.rounds[1].references) == [1, 2]
 
 # --- over HTTP, on a loopback server ----------------------------------------------------
 

@@ -499,6 +499,8 @@ class _PolicyRound:
     # --- while running ---------------------------------------------------------
 
     def _on_progress(self, index: int, tokens: int) -> None:
+        if index not in self.tasks:
+            return  # scheduled by a backend thread before the call ended
         self.live_total += tokens - self.live.get(index, 0)
         self.live[index] = tokens
         if self.progress is not None:
@@ -508,6 +510,8 @@ class _PolicyRound:
             self._stop(index, "budget")
 
     def _on_confidence(self, index: int, values: Sequence[float]) -> None:
+        if index not in self.tasks:
+            return  # scheduled by a backend thread before the call ended
         monitor = self.monitors.get(index)
         if monitor is None:
             monitor = self.monitors[index] = WindowedConfidence(self.policy.window)
@@ -627,7 +631,8 @@ class _PolicyRound:
             self.notes.append(f"quorum: ended after {self.finished} of {rnd.k} finished, {stopped['quorum']} cancelled")
         if self.policy.early_stop:
             self.notes.append(self._early_stop_note(stopped.get("early_stop", 0)))
-        rnd.policy_note = "; ".join(self.notes) or None
+        # Keep-top's note on this round's prompt comes first.
+        rnd.policy_note = "; ".join(([rnd.policy_note] if rnd.policy_note else []) + self.notes) or None
 
     def _early_stop_note(self, stopped: int) -> str:
         if self.rnd.k <= self.policy.warmup:
@@ -728,7 +733,9 @@ def stored_token_confidences(item: Completion | Trajectory) -> list[float] | Non
 def _note_keep_top(rnd: Round, previous: Round, dropped: list[tuple[int, int]]) -> None:
     rnd.dropped = dropped
     usable = len(previous.messages)
-    if usable and not any(t.confidence for t in previous.trajectories if t.message):
+    if not usable:
+        return  # nothing to rank: the round is bypassed
+    if not any(t.confidence for t in previous.trajectories if t.message):
         note = f"keep-top: no confidence recorded (did the backend return logprobs?); all {usable} messages kept"
     else:
         note = f"keep-top: {usable - len(dropped)} of {usable} messages kept"
