@@ -604,8 +604,7 @@ class _PolicyRound:
         at the rate it was generating; stragglers that reported no tokens are
         left out. The saving is the slowest one's remaining time.
         """
-        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
-        mean_length = sum(lengths) / len(lengths) if lengths else 0.0
+        mean_length = self._mean_finished_length()
         now = time.perf_counter()
         remaining = [
             (now - self.opened_at[index]) * (max(mean_length, tokens) / tokens - 1)
@@ -613,6 +612,11 @@ class _PolicyRound:
             if tokens
         ]
         self.rnd.seconds_saved = max(remaining, default=0.0)
+
+    def _mean_finished_length(self) -> float:
+        """Mean tokens of the round's trajectories that ran to their end (what the estimates assume)."""
+        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
+        return sum(lengths) / len(lengths) if lengths else 0.0
 
     def _note_round(self) -> None:
         rnd = self.rnd
@@ -630,7 +634,7 @@ class _PolicyRound:
         if "quorum" in stopped:
             self.notes.append(f"quorum: ended after {self.finished} of {rnd.k} finished, {stopped['quorum']} cancelled")
         if self.policy.early_stop:
-            self.notes.append(self._early_stop_note(stopped.get("early_stop", 0)))
+            self.notes.append(self._early_stop_note(stopped["early_stop"]))
         # Keep-top's note on this round's prompt comes first.
         rnd.policy_note = "; ".join(([rnd.policy_note] if rnd.policy_note else []) + self.notes) or None
 
@@ -639,12 +643,10 @@ class _PolicyRound:
             return f"early stop: off for this round (K={self.rnd.k} is not above warmup {self.policy.warmup})"
         if self.threshold is None:
             return f"early stop: fewer than {self.policy.warmup} trajectories finished with confidence; none stopped"
-        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
-        mean_length = sum(lengths) / len(lengths) if lengths else 0
-        saved = sum(
-            max(0, round(mean_length) - t.completion_tokens) for t in self.rnd.trajectories if t.stopped == "early_stop"
-        )
-        self.rnd.tokens_saved = saved
+        # Each stopped trajectory is assumed to have been heading for the mean finished length.
+        mean_length = round(self._mean_finished_length())
+        cut = [t.completion_tokens for t in self.rnd.trajectories if t.stopped == "early_stop"]
+        self.rnd.tokens_saved = saved = sum(max(0, mean_length - tokens) for tokens in cut)
         return f"early stop: threshold {self.threshold:.3f}, {stopped} stopped, about {saved} tokens saved"
 
 
