@@ -159,12 +159,15 @@ class _RoundProgress:
             self.pending.pop(index, None)
 
 
-def adopt_first_round(items: Sequence[Completion | Trajectory]) -> list[Trajectory]:
+def adopt_first_round(
+    items: Sequence[Completion | Trajectory], compute: ComputePolicy | None = None
+) -> list[Trajectory]:
     """Pre-generated round-1 trajectories as the engine records them (``asolve(first_round=...)``).
 
     Numbered in the given order, which is also their completion order, with
     compaction recomputed: a pool may hold trajectories built without it.
-    The training export builds its prompts from these too.
+    The training export builds its prompts from these too. A completion's
+    confidence is summarized with ``compute``'s window.
     """
     adopted = []
     for i, item in enumerate(items):
@@ -172,7 +175,7 @@ def adopt_first_round(items: Sequence[Completion | Trajectory]) -> list[Trajecto
             message = compact(item.text) if item.ok else None
             trajectory = item.model_copy(update={"round": 0, "index": i, "message": message, "finish_order": i})
         else:
-            trajectory = Trajectory.from_completion(0, i, item)
+            trajectory = Trajectory.from_completion(0, i, item, compute)
             trajectory.finish_order = i
         adopted.append(trajectory)
     return adopted
@@ -289,7 +292,7 @@ class _Solve:
         if self.compute.early_stop or self.compute.adaptive_k:
             _replay_first_round(self, rnd)
             return
-        for trajectory in adopt_first_round(self.first_round or ()):
+        for trajectory in adopt_first_round(self.first_round or (), self.compute):
             self._record(rnd, trajectory)
 
     async def _run_round(self, rnd: Round, conversation: list[Message], start: int = 0) -> None:
@@ -681,7 +684,7 @@ def _replay_first_round(solve: _Solve, rnd: Round) -> None:
     """
     policy = solve.compute
     items = list(solve.first_round or ())
-    adopted = adopt_first_round(items)
+    adopted = adopt_first_round(items, policy)
     wave_end = min(policy.wave, rnd.k) if policy.adaptive_k else rnd.k
     notes: list[str] = []
     warmup_lowest: list[float] = []
