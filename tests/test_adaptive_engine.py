@@ -40,12 +40,14 @@ SEEDED = GenerationParams(seed=0)
 
 @dataclass
 class Paced:
-    """What one trajectory generates: ``tokens`` tokens, one every ``pace`` seconds."""
+    """What one trajectory generates: ``tokens`` tokens, one every ``pace`` seconds, sent in
+    chunks of ``chunk`` tokens (progress counts chunks, as the HTTP backend does)."""
 
     text: str
     tokens: int = 10
     pace: float = 0.002
     confidence: float | Sequence[float] | None = None
+    chunk: int = 1
 
     def confidences(self) -> list[float] | None:
         if self.confidence is None:
@@ -95,12 +97,13 @@ class PacedBackend(BaseBackend):
         sent = 0
         try:
             while sent < paced.tokens:
-                await asyncio.sleep(paced.pace)
-                sent += 1
+                await asyncio.sleep(paced.pace * paced.chunk)
+                chunk = range(sent, min(sent + paced.chunk, paced.tokens))
+                sent = chunk.stop
                 if on_progress is not None:
-                    on_progress(0, sent)
+                    on_progress(0, math.ceil(sent / paced.chunk))
                 if on_confidence is not None and confidences is not None:
-                    on_confidence(0, confidences[sent - 1 : sent])
+                    on_confidence(0, confidences[chunk.start : chunk.stop])
         except asyncio.CancelledError:
             self.cancelled.append((rnd, index, sent))
             raise
@@ -261,6 +264,20 @@ async def test_policy_rounds_emit_progress_and_stopped_trajectories_through_iter
     (summary,) = [e.round for e in events if isinstance(e, RoundFinished) and e.round.index == 0]
     assert summary.policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
     assert isinstance(events[-1], Final) and events[-1].result.rounds[0].policy_note == summary.policy_note
+
+
+async def test_a_cut_trajectory_counts_its_tokens_not_its_chunks_when_logprobs_come_back():
+    def script(r, i):
+        if i < 2:
+            return Paced(f"\\boxed{{{i}}}", tokens=8, pace=0.002, confidence=2.0, chunk=4)
+        return Paced("slow", tokens=400, pace=0.002, confidence=2.0, chunk=4)
+
+    backend = PacedBackend(script=script)
+    result = await asolve("Q", schedule=[4], backend=backend, params=SEEDED, compute={"quorum": 0.5, "confidence": True})
+    sent = {i: tokens for _, i, tokens in backend.cancelled}
+    cut = [t for t in round_one(result).trajectories if t.stopped]
+    assert len(cut) == 2 and all(t.completion_tokens == sent[t.index] for t in cut)
+    assert all(t.completion_tokens % 4 == 0 and t.confidence.token_count == t.completion_tokens for t in cut)
 
 # --- budget -------------------------------------------------------------------------
 

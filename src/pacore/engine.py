@@ -414,14 +414,16 @@ class _PolicyRound:
         self.policy = policy = solve.compute
         self.progress = _RoundProgress(rnd.index, solve.emit) if solve.reports_progress and solve.emit else None
         self.with_progress = accepts_progress(solve.backend)
-        self.with_confidence = policy.early_stop and accepts_confidence(solve.backend)
+        # Confidences drive early stop, and count a stopped trajectory's tokens exactly
+        # (progress counts streamed chunks, which may hold several tokens).
+        self.with_confidence = policy.wants_confidence and accepts_confidence(solve.backend)
         self.adaptive = policy.adaptive_k and rnd.index == 0
         self.target = min(policy.wave, rnd.k) if self.adaptive else rnd.k
         self.quorum = None if policy.quorum is None else math.ceil(policy.quorum * rnd.k)
         self.running: dict[asyncio.Task[Completion], int] = {}
         self.tasks: dict[int, asyncio.Task[Completion]] = {}  # the running ones by trajectory index
         self.opened_at: dict[int, float] = {}
-        self.live: dict[int, int] = {}  # tokens reported so far by running trajectories
+        self.live: dict[int, int] = {}  # tokens so far of running trajectories (see _set_live)
         self.live_total = 0
         self.stopping: dict[int, str] = {}  # running trajectories being cancelled, and why
         self.monitors: dict[int, WindowedConfidence] = {}
@@ -504,13 +506,9 @@ class _PolicyRound:
     def _on_progress(self, index: int, tokens: int) -> None:
         if index not in self.tasks:
             return  # scheduled by a backend thread before the call ended
-        self.live_total += tokens - self.live.get(index, 0)
-        self.live[index] = tokens
         if self.progress is not None:
             self.progress.report(index, tokens)
-        budget = self.solve.budget
-        if budget is not None and self.live_total > budget.available(self.later_rounds):
-            self._stop(index, "budget")
+        self._set_live(index, max(tokens, len(self.confidences.get(index, ()))))
 
     def _on_confidence(self, index: int, values: Sequence[float]) -> None:
         if index not in self.tasks:
@@ -521,8 +519,17 @@ class _PolicyRound:
             self.confidences[index] = []
         monitor.add(values)
         self.confidences[index].extend(values)
+        self._set_live(index, max(self.live.get(index, 0), monitor.count))
         if self.threshold is not None and monitor.below(self.threshold):
             self._stop(index, "early_stop")
+
+    def _set_live(self, index: int, tokens: int) -> None:
+        """A running trajectory's tokens so far: its progress count, or its token confidences when more."""
+        self.live_total += tokens - self.live.get(index, 0)
+        self.live[index] = tokens
+        budget = self.solve.budget
+        if budget is not None and self.live_total > budget.available(self.later_rounds):
+            self._stop(index, "budget")
 
     def _stop(self, index: int, why: str) -> None:
         task = self.tasks.get(index)
