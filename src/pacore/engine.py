@@ -461,7 +461,7 @@ class _PolicyRound:
     # --- opening ---------------------------------------------------------------
 
     def _open(self) -> None:
-        while not self.ended and len(self.opened_at) < self.target:
+        while not self.ended and len(self.opened_at) < self._opening_limit():
             budget = self.solve.budget
             if budget is not None:
                 committed = budget.worst_case * len(self.running) + budget.worst_case
@@ -473,6 +473,14 @@ class _PolicyRound:
             task = self.tasks[index] = asyncio.create_task(self._generate(index))
             self.running[task] = index
             self.budget_limited = False
+
+    def _opening_limit(self) -> int:
+        """How many trajectories may be open by now: the wave, and with ``warmup_first`` only the
+        warm-up until it has finished (failed ones included, so a failure cannot stall the round)."""
+        policy = self.policy
+        if policy.early_stop and policy.warmup_first and len(self.rnd.trajectories) < policy.warmup:
+            return min(self.target, policy.warmup)
+        return self.target
 
     def _next_wave(self) -> bool:
         """Adaptive width: whether to sample another wave, after the settle test on what finished."""
