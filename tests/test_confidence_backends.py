@@ -21,6 +21,7 @@ from pacore.backends.llama_cpp import LlamaCppBackend, _load
 from pacore.backends.openai_http import OpenAIBackend
 from pacore.backends.router import RouterBackend
 from pacore.confidence import token_confidence
+from pacore.errors import BackendError
 from test_openai_backend import FAST_RETRY, MESSAGES, Server, chat, sse
 
 EVENT_STREAM = {"content-type": "text/event-stream"}
@@ -352,3 +353,51 @@ async def test_cancelling_a_live_embedded_generation_frees_the_model_within_a_se
     assert freed - cancelled < 1.0
     # It stopped early: 400 tokens take far longer than that on this model.
     assert loaded.llama.n_tokens < 200
+
+
+@pytest.mark.model
+async def test_a_call_cancelled_while_reading_a_long_prompt_stops_at_once_and_leaves_the_model_sound():
+    backend = LlamaCppBackend()
+    short = GenerationParams(max_tokens=6, seed=11)
+    (before,) = await backend.generate(QUESTION, 1, short)
+    loaded = _load(backend.path, backend.n_ctx, backend.chat_format, backend.threads)
+    # About 1,400 tokens: seconds of prompt reading, during which no token is sampled.
+    long_prompt = [{"role": "user", "content": "hello world " * 700 + "\nName a colour."}]
+    call = asyncio.create_task(backend.generate(long_prompt, 1, GenerationParams(max_tokens=4)))
+    await asyncio.sleep(0.5)
+    reading_since = time.monotonic()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    freed = await asyncio.wait_for(asyncio.wrap_future(loaded.executor.submit(time.monotonic)), timeout=60)
+    assert freed - reading_since < 1.0
+    # The aborted prompt left no half-read state behind: the same seeded call gives the same text.
+    (after,) = await backend.generate(QUESTION, 1, short)
+    assert after.text == before.text
+
+
+async def test_a_server_that_refuses_logprobs_is_called_without_them():
+    refusal = {"error": {"message": "logprobs is not supported with this model", "type": "invalid_request_error"}}
+
+    def reply(request, body):
+        if "logprobs" in body:
+            return httpx.Response(400, json=refusal)
+        return httpx.Response(
+            200, content=sse(chunk(content="5"), chunk(finish="stop"), "[DONE]"), headers=EVENT_STREAM
+        )
+
+    server = Server(reply)
+    async with server.backend() as backend:
+        (first,) = await backend.generate(MESSAGES, 1, WITH_LOGPROBS)
+        (second,) = await backend.generate(MESSAGES, 1, WITH_LOGPROBS)
+    assert first.ok and second.ok and first.token_confidences is None is second.token_confidences
+    # Refused once, then never asked again.
+    assert ["logprobs" in body for body in server.bodies] == [True, False, False]
+
+
+async def test_a_400_about_something_else_still_fails_a_call_asking_for_logprobs():
+    server = Server(lambda request, body: httpx.Response(400, json={"error": {"message": "temperature out of range"}}))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError, match="temperature out of range"):
+            await backend.generate(MESSAGES, 1, WITH_LOGPROBS)
+    assert all("logprobs" in body for body in server.bodies)

@@ -155,6 +155,8 @@ class OpenAIBackend(BaseBackend):
             (os.environ[var] for var in API_KEY_ENV_VARS if os.environ.get(var)), None
         )
         self._n_confirmed = False
+        #: The server refused ``logprobs`` once (HTTP 400 naming it): calls go on without them.
+        self._refuses_logprobs = False
         #: ``None`` until a call shows whether the server streams; ``False`` once it refused ``stream``.
         self._streams: bool | None = None
         self._chat_url = self._endpoint("/chat/completions")
@@ -306,6 +308,8 @@ class OpenAIBackend(BaseBackend):
         refit = False
         plain = False  # this call goes on without streaming
         probing_refusal = False
+        if self._refuses_logprobs:
+            request = request.without_logprobs()
         _count_call()
         attempt = 0
         while True:
@@ -333,6 +337,14 @@ class OpenAIBackend(BaseBackend):
                     completion.latency_s = latency_s
                     completion.failed_attempts = tuple(failures)
                 return completions
+            if error.kind == "bad_request" and "logprobs" in request.fields and "logprob" in str(error).lower():
+                # A model that gives no logprobs (OpenAI's reasoning models say so with a 400):
+                # go on without, as with a server that ignores them; confidence stays unset.
+                logger.warning("backend %s refuses logprobs (%s); calling it without them", self.display_url, error)
+                self._refuses_logprobs = True
+                request = request.without_logprobs()
+                attempt -= 1
+                continue
             if isinstance(error, ContextOverflowError) and not refit:
                 refit = True
                 request = self._fit(request, error)
@@ -743,6 +755,11 @@ class _ChatRequest:
                 fields["stream_options"] = {"include_usage": True}
         # ``fields`` always holds the model, so its JSON object is never empty.
         return b'{"messages":' + self.messages_json + b"," + _dumps(fields)[1:]
+
+    def without_logprobs(self) -> _ChatRequest:
+        """The same request asking for no logprobs."""
+        fields = {key: value for key, value in self.fields.items() if key not in ("logprobs", "top_logprobs")}
+        return _ChatRequest(self.messages_json, fields)
 
     def with_max_tokens(self, max_tokens: int | None) -> _ChatRequest:
         """The same request with ``max_tokens`` replaced (``None``: left to the server)."""
