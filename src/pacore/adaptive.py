@@ -14,6 +14,8 @@ adaptive width; short-m@k / quorum for ending a round on its first finishers.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,6 +49,11 @@ class ComputePolicy(BaseModel):
     #: The threshold is this percentile of the warm-up trajectories' lowest group confidence
     #: (DeepConf-high keeps 90%: percentile 10; DeepConf-low keeps 10%: percentile 90).
     early_stop_percentile: float = Field(default=10.0, gt=0, lt=100)
+    #: Open the rest of a round only once its ``warmup`` trajectories have finished, as
+    #: DeepConf's online algorithm does: every later trajectory is judged from its first
+    #: window (more tokens saved), at the cost of about one trajectory's time per round.
+    #: Off: the warm-up runs in parallel with the rest.
+    warmup_first: bool = False
 
     #: Sample round 1 in waves up to its K and stop once the leading answer is settled.
     adaptive_k: bool = False
@@ -77,3 +84,39 @@ class ComputePolicy(BaseModel):
     def is_default(self) -> bool:
         """No policy is on: the paper's method."""
         return self == ComputePolicy.model_construct()
+
+    @property
+    def per_trajectory(self) -> bool:
+        """Whether a policy decides per trajectory, so that each call samples one (``n=1``)."""
+        return self.early_stop or self.adaptive_k or self.quorum is not None or self.budget_tokens is not None
+
+    @property
+    def confidence_only(self) -> bool:
+        """Only the confidence settings are on (what sampling a pool may use)."""
+        return not (self.per_trajectory or self.keep_top is not None)
+
+
+def majority_probability(leader: int, others: int) -> float:
+    """``P(p > 1/2)`` for ``p ~ Beta(leader + 1, others + 1)``: how sure the leading answer is the majority.
+
+    Adaptive-Consistency's Beta stopping test (Aggarwal et al., 2023) with a
+    uniform prior, after ``leader`` votes for the leading answer and ``others``
+    for the rest. Exact: with integer parameters the Beta CDF is a binomial tail,
+    ``I_x(a, b) = P(Binomial(a + b - 1, x) >= a)``, so with ``n = leader + others + 1``
+    the probability is ``sum(C(n, j) for j <= leader) / 2**n``.
+    """
+    if leader < 0 or others < 0:
+        raise ValueError(f"vote counts must be non-negative, got {leader} and {others}")
+    n = leader + others + 1
+    return sum(math.comb(n, j) for j in range(leader + 1)) / 2**n
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, interpolating linearly between ranks (numpy's default)."""
+    if not values:
+        raise ValueError("a percentile needs at least one value")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)

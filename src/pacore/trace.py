@@ -123,6 +123,11 @@ class Round(BaseModel):
     #: What an adaptive-compute policy decided for this round, for people
     #: (e.g. ``"adaptive width: answer settled after 8 of 16"``); ``None`` if none acted.
     policy_note: str | None = None
+    #: Online early stop: an estimate of the tokens its stopped trajectories would still have
+    #: generated (each assumed as long as the round's mean finished trajectory).
+    tokens_saved: int | None = None
+    #: Quorum: a conservative estimate of the seconds saved by cancelling the stragglers.
+    seconds_saved: float | None = None
     started_at: float = 0.0
     elapsed_s: float = 0.0
 
