@@ -17,7 +17,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from pacore.cli.main import app
+from pacore.cli.app import app
 from pacore.cli.options import (
     ApiKeyOption,
     BackendOption,
