@@ -9,6 +9,7 @@ unusable inputs exit with 2, runtime failures with 1, an interrupt with 130
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -24,17 +25,14 @@ from pacore.errors import PacoreError, UsageError, first_error
 __all__ = ["EXIT_CODES", "app", "exit_code_for", "main"]
 
 
+#: The command modules, in the order ``pacore --help`` lists their commands.
+COMMAND_MODULES = ("ask", "run", "report", "serve", "train", "view", "data", "model")
+
+
 def _register_commands() -> None:
-    # Each command group lives in its own module and registers itself on ``app``.
-    from pacore.cli import (
-        ask,  # noqa: F401
-        data,  # noqa: F401
-        model,  # noqa: F401
-        run,  # noqa: F401
-        serve,  # noqa: F401
-        train,  # noqa: F401
-        view,  # noqa: F401
-    )
+    # Each command group lives in its own module and registers itself on ``app`` when imported.
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"pacore.cli.{name}")
 
 
 def exit_code_for(exc: BaseException) -> int:
