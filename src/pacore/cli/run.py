@@ -41,12 +41,12 @@ from pacore.cli.options import (
     output_path_option,
     parse_reference_order,
 )
-from pacore.cli.progress import format_duration
 from pacore.cli.results import interval_text, results_unit
 from pacore.errors import PacoreError
 from pacore.eval import report
 from pacore.eval.datasets import Problem, load_dataset
 from pacore.eval.runner import DEFAULT_SAMPLES, METHODS, Arm, BatchProgress, BatchRun, RunPlan
+from pacore.progress import format_duration
 from pacore.store import ProblemResult
 
 RUN_PANEL = "Run"
