@@ -11,7 +11,7 @@ from typing import Annotated, TextIO
 import typer
 
 from pacore.backends import Message
-from pacore.cli.main import app
+from pacore.cli.app import app
 from pacore.cli.options import (
     ApiKeyOption,
     BackendOption,

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from pacore._extras import SERVER_MODULES, require
-from pacore.cli.main import app
+from pacore.cli.app import app
 from pacore.cli.options import (
     BACKEND_PANEL,
     BackendOption,
