@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pacore.eval.grading import extract_answer
+from pacore.answers import extract_answer
 from pacore.trace import (
     AnswerDelta,
     Event,

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from pacore import database
 from pacore.backends.base import Message, text_of
 from pacore.errors import StoreError, TemplateError
-from pacore.eval.grading import extract_answer
+from pacore.answers import extract_answer
 from pacore.messages import last_user_index, last_user_text
 from pacore.prompts import SynthesisTemplate
 from pacore.trace import (
