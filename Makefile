@@ -7,10 +7,10 @@ SETUP_STAMP := $(VENV)/.pacore-setup
 TRAIN_STAMP := $(VENV)/.pacore-train
 # The CPU build of torch; pinned so pip never swaps in the CUDA one (3 GB).
 TORCH_VERSION := 2.13.0
-# The embedded model is a tiny base model (Gemma 3 270M): it continues a pattern
-# far better than it answers a question, so the demo gives it one.
-DEMO_QUESTION ?= 1 + 1 = 2. 2 + 2 = 4. 2 + 3 =
-DEMO_FLAGS ?= --schedule 4 --max-tokens 16 --temperature 0.7 --seed 1
+# The demo runs the embedded SmolLM2-135M-Instruct: the default Gemma 3 270M is a base model that
+# cannot follow a synthesis prompt. It was never trained for PaCoRe, hence the generic template.
+DEMO_QUESTION ?= What is 2 + 3?
+DEMO_FLAGS ?= --backend embedded:smollm2 --template generic --schedule 4 --max-tokens 48 --temperature 0.7 --seed 1
 
 .PHONY: setup train-extra browser demo lint test bench docs clean
 

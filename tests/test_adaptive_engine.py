@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -24,10 +26,13 @@ from pacore.backends.base import (
     text_of,
 )
 from pacore.confidence import lowest_group_at, summarize
-from pacore.engine import asample, asolve
-from pacore.errors import UsageError
+from pacore.engine import asample, asolve, iter_solve
+from pacore.errors import BackendError, DeadlineExceededError, UsageError
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND
-from pacore.trace import Result, Trajectory
+from pacore.trace import Final, Result, RoundFinished, Trajectory, TrajectoryFinished, TrajectoryProgress
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from harness import fast_backend  # noqa: E402
 
 STRIDE = MAX_TRAJECTORIES_PER_ROUND + 1  # the engine's seed stride per round (see engine._call_seed)
 SEEDED = GenerationParams(seed=0)
@@ -35,12 +40,14 @@ SEEDED = GenerationParams(seed=0)
 
 @dataclass
 class Paced:
-    """What one trajectory generates: ``tokens`` tokens, one every ``pace`` seconds."""
+    """What one trajectory generates: ``tokens`` tokens, one every ``pace`` seconds, sent in
+    chunks of ``chunk`` tokens (progress counts chunks, as the HTTP backend does)."""
 
     text: str
     tokens: int = 10
     pace: float = 0.002
     confidence: float | Sequence[float] | None = None
+    chunk: int = 1
 
     def confidences(self) -> list[float] | None:
         if self.confidence is None:
@@ -56,12 +63,14 @@ class PacedBackend(BaseBackend):
 
     ``script(round, index)`` says what trajectory ``index`` of ``round`` generates
     (read from the engine's per-call seed, so requests must be seeded); synthesis
-    rounds answer ``final`` at once. Progress and token confidences (when the
-    request asks for logprobs) are reported per token; cancelled calls are listed.
+    rounds answer ``final`` at once unless ``script_synthesis``. Progress and token
+    confidences (when the request asks for logprobs) are reported per token;
+    cancelled calls are listed.
     """
 
     script: Callable[[int, int], Paced] = lambda r, i: Paced(f"\\boxed{{{i}}}")
     final: str = "final answer"
+    script_synthesis: bool = False
     name: str = "paced"
     model: str = "paced"
     started: list[tuple[int, int]] = field(default_factory=list)
@@ -78,7 +87,7 @@ class PacedBackend(BaseBackend):
     ) -> list[Completion]:
         assert n == 1, "a per-trajectory policy samples one trajectory per call"
         self.params.append(params)
-        if "Reference Responses" in text_of(messages[-1]["content"]):
+        if not self.script_synthesis and "Reference Responses" in text_of(messages[-1]["content"]):
             return [Completion(text=self.final, finish_reason="stop", completion_tokens=2)]
         assert params.seed is not None, "seed the request: the script is keyed by the call's seed"
         rnd, index = divmod(params.seed, STRIDE)
@@ -88,12 +97,13 @@ class PacedBackend(BaseBackend):
         sent = 0
         try:
             while sent < paced.tokens:
-                await asyncio.sleep(paced.pace)
-                sent += 1
+                await asyncio.sleep(paced.pace * paced.chunk)
+                chunk = range(sent, min(sent + paced.chunk, paced.tokens))
+                sent = chunk.stop
                 if on_progress is not None:
-                    on_progress(0, sent)
+                    on_progress(0, math.ceil(sent / paced.chunk))
                 if on_confidence is not None and confidences is not None:
-                    on_confidence(0, confidences[sent - 1 : sent])
+                    on_confidence(0, confidences[chunk.start : chunk.stop])
         except asyncio.CancelledError:
             self.cancelled.append((rnd, index, sent))
             raise
@@ -242,6 +252,33 @@ async def test_straggler_timeout_keeps_stragglers_that_finish_in_time():
     assert round_one(result).elapsed_s >= 0.05  # the grace was waited for
 
 
+
+async def test_policy_rounds_emit_progress_and_stopped_trajectories_through_iter_solve():
+    backend = PacedBackend(script=fast_and_slow(2))
+    options = {"schedule": [4], "backend": backend, "params": SEEDED, "compute": {"quorum": 0.5}}
+    events = [event async for event in iter_solve("Q", **options)]
+    progress = [e for e in events if isinstance(e, TrajectoryProgress)]
+    assert progress and all(e.round == 0 for e in progress)
+    finished = [e.trajectory for e in events if isinstance(e, TrajectoryFinished) and e.round == 0]
+    assert sorted(t.stopped or "" for t in finished) == ["", "", "quorum", "quorum"]
+    (summary,) = [e.round for e in events if isinstance(e, RoundFinished) and e.round.index == 0]
+    assert summary.policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
+    assert isinstance(events[-1], Final) and events[-1].result.rounds[0].policy_note == summary.policy_note
+
+
+async def test_a_cut_trajectory_counts_its_tokens_not_its_chunks_when_logprobs_come_back():
+    def script(r, i):
+        if i < 2:
+            return Paced(f"\\boxed{{{i}}}", tokens=8, pace=0.002, confidence=2.0, chunk=4)
+        return Paced("slow", tokens=400, pace=0.002, confidence=2.0, chunk=4)
+
+    backend = PacedBackend(script=script)
+    result = await asolve("Q", schedule=[4], backend=backend, params=SEEDED, compute={"quorum": 0.5, "confidence": True})
+    sent = {i: tokens for _, i, tokens in backend.cancelled}
+    cut = [t for t in round_one(result).trajectories if t.stopped]
+    assert len(cut) == 2 and all(t.completion_tokens == sent[t.index] for t in cut)
+    assert all(t.completion_tokens % 4 == 0 and t.confidence.token_count == t.completion_tokens for t in cut)
+
 # --- budget -------------------------------------------------------------------------
 
 
@@ -363,12 +400,12 @@ async def test_keep_top_without_logprobs_keeps_every_message_and_says_why():
 # --- online early stop ------------------------------------------------------------------
 
 
-def confident_then_doubtful(doubtful: set[int], fast: int = 4):
+def confident_then_doubtful(doubtful: set[int], fast: int = 4, fast_pace: float = 0.002):
     """``fast`` quick confident trajectories (5.0 per token), then slow ones: doubtful (1.0) or sure (9.0)."""
 
     def script(r, i):
         if i < fast:
-            return Paced(f"\\boxed{{{i}}}", tokens=10, pace=0.002, confidence=5.0)
+            return Paced(f"\\boxed{{{i}}}", tokens=10, pace=fast_pace, confidence=5.0)
         return Paced(f"\\boxed{{{i}}}", tokens=40, pace=0.005, confidence=1.0 if i in doubtful else 9.0)
 
     return script
@@ -392,6 +429,20 @@ async def test_early_stop_cancels_trajectories_whose_confidence_falls_below_the_
     assert sorted(i for _, i in result.rounds[1].references) == [0, 1, 2, 3, 5, 7]
     assert all(p.top_logprobs == 5 for p in backend.params)
 
+
+async def test_early_stop_with_warmup_first_judges_later_trajectories_from_their_first_window():
+    async def cut_tokens(warmup_first: bool) -> list[int]:
+        # The warm-up takes ~0.1 s; the doubtful ones make a token every 5 ms.
+        backend = PacedBackend(script=confident_then_doubtful({4, 6}, fast_pace=0.01))
+        policy = ComputePolicy(early_stop=True, warmup=4, window=4, warmup_first=warmup_first)
+        result = await asolve("Q", schedule=[8], backend=backend, params=SEEDED, compute=policy)
+        assert stopped(result) == {4: "early_stop", 6: "early_stop"}
+        return [t.completion_tokens for t in round_one(result).trajectories if t.stopped]
+
+    # Opened after the warm-up, with the threshold known: cut at their first full window.
+    assert await cut_tokens(warmup_first=True) == [4, 4]
+    # In parallel with it, they ran on until the threshold existed.
+    assert all(tokens > 8 for tokens in await cut_tokens(warmup_first=False))
 
 async def test_early_stop_does_nothing_when_k_is_not_above_warmup():
     backend = PacedBackend(script=confident_then_doubtful({4, 6}))
@@ -472,3 +523,108 @@ async def test_early_stop_replay_needs_stored_per_token_confidences():
     with pytest.raises(UsageError, match=r"^first_round trajectory 1 has no per-token confidences") as caught:
         await asolve("Q", schedule=[2], backend=backend, first_round=pool, compute=ComputePolicy(early_stop=True))
     assert "\n" not in str(caught.value) and backend.calls == []
+
+
+
+# --- combined, and when things go wrong ------------------------------------------------------
+
+
+async def test_policies_combine_and_their_notes_add_up():
+    def script(r, i):
+        return Paced(f"\\boxed{{{i}}}", tokens=10, pace=0.002 if i < 2 else 0.05, confidence=float(i + 1))
+
+    backend = PacedBackend(script=script, script_synthesis=True)
+    policy = ComputePolicy(keep_top=0.5, quorum=0.5)
+    result = await asolve("Q", schedule=[4, 4], backend=backend, params=SEEDED, compute=policy)
+    second = result.rounds[1]
+    # Round 2's prompt keeps the more confident of round 1's two messages; round 2 has its own quorum.
+    assert second.references == [(0, 1)] and second.dropped == [(0, 0)]
+    assert second.policy_note == "keep-top: 1 of 2 messages kept; quorum: ended after 2 of 4 finished, 2 cancelled"
+    assert round_one(result).policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
+
+
+async def test_a_deadline_cancels_every_running_trajectory_and_keeps_the_finished_ones():
+    backend = PacedBackend(script=fast_and_slow(2))
+    with pytest.raises(DeadlineExceededError) as caught:
+        await asolve("Q", schedule=[4], backend=backend, params=SEEDED, compute={"quorum": 1}, deadline=0.2)
+    assert sorted(i for _, i, _ in backend.cancelled) == [2, 3]
+    assert [t.index for t in caught.value.result.rounds[0].trajectories] == [0, 1]
+    await asyncio.sleep(0.05)
+    assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
+
+
+async def test_a_fatal_backend_error_ends_the_request_and_cancels_the_rest():
+    def script(r, i):
+        if i == 1:
+            raise BackendError("HTTP 401: bad key", kind="auth")
+        return Paced("slow", tokens=50, pace=0.01)
+
+    backend = PacedBackend(script=script)
+    with pytest.raises(BackendError, match="bad key"):
+        await asolve("Q", schedule=[3], backend=backend, params=SEEDED, compute={"early_stop": True})
+    assert sorted(i for _, i, _ in backend.cancelled) == [0, 2]
+
+
+async def test_a_failed_trajectory_is_recorded_and_the_round_goes_on():
+    def script(r, i):
+        if i == 0:
+            raise BackendError("HTTP 503", kind="status")
+        return Paced(f"\\boxed{{{i}}}")
+
+    backend = PacedBackend(script=script)
+    result = await asolve("Q", schedule=[3], backend=backend, params=SEEDED, compute={"quorum": 1})
+    first = round_one(result)
+    assert [(t.index, t.error_kind) for t in first.trajectories] == [(0, "status"), (1, None), (2, None)]
+    assert sorted(i for _, i in result.rounds[1].references) == [1, 2]
+
+# --- over HTTP, on a loopback server ----------------------------------------------------
+
+
+async def test_quorum_over_http_cancels_the_calls_still_waiting():
+    # Two samples at a time, 0.4 s each: once two have finished, the other two are cut.
+    with fast_backend("--tokens-per-s", 50, "--completion-tokens", 20, "--concurrency", 2) as server:
+        policy = ComputePolicy(quorum=0.5)
+        result = await asolve("Q", schedule=[4], backend=server.url, params=SEEDED, compute=policy)
+    first = round_one(result)
+    finished = [t for t in first.trajectories if t.stopped is None]
+    assert len(finished) == 2 and all(t.completion_tokens == 20 for t in finished)
+    assert sorted(stopped(result).values()) == ["quorum", "quorum"]
+    assert len(result.rounds[1].references) == 2
+    assert first.policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
+
+
+async def test_budget_over_http_cuts_streams_mid_way_and_counts_their_tokens():
+    # 100 tokens per call at 200/s; the budget leaves 80 tokens for round 1 (see the scripted test).
+    with fast_backend("--tokens-per-s", 200, "--completion-tokens", 100) as server:
+        policy = ComputePolicy(budget_tokens=100)
+        result = await asolve("Q", schedule=[4], backend=server.url, params=SEEDED, compute=policy)
+    first = round_one(result)
+    assert sorted(stopped(result).values()) == ["budget"] * 4
+    assert all(0 < t.completion_tokens < 100 for t in first.trajectories)
+    assert 80 <= first.completion_tokens <= 80 + 4  # each stream is cut within a token of the cap
+    assert result.usage.completion_tokens == first.completion_tokens + result.rounds[1].completion_tokens
+
+
+# --- the embedded model ------------------------------------------------------------------
+
+
+@pytest.mark.model
+async def test_early_stop_cancels_a_live_generation_on_the_embedded_model():
+    from pacore.backends.llama_cpp import LlamaCppBackend
+
+    # One warm-up trajectory sets the threshold at its lowest 2-token window; the embedded
+    # model runs one sequence at a time, so the others are judged token by token as they
+    # stream. Seeded: with this seed all three later ones dip below it (seeds 0-2 all stop some).
+    policy = ComputePolicy(early_stop=True, warmup=1, window=2)
+    params = GenerationParams(max_tokens=24, seed=1)
+    result = await asolve("Name three colours.", schedule=[4], backend=LlamaCppBackend(), params=params, compute=policy)
+    first = round_one(result)
+    assert all(t.confidence is not None for t in first.trajectories)
+    cut = [t for t in first.trajectories if t.stopped == "early_stop"]
+    assert cut, first.policy_note
+    assert all(0 < t.completion_tokens < 24 and t.finish_reason is None for t in cut)
+    # With one warm-up trajectory, the threshold is its lowest group: each cut one fell below it.
+    warmup = next(t for t in first.trajectories if t.finish_order == 0)
+    assert warmup.stopped is None and warmup.confidence is not None
+    assert all(t.confidence is not None and t.confidence.lowest_group < warmup.confidence.lowest_group for t in cut)
+    assert result.answer  # the final round ran on the same backend after the cancellations

@@ -123,6 +123,17 @@ def test_default_spec_opens_the_embedded_model():
     assert default_model_path().stat().st_size > 100_000_000
 
 
+def test_embedded_smollm2_spec_opens_the_instruct_model_from_its_package():
+    backend = open_backend("embedded:smollm2")
+    assert isinstance(backend, LlamaCppBackend)
+    assert backend.path == smollm2_path()
+    assert (backend.model, backend.default_max_tokens) == ("smollm2-135m-instruct", None)
+    assert open_backend("embedded:smollm2", model="mine").model == "mine"
+    assert open_backend("embedded:gemma").path == default_model_path()
+    with pytest.raises(UsageError, match="unknown embedded model 'llama'"):
+        open_backend("embedded:llama")
+
+
 @pytest.mark.model
 async def test_generate_samples_differ_by_seed_and_count_tokens():
     backend = LlamaCppBackend()

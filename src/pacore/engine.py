@@ -143,16 +143,15 @@ class _RoundProgress:
 
     def callback(self, first: int) -> ProgressCallback:
         """The backend's ``on_progress`` for a call whose first sample is trajectory ``first``."""
+        return lambda index, tokens: self.report(first + index, tokens)
 
-        def on_progress(index: int, tokens: int) -> None:
-            self.pending[first + index] = tokens
-            now = time.monotonic()
-            if now >= self.next_at:
-                self.next_at = now + PROGRESS_INTERVAL_S
-                pending, self.pending = self.pending, {}
-                self.emit(TrajectoryProgress(round=self.round, tokens=pending))
-
-        return on_progress
+    def report(self, trajectory: int, tokens: int) -> None:
+        self.pending[trajectory] = tokens
+        now = time.monotonic()
+        if now >= self.next_at:
+            self.next_at = now + PROGRESS_INTERVAL_S
+            pending, self.pending = self.pending, {}
+            self.emit(TrajectoryProgress(round=self.round, tokens=pending))
 
     def finished(self, first: int, n: int) -> None:
         """Forget the counts of a finished call's trajectories (their final event says it all)."""
@@ -160,12 +159,15 @@ class _RoundProgress:
             self.pending.pop(index, None)
 
 
-def adopt_first_round(items: Sequence[Completion | Trajectory]) -> list[Trajectory]:
+def adopt_first_round(
+    items: Sequence[Completion | Trajectory], compute: ComputePolicy | None = None
+) -> list[Trajectory]:
     """Pre-generated round-1 trajectories as the engine records them (``asolve(first_round=...)``).
 
     Numbered in the given order, which is also their completion order, with
     compaction recomputed: a pool may hold trajectories built without it.
-    The training export builds its prompts from these too.
+    The training export builds its prompts from these too. A completion's
+    confidence is summarized with ``compute``'s window.
     """
     adopted = []
     for i, item in enumerate(items):
@@ -173,7 +175,7 @@ def adopt_first_round(items: Sequence[Completion | Trajectory]) -> list[Trajecto
             message = compact(item.text) if item.ok else None
             trajectory = item.model_copy(update={"round": 0, "index": i, "message": message, "finish_order": i})
         else:
-            trajectory = Trajectory.from_completion(0, i, item)
+            trajectory = Trajectory.from_completion(0, i, item, compute)
             trajectory.finish_order = i
         adopted.append(trajectory)
     return adopted
@@ -290,7 +292,7 @@ class _Solve:
         if self.compute.early_stop or self.compute.adaptive_k:
             _replay_first_round(self, rnd)
             return
-        for trajectory in adopt_first_round(self.first_round or ()):
+        for trajectory in adopt_first_round(self.first_round or (), self.compute):
             self._record(rnd, trajectory)
 
     async def _run_round(self, rnd: Round, conversation: list[Message], start: int = 0) -> None:
@@ -412,13 +414,16 @@ class _PolicyRound:
         self.policy = policy = solve.compute
         self.progress = _RoundProgress(rnd.index, solve.emit) if solve.reports_progress and solve.emit else None
         self.with_progress = accepts_progress(solve.backend)
-        self.with_confidence = policy.early_stop and accepts_confidence(solve.backend)
+        # Confidences drive early stop, and count a stopped trajectory's tokens exactly
+        # (progress counts streamed chunks, which may hold several tokens).
+        self.with_confidence = policy.wants_confidence and accepts_confidence(solve.backend)
         self.adaptive = policy.adaptive_k and rnd.index == 0
         self.target = min(policy.wave, rnd.k) if self.adaptive else rnd.k
         self.quorum = None if policy.quorum is None else math.ceil(policy.quorum * rnd.k)
         self.running: dict[asyncio.Task[Completion], int] = {}
+        self.tasks: dict[int, asyncio.Task[Completion]] = {}  # the running ones by trajectory index
         self.opened_at: dict[int, float] = {}
-        self.live: dict[int, int] = {}  # tokens reported so far by running trajectories
+        self.live: dict[int, int] = {}  # tokens so far of running trajectories (see _set_live)
         self.live_total = 0
         self.stopping: dict[int, str] = {}  # running trajectories being cancelled, and why
         self.monitors: dict[int, WindowedConfidence] = {}
@@ -456,7 +461,7 @@ class _PolicyRound:
     # --- opening ---------------------------------------------------------------
 
     def _open(self) -> None:
-        while not self.ended and len(self.opened_at) < self.target:
+        while not self.ended and len(self.opened_at) < self._opening_limit():
             budget = self.solve.budget
             if budget is not None:
                 committed = budget.worst_case * len(self.running) + budget.worst_case
@@ -465,8 +470,17 @@ class _PolicyRound:
                     return
             index = len(self.opened_at)
             self.opened_at[index] = time.perf_counter()
-            self.running[asyncio.create_task(self._generate(index))] = index
+            task = self.tasks[index] = asyncio.create_task(self._generate(index))
+            self.running[task] = index
             self.budget_limited = False
+
+    def _opening_limit(self) -> int:
+        """How many trajectories may be open by now: the wave, and with ``warmup_first`` only the
+        warm-up until it has finished (failed ones included, so a failure cannot stall the round)."""
+        policy = self.policy
+        if policy.early_stop and policy.warmup_first and len(self.rnd.trajectories) < policy.warmup:
+            return min(self.target, policy.warmup)
+        return self.target
 
     def _next_wave(self) -> bool:
         """Adaptive width: whether to sample another wave, after the settle test on what finished."""
@@ -498,26 +512,35 @@ class _PolicyRound:
     # --- while running ---------------------------------------------------------
 
     def _on_progress(self, index: int, tokens: int) -> None:
-        self.live_total += tokens - self.live.get(index, 0)
-        self.live[index] = tokens
+        if index not in self.tasks:
+            return  # scheduled by a backend thread before the call ended
         if self.progress is not None:
-            self.progress.callback(index)(0, tokens)
-        budget = self.solve.budget
-        if budget is not None and self.live_total > budget.available(self.later_rounds):
-            self._stop(index, "budget")
+            self.progress.report(index, tokens)
+        self._set_live(index, max(tokens, len(self.confidences.get(index, ()))))
 
     def _on_confidence(self, index: int, values: Sequence[float]) -> None:
+        if index not in self.tasks:
+            return  # scheduled by a backend thread before the call ended
         monitor = self.monitors.get(index)
         if monitor is None:
             monitor = self.monitors[index] = WindowedConfidence(self.policy.window)
             self.confidences[index] = []
         monitor.add(values)
         self.confidences[index].extend(values)
+        self._set_live(index, max(self.live.get(index, 0), monitor.count))
         if self.threshold is not None and monitor.below(self.threshold):
             self._stop(index, "early_stop")
 
+    def _set_live(self, index: int, tokens: int) -> None:
+        """A running trajectory's tokens so far: its progress count, or its token confidences when more."""
+        self.live_total += tokens - self.live.get(index, 0)
+        self.live[index] = tokens
+        budget = self.solve.budget
+        if budget is not None and self.live_total > budget.available(self.later_rounds):
+            self._stop(index, "budget")
+
     def _stop(self, index: int, why: str) -> None:
-        task = next((task for task, i in self.running.items() if i == index), None)
+        task = self.tasks.get(index)
         if task is not None and index not in self.stopping:
             self.stopping[index] = why
             task.cancel()
@@ -552,6 +575,7 @@ class _PolicyRound:
 
     def _finish(self, task: asyncio.Task[Completion]) -> None:
         index = self.running.pop(task)
+        del self.tasks[index]
         if self.progress is not None:
             self.progress.finished(index, 1)
         tokens = self.live.pop(index, 0)
@@ -598,8 +622,7 @@ class _PolicyRound:
         at the rate it was generating; stragglers that reported no tokens are
         left out. The saving is the slowest one's remaining time.
         """
-        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
-        mean_length = sum(lengths) / len(lengths) if lengths else 0.0
+        mean_length = self._mean_finished_length()
         now = time.perf_counter()
         remaining = [
             (now - self.opened_at[index]) * (max(mean_length, tokens) / tokens - 1)
@@ -607,6 +630,11 @@ class _PolicyRound:
             if tokens
         ]
         self.rnd.seconds_saved = max(remaining, default=0.0)
+
+    def _mean_finished_length(self) -> float:
+        """Mean tokens of the round's trajectories that ran to their end (what the estimates assume)."""
+        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
+        return sum(lengths) / len(lengths) if lengths else 0.0
 
     def _note_round(self) -> None:
         rnd = self.rnd
@@ -624,20 +652,19 @@ class _PolicyRound:
         if "quorum" in stopped:
             self.notes.append(f"quorum: ended after {self.finished} of {rnd.k} finished, {stopped['quorum']} cancelled")
         if self.policy.early_stop:
-            self.notes.append(self._early_stop_note(stopped.get("early_stop", 0)))
-        rnd.policy_note = "; ".join(self.notes) or None
+            self.notes.append(self._early_stop_note(stopped["early_stop"]))
+        # Keep-top's note on this round's prompt comes first.
+        rnd.policy_note = "; ".join(([rnd.policy_note] if rnd.policy_note else []) + self.notes) or None
 
     def _early_stop_note(self, stopped: int) -> str:
         if self.rnd.k <= self.policy.warmup:
             return f"early stop: off for this round (K={self.rnd.k} is not above warmup {self.policy.warmup})"
         if self.threshold is None:
             return f"early stop: fewer than {self.policy.warmup} trajectories finished with confidence; none stopped"
-        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
-        mean_length = sum(lengths) / len(lengths) if lengths else 0
-        saved = sum(
-            max(0, round(mean_length) - t.completion_tokens) for t in self.rnd.trajectories if t.stopped == "early_stop"
-        )
-        self.rnd.tokens_saved = saved
+        # Each stopped trajectory is assumed to have been heading for the mean finished length.
+        mean_length = round(self._mean_finished_length())
+        cut = [t.completion_tokens for t in self.rnd.trajectories if t.stopped == "early_stop"]
+        self.rnd.tokens_saved = saved = sum(max(0, mean_length - tokens) for tokens in cut)
         return f"early stop: threshold {self.threshold:.3f}, {stopped} stopped, about {saved} tokens saved"
 
 
@@ -672,7 +699,7 @@ def _replay_first_round(solve: _Solve, rnd: Round) -> None:
     """
     policy = solve.compute
     items = list(solve.first_round or ())
-    adopted = adopt_first_round(items)
+    adopted = adopt_first_round(items, policy)
     wave_end = min(policy.wave, rnd.k) if policy.adaptive_k else rnd.k
     notes: list[str] = []
     warmup_lowest: list[float] = []
@@ -726,7 +753,9 @@ def stored_token_confidences(item: Completion | Trajectory) -> list[float] | Non
 def _note_keep_top(rnd: Round, previous: Round, dropped: list[tuple[int, int]]) -> None:
     rnd.dropped = dropped
     usable = len(previous.messages)
-    if usable and not any(t.confidence for t in previous.trajectories if t.message):
+    if not usable:
+        return  # nothing to rank: the round is bypassed
+    if not any(t.confidence for t in previous.trajectories if t.message):
         note = f"keep-top: no confidence recorded (did the backend return logprobs?); all {usable} messages kept"
     else:
         note = f"keep-top: {usable - len(dropped)} of {usable} messages kept"

@@ -1,4 +1,7 @@
-"""The run store: one SQLite database per run directory (``RUN_DIR/run.sqlite``).
+"""The run store: one SQLite database per run directory (``RUN_DIR/run.sqlite``), its schema and queries.
+
+The generic SQLite helpers (connection settings, migrations runner, checked
+connection) are in :mod:`pacore.database`.
 
 A run is one data set evaluated under one or more *arms* (a method with its
 schedule or sample count). The database holds:
@@ -15,8 +18,8 @@ schedule or sample count). The database holds:
 - ``pool``: cached first-round trajectories, ``(problem, index)``.
 
 The schema evolves through :data:`MIGRATIONS`, an ordered list of small
-functions, each applied once and recorded in ``schema_migrations``. Never edit
-a released migration; append a new one.
+functions, each applied once and recorded in ``schema_migrations`` (by
+:func:`pacore.database.migrate`). Never edit a released migration; append a new one.
 
 Durability: WAL journal with ``synchronous=FULL`` and one transaction per
 finished problem, so a run killed at any instant (even SIGKILL) keeps every
@@ -30,20 +33,36 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pacore.errors import RunConflictError, StoreError, StoreUnusableError
+from pacore.database import (
+    CheckedConnection,
+    CheckedCursor,
+    Migration,
+    applied_migrations,
+    connect,
+    migrate,
+    now_iso,
+    transaction,
+)
+from pacore.errors import RunConflictError, StoreError
 from pacore.trace import Result, Trajectory
+
+# The SQLite helpers lived here first; they stay importable from this module.
+__all__ = [
+    "DB_NAME", "LOCK_NAME", "MIGRATIONS", "ArmInfo", "CheckedConnection", "CheckedCursor", "Migration",
+    "ProblemResult", "RepeatKey", "RunInfo", "RunStore", "StoredProblem", "applied_migrations", "connect",
+    "migrate", "migration", "store_files", "transaction",
+]  # fmt: skip
 
 DB_NAME = "run.sqlite"
 LOCK_NAME = "run.lock"
 
-Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[Migration] = []
 
 
@@ -146,11 +165,6 @@ def m002_repeats(db: sqlite3.Connection) -> None:
     )
     for statement in statements:
         db.execute(statement)
-
-
-def _now() -> str:
-    # Milliseconds: reports derive a run's wall time from these.
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _dumps(value: Any) -> str:
@@ -319,7 +333,7 @@ class RunStore:
                 "INSERT INTO run (id, created_at, pacore_version, dataset_path, dataset_fingerprint, "
                 "problem_count, config_json, pool_size) VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    _now(), __version__, info.dataset_path, info.dataset_fingerprint,
+                    now_iso(), __version__, info.dataset_path, info.dataset_fingerprint,
                     info.problem_count, _dumps(info.config), info.pool_size,
                 ),
             )  # fmt: skip
@@ -356,7 +370,7 @@ class RunStore:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO arms (name, method, schedule, samples, created_at) VALUES (?, ?, ?, ?, ?)",
-                (arm.name, arm.method, arm.schedule, arm.samples, _now()),
+                (arm.name, arm.method, arm.schedule, arm.samples, now_iso()),
             )
             _add_repeats(db, arm.name, problem_ids, seed, repeats)
 
@@ -383,7 +397,7 @@ class RunStore:
                 (
                     result.status, result.answer, result.extracted, correct, result.prompt_tokens,
                     result.completion_tokens, result.calls, result.wall_s, result.error, trace,
-                    _now(), arm, result.problem_id, result.seed, result.repeat,
+                    now_iso(), arm, result.problem_id, result.seed, result.repeat,
                 ),
             ).rowcount  # fmt: skip
             if updated != 1:
@@ -430,7 +444,7 @@ class RunStore:
         with self.transaction() as db:
             db.executemany(
                 "INSERT INTO pool (problem_id, idx, trajectory_json, created_at) VALUES (?, ?, ?, ?)",
-                [(problem_id, t.index, t.model_dump_json(), _now()) for t in trajectories],
+                [(problem_id, t.index, t.model_dump_json(), now_iso()) for t in trajectories],
             )
 
     def pool_counts(self) -> dict[str, int]:
@@ -488,147 +502,6 @@ def _lock(run_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
     return fd
-
-
-@contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One write transaction on ``db``, rolled back if anything fails."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def migrate(db: sqlite3.Connection, migrations: Iterable[Migration]) -> list[str]:
-    """Apply the ``migrations`` not yet recorded in ``db``, each in its own transaction; returns their names."""
-    where = getattr(db, "path", "the database")
-    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if tables and "schema_migrations" not in tables:  # never add pacore's tables to someone else's database
-        shown = ", ".join(sorted(tables)[:5])
-        raise StoreUnusableError(f"{where} is a SQLite database of another program (tables: {shown})")
-    db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
-    applied = applied_migrations(db)
-    unknown = applied - {function.__name__ for function in migrations}
-    if unknown:
-        raise StoreUnusableError(
-            f"{where} has schema changes pacore {_version()} does not know ({min(unknown)}): it was "
-            "written by a newer pacore (upgrade to use it) or is another kind of database"
-        )
-    newly: list[str] = []
-    for function in migrations:
-        if function.__name__ in applied:
-            continue
-        with transaction(db):
-            function(db)
-            db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (function.__name__, _now()))
-        newly.append(function.__name__)
-    return newly
-
-
-def applied_migrations(db: sqlite3.Connection) -> set[str]:
-    return {row["name"] for row in db.execute("SELECT name FROM schema_migrations")}
-
-
-def connect(path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
-    """A connection to the database at ``path`` with the store's durability settings."""
-    # Written from a worker thread (batch runs, the server history), not the one that opened it.
-    db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False, factory=factory)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    # FULL: a commit survives power loss too, not only a killed process;
-    # commits are per problem, so the fsync costs nothing noticeable.
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA foreign_keys=ON")
-    return db
-
-
-# SQLite's primary result codes that say the database file itself is unusable or
-# unavailable, with how to say so (https://www.sqlite.org/rescode.html).
-_UNUSABLE = {
-    3: "is not accessible (permission denied)",  # SQLITE_PERM
-    8: "is read-only",  # SQLITE_READONLY
-    11: "is damaged (corrupt pages); restore it from a copy or move it away to start over",  # SQLITE_CORRUPT
-    14: "cannot be opened",  # SQLITE_CANTOPEN
-    26: "is not a SQLite database (truncated or overwritten?)",  # SQLITE_NOTADB
-}
-_UNAVAILABLE = {
-    5: "is locked by another process",  # SQLITE_BUSY
-    6: "is locked by another process",  # SQLITE_LOCKED
-    10: "could not be read or written (I/O error)",  # SQLITE_IOERR
-    13: "could not be written: the disk or database is full",  # SQLITE_FULL
-}
-
-
-def _translated(exc: sqlite3.Error, path: object) -> BaseException:
-    """The one-line pacore error for a database that cannot be used, else ``exc`` itself."""
-    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
-    if code in _UNUSABLE:
-        return StoreUnusableError(f"run database {path} {_UNUSABLE[code]} ({exc})")
-    if code in _UNAVAILABLE:
-        return StoreError(f"run database {path} {_UNAVAILABLE[code]} ({exc})")
-    return exc
-
-
-class CheckedCursor(sqlite3.Cursor):
-    """A cursor whose "database unusable" errors (on any query or fetch) become one-line pacore errors.
-
-    A damaged page surfaces only when a query reaches it, possibly long after
-    opening, so every call is checked, not just the connection's first.
-    """
-
-    def _check(self, call: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return call(*args)
-        except sqlite3.Error as exc:
-            raise _translated(exc, getattr(self.connection, "path", "")) from None
-
-    def execute(self, *args: Any) -> CheckedCursor:
-        return self._check(super().execute, *args)
-
-    def executemany(self, *args: Any) -> CheckedCursor:
-        return self._check(super().executemany, *args)
-
-    def fetchone(self) -> Any:
-        return self._check(super().fetchone)
-
-    def fetchmany(self, *args: Any) -> list[Any]:
-        return self._check(super().fetchmany, *args)
-
-    def fetchall(self) -> list[Any]:
-        return self._check(super().fetchall)
-
-    def __next__(self) -> Any:
-        return self._check(super().__next__)
-
-
-class CheckedConnection(sqlite3.Connection):
-    """The run store's connection: every cursor is a :class:`CheckedCursor`."""
-
-    def __init__(self, database: Path, *args: Any, **kwargs: Any) -> None:
-        self.path = database
-        try:
-            super().__init__(database, *args, **kwargs)
-        except sqlite3.Error as exc:
-            raise _translated(exc, database) from None
-
-    def cursor(self, factory: Any = CheckedCursor) -> Any:
-        return super().cursor(factory)
-
-    # The C ``execute`` shortcuts do not go through ``cursor()``.
-    def execute(self, *args: Any) -> Any:
-        return self.cursor().execute(*args)
-
-    def executemany(self, *args: Any) -> Any:
-        return self.cursor().executemany(*args)
-
-
-def _version() -> str:
-    from pacore import __version__
-
-    return __version__
 
 
 def _set_aside(path: Path) -> Path | None:

@@ -36,7 +36,7 @@ from typing import Any, TextIO
 from pacore._extras import require
 from pacore.backends.llama_cpp import cache_dir as models_cache_dir
 from pacore.errors import UsageError
-from pacore.rewards import REWARDS, make_reward_func
+from pacore.eval.rewards import REWARDS, make_reward_func
 
 LOG_NAME = "log.jsonl"
 REWARDS_LOG_NAME = "rewards.jsonl"

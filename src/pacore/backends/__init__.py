@@ -1,6 +1,7 @@
 """Backends, chosen from a spec string through a small registry.
 
-- ``None``, ``"embedded"`` or ``"llama-cpp"``: the embedded Gemma 3 270M model;
+- ``None``, ``"embedded"`` or ``"llama-cpp"``: the embedded Gemma 3 270M model (a base model);
+- ``"embedded:smollm2"``: the embedded SmolLM2-135M-Instruct (it follows instructions);
 - ``"gguf:/path/model.gguf"`` (or any path ending in ``.gguf``): that GGUF file;
 - ``"http://host:port/v1"`` / ``"https://..."``: an OpenAI-compatible server;
 - a list of specs: one backend routing each call to the least busy of them.
@@ -51,7 +52,16 @@ def _gguf(spec: str, **options: Any) -> Backend:
 
 
 def _embedded(spec: str, **options: Any) -> Backend:
-    return LlamaCppBackend(None, **_local_options(options))
+    name = spec.partition(":")[2].strip().lower()
+    if name in ("", "gemma"):
+        return LlamaCppBackend(None, **_local_options(options))
+    if name == "smollm2":
+        from pacore.backends.llama_cpp import SMOLLM2_MODEL_NAME, smollm2_path
+
+        options = _local_options(options)
+        options["model"] = options.get("model") or SMOLLM2_MODEL_NAME
+        return LlamaCppBackend(smollm2_path(), **options)
+    raise UsageError(f"unknown embedded model {name!r}: use 'embedded' (Gemma 3 270M) or 'embedded:smollm2'")
 
 
 def _local_options(options: dict[str, Any]) -> dict[str, Any]:

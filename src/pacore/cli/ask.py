@@ -10,9 +10,9 @@ from typing import Annotated, TextIO
 
 import typer
 
-from pacore.backends import Message
 from pacore.adaptive import ComputePolicy
-from pacore.cli.main import app
+from pacore.backends import Message
+from pacore.cli.app import app
 from pacore.cli.options import (
     ApiKeyOption,
     BackendOption,

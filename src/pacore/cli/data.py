@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pacore.cli.main import app
+from pacore.cli.app import app
 from pacore.cli.options import output_path_option
 from pacore.errors import UsageError
 from pacore.eval.datasets import dataset_fingerprint, load_dataset

@@ -1,4 +1,5 @@
-"""Entry point of the ``pacore`` command.
+"""Entry point of the ``pacore`` command: assembles the command groups on
+:data:`pacore.cli.app.app` and runs it.
 
 Errors become one line on stderr here, and only here: usage mistakes and
 unusable inputs exit with 2, runtime failures with 1, an interrupt with 130
@@ -8,6 +9,7 @@ unusable inputs exit with 2, runtime failures with 1, an interrupt with 130
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -17,59 +19,20 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 
-from pacore import __version__
+from pacore.cli.app import EXIT_CODES, app
 from pacore.errors import PacoreError, UsageError, first_error
 
-#: Every exit status of ``pacore``; docs/cli-errors.md explains each.
-EXIT_CODES = {
-    0: "success",
-    1: "runtime failure (backend unreachable or failing, problems failed, run directory in use, "
-    "an output that cannot be written)",
-    2: "bad usage or unusable input (arguments, files, data sets, templates, a damaged or newer "
-    "run database, an output path that names an input)",
-    130: "interrupted (Ctrl-C); what was computed is kept",
-}
-
-EPILOG = "[bold]Exit codes[/bold]: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
-
-app = typer.Typer(
-    name="pacore",
-    help="Parallel Coordinated Reasoning: scale a model's test-time compute across parallel, "
-    "compacted, synthesized rounds.",
-    epilog=EPILOG,
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+__all__ = ["EXIT_CODES", "app", "exit_code_for", "main"]
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"pacore {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
-    ),
-) -> None:
-    """Parallel Coordinated Reasoning for any language model."""
+#: The command modules, in the order ``pacore --help`` lists their commands.
+COMMAND_MODULES = ("ask", "run", "report", "serve", "train", "view", "data", "model")
 
 
 def _register_commands() -> None:
-    # Each command group lives in its own module and registers itself on ``app``.
-    from pacore.cli import (
-        ask,  # noqa: F401
-        data,  # noqa: F401
-        model,  # noqa: F401
-        run,  # noqa: F401
-        serve,  # noqa: F401
-        train,  # noqa: F401
-        view,  # noqa: F401
-    )
+    # Each command group lives in its own module and registers itself on ``app`` when imported.
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"pacore.cli.{name}")
 
 
 def exit_code_for(exc: BaseException) -> int:

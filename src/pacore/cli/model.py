@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pacore.cli.main import app
+from pacore.cli.app import app
 from pacore.cli.options import ThreadsOption
 
 model_app = typer.Typer(help="Manage the embedded model (Gemma 3 270M GGUF).", no_args_is_help=True)

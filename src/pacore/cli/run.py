@@ -1,13 +1,13 @@
-"""``pacore run``, ``pacore report`` and ``pacore export-train``: the research workflow."""
+"""``pacore run``: evaluate a data set under a method (``pacore report`` and
+``pacore export-train`` read its results, in :mod:`pacore.cli.report`)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import Annotated, TextIO
 
 import typer
 from rich.console import Console, RenderableType
@@ -17,7 +17,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from pacore.cli.main import app
+from pacore.cli.app import app
 from pacore.cli.options import (
     ApiKeyOption,
     BackendOption,
@@ -41,14 +41,13 @@ from pacore.cli.options import (
     output_path_option,
     parse_reference_order,
 )
-from pacore.cli.progress import format_duration
-from pacore.errors import PacoreError, UsageError
-from pacore.eval import export, report
+from pacore.cli.results import interval_text, results_unit
+from pacore.errors import PacoreError
+from pacore.eval import report
 from pacore.eval.datasets import Problem, load_dataset
 from pacore.eval.runner import DEFAULT_SAMPLES, METHODS, Arm, BatchProgress, BatchRun, RunPlan
+from pacore.progress import format_duration
 from pacore.store import ProblemResult
-from pacore.synthesis import REFERENCE_ORDERS
-from pacore.verifier import Verifier
 
 RUN_PANEL = "Run"
 DATA_PANEL = "Data set"
@@ -93,7 +92,7 @@ class LiveBatchDisplay:
             Text(p.arm, style="bold"),
             ProgressBar(total=max(p.total, 1), completed=p.done + p.failed, width=24),
             Text(
-                f"{p.done + p.failed}/{p.total} {'problems' if p.repeats == 1 else 'problem repeats'}"
+                f"{p.done + p.failed}/{p.total} {results_unit(p.repeats)}"
                 + (f" ({p.failed} failed)" if p.failed else "")
             ),
             Text(f"· {p.in_flight} in flight"),
@@ -199,16 +198,11 @@ def summary_text(summary: report.ArmReport, run_dir: Path) -> str:
     pending = f", {summary.pending} unfinished" if summary.pending else ""
     repeats = f" ({summary.problems} problems × {summary.repeats} repeats)" if summary.repeats > 1 else ""
     if summary.repeated:
-        accuracy = f"mean accuracy {report.percent(summary.accuracy)}{_interval_text(summary)} over repeats"
+        accuracy = f"mean accuracy {report.percent(summary.accuracy)}{interval_text(summary)} over repeats"
     return (
         f"{summary.arm}: {summary.answered}/{summary.results} answered{repeats}{failed}{pending}, "
         f"{accuracy} -> {run_dir}"
     )
-
-
-def _interval_text(arm: report.ArmReport) -> str:
-    interval = arm.interval
-    return f" [{report.percent(interval[0])}, {report.percent(interval[1])}]" if interval else ""
 
 
 @app.command("run", epilog=RUN_EXAMPLES)
@@ -340,172 +334,7 @@ def run(
     typer.echo(summary_text(summary, out))
     if summary.failed:
         reason, count = summary.failure_reasons[0]
-        unit = "problems" if summary.repeats == 1 else "problem repeats"
         raise PacoreError(
-            f"{summary.failed} of {summary.results} {unit} failed ({count} x {reason}); "
+            f"{summary.failed} of {summary.results} {results_unit(summary.repeats)} failed ({count} x {reason}); "
             "rerun the same command to retry them"
         )
-
-
-@app.command("report")
-def report_command(
-    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories to report on.")],
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out", "-o", metavar="DIR", parser=output_path_option,
-            help="Where to write the report \\[default: the first RUN_DIR].",
-        ),  # fmt: skip
-    ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print the figures as one JSON object on stdout.")
-    ] = False,
-    verifier: Annotated[
-        str | None,
-        typer.Option(
-            "--verifier", metavar="SPEC",
-            help="Judge the derivation of every correct answer with this model (a backend spec: "
-            "http://host:port/v1, gguf:/path, embedded) and report each arm's spurious correctness.",
-        ),
-    ] = None,  # fmt: skip
-    verifier_template: Annotated[
-        Path | None,
-        typer.Option("--verifier-template", metavar="FILE", help="Jinja2 verifier prompt instead of the built-in one."),
-    ] = None,
-    verifier_model: Annotated[
-        str | None, typer.Option("--verifier-model", help="Model name sent to the verifier's server.")
-    ] = None,
-) -> None:
-    """Write report.md, report.html, accuracy_vs_ttc.png and report.csv for one or more runs.
-
-    The report opens with each run's model, backend, settings, data set, dates and
-    pacore version, and ends with a table of every problem's result (also in report.csv).
-
-    Per arm: accuracy with a 95% interval (Wilson with one result per problem; with
-    --repeats, the mean over problems of per-problem accuracy with a normal
-    approximation over problems), mean effective TTC and prompt tokens, wall time,
-    failures; for PaCoRe arms, synthesis diagnostics; with --verifier, spurious correctness
-    (verdicts cached, see docs/train.md).
-    """
-    if verifier is None:
-        arms, files = report.write_report(run_dirs, out)
-    else:
-        options: dict[str, Any] = {"model": verifier_model} if verifier_model else {}
-        with Verifier(verifier, template=verifier_template, **options) as judge:
-            arms, files = report.write_report(run_dirs, out, verifier=judge)
-    if json_output:
-        document = {
-            "runs": [str(d) for d in run_dirs],
-            "files": {"markdown": str(files.markdown), "html": str(files.html), "plot": str(files.plot), "csv": str(files.csv)},
-            "methods": [arm.as_dict() for arm in arms],
-        }
-        typer.echo(json.dumps(document, indent=2))
-        return
-    for arm in arms:
-        prefix = f"{arm.run} " if len(run_dirs) > 1 else ""
-        ci = _interval_text(arm)
-        tokens = f"{arm.mean_completion_tokens:,.0f}" if arm.mean_completion_tokens is not None else "n/a"
-        graded = (
-            f"{arm.graded} graded results of {len(arm.problem_accuracies)} problems (mean over repeats)"
-            if arm.repeated
-            else f"{arm.graded} graded"
-        )
-        spurious = (
-            f", spurious correctness {report.percent(arm.spurious.rate)} of {arm.spurious.judged} judged"
-            if arm.spurious
-            else ""
-        )
-        typer.echo(
-            f"{prefix}{arm.arm}: accuracy {report.percent(arm.accuracy)}{ci} on {graded}, "
-            f"{tokens} TTC tokens/problem, {arm.failed} failed"
-            + (f", {arm.pending} unfinished" if arm.pending else "")
-            + spurious
-        )
-    typer.echo(f"wrote {files.markdown}, {files.html}, {files.plot} and {files.csv}")
-
-
-EXPORT_EXAMPLES = """\
-[bold]Examples[/bold]
-
-  pacore export-train runs/aime --out train.jsonl
-  pacore export-train runs/aime --format verl --out stage1.parquet
-  pacore export-train PaCoRe-Train-8k.jsonl --format trl --out train.parquet
-  pacore export-train runs/aime --format verl --out stage2.parquet \\
-      --synthesis-acc 0..1 --synthesis-run runs/stage1-policy
-
-Stage 1 filters on message accuracy (--min-acc/--max-acc), stage 2 on the synthesis success of the stage-1 policy (--synthesis-acc). Without --template/--reference-order the prompts use the run's template and reference order. See docs/train.md.
-"""
-
-
-@app.command("export-train", epilog=EXPORT_EXAMPLES)
-def export_train_command(
-    source: Annotated[
-        Path,
-        typer.Argument(metavar="SOURCE", help="A run directory, or a data file in the PaCoRe-Train layout."),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", parser=output_path_option, help="File to write (.jsonl or .parquet).")],
-    format: Annotated[
-        str,
-        typer.Option(
-            "--format", "-f", help=f"One of {', '.join(export.FORMATS)}: the released JSONL layout, verl's "
-            "parquet, or a TRL data set; verl and trl hold the synthesis prompt the engine sends.",
-        ),
-    ] = "pacore",  # fmt: skip
-    min_acc: Annotated[
-        float, typer.Option("--min-acc", help="Keep problems whose message-set accuracy is above this.")
-    ] = export.DEFAULT_MIN_ACC,
-    max_acc: Annotated[
-        float, typer.Option("--max-acc", help="... and below this (9/24 in the report).")
-    ] = export.DEFAULT_MAX_ACC,
-    min_size: Annotated[int, typer.Option("--min-size", help="Smallest message set (clipped to what exists).")] = (
-        export.DEFAULT_MIN_SIZE
-    ),
-    max_size: Annotated[int, typer.Option("--max-size", help="Largest message set.")] = export.DEFAULT_MAX_SIZE,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Seed of the message-set draws and of the reference order.")
-    ] = 0,
-    arm: Annotated[
-        str | None,
-        typer.Option(
-            "--arm", help="Take the responses from this arm's first round \\[default: the pool, else the "
-            "arm with the widest first round].",
-        ),
-    ] = None,  # fmt: skip
-    synthesis_acc: Annotated[
-        str | None,
-        typer.Option(
-            "--synthesis-acc", metavar="MIN..MAX",
-            help="Stage 2: keep problems whose synthesis success rate in --synthesis-run lies strictly "
-            "between MIN and MAX (0..1: sometimes but not always right).",
-        ),
-    ] = None,  # fmt: skip
-    synthesis_run: Annotated[
-        Path | None,
-        typer.Option(
-            "--synthesis-run", metavar="RUN_DIR",
-            help="A pacore run of the stage-1 policy on these problems (with repeats) \\[default: SOURCE].",
-        ),
-    ] = None,  # fmt: skip
-    template: TemplateOption = None,
-    order: Annotated[
-        str | None,
-        typer.Option(
-            "--reference-order", "--order", help="Reference order of the prompt: shuffle (seeded) or release \\[default: the run's, "
-            "else shuffle].",
-        ),
-    ] = None,  # fmt: skip
-) -> None:
-    """Write RL training records for the synthesis step (PaCoRe-Train JSONL, verl parquet or TRL).
-
-    In verl and trl records the prompt is the synthesis conversation the engine sends, built with
-    the run's template and reference order unless --template / --reference-order say otherwise.
-    """
-    if order is not None and order not in REFERENCE_ORDERS:
-        raise UsageError(f"--reference-order must be one of {', '.join(REFERENCE_ORDERS)}, got {order!r}")
-    summary = export.export_train(
-        source, out, format=format, min_acc=min_acc, max_acc=max_acc, min_size=min_size,  # type: ignore[arg-type]
-        max_size=max_size, seed=seed, arm=arm, template=template, order=order,  # type: ignore[arg-type]
-        synthesis_acc=export.parse_range(synthesis_acc) if synthesis_acc is not None else None,
-        synthesis_run=synthesis_run,
-    )  # fmt: skip
-    typer.echo(f"export-train: {summary.line()}")

@@ -15,7 +15,7 @@ import typer
 
 from pacore._extras import SERVER_MODULES, require
 from pacore.adaptive import ComputePolicy
-from pacore.cli.main import app
+from pacore.cli.app import app
 from pacore.cli.options import (
     BACKEND_PANEL,
     BackendOption,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pacore.cli.main import app
+from pacore.cli.app import app
 
 TRAIN_EXAMPLES = """\
 [bold]Example config[/bold] (TOML; paths are relative to the file)

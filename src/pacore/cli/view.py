@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from pacore._extras import SERVER_MODULES, require
-from pacore.cli.main import app
+from pacore.cli.app import app
 from pacore.cli.serve import _is_loopback, _listen, _url_host
 
 

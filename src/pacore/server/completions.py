@@ -15,9 +15,9 @@ import pydantic_core
 
 from pacore.adaptive import ComputePolicy
 from pacore.backends.base import GenerationParams, Message
-from pacore.cli.progress import ProgressState, round_line
 from pacore.engine import normalize_messages
 from pacore.errors import ScheduleError
+from pacore.progress import ProgressState, round_line
 from pacore.schedule import Schedule
 from pacore.server.errors import InvalidRequestError, UnsupportedMediaTypeError
 from pacore.server.protocol import (

@@ -23,10 +23,10 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from pacore import store
+from pacore import database
 from pacore.backends.base import Message, text_of
 from pacore.errors import StoreError, TemplateError
-from pacore.eval.grading import extract_answer
+from pacore.answers import extract_answer
 from pacore.messages import last_user_index, last_user_text
 from pacore.prompts import SynthesisTemplate
 from pacore.trace import (
@@ -392,7 +392,7 @@ def _m001_requests(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX requests_by_created ON requests (created)")
 
 
-HISTORY_MIGRATIONS: list[store.Migration] = [_m001_requests]
+HISTORY_MIGRATIONS: list[database.Migration] = [_m001_requests]
 
 
 class HistoryDatabase:
@@ -402,8 +402,8 @@ class HistoryDatabase:
         self.path = Path(path)
         self.capacity = capacity
         try:
-            self.db = store.connect(self.path)
-            store.migrate(self.db, HISTORY_MIGRATIONS)
+            self.db = database.connect(self.path)
+            database.migrate(self.db, HISTORY_MIGRATIONS)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot use history database {self.path}: {exc}") from None
         # One thread: writes stay in order, and a slow disk never stalls the server.
@@ -436,7 +436,7 @@ class HistoryDatabase:
         future.add_done_callback(self._written)
 
     def _write(self, request_id: str, created: float, summary: str, detail: str) -> None:
-        with store.transaction(self.db) as db:
+        with database.transaction(self.db) as db:
             db.execute(
                 "INSERT OR REPLACE INTO requests (id, created, summary_json, detail_json) VALUES (?, ?, ?, ?)",
                 (request_id, created, summary, detail),

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from pacore.errors import PacoreError, RunConflictError
-from pacore.eval.report import result_span
+from pacore.eval.figures import result_span
 from pacore.messages import last_user_text
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule

@@ -10,7 +10,9 @@ adds, per connection:
   response ending); a client that sent part of them gets a 408;
 - a write-stall timeout: while the connection's write buffer is full (the
   client is not reading), the client must take some of it every
-  ``write_timeout`` seconds, or the connection is dropped;
+  ``write_timeout`` seconds, or the connection is dropped. What is pending
+  counts the kernel's send queue too (Linux): a steady slow reader drains
+  that queue long before the socket has room for the process's buffer again;
 - malformed HTTP gets its 400 in OpenAI's JSON error shape, not plain text.
 
 The body's own timeout is the app's (see ``pacore.server.app``), so that a
@@ -20,8 +22,11 @@ slow body gets a 408 in OpenAI's shape from the route that was reading it.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -32,6 +37,20 @@ from pacore.server.errors import InvalidRequestError, RequestTimeoutError, descr
 logger = logging.getLogger("pacore.server")
 
 CutReason = Literal["header_timeout", "write_stall"]
+
+#: The ioctl that reads how many bytes a socket's kernel send queue holds (Linux's SIOCOUTQ).
+_SEND_QUEUE = getattr(termios, "TIOCOUTQ", None)
+
+
+def _kernel_send_queue(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to the socket that its peer has not taken yet (0 where that cannot be read)."""
+    sock = transport.get_extra_info("socket")
+    if _SEND_QUEUE is None or sock is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), _SEND_QUEUE, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):  # a closed socket (fileno -1) or one without the ioctl
+        return 0
 
 
 def _raw_response(status: int, reason: bytes, exc: Exception) -> bytes:
@@ -61,8 +80,8 @@ class GuardedH11Protocol(H11Protocol):
         self.on_cut = on_cut
         self._header_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
-        #: The write buffer's size when the stall timer was armed.
-        self._buffered = 0
+        #: Bytes pending (the write buffer and the kernel's send queue) when the stall timer was armed.
+        self._pending = 0
         #: Bytes received since the header timer was armed: a request has begun.
         self._received = 0
         self._request_cycle: object = None
@@ -120,7 +139,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _watch_writes(self) -> None:
         self._cancel(self._stall_timer)
-        self._buffered = self.transport.get_write_buffer_size()
+        self._pending = self._pending_bytes()
         self._stall_timer = self.loop.call_later(self.write_timeout, self._check_progress)
 
     def resume_writing(self) -> None:
@@ -128,9 +147,12 @@ class GuardedH11Protocol(H11Protocol):
         self._cancel(self._stall_timer)
         self._stall_timer = None
 
+    def _pending_bytes(self) -> int:
+        return self.transport.get_write_buffer_size() + _kernel_send_queue(self.transport)
+
     def _check_progress(self) -> None:
-        # While paused nothing new is buffered, so a smaller buffer means the client took some.
-        if self.transport.get_write_buffer_size() < self._buffered:
+        # While paused nothing new is written, so fewer pending bytes mean the client took some.
+        if self._pending_bytes() < self._pending:
             self._watch_writes()
             return
         self._stall_timer = None
