@@ -9,6 +9,7 @@ callback, a pooled first round) stays an explicit argument of that call.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,13 @@ class SolveOptions:
         if not self.policy.is_default:
             kwargs["compute"] = self.policy
         return kwargs
+
+
+def policy_label(fields: Mapping[str, Any]) -> str:
+    """A policy's non-default fields (``ComputePolicy.model_dump(exclude_defaults=True)``) as
+    text for names and labels: ``keep-top=0.5+early-stop``; empty for none."""
+    parts = []
+    for name, value in fields.items():
+        label = name.replace("_", "-")
+        parts.append(label if value is True else f"{label}={value:g}" if isinstance(value, float) else f"{label}={value}")
+    return "+".join(parts)

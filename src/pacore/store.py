@@ -167,6 +167,12 @@ def m002_repeats(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+@migration
+def m003_arm_compute(db: sqlite3.Connection) -> None:
+    # An arm may run an adaptive-compute policy: its non-default fields as JSON (NULL: none).
+    db.execute("ALTER TABLE arms ADD COLUMN compute_json TEXT")
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
@@ -194,6 +200,8 @@ class ArmInfo:
     schedule: str | None = None
     samples: int | None = None
     created_at: str = ""
+    #: The arm's adaptive-compute policy, its non-default ``ComputePolicy`` fields (``None``: none).
+    compute: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +369,10 @@ class RunStore:
     def arms(self) -> list[ArmInfo]:
         rows = self.db.execute("SELECT * FROM arms ORDER BY created_at, rowid")
         return [
-            ArmInfo(row["name"], row["method"], row["schedule"], row["samples"], row["created_at"])
+            ArmInfo(
+                row["name"], row["method"], row["schedule"], row["samples"], row["created_at"],
+                json.loads(row["compute_json"]) if row["compute_json"] else None,
+            )  # fmt: skip
             for row in rows
         ]
 
@@ -369,8 +380,12 @@ class RunStore:
         """Create an arm with repeats ``0..repeats-1`` of ``seed`` pending for every problem (one transaction)."""
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO arms (name, method, schedule, samples, created_at) VALUES (?, ?, ?, ?, ?)",
-                (arm.name, arm.method, arm.schedule, arm.samples, now_iso()),
+                "INSERT INTO arms (name, method, schedule, samples, created_at, compute_json) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    arm.name, arm.method, arm.schedule, arm.samples, now_iso(),
+                    _dumps(arm.compute) if arm.compute else None,
+                ),  # fmt: skip
             )
             _add_repeats(db, arm.name, problem_ids, seed, repeats)
 

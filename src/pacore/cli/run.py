@@ -17,6 +17,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from pacore.adaptive import ComputePolicy
 from pacore.cli.app import app
 from pacore.cli.options import (
     ApiKeyOption,
@@ -40,6 +41,7 @@ from pacore.cli.options import (
     open_backends,
     output_path_option,
     parse_reference_order,
+    with_compute_options,
 )
 from pacore.cli.results import interval_text, results_unit
 from pacore.errors import PacoreError
@@ -62,6 +64,7 @@ RUN_EXAMPLES = """\
   pacore run aime.jsonl --out runs/aime --method majority --samples 32
   pacore run aime.jsonl --out runs/aime --schedule low --repeats 16   # 16 draws per problem
   pacore run aime.jsonl --out runs/aime --schedule low --repeats 16 --seed 7  # 16 more
+  pacore run aime.jsonl --out runs/aime --schedule 32 --adaptive-k --wave 8   # a policy arm, on the pool
 
 Run the same command again to resume: done problems are skipped, unfinished ones
 redone, failed ones retried.
@@ -206,6 +209,7 @@ def summary_text(summary: report.ArmReport, run_dir: Path) -> str:
 
 
 @app.command("run", epilog=RUN_EXAMPLES)
+@with_compute_options
 def run(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Data set file (JSONL or a JSON list).")],
     out: Annotated[
@@ -299,12 +303,13 @@ def run(
     timeout: TimeoutOption = None,
     retries: RetriesOption = None,
     threads: ThreadsOption = None,
+    compute: ComputePolicy | None = None,
 ) -> None:
     """Evaluate a data set under a method; resumable, every finished problem committed.
 
     Results go to RUN_DIR/run.sqlite; see them with 'pacore report RUN_DIR'.
     """
-    arm = Arm.build(method, schedule=schedule, samples=samples)
+    arm = Arm.build(method, schedule=schedule, samples=samples, compute=compute)
     params = generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     check_limits(deadline=deadline, min_success=min_success)
     synthesis = load_template(template, arm.schedule)

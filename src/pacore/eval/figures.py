@@ -38,6 +38,7 @@ from typing import Any
 
 from pacore.eval.grading import grade, majority_vote
 from pacore.messages import last_user_text
+from pacore.options import policy_label
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
 from pacore.trace import Result
 from pacore.verifier import Judgement, Verifier
@@ -163,6 +164,12 @@ class ArmReport:
     synthesis: SynthesisStats | None = None
     #: Per graded problem: its accuracy over its graded repeats.
     problem_accuracies: list[float] = field(default_factory=list)
+    #: The arm's adaptive-compute policy, its non-default fields (``None``: the paper's method).
+    compute: dict[str, Any] | None = None
+    #: Trajectories the policy stopped early (early stop, quorum, budget), over every result.
+    stopped: int = 0
+    #: Messages keep-top left out of synthesis prompts, over every result.
+    dropped: int = 0
 
     @property
     def repeated(self) -> bool:
@@ -196,11 +203,21 @@ class ArmReport:
         return (self.last_finish - self.first_start).total_seconds()
 
     @property
+    def policy(self) -> str:
+        """The adaptive-compute policy as a label (``keep-top=0.5+early-stop``); empty for none."""
+        return policy_label(self.compute) if self.compute else ""
+
+    @property
     def setting(self) -> str:
-        """The schedule or sample count, as shown in tables and on the plot."""
+        """The schedule or sample count (and policy), as shown in tables and on the plot."""
         if self.method == "majority":
             return f"k={self.samples}"
-        return self.schedule or ""
+        return " +".join(filter(None, (self.schedule or "", self.policy)))
+
+    @property
+    def series(self) -> str:
+        """The plot's line this arm is a point of: its method, and policy if any."""
+        return f"{self.method} +{self.policy}" if self.policy else self.method
 
     def as_dict(self) -> dict[str, Any]:
         interval = self.interval
@@ -210,6 +227,9 @@ class ArmReport:
             "method": self.method,
             "schedule": self.schedule,
             "samples": self.samples,
+            "compute": self.compute,
+            "stopped_trajectories": self.stopped,
+            "dropped_messages": self.dropped,
             "problems": self.problems,
             "results": self.results,
             "repeats": self.repeats,
@@ -281,7 +301,9 @@ def arm_report(
     Synthesis diagnostics need the traces and the ``problems`` (for their
     ground truths); without ``problems`` they are left out.
     """
-    report = ArmReport(run=run, arm=arm.name, method=arm.method, schedule=arm.schedule, samples=arm.samples)
+    report = ArmReport(
+        run=run, arm=arm.name, method=arm.method, schedule=arm.schedule, samples=arm.samples, compute=arm.compute
+    )
     completion_tokens = prompt_tokens = wall_s = 0.0
     reasons: Counter[str] = Counter()
     per_problem: Counter[str] = Counter()
@@ -311,6 +333,9 @@ def arm_report(
                 report.graded += 1
                 report.correct += int(result.correct)
                 grades.setdefault(result.problem_id, []).append(result.correct)
+            if result.trace is not None:
+                report.stopped += sum(1 for rnd in result.trace.rounds for t in rnd.trajectories if t.stopped)
+                report.dropped += sum(len(rnd.dropped) for rnd in result.trace.rounds)
             if report.synthesis is not None and result.trace is not None:
                 problem = problems[result.problem_id]  # type: ignore[index]  # set with synthesis
                 if problem.ground_truth is not None:

@@ -364,12 +364,12 @@ def plot_points(arms: Sequence[ArmReport], with_run: bool) -> dict[str, list[Plo
     for group in ties.values():
         for position, arm in enumerate(group):
             x = (arm.mean_completion_tokens or 0) * _TIE_STEP ** (position - (len(group) - 1) / 2)
-            name = f"{arm.method} ({arm.run})" if with_run else arm.method
+            name = f"{arm.series} ({arm.run})" if with_run else arm.series
             label = arm.arm if len(group) > 1 or not arm.setting else arm.setting
             point = PlotPoint(arm, x, 100 * (arm.accuracy or 0), label, position)
             series.setdefault(name, []).append(point)
     order = {name: i for i, name in enumerate(dict.fromkeys(
-        f"{a.method} ({a.run})" if with_run else a.method for a in plotted
+        f"{a.series} ({a.run})" if with_run else a.series for a in plotted
     ))}  # fmt: skip
     return {name: sorted(series[name], key=lambda p: p.x) for name in sorted(series, key=order.__getitem__)}
 

@@ -50,7 +50,7 @@ from pacore.errors import DatasetError, PacoreError, RoundFailedError, RunConfli
 from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.grading import extract_answer, grade, majority_vote
 from pacore.eval.report import ArmReport, arm_report
-from pacore.options import SolveOptions
+from pacore.options import SolveOptions, policy_label
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
@@ -65,15 +65,6 @@ DEFAULT_SAMPLES = 16
 POOL_DRAW_SETTINGS = ("seed",)
 
 T = TypeVar("T")
-
-
-def policy_label(policy: ComputePolicy) -> str:
-    """The policy's non-default settings, as an arm name's suffix: ``+keep-top=0.5+early-stop``."""
-    parts = []
-    for name, value in policy.model_dump(exclude_defaults=True).items():
-        label = name.replace("_", "-")
-        parts.append(label if value is True else f"{label}={value:g}" if isinstance(value, float) else f"{label}={value}")
-    return "".join(f"+{part}" for part in parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +115,8 @@ class Arm:
     @property
     def name(self) -> str:
         if self.method == "pacore":
-            return f"pacore-{self.schedule.text()}" + (policy_label(self.compute) if self.compute else "")
+            policy = f"+{policy_label(self.compute.model_dump(exclude_defaults=True))}" if self.compute else ""
+            return f"pacore-{self.schedule.text()}{policy}"
         if self.method == "majority":
             return f"majority-{self.samples}"
         return "single"
@@ -138,7 +130,8 @@ class Arm:
 
     def info(self) -> ArmInfo:
         schedule = self.schedule.text() if self.method != "majority" else None
-        return ArmInfo(self.name, self.method, schedule, self.samples)
+        compute = self.compute.model_dump(exclude_defaults=True) if self.compute else None
+        return ArmInfo(self.name, self.method, schedule, self.samples, compute=compute)
 
 
 def generation_config(
