@@ -29,6 +29,7 @@ from pacore.backends.base import GenerationParams
 from pacore.cli.options import compute_policy
 from pacore.errors import UsageError
 from pacore.eval.datasets import Problem
+from pacore.eval.report import collect, plot_points
 from pacore.eval.runner import Arm, run_dataset
 from pacore.options import SolveOptions
 from pacore.schedule import Schedule
@@ -300,3 +301,38 @@ async def test_policy_arms_replay_on_a_pool_without_sampling_again(simulated_url
 
 def backend_calls(url: str) -> int:
     return httpx.get(url.removesuffix("/v1") + "/stats").json()["calls"]
+
+
+def test_run_and_report_place_policy_arms_next_to_the_fixed_schedule(simulated_url, tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "question": f"Problem {i}", "answer": "0"}) + "\n"
+                            for i in range(3)))  # fmt: skip
+    run_dir = tmp_path / "run"
+    common = ["--out", str(run_dir), "--backend", simulated_url, "--model", "fast", "--seed", "1", "-q"]
+    pooled = pacore("run", str(data), *common, "--pool-size", "8", "--schedule", "8", "--confidence",
+                    "--confidence-window", "16")  # fmt: skip
+    assert pooled.returncode == 0, pooled.stderr
+    kept = pacore("run", str(data), *common, "--schedule", "8", "--keep-top", "0.5", "--confidence-window", "16")
+    assert kept.returncode == 0, kept.stderr
+    assert "pacore-8+window=16+keep-top=0.5: 3/3 answered" in kept.stdout
+    fixed = pacore("run", str(data), *common, "--schedule", "4")
+    assert fixed.returncode == 0, fixed.stderr
+    refused = pacore("run", str(data), *common, "--method", "majority", "--samples", "4", "--quorum", "0.5")
+    assert refused.returncode == 2 and "the adaptive-compute options are for --method pacore" in refused.stderr
+
+    report = pacore("report", str(run_dir), "--json")
+    assert report.returncode == 0, report.stderr
+    methods = {m["arm"]: m for m in json.loads(report.stdout)["methods"]}
+    assert set(methods) == {"pacore-8+confidence+window=16", "pacore-8+window=16+keep-top=0.5", "pacore-4"}
+    policy_arm = methods["pacore-8+window=16+keep-top=0.5"]
+    assert policy_arm["compute"] == {"window": 16, "keep_top": 0.5}
+    assert policy_arm["dropped_messages"] == 3 * 4
+    assert methods["pacore-4"]["compute"] is None and methods["pacore-4"]["dropped_messages"] == 0
+    markdown = (run_dir / "report.md").read_text()
+    assert "| 8 +window=16+keep-top=0.5 |" in markdown
+
+    with RunStore.open(run_dir) as store:
+        arms = {arm.name: arm for arm in store.arms()}
+    series = plot_points(collect([run_dir]), with_run=False)
+    assert set(series) == {"pacore", "pacore +confidence+window=16", "pacore +window=16+keep-top=0.5"}
+    assert arms["pacore-4"].compute is None

@@ -70,8 +70,9 @@ class SolveOptions:
 def policy_label(fields: Mapping[str, Any]) -> str:
     """A policy's non-default fields (``ComputePolicy.model_dump(exclude_defaults=True)``) as
     text for names and labels: ``keep-top=0.5+early-stop``; empty for none."""
+    order = list(ComputePolicy.model_fields)  # stored policies have their keys sorted
     parts = []
-    for name, value in fields.items():
+    for name, value in sorted(fields.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)):
         label = name.replace("_", "-")
         parts.append(label if value is True else f"{label}={value:g}" if isinstance(value, float) else f"{label}={value}")
     return "+".join(parts)
