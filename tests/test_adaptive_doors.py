@@ -32,9 +32,11 @@ from pacore.eval.datasets import Problem
 from pacore.eval.report import collect, plot_points
 from pacore.eval.runner import Arm, run_dataset
 from pacore.options import SolveOptions
+from pacore.progress import round_details, trajectory_line
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
 from pacore.store import RunStore
+from pacore.trace import Confidence, Round, Trajectory
 from server_harness import RunningServer, running_app, running_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -336,3 +338,40 @@ def test_run_and_report_place_policy_arms_next_to_the_fixed_schedule(simulated_u
     series = plot_points(collect([run_dir]), with_run=False)
     assert set(series) == {"pacore", "pacore +confidence+window=16", "pacore +window=16+keep-top=0.5"}
     assert arms["pacore-4"].compute is None
+
+
+# --- the progress display (pacore ask --show-rounds) ------------------------------------
+
+
+def test_show_rounds_lines_say_what_the_policies_did():
+    confidence = Confidence(mean=11.5, lowest_group=9.25, tail=10.0, window=16, token_count=80)
+    answer = Trajectory(
+        round=1, index=0, text="The answer is 4.", message="The answer is 4.", completion_tokens=5,
+        confidence=confidence,
+    )  # fmt: skip
+    rnd = Round(
+        index=1, k=1, final=True, references=[(0, 0)], dropped=[(0, 2), (0, 1)],
+        policy_note="keep-top: 1 of 3 messages kept", trajectories=[answer],
+    )  # fmt: skip
+    assert round_details(rnd) == [
+        "  the synthesis call read the 1 answers of round 1",
+        "  keep-top left out the least confident of round 1: #3, #2",
+        "  policy: keep-top: 1 of 3 messages kept",
+        '  #1 · 5 tokens · confidence 11.50 (lowest group 9.25) · answer: 4 · "The answer is 4."',
+    ]
+    stopped = Trajectory(round=0, index=3, text="Let me", completion_tokens=40, stopped="early_stop")
+    assert trajectory_line(stopped) == "#4 · 40 tokens · stopped by early stop: contributes no message"
+
+
+def test_ask_show_rounds_on_the_simulated_model(simulated_url):
+    process = pacore(
+        "ask", "Problem 7", "--schedule", "8", "--seed", "1", "--backend", simulated_url, "--show-rounds",
+        "--keep-top", "0.5", "--early-stop", "--warmup", "2", "--confidence-window", "16",
+        "--early-stop-percentile", "90",
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    lines = process.stderr.splitlines()
+    assert any(line.startswith("  policy: early stop: threshold ") for line in lines)
+    assert any(line.startswith("  keep-top left out the least confident of round 1: #") for line in lines)
+    assert any("stopped by early stop: contributes no message" in line for line in lines)
+    assert sum(" · confidence " in line for line in lines) == 9  # 8 trajectories and the synthesis

@@ -286,23 +286,25 @@ def test_viewer_shows_what_the_adaptive_policies_did(page):
     """Confidence per trajectory, stopped badges, dropped references and policy notes, on the
     simulated model of bench/fastbackend.py (it returns logprobs)."""
     compute = {"keep_top": 0.5, "early_stop": True, "warmup": 2, "window": 16, "early_stop_percentile": 90}
-    with fast_backend("--simulate", "--sim-median-tokens", 60) as simulated:
-        with running_app(open_backend(simulated.url), ServerConfig(schedule=Schedule.parse([8]))) as running:
-            client = openai.OpenAI(base_url=running.api_url, api_key="unused", max_retries=0)
-            completion = client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "Problem 7"}], seed=1,
-                extra_body={"pacore": {"compute": compute}},
-            )  # fmt: skip
-            summary = completion.model_extra["pacore"]["compute"]
-            page.goto(f"{running.base_url}/ui#{completion.id}")
-            rounds = page.locator(".round")
-            rounds.nth(1).wait_for()
-            first, synthesis = rounds.nth(0), rounds.nth(1)
-            first.locator(".card .confidence").first.wait_for()
-            assert first.locator(".card .confidence").count() == 8
-            assert first.locator(".card .confidence").first.text_content().startswith("confidence ")
-            assert first.locator(".badge.stopped").count() == summary["stopped"]["early_stop"] >= 1
-            assert first.locator(".policy-note").text_content().startswith("early stop: threshold ")
-            assert synthesis.locator(".policy-note").text_content().startswith("keep-top: ")
-            assert synthesis.locator(".dropped").text_content().startswith("dropped (least confident): R1#")
-            assert f"{summary['dropped']} references dropped by keep-top" in synthesis.locator(".stats").text_content()
+    with (
+        fast_backend("--simulate", "--sim-median-tokens", 60) as simulated,
+        running_app(open_backend(simulated.url), ServerConfig(schedule=Schedule.parse([8]))) as running,
+    ):
+        client = openai.OpenAI(base_url=running.api_url, api_key="unused", max_retries=0)
+        completion = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Problem 7"}], seed=1,
+            extra_body={"pacore": {"compute": compute}},
+        )  # fmt: skip
+        summary = completion.model_extra["pacore"]["compute"]
+        page.goto(f"{running.base_url}/ui#{completion.id}")
+        rounds = page.locator(".round")
+        rounds.nth(1).wait_for()
+        first, synthesis = rounds.nth(0), rounds.nth(1)
+        first.locator(".card .confidence").first.wait_for()
+        assert first.locator(".card .confidence").count() == 8
+        assert first.locator(".card .confidence").first.text_content().startswith("confidence ")
+        assert first.locator(".badge.stopped").count() == summary["stopped"]["early_stop"] >= 1
+        assert first.locator(".policy-note").text_content().startswith("early stop: threshold ")
+        assert synthesis.locator(".policy-note").text_content().startswith("keep-top: ")
+        assert synthesis.locator(".dropped").text_content().startswith("dropped (least confident): R1#")
+        assert f"{summary['dropped']} references dropped by keep-top" in synthesis.locator(".stats").text_content()

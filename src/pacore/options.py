@@ -70,9 +70,11 @@ class SolveOptions:
 def policy_label(fields: Mapping[str, Any]) -> str:
     """A policy's non-default fields (``ComputePolicy.model_dump(exclude_defaults=True)``) as
     text for names and labels: ``keep-top=0.5+early-stop``; empty for none."""
-    order = list(ComputePolicy.model_fields)  # stored policies have their keys sorted
+    order = {name: i for i, name in enumerate(ComputePolicy.model_fields)}  # stored policies are key-sorted
     parts = []
-    for name, value in sorted(fields.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)):
-        label = name.replace("_", "-")
-        parts.append(label if value is True else f"{label}={value:g}" if isinstance(value, float) else f"{label}={value}")
+    for name in sorted(fields, key=lambda name: order.get(name, len(order))):
+        value, label = fields[name], name.replace("_", "-")
+        parts.append(
+            label if value is True else f"{label}={value:g}" if isinstance(value, float) else f"{label}={value}"
+        )
     return "+".join(parts)

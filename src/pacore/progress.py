@@ -198,10 +198,17 @@ def opening(text: str, chars: int = OPENING_CHARS) -> str:
 
 
 def trajectory_line(trajectory: Trajectory) -> str:
-    """E.g. ``#2 · 41 tokens · answer: Paris · "The capital of France is Paris..."``."""
+    """E.g. ``#2 · 41 tokens · answer: Paris · "The capital of France is Paris..."``.
+
+    With confidence recorded, its mean and lowest group confidence follow the tokens.
+    """
     head = f"#{trajectory.index + 1} · {trajectory.completion_tokens:,} tokens"
+    if (confidence := trajectory.confidence) is not None:
+        head += f" · confidence {confidence.mean:.2f} (lowest group {confidence.lowest_group:.2f})"
     if not trajectory.ok:
         return f"{head} · failed: {opening(trajectory.error or 'unknown error')}"
+    if trajectory.stopped:
+        return f"{head} · stopped by {trajectory.stopped.replace('_', ' ')}: contributes no message"
     if trajectory.message is None:
         return f"{head} · no message (the next round does not read it)"
     answer = extract_answer(trajectory.message)
@@ -215,6 +222,11 @@ def round_details(rnd: Round) -> list[str]:
     if rnd.references:
         calls = "the synthesis call" if rnd.k == 1 else f"each of the {rnd.k} synthesis calls"
         lines.append(f"  {calls} read the {len(rnd.references)} answers of round {rnd.index}")
+    if rnd.dropped:
+        left_out = ", ".join(f"#{index + 1}" for _round, index in rnd.dropped)
+        lines.append(f"  keep-top left out the least confident of round {rnd.index}: {left_out}")
+    if rnd.policy_note:
+        lines.append(f"  policy: {rnd.policy_note}")
     lines.extend(f"  {trajectory_line(t)}" for t in rnd.trajectories)
     return lines
 

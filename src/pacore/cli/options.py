@@ -182,8 +182,9 @@ ReferenceOrderOption = Annotated[
 
 
 def _compute_option(flag: str, help: str, metavar: str | None = None) -> Any:
-    extra = {"metavar": metavar} if metavar else {}  # a flag shows none
-    return typer.Option(flag, help=help, rich_help_panel=COMPUTE_PANEL, show_default=False, **extra)
+    if metavar is None:  # a flag: no value to name
+        return typer.Option(flag, help=help, rich_help_panel=COMPUTE_PANEL, show_default=False)
+    return typer.Option(flag, metavar=metavar, help=help, rich_help_panel=COMPUTE_PANEL, show_default=False)
 
 
 #: Each ComputePolicy field: its flag, the flag's typer annotation and the default meaning
