@@ -332,6 +332,9 @@ def test_run_and_report_place_policy_arms_next_to_the_fixed_schedule(simulated_u
     assert methods["pacore-4"]["compute"] is None and methods["pacore-4"]["dropped_messages"] == 0
     markdown = (run_dir / "report.md").read_text()
     assert "| 8 +window=16+keep-top=0.5 |" in markdown
+    assert "## Adaptive compute" in markdown
+    assert "| pacore-8+window=16+keep-top=0.5 | window=16+keep-top=0.5 | " in markdown
+    assert "| pacore-4 | " not in markdown.split("## Adaptive compute")[1].split("##")[0]
 
     with RunStore.open(run_dir) as store:
         arms = {arm.name: arm for arm in store.arms()}

@@ -171,6 +171,25 @@ def synthesis_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], li
     return header, rows
 
 
+def policy_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
+    """What the adaptive-compute policies did, per arm that ran one (no rows when none did)."""
+    header = ["arm", "policy", "mean TTC tokens", "stopped trajectories / problem", "dropped messages / problem"]
+    rows = [
+        [
+            arm.arm, arm.policy, _number(arm.mean_completion_tokens),
+            _number(arm.stopped / arm.answered if arm.answered else None, 1),
+            _number(arm.dropped / arm.answered if arm.answered else None, 1),
+        ]  # fmt: skip
+        for arm in arms
+        if arm.policy
+    ]
+    if with_run:
+        header.insert(0, "run")
+        for arm, row in zip([a for a in arms if a.policy], rows, strict=True):
+            row.insert(0, arm.run)
+    return header, rows
+
+
 def spurious_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
     header = ["arm", "correct answers judged", "derivation rejected (spurious correctness)", "no verdict"]
     rows = []
@@ -187,6 +206,10 @@ def spurious_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], lis
     return header, rows
 
 
+POLICY_NOTE = (
+    "Arms that ran an adaptive-compute policy (see docs/adaptive-compute.md), per answered problem; "
+    "stopped trajectories' tokens count in the TTC, and on a pool the policy was replayed on round 1."
+)
 SPURIOUS_NOTE = (
     "Correct answers whose derivation the verifier rejects (R-Align's spurious correctness); "
     "answers it gave no verdict on are left out of the share."
@@ -260,6 +283,9 @@ def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str], details: Seq
             "",
             _markdown_table(header, rows),
         ]
+    header, rows = policy_rows(arms, with_run)
+    if rows:
+        parts += ["", "## Adaptive compute", "", POLICY_NOTE, "", _markdown_table(header, rows)]
     header, rows = spurious_rows(arms, with_run)
     if rows:
         parts += ["", "## Spurious correctness", "", SPURIOUS_NOTE, "", _markdown_table(header, rows)]
@@ -321,6 +347,9 @@ def render_html(
     header, rows = synthesis_rows(arms, with_run)
     if rows:
         parts += ["<h2>Synthesis diagnostics</h2>", _html_table(header, rows)]
+    header, rows = policy_rows(arms, with_run)
+    if rows:
+        parts += ["<h2>Adaptive compute</h2>", f"<p>{html.escape(POLICY_NOTE)}</p>", _html_table(header, rows)]
     header, rows = spurious_rows(arms, with_run)
     if rows:
         parts += ["<h2>Spurious correctness</h2>", f"<p>{html.escape(SPURIOUS_NOTE)}</p>", _html_table(header, rows)]
