@@ -378,3 +378,4 @@ def test_ask_show_rounds_on_the_simulated_model(simulated_url):
     assert any(line.startswith("  keep-top left out the least confident of round 1: #") for line in lines)
     assert any("stopped by early stop: contributes no message" in line for line in lines)
     assert sum(" · confidence " in line for line in lines) == 9  # 8 trajectories and the synthesis
+    assert "stopped early by a policy, " in lines[-1]  # the summary line

@@ -168,6 +168,9 @@ def summary_line(result: Result) -> str:
         f" ({usage.failed_calls} failed)" if usage.failed_calls else ""
     )
     rounds = len(result.rounds)
+    stopped = sum(1 for rnd in result.rounds for t in rnd.trajectories if t.stopped)
+    if stopped:
+        calls += f", {stopped} stopped early by a policy"
     return (
         f"{rounds} round{'s' if rounds != 1 else ''}, {calls}, "
         f"{usage.completion_tokens:,} effective TTC tokens, "
