@@ -118,7 +118,7 @@ def test_ask_help_lists_every_policy_flag():
     assert process.returncode == 0
     for flag in (
         "--confidence", "--top-logprobs", "--confidence-window", "--keep-top", "--early-stop", "--warmup",
-        "--early-stop-percentile", "--adaptive-k", "--wave", "--settle-threshold", "--quorum",
+        "--early-stop-percentile", "--warmup-first", "--adaptive-k", "--wave", "--settle-threshold", "--quorum",
         "--straggler-timeout", "--budget-tokens",
     ):  # fmt: skip
         assert flag in process.stdout, flag

@@ -217,6 +217,10 @@ _COMPUTE_FLAGS: dict[str, tuple[str, Any, Any]] = {
         "--early-stop-percentile", "Early stop's threshold: this percentile of the warm-up's lowest group "
         "confidence; 10 keeps ~90%, 90 keeps ~10% \\[default: 10].", "P",
     )], None),
+    "warmup_first": ("--warmup-first", Annotated[bool, _compute_option(
+        "--warmup-first", "Open the rest of a round only once its warm-up has finished (DeepConf's online "
+        "algorithm: more tokens saved, about one trajectory's time more per round).",
+    )], False),
     "adaptive_k": ("--adaptive-k", Annotated[bool, _compute_option(
         "--adaptive-k", "Sample round 1 in waves and stop once the leading answer is settled.",
     )], False),
