@@ -202,16 +202,20 @@ def policy_server(simulated_url) -> Iterator[RunningServer]:
 
 
 def test_keep_top_through_the_server_drops_the_least_confident_and_the_viewer_shows_it(policy_server):
-    completion = ask(policy_server, seed=1, extra_body={"pacore": {"compute": {"keep_top": 0.5, "window": 16}}})
+    compute = {"keep_top": 0.5, "window": 16, "keep_token_confidences": True}
+    completion = ask(policy_server, seed=1, extra_body={"pacore": {"compute": compute}})
     summary = completion.model_extra["pacore"]["compute"]
-    assert summary["policy"] == {"keep_top": 0.5, "window": 16}
+    assert summary["policy"] == compute
     assert summary["dropped"] == 4
     assert summary["with_confidence"] >= 8 and summary["mean_confidence"] > 0
     assert summary["notes"] == ["round 2: keep-top: 4 of 8 messages kept"]
     detail = httpx.get(f"{policy_server.base_url}/ui/api/requests/{completion.id}").json()
     first, synthesis = detail["rounds"]
     confidences = {t["index"]: t["confidence"]["lowest_group"] for t in first["trajectories"]}
+    # The viewer keeps figures, never per-token values, even when the request kept them.
     assert len(confidences) == 8 and all(t["confidence"]["tokens"] is None for t in first["trajectories"])
+    stored = policy_server.app.state.pacore.history.get(completion.id).rounds[0].trace.trajectories
+    assert all(t.confidence.tokens is None for t in stored)
     dropped = {index for _round, index in synthesis["dropped"]}
     kept = set(confidences) - dropped
     assert len(dropped) == 4 and synthesis["policy_note"] == "keep-top: 4 of 8 messages kept"

@@ -164,12 +164,13 @@ class _Round:
         self.prompt_seq = 0
 
     def add(self, trajectory: Trajectory, seq: int) -> None:
-        # The viewer shows compacted messages only; the raw text and reasoning
-        # (the bulk of a long trajectory) are not kept for it.
-        self.trace.trajectories.append(trajectory.model_copy(update={"text": "", "reasoning": None}))
+        # The viewer shows compacted messages and confidence figures only; the raw text, reasoning
+        # and per-token confidences (the bulk of a long trajectory) are not kept for it.
+        confidence = trajectory.confidence.model_copy(update={"tokens": None}) if trajectory.confidence else None
+        kept = trajectory.model_copy(update={"text": "", "reasoning": None, "confidence": confidence})
+        self.trace.trajectories.append(kept)
         # Without a grading kind there is no "answer" to pull out of, say, a haiku.
         answer = extract_answer(trajectory.message, self.kind) if trajectory.message and self.kind else None
-        confidence = trajectory.confidence.model_copy(update={"tokens": None}) if trajectory.confidence else None
         self.views.append(
             TrajectoryView(
                 seq=seq, answer=answer, confidence=confidence, **trajectory.model_dump(include=_VIEW_FIELDS)
