@@ -34,6 +34,7 @@ from pacore._extras import require
 from pacore.errors import DatasetError, DownloadError, UsageError
 from pacore.eval.datasets import load_dataset
 from pacore.eval.download import (
+    DownloadBar,
     DownloadLimits,
     Fetched,
     Manifest,
@@ -469,7 +470,7 @@ def get_dataset(
     force: bool = False,
     sha256: str | None = None,
     max_bytes: int | None = None,
-    progress: bool | None = None,
+    progress: DownloadBar | None = None,
     cache: Path | None = None,
 ) -> GetReport:
     """Download (or read) data set ``name``, convert it and write pacore JSONL to ``out``.
@@ -479,7 +480,8 @@ def get_dataset(
     file. An existing ``out`` is replaced only with ``force`` (which also downloads
     again); one that already holds this very data set is left as it is.
     The output is checked with :func:`load_dataset` before it is moved into
-    place, so a written file always loads.
+    place, so a written file always loads. ``progress`` opens a progress
+    display for each download (see :data:`pacore.eval.download.DownloadBar`).
     """
     entry = catalogue_entry(name)
     pinned = normalize_sha256(sha256) if sha256 else None
@@ -540,7 +542,7 @@ def _obtain(
     pinned: str | None,
     force: bool,
     limits: DownloadLimits,
-    progress: bool | None,
+    progress: DownloadBar | None,
     cache: Path,
 ) -> Fetched:
     if not _is_url(location):
