@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pacore.backends.base import (
     BaseBackend,
     Completion,
+    ConfidenceCallback,
     DeltaCallback,
     GenerationParams,
     Message,
@@ -45,7 +46,8 @@ class ScriptedBackend(BaseBackend):
     with ``error`` set fails only that sample). ``delay`` is seconds before
     replying, or a function of the call giving them; calls cancelled while
     waiting are listed in ``cancelled``. ``on_progress`` hears each reply's
-    words counted one by one, as a streaming server would send them.
+    words counted one by one, as a streaming server would send them;
+    ``on_confidence`` hears a Completion reply's ``token_confidences`` one by one.
     """
 
     respond: Responder = lambda call, i: f"answer {call.number}.{i}"
@@ -62,6 +64,7 @@ class ScriptedBackend(BaseBackend):
         n: int,
         params: GenerationParams,
         on_progress: ProgressCallback | None = None,
+        on_confidence: ConfidenceCallback | None = None,
     ) -> list[Completion]:
         call = Call(list(messages), n, params, len(self.calls))
         self.calls.append(call)
@@ -88,6 +91,9 @@ class ScriptedBackend(BaseBackend):
             if on_progress is not None:
                 for tokens in range(1, len(reply.text.split()) + 1):
                     on_progress(i, tokens)
+            if on_confidence is not None:
+                for confidence in reply.token_confidences or ():
+                    on_confidence(i, (confidence,))
             out.append(reply)
         return out
 

@@ -14,6 +14,8 @@ adaptive width; short-m@k / quorum for ending a round on its first finishers.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,36 +33,36 @@ class ComputePolicy(BaseModel):
     #: Implied by ``keep_top`` and ``early_stop``.
     confidence: bool = False
     #: Alternatives per token the confidence is computed from (``top_logprobs``).
-    top_logprobs: int = Field(5, ge=1, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int = Field(default=5, ge=1, le=MAX_TOP_LOGPROBS)
     #: Tokens per sliding window of group confidence (scaled down for short outputs).
-    window: int = Field(2048, ge=1)
+    window: int = Field(default=2048, ge=1)
     #: Keep per-token confidences in the trace, not only the summary figures.
     keep_token_confidences: bool = False
 
     #: Only this fraction of a round's messages, the most confident, go into the synthesis prompt.
-    keep_top: float | None = Field(None, gt=0, le=1)
+    keep_top: float | None = Field(default=None, gt=0, le=1)
 
     #: Cancel a trajectory mid-stream when its windowed confidence drops below a threshold
     #: set by the round's first ``warmup`` trajectories.
     early_stop: bool = False
-    warmup: int = Field(4, ge=1)
+    warmup: int = Field(default=4, ge=1)
     #: The threshold is this percentile of the warm-up trajectories' lowest group confidence
     #: (DeepConf-high keeps 90%: percentile 10; DeepConf-low keeps 10%: percentile 90).
-    early_stop_percentile: float = Field(10.0, gt=0, lt=100)
+    early_stop_percentile: float = Field(default=10.0, gt=0, lt=100)
 
     #: Sample round 1 in waves up to its K and stop once the leading answer is settled.
     adaptive_k: bool = False
-    wave: int = Field(4, ge=1)
+    wave: int = Field(default=4, ge=1)
     #: Posterior probability that the leading answer is the majority answer needed to stop.
-    settle_threshold: float = Field(0.95, gt=0.5, lt=1)
+    settle_threshold: float = Field(default=0.95, gt=0.5, lt=1)
 
     #: A round ends when this fraction of its trajectories has finished; the rest are cancelled.
-    quorum: float | None = Field(None, gt=0, le=1)
+    quorum: float | None = Field(default=None, gt=0, le=1)
     #: Once the quorum is met, wait at most this many seconds more for stragglers.
-    straggler_timeout: float | None = Field(None, ge=0)
+    straggler_timeout: float | None = Field(default=None, ge=0)
 
     #: Cap on generated tokens per problem; no trajectory is opened that would exceed it.
-    budget_tokens: int | None = Field(None, ge=1)
+    budget_tokens: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -77,3 +79,39 @@ class ComputePolicy(BaseModel):
     def is_default(self) -> bool:
         """No policy is on: the paper's method."""
         return self == ComputePolicy.model_construct()
+
+    @property
+    def per_trajectory(self) -> bool:
+        """Whether a policy decides per trajectory, so that each call samples one (``n=1``)."""
+        return self.early_stop or self.adaptive_k or self.quorum is not None or self.budget_tokens is not None
+
+    @property
+    def confidence_only(self) -> bool:
+        """Only the confidence settings are on (what sampling a pool may use)."""
+        return not (self.per_trajectory or self.keep_top is not None)
+
+
+def majority_probability(leader: int, others: int) -> float:
+    """``P(p > 1/2)`` for ``p ~ Beta(leader + 1, others + 1)``: how sure the leading answer is the majority.
+
+    Adaptive-Consistency's Beta stopping test (Aggarwal et al., 2023) with a
+    uniform prior, after ``leader`` votes for the leading answer and ``others``
+    for the rest. Exact: with integer parameters the Beta CDF is a binomial tail,
+    ``I_x(a, b) = P(Binomial(a + b - 1, x) >= a)``, so with ``n = leader + others + 1``
+    the probability is ``sum(C(n, j) for j <= leader) / 2**n``.
+    """
+    if leader < 0 or others < 0:
+        raise ValueError(f"vote counts must be non-negative, got {leader} and {others}")
+    n = leader + others + 1
+    return sum(math.comb(n, j) for j in range(leader + 1)) / 2**n
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, interpolating linearly between ranks (numpy's default)."""
+    if not values:
+        raise ValueError("a percentile needs at least one value")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)

@@ -10,21 +10,30 @@ import asyncio
 import bisect
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from pydantic import ValidationError
+
+from pacore.adaptive import ComputePolicy, majority_probability, percentile
+from pacore.answers import tally
 from pacore.backends.base import (
     Backend,
     Completion,
+    ConfidenceCallback,
     GenerationParams,
     Message,
     ProgressCallback,
     RetryBudget,
+    accepts_confidence,
     accepts_progress,
     current_retry_budget,
     text_of,
 )
+from pacore.confidence import WindowedConfidence, summarize
 from pacore.errors import (
     BackendError,
     DeadlineExceededError,
@@ -42,6 +51,7 @@ from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
 from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder, build_synthesis_input
 from pacore.trace import (
     AnswerDelta,
+    Confidence,
     Event,
     Final,
     Result,
@@ -120,23 +130,6 @@ def _exactly(completions: list[Completion], n: int) -> list[Completion]:
     return completions[:n] + [missing] * (n - len(completions))
 
 
-def _trajectory(round_index: int, index: int, completion: Completion) -> Trajectory:
-    return Trajectory(
-        round=round_index,
-        index=index,
-        text=completion.text,
-        reasoning=completion.reasoning,
-        message=compact(completion.text) if completion.ok else None,
-        finish_reason=completion.finish_reason,
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        latency_s=completion.latency_s,
-        error=completion.error,
-        error_kind=completion.error_kind,
-        failed_attempts=completion.failed_attempts,
-    )
-
-
 class _RoundProgress:
     """A round's live token counts, emitted as :class:`TrajectoryProgress` at a throttled rate."""
 
@@ -180,7 +173,7 @@ def adopt_first_round(items: Sequence[Completion | Trajectory]) -> list[Trajecto
             message = compact(item.text) if item.ok else None
             trajectory = item.model_copy(update={"round": 0, "index": i, "message": message, "finish_order": i})
         else:
-            trajectory = _trajectory(0, i, item)
+            trajectory = Trajectory.from_completion(0, i, item)
             trajectory.finish_order = i
         adopted.append(trajectory)
     return adopted
@@ -202,10 +195,14 @@ class _Solve:
         stream_answer: bool,
         first_round: Sequence[Completion | Trajectory] | None,
         reference_order: ReferenceOrder = "shuffle",
+        compute: ComputePolicy | None = None,
     ) -> None:
         self.messages = messages
         self.schedule = schedule
         self.backend = backend
+        self.compute = compute or ComputePolicy()
+        if self.compute.wants_confidence:
+            params = replace(params, top_logprobs=self.compute.top_logprobs)
         self.params = params
         self.template = template
         self.seed = seed
@@ -215,6 +212,8 @@ class _Solve:
         self.first_round = first_round
         self.reference_order = reference_order
         self.reports_progress = on_event is not None and accepts_progress(backend)
+        budget = self.compute.budget_tokens
+        self.budget = None if budget is None else _Budget(budget, params.max_tokens, sum(schedule.ks))
         self.rounds: list[Round] = []
         self.started = time.perf_counter()
 
@@ -242,12 +241,14 @@ class _Solve:
             else:
                 synthesis = build_synthesis_input(
                     self.messages, previous.trajectories, template=self.template, order=self.reference_order,
-                    seed=self.seed, round_index=index, total_rounds=total,
+                    seed=self.seed, round_index=index, total_rounds=total, keep_top=self.compute.keep_top,
                 )  # fmt: skip
                 conversation, references, bypassed = synthesis.conversation, synthesis.references, synthesis.bypassed
             rnd = Round(
                 index=index, k=k, final=final, references=references, bypassed=bypassed, started_at=time.time()
             )
+            if previous is not None and self.compute.keep_top is not None:
+                _note_keep_top(rnd, previous, synthesis.dropped)
             self.rounds.append(rnd)
             if self.emit:
                 self.emit(RoundStarted(round=index, k=k, final=final, total_rounds=total, bypassed=bypassed))
@@ -256,12 +257,15 @@ class _Solve:
                 self._adopt_first_round(rnd)
             elif final and self.stream_answer:
                 await self._streamed_call(rnd, conversation)
+            elif not final and self.compute.per_trajectory:
+                await _PolicyRound(self, rnd, conversation, later_rounds=total - 1 - index).run()
             else:
                 await self._run_round(rnd, conversation)
             rnd.elapsed_s = time.perf_counter() - round_started
             if self.emit:
                 self.emit(RoundFinished(round=rnd))
-            self._check_round(rnd)
+            if rnd.trajectories or final:  # the budget may open none in a coordinated round
+                self._check_round(rnd)
             previous = rnd
         final_trajectory = self.rounds[-1].trajectories[0]
         # The answer is for people and graders: stripped. The trace keeps the message's bytes.
@@ -271,6 +275,8 @@ class _Solve:
         # The release orders references by completion (see pacore.synthesis); adopted
         # trajectories are recorded in index order, which defines theirs.
         trajectory.finish_order = len(rnd.trajectories)
+        if self.budget is not None:
+            self.budget.spend(trajectory.completion_tokens)
         # Kept in index order as calls finish, so a partial round in an error's result is too.
         bisect.insort(rnd.trajectories, trajectory, key=lambda t: t.index)
         if self.emit:
@@ -315,7 +321,7 @@ class _Solve:
             if progress is not None:
                 progress.finished(first, n)
         for offset, completion in enumerate(_exactly(completions, n)):
-            self._record(rnd, _trajectory(rnd.index, first + offset, completion))
+            self._record(rnd, Trajectory.from_completion(rnd.index, first + offset, completion, self.compute))
 
     async def _streamed_call(self, rnd: Round, conversation: list[Message]) -> None:
         emit = self.emit
@@ -331,18 +337,326 @@ class _Solve:
             if exc.fatal:
                 raise
             completion = Completion(text="", error=str(exc), error_kind=exc.kind)
-        self._record(rnd, _trajectory(rnd.index, 0, completion))
+        self._record(rnd, Trajectory.from_completion(rnd.index, 0, completion, self.compute))
 
     def _check_round(self, rnd: Round) -> None:
         """Too few successful calls end the request; successful but empty ones do not
         (the next round then bypasses the template, see :mod:`pacore.synthesis`)."""
         label = "final round" if rnd.final else f"round {rnd.index + 1}"
         succeeded = rnd.succeeded
-        why = too_few_succeeded(rnd.k, succeeded, None if rnd.final else self.min_success, "trajectories")
+        # What was opened: adaptive width and the budget may open fewer than k.
+        opened = len(rnd.trajectories)
+        why = too_few_succeeded(opened, succeeded, None if rnd.final else self.min_success, "trajectories")
         if why is not None:
             if not succeeded:
                 why += ": " + next((t.error for t in rnd.trajectories if t.error), "no trajectory ran")
             raise RoundFailedError(f"{label}: {why}")
+
+
+class _Budget:
+    """A problem's token budget (``ComputePolicy.budget_tokens``).
+
+    A trajectory is opened only if its worst case fits in what is left after
+    the tokens already generated, the worst case of the trajectories still
+    running, and one trajectory's worst case reserved for each later round (so
+    every round, the final one above all, still runs). The worst case is
+    ``max_tokens``; without it, an estimate: the longest trajectory of the
+    request so far, and at least an even share of the budget over the
+    schedule's planned trajectories (final included). Since an estimate can be
+    exceeded, running trajectories are also cut (``stopped="budget"``) once
+    the tokens generated reach what the later rounds do not need. The final
+    round is never cut, so without ``max_tokens`` it may overrun its reserve.
+    """
+
+    def __init__(self, total: int, max_tokens: int | None, planned: int) -> None:
+        self.total = total
+        self.max_tokens = max_tokens
+        self.even_share = max(1, total // planned)
+        self.spent = 0
+        self.longest = 0
+
+    def spend(self, tokens: int) -> None:
+        self.spent += tokens
+        self.longest = max(self.longest, tokens)
+
+    @property
+    def worst_case(self) -> int:
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return max(self.even_share, self.longest)
+
+    def available(self, later_rounds: int) -> int:
+        """Tokens this round may still generate, one worst case being kept for each later round."""
+        return self.total - self.spent - later_rounds * self.worst_case
+
+
+class _PolicyRound:
+    """A coordinated round under the request's :class:`ComputePolicy`, one trajectory per call.
+
+    Opens trajectories (all K, or wave by wave with adaptive width, as far as
+    the budget allows), records each as it finishes, and cancels the ones a
+    policy ends: the rest once a quorum has finished (``"quorum"``), one whose
+    windowed confidence falls below the early-stop threshold (``"early_stop"``),
+    and running ones once the budget is spent (``"budget"``). A cancelled
+    trajectory keeps the tokens the backend reported for it so far.
+    """
+
+    def __init__(self, solve: _Solve, rnd: Round, conversation: list[Message], later_rounds: int) -> None:
+        self.solve = solve
+        self.rnd = rnd
+        self.conversation = conversation
+        self.later_rounds = later_rounds
+        self.policy = policy = solve.compute
+        self.progress = _RoundProgress(rnd.index, solve.emit) if solve.reports_progress and solve.emit else None
+        self.with_progress = accepts_progress(solve.backend)
+        self.with_confidence = policy.early_stop and accepts_confidence(solve.backend)
+        self.adaptive = policy.adaptive_k and rnd.index == 0
+        self.target = min(policy.wave, rnd.k) if self.adaptive else rnd.k
+        self.quorum = None if policy.quorum is None else math.ceil(policy.quorum * rnd.k)
+        self.running: dict[asyncio.Task[Completion], int] = {}
+        self.opened_at: dict[int, float] = {}
+        self.live: dict[int, int] = {}  # tokens reported so far by running trajectories
+        self.live_total = 0
+        self.stopping: dict[int, str] = {}  # running trajectories being cancelled, and why
+        self.monitors: dict[int, WindowedConfidence] = {}
+        self.confidences: dict[int, list[float]] = {}
+        self.warmup_lowest: list[float] = []
+        self.threshold: float | None = None
+        self.finished = 0  # trajectories that ran to their end and succeeded
+        self.ended = False
+        self.quorum_cut = False
+        self.straggler_deadline: float | None = None
+        self.budget_limited = False
+        self.notes: list[str] = []
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self._open()
+                if not self.running:
+                    if self._next_wave():
+                        continue
+                    break
+                done, _ = await asyncio.wait(
+                    self.running, timeout=self._straggler_wait(), return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    self._finish(task)
+                self._check_quorum()
+        finally:
+            # An error or an outside cancellation: no call may outlive the round.
+            for task in self.running:
+                task.cancel()
+            await asyncio.gather(*self.running, return_exceptions=True)
+        self._note_round()
+
+    # --- opening ---------------------------------------------------------------
+
+    def _open(self) -> None:
+        while not self.ended and len(self.opened_at) < self.target:
+            budget = self.solve.budget
+            if budget is not None:
+                committed = budget.worst_case * len(self.running) + budget.worst_case
+                if committed > budget.available(self.later_rounds):
+                    self.budget_limited = True
+                    return
+            index = len(self.opened_at)
+            self.opened_at[index] = time.perf_counter()
+            self.running[asyncio.create_task(self._generate(index))] = index
+            self.budget_limited = False
+
+    def _next_wave(self) -> bool:
+        """Adaptive width: whether to sample another wave, after the settle test on what finished."""
+        if not self.adaptive or self.ended or self.budget_limited or self.target >= self.rnd.k:
+            return False
+        if self._settled():
+            return False
+        self.target = min(self.target + self.policy.wave, self.rnd.k)
+        return True
+
+    def _settled(self) -> bool:
+        answers = tally([t.message for t in self.rnd.trajectories if t.message])
+        leader = max((count for _, count in answers), default=0)
+        others = sum(count for _, count in answers) - leader
+        probability = majority_probability(leader, others)
+        if leader and probability >= self.policy.settle_threshold:
+            self.notes.append(
+                f"adaptive width: answer settled after {len(self.opened_at)} of {self.rnd.k} "
+                f"(leader {leader} of {leader + others} answers, P(majority)={probability:.3f})"
+            )
+            return True
+        return False
+
+    async def _generate(self, index: int) -> Completion:
+        solve = self.solve
+        params = solve.params.with_seed(_call_seed(solve.params.seed, self.rnd.index, index))
+        callbacks: dict[str, ProgressCallback | ConfidenceCallback] = {}
+        if self.with_progress:
+            callbacks["on_progress"] = lambda _sample, tokens: self._on_progress(index, tokens)
+        if self.with_confidence:
+            callbacks["on_confidence"] = lambda _sample, values: self._on_confidence(index, values)
+        try:
+            completions = await solve.backend.generate(self.conversation, 1, params, **callbacks)  # type: ignore[arg-type]
+        except BackendError as exc:
+            if exc.fatal:
+                raise
+            return Completion(text="", error=str(exc), error_kind=exc.kind)
+        return _exactly(completions, 1)[0]
+
+    # --- while running ---------------------------------------------------------
+
+    def _on_progress(self, index: int, tokens: int) -> None:
+        self.live_total += tokens - self.live.get(index, 0)
+        self.live[index] = tokens
+        if self.progress is not None:
+            self.progress.callback(index)(0, tokens)
+        budget = self.solve.budget
+        if budget is not None and self.live_total > budget.available(self.later_rounds):
+            self._stop(index, "budget")
+
+    def _on_confidence(self, index: int, values: Sequence[float]) -> None:
+        monitor = self.monitors.get(index)
+        if monitor is None:
+            monitor = self.monitors[index] = WindowedConfidence(self.policy.window)
+            self.confidences[index] = []
+        monitor.add(values)
+        self.confidences[index].extend(values)
+        if self.threshold is not None and monitor.below(self.threshold):
+            self._stop(index, "early_stop")
+
+    def _stop(self, index: int, why: str) -> None:
+        task = next((task for task, i in self.running.items() if i == index), None)
+        if task is not None and index not in self.stopping:
+            self.stopping[index] = why
+            task.cancel()
+
+    def _stop_all(self, why: str) -> None:
+        for index in list(self.running.values()):
+            self._stop(index, why)
+
+    def _straggler_wait(self) -> float | None:
+        if self.straggler_deadline is None:
+            return None
+        return max(0.0, self.straggler_deadline - time.perf_counter())
+
+    def _check_quorum(self) -> None:
+        if self.quorum is None or self.finished < self.quorum or self.quorum_cut:
+            return
+        self.ended = True  # no trajectory is opened once the quorum is met
+        if not self.running:
+            return
+        timeout = self.policy.straggler_timeout
+        if timeout:
+            if self.straggler_deadline is None:
+                self.straggler_deadline = time.perf_counter() + timeout
+            if self._straggler_wait():
+                return
+        self.quorum_cut = True
+        self.straggler_deadline = None
+        self._estimate_latency_saved()
+        self._stop_all("quorum")
+
+    # --- finishing -------------------------------------------------------------
+
+    def _finish(self, task: asyncio.Task[Completion]) -> None:
+        index = self.running.pop(task)
+        if self.progress is not None:
+            self.progress.finished(index, 1)
+        tokens = self.live.pop(index, 0)
+        self.live_total -= tokens
+        self.monitors.pop(index, None)
+        why = self.stopping.pop(index, None)
+        if task.cancelled():
+            assert why is not None, "only a policy cancels a trajectory's call"
+            trajectory = Trajectory(
+                round=self.rnd.index, index=index, completion_tokens=tokens, stopped=why,
+                latency_s=time.perf_counter() - self.opened_at[index], confidence=self._confidence_so_far(index),
+            )  # fmt: skip
+        else:
+            self.confidences.pop(index, None)
+            trajectory = Trajectory.from_completion(self.rnd.index, index, task.result(), self.policy)
+            if trajectory.ok:
+                self.finished += 1
+                self._warm_up(trajectory)
+        self.solve._record(self.rnd, trajectory)
+
+    def _confidence_so_far(self, index: int) -> Confidence | None:
+        values = self.confidences.pop(index, None)
+        if not values:
+            return None
+        return summarize(values, self.policy.window, self.policy.keep_token_confidences)
+
+    def _warm_up(self, trajectory: Trajectory) -> None:
+        """Early stop: the first ``warmup`` finished trajectories set the threshold."""
+        if not self.policy.early_stop or self.threshold is not None or trajectory.confidence is None:
+            return
+        self.warmup_lowest.append(trajectory.confidence.lowest_group)
+        if len(self.warmup_lowest) < self.policy.warmup:
+            return
+        self.threshold = percentile(self.warmup_lowest, self.policy.early_stop_percentile)
+        for index, monitor in self.monitors.items():
+            if monitor.below(self.threshold):
+                self._stop(index, "early_stop")
+
+    def _estimate_latency_saved(self) -> None:
+        """Quorum: a conservative estimate of the seconds the cancelled stragglers would have taken.
+
+        Each straggler is assumed to need only as many tokens as the mean
+        finished trajectory of the round (or what it already has, if more),
+        at the rate it was generating; stragglers that reported no tokens are
+        left out. The saving is the slowest one's remaining time.
+        """
+        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
+        mean_length = sum(lengths) / len(lengths) if lengths else 0.0
+        now = time.perf_counter()
+        remaining = [
+            (now - self.opened_at[index]) * (max(mean_length, tokens) / tokens - 1)
+            for index, tokens in self.live.items()
+            if tokens
+        ]
+        self.rnd.seconds_saved = max(remaining, default=0.0)
+
+    def _note_round(self) -> None:
+        rnd = self.rnd
+        stopped = Counter(t.stopped for t in rnd.trajectories if t.stopped)
+        opened = len(self.opened_at)
+        if self.adaptive and not any(note.startswith("adaptive width") for note in self.notes):
+            self.notes.append(f"adaptive width: not settled, sampled {opened} of {rnd.k}")
+        if self.budget_limited and self.solve.budget is not None:
+            self.notes.append(
+                f"budget: opened {opened} of {rnd.k} trajectories "
+                f"(worst case {self.solve.budget.worst_case} tokens each, one kept for each later round)"
+            )
+        if "budget" in stopped:
+            self.notes.append(f"budget: {stopped['budget']} running trajectories cut when the budget ran out")
+        if "quorum" in stopped:
+            self.notes.append(f"quorum: ended after {self.finished} of {rnd.k} finished, {stopped['quorum']} cancelled")
+        if self.policy.early_stop:
+            self.notes.append(self._early_stop_note(stopped.get("early_stop", 0)))
+        rnd.policy_note = "; ".join(self.notes) or None
+
+    def _early_stop_note(self, stopped: int) -> str:
+        if self.rnd.k <= self.policy.warmup:
+            return f"early stop: off for this round (K={self.rnd.k} is not above warmup {self.policy.warmup})"
+        if self.threshold is None:
+            return f"early stop: fewer than {self.policy.warmup} trajectories finished with confidence; none stopped"
+        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
+        mean_length = sum(lengths) / len(lengths) if lengths else 0
+        saved = sum(
+            max(0, round(mean_length) - t.completion_tokens) for t in self.rnd.trajectories if t.stopped == "early_stop"
+        )
+        self.rnd.tokens_saved = saved
+        return f"early stop: threshold {self.threshold:.3f}, {stopped} stopped, about {saved} tokens saved"
+
+
+def _note_keep_top(rnd: Round, previous: Round, dropped: list[tuple[int, int]]) -> None:
+    rnd.dropped = dropped
+    usable = len(previous.messages)
+    if usable and not any(t.confidence for t in previous.trajectories if t.message):
+        note = f"keep-top: no confidence recorded (did the backend return logprobs?); all {usable} messages kept"
+    else:
+        note = f"keep-top: {usable - len(dropped)} of {usable} messages kept"
+    rnd.policy_note = note
 
 
 async def within_deadline(work: Awaitable[T], deadline: float | None, where: Callable[[], str]) -> T:
@@ -379,6 +693,7 @@ async def asample(
     params: GenerationParams | None = None,
     start: int = 0,
     on_event: EventCallback | None = None,
+    compute: ComputePolicy | Mapping[str, Any] | None = None,
 ) -> list[Trajectory]:
     """``n`` independent samples of ``prompt``, drawn exactly as a first round draws them.
 
@@ -387,13 +702,22 @@ async def asample(
     pools and voting baselines. Indices (and so seeds) start at ``start``, so
     a pool can be topped up without repeating samples. Failed samples come
     back as failed trajectories; a fatal :class:`BackendError` is raised.
+    ``compute`` may only ask for confidence (``confidence``, ``top_logprobs``,
+    ``window``, ``keep_token_confidences``): a pool for offline replay is
+    sampled in full, with per-token confidences kept.
     """
     if n < 1:
         raise UsageError(f"the number of samples must be at least 1, got {n}")
+    policy = compute_policy(compute)
+    if not policy.confidence_only:
+        raise UsageError(
+            "sampling takes only the confidence settings of a compute policy "
+            "(confidence, top_logprobs, window, keep_token_confidences)"
+        )
     messages = normalize_messages(prompt)
     state = _Solve(
         messages, Schedule((n,)), backend, params or GenerationParams(), SynthesisTemplate.default(),
-        seed=0, on_event=on_event, min_success=None, stream_answer=False, first_round=None,
+        seed=0, on_event=on_event, min_success=None, stream_answer=False, first_round=None, compute=policy,
     )  # fmt: skip
     rnd = Round(index=0, k=n, started_at=time.time())
     budget = current_retry_budget.set(RetryBudget())
@@ -418,6 +742,7 @@ async def asolve(
     stream_answer: bool = False,
     first_round: Sequence[Completion | Trajectory] | None = None,
     reference_order: ReferenceOrder = "shuffle",
+    compute: ComputePolicy | Mapping[str, Any] | None = None,
 ) -> Result:
     """Answer ``prompt`` with parallel coordinated reasoning.
 
@@ -439,7 +764,9 @@ async def asolve(
     ``deadline`` is in seconds for the whole request. With ``stream_answer``
     the final call is streamed as :class:`AnswerDelta` events.
     ``first_round`` supplies pre-generated round-1 trajectories (a cached
-    pool) instead of sampling them.
+    pool) instead of sampling them. ``compute`` turns on adaptive-compute
+    policies (a :class:`ComputePolicy` or its fields as a dict; all off by
+    default, see :mod:`pacore.adaptive`).
 
     Raises a :class:`PacoreError`; its ``result`` holds the partial trace.
     When cancelled, the ``asyncio.CancelledError`` carries it as ``result`` too.
@@ -463,6 +790,8 @@ async def asolve(
                 f"first_round holds {len(first_round)} trajectories but the schedule's "
                 f"first round runs {plan.rounds[0]}"
             )
+    policy = compute_policy(compute)
+    _check_policy(policy, plan, params)
     synthesis = SynthesisTemplate.load(template)
     shuffle_seed = seed if seed is not None else (params.seed if params.seed is not None else 0)
 
@@ -478,7 +807,7 @@ async def asolve(
     assert isinstance(backend, Backend)
     state = _Solve(
         messages, plan, backend, params, synthesis, shuffle_seed, on_event, min_success,
-        stream_answer, first_round, reference_order,
+        stream_answer, first_round, reference_order, policy,
     )
     budget = current_retry_budget.set(RetryBudget())
     try:
@@ -501,6 +830,32 @@ async def asolve(
     if on_event:
         on_event(Final(result=result))
     return result
+
+
+def compute_policy(compute: ComputePolicy | Mapping[str, Any] | None) -> ComputePolicy:
+    """``compute`` as a :class:`ComputePolicy` (``None``: every policy off); bad fields raise a one-line UsageError."""
+    if compute is None or isinstance(compute, ComputePolicy):
+        return compute or ComputePolicy()
+    if not isinstance(compute, Mapping):
+        raise UsageError(f"compute must be a ComputePolicy, a dict of its fields or None, not {compute!r}")
+    try:
+        return ComputePolicy.model_validate(dict(compute))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise UsageError(f"compute policy: {where + ': ' if where else ''}{error['msg']}") from None
+
+
+def _check_policy(policy: ComputePolicy, plan: Schedule, params: GenerationParams) -> None:
+    """What a policy needs of the request, checked before any call."""
+    if plan.is_passthrough and not policy.confidence_only:
+        raise UsageError("compute policies other than confidence need a schedule with at least one coordinated round")
+    budget, max_tokens = policy.budget_tokens, params.max_tokens
+    if budget is not None and max_tokens is not None and budget < max_tokens * len(plan.ks):
+        raise UsageError(
+            f"budget_tokens={budget} cannot run one trajectory of each of the {len(plan.ks)} rounds "
+            f"at max_tokens={max_tokens} (needs at least {max_tokens * len(plan.ks)})"
+        )
 
 
 def _is_spec_list(value: object) -> bool:

@@ -7,9 +7,10 @@ on and what it is later sent cannot drift apart.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from pacore.backends.base import Message
@@ -31,6 +32,8 @@ class SynthesisInput:
     references: list[tuple[int, int]]
     #: No usable message: the template was skipped.
     bypassed: bool
+    #: ``(round, index)`` of the messages left out by ``keep_top``, least confident first.
+    dropped: list[tuple[int, int]] = field(default_factory=list)
 
 
 def build_synthesis_input(
@@ -42,6 +45,7 @@ def build_synthesis_input(
     seed: int = 0,
     round_index: int = 1,
     total_rounds: int = 2,
+    keep_top: float | None = None,
 ) -> SynthesisInput:
     """The synthesis call for round ``round_index`` (0-based) from the ``previous`` round's trajectories.
 
@@ -49,7 +53,12 @@ def build_synthesis_input(
     template; every other turn, and that message's images, stay. When no
     trajectory left a message (all failed or empty), the template is
     bypassed and ``messages`` is sent unmodified, as the report says.
+    With ``keep_top`` only that fraction of the messages, the most confident
+    (see :func:`keep_most_confident`), is used.
     """
+    dropped: list[Trajectory] = []
+    if keep_top is not None:
+        previous, dropped = keep_most_confident(previous, keep_top)
     ordered = ordered_references(previous, order, seed, round_index)
     if not ordered:
         return SynthesisInput(conversation=list(messages), references=[], bypassed=True)
@@ -63,7 +72,26 @@ def build_synthesis_input(
         conversation=synthesis_conversation(messages, prompt),
         references=[(t.round, t.index) for t in ordered],
         bypassed=False,
+        dropped=[(t.round, t.index) for t in dropped],
     )
+
+
+def keep_most_confident(previous: Sequence[Trajectory], fraction: float) -> tuple[list[Trajectory], list[Trajectory]]:
+    """DeepConf's confidence filtering: the most confident ``fraction`` of the trajectories that left a message.
+
+    Ranked by lowest group confidence (DeepConf's measure for filtering and
+    early stop), ties broken by index; a trajectory without recorded confidence
+    ranks below every one with it; when none has any, all are kept (there is
+    nothing to rank by). At least one is kept. Returns ``(kept, dropped)``:
+    kept in index order, dropped least confident first.
+    """
+    usable = [t for t in sorted(previous, key=lambda t: t.index) if t.message]
+    if not any(t.confidence for t in usable):
+        return usable, []
+    keep = max(1, math.ceil(fraction * len(usable)))
+    ranked = sorted(usable, key=lambda t: (t.confidence is None, -t.confidence.lowest_group if t.confidence else 0.0))
+    kept = sorted(ranked[:keep], key=lambda t: t.index)
+    return kept, ranked[keep:][::-1]
 
 
 def ordered_references(

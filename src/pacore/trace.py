@@ -7,9 +7,15 @@ Everything here is a pydantic model, so a trace round-trips through JSON
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
+
+from pacore.messages import compact
+
+if TYPE_CHECKING:
+    from pacore.adaptive import ComputePolicy
+    from pacore.backends.base import Completion
 
 
 class Confidence(BaseModel):
@@ -63,6 +69,40 @@ class Trajectory(BaseModel):
     def ok(self) -> bool:
         return self.error is None
 
+    @classmethod
+    def from_completion(
+        cls, round: int, index: int, completion: Completion, compute: ComputePolicy | None = None
+    ) -> Trajectory:
+        """The trajectory a backend's ``completion`` records, its message compacted.
+
+        ``confidence`` is summarized from the completion's token confidences when it
+        has any, with ``compute``'s window and ``keep_token_confidences`` (the
+        defaults of :class:`~pacore.adaptive.ComputePolicy` without one).
+        """
+        # pacore.confidence builds on this module's Confidence, so it is imported here.
+        from pacore.adaptive import ComputePolicy
+        from pacore.confidence import summarize
+
+        confidence = None
+        if completion.token_confidences:
+            compute = compute or ComputePolicy()
+            confidence = summarize(completion.token_confidences, compute.window, compute.keep_token_confidences)
+        return cls(
+            round=round,
+            index=index,
+            text=completion.text,
+            reasoning=completion.reasoning,
+            message=compact(completion.text) if completion.ok else None,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            latency_s=completion.latency_s,
+            error=completion.error,
+            error_kind=completion.error_kind,
+            failed_attempts=completion.failed_attempts,
+            confidence=confidence,
+        )
+
 
 class Round(BaseModel):
     """One round: its K trajectories and which messages it was given."""
@@ -83,6 +123,11 @@ class Round(BaseModel):
     #: What an adaptive-compute policy decided for this round, for people
     #: (e.g. ``"adaptive width: answer settled after 8 of 16"``); ``None`` if none acted.
     policy_note: str | None = None
+    #: Online early stop: an estimate of the tokens its stopped trajectories would still have
+    #: generated (each assumed as long as the round's mean finished trajectory).
+    tokens_saved: int | None = None
+    #: Quorum: a conservative estimate of the seconds saved by cancelling the stragglers.
+    seconds_saved: float | None = None
     started_at: float = 0.0
     elapsed_s: float = 0.0
 

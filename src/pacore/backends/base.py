@@ -10,6 +10,11 @@ backend calls as tokens arrive (the HTTP backend on every streamed chunk,
 the embedded model on every token); a backend that cannot tell may never
 call it. The engine throttles what it makes of it.
 
+Confidence: when ``params.top_logprobs`` is set, a backend asks its model for
+that many alternatives' logprobs per token, passes each new token's DeepConf
+confidence to the optional ``on_confidence`` callback and returns them all in
+``Completion.token_confidences`` (``None`` when the model gave none: no error).
+
 Failure contract: ``generate`` raises :class:`~pacore.errors.BackendError` when
 the whole call failed, and may return completions with ``error`` set when only
 some of the ``n`` samples failed. It always returns exactly ``n`` completions
@@ -48,6 +53,7 @@ grows, when ``params.top_logprobs`` is set and the backend returns logprobs.
 
 Each value is DeepConf's token confidence (see :func:`pacore.confidence.token_confidence`)
 of one newly generated token, in order. The engine cancels the call to stop a sample early.
+As with ``on_progress``, a failed attempt that is retried starts over from its first token.
 """
 
 
@@ -192,6 +198,7 @@ class Backend(Protocol):
         n: int,
         params: GenerationParams,
         on_progress: ProgressCallback | None = None,
+        on_confidence: ConfidenceCallback | None = None,
     ) -> list[Completion]: ...
 
     async def stream(
@@ -203,8 +210,17 @@ class Backend(Protocol):
 
 def accepts_progress(backend: Backend) -> bool:
     """Whether ``backend.generate`` takes ``on_progress`` (backends written before it do not)."""
+    return _generate_takes(backend, "on_progress")
+
+
+def accepts_confidence(backend: Backend) -> bool:
+    """Whether ``backend.generate`` takes ``on_confidence`` (backends written before it do not)."""
+    return _generate_takes(backend, "on_confidence")
+
+
+def _generate_takes(backend: Backend, keyword: str) -> bool:
     try:
-        return "on_progress" in inspect.signature(backend.generate).parameters
+        return keyword in inspect.signature(backend.generate).parameters
     except (TypeError, ValueError):
         return False
 
@@ -222,6 +238,7 @@ class BaseBackend:
         n: int,
         params: GenerationParams,
         on_progress: ProgressCallback | None = None,
+        on_confidence: ConfidenceCallback | None = None,
     ) -> list[Completion]:
         raise NotImplementedError
 

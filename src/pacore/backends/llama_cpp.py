@@ -13,7 +13,17 @@ Threads: ``threads=`` or ``PACORE_THREADS``, else :data:`DEFAULT_THREADS`
 
 One model is loaded per process and per file, and all generation runs on one
 worker thread (a llama.cpp context is not thread-safe), off the event loop.
-Cancelling a call stops its generation at the next token.
+Cancelling a call stops its generation at the next token (a call still
+reading its prompt stops after it; a queued call never starts).
+
+Confidence: with ``params.top_logprobs`` set, each token's DeepConf confidence
+is computed from the logits llama.cpp already holds for the position just
+sampled (log-softmax, top ``k``; before temperature and top-p, as vLLM's and
+llama.cpp's servers report logprobs). llama-cpp-python's own ``logprobs``
+needs ``logits_all=True``, which keeps ``n_ctx x n_vocab`` floats (17 GB for
+Gemma 3's 262k vocabulary at 16k context) and sorts the vocabulary in Python
+for every token; this costs no memory and one pass of numpy over the
+vocabulary per token.
 """
 
 from __future__ import annotations
@@ -27,12 +37,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from pacore._extras import require
 from pacore.backends.base import (
     BaseBackend,
     Completion,
+    ConfidenceCallback,
     DeltaCallback,
     GenerationParams,
     Message,
@@ -40,6 +51,7 @@ from pacore.backends.base import (
     offset_seed,
     text_of,
 )
+from pacore.confidence import token_confidence
 from pacore.errors import BackendError, ContextOverflowError, UsageError
 
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
@@ -48,6 +60,7 @@ DEFAULT_N_CTX = 16384
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_THREADS = 1
 THREADS_ENV = "PACORE_THREADS"
+T = TypeVar("T")
 
 
 def thread_count(threads: int | None = None) -> int:
@@ -149,6 +162,7 @@ class _LoadedModel:
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"could not load model {path}: {exc}", kind="model") from None
         self.n_ctx = n_ctx
+        self.n_vocab = self.llama.n_vocab()
         self.format = _formatter(self.llama, chat_format)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacore-llama")
 
@@ -159,6 +173,7 @@ class _LoadedModel:
         cancel: threading.Event,
         on_token: Callable[[str], None] | None,
         default_max_tokens: int | None,
+        on_confidence: Callable[[float], None] | None = None,
     ) -> Completion:
         """Generate one completion (on the worker thread)."""
         started = time.perf_counter()
@@ -173,9 +188,22 @@ class _LoadedModel:
         max_tokens = generation_budget(len(tokens), self.n_ctx, params.max_tokens, default_max_tokens)
         stops = [*stop, *(params.stop or ())]
 
-        def stop_when_cancelled(_ids: Any, _logits: Any) -> bool:
+        top_logprobs = params.top_logprobs
+        confidences: list[float] = []
+        scored_at = -1
+
+        def watch_token(_ids: Any, _logits: Any) -> bool:
+            """Called by llama-cpp-python after each token is sampled, then once more at the end."""
+            nonlocal scored_at
             if cancel.is_set():
                 raise _Cancelled
+            # The extra call at the end finds the context where the last one left it: not a new token.
+            if top_logprobs and self.llama.n_tokens != scored_at:
+                scored_at = self.llama.n_tokens
+                confidence = self.last_token_confidence(top_logprobs)
+                confidences.append(confidence)
+                if on_confidence is not None:
+                    on_confidence(confidence)
             return False
 
         from llama_cpp import StoppingCriteriaList
@@ -186,7 +214,7 @@ class _LoadedModel:
             top_p=params.top_p,
             stop=stops,
             seed=params.seed if params.seed is not None else random.getrandbits(31),
-            stopping_criteria=StoppingCriteriaList([stop_when_cancelled]),
+            stopping_criteria=StoppingCriteriaList([watch_token]),
             **{k: v for k, v in params.extra.items() if k in _LLAMA_EXTRA},
         )
         if on_token is None:
@@ -200,6 +228,7 @@ class _LoadedModel:
                 prompt_tokens=usage["prompt_tokens"],
                 completion_tokens=usage["completion_tokens"],
                 latency_s=time.perf_counter() - started,
+                token_confidences=confidences[: usage["completion_tokens"]] if top_logprobs else None,
             )
         pieces: list[str] = []
         finish_reason = None
@@ -212,14 +241,29 @@ class _LoadedModel:
                 on_token(choice["text"])
             generated += 1
             finish_reason = choice.get("finish_reason") or finish_reason
+        # The last chunk only carries the finish reason.
+        completion_tokens = max(0, generated - 1) if finish_reason else generated
         return Completion(
             text="".join(pieces),
             finish_reason=finish_reason,
             prompt_tokens=len(tokens),
-            # The last chunk only carries the finish reason.
-            completion_tokens=max(0, generated - 1) if finish_reason else generated,
+            completion_tokens=completion_tokens,
             latency_s=time.perf_counter() - started,
+            # The end-of-generation token was scored too: only the completion's tokens are kept.
+            token_confidences=confidences[:completion_tokens] if top_logprobs else None,
         )
+
+    def last_token_confidence(self, top_logprobs: int) -> float:
+        """DeepConf confidence of the token just sampled: from the logits of its position, top ``top_logprobs``."""
+        import numpy as np
+
+        # The last position's logits, as llama.cpp holds them (logits_all=False keeps only these).
+        pointer = self.llama._ctx.get_logits_ith(-1)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
+        top = np.partition(logits, -top_logprobs)[-top_logprobs:]
+        return token_confidence((top - log_total).tolist())
 
 
 # Sampling options of llama.cpp that may be passed through GenerationParams.extra.
@@ -377,19 +421,22 @@ class LlamaCppBackend(BaseBackend):
         messages: Sequence[Message],
         params: GenerationParams,
         on_token: Callable[[str], None] | None = None,
+        on_confidence: Callable[[float], None] | None = None,
     ) -> Completion:
-        """One completion; ``on_token`` is called on the event loop with each token's text."""
+        """One completion; ``on_token`` and ``on_confidence`` are called on the event loop with each token's
+        text and confidence."""
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(None, _load, self.path, self.n_ctx, self.chat_format, self.threads)
         cancel = threading.Event()
-        relay: Callable[[str], None] | None = None
-        if on_token is not None:
-            token_callback = on_token
-
-            def relay(text: str) -> None:
-                loop.call_soon_threadsafe(token_callback, text)
-
-        future = loaded.executor.submit(loaded.run, messages, params, cancel, relay, self.default_max_tokens)
+        future = loaded.executor.submit(
+            loaded.run,
+            messages,
+            params,
+            cancel,
+            _on_loop(loop, on_token),
+            self.default_max_tokens,
+            _on_loop(loop, on_confidence),
+        )
         try:
             completion = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -410,6 +457,7 @@ class LlamaCppBackend(BaseBackend):
         n: int,
         params: GenerationParams,
         on_progress: ProgressCallback | None = None,
+        on_confidence: ConfidenceCallback | None = None,
     ) -> list[Completion]:
         # One sequence at a time on one thread: queue the n samples in order,
         # each with its own seed so they differ.
@@ -420,6 +468,7 @@ class LlamaCppBackend(BaseBackend):
                         messages,
                         params if n == 1 else params.with_seed(offset_seed(params.seed, i)),
                         _token_counter(on_progress, i),
+                        _sample_confidence(on_confidence, i),
                     )
                     for i in range(n)
                 )
@@ -436,6 +485,26 @@ class LlamaCppBackend(BaseBackend):
         # Let the deltas scheduled from the worker thread run before returning.
         await asyncio.sleep(0)
         return completion
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[T], None] | None) -> Callable[[T], None] | None:
+    """``callback``, called from the worker thread but run on ``loop``."""
+    if callback is None:
+        return None
+    target = callback
+
+    def relay(value: T) -> None:
+        loop.call_soon_threadsafe(target, value)
+
+    return relay
+
+
+def _sample_confidence(on_confidence: ConfidenceCallback | None, index: int) -> Callable[[float], None] | None:
+    """A per-token ``on_confidence`` for sample ``index`` of a call."""
+    if on_confidence is None:
+        return None
+    target = on_confidence
+    return lambda confidence: target(index, (confidence,))
 
 
 def _token_counter(on_progress: ProgressCallback | None, index: int) -> Callable[[str], None] | None:

@@ -61,6 +61,7 @@ import httpx
 from pacore.backends.base import (
     BaseBackend,
     Completion,
+    ConfidenceCallback,
     DeltaCallback,
     GenerationParams,
     Message,
@@ -70,12 +71,14 @@ from pacore.backends.base import (
     offset_seed,
     retry_elsewhere,
 )
+from pacore.confidence import token_confidence
 from pacore.errors import BackendError, ContextOverflowError, UsageError
 
 logger = logging.getLogger(__name__)
 
 NMode = Literal["auto", "on", "off"]
 T = TypeVar("T")
+V = TypeVar("V")
 
 API_KEY_ENV_VARS = ("PACORE_API_KEY", "OPENAI_API_KEY")
 #: Seconds a call may go without receiving a byte (calls stream, so a long one is never cut).
@@ -204,10 +207,11 @@ class OpenAIBackend(BaseBackend):
         n: int,
         params: GenerationParams,
         on_progress: ProgressCallback | None = None,
+        on_confidence: ConfidenceCallback | None = None,
     ) -> list[Completion]:
         model = self.model or await self._discover_model()
         request = _ChatRequest(messages, _fields(model, params))
-        return await self._sample(request, params.seed, n, on_progress)
+        return await self._sample(request, params.seed, n, _Listeners(on_progress, on_confidence))
 
     async def stream(
         self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback
@@ -226,20 +230,20 @@ class OpenAIBackend(BaseBackend):
     # --- sampling ---------------------------------------------------------------
 
     async def _sample(
-        self, request: _ChatRequest, seed: int | None, n: int, on_progress: ProgressCallback | None
+        self, request: _ChatRequest, seed: int | None, n: int, listeners: _Listeners
     ) -> list[Completion]:
         """``n`` samples; when they are split over calls, sample ``i`` is seeded ``seed + i``."""
         if n == 1 or self.max_n == 1:
-            return await self._singles(request, seed, n, on_progress)
+            return await self._singles(request, seed, n, listeners)
         asked = min(n, self.max_n)
         try:
-            completions = await self._call(request, asked, seed, on_progress)
+            completions = await self._call(request, asked, seed, listeners)
         except BackendError as exc:
             if exc.kind != "bad_request" or self.n_mode != "auto" or self._n_confirmed:
                 raise
             # Maybe the server refuses ``n`` itself: a single-sample call tells
             # (and raises the server's real complaint if it was something else).
-            completions = await self._call(request, 1, seed, on_progress)
+            completions = await self._call(request, 1, seed, listeners)
             self._learn_max_n(1, f"it refused n={asked} ({exc})")
         else:
             if len(completions) < asked:
@@ -248,7 +252,7 @@ class OpenAIBackend(BaseBackend):
                 self._n_confirmed = True
         if len(completions) < n:
             done = len(completions)
-            rest = await self._sample(request, offset_seed(seed, done), n - done, _shifted(on_progress, done))
+            rest = await self._sample(request, offset_seed(seed, done), n - done, listeners.shifted(done))
             completions += rest
         return completions
 
@@ -258,13 +262,13 @@ class OpenAIBackend(BaseBackend):
             logger.info("backend %s: asking for at most n=%d, since %s", self.display_url, self.max_n, why)
 
     async def _singles(
-        self, request: _ChatRequest, seed: int | None, n: int, on_progress: ProgressCallback | None
+        self, request: _ChatRequest, seed: int | None, n: int, listeners: _Listeners
     ) -> list[Completion]:
         """``n`` parallel single-sample calls; failed calls become failed samples."""
         if n == 1:
-            return await self._call(request, 1, seed, on_progress)
+            return await self._call(request, 1, seed, listeners)
         outcomes = await asyncio.gather(
-            *(self._call(request, 1, offset_seed(seed, i), _shifted(on_progress, i)) for i in range(n)),
+            *(self._call(request, 1, offset_seed(seed, i), listeners.shifted(i)) for i in range(n)),
             return_exceptions=True,
         )
         completions: list[Completion] = []
@@ -288,7 +292,7 @@ class OpenAIBackend(BaseBackend):
         request: _ChatRequest,
         n: int,
         seed: int | None,
-        on_progress: ProgressCallback | None = None,
+        listeners: _Listeners | None = None,
         on_delta: DeltaCallback | None = None,
     ) -> list[Completion]:
         """One call of ``n`` samples, streamed, with its retries.
@@ -307,7 +311,7 @@ class OpenAIBackend(BaseBackend):
         while True:
             attempt += 1
             stream = self._streams is not False and not plain
-            state = _StreamState(n, on_delta, on_progress)
+            state = _StreamState(n, on_delta, listeners or _NO_LISTENERS)
             try:
                 completions = await self._exchange(request.payload(n, seed, stream), state)
             except httpx.RequestError as exc:
@@ -380,9 +384,7 @@ class OpenAIBackend(BaseBackend):
             choices = data["choices"]
             if len(choices) > 1:
                 choices = sorted(choices, key=lambda choice: choice.get("index", 0))[:asked]
-            completions = [
-                _choice_completion(choice["message"], choice.get("finish_reason")) for choice in choices
-            ]
+            completions = [_choice_completion(choice) for choice in choices]
             if not completions:
                 raise ValueError("no choices")
             usage = data.get("usage")
@@ -759,6 +761,9 @@ def _fields(model: str, params: GenerationParams) -> dict[str, Any]:
         fields["max_tokens"] = params.max_tokens
     if params.stop:
         fields["stop"] = list(params.stop)
+    if params.top_logprobs is not None:
+        fields["logprobs"] = True
+        fields["top_logprobs"] = params.top_logprobs
     fields.update(params.extra)
     return fields
 
@@ -771,17 +776,61 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _shifted(on_progress: ProgressCallback | None, offset: int) -> ProgressCallback | None:
-    """``on_progress`` for a call whose sample 0 is sample ``offset`` of the caller's."""
-    if on_progress is None or offset == 0:
-        return on_progress
-    return lambda index, tokens: on_progress(index + offset, tokens)
+class _Listeners:
+    """The ``generate`` callbacks of one call: ``on_progress`` and ``on_confidence``."""
+
+    __slots__ = ("on_progress", "on_confidence")
+
+    def __init__(self, on_progress: ProgressCallback | None, on_confidence: ConfidenceCallback | None) -> None:
+        self.on_progress = on_progress
+        self.on_confidence = on_confidence
+
+    def shifted(self, offset: int) -> _Listeners:
+        """The callbacks for a call whose sample 0 is sample ``offset`` of the caller's."""
+        if offset == 0:
+            return self
+        return _Listeners(_shifted(self.on_progress, offset), _shifted(self.on_confidence, offset))
+
+
+_NO_LISTENERS = _Listeners(None, None)
+
+
+def _shifted(callback: Callable[[int, V], None] | None, offset: int) -> Callable[[int, V], None] | None:
+    """``callback`` taking a sample index, for a call whose sample 0 is sample ``offset`` of the caller's."""
+    if callback is None:
+        return None
+    return lambda index, value: callback(index + offset, value)
+
+
+def _token_confidences(logprobs: Any) -> list[float]:
+    """DeepConf token confidences of a choice's ``logprobs`` (OpenAI chat format), in order.
+
+    Each ``logprobs.content[j].top_logprobs`` gives one token's alternatives; a
+    token without them, or anything not in that shape, is skipped rather than
+    failing a completion over a diagnostic.
+    """
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list):
+        return []
+    confidences = []
+    for token in content:
+        top = token.get("top_logprobs") if isinstance(token, dict) else None
+        if not isinstance(top, list):
+            continue
+        values = [
+            alternative["logprob"]
+            for alternative in top
+            if isinstance(alternative, dict) and isinstance(alternative.get("logprob"), (int, float))
+        ]
+        if values:
+            confidences.append(token_confidence(values))
+    return confidences
 
 
 class _Choice:
     """What a stream has delivered of one choice."""
 
-    __slots__ = ("text", "reasoning", "finish_reason", "chunks")
+    __slots__ = ("text", "reasoning", "finish_reason", "chunks", "confidences")
 
     def __init__(self) -> None:
         self.text: list[str] = []
@@ -789,14 +838,18 @@ class _Choice:
         self.finish_reason: str | None = None
         #: Chunks that carried text: servers send about one token each.
         self.chunks = 0
+        #: Token confidences, once a chunk carried logprobs.
+        self.confidences: list[float] | None = None
 
 
 class _StreamState:
     """What one attempt of a call has received so far, choice by choice (by ``index``)."""
 
-    __slots__ = ("asked", "choices", "usage", "error", "done", "streamed", "events", "on_delta", "on_progress")
+    __slots__ = (
+        "asked", "choices", "usage", "error", "done", "streamed", "events", "on_delta", "on_progress", "on_confidence",
+    )  # fmt: skip
 
-    def __init__(self, asked: int, on_delta: DeltaCallback | None, on_progress: ProgressCallback | None) -> None:
+    def __init__(self, asked: int, on_delta: DeltaCallback | None, listeners: _Listeners) -> None:
         self.asked = asked
         self.choices: dict[int, _Choice] = {}
         self.usage: Any = None
@@ -809,10 +862,11 @@ class _StreamState:
         #: ``data`` fields received.
         self.events = 0
         self.on_delta = on_delta
-        self.on_progress = on_progress
+        self.on_progress = listeners.on_progress
+        self.on_confidence = listeners.on_confidence
 
     def feed(self, chunk: dict[str, Any]) -> None:
-        """Take one chunk; deltas go to ``on_delta`` (choice 0) and ``on_progress``."""
+        """Take one chunk; deltas go to ``on_delta`` (choice 0), ``on_progress`` and ``on_confidence``."""
         if "error" in chunk and chunk["error"]:
             self.error = chunk
             return
@@ -840,9 +894,21 @@ class _StreamState:
                         self.on_delta(content or "", reasoning or "")
                     if self.on_progress is not None:
                         self.on_progress(index, state.chunks)
+            logprobs = choice.get("logprobs")
+            if logprobs:
+                # Every generated token counts, reasoning included (DeepConf scores them all).
+                self.add_confidences(index, state, _token_confidences(logprobs))
             finish = choice.get("finish_reason")
             if finish:
                 state.finish_reason = finish
+
+    def add_confidences(self, index: int, choice: _Choice, confidences: list[float]) -> None:
+        if choice.confidences is None:
+            choice.confidences = []
+        if confidences:
+            choice.confidences += confidences
+            if self.on_confidence is not None:
+                self.on_confidence(index, confidences)
 
     @property
     def delivered(self) -> bool:
@@ -851,9 +917,13 @@ class _StreamState:
         return self.on_delta is not None and first is not None and first.chunks > 0
 
     def deliver_whole(self, completions: list[Completion]) -> None:
-        """Pass a non-streamed answer to ``on_delta`` as one delta."""
+        """Pass a non-streamed answer to ``on_delta`` as one delta, and its confidences to ``on_confidence``."""
         if self.on_delta is not None and (completions[0].text or completions[0].reasoning):
             self.on_delta(completions[0].text, completions[0].reasoning or "")
+        if self.on_confidence is not None:
+            for index, completion in enumerate(completions):
+                if completion.token_confidences:
+                    self.on_confidence(index, completion.token_confidences)
 
     def completions(self, backend: OpenAIBackend) -> list[Completion]:
         """The finished choices in index order, with the usage attributed per choice."""
@@ -863,7 +933,12 @@ class _StreamState:
         if any(choice.finish_reason is None for choice in ordered):
             raise backend._truncated("no finish reason")
         completions = [
-            Completion(text="".join(c.text), reasoning="".join(c.reasoning) or None, finish_reason=c.finish_reason)
+            Completion(
+                text="".join(c.text),
+                reasoning="".join(c.reasoning) or None,
+                finish_reason=c.finish_reason,
+                token_confidences=c.confidences,
+            )
             for c in ordered
         ]
         try:
@@ -886,6 +961,7 @@ class _StreamState:
             reasoning="".join(choice.reasoning) or None,
             completion_tokens=choice.chunks,
             latency_s=latency_s,
+            token_confidences=choice.confidences,
             error=f"{error} (after {choice.chunks} streamed chunks; the partial text is kept)",
             error_kind=error.kind,
         )
@@ -982,11 +1058,15 @@ def _integer(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _choice_completion(message: dict[str, Any], finish_reason: str | None) -> Completion:
+def _choice_completion(choice: dict[str, Any]) -> Completion:
+    """One choice of a non-streamed chat completion."""
+    message = choice["message"]
+    logprobs = choice.get("logprobs")
     return Completion(
         text=message.get("content") or "",
         reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
-        finish_reason=finish_reason,
+        finish_reason=choice.get("finish_reason"),
+        token_confidences=_token_confidences(logprobs) if logprobs else None,
     )
 
 

@@ -21,15 +21,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pacore.backends.base import (
     Backend,
     BaseBackend,
     Completion,
+    ConfidenceCallback,
     DeltaCallback,
     GenerationParams,
     Message,
     ProgressCallback,
+    accepts_confidence,
     accepts_progress,
     retry_elsewhere,
 )
@@ -115,8 +118,9 @@ class RouterBackend(BaseBackend):
         self._not_closed = 0
         self._clock = clock
         self._next = 0
-        # Members whose generate takes on_progress (by id: members need not be hashable).
+        # Members whose generate takes on_progress, on_confidence (by id: members need not be hashable).
         self._with_progress = {id(backend) for backend in self.backends if accepts_progress(backend)}
+        self._with_confidence = {id(backend) for backend in self.backends if accepts_confidence(backend)}
 
     # Members may learn their model and ``max_n`` on their first call, so
     # these are read from them each time rather than copied once.
@@ -228,11 +232,16 @@ class RouterBackend(BaseBackend):
         n: int,
         params: GenerationParams,
         on_progress: ProgressCallback | None = None,
+        on_confidence: ConfidenceCallback | None = None,
     ) -> list[Completion]:
         def call(backend: Backend) -> Awaitable[list[Completion]]:
-            if on_progress is None or id(backend) not in self._with_progress:
-                return backend.generate(messages, n, params)
-            return backend.generate(messages, n, params, on_progress=on_progress)
+            # Only the callbacks a member takes (third-party backends may predate them).
+            callbacks: dict[str, Any] = {}
+            if on_progress is not None and id(backend) in self._with_progress:
+                callbacks["on_progress"] = on_progress
+            if on_confidence is not None and id(backend) in self._with_confidence:
+                callbacks["on_confidence"] = on_confidence
+            return backend.generate(messages, n, params, **callbacks)
 
         return await self._route(call, n, lambda: False)
 

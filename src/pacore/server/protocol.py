@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from pacore.eval.grading import GradingKind
+from pacore.answers import GradingKind
 from pacore.synthesis import ReferenceOrder
 from pacore.trace import Result
 
