@@ -10,7 +10,7 @@ every figure here is the simulation's, not a real model's.
 
 P problems are each solved with the fixed schedule and with each policy,
 through ``pacore.asolve`` over ``OpenAIBackend``, side by side in one run: the
-arms of a problem start together, with the same seeds, so they draw the same
+arms of a problem run close together, with the same seeds, so they draw the same
 round-1 samples (a policy only changes which of them are drawn, cut or used).
 The simulator knows each problem's answer, so every final answer is graded.
 Per arm: accuracy, tokens per problem, p50/p90 wall time per problem, and
@@ -19,7 +19,7 @@ ratios against the fixed schedule.
 Offline replay: round 1 of each problem is sampled once into a pool (with
 per-token confidences), then the fixed schedule and keep-top, early stop and
 adaptive width are replayed on it with ``first_round``; only the final
-synthesis calls the model.
+synthesis calls the model (so its wall times are the final call's alone).
 
     python bench/adaptive.py [--quick] [--json] [--problems P] [--arms fixed,quorum]
 """
@@ -35,23 +35,25 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastbackend import Simulation
-from harness import check_targets, emit, fast_backend, machine, percentile, target_lines
-from pacore import ComputePolicy, GenerationParams, Result, Trajectory, asolve
+from harness import Clock, check_targets, emit, fast_backend, machine, percentile, target_lines
+from pacore import ComputePolicy, GenerationParams, Result, asample, asolve
 from pacore.backends.openai_http import OpenAIBackend
 from pacore.eval.grading import grade
 
 #: The simulated model (fastbackend's defaults, lengths scaled down so a run fits on a shared 2-core machine:
 #: the policies act on ratios of lengths and windows, which the scaling keeps).
-SIMULATION = Simulation(seed=13, median_tokens=200)
-TOKENS_PER_S = 250.0
+SIMULATION = Simulation(seed=13, median_tokens=100)
+TOKENS_PER_S = 200.0
 TTFT_MS = 20.0
-CHUNK_TOKENS = 16
+CHUNK_TOKENS = 8
 #: max_tokens: far above the simulated lengths (a cap only the longest tail reaches).
-MAX_TOKENS = 4096
+MAX_TOKENS = 2048
 SCHEDULE = (16,)
-#: Confidence window: about a tenth of a median trajectory, as DeepConf's 2048 of ~10-20k-token traces.
-WINDOW = 32
+#: Confidence window: a tenth to a fifth of a median trajectory, as DeepConf's 2048 of ~10-20k-token traces.
+WINDOW = 16
 TOP_LOGPROBS = 5
+#: About a third of a median trajectory's time.
+STRAGGLER_TIMEOUT_S = 0.25
 
 #: The arms: the fixed schedule (paper's method) and one policy each.
 ARMS: dict[str, ComputePolicy | None] = {
@@ -63,7 +65,7 @@ ARMS: dict[str, ComputePolicy | None] = {
     "adaptive_k": ComputePolicy(adaptive_k=True),
     "keep_top_0.5": ComputePolicy(keep_top=0.5, window=WINDOW, top_logprobs=TOP_LOGPROBS),
     "quorum_0.9": ComputePolicy(quorum=0.9),
-    "quorum_0.9_straggler": ComputePolicy(quorum=0.9, straggler_timeout=0.5),
+    "quorum_0.9_straggler": ComputePolicy(quorum=0.9, straggler_timeout=STRAGGLER_TIMEOUT_S),
     "budget": ComputePolicy(budget_tokens=SCHEDULE[0] // 2 * MAX_TOKENS),
 }
 ARM_NOTES = {
@@ -73,7 +75,7 @@ ARM_NOTES = {
     "adaptive_k": "adaptive width, waves of 4, Beta test at 0.95",
     "keep_top_0.5": "the most confident half of round 1's messages synthesized",
     "quorum_0.9": "a round ends when 90% of its trajectories have finished",
-    "quorum_0.9_straggler": "quorum 0.9, then up to 0.5 s more for stragglers",
+    "quorum_0.9_straggler": f"quorum 0.9, then up to {STRAGGLER_TIMEOUT_S} s more for stragglers",
     "budget": f"at most {SCHEDULE[0] // 2 * MAX_TOKENS} generated tokens per problem (half the fixed worst case)",
 }
 #: Arms replayed offline on a stored round-1 pool (the policies that act on round 1's samples).
@@ -93,8 +95,10 @@ class Workload:
     in_flight: int
 
 
-FULL = Workload(problems=60, in_flight=2)
-QUICK = Workload(problems=12, in_flight=2)
+#: ``in_flight`` keeps the two processes well under the machine's cores (about 16 streams of
+#: ``TOKENS_PER_S`` each per problem), so wall times are the simulated model's, not CPU queues.
+FULL = Workload(problems=60, in_flight=6)
+QUICK = Workload(problems=12, in_flight=6)
 
 QUESTION = "Problem {i}. Find the number of ordered pairs of integers satisfying the stated conditions."
 
@@ -135,30 +139,26 @@ async def solve(backend: OpenAIBackend, i: int, compute: ComputePolicy | None, *
 
 
 async def run_arms(backend: OpenAIBackend, workload: Workload, arms: Sequence[str]) -> dict[str, list[Outcome]]:
-    """Every arm of each problem started together; ``in_flight`` problems at a time."""
+    """Every (problem, arm), ``in_flight`` at a time in problem order, so the arms of a problem run close together."""
     gate = asyncio.Semaphore(workload.in_flight)
 
-    async def problem(i: int) -> list[Outcome]:
+    async def job(i: int, arm: str) -> Outcome:
         async with gate:
-            return list(await asyncio.gather(*(solve(backend, i, ARMS[arm]) for arm in arms)))
+            return await solve(backend, i, ARMS[arm])
 
-    rows = await asyncio.gather(*(problem(i) for i in range(workload.problems)))
-    return {arm: [row[j] for row in rows] for j, arm in enumerate(arms)}
+    done = await asyncio.gather(*(job(i, arm) for i in range(workload.problems) for arm in arms))
+    return {arm: list(done[j :: len(arms)]) for j, arm in enumerate(arms)}
 
 
 async def run_replay(backend: OpenAIBackend, workload: Workload, arms: Sequence[str]) -> dict[str, list[Outcome]]:
     """Round 1 sampled once per problem (a pool), then each arm replayed on it: only the final call is live."""
-    from pacore import asample
-
     pool_policy = ComputePolicy(confidence=True, keep_token_confidences=True, window=WINDOW, top_logprobs=TOP_LOGPROBS)
     gate = asyncio.Semaphore(workload.in_flight)
 
     async def problem(i: int) -> list[Outcome]:
         async with gate:
-            pool: list[Trajectory] = await asample(
-                question(i), SCHEDULE[0], backend=backend, params=params(i), compute=pool_policy
-            )
-            return list(await asyncio.gather(*(solve(backend, i, ARMS[arm], first_round=pool) for arm in arms)))
+            pool = await asample(question(i), SCHEDULE[0], backend=backend, params=params(i), compute=pool_policy)
+        return [await solve(backend, i, ARMS[arm], first_round=pool) for arm in arms]
 
     rows = await asyncio.gather(*(problem(i) for i in range(workload.problems)))
     return {arm: [row[j] for row in rows] for j, arm in enumerate(arms)}
@@ -225,9 +225,10 @@ async def measure(workload: Workload, arms: Sequence[str], replay: bool) -> dict
         "--chunk-tokens", CHUNK_TOKENS,
     ) as server:  # fmt: skip
         async with OpenAIBackend(server.url, n_mode="off") as backend:
-            started = time.perf_counter()
-            live = await run_arms(backend, workload, arms)
-            figures["live_seconds"] = round(time.perf_counter() - started, 1)
+            with Clock() as clock:
+                live = await run_arms(backend, workload, arms)
+            figures["live_seconds"] = round(clock.wall, 1)
+            figures["client_cpu_share"] = round(clock.cpu / clock.wall, 2)
             figures["live"] = summarize(live)
             if replay:
                 replay_arms = [arm for arm in REPLAY_ARMS if arm in arms]
@@ -259,7 +260,7 @@ def report(figures: dict[str, Any]) -> list[str]:
     sim = figures["simulation"]
     lines = [
         f"Adaptive compute on a SIMULATED model (bench/fastbackend.py --simulate): {w['problems']} problems, "
-        f"schedule {w['schedule']}, {w['problems_in_flight']} problems in flight (all arms of a problem together, "
+        f"schedule {w['schedule']}, {w['problems_in_flight']} problems in flight (arms of a problem close together, "
         f"same seeds), {w['tokens_per_s_per_stream']:g} tokens/s per stream, {w['ttft_ms']:g} ms to first token, "
         f"max_tokens {w['max_tokens']}, confidence window {w['window']}, top_logprobs {w['top_logprobs']}.",
         f"Simulation: per-sample accuracy 1/(1+exp({sim['steepness']:g}*(d-{sim['midpoint']:g}))) over uniform "
@@ -273,7 +274,7 @@ def report(figures: dict[str, Any]) -> list[str]:
     lines += [f"  {arm:22} = {note}" for arm, note in figures["arms"].items()]
     lines += [
         "",
-        f"live ({figures['live_seconds']} s); '+/-': problems the arm gets right that fixed does not / the reverse; "
+        f"live ({figures['live_seconds']} s, client CPU {figures['client_cpu_share']:.0%} of a core); '+/-': problems the arm gets right that fixed does not / the reverse; "
         "ratios against fixed:",
         *arm_table(figures["live"]),
     ]
