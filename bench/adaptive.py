@@ -13,8 +13,10 @@ through ``pacore.asolve`` over ``OpenAIBackend``, side by side in one run: the
 arms of a problem run close together, with the same seeds, so they draw the same
 round-1 samples (a policy only changes which of them are drawn, cut or used).
 The simulator knows each problem's answer, so every final answer is graded.
-Per arm: accuracy, tokens per problem, p50/p90 wall time per problem, and
-ratios against the fixed schedule.
+Per arm: accuracy, tokens per problem (counted by the simulator, which
+serves each arm on its own endpoint: what a server would really generate,
+cancelled streams included up to their cut), p50/p90 wall time per problem,
+and ratios against the fixed schedule.
 
 Offline replay: round 1 of each problem is sampled once into a pool (with
 per-token confidences), then the fixed schedule and keep-top, early stop and
@@ -45,7 +47,7 @@ from pacore.eval.grading import grade
 SIMULATION = Simulation(seed=13, median_tokens=100)
 TOKENS_PER_S = 200.0
 TTFT_MS = 20.0
-CHUNK_TOKENS = 8
+CHUNK_TOKENS = 4
 #: max_tokens: far above the simulated lengths (a cap only the longest tail reaches).
 MAX_TOKENS = 2048
 SCHEDULE = (16,)
@@ -138,13 +140,14 @@ async def solve(backend: OpenAIBackend, i: int, compute: ComputePolicy | None, *
     return outcome(i, result, time.perf_counter() - started)
 
 
-async def run_arms(backend: OpenAIBackend, workload: Workload, arms: Sequence[str]) -> dict[str, list[Outcome]]:
+async def run_arms(backends: dict[str, OpenAIBackend], workload: Workload) -> dict[str, list[Outcome]]:
     """Every (problem, arm), ``in_flight`` at a time in problem order, so the arms of a problem run close together."""
     gate = asyncio.Semaphore(workload.in_flight)
+    arms = list(backends)
 
     async def job(i: int, arm: str) -> Outcome:
         async with gate:
-            return await solve(backend, i, ARMS[arm])
+            return await solve(backends[arm], i, ARMS[arm])
 
     done = await asyncio.gather(*(job(i, arm) for i in range(workload.problems) for arm in arms))
     return {arm: list(done[j :: len(arms)]) for j, arm in enumerate(arms)}
@@ -164,20 +167,29 @@ async def run_replay(backend: OpenAIBackend, workload: Workload, arms: Sequence[
     return {arm: [row[j] for row in rows] for j, arm in enumerate(arms)}
 
 
-def summarize(outcomes: dict[str, list[Outcome]]) -> dict[str, Any]:
+def summarize(outcomes: dict[str, list[Outcome]], sent: dict[str, int] | None = None) -> dict[str, Any]:
+    """Per arm figures; tokens are those the simulator sent (``sent``, per arm) when given, else the engine's count."""
+
+    def tokens_of(arm: str) -> float:
+        rows = outcomes[arm]
+        return sent[arm] / len(rows) if sent is not None else statistics.mean(o.tokens for o in rows)
+
     fixed = outcomes["fixed"]
-    base_tokens = statistics.mean(o.tokens for o in fixed)
+    base_tokens = tokens_of("fixed")
     base_p50 = percentile([o.wall_s for o in fixed], 50)
     base_accuracy = statistics.mean(o.correct for o in fixed)
     figures: dict[str, Any] = {}
     for arm, rows in outcomes.items():
-        tokens = statistics.mean(o.tokens for o in rows)
+        tokens = tokens_of(arm)
         walls = [o.wall_s for o in rows]
         accuracy = statistics.mean(o.correct for o in rows)
         figures[arm] = {
             "accuracy": round(accuracy, 4),
             "accuracy_change_points": round(100 * (accuracy - base_accuracy), 1),
             "tokens_per_problem": round(tokens),
+            # What the engine counted (usage.completion_tokens): a stopped trajectory's tokens come from the
+            # backend's progress count, which is exact only with one token per streamed chunk.
+            "engine_tokens_per_problem": round(statistics.mean(o.tokens for o in rows)),
             "tokens_ratio": round(tokens / base_tokens, 3),
             "wall_p50_s": round(percentile(walls, 50), 3),
             "wall_p90_s": round(percentile(walls, 90), 3),
@@ -220,19 +232,24 @@ async def measure(workload: Workload, arms: Sequence[str], replay: bool) -> dict
     }
     problems = [SIMULATION.problem(question(i)) for i in range(workload.problems)]
     figures["simulated_mean_p_correct"] = round(statistics.mean(p.p_correct for p in problems), 3)
+    # One endpoint per arm, so the simulator counts the tokens each arm really made it generate.
     with fast_backend(
         "--simulate", *SIMULATION.args(), "--tokens-per-s", TOKENS_PER_S, "--ttft-ms", TTFT_MS,
-        "--chunk-tokens", CHUNK_TOKENS,
+        "--chunk-tokens", CHUNK_TOKENS, "--endpoints", len(arms),
     ) as server:  # fmt: skip
-        async with OpenAIBackend(server.url, n_mode="off") as backend:
+        backends = {arm: OpenAIBackend(url, n_mode="off") for arm, url in zip(arms, server.urls, strict=True)}
+        try:
             with Clock() as clock:
-                live = await run_arms(backend, workload, arms)
+                live = await run_arms(backends, workload)
             figures["live_seconds"] = round(clock.wall, 1)
             figures["client_cpu_share"] = round(clock.cpu / clock.wall, 2)
-            figures["live"] = summarize(live)
+            sent = {arm: stats["tokens_sent"] for arm, stats in zip(arms, server.stats(), strict=True)}
+            figures["live"] = summarize(live, sent)
             if replay:
                 replay_arms = [arm for arm in REPLAY_ARMS if arm in arms]
-                figures["replay"] = summarize(await run_replay(backend, workload, replay_arms))
+                figures["replay"] = summarize(await run_replay(backends["fixed"], workload, replay_arms))
+        finally:
+            await asyncio.gather(*(backend.aclose() for backend in backends.values()))
     live_arms = figures["live"]
     figures["token_saving_within_1pt"] = best_saving(live_arms)
     if "quorum_0.9" in live_arms:
@@ -243,13 +260,13 @@ async def measure(workload: Workload, arms: Sequence[str], replay: bool) -> dict
 
 def arm_table(arms: dict[str, Any]) -> list[str]:
     lines = [
-        f"  {'arm':22} {'accuracy':>8} {'vs fixed':>8} {'+/-':>5} {'tokens':>7} {'ratio':>6} "
+        f"  {'arm':22} {'accuracy':>8} {'vs fixed':>8} {'+/-':>5} {'tokens':>7} {'ratio':>6} {'engine':>7} "
         f"{'p50 s':>6} {'p90 s':>6} {'p50 ratio':>9} {'stopped':>7}"
     ]
     for arm, f in arms.items():
         lines.append(
             f"  {arm:22} {f['accuracy']:8.1%} {f['accuracy_change_points']:+7.1f}p {f['gained']:>2}/{f['lost']:<2} "
-            f"{f['tokens_per_problem']:7d} {f['tokens_ratio']:6.2f} {f['wall_p50_s']:6.2f} {f['wall_p90_s']:6.2f} "
+            f"{f['tokens_per_problem']:7d} {f['tokens_ratio']:6.2f} {f['engine_tokens_per_problem']:7d} {f['wall_p50_s']:6.2f} {f['wall_p90_s']:6.2f} "
             f"{f['wall_p50_ratio']:9.2f} {f['stopped_per_problem']:7.1f}"
         )
     return lines
@@ -274,8 +291,9 @@ def report(figures: dict[str, Any]) -> list[str]:
     lines += [f"  {arm:22} = {note}" for arm, note in figures["arms"].items()]
     lines += [
         "",
-        f"live ({figures['live_seconds']} s, client CPU {figures['client_cpu_share']:.0%} of a core); '+/-': problems the arm gets right that fixed does not / the reverse; "
-        "ratios against fixed:",
+        f"live ({figures['live_seconds']} s, client CPU {figures['client_cpu_share']:.0%} of a core); '+/-': problems "
+        "the arm gets right that fixed does not / the reverse; tokens per problem as the simulator counted them "
+        "('engine': as usage counted them); ratios against fixed:",
         *arm_table(figures["live"]),
     ]
     if "replay" in figures:
