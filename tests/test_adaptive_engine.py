@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +25,14 @@ from pacore.backends.base import (
     ProgressCallback,
     text_of,
 )
-from pacore.engine import asample, asolve
-from pacore.errors import UsageError
+from pacore.confidence import lowest_group_at, summarize
+from pacore.engine import asample, asolve, iter_solve
+from pacore.errors import BackendError, DeadlineExceededError, UsageError
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND
-from pacore.trace import Result
+from pacore.trace import Final, Result, RoundFinished, Trajectory, TrajectoryFinished, TrajectoryProgress
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from harness import fast_backend  # noqa: E402
 
 STRIDE = MAX_TRAJECTORIES_PER_ROUND + 1  # the engine's seed stride per round (see engine._call_seed)
 SEEDED = GenerationParams(seed=0)
@@ -55,12 +61,14 @@ class PacedBackend(BaseBackend):
 
     ``script(round, index)`` says what trajectory ``index`` of ``round`` generates
     (read from the engine's per-call seed, so requests must be seeded); synthesis
-    rounds answer ``final`` at once. Progress and token confidences (when the
-    request asks for logprobs) are reported per token; cancelled calls are listed.
+    rounds answer ``final`` at once unless ``script_synthesis``. Progress and token
+    confidences (when the request asks for logprobs) are reported per token;
+    cancelled calls are listed.
     """
 
     script: Callable[[int, int], Paced] = lambda r, i: Paced(f"\\boxed{{{i}}}")
     final: str = "final answer"
+    script_synthesis: bool = False
     name: str = "paced"
     model: str = "paced"
     started: list[tuple[int, int]] = field(default_factory=list)
@@ -77,7 +85,7 @@ class PacedBackend(BaseBackend):
     ) -> list[Completion]:
         assert n == 1, "a per-trajectory policy samples one trajectory per call"
         self.params.append(params)
-        if "Reference Responses" in text_of(messages[-1]["content"]):
+        if not self.script_synthesis and "Reference Responses" in text_of(messages[-1]["content"]):
             return [Completion(text=self.final, finish_reason="stop", completion_tokens=2)]
         assert params.seed is not None, "seed the request: the script is keyed by the call's seed"
         rnd, index = divmod(params.seed, STRIDE)
@@ -240,6 +248,19 @@ async def test_straggler_timeout_keeps_stragglers_that_finish_in_time():
     assert set(stopped(result).values()) == {"quorum"} and len(stopped(result)) == 4
     assert round_one(result).elapsed_s >= 0.05  # the grace was waited for
 
+
+
+async def test_policy_rounds_emit_progress_and_stopped_trajectories_through_iter_solve():
+    backend = PacedBackend(script=fast_and_slow(2))
+    options = {"schedule": [4], "backend": backend, "params": SEEDED, "compute": {"quorum": 0.5}}
+    events = [event async for event in iter_solve("Q", **options)]
+    progress = [e for e in events if isinstance(e, TrajectoryProgress)]
+    assert progress and all(e.round == 0 for e in progress)
+    finished = [e.trajectory for e in events if isinstance(e, TrajectoryFinished) and e.round == 0]
+    assert sorted(t.stopped or "" for t in finished) == ["", "", "quorum", "quorum"]
+    (summary,) = [e.round for e in events if isinstance(e, RoundFinished) and e.round.index == 0]
+    assert summary.policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
+    assert isinstance(events[-1], Final) and events[-1].result.rounds[0].policy_note == summary.policy_note
 
 # --- budget -------------------------------------------------------------------------
 
@@ -409,3 +430,170 @@ async def test_early_stop_without_logprobs_stops_nothing_and_says_so():
     assert round_one(result).policy_note == (
         "early stop: fewer than 2 trajectories finished with confidence; none stopped"
     )
+
+
+# --- offline replay over a stored round 1 -------------------------------------------------
+
+
+def pooled(text: str, confidences: Sequence[float]) -> Trajectory:
+    """A stored round-1 trajectory that kept its per-token confidences."""
+    return Trajectory(
+        round=0, index=0, text=text, finish_reason="stop", prompt_tokens=3, completion_tokens=len(confidences),
+        confidence=summarize(confidences, 2048, keep_tokens=True),
+    )  # fmt: skip
+
+
+async def test_replayed_early_stop_cuts_where_the_online_monitor_would():
+    doubtful = [5.0] * 4 + [1.0] * 16  # the window of 4 ending at token 4 averages 4.0 < 5.0
+    pool = [pooled(f"\\boxed{{{i}}}", [5.0] * 10) for i in range(4)]
+    pool += [pooled("\\boxed{9}", doubtful), Completion(text="\\boxed{1}", completion_tokens=8, token_confidences=[9.0] * 8)]
+    backend = ScriptedBackend()
+    policy = ComputePolicy(early_stop=True, warmup=4, window=4)
+    result = await asolve("Q", schedule=[6], backend=backend, first_round=pool, compute=policy)
+    assert len(backend.calls) == 1  # only the synthesis call: round 1 came from the pool
+    first = round_one(result)
+    assert stopped(result) == {4: "early_stop"}
+    cut = first.trajectories[4]
+    assert (cut.completion_tokens, cut.message, cut.text) == (5, None, "")
+    assert cut.confidence is not None and cut.confidence.token_count == 5
+    assert first.tokens_saved == 15
+    assert first.policy_note == "early stop: threshold 5.000, 1 stopped, 15 tokens saved (replayed)"
+    assert result.usage.completion_tokens == 4 * 10 + 5 + 8 + 2  # and the synthesis reply "answer 0.0"
+    assert sorted(i for _, i in result.rounds[1].references) == [0, 1, 2, 3, 5]
+    # The same decision online, on a live stream with the same confidences.
+    assert lowest_group_at(doubtful, 4, 5.0) == 4
+
+
+async def test_replayed_adaptive_width_adopts_the_pool_wave_by_wave():
+    pool = [Completion(text="so \\boxed{3}", completion_tokens=7) for _ in range(16)]
+    backend = ScriptedBackend()
+    policy = ComputePolicy(adaptive_k=True, wave=4)
+    result = await asolve("Q", schedule=[16], backend=backend, first_round=pool, compute=policy)
+    first = round_one(result)
+    assert [t.index for t in first.trajectories] == [0, 1, 2, 3]
+    assert first.policy_note == (
+        "adaptive width: answer settled after 4 of 16 (leader 4 of 4 answers, P(majority)=0.969) (replayed)"
+    )
+    assert result.usage.completion_tokens == 4 * 7 + 2  # only what was adopted counts
+    assert len(backend.calls) == 1
+
+
+async def test_replayed_keep_top_ranks_the_stored_confidences():
+    pool = [pooled(f"message {i}", [float(level)] * 3) for i, level in enumerate([3, 1, 2, 4])]
+    backend = ScriptedBackend()
+    result = await asolve("Q", schedule=[4], backend=backend, first_round=pool, compute=ComputePolicy(keep_top=0.5))
+    assert sorted(i for _, i in result.rounds[1].references) == [0, 3]
+    assert result.rounds[1].dropped == [(0, 1), (0, 2)]
+
+
+async def test_early_stop_replay_needs_stored_per_token_confidences():
+    pool = [pooled("a", [5.0] * 3), Trajectory(round=0, index=1, text="b", completion_tokens=3)]
+    backend = ScriptedBackend()
+    with pytest.raises(UsageError, match=r"^first_round trajectory 1 has no per-token confidences") as caught:
+        await asolve("Q", schedule=[2], backend=backend, first_round=pool, compute=ComputePolicy(early_stop=True))
+    assert "\n" not in str(caught.value) and backend.calls == []
+
+
+
+# --- combined, and when things go wrong ------------------------------------------------------
+
+
+async def test_policies_combine_and_their_notes_add_up():
+    def script(r, i):
+        return Paced(f"\\boxed{{{i}}}", tokens=10, pace=0.002 if i < 2 else 0.05, confidence=float(i + 1))
+
+    backend = PacedBackend(script=script, script_synthesis=True)
+    policy = ComputePolicy(keep_top=0.5, quorum=0.5)
+    result = await asolve("Q", schedule=[4, 4], backend=backend, params=SEEDED, compute=policy)
+    second = result.rounds[1]
+    # Round 2's prompt keeps the more confident of round 1's two messages; round 2 has its own quorum.
+    assert second.references == [(0, 1)] and second.dropped == [(0, 0)]
+    assert second.policy_note == "keep-top: 1 of 2 messages kept; quorum: ended after 2 of 4 finished, 2 cancelled"
+    assert round_one(result).policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
+
+
+async def test_a_deadline_cancels_every_running_trajectory_and_keeps_the_finished_ones():
+    backend = PacedBackend(script=fast_and_slow(2))
+    with pytest.raises(DeadlineExceededError) as caught:
+        await asolve("Q", schedule=[4], backend=backend, params=SEEDED, compute={"quorum": 1}, deadline=0.2)
+    assert sorted(i for _, i, _ in backend.cancelled) == [2, 3]
+    assert [t.index for t in caught.value.result.rounds[0].trajectories] == [0, 1]
+    await asyncio.sleep(0.05)
+    assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
+
+
+async def test_a_fatal_backend_error_ends_the_request_and_cancels_the_rest():
+    def script(r, i):
+        if i == 1:
+            raise BackendError("HTTP 401: bad key", kind="auth")
+        return Paced("slow", tokens=50, pace=0.01)
+
+    backend = PacedBackend(script=script)
+    with pytest.raises(BackendError, match="bad key"):
+        await asolve("Q", schedule=[3], backend=backend, params=SEEDED, compute={"early_stop": True})
+    assert sorted(i for _, i, _ in backend.cancelled) == [0, 2]
+
+
+async def test_a_failed_trajectory_is_recorded_and_the_round_goes_on():
+    def script(r, i):
+        if i == 0:
+            raise BackendError("HTTP 503", kind="status")
+        return Paced(f"\\boxed{{{i}}}")
+
+    backend = PacedBackend(script=script)
+    result = await asolve("Q", schedule=[3], backend=backend, params=SEEDED, compute={"quorum": 1})
+    first = round_one(result)
+    assert [(t.index, t.error_kind) for t in first.trajectories] == [(0, "status"), (1, None), (2, None)]
+    assert sorted(i for _, i in result.rounds[1].references) == [1, 2]
+
+# --- over HTTP, on a loopback server ----------------------------------------------------
+
+
+async def test_quorum_over_http_cancels_the_calls_still_waiting():
+    # Two samples at a time, 0.4 s each: once two have finished, the other two are cut.
+    with fast_backend("--tokens-per-s", 50, "--completion-tokens", 20, "--concurrency", 2) as server:
+        policy = ComputePolicy(quorum=0.5)
+        result = await asolve("Q", schedule=[4], backend=server.url, params=SEEDED, compute=policy)
+    first = round_one(result)
+    finished = [t for t in first.trajectories if t.stopped is None]
+    assert len(finished) == 2 and all(t.completion_tokens == 20 for t in finished)
+    assert sorted(stopped(result).values()) == ["quorum", "quorum"]
+    assert len(result.rounds[1].references) == 2
+    assert first.policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
+
+
+async def test_budget_over_http_cuts_streams_mid_way_and_counts_their_tokens():
+    # 100 tokens per call at 200/s; the budget leaves 80 tokens for round 1 (see the scripted test).
+    with fast_backend("--tokens-per-s", 200, "--completion-tokens", 100) as server:
+        policy = ComputePolicy(budget_tokens=100)
+        result = await asolve("Q", schedule=[4], backend=server.url, params=SEEDED, compute=policy)
+    first = round_one(result)
+    assert sorted(stopped(result).values()) == ["budget"] * 4
+    assert all(0 < t.completion_tokens < 100 for t in first.trajectories)
+    assert 80 <= first.completion_tokens <= 80 + 4  # each stream is cut within a token of the cap
+    assert result.usage.completion_tokens == first.completion_tokens + result.rounds[1].completion_tokens
+
+
+# --- the embedded model ------------------------------------------------------------------
+
+
+@pytest.mark.model
+async def test_early_stop_cancels_a_live_generation_on_the_embedded_model():
+    from pacore.backends.llama_cpp import LlamaCppBackend
+
+    # One warm-up trajectory sets the threshold at its lowest 2-token window; the embedded
+    # model runs one sequence at a time, so the others are judged token by token as they
+    # stream. Seeded: with this seed all three later ones dip below it (seeds 0-2 all stop some).
+    policy = ComputePolicy(early_stop=True, warmup=1, window=2)
+    params = GenerationParams(max_tokens=24, seed=1)
+    result = await asolve("Name three colours.", schedule=[4], backend=LlamaCppBackend(), params=params, compute=policy)
+    first = round_one(result)
+    assert all(t.confidence is not None for t in first.trajectories)
+    cut = [t for t in first.trajectories if t.stopped == "early_stop"]
+    assert cut, first.policy_note
+    assert all(0 < t.completion_tokens < 24 and t.finish_reason is None for t in cut)
+    # With one warm-up trajectory, the threshold is its lowest group: each cut one fell below it.
+    warmup = next(t for t in first.trajectories if t.finish_order == 0)
+    assert warmup.stopped is None and warmup.confidence is not None
+    assert all(t.confidence is not None and t.confidence.lowest_group < warmup.confidence.lowest_group for t in cut)
+    assert result.answer  # the final round ran on the same backend after the cancellations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pacore.adaptive import ComputePolicy
@@ -109,6 +109,8 @@ def test_lowest_group_at_hand_computed() -> None:
 # Token confidences are non-negative (logprobs are <= 0); bounded to keep sums exact enough.
 confidences = st.lists(st.floats(min_value=0.0, max_value=30.0), min_size=1, max_size=60)
 windows = st.integers(min_value=1, max_value=12)
+# No per-example deadline: the test machine is shared and busy; the work per example is tiny.
+unhurried = settings(deadline=None)
 
 
 def _reference(values: list[float], window: int) -> tuple[float, float, float]:
@@ -118,6 +120,7 @@ def _reference(values: list[float], window: int) -> tuple[float, float, float]:
     return math.fsum(values) / len(values), min(groups), math.fsum(values[-width:]) / width
 
 
+@unhurried
 @given(confidences, windows)
 def test_summarize_matches_a_naive_computation(values: list[float], window: int) -> None:
     mean, lowest, tail = _reference(values, window)
@@ -129,6 +132,7 @@ def test_summarize_matches_a_naive_computation(values: list[float], window: int)
     assert figures.token_count == len(values)
 
 
+@unhurried
 @given(confidences, windows, st.lists(st.integers(min_value=1, max_value=7), min_size=1))
 def test_monitor_fed_in_chunks_agrees_with_summarize(values: list[float], window: int, sizes: list[int]) -> None:
     """The engine feeds streamed chunks of any size; the figures must not depend on the chunking."""
@@ -151,6 +155,7 @@ def test_monitor_fed_in_chunks_agrees_with_summarize(values: list[float], window
     assert monitor.mean == pytest.approx(figures.mean, abs=1e-9)
 
 
+@unhurried
 @given(confidences, windows, st.floats(min_value=0.0, max_value=30.0))
 def test_lowest_group_at_is_the_first_full_window_under_threshold(
     values: list[float], window: int, threshold: float

@@ -33,7 +33,7 @@ from pacore.backends.base import (
     current_retry_budget,
     text_of,
 )
-from pacore.confidence import WindowedConfidence, summarize
+from pacore.confidence import WindowedConfidence, lowest_group_at, summarize
 from pacore.errors import (
     BackendError,
     DeadlineExceededError,
@@ -143,16 +143,15 @@ class _RoundProgress:
 
     def callback(self, first: int) -> ProgressCallback:
         """The backend's ``on_progress`` for a call whose first sample is trajectory ``first``."""
+        return lambda index, tokens: self.report(first + index, tokens)
 
-        def on_progress(index: int, tokens: int) -> None:
-            self.pending[first + index] = tokens
-            now = time.monotonic()
-            if now >= self.next_at:
-                self.next_at = now + PROGRESS_INTERVAL_S
-                pending, self.pending = self.pending, {}
-                self.emit(TrajectoryProgress(round=self.round, tokens=pending))
-
-        return on_progress
+    def report(self, trajectory: int, tokens: int) -> None:
+        self.pending[trajectory] = tokens
+        now = time.monotonic()
+        if now >= self.next_at:
+            self.next_at = now + PROGRESS_INTERVAL_S
+            pending, self.pending = self.pending, {}
+            self.emit(TrajectoryProgress(round=self.round, tokens=pending))
 
     def finished(self, first: int, n: int) -> None:
         """Forget the counts of a finished call's trajectories (their final event says it all)."""
@@ -287,6 +286,9 @@ class _Solve:
             )
 
     def _adopt_first_round(self, rnd: Round) -> None:
+        if self.compute.early_stop or self.compute.adaptive_k:
+            _replay_first_round(self, rnd)
+            return
         for trajectory in adopt_first_round(self.first_round or ()):
             self._record(rnd, trajectory)
 
@@ -414,6 +416,7 @@ class _PolicyRound:
         self.target = min(policy.wave, rnd.k) if self.adaptive else rnd.k
         self.quorum = None if policy.quorum is None else math.ceil(policy.quorum * rnd.k)
         self.running: dict[asyncio.Task[Completion], int] = {}
+        self.tasks: dict[int, asyncio.Task[Completion]] = {}  # the running ones by trajectory index
         self.opened_at: dict[int, float] = {}
         self.live: dict[int, int] = {}  # tokens reported so far by running trajectories
         self.live_total = 0
@@ -462,30 +465,20 @@ class _PolicyRound:
                     return
             index = len(self.opened_at)
             self.opened_at[index] = time.perf_counter()
-            self.running[asyncio.create_task(self._generate(index))] = index
+            task = self.tasks[index] = asyncio.create_task(self._generate(index))
+            self.running[task] = index
             self.budget_limited = False
 
     def _next_wave(self) -> bool:
         """Adaptive width: whether to sample another wave, after the settle test on what finished."""
         if not self.adaptive or self.ended or self.budget_limited or self.target >= self.rnd.k:
             return False
-        if self._settled():
+        note = settled_note(self.rnd, len(self.opened_at), self.policy.settle_threshold)
+        if note is not None:
+            self.notes.append(note)
             return False
         self.target = min(self.target + self.policy.wave, self.rnd.k)
         return True
-
-    def _settled(self) -> bool:
-        answers = tally([t.message for t in self.rnd.trajectories if t.message])
-        leader = max((count for _, count in answers), default=0)
-        others = sum(count for _, count in answers) - leader
-        probability = majority_probability(leader, others)
-        if leader and probability >= self.policy.settle_threshold:
-            self.notes.append(
-                f"adaptive width: answer settled after {len(self.opened_at)} of {self.rnd.k} "
-                f"(leader {leader} of {leader + others} answers, P(majority)={probability:.3f})"
-            )
-            return True
-        return False
 
     async def _generate(self, index: int) -> Completion:
         solve = self.solve
@@ -506,15 +499,19 @@ class _PolicyRound:
     # --- while running ---------------------------------------------------------
 
     def _on_progress(self, index: int, tokens: int) -> None:
+        if index not in self.tasks:
+            return  # scheduled by a backend thread before the call ended
         self.live_total += tokens - self.live.get(index, 0)
         self.live[index] = tokens
         if self.progress is not None:
-            self.progress.callback(index)(0, tokens)
+            self.progress.report(index, tokens)
         budget = self.solve.budget
         if budget is not None and self.live_total > budget.available(self.later_rounds):
             self._stop(index, "budget")
 
     def _on_confidence(self, index: int, values: Sequence[float]) -> None:
+        if index not in self.tasks:
+            return  # scheduled by a backend thread before the call ended
         monitor = self.monitors.get(index)
         if monitor is None:
             monitor = self.monitors[index] = WindowedConfidence(self.policy.window)
@@ -525,7 +522,7 @@ class _PolicyRound:
             self._stop(index, "early_stop")
 
     def _stop(self, index: int, why: str) -> None:
-        task = next((task for task, i in self.running.items() if i == index), None)
+        task = self.tasks.get(index)
         if task is not None and index not in self.stopping:
             self.stopping[index] = why
             task.cancel()
@@ -560,6 +557,7 @@ class _PolicyRound:
 
     def _finish(self, task: asyncio.Task[Completion]) -> None:
         index = self.running.pop(task)
+        del self.tasks[index]
         if self.progress is not None:
             self.progress.finished(index, 1)
         tokens = self.live.pop(index, 0)
@@ -606,8 +604,7 @@ class _PolicyRound:
         at the rate it was generating; stragglers that reported no tokens are
         left out. The saving is the slowest one's remaining time.
         """
-        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
-        mean_length = sum(lengths) / len(lengths) if lengths else 0.0
+        mean_length = self._mean_finished_length()
         now = time.perf_counter()
         remaining = [
             (now - self.opened_at[index]) * (max(mean_length, tokens) / tokens - 1)
@@ -615,6 +612,11 @@ class _PolicyRound:
             if tokens
         ]
         self.rnd.seconds_saved = max(remaining, default=0.0)
+
+    def _mean_finished_length(self) -> float:
+        """Mean tokens of the round's trajectories that ran to their end (what the estimates assume)."""
+        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
+        return sum(lengths) / len(lengths) if lengths else 0.0
 
     def _note_round(self) -> None:
         rnd = self.rnd
@@ -632,27 +634,110 @@ class _PolicyRound:
         if "quorum" in stopped:
             self.notes.append(f"quorum: ended after {self.finished} of {rnd.k} finished, {stopped['quorum']} cancelled")
         if self.policy.early_stop:
-            self.notes.append(self._early_stop_note(stopped.get("early_stop", 0)))
-        rnd.policy_note = "; ".join(self.notes) or None
+            self.notes.append(self._early_stop_note(stopped["early_stop"]))
+        # Keep-top's note on this round's prompt comes first.
+        rnd.policy_note = "; ".join(([rnd.policy_note] if rnd.policy_note else []) + self.notes) or None
 
     def _early_stop_note(self, stopped: int) -> str:
         if self.rnd.k <= self.policy.warmup:
             return f"early stop: off for this round (K={self.rnd.k} is not above warmup {self.policy.warmup})"
         if self.threshold is None:
             return f"early stop: fewer than {self.policy.warmup} trajectories finished with confidence; none stopped"
-        lengths = [t.completion_tokens for t in self.rnd.trajectories if t.ok and t.stopped is None]
-        mean_length = sum(lengths) / len(lengths) if lengths else 0
-        saved = sum(
-            max(0, round(mean_length) - t.completion_tokens) for t in self.rnd.trajectories if t.stopped == "early_stop"
-        )
-        self.rnd.tokens_saved = saved
+        # Each stopped trajectory is assumed to have been heading for the mean finished length.
+        mean_length = round(self._mean_finished_length())
+        cut = [t.completion_tokens for t in self.rnd.trajectories if t.stopped == "early_stop"]
+        self.rnd.tokens_saved = saved = sum(max(0, mean_length - tokens) for tokens in cut)
         return f"early stop: threshold {self.threshold:.3f}, {stopped} stopped, about {saved} tokens saved"
+
+
+def settled_note(rnd: Round, sampled: int, threshold: float) -> str | None:
+    """Adaptive width's stopping test on a round's answers so far: the note saying so if settled, else ``None``.
+
+    The leading answer's count ``a`` and the other answers' ``b`` (trajectories
+    stating no answer do not count) give ``P(p > 1/2)`` under ``Beta(a + 1, b + 1)``.
+    """
+    answers = tally([t.message for t in rnd.trajectories if t.message])
+    leader = max((count for _, count in answers), default=0)
+    others = sum(count for _, count in answers) - leader
+    probability = majority_probability(leader, others)
+    if not leader or probability < threshold:
+        return None
+    return (
+        f"adaptive width: answer settled after {sampled} of {rnd.k} "
+        f"(leader {leader} of {leader + others} answers, P(majority)={probability:.3f})"
+    )
+
+
+def _replay_first_round(solve: _Solve, rnd: Round) -> None:
+    """Offline replay of early stop and adaptive width over a stored round 1 (``first_round``).
+
+    The trajectories are taken in the given order, which is their completion
+    order. Adaptive width adopts them wave by wave and stops where the online
+    test would; trajectories never adopted are not recorded (nor counted).
+    Early stop: the first ``warmup`` adopted ones set the threshold from their
+    stored per-token confidences; each later one is cut where
+    :func:`~pacore.confidence.lowest_group_at` says the online monitor would have
+    cut it (``stopped="early_stop"``, its tokens counted up to that point).
+    """
+    policy = solve.compute
+    items = list(solve.first_round or ())
+    adopted = adopt_first_round(items)
+    wave_end = min(policy.wave, rnd.k) if policy.adaptive_k else rnd.k
+    notes: list[str] = []
+    warmup_lowest: list[float] = []
+    threshold: float | None = None
+    saved = cut_count = 0
+    taken = 0
+    for item, trajectory in zip(items, adopted, strict=True):
+        if taken == wave_end:
+            note = settled_note(rnd, taken, policy.settle_threshold)
+            if note is not None:
+                notes.append(note)
+                break
+            wave_end = min(wave_end + policy.wave, rnd.k)
+        taken += 1
+        values = stored_token_confidences(item)
+        if policy.early_stop and trajectory.ok and values:
+            if threshold is None:
+                warmup_lowest.append(summarize(values, policy.window).lowest_group)
+                if len(warmup_lowest) == policy.warmup:
+                    threshold = percentile(warmup_lowest, policy.early_stop_percentile)
+            elif (cut := lowest_group_at(values, policy.window, threshold)) is not None:
+                kept = values[: cut + 1]
+                saved += max(0, trajectory.completion_tokens - len(kept))
+                cut_count += 1
+                trajectory = trajectory.model_copy(
+                    update={
+                        "text": "", "reasoning": None, "message": None, "finish_reason": None, "stopped": "early_stop",
+                        "completion_tokens": len(kept),
+                        "confidence": summarize(kept, policy.window, policy.keep_token_confidences),
+                    }
+                )  # fmt: skip
+        solve._record(rnd, trajectory)
+    if policy.adaptive_k and not notes:
+        notes.append(f"adaptive width: not settled, sampled {taken} of {rnd.k}")
+    if policy.early_stop:
+        if threshold is None:
+            notes.append(f"early stop: fewer than {policy.warmup} trajectories to warm up with; none stopped")
+        else:
+            rnd.tokens_saved = saved
+            notes.append(f"early stop: threshold {threshold:.3f}, {cut_count} stopped, {saved} tokens saved")
+    rnd.policy_note = "; ".join(f"{note} (replayed)" for note in notes) or None
+
+
+def stored_token_confidences(item: Completion | Trajectory) -> list[float] | None:
+    """The per-token confidences a stored trajectory kept, if any."""
+    if isinstance(item, Completion):
+        return item.token_confidences
+    return item.confidence.tokens if item.confidence is not None else None
 
 
 def _note_keep_top(rnd: Round, previous: Round, dropped: list[tuple[int, int]]) -> None:
     rnd.dropped = dropped
     usable = len(previous.messages)
-    if usable and not any(t.confidence for t in previous.trajectories if t.message):
+    if not usable:
+        return  # nothing to rank: the round is bypassed
+    if not any(t.confidence for t in previous.trajectories if t.message):
         note = f"keep-top: no confidence recorded (did the backend return logprobs?); all {usable} messages kept"
     else:
         note = f"keep-top: {usable - len(dropped)} of {usable} messages kept"
@@ -792,6 +877,8 @@ async def asolve(
             )
     policy = compute_policy(compute)
     _check_policy(policy, plan, params)
+    if first_round is not None and policy.early_stop:
+        _check_replayable(first_round)
     synthesis = SynthesisTemplate.load(template)
     shuffle_seed = seed if seed is not None else (params.seed if params.seed is not None else 0)
 
@@ -856,6 +943,16 @@ def _check_policy(policy: ComputePolicy, plan: Schedule, params: GenerationParam
             f"budget_tokens={budget} cannot run one trajectory of each of the {len(plan.ks)} rounds "
             f"at max_tokens={max_tokens} (needs at least {max_tokens * len(plan.ks)})"
         )
+
+
+def _check_replayable(first_round: Sequence[Completion | Trajectory]) -> None:
+    """Early stop replays offline only from stored per-token confidences."""
+    for index, item in enumerate(first_round):
+        if item.ok and stored_token_confidences(item) is None:
+            raise UsageError(
+                f"first_round trajectory {index} has no per-token confidences, so early stop cannot be replayed "
+                "(sample the pool with confidence and keep_token_confidences)"
+            )
 
 
 def _is_spec_list(value: object) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import random
 import threading
@@ -61,6 +62,8 @@ DEFAULT_MAX_TOKENS = 512
 DEFAULT_THREADS = 1
 THREADS_ENV = "PACORE_THREADS"
 T = TypeVar("T")
+#: llama-cpp-python's logger of what llama.cpp prints.
+_llama_log = logging.getLogger("llama-cpp-python")
 
 
 def thread_count(threads: int | None = None) -> int:
@@ -146,6 +149,7 @@ class _LoadedModel:
     """A llama.cpp model with its prompt formatter and its single worker thread."""
 
     def __init__(self, path: Path, n_ctx: int, chat_format: str | None, threads: int) -> None:
+        import llama_cpp
         from llama_cpp import Llama
         from llama_cpp._utils import suppress_stdout_stderr
 
@@ -165,6 +169,35 @@ class _LoadedModel:
         self.n_vocab = self.llama.n_vocab()
         self.format = _formatter(self.llama, chat_format)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacore-llama")
+        #: The cancel event of the call whose prompt llama.cpp is reading (see _watch_prompt).
+        self._reading: threading.Event | None = None
+        self._abort_check = llama_cpp.ggml_abort_callback(self._abort_requested)
+        #: The llama-cpp-python log level to restore after an abort quieted it.
+        self._quieted_level: int | None = None
+
+    def _watch_prompt(self, cancel: threading.Event | None) -> None:
+        """Let llama.cpp abort reading the prompt once ``cancel`` is set (``None``: stop watching).
+
+        A long synthesis prompt takes seconds to read and no token is sampled
+        meanwhile, so the check after each token cannot stop it. Generation
+        is not watched this way: llama.cpp would call back into Python for
+        every node of every token's graph, and it logs an aborted decode as
+        an error.
+        """
+        import llama_cpp
+
+        self._reading = cancel
+        callback = self._abort_check if cancel is not None else llama_cpp.ggml_abort_callback()
+        llama_cpp.llama_set_abort_callback(self.llama._ctx.ctx, callback, None)
+
+    def _abort_requested(self, _data: Any) -> bool:
+        cancel = self._reading
+        if cancel is None or not cancel.is_set():
+            return False
+        # llama.cpp reports the aborted decode on stderr as an error; it is no error of the user's.
+        self._quieted_level = _llama_log.level
+        _llama_log.setLevel(logging.CRITICAL)
+        return True
 
     def run(
         self,
@@ -195,6 +228,8 @@ class _LoadedModel:
         def watch_token(_ids: Any, _logits: Any) -> bool:
             """Called by llama-cpp-python after each token is sampled, then once more at the end."""
             nonlocal scored_at
+            if self._reading is not None:
+                self._watch_prompt(None)  # the prompt is read: from here on, cancel is checked here
             if cancel.is_set():
                 raise _Cancelled
             # The extra call at the end finds the context where the last one left it: not a new token.
@@ -217,41 +252,52 @@ class _LoadedModel:
             stopping_criteria=StoppingCriteriaList([watch_token]),
             **{k: v for k, v in params.extra.items() if k in _LLAMA_EXTRA},
         )
-        if on_token is None:
-            # llama_cpp types the result as a union of the streamed and the whole response.
-            out = cast(dict[str, Any], self.llama.create_completion(tokens, **options))
-            choice = out["choices"][0]
-            usage = out["usage"]
+        self._watch_prompt(cancel)
+        try:
+            if on_token is None:
+                # llama_cpp types the result as a union of the streamed and the whole response.
+                out = cast(dict[str, Any], self.llama.create_completion(tokens, **options))
+                choice = out["choices"][0]
+                usage = out["usage"]
+                return Completion(
+                    text=choice["text"],
+                    finish_reason=choice.get("finish_reason"),
+                    prompt_tokens=usage["prompt_tokens"],
+                    completion_tokens=usage["completion_tokens"],
+                    latency_s=time.perf_counter() - started,
+                    token_confidences=confidences[: usage["completion_tokens"]] if top_logprobs else None,
+                )
+            pieces: list[str] = []
+            finish_reason = None
+            generated = 0
+            chunks = cast(Iterator[dict[str, Any]], self.llama.create_completion(tokens, stream=True, **options))
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                if choice["text"]:
+                    pieces.append(choice["text"])
+                    on_token(choice["text"])
+                generated += 1
+                finish_reason = choice.get("finish_reason") or finish_reason
+            # The last chunk only carries the finish reason.
+            completion_tokens = max(0, generated - 1) if finish_reason else generated
             return Completion(
-                text=choice["text"],
-                finish_reason=choice.get("finish_reason"),
-                prompt_tokens=usage["prompt_tokens"],
-                completion_tokens=usage["completion_tokens"],
+                text="".join(pieces),
+                finish_reason=finish_reason,
+                prompt_tokens=len(tokens),
+                completion_tokens=completion_tokens,
                 latency_s=time.perf_counter() - started,
-                token_confidences=confidences[: usage["completion_tokens"]] if top_logprobs else None,
+                # The end-of-generation token was scored too: only the completion's tokens are kept.
+                token_confidences=confidences[:completion_tokens] if top_logprobs else None,
             )
-        pieces: list[str] = []
-        finish_reason = None
-        generated = 0
-        chunks = cast(Iterator[dict[str, Any]], self.llama.create_completion(tokens, stream=True, **options))
-        for chunk in chunks:
-            choice = chunk["choices"][0]
-            if choice["text"]:
-                pieces.append(choice["text"])
-                on_token(choice["text"])
-            generated += 1
-            finish_reason = choice.get("finish_reason") or finish_reason
-        # The last chunk only carries the finish reason.
-        completion_tokens = max(0, generated - 1) if finish_reason else generated
-        return Completion(
-            text="".join(pieces),
-            finish_reason=finish_reason,
-            prompt_tokens=len(tokens),
-            completion_tokens=completion_tokens,
-            latency_s=time.perf_counter() - started,
-            # The end-of-generation token was scored too: only the completion's tokens are kept.
-            token_confidences=confidences[:completion_tokens] if top_logprobs else None,
-        )
+        except RuntimeError:
+            if cancel.is_set():  # llama.cpp aborted reading the prompt, as asked
+                raise _Cancelled from None
+            raise
+        finally:
+            self._watch_prompt(None)
+            if self._quieted_level is not None:
+                _llama_log.setLevel(self._quieted_level)
+                self._quieted_level = None
 
     def last_token_confidence(self, top_logprobs: int) -> float:
         """DeepConf confidence of the token just sampled: from the logits of its position, top ``top_logprobs``."""

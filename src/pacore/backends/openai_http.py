@@ -155,6 +155,8 @@ class OpenAIBackend(BaseBackend):
             (os.environ[var] for var in API_KEY_ENV_VARS if os.environ.get(var)), None
         )
         self._n_confirmed = False
+        #: The server refused ``logprobs`` once (HTTP 400 naming it): calls go on without them.
+        self._refuses_logprobs = False
         #: ``None`` until a call shows whether the server streams; ``False`` once it refused ``stream``.
         self._streams: bool | None = None
         self._chat_url = self._endpoint("/chat/completions")
@@ -306,12 +308,14 @@ class OpenAIBackend(BaseBackend):
         refit = False
         plain = False  # this call goes on without streaming
         probing_refusal = False
+        if self._refuses_logprobs:
+            request = request.without_logprobs()
         _count_call()
         attempt = 0
         while True:
             attempt += 1
             stream = self._streams is not False and not plain
-            state = _StreamState(n, on_delta, listeners or _NO_LISTENERS)
+            state = _StreamState(n, on_delta, listeners or _NO_LISTENERS, request.fields.get("logprobs") is True)
             try:
                 completions = await self._exchange(request.payload(n, seed, stream), state)
             except httpx.RequestError as exc:
@@ -333,6 +337,14 @@ class OpenAIBackend(BaseBackend):
                     completion.latency_s = latency_s
                     completion.failed_attempts = tuple(failures)
                 return completions
+            if error.kind == "bad_request" and "logprobs" in request.fields and "logprob" in str(error).lower():
+                # A model that gives no logprobs (OpenAI's reasoning models say so with a 400):
+                # go on without, as with a server that ignores them; confidence stays unset.
+                logger.warning("backend %s refuses logprobs (%s); calling it without them", self.display_url, error)
+                self._refuses_logprobs = True
+                request = request.without_logprobs()
+                attempt -= 1
+                continue
             if isinstance(error, ContextOverflowError) and not refit:
                 refit = True
                 request = self._fit(request, error)
@@ -378,13 +390,13 @@ class OpenAIBackend(BaseBackend):
         logger.info("backend %s: context overflow; retrying without max_tokens", self.display_url)
         return request.with_max_tokens(None)
 
-    def _parse_chat(self, data: Any, asked: int) -> list[Completion]:
+    def _parse_chat(self, data: Any, asked: int, logprobs: bool = False) -> list[Completion]:
         """The choices of a (non-streamed) chat completion, with its usage attributed per choice."""
         try:
             choices = data["choices"]
             if len(choices) > 1:
                 choices = sorted(choices, key=lambda choice: choice.get("index", 0))[:asked]
-            completions = [_choice_completion(choice) for choice in choices]
+            completions = [_choice_completion(choice, logprobs) for choice in choices]
             if not completions:
                 raise ValueError("no choices")
             usage = data.get("usage")
@@ -549,7 +561,7 @@ class OpenAIBackend(BaseBackend):
                 if "event-stream" not in response.headers.get("content-type", ""):
                     # The server ignored ``stream`` (or was not asked): one JSON completion.
                     completions = self._parse_chat(
-                        self._json(await self._read(response), response.status_code), state.asked
+                        self._json(await self._read(response), response.status_code), state.asked, state.logprobs
                     )
                     state.deliver_whole(completions)
                     return completions
@@ -744,6 +756,11 @@ class _ChatRequest:
         # ``fields`` always holds the model, so its JSON object is never empty.
         return b'{"messages":' + self.messages_json + b"," + _dumps(fields)[1:]
 
+    def without_logprobs(self) -> _ChatRequest:
+        """The same request asking for no logprobs."""
+        fields = {key: value for key, value in self.fields.items() if key not in ("logprobs", "top_logprobs")}
+        return _ChatRequest(self.messages_json, fields)
+
     def with_max_tokens(self, max_tokens: int | None) -> _ChatRequest:
         """The same request with ``max_tokens`` replaced (``None``: left to the server)."""
         fields = {key: value for key, value in self.fields.items() if key not in _MAX_TOKENS_FIELDS}
@@ -847,9 +864,10 @@ class _StreamState:
 
     __slots__ = (
         "asked", "choices", "usage", "error", "done", "streamed", "events", "on_delta", "on_progress", "on_confidence",
+        "logprobs",
     )  # fmt: skip
 
-    def __init__(self, asked: int, on_delta: DeltaCallback | None, listeners: _Listeners) -> None:
+    def __init__(self, asked: int, on_delta: DeltaCallback | None, listeners: _Listeners, logprobs: bool) -> None:
         self.asked = asked
         self.choices: dict[int, _Choice] = {}
         self.usage: Any = None
@@ -864,6 +882,8 @@ class _StreamState:
         self.on_delta = on_delta
         self.on_progress = listeners.on_progress
         self.on_confidence = listeners.on_confidence
+        #: Logprobs were asked for: only then are they read (a server may send them unasked).
+        self.logprobs = logprobs
 
     def feed(self, chunk: dict[str, Any]) -> None:
         """Take one chunk; deltas go to ``on_delta`` (choice 0), ``on_progress`` and ``on_confidence``."""
@@ -894,7 +914,7 @@ class _StreamState:
                         self.on_delta(content or "", reasoning or "")
                     if self.on_progress is not None:
                         self.on_progress(index, state.chunks)
-            logprobs = choice.get("logprobs")
+            logprobs = choice.get("logprobs") if self.logprobs else None
             if logprobs:
                 # Every generated token counts, reasoning included (DeepConf scores them all).
                 self.add_confidences(index, state, _token_confidences(logprobs))
@@ -1058,10 +1078,10 @@ def _integer(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _choice_completion(choice: dict[str, Any]) -> Completion:
+def _choice_completion(choice: dict[str, Any], logprobs_asked: bool) -> Completion:
     """One choice of a non-streamed chat completion."""
     message = choice["message"]
-    logprobs = choice.get("logprobs")
+    logprobs = choice.get("logprobs") if logprobs_asked else None
     return Completion(
         text=message.get("content") or "",
         reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
