@@ -61,8 +61,11 @@ LIMITS: dict[str, Callable[[dict[str, Any]], str]] = {
             for arm in ("early_stop", "early_stop_p90", "adaptive_k")
             if arm in f["live"]
         )
-        + f" ({100 / f['workload']['problems']:.1f} points per problem); early stop saves only what it cuts after "
-        "the warm-up trajectories and the first full window, adaptive width only on problems whose first waves agree"
+        + f" ({100 / f['workload']['problems']:.1f} points per problem). Live early stop runs its warm-up in "
+        "parallel with the rest of the round: the threshold exists only once the first (shortest) warm-up "
+        "trajectories have finished, by when every other trajectory has generated about as much, and a trajectory "
+        "is judged on full windows only; the offline replay, which knows the threshold from the start (DeepConf's "
+        "sequential warm-up), shows the larger saving. Adaptive width saves only on problems whose first waves agree"
     ),
     "quorum_p50_wall_saving": lambda f: (
         f"p50 wall time per problem {f['live']['fixed']['wall_p50_s']:.2f} s fixed against "
