@@ -295,6 +295,15 @@ def test_simulated_wall_time_follows_length() -> None:
             elapsed = time.perf_counter() - started
             assert elapsed >= lengths[seed] / 1000
             assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == -(-lengths[seed] // 4)
+        assert server.stats()[0]["tokens_sent"] == lengths[short] + lengths[long]
+        # A stream closed part way counts only the tokens sent before (a cancelled generation stops).
+        body = {"messages": messages, "seed": long, "stream": True}
+        with httpx.stream("POST", server.url + "/chat/completions", json=body) as response:
+            for _ in zip(range(3), response.iter_lines(), strict=False):
+                pass
+        time.sleep(lengths[long] / 1000 + 0.2)
+        cut = server.stats()[0]["tokens_sent"] - lengths[short] - lengths[long]
+        assert 0 < cut < lengths[long] / 2
 
 
 async def test_pacore_solves_against_the_simulator() -> None:
