@@ -33,7 +33,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from fastbackend import Simulation
@@ -50,6 +50,7 @@ TTFT_MS = 20.0
 CHUNK_TOKENS = 4
 #: max_tokens: far above the simulated lengths (a cap only the longest tail reaches).
 MAX_TOKENS = 2048
+#: The "medium" preset; ``--schedule`` runs another.
 SCHEDULE = (16,)
 #: Confidence window: a tenth to a fifth of a median trajectory, as DeepConf's 2048 of ~10-20k-token traces.
 WINDOW = 16
@@ -68,7 +69,7 @@ ARMS: dict[str, ComputePolicy | None] = {
     "keep_top_0.5": ComputePolicy(keep_top=0.5, window=WINDOW, top_logprobs=TOP_LOGPROBS),
     "quorum_0.9": ComputePolicy(quorum=0.9),
     "quorum_0.9_straggler": ComputePolicy(quorum=0.9, straggler_timeout=STRAGGLER_TIMEOUT_S),
-    "budget": ComputePolicy(budget_tokens=SCHEDULE[0] // 2 * MAX_TOKENS),
+    "budget": None,  # set per schedule: see arm_policy
 }
 ARM_NOTES = {
     "fixed": "the fixed schedule, every policy off (the paper's method)",
@@ -78,7 +79,7 @@ ARM_NOTES = {
     "keep_top_0.5": "the most confident half of round 1's messages synthesized",
     "quorum_0.9": "a round ends when 90% of its trajectories have finished",
     "quorum_0.9_straggler": f"quorum 0.9, then up to {STRAGGLER_TIMEOUT_S} s more for stragglers",
-    "budget": f"at most {SCHEDULE[0] // 2 * MAX_TOKENS} generated tokens per problem (half the fixed worst case)",
+    "budget": "generated tokens per problem capped at half the fixed schedule's worst case (all at max_tokens)",
 }
 #: Arms replayed offline on a stored round-1 pool (the policies that act on round 1's samples).
 REPLAY_ARMS = ("fixed", "early_stop", "early_stop_p90", "adaptive_k", "keep_top_0.5")
@@ -90,15 +91,27 @@ TARGETS = {
 }
 
 
+def arm_policy(arm: str, schedule: Sequence[int]) -> ComputePolicy | None:
+    if arm == "budget":
+        return ComputePolicy(budget_tokens=(sum(schedule) + 1) * MAX_TOKENS // 2)
+    return ARMS[arm]
+
+
 @dataclass(frozen=True)
 class Workload:
     problems: int
-    #: Problems whose arms run at once (each arm is one asolve).
+    #: Requests (each one arm of one problem) at once, for round 1 of 16: ``in_flight_for`` scales it.
     in_flight: int
+    schedule: tuple[int, ...] = SCHEDULE
+
+    @property
+    def in_flight_for(self) -> int:
+        """``in_flight`` scaled to the schedule's first round, so the streams at once stay about the same."""
+        return max(1, self.in_flight * 16 // self.schedule[0])
 
 
 #: ``in_flight`` keeps the two processes well under the machine's cores (about 16 streams of
-#: ``TOKENS_PER_S`` each per problem), so wall times are the simulated model's, not CPU queues.
+#: ``TOKENS_PER_S`` each per request), so wall times are the simulated model's, not CPU queues.
 FULL = Workload(problems=60, in_flight=6)
 QUICK = Workload(problems=12, in_flight=6)
 
@@ -134,20 +147,21 @@ def outcome(i: int, result: Result, wall_s: float) -> Outcome:
     )
 
 
-async def solve(backend: OpenAIBackend, i: int, compute: ComputePolicy | None, **extra: Any) -> Outcome:
+async def solve(backend: OpenAIBackend, i: int, schedule: Sequence[int], arm: str, **extra: Any) -> Outcome:
     started = time.perf_counter()
-    result = await asolve(question(i), schedule=list(SCHEDULE), backend=backend, params=params(i), compute=compute, **extra)
+    compute = arm_policy(arm, schedule)
+    result = await asolve(question(i), schedule=list(schedule), backend=backend, params=params(i), compute=compute, **extra)
     return outcome(i, result, time.perf_counter() - started)
 
 
 async def run_arms(backends: dict[str, OpenAIBackend], workload: Workload) -> dict[str, list[Outcome]]:
     """Every (problem, arm), ``in_flight`` at a time in problem order, so the arms of a problem run close together."""
-    gate = asyncio.Semaphore(workload.in_flight)
+    gate = asyncio.Semaphore(workload.in_flight_for)
     arms = list(backends)
 
     async def job(i: int, arm: str) -> Outcome:
         async with gate:
-            return await solve(backends[arm], i, ARMS[arm])
+            return await solve(backends[arm], i, workload.schedule, arm)
 
     done = await asyncio.gather(*(job(i, arm) for i in range(workload.problems) for arm in arms))
     return {arm: list(done[j :: len(arms)]) for j, arm in enumerate(arms)}
@@ -156,12 +170,13 @@ async def run_arms(backends: dict[str, OpenAIBackend], workload: Workload) -> di
 async def run_replay(backend: OpenAIBackend, workload: Workload, arms: Sequence[str]) -> dict[str, list[Outcome]]:
     """Round 1 sampled once per problem (a pool), then each arm replayed on it: only the final call is live."""
     pool_policy = ComputePolicy(confidence=True, keep_token_confidences=True, window=WINDOW, top_logprobs=TOP_LOGPROBS)
-    gate = asyncio.Semaphore(workload.in_flight)
+    gate = asyncio.Semaphore(workload.in_flight_for)
+    k = workload.schedule[0]
 
     async def problem(i: int) -> list[Outcome]:
         async with gate:
-            pool = await asample(question(i), SCHEDULE[0], backend=backend, params=params(i), compute=pool_policy)
-        return [await solve(backend, i, ARMS[arm], first_round=pool) for arm in arms]
+            pool = await asample(question(i), k, backend=backend, params=params(i), compute=pool_policy)
+        return [await solve(backend, i, workload.schedule, arm, first_round=pool) for arm in arms]
 
     rows = await asyncio.gather(*(problem(i) for i in range(workload.problems)))
     return {arm: [row[j] for row in rows] for j, arm in enumerate(arms)}
@@ -218,8 +233,8 @@ async def measure(workload: Workload, arms: Sequence[str], replay: bool) -> dict
         "machine": machine(),
         "workload": {
             "problems": workload.problems,
-            "problems_in_flight": workload.in_flight,
-            "schedule": list(SCHEDULE),
+            "requests_in_flight": workload.in_flight_for,
+            "schedule": list(workload.schedule),
             "max_tokens": MAX_TOKENS,
             "tokens_per_s_per_stream": TOKENS_PER_S,
             "ttft_ms": TTFT_MS,
@@ -277,7 +292,7 @@ def report(figures: dict[str, Any]) -> list[str]:
     sim = figures["simulation"]
     lines = [
         f"Adaptive compute on a SIMULATED model (bench/fastbackend.py --simulate): {w['problems']} problems, "
-        f"schedule {w['schedule']}, {w['problems_in_flight']} problems in flight (arms of a problem close together, "
+        f"schedule {w['schedule']}, {w['requests_in_flight']} requests in flight (arms of a problem close together, "
         f"same seeds), {w['tokens_per_s_per_stream']:g} tokens/s per stream, {w['ttft_ms']:g} ms to first token, "
         f"max_tokens {w['max_tokens']}, confidence window {w['window']}, top_logprobs {w['top_logprobs']}.",
         f"Simulation: per-sample accuracy 1/(1+exp({sim['steepness']:g}*(d-{sim['midpoint']:g}))) over uniform "
@@ -313,10 +328,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--problems", type=int, help="problems (default: 60, --quick 12)")
     parser.add_argument("--arms", help=f"comma-separated arms to run (default all: {','.join(ARMS)}; fixed always)")
     parser.add_argument("--no-replay", action="store_true", help="skip the offline replay")
+    parser.add_argument("--schedule", help="trajectories per coordinated round, e.g. 32,4 (default 16)")
     args = parser.parse_args(argv)
     workload = QUICK if args.quick else FULL
     if args.problems:
-        workload = Workload(args.problems, workload.in_flight)
+        workload = replace(workload, problems=args.problems)
+    if args.schedule:
+        try:
+            workload = replace(workload, schedule=tuple(int(k) for k in args.schedule.split(",")))
+        except ValueError:
+            parser.error(f"--schedule takes comma-separated counts, got {args.schedule!r}")
     arms = ["fixed", *(a for a in (args.arms.split(",") if args.arms else ARMS) if a != "fixed")]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
