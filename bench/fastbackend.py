@@ -671,6 +671,8 @@ class Endpoint:
             delay = started + self.behaviour.generation_s(end) - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if transport.is_closing():
+                return  # the client went away (a cancelled trajectory): generation stops
             content = json.dumps("".join(sample.tokens[start:end])).encode()
             logprobs = b"" if entries is None else b',"logprobs":{"content":[%s]}' % b",".join(entries[start:end])
             delta = b'{"index":%d,"delta":{"content":%s}%s,"finish_reason":null}]}' % (index, content, logprobs)
