@@ -40,12 +40,14 @@ SEEDED = GenerationParams(seed=0)
 
 @dataclass
 class Paced:
-    """What one trajectory generates: ``tokens`` tokens, one every ``pace`` seconds."""
+    """What one trajectory generates: ``tokens`` tokens, one every ``pace`` seconds, sent in
+    chunks of ``chunk`` tokens (progress counts chunks, as the HTTP backend does)."""
 
     text: str
     tokens: int = 10
     pace: float = 0.002
     confidence: float | Sequence[float] | None = None
+    chunk: int = 1
 
     def confidences(self) -> list[float] | None:
         if self.confidence is None:
@@ -95,12 +97,13 @@ class PacedBackend(BaseBackend):
         sent = 0
         try:
             while sent < paced.tokens:
-                await asyncio.sleep(paced.pace)
-                sent += 1
+                await asyncio.sleep(paced.pace * paced.chunk)
+                chunk = range(sent, min(sent + paced.chunk, paced.tokens))
+                sent = chunk.stop
                 if on_progress is not None:
-                    on_progress(0, sent)
+                    on_progress(0, math.ceil(sent / paced.chunk))
                 if on_confidence is not None and confidences is not None:
-                    on_confidence(0, confidences[sent - 1 : sent])
+                    on_confidence(0, confidences[chunk.start : chunk.stop])
         except asyncio.CancelledError:
             self.cancelled.append((rnd, index, sent))
             raise
@@ -262,6 +265,20 @@ async def test_policy_rounds_emit_progress_and_stopped_trajectories_through_iter
     assert summary.policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
     assert isinstance(events[-1], Final) and events[-1].result.rounds[0].policy_note == summary.policy_note
 
+
+async def test_a_cut_trajectory_counts_its_tokens_not_its_chunks_when_logprobs_come_back():
+    def script(r, i):
+        if i < 2:
+            return Paced(f"\\boxed{{{i}}}", tokens=8, pace=0.002, confidence=2.0, chunk=4)
+        return Paced("slow", tokens=400, pace=0.002, confidence=2.0, chunk=4)
+
+    backend = PacedBackend(script=script)
+    result = await asolve("Q", schedule=[4], backend=backend, params=SEEDED, compute={"quorum": 0.5, "confidence": True})
+    sent = {i: tokens for _, i, tokens in backend.cancelled}
+    cut = [t for t in round_one(result).trajectories if t.stopped]
+    assert len(cut) == 2 and all(t.completion_tokens == sent[t.index] for t in cut)
+    assert all(t.completion_tokens % 4 == 0 and t.confidence.token_count == t.completion_tokens for t in cut)
+
 # --- budget -------------------------------------------------------------------------
 
 
@@ -383,12 +400,12 @@ async def test_keep_top_without_logprobs_keeps_every_message_and_says_why():
 # --- online early stop ------------------------------------------------------------------
 
 
-def confident_then_doubtful(doubtful: set[int], fast: int = 4):
+def confident_then_doubtful(doubtful: set[int], fast: int = 4, fast_pace: float = 0.002):
     """``fast`` quick confident trajectories (5.0 per token), then slow ones: doubtful (1.0) or sure (9.0)."""
 
     def script(r, i):
         if i < fast:
-            return Paced(f"\\boxed{{{i}}}", tokens=10, pace=0.002, confidence=5.0)
+            return Paced(f"\\boxed{{{i}}}", tokens=10, pace=fast_pace, confidence=5.0)
         return Paced(f"\\boxed{{{i}}}", tokens=40, pace=0.005, confidence=1.0 if i in doubtful else 9.0)
 
     return script
@@ -412,6 +429,20 @@ async def test_early_stop_cancels_trajectories_whose_confidence_falls_below_the_
     assert sorted(i for _, i in result.rounds[1].references) == [0, 1, 2, 3, 5, 7]
     assert all(p.top_logprobs == 5 for p in backend.params)
 
+
+async def test_early_stop_with_warmup_first_judges_later_trajectories_from_their_first_window():
+    async def cut_tokens(warmup_first: bool) -> list[int]:
+        # The warm-up takes ~0.1 s; the doubtful ones make a token every 5 ms.
+        backend = PacedBackend(script=confident_then_doubtful({4, 6}, fast_pace=0.01))
+        policy = ComputePolicy(early_stop=True, warmup=4, window=4, warmup_first=warmup_first)
+        result = await asolve("Q", schedule=[8], backend=backend, params=SEEDED, compute=policy)
+        assert stopped(result) == {4: "early_stop", 6: "early_stop"}
+        return [t.completion_tokens for t in round_one(result).trajectories if t.stopped]
+
+    # Opened after the warm-up, with the threshold known: cut at their first full window.
+    assert await cut_tokens(warmup_first=True) == [4, 4]
+    # In parallel with it, they ran on until the threshold existed.
+    assert all(tokens > 8 for tokens in await cut_tokens(warmup_first=False))
 
 async def test_early_stop_does_nothing_when_k_is_not_above_warmup():
     backend = PacedBackend(script=confident_then_doubtful({4, 6}))

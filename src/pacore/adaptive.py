@@ -49,6 +49,11 @@ class ComputePolicy(BaseModel):
     #: The threshold is this percentile of the warm-up trajectories' lowest group confidence
     #: (DeepConf-high keeps 90%: percentile 10; DeepConf-low keeps 10%: percentile 90).
     early_stop_percentile: float = Field(default=10.0, gt=0, lt=100)
+    #: Open the rest of a round only once its ``warmup`` trajectories have finished, as
+    #: DeepConf's online algorithm does: every later trajectory is judged from its first
+    #: window (more tokens saved), at the cost of about one trajectory's time per round.
+    #: Off: the warm-up runs in parallel with the rest.
+    warmup_first: bool = False
 
     #: Sample round 1 in waves up to its K and stop once the leading answer is settled.
     adaptive_k: bool = False

@@ -159,12 +159,15 @@ class _RoundProgress:
             self.pending.pop(index, None)
 
 
-def adopt_first_round(items: Sequence[Completion | Trajectory]) -> list[Trajectory]:
+def adopt_first_round(
+    items: Sequence[Completion | Trajectory], compute: ComputePolicy | None = None
+) -> list[Trajectory]:
     """Pre-generated round-1 trajectories as the engine records them (``asolve(first_round=...)``).
 
     Numbered in the given order, which is also their completion order, with
     compaction recomputed: a pool may hold trajectories built without it.
-    The training export builds its prompts from these too.
+    The training export builds its prompts from these too. A completion's
+    confidence is summarized with ``compute``'s window.
     """
     adopted = []
     for i, item in enumerate(items):
@@ -172,7 +175,7 @@ def adopt_first_round(items: Sequence[Completion | Trajectory]) -> list[Trajecto
             message = compact(item.text) if item.ok else None
             trajectory = item.model_copy(update={"round": 0, "index": i, "message": message, "finish_order": i})
         else:
-            trajectory = Trajectory.from_completion(0, i, item)
+            trajectory = Trajectory.from_completion(0, i, item, compute)
             trajectory.finish_order = i
         adopted.append(trajectory)
     return adopted
@@ -289,7 +292,7 @@ class _Solve:
         if self.compute.early_stop or self.compute.adaptive_k:
             _replay_first_round(self, rnd)
             return
-        for trajectory in adopt_first_round(self.first_round or ()):
+        for trajectory in adopt_first_round(self.first_round or (), self.compute):
             self._record(rnd, trajectory)
 
     async def _run_round(self, rnd: Round, conversation: list[Message], start: int = 0) -> None:
@@ -411,14 +414,16 @@ class _PolicyRound:
         self.policy = policy = solve.compute
         self.progress = _RoundProgress(rnd.index, solve.emit) if solve.reports_progress and solve.emit else None
         self.with_progress = accepts_progress(solve.backend)
-        self.with_confidence = policy.early_stop and accepts_confidence(solve.backend)
+        # Confidences drive early stop, and count a stopped trajectory's tokens exactly
+        # (progress counts streamed chunks, which may hold several tokens).
+        self.with_confidence = policy.wants_confidence and accepts_confidence(solve.backend)
         self.adaptive = policy.adaptive_k and rnd.index == 0
         self.target = min(policy.wave, rnd.k) if self.adaptive else rnd.k
         self.quorum = None if policy.quorum is None else math.ceil(policy.quorum * rnd.k)
         self.running: dict[asyncio.Task[Completion], int] = {}
         self.tasks: dict[int, asyncio.Task[Completion]] = {}  # the running ones by trajectory index
         self.opened_at: dict[int, float] = {}
-        self.live: dict[int, int] = {}  # tokens reported so far by running trajectories
+        self.live: dict[int, int] = {}  # tokens so far of running trajectories (see _set_live)
         self.live_total = 0
         self.stopping: dict[int, str] = {}  # running trajectories being cancelled, and why
         self.monitors: dict[int, WindowedConfidence] = {}
@@ -456,7 +461,7 @@ class _PolicyRound:
     # --- opening ---------------------------------------------------------------
 
     def _open(self) -> None:
-        while not self.ended and len(self.opened_at) < self.target:
+        while not self.ended and len(self.opened_at) < self._opening_limit():
             budget = self.solve.budget
             if budget is not None:
                 committed = budget.worst_case * len(self.running) + budget.worst_case
@@ -468,6 +473,14 @@ class _PolicyRound:
             task = self.tasks[index] = asyncio.create_task(self._generate(index))
             self.running[task] = index
             self.budget_limited = False
+
+    def _opening_limit(self) -> int:
+        """How many trajectories may be open by now: the wave, and with ``warmup_first`` only the
+        warm-up until it has finished (failed ones included, so a failure cannot stall the round)."""
+        policy = self.policy
+        if policy.early_stop and policy.warmup_first and len(self.rnd.trajectories) < policy.warmup:
+            return min(self.target, policy.warmup)
+        return self.target
 
     def _next_wave(self) -> bool:
         """Adaptive width: whether to sample another wave, after the settle test on what finished."""
@@ -501,13 +514,9 @@ class _PolicyRound:
     def _on_progress(self, index: int, tokens: int) -> None:
         if index not in self.tasks:
             return  # scheduled by a backend thread before the call ended
-        self.live_total += tokens - self.live.get(index, 0)
-        self.live[index] = tokens
         if self.progress is not None:
             self.progress.report(index, tokens)
-        budget = self.solve.budget
-        if budget is not None and self.live_total > budget.available(self.later_rounds):
-            self._stop(index, "budget")
+        self._set_live(index, max(tokens, len(self.confidences.get(index, ()))))
 
     def _on_confidence(self, index: int, values: Sequence[float]) -> None:
         if index not in self.tasks:
@@ -518,8 +527,17 @@ class _PolicyRound:
             self.confidences[index] = []
         monitor.add(values)
         self.confidences[index].extend(values)
+        self._set_live(index, max(self.live.get(index, 0), monitor.count))
         if self.threshold is not None and monitor.below(self.threshold):
             self._stop(index, "early_stop")
+
+    def _set_live(self, index: int, tokens: int) -> None:
+        """A running trajectory's tokens so far: its progress count, or its token confidences when more."""
+        self.live_total += tokens - self.live.get(index, 0)
+        self.live[index] = tokens
+        budget = self.solve.budget
+        if budget is not None and self.live_total > budget.available(self.later_rounds):
+            self._stop(index, "budget")
 
     def _stop(self, index: int, why: str) -> None:
         task = self.tasks.get(index)
@@ -681,7 +699,7 @@ def _replay_first_round(solve: _Solve, rnd: Round) -> None:
     """
     policy = solve.compute
     items = list(solve.first_round or ())
-    adopted = adopt_first_round(items)
+    adopted = adopt_first_round(items, policy)
     wave_end = min(policy.wave, rnd.k) if policy.adaptive_k else rnd.k
     notes: list[str] = []
     warmup_lowest: list[float] = []
