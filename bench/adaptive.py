@@ -65,6 +65,9 @@ ARMS: dict[str, ComputePolicy | None] = {
     "early_stop_p90": ComputePolicy(
         early_stop=True, early_stop_percentile=90, window=WINDOW, top_logprobs=TOP_LOGPROBS
     ),
+    "early_stop_p90_first": ComputePolicy(
+        early_stop=True, early_stop_percentile=90, warmup_first=True, window=WINDOW, top_logprobs=TOP_LOGPROBS
+    ),
     "adaptive_k": ComputePolicy(adaptive_k=True),
     "keep_top_0.5": ComputePolicy(keep_top=0.5, window=WINDOW, top_logprobs=TOP_LOGPROBS),
     "quorum_0.9": ComputePolicy(quorum=0.9),
@@ -75,6 +78,7 @@ ARM_NOTES = {
     "fixed": "the fixed schedule, every policy off (the paper's method)",
     "early_stop": f"online early stop, warm-up 4, threshold at percentile 10 (DeepConf-high), window {WINDOW}",
     "early_stop_p90": f"online early stop, warm-up 4, percentile 90 (DeepConf-low), window {WINDOW}",
+    "early_stop_p90_first": "as early_stop_p90, the warm-up run first (warmup_first: DeepConf's online algorithm)",
     "adaptive_k": "adaptive width, waves of 4, Beta test at 0.95",
     "keep_top_0.5": "the most confident half of round 1's messages synthesized",
     "quorum_0.9": "a round ends when 90% of its trajectories have finished",
@@ -83,6 +87,9 @@ ARM_NOTES = {
 }
 #: Arms replayed offline on a stored round-1 pool (the policies that act on round 1's samples).
 REPLAY_ARMS = ("fixed", "early_stop", "early_stop_p90", "adaptive_k", "keep_top_0.5")
+
+#: The arms the token-saving target is about.
+EARLY_STOP_AND_WIDTH = ("early_stop", "early_stop_p90", "early_stop_p90_first", "adaptive_k")
 
 TARGETS = {
     # The larger token saving of early stop and adaptive width among those losing at most 1 point.
@@ -222,7 +229,7 @@ def best_saving(arms: dict[str, Any]) -> float:
     """The larger token saving of early stop / adaptive width among arms losing at most 1 point (0 if none)."""
     savings = [
         1 - arms[arm]["tokens_ratio"]
-        for arm in ("early_stop", "early_stop_p90", "adaptive_k")
+        for arm in EARLY_STOP_AND_WIDTH
         if arm in arms and arms[arm]["accuracy_change_points"] >= -1.0
     ]
     return round(max(savings, default=0.0), 3)

@@ -59,14 +59,16 @@ LIMITS: dict[str, Callable[[dict[str, Any]], str]] = {
         + "; ".join(
             f"{arm} saves {1 - f['live'][arm]['tokens_ratio']:.0%} of tokens at "
             f"{f['live'][arm]['accuracy_change_points']:+.1f} points"
-            for arm in ("early_stop", "early_stop_p90", "adaptive_k")
+            for arm in ("early_stop", "early_stop_p90", "early_stop_p90_first", "adaptive_k")
             if arm in f["live"]
         )
         + f" ({100 / f['workload']['problems']:.1f} points per problem). Live early stop runs its warm-up in "
-        "parallel with the rest of the round: the threshold exists only once the first (shortest) warm-up "
-        "trajectories have finished, by when every other trajectory has generated about as much, and a trajectory "
-        "is judged on full windows only; the offline replay, which knows the threshold from the start (DeepConf's "
-        "sequential warm-up), shows the larger saving. Adaptive width saves only on problems whose first waves agree"
+        "parallel with the rest of the round (early_stop, early_stop_p90): the threshold exists only once the first "
+        "(shortest) warm-up trajectories have finished, by when every other trajectory has generated about as much, "
+        "and a trajectory is judged on full windows only; with the warm-up first (early_stop_p90_first) and in the "
+        "offline replay the threshold is known from a trajectory's first window, but the warm-up's own trajectories "
+        f"(4 of {f['workload']['schedule'][0]}) always run in full. Adaptive width "
+        "saves only on problems whose first waves agree"
     ),
     "quorum_p50_wall_saving": lambda f: (
         f"p50 wall time per problem {f['live']['fixed']['wall_p50_s']:.2f} s fixed against "
