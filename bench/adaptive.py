@@ -209,8 +209,8 @@ def summarize(outcomes: dict[str, list[Outcome]], sent: dict[str, int] | None = 
             "accuracy": round(accuracy, 4),
             "accuracy_change_points": round(100 * (accuracy - base_accuracy), 1),
             "tokens_per_problem": round(tokens),
-            # What the engine counted (usage.completion_tokens): a stopped trajectory's tokens come from the
-            # backend's progress count, which is exact only with one token per streamed chunk.
+            # What the engine counted (usage.completion_tokens): a stopped trajectory without logprobs
+            # (quorum, budget) counts its streamed chunks, exact only with one token per chunk.
             "engine_tokens_per_problem": round(statistics.mean(o.tokens for o in rows)),
             "tokens_ratio": round(tokens / base_tokens, 3),
             "wall_p50_s": round(percentile(walls, 50), 3),
