@@ -24,9 +24,9 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from pacore import database
+from pacore.answers import extract_answer
 from pacore.backends.base import Message, text_of
 from pacore.errors import StoreError, TemplateError
-from pacore.answers import extract_answer
 from pacore.messages import last_user_index, last_user_text
 from pacore.prompts import SynthesisTemplate
 from pacore.trace import (
