@@ -7,7 +7,11 @@ checked with the real ``openai`` SDK and with pacore's own HTTP backend.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +146,197 @@ async def test_pacore_reads_servers_that_do_not_stream(support: str) -> None:
     assert answer.ok and deltas == [answer.text]  # one delta: the whole answer
     # Refused once, then remembered: every later call goes without streaming.
     assert stats["calls"] == 2
+
+
+# --- the model simulation (--simulate) ------------------------------------------
+
+from fastbackend import Simulation, parse_synthesis, token_confidence  # noqa: E402
+from pacore import SynthesisTemplate  # noqa: E402
+from pacore.eval.grading import extract_answer  # noqa: E402
+
+QUESTION = "Problem 7. How many primes are below 100?"
+
+
+def lowest_group(confidences: list[float], window: int) -> float:
+    """The lowest mean over any ``window`` consecutive tokens (computed independently of pacore)."""
+    window = min(window, len(confidences))
+    return min(sum(confidences[i : i + window]) / window for i in range(0, len(confidences) - window + 1, 8))
+
+
+def test_simulation_is_deterministic_per_seed_problem_and_sample() -> None:
+    sim = Simulation(seed=3)
+    problem = sim.problem(QUESTION)
+    assert sim.problem("  " + QUESTION + "\n") == problem  # the stripped question is the problem
+    first = sim.sample(QUESTION, 0)
+    assert sim.sample(QUESTION, 0) == first
+    assert Simulation(seed=3).sample(QUESTION, 0) == first  # nothing depends on the process
+    samples = [sim.sample(QUESTION, i) for i in range(30)]
+    assert len({len(s.tokens) for s in samples}) > 20
+    assert {s.answer for s in samples} <= {problem.answer, *problem.wrong_answers}
+    assert all(s.correct == (s.answer == problem.answer) for s in samples)
+    assert all(s.text.startswith("<think>\n") and s.text.endswith(f"\\boxed{{{s.answer}}}$.") for s in samples)
+    assert all(len(s.sharpness) == len(s.tokens) for s in samples)
+    assert Simulation(seed=4).sample(QUESTION, 0) != first
+
+
+def test_simulated_accuracy_follows_difficulty() -> None:
+    sim = Simulation(median_tokens=20)  # short samples: only their answers matter here
+    problems = [sim.problem(f"Problem {i}.") for i in range(200)]
+    easy = [p for p in problems if p.difficulty < 0.3]
+    hard = [p for p in problems if p.difficulty > 0.8]
+    assert easy and hard and min(p.p_correct for p in easy) > 0.9 and max(p.p_correct for p in hard) < 0.2
+    for problem_text in ("Problem 1.", "Problem 2.", "Problem 3."):
+        p = sim.problem(problem_text)
+        right = sum(sim.sample(problem_text, i).correct for i in range(400)) / 400
+        assert abs(right - p.p_correct) < 0.08
+
+
+def test_simulated_lengths_are_heavy_tailed_and_confidence_marks_wrong_trajectories() -> None:
+    sim = Simulation(median_tokens=300)
+    samples = [sim.sample(f"Problem {p}.", i) for p in range(30) for i in range(16)]
+    lengths = sorted(len(s.tokens) for s in samples)
+    median = lengths[len(lengths) // 2]
+    assert lengths[-1] > 4 * median and lengths[len(lengths) * 9 // 10] > 1.8 * median  # a long right tail
+    right = [s for s in samples if s.correct]
+    wrong = [s for s in samples if not s.correct]
+    assert sorted(len(s.tokens) for s in wrong)[len(wrong) // 2] > sorted(len(s.tokens) for s in right)[len(right) // 2]
+    assert all(s.drift_at is None for s in right)
+    assert 0.6 < sum(s.drift_at is not None for s in wrong) / len(wrong) < 0.95  # most wrong ones drift
+
+    def lowest(s: object) -> float:
+        return lowest_group([token_confidence(g, 5) for g in s.sharpness], 64)  # type: ignore[attr-defined]
+
+    right_lowest = [lowest(s) for s in right]
+    wrong_lowest = [lowest(s) for s in wrong]
+    auroc = sum(r > w for r in right_lowest for w in wrong_lowest) / (len(right) * len(wrong))
+    assert 0.7 < auroc < 0.98  # informative, not a perfect oracle
+
+
+@pytest.mark.parametrize("template", ["pacore", "generic"])
+def test_synthesis_prompts_are_recognised_and_follow_the_majority(template: str) -> None:
+    references = [f"Reasoning.\n\nThe answer is $\\boxed{{{a}}}$." for a in ("12", "7", "12", "5")]
+    references.append("no answer: cut short")
+    prompt = SynthesisTemplate.load(template).render(QUESTION, references, round=2, total_rounds=2)
+    question, answers = parse_synthesis(prompt)
+    assert question.strip() == QUESTION and answers == ["12", "7", "12", "5"]
+    assert parse_synthesis(QUESTION) == (QUESTION, None)
+    following = Simulation(follow_majority=1.0, median_tokens=40)
+    assert {following.sample(prompt, i).answer for i in range(20)} == {"12"}
+    # Not following the references: a fresh sample of the same problem, right with its p(d).
+    fresh = Simulation(follow_majority=0.0, median_tokens=20)
+    problem = fresh.problem(QUESTION)
+    fresh_answers = [fresh.sample(prompt, i).answer for i in range(300)]
+    assert abs(fresh_answers.count(problem.answer) / 300 - problem.p_correct) < 0.1
+    # Synthesis calls are shorter (synthesis_length), and seeded apart from round-1 samples.
+    synthesis_lengths = sorted(len(following.sample(prompt, i).tokens) for i in range(101))
+    sample_lengths = sorted(len(following.sample(QUESTION, i).tokens) for i in range(101))
+    assert synthesis_lengths[50] < sample_lengths[50]
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[FastBackend]:
+    with fast_backend("--simulate", "--sim-median-tokens", 60, "--model", "sim") as running:
+        yield running
+
+
+def test_simulated_server_is_deterministic_per_seed(simulator: FastBackend) -> None:
+    client = openai.OpenAI(base_url=simulator.url, api_key="unused")
+    messages = [{"role": "user", "content": QUESTION}]
+    sim = Simulation(median_tokens=60)
+    one = client.chat.completions.create(model="sim", messages=messages, seed=5)
+    again = client.chat.completions.create(model="sim", messages=messages, seed=5)
+    assert one.choices[0].message.content == again.choices[0].message.content == sim.sample(QUESTION, 5).text
+    batch = client.chat.completions.create(model="sim", messages=messages, seed=5, n=3)
+    assert [c.message.content for c in batch.choices] == [sim.sample(QUESTION, 5 + i).text for i in range(3)]
+    assert batch.usage.completion_tokens == sum(len(sim.sample(QUESTION, 5 + i).tokens) for i in range(3))
+    assert one.choices[0].logprobs is None  # not asked for
+    cut = client.chat.completions.create(model="sim", messages=messages, seed=5, max_tokens=10)
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].message.content == "".join(sim.sample(QUESTION, 5).tokens[:10])
+
+
+def test_simulated_logprobs_in_openai_format_streamed_and_not(simulator: FastBackend) -> None:
+    client = openai.OpenAI(base_url=simulator.url, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": QUESTION}]
+    expected = Simulation(median_tokens=60).sample(QUESTION, 9)
+    plain = client.chat.completions.create(model="sim", messages=messages, seed=9, logprobs=True, top_logprobs=3)
+    content = plain.choices[0].logprobs.content
+    assert [entry.token for entry in content] == expected.tokens
+    assert all(len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token for entry in content)
+    assert all(a.logprob > b.logprob for e in content for a, b in zip(e.top_logprobs, e.top_logprobs[1:], strict=False))
+    for entry, g in zip(content, expected.sharpness, strict=True):
+        confidence = -sum(alt.logprob for alt in entry.top_logprobs) / 3
+        assert confidence == pytest.approx(token_confidence(g, 3), abs=1e-3)
+    streamed = list(
+        client.chat.completions.create(
+            model="sim", messages=messages, seed=9, logprobs=True, top_logprobs=3, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in content]
+    assert streamed[-1].usage.completion_tokens == len(expected.tokens)
+    no_alternatives = client.chat.completions.create(model="sim", messages=messages, seed=9, logprobs=True)
+    assert all(e.top_logprobs == [] for e in no_alternatives.choices[0].logprobs.content)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="sim", messages=messages, logprobs=True, top_logprobs=21)
+
+
+def test_simulated_wall_time_follows_length() -> None:
+    with fast_backend("--simulate", "--sim-median-tokens", 60, "--tokens-per-s", 1000, "--chunk-tokens", 4) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused")
+        messages = [{"role": "user", "content": QUESTION}]
+        sim = Simulation(median_tokens=60)
+        lengths = {seed: len(sim.sample(QUESTION, seed).tokens) for seed in range(12)}
+        short, long = min(lengths, key=lengths.get), max(lengths, key=lengths.get)  # type: ignore[arg-type]
+        for seed in (short, long):
+            started = time.perf_counter()
+            chunks = list(client.chat.completions.create(model="sim", messages=messages, seed=seed, stream=True))
+            elapsed = time.perf_counter() - started
+            assert elapsed >= lengths[seed] / 1000
+            assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == -(-lengths[seed] // 4)
+        assert server.stats()[0]["tokens_sent"] == lengths[short] + lengths[long]
+        # A stream closed part way counts only the tokens sent before (a cancelled generation stops).
+        body = {"messages": messages, "seed": long, "stream": True}
+        with httpx.stream("POST", server.url + "/chat/completions", json=body) as response:
+            for _ in zip(range(3), response.iter_lines(), strict=False):
+                pass
+        time.sleep(lengths[long] / 1000 + 0.2)
+        cut = server.stats()[0]["tokens_sent"] - lengths[short] - lengths[long]
+        assert 0 < cut < lengths[long] / 2
+
+
+async def test_pacore_solves_against_the_simulator() -> None:
+    with fast_backend("--simulate", "--sim-median-tokens", 60, "--sim-follow-majority", 1.0) as server:
+        async with OpenAIBackend(server.url) as backend:
+            result = await asolve(QUESTION, schedule=[8], backend=backend, params=GenerationParams(seed=1))
+    problem = Simulation().problem(QUESTION)
+    first = [extract_answer(t.text) for t in result.rounds[0].trajectories]
+    assert len(set(t.text for t in result.rounds[0].trajectories)) > 1  # distinct samples
+    assert set(first) <= {problem.answer, *problem.wrong_answers}
+    counts = Counter(first)
+    # The final call got a synthesis prompt and answered with its references' majority.
+    assert counts[extract_answer(result.answer)] == max(counts.values())
+    assert result.usage.completion_tokens == sum(t.completion_tokens for r in result.rounds for t in r.trajectories)
+
+
+def test_adaptive_benchmark_runs_against_the_simulator() -> None:
+    """A smoke run of bench/adaptive.py (2 problems, 3 arms) so the benchmark does not rot."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "adaptive.py"
+    arms = "fixed,early_stop_p90,quorum_0.9"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--json", "--problems", "2", "--arms", arms, "--no-replay"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    live = figures["live"]
+    assert list(live) == arms.split(",")
+    assert live["fixed"]["tokens_ratio"] == 1.0 and live["fixed"]["stopped_per_problem"] == 0
+    # Early stop cut trajectories mid-stream, and their tokens were counted, not dropped.
+    assert live["early_stop_p90"]["stopped_per_problem"] > 0
+    assert 0 < live["early_stop_p90"]["tokens_ratio"] < 1
+    # Quorum 0.9 of 16 cancels the last trajectory of round 1 (unless the last two finish together).
+    assert 0 < live["quorum_0.9"]["stopped_per_problem"] <= 1
+    assert all(0 <= arm["accuracy"] <= 1 for arm in live.values())
+    assert set(figures["targets"]) == {"token_saving_within_1pt", "quorum_p50_wall_saving"}
