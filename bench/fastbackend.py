@@ -408,6 +408,8 @@ class Endpoint:
         self.samples = 0
         self.active = 0
         self.peak_active = 0
+        #: Simulation: tokens sent (a cancelled stream counts what went out before it was closed).
+        self.tokens_sent = 0
         self._ids = itertools.count(1)
         self._choices: dict[tuple[int, int, str], bytes] = {}
         self._deltas: dict[tuple[int, int], tuple[str, ...]] = {}
@@ -603,6 +605,7 @@ class Endpoint:
                 b'{"index":%d,"message":{"role":"assistant","content":%s},"finish_reason":"%s","logprobs":%s}'
                 % (i, json.dumps("".join(sample.tokens[:count])).encode(), finish.encode(), logprobs or b"null")
             )
+        self.tokens_sent += total
         return b'{"id":"chatcmpl-%d","object":"chat.completion","created":%d,"model":%s,"choices":[%s],"usage":%s}' % (
             next(self._ids),
             int(time.time()),
@@ -668,19 +671,23 @@ class Endpoint:
             delay = started + self.behaviour.generation_s(end) - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if transport.is_closing():
+                return  # the client went away (a cancelled trajectory): generation stops
             content = json.dumps("".join(sample.tokens[start:end])).encode()
             logprobs = b"" if entries is None else b',"logprobs":{"content":[%s]}' % b",".join(entries[start:end])
             delta = b'{"index":%d,"delta":{"content":%s}%s,"finish_reason":null}]}' % (index, content, logprobs)
             transport.write(_event(head + delta))
+            self.tokens_sent += end - start
         transport.write(_event(head + b'{"index":%d,"delta":{},"finish_reason":"%s"}]}' % (index, finish.encode())))
 
     def stats(self) -> bytes:
-        return json.dumps(
-            {
-                "calls": self.calls, "samples": self.samples, "active": self.active, "peak_active": self.peak_active,
-                "faults": dict(self.faults.injected) if self.faults else {},
-            }
-        ).encode()  # fmt: skip
+        counters = {
+            "calls": self.calls, "samples": self.samples, "active": self.active, "peak_active": self.peak_active,
+            "faults": dict(self.faults.injected) if self.faults else {},
+        }  # fmt: skip
+        if self.simulation is not None:
+            counters["tokens_sent"] = self.tokens_sent
+        return json.dumps(counters).encode()
 
 
 def _simulated_request(request: ChatRequest, data: dict[str, object]) -> ChatRequest | Reply:

@@ -16,6 +16,7 @@ import pytest
 from fakes import ScriptedBackend
 from pacore import ComputePolicy
 from pacore.adaptive import majority_probability, percentile
+from pacore.api import asolve, iter_solve
 from pacore.backends.base import (
     BaseBackend,
     Completion,
@@ -26,7 +27,7 @@ from pacore.backends.base import (
     text_of,
 )
 from pacore.confidence import lowest_group_at, summarize
-from pacore.engine import asample, asolve, iter_solve
+from pacore.engine import asample
 from pacore.errors import BackendError, DeadlineExceededError, UsageError
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND
 from pacore.trace import Final, Result, RoundFinished, Trajectory, TrajectoryFinished, TrajectoryProgress

@@ -8,6 +8,7 @@ points the catalogue at it and ``PACORE_CACHE_DIR`` at a temporary cache.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -296,7 +297,7 @@ def records(path: Path) -> list[dict]:
 
 def test_gsm8k_keeps_the_native_shape_and_grades_as_gsm8k(mirror: FileServer, tmp_path: Path) -> None:
     out = tmp_path / "gsm8k.jsonl"
-    report = get_dataset("gsm8k", out=out, progress=False)
+    report = get_dataset("gsm8k", out=out)
     assert report.problems == 2 and report.sources[0].downloaded
     problems = load_dataset(out)
     assert [p.id for p in problems] == ["gsm8k-test-1", "gsm8k-test-2"]
@@ -307,7 +308,7 @@ def test_gsm8k_keeps_the_native_shape_and_grades_as_gsm8k(mirror: FileServer, tm
 
 def test_math500_uses_unique_ids_and_math_grading(mirror: FileServer, tmp_path: Path) -> None:
     out = tmp_path / "m.jsonl"
-    get_dataset("math500", out=out, progress=False)
+    get_dataset("math500", out=out)
     problems = load_dataset(out)
     assert [p.id for p in problems] == ["test/prealgebra/1.json", "test/algebra/2.json"]
     assert problems[0].answer == "\\frac{5}{6}" and problems[0].kind == "math"
@@ -327,7 +328,7 @@ def test_parquet_competitions(
     mirror: FileServer, tmp_path: Path, name: str, ids: list[str], answers: list[str]
 ) -> None:
     out = tmp_path / f"{name}.jsonl"
-    get_dataset(name, out=out, progress=False)
+    get_dataset(name, out=out)
     problems = load_dataset(out)
     assert [p.id for p in problems] == ids
     assert [p.answer for p in problems] == answers
@@ -338,7 +339,7 @@ def test_parquet_competitions(
 
 def test_gpqa_letters_the_shuffled_options_and_answers_the_letter(mirror: FileServer, tmp_path: Path) -> None:
     out = tmp_path / "gpqa.jsonl"
-    get_dataset("gpqa-diamond", out=out, progress=False)
+    get_dataset("gpqa-diamond", out=out)
     problems = load_dataset(out)
     assert [p.id for p in problems] == ["gpqa-recA1b2C3d4E5f6G7", "gpqa-recZ9y8X7w6V5u4T3"]
     for problem, row in zip(problems, GPQA_ROWS, strict=True):
@@ -365,7 +366,7 @@ def test_gpqa_order_is_deterministic_per_id_and_varies_between_ids() -> None:
 
 def test_pacore_train_keeps_the_training_layout_with_stage_tags(mirror: FileServer, tmp_path: Path) -> None:
     out = tmp_path / "train.jsonl"
-    report = get_dataset("pacore-train", out=out, progress=False)
+    report = get_dataset("pacore-train", out=out)
     assert report.problems == 4 and len(report.sources) == 2
     written = records(out)
     assert [r["id"] for r in written] == [
@@ -384,7 +385,7 @@ def test_one_pacore_train_stage_from_a_file_keeps_its_tag_and_ids(tmp_path: Path
     source = tmp_path / "stage2.json"
     source.write_text(json.dumps(rows))
     out = tmp_path / "s2.jsonl"
-    get_dataset("pacore-train-stage2", out=out, source=str(source), progress=False)
+    get_dataset("pacore-train-stage2", out=out, source=str(source))
     problems = load_dataset(out)
     assert [p.id for p in problems] == ["pacore-train-stage2-p7", "pacore-train-stage2-2"]
     assert {p.metadata["stage"] for p in problems} == {"stage2"}
@@ -395,14 +396,14 @@ def test_parquet_without_pyarrow_names_what_to_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
     with pytest.raises(MissingExtraError, match=r"needs the 'eval' extra: pip install 'pacore\[eval\]'"):
-        get_dataset("hmmt2025", out=tmp_path / "h.jsonl", progress=False)
+        get_dataset("hmmt2025", out=tmp_path / "h.jsonl")
 
 
 def test_a_changed_schema_is_one_clear_error(mirror: FileServer, tmp_path: Path) -> None:
     mirror.set("/" + CATALOGUE["math500"].files[0].path, jsonl_bytes([{"question_text": "x", "answer": "1"}]))
     expected = r"math500: row 1 has no 'unique_id' column \(columns: answer, question_text\)"
     with pytest.raises(DatasetError, match=expected):
-        get_dataset("math500", out=tmp_path / "m.jsonl", progress=False)
+        get_dataset("math500", out=tmp_path / "m.jsonl")
     assert not (tmp_path / "m.jsonl").exists()
 
 
@@ -412,67 +413,67 @@ def test_a_changed_schema_is_one_clear_error(mirror: FileServer, tmp_path: Path)
 
 def test_trust_on_first_use_records_then_verifies(mirror: FileServer, tmp_path: Path) -> None:
     path = "/" + CATALOGUE["gsm8k"].files[0].path
-    first = get_dataset("gsm8k", out=tmp_path / "a.jsonl", progress=False)
+    first = get_dataset("gsm8k", out=tmp_path / "a.jsonl")
     assert first.sources[0].trust == "first use"
     manifest = json.loads((tmp_path / "cache" / "data" / "manifest.json").read_text())
     canonical = CATALOGUE["gsm8k"].files[0].url  # keyed by the public URL, not the mirror's
     assert manifest[canonical]["sha256"] == hashlib.sha256(jsonl_bytes(GSM8K_ROWS)).hexdigest()
 
     # A second get reuses the verified cache: no request reaches the server.
-    second = get_dataset("gsm8k", out=tmp_path / "b.jsonl", progress=False)
+    second = get_dataset("gsm8k", out=tmp_path / "b.jsonl")
     assert not second.sources[0].downloaded and second.sources[0].trust == "recorded"
     assert mirror.hits[path] == 1
 
     # The source changes: a forced download no longer matches the recorded sha256.
     mirror.set(path, jsonl_bytes(GSM8K_ROWS[:1]))
     with pytest.raises(DownloadError, match="checksum mismatch .* recorded on first download"):
-        get_dataset("gsm8k", out=tmp_path / "c.jsonl", force=True, progress=False)
+        get_dataset("gsm8k", out=tmp_path / "c.jsonl", force=True)
     assert not (tmp_path / "c.jsonl").exists()
     # ...and the good cached copy is still there and still used.
-    assert get_dataset("gsm8k", out=tmp_path / "c.jsonl", progress=False).problems == 2
+    assert get_dataset("gsm8k", out=tmp_path / "c.jsonl").problems == 2
 
 
 def test_a_tampered_cache_file_is_refused(mirror: FileServer, tmp_path: Path) -> None:
-    report = get_dataset("gsm8k", out=tmp_path / "a.jsonl", progress=False)
+    report = get_dataset("gsm8k", out=tmp_path / "a.jsonl")
     cached = next((tmp_path / "cache" / "data").rglob("test.jsonl"))
     cached.write_bytes(cached.read_bytes() + b"\n")
     with pytest.raises(DownloadError, match="changed or corrupted"):
-        get_dataset("gsm8k", out=tmp_path / "b.jsonl", progress=False)
+        get_dataset("gsm8k", out=tmp_path / "b.jsonl")
     # --force downloads again, and the fresh copy matches the record.
-    again = get_dataset("gsm8k", out=tmp_path / "b.jsonl", force=True, progress=False)
+    again = get_dataset("gsm8k", out=tmp_path / "b.jsonl", force=True)
     assert again.sources[0].downloaded and again.sources[0].sha256 == report.sources[0].sha256
 
 
 def test_pinned_sha256(mirror: FileServer, tmp_path: Path) -> None:
     good = hashlib.sha256(jsonl_bytes(GSM8K_ROWS)).hexdigest()
     with pytest.raises(DownloadError, match="checksum mismatch .* pinned --sha256"):
-        get_dataset("gsm8k", out=tmp_path / "a.jsonl", sha256="0" * 64, progress=False)
+        get_dataset("gsm8k", out=tmp_path / "a.jsonl", sha256="0" * 64)
     assert not list((tmp_path / "cache" / "data").rglob("test.jsonl"))  # a bad file is never kept
-    report = get_dataset("gsm8k", out=tmp_path / "a.jsonl", sha256=good.upper(), progress=False)
+    report = get_dataset("gsm8k", out=tmp_path / "a.jsonl", sha256=good.upper())
     assert report.sources[0].trust == "pinned"
     with pytest.raises(UsageError, match="64 hex digits"):
-        get_dataset("gsm8k", out=tmp_path / "b.jsonl", sha256="abc", progress=False)
+        get_dataset("gsm8k", out=tmp_path / "b.jsonl", sha256="abc")
 
 
 def test_fetch_verifies_a_pinned_checksum_on_a_cached_file(server: FileServer, tmp_path: Path) -> None:
     server.set("/plain.jsonl", b"abc")
     manifest = Manifest(tmp_path / "manifest.json")
     dest = tmp_path / "cache" / "plain.jsonl"
-    fetch(f"{server.url}/plain.jsonl", dest, manifest=manifest, progress=False)
+    fetch(f"{server.url}/plain.jsonl", dest, manifest=manifest)
     with pytest.raises(DownloadError, match="changed or corrupted"):
-        fetch(f"{server.url}/plain.jsonl", dest, manifest=manifest, sha256="1" * 64, progress=False)
+        fetch(f"{server.url}/plain.jsonl", dest, manifest=manifest, sha256="1" * 64)
 
 
 def test_out_is_not_overwritten_without_force(mirror: FileServer, tmp_path: Path) -> None:
     out = tmp_path / "gsm8k.jsonl"
     out.write_text("precious\n")
     with pytest.raises(UsageError, match="exists with other content; pass --force"):
-        get_dataset("gsm8k", out=out, progress=False)
+        get_dataset("gsm8k", out=out)
     assert out.read_text() == "precious\n"
-    get_dataset("gsm8k", out=out, force=True, progress=False)
+    get_dataset("gsm8k", out=out, force=True)
     assert len(records(out)) == 2
     with pytest.raises(UsageError, match="use a .jsonl name"):
-        get_dataset("gsm8k", out=tmp_path / "x.json", progress=False)
+        get_dataset("gsm8k", out=tmp_path / "x.json")
 
 
 def test_cache_paths_keep_urls_apart(tmp_path: Path) -> None:
@@ -502,12 +503,12 @@ def test_from_a_local_file_in_another_format(tmp_path: Path, monkeypatch: pytest
     # The gated original, downloaded by hand: same conversion as the mirror.
     source = tmp_path / "gpqa_diamond.csv"
     source.write_bytes(csv_bytes(GPQA_HEADER, GPQA_ROWS))
-    report = get_dataset("gpqa-diamond", out=tmp_path / "g.jsonl", source=str(source), progress=False)
+    report = get_dataset("gpqa-diamond", out=tmp_path / "g.jsonl", source=str(source))
     assert report.problems == 2 and report.sources[0].trust == "local"
     # A JSON list where the catalogue expects JSONL is recognised by its content.
     listed = tmp_path / "math.json"
     listed.write_text(json.dumps(MATH500_ROWS))
-    assert get_dataset("math500", out=tmp_path / "m.jsonl", source=str(listed), progress=False).problems == 2
+    assert get_dataset("math500", out=tmp_path / "m.jsonl", source=str(listed)).problems == 2
     with pytest.raises(UsageError, match="no such file"):
         get_dataset("gsm8k", out=tmp_path / "x.jsonl", source=str(tmp_path / "missing.jsonl"))
 
@@ -515,18 +516,18 @@ def test_from_a_local_file_in_another_format(tmp_path: Path, monkeypatch: pytest
 def test_from_a_url_follows_redirects(server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PACORE_CACHE_DIR", str(tmp_path / "cache"))
     server.set("/plain.jsonl", jsonl_bytes(GSM8K_ROWS))
-    report = get_dataset("gsm8k", out=tmp_path / "g.jsonl", source=f"{server.url}/redirect", progress=False)
+    report = get_dataset("gsm8k", out=tmp_path / "g.jsonl", source=f"{server.url}/redirect")
     assert report.problems == 2 and report.sources[0].downloaded
     with pytest.raises(DownloadError, match="more than 5 redirects"):
-        get_dataset("gsm8k", out=tmp_path / "h.jsonl", source=f"{server.url}/loop", progress=False)
+        get_dataset("gsm8k", out=tmp_path / "h.jsonl", source=f"{server.url}/loop")
 
 
 def test_http_errors(server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PACORE_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(DownloadError, match=r"HTTP 404 \(not found\)"):
-        get_dataset("gsm8k", out=tmp_path / "a.jsonl", source=f"{server.url}/nothing.jsonl", progress=False)
+        get_dataset("gsm8k", out=tmp_path / "a.jsonl", source=f"{server.url}/nothing.jsonl")
     with pytest.raises(DownloadError, match=r"HTTP 403 .*gated.*--from FILE"):
-        get_dataset("gpqa-diamond", out=tmp_path / "a.jsonl", source=f"{server.url}/gated.csv", progress=False)
+        get_dataset("gpqa-diamond", out=tmp_path / "a.jsonl", source=f"{server.url}/gated.csv")
     with pytest.raises(DownloadError, match="cannot connect to 127.0.0.1"):
         get_dataset("gsm8k", out=tmp_path / "a.jsonl", source=f"http://127.0.0.1:{free_port()}/x.jsonl")
     assert not (tmp_path / "a.jsonl").exists()
@@ -544,12 +545,12 @@ def test_a_broken_download_resumes_where_it_stopped(server: FileServer, tmp_path
     manifest = Manifest(tmp_path / "manifest.json")
     dest = tmp_path / "cache" / "big.bin"
     with pytest.raises(DownloadError, match="broke off: .* kept: run the same command again to resume"):
-        fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+        fetch(f"{server.url}/big.bin", dest, manifest=manifest)
     kept = (tmp_path / "cache" / "big.bin.part").stat().st_size
     assert 0 < kept <= 120_000 and not dest.exists()
     assert manifest.recorded(f"{server.url}/big.bin") is None
 
-    fetched = fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+    fetched = fetch(f"{server.url}/big.bin", dest, manifest=manifest)
     assert dest.read_bytes() == BIG and fetched.downloaded and fetched.size == len(BIG)
     assert fetched.sha256 == hashlib.sha256(BIG).hexdigest() == manifest.recorded(f"{server.url}/big.bin")
     path, headers = server.requests[-1]
@@ -565,11 +566,11 @@ def test_a_changed_file_starts_over_instead_of_resuming(server: FileServer, tmp_
     manifest = Manifest(tmp_path / "manifest.json")
     dest = tmp_path / "big.bin"
     with pytest.raises(DownloadError, match="to resume"):
-        fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+        fetch(f"{server.url}/big.bin", dest, manifest=manifest)
     changed = BIG[::-1]
     server.set("/big.bin", changed)
     server.etags["/big.bin"] = '"v2"'  # If-Range "v1" no longer matches: the server sends the whole new file
-    assert fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False).size == len(changed)
+    assert fetch(f"{server.url}/big.bin", dest, manifest=manifest).size == len(changed)
     assert dest.read_bytes() == changed
 
 
@@ -580,9 +581,9 @@ def test_a_server_without_ranges_sends_it_all_again(server: FileServer, tmp_path
     manifest = Manifest(tmp_path / "manifest.json")
     dest = tmp_path / "big.bin"
     with pytest.raises(DownloadError, match="to resume"):
-        fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+        fetch(f"{server.url}/big.bin", dest, manifest=manifest)
     server.no_ranges.add("/big.bin")
-    fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
+    fetch(f"{server.url}/big.bin", dest, manifest=manifest)
     assert "Range" in server.requests[-1][1] and dest.read_bytes() == BIG  # asked, got a 200, started over
 
 
@@ -593,8 +594,8 @@ def test_force_starts_a_broken_download_over(server: FileServer, tmp_path: Path)
     manifest = Manifest(tmp_path / "manifest.json")
     dest = tmp_path / "big.bin"
     with pytest.raises(DownloadError, match="to resume"):
-        fetch(f"{server.url}/big.bin", dest, manifest=manifest, progress=False)
-    fetch(f"{server.url}/big.bin", dest, manifest=manifest, force=True, progress=False)
+        fetch(f"{server.url}/big.bin", dest, manifest=manifest)
+    fetch(f"{server.url}/big.bin", dest, manifest=manifest, force=True)
     assert "Range" not in server.requests[-1][1] and dest.read_bytes() == BIG
 
 
@@ -608,7 +609,7 @@ def test_one_file_is_downloaded_by_one_process_at_a_time(server: FileServer, tmp
     with part.open("a+b") as other:
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(DownloadError, match="another process is downloading"):
-            fetch(f"{server.url}/big.bin", dest, manifest=Manifest(tmp_path / "m.json"), progress=False)
+            fetch(f"{server.url}/big.bin", dest, manifest=Manifest(tmp_path / "m.json"))
     assert part.read_bytes() == b"someone else's bytes"  # the other download is left alone
     assert server.hits["/big.bin"] == 0
 
@@ -618,10 +619,10 @@ def test_too_large_downloads_are_refused(server: FileServer, tmp_path: Path) -> 
     server.set("/big.bin", b"y" * 5000)
     limits = DownloadLimits(max_bytes=1000)
     with pytest.raises(DownloadError, match=r"big.bin is 5.0 kB, over the 1.0 kB download limit \(raise it with"):
-        fetch(f"{server.url}/big.bin", tmp_path / "big.bin", manifest=manifest, limits=limits, progress=False)
+        fetch(f"{server.url}/big.bin", tmp_path / "big.bin", manifest=manifest, limits=limits)
     # Without a Content-Length the bytes are counted while streaming and the download is cut off.
     with pytest.raises(DownloadError, match="sent more than the 1.0 kB download limit"):
-        fetch(f"{server.url}/endless", tmp_path / "endless", manifest=manifest, limits=limits, progress=False)
+        fetch(f"{server.url}/endless", tmp_path / "endless", manifest=manifest, limits=limits)
     assert not (tmp_path / "big.bin").exists() and not (tmp_path / "endless").exists()
     assert list(tmp_path.iterdir()) == []  # nothing partial left, no manifest entry
 
@@ -636,29 +637,37 @@ def test_the_cap_is_inclusive(server: FileServer, tmp_path: Path) -> None:
     assert fetched.size == 1001 and (tmp_path / "e").read_bytes() == b"z" * 1001
 
 
-def test_no_progress_bar_when_stderr_is_not_a_terminal(
+def test_fetch_reports_progress_only_to_a_bar_it_is_given(
     server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     server.set("/p.bin", b"q" * 300_000)
     manifest = Manifest(tmp_path / "m.json")
-    fetch(f"{server.url}/p.bin", tmp_path / "a", manifest=manifest)  # stderr is not a terminal here
+    fetch(f"{server.url}/p.bin", tmp_path / "a", manifest=manifest)  # no bar given: nothing drawn
     assert capsys.readouterr().err == ""
-    fetch(f"{server.url}/p.bin", tmp_path / "b", manifest=manifest, progress=True)
+    seen: list[object] = []
+
+    @contextlib.contextmanager
+    def bar(label: str, total: int | None, done: int) -> Iterator[Callable[[int], None]]:
+        seen.append((label, total, done))
+        yield seen.append
+
+    fetch(f"{server.url}/p.bin", tmp_path / "b", manifest=manifest, progress=bar)
+    assert seen[0] == ("p.bin", 300_000, 0) and sum(seen[1:]) == 300_000  # type: ignore[arg-type]
     assert (tmp_path / "b").read_bytes() == b"q" * 300_000
 
 
-def test_progress_bar_on_a_terminal(server: FileServer, tmp_path: Path) -> None:
-    server.set("/p.bin", b"q" * 300_000)
-    code = (
-        "import sys; from pathlib import Path; from pacore.eval.download import Manifest, fetch; "
-        "fetch(sys.argv[1], Path(sys.argv[2]), manifest=Manifest(Path(sys.argv[3])))"
-    )
+def test_cli_draws_the_download_bar_on_a_terminal(server: FileServer, tmp_path: Path) -> None:
+    # A large file, so that the transfer lasts long enough for the bar to be drawn.
+    rows = [dict(row, padding="p" * 150_000) for row in GSM8K_ROWS]
+    server.set("/test.jsonl", jsonl_bytes(rows))
     primary, secondary = os.openpty()  # stderr is a terminal: the bar is drawn there
-    env = {**os.environ, "PYTHONPATH": str(SRC), "TERM": "xterm", "COLUMNS": "100"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PACORE_DEBUG", "PACORE_DATA_MIRROR")}
+    env |= {"PYTHONPATH": str(SRC), "TERM": "xterm", "COLUMNS": "100", "PACORE_CACHE_DIR": str(tmp_path / "cache")}
     process = subprocess.run(
-        [sys.executable, "-c", code, f"{server.url}/p.bin", str(tmp_path / "a"), str(tmp_path / "m.json")],
+        [sys.executable, "-m", "pacore", "data", "get", "gsm8k", "--from", f"{server.url}/test.jsonl",
+         "--out", str(tmp_path / "x.jsonl")],
         stdout=subprocess.PIPE, stderr=secondary, env=env, timeout=120,
-    )
+    )  # fmt: skip
     os.close(secondary)
     drawn = b""
     while True:
@@ -670,9 +679,8 @@ def test_progress_bar_on_a_terminal(server: FileServer, tmp_path: Path) -> None:
             break
         drawn += chunk
     os.close(primary)
-    assert process.returncode == 0 and process.stdout == b""
-    assert b"p.bin" in drawn and b"\x1b[" in drawn  # the bar, drawn with terminal control codes
-    assert (tmp_path / "a").read_bytes() == b"q" * 300_000
+    assert process.returncode == 0 and process.stdout == b"wrote 2 problems to " + bytes(tmp_path / "x.jsonl") + b"\n"
+    assert b"\x1b[" in drawn  # the bar, drawn with terminal control codes (the status line has none)
 
 
 # ---------------------------------------------------------------------------

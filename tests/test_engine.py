@@ -14,8 +14,9 @@ import pytest
 
 import pacore
 from fakes import Call, ScriptedBackend, StreamingScriptedBackend, fail
+from pacore.api import iter_solve, solve
 from pacore.backends.base import Completion, GenerationParams
-from pacore.engine import _call_seed, asolve, iter_solve, solve
+from pacore.engine import _call_seed, asolve
 from pacore.errors import (
     BackendError,
     DeadlineExceededError,

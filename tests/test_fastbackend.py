@@ -7,6 +7,8 @@ checked with the real ``openai`` SDK and with pacore's own HTTP backend.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -293,6 +295,15 @@ def test_simulated_wall_time_follows_length() -> None:
             elapsed = time.perf_counter() - started
             assert elapsed >= lengths[seed] / 1000
             assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == -(-lengths[seed] // 4)
+        assert server.stats()[0]["tokens_sent"] == lengths[short] + lengths[long]
+        # A stream closed part way counts only the tokens sent before (a cancelled generation stops).
+        body = {"messages": messages, "seed": long, "stream": True}
+        with httpx.stream("POST", server.url + "/chat/completions", json=body) as response:
+            for _ in zip(range(3), response.iter_lines(), strict=False):
+                pass
+        time.sleep(lengths[long] / 1000 + 0.2)
+        cut = server.stats()[0]["tokens_sent"] - lengths[short] - lengths[long]
+        assert 0 < cut < lengths[long] / 2
 
 
 async def test_pacore_solves_against_the_simulator() -> None:
@@ -307,3 +318,25 @@ async def test_pacore_solves_against_the_simulator() -> None:
     # The final call got a synthesis prompt and answered with its references' majority.
     assert counts[extract_answer(result.answer)] == max(counts.values())
     assert result.usage.completion_tokens == sum(t.completion_tokens for r in result.rounds for t in r.trajectories)
+
+
+def test_adaptive_benchmark_runs_against_the_simulator() -> None:
+    """A smoke run of bench/adaptive.py (2 problems, 3 arms) so the benchmark does not rot."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "adaptive.py"
+    arms = "fixed,early_stop_p90,quorum_0.9"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--json", "--problems", "2", "--arms", arms, "--no-replay"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    live = figures["live"]
+    assert list(live) == arms.split(",")
+    assert live["fixed"]["tokens_ratio"] == 1.0 and live["fixed"]["stopped_per_problem"] == 0
+    # Early stop cut trajectories mid-stream, and their tokens were counted, not dropped.
+    assert live["early_stop_p90"]["stopped_per_problem"] > 0
+    assert 0 < live["early_stop_p90"]["tokens_ratio"] < 1
+    # Quorum 0.9 of 16 cancels the last trajectory of round 1 (unless the last two finish together).
+    assert 0 < live["quorum_0.9"]["stopped_per_problem"] <= 1
+    assert all(0 <= arm["accuracy"] <= 1 for arm in live.values())
+    assert set(figures["targets"]) == {"token_saving_within_1pt", "quorum_p50_wall_saving"}

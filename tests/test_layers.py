@@ -23,11 +23,7 @@ LIBRARY_MUST_NOT_IMPORT = ("pacore.cli", "pacore.server", "rich", "typer")
 SERVER_MUST_NOT_IMPORT = ("pacore.cli", "rich", "typer")
 
 #: Known exceptions, each with why it stands; remove an entry when its import goes.
-ALLOWED = {
-    # ``get_dataset(progress=...)`` (pacore.eval.catalogue) draws rich's download bar, imported only then;
-    # to go when the CLI passes the bar in.
-    ("pacore.eval.download", "rich"),
-}
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

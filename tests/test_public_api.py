@@ -9,6 +9,7 @@ import pytest
 
 import pacore
 import pacore.eval
+from fakes import ScriptedBackend
 
 
 @pytest.mark.parametrize("module", [pacore, pacore.eval], ids=lambda m: m.__name__)
@@ -35,3 +36,31 @@ def test_importing_pacore_does_not_load_the_http_client() -> None:
     code = "import sys, pacore; print('httpx' in sys.modules, 'llama_cpp' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+class _ClosingBackend(ScriptedBackend):
+    closed = 0
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+def test_pacore_solve_opens_a_spec_for_the_request_and_closes_it(monkeypatch) -> None:
+    from pacore import backends
+
+    opened: list[_ClosingBackend] = []
+    monkeypatch.setitem(
+        backends._REGISTRY, "scripted:", lambda spec, **_: opened.append(_ClosingBackend()) or opened[-1]
+    )
+    result = pacore.solve("Q", schedule=[2], backend="scripted:one")
+    assert result.answer and [b.closed for b in opened] == [1]
+    given = _ClosingBackend()
+    pacore.solve("Q", schedule=[2], backend=given)
+    assert given.closed == 0  # a Backend passed in stays open: its owner closes it
+
+
+async def test_the_engine_takes_only_an_open_backend() -> None:
+    from pacore.engine import asolve
+
+    with pytest.raises(pacore.UsageError, match="pacore.asolve opens backend specs"):
+        await asolve("Q", backend="http://127.0.0.1:9/v1")

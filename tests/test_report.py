@@ -316,3 +316,17 @@ def test_plot_separates_tied_points_and_labels_each(tmp_path: Path) -> None:
     assert plot_points(arms, with_run=False) == series  # deterministic
     render_plot(arms, tmp_path / "plot.png", with_run=False)
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_tables_of_several_runs_start_with_the_run_column() -> None:
+    from pacore.eval.report import arm_report, spurious_rows, summary_rows, synthesis_rows
+    from pacore.store import ArmInfo, ProblemResult
+
+    arms = [arm_report(run, ArmInfo("single", "single"), [ProblemResult("q0", "done")]) for run in ("r1", "r2")]
+    header, rows = summary_rows(arms, with_run=True)
+    assert header[:2] == ["run", "arm"] and [row[:2] for row in rows] == [["r1", "single"], ["r2", "single"]]
+    assert summary_rows(arms, with_run=False)[1] == [row[1:] for row in rows]
+    # single arms have no synthesis or verifier figures: those tables keep their header and have no rows
+    for table in (synthesis_rows, spurious_rows):
+        header, rows = table(arms, with_run=True)
+        assert header[:2] == ["run", "arm"] and rows == []

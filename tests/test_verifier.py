@@ -59,8 +59,10 @@ def test_templates_are_checked_and_sandboxed(tmp_path: Path) -> None:
     escape.write_text("{{ problem.__class__.__mro__[1].__subclasses__() }} {{ response }} {{ ground_truth }}")
     with pytest.raises(TemplateError):
         VerifierTemplate.load(escape)
-    with pytest.raises(TemplateError, match="cannot read"):
+    with pytest.raises(TemplateError, match="cannot read verifier template .*missing.j2: No such file"):
         VerifierTemplate.load(tmp_path / "missing.j2")
+    with pytest.raises(TemplateError, match="cannot read verifier template .*: not a regular file"):
+        VerifierTemplate.load(tmp_path)  # read with the synthesis template's bounded reader
     loader = tmp_path / "loader.j2"
     loader.write_text("{% include '/etc/passwd' %}{{ problem }}{{ response }}{{ ground_truth }}")
     with pytest.raises(TemplateError, match="not allowed"):

@@ -12,6 +12,7 @@ in :mod:`pacore.eval`, RL rewards in :mod:`pacore.rewards`, the server in
 """
 
 from pacore.adaptive import ComputePolicy
+from pacore.api import asolve, iter_solve, solve
 from pacore.backends import (
     Backend,
     BaseBackend,
@@ -24,7 +25,7 @@ from pacore.backends import (
     open_backend,
     register_backend,
 )
-from pacore.engine import asample, asolve, compact, iter_solve, solve
+from pacore.engine import asample, compact
 from pacore.errors import (
     BackendError,
     ContextOverflowError,

@@ -1,7 +1,8 @@
 """The PaCoRe engine: rounds, compaction and synthesis over a Backend.
 
 Pure orchestration: no HTTP, no files, no printing. Every front door (CLI,
-Python API, server, batch runner) calls :func:`asolve`.
+Python API, server, batch runner) calls :func:`asolve` with a Backend it
+opened; the Python API's :mod:`pacore.api` opens backend specs for it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import bisect
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -834,8 +835,8 @@ async def asample(
 async def asolve(
     prompt: Prompt,
     *,
+    backend: Backend,
     schedule: Schedule | str | int | Sequence[int] | None = None,
-    backend: Backend | str | Sequence[str] | None = None,
     params: GenerationParams | None = None,
     template: SynthesisTemplate | str | Path | None = None,
     seed: int | None = None,
@@ -850,12 +851,10 @@ async def asolve(
     """Answer ``prompt`` with parallel coordinated reasoning.
 
     ``prompt`` is a string or an OpenAI-style message list (text and image
-    parts). ``schedule`` lists the coordinated rounds' trajectory counts (a
-    final single-trajectory round is appended). ``backend`` is a Backend, a
-    backend spec (``http://host:port/v1``, ``gguf:/path``), a list of specs
-    (calls go to the least busy, see :func:`pacore.open_backend`) or ``None``
-    for the embedded model; a backend opened from specs is closed before
-    returning. ``template`` is a :class:`SynthesisTemplate`, a built-in's
+    parts). ``backend`` is the open Backend every call goes to; the caller
+    closes it (the public :func:`pacore.asolve` also takes spec strings and
+    opens them). ``schedule`` lists the coordinated rounds' trajectory counts (a
+    final single-trajectory round is appended). ``template`` is a :class:`SynthesisTemplate`, a built-in's
     name (``"pacore"``, the default: the report's Table 6 prompt;
     ``"generic"``: for models never trained for PaCoRe) or a template file.
     ``seed`` makes the order of the references reproducible
@@ -900,16 +899,8 @@ async def asolve(
     synthesis = SynthesisTemplate.load(template)
     shuffle_seed = seed if seed is not None else (params.seed if params.seed is not None else 0)
 
-    owned = not isinstance(backend, Backend)
-    if owned and not (backend is None or isinstance(backend, str) or _is_spec_list(backend)):
-        raise UsageError(
-            f"backend must be a Backend, a backend spec string, a list of specs or None, not {backend!r}"
-        )
-    if owned:
-        from pacore.backends import open_backend
-
-        backend = open_backend(backend)  # type: ignore[arg-type]
-    assert isinstance(backend, Backend)
+    if not isinstance(backend, Backend):
+        raise UsageError(f"backend must be a Backend, not {backend!r} (pacore.asolve opens backend specs)")
     state = _Solve(
         messages, plan, backend, params, synthesis, shuffle_seed, on_event, min_success,
         stream_answer, first_round, reference_order, policy,
@@ -930,8 +921,6 @@ async def asolve(
         raise
     finally:
         current_retry_budget.reset(budget)
-        if owned:
-            await backend.aclose()
     if on_event:
         on_event(Final(result=result))
     return result
@@ -971,39 +960,3 @@ def _check_replayable(first_round: Sequence[Completion | Trajectory]) -> None:
                 f"first_round trajectory {index} has no per-token confidences, so early stop cannot be replayed "
                 "(sample the pool with confidence and keep_token_confidences)"
             )
-
-
-def _is_spec_list(value: object) -> bool:
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, (str, bytes, bytearray))
-        and all(isinstance(spec, str) for spec in value)
-    )
-
-
-def solve(prompt: Prompt, **options: Any) -> Result:
-    """Synchronous :func:`asolve` (for scripts and notebooks without a loop)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(asolve(prompt, **options))
-    raise RuntimeError("solve() was called inside a running event loop; use 'await asolve(...)'")
-
-
-async def iter_solve(prompt: Prompt, **options: Any) -> AsyncIterator[Event]:
-    """Yield the engine's events as they happen; the last one is :class:`Final`.
-
-    Errors are raised after the ``Final`` event that carries the partial trace.
-    Closing the iterator early cancels the request and its backend calls.
-    """
-    queue: asyncio.Queue[Event | None] = asyncio.Queue()
-    task = asyncio.create_task(asolve(prompt, on_event=queue.put_nowait, **options))
-    task.add_done_callback(lambda _: queue.put_nowait(None))
-    try:
-        while (event := await queue.get()) is not None:
-            yield event
-        await task
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)

@@ -41,7 +41,7 @@ from pacore.backends import Backend, GenerationParams, open_backend
 from pacore.backends.llama_cpp import cache_dir as models_cache_dir
 from pacore.errors import BackendError, TemplateError, UsageError
 from pacore.messages import compact
-from pacore.prompts import MAX_TEMPLATE_BYTES, compile_template, render_bounded
+from pacore.prompts import compile_template, read_template_file, render_bounded
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,7 @@ class VerifierTemplate:
         if template is None:
             source = files("pacore.prompts").joinpath(DEFAULT_TEMPLATE_NAME).read_text(encoding="utf-8")
             return cls(source, origin=f"pacore/prompts/{DEFAULT_TEMPLATE_NAME}")
-        try:
-            with Path(template).open("rb") as file:
-                data = file.read(MAX_TEMPLATE_BYTES + 1)
-            if len(data) > MAX_TEMPLATE_BYTES:
-                raise TemplateError(f"cannot read verifier template {template}: larger than {MAX_TEMPLATE_BYTES} bytes")
-            source = data.decode("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise TemplateError(f"cannot read verifier template {template}: {reason}") from None
-        return cls(source, origin=str(template))
+        return cls(read_template_file(template, what="verifier template"), origin=str(template))
 
     def render(self, problem: str, response: str, ground_truth: str) -> str:
         values = {"problem": problem, "response": response, "ground_truth": ground_truth}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -132,6 +135,7 @@ def get(
         force=force,
         sha256=sha256,
         max_bytes=None if max_mb is None else int(max_mb * 1_000_000),
+        progress=download_bar if sys.stderr.isatty() else None,
     )
     for item in report.sources:
         how = "downloaded" if item.downloaded else "read" if item.trust == "local" else "cached"
@@ -144,6 +148,18 @@ def get(
         typer.echo(f"{report.out} already holds these {report.problems} problems")
     else:
         typer.echo(f"wrote {report.problems} problems to {report.out}")
+
+
+@contextlib.contextmanager
+def download_bar(label: str, total: int | None, done: int) -> Iterator[Callable[[int], None]]:
+    """Rich's download bar on stderr for one file (a :data:`pacore.eval.download.DownloadBar`)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total, completed=done)
+        yield lambda n: bar.advance(task, n)
 
 
 @data_app.command("list")

@@ -34,6 +34,7 @@ from pacore._extras import require
 from pacore.errors import DatasetError, DownloadError, UsageError
 from pacore.eval.datasets import load_dataset
 from pacore.eval.download import (
+    DownloadBar,
     DownloadLimits,
     Fetched,
     Manifest,
@@ -209,14 +210,23 @@ def _pacore_train(row: Row, number: int, tag: str) -> Row:
 # ---------------------------------------------------------------------------
 # The catalogue
 
-_PACORE_TRAIN_PAGE = f"{HUGGING_FACE}/datasets/stepfun-ai/PaCoRe-Train-8k"
+#: The one file Hugging Face's parquet conversion writes for a small data set's train split.
+_PARQUET_TRAIN = "data/train-00000-of-00001.parquet"
+
+
+def _hugging_face_page(repo: str) -> str:
+    """The page of Hugging Face data set ``repo`` (``owner/name``)."""
+    return f"{HUGGING_FACE}/datasets/{repo}"
+
+
+def _hugging_face_file(repo: str, file: str, format: Format, *, tag: str = "") -> SourceFile:
+    """``file`` of Hugging Face data set ``repo`` (``owner/name``), at its main revision."""
+    return SourceFile(HUGGING_FACE, f"datasets/{repo}/resolve/main/{file}", format, tag=tag)
+
+
+_PACORE_TRAIN = "stepfun-ai/PaCoRe-Train-8k"
 _PACORE_STAGES = {
-    "stage1": SourceFile(
-        HUGGING_FACE, "datasets/stepfun-ai/PaCoRe-Train-8k/resolve/main/stage1/train.json", "json", tag="stage1"
-    ),
-    "stage2": SourceFile(
-        HUGGING_FACE, "datasets/stepfun-ai/PaCoRe-Train-8k/resolve/main/stage2/train.json", "json", tag="stage2"
-    ),
+    stage: _hugging_face_file(_PACORE_TRAIN, f"{stage}/train.json", "json", tag=stage) for stage in ("stage1", "stage2")
 }
 _PACORE_NOTE = (
     "the stage1/ and stage2/ folders are documented; the file names inside them are not verified: if the "
@@ -242,8 +252,8 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         CatalogueEntry(
             name="math500",
             description="MATH-500: the 500-problem MATH test subset of 'Let's Verify Step by Step'",
-            page=f"{HUGGING_FACE}/datasets/HuggingFaceH4/MATH-500",
-            files=(SourceFile(HUGGING_FACE, "datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl", "jsonl"),),
+            page=_hugging_face_page("HuggingFaceH4/MATH-500"),
+            files=(_hugging_face_file("HuggingFaceH4/MATH-500", "test.jsonl", "jsonl"),),
             convert=_math500,
             problems=500,
             licence="MIT (MATH)",
@@ -253,14 +263,8 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         CatalogueEntry(
             name="aime2024",
             description="AIME 2024 I and II: 30 competition problems, integer answers",
-            page=f"{HUGGING_FACE}/datasets/HuggingFaceH4/aime_2024",
-            files=(
-                SourceFile(
-                    HUGGING_FACE,
-                    "datasets/HuggingFaceH4/aime_2024/resolve/main/data/train-00000-of-00001.parquet",
-                    "parquet",
-                ),
-            ),
+            page=_hugging_face_page("HuggingFaceH4/aime_2024"),
+            files=(_hugging_face_file("HuggingFaceH4/aime_2024", _PARQUET_TRAIN, "parquet"),),
             convert=_aime2024,
             problems=30,
             licence="not stated by the source",
@@ -270,14 +274,8 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         CatalogueEntry(
             name="aime2025",
             description="AIME 2025 I and II (MathArena): 30 competition problems, integer answers",
-            page=f"{HUGGING_FACE}/datasets/MathArena/aime_2025",
-            files=(
-                SourceFile(
-                    HUGGING_FACE,
-                    "datasets/MathArena/aime_2025/resolve/main/data/train-00000-of-00001.parquet",
-                    "parquet",
-                ),
-            ),
+            page=_hugging_face_page("MathArena/aime_2025"),
+            files=(_hugging_face_file("MathArena/aime_2025", _PARQUET_TRAIN, "parquet"),),
             convert=_matharena("aime2025"),
             problems=30,
             licence="CC BY-NC-SA 4.0",
@@ -288,14 +286,8 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         CatalogueEntry(
             name="hmmt2025",
             description="HMMT February 2025 (MathArena): 30 competition problems",
-            page=f"{HUGGING_FACE}/datasets/MathArena/hmmt_feb_2025",
-            files=(
-                SourceFile(
-                    HUGGING_FACE,
-                    "datasets/MathArena/hmmt_feb_2025/resolve/main/data/train-00000-of-00001.parquet",
-                    "parquet",
-                ),
-            ),
+            page=_hugging_face_page("MathArena/hmmt_feb_2025"),
+            files=(_hugging_face_file("MathArena/hmmt_feb_2025", _PARQUET_TRAIN, "parquet"),),
             convert=_matharena("hmmt2025"),
             problems=30,
             licence="CC BY-NC-SA 4.0",
@@ -305,8 +297,8 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         CatalogueEntry(
             name="gpqa-diamond",
             description="GPQA Diamond: 198 graduate-level science questions, 4 options shuffled per question",
-            page=f"{HUGGING_FACE}/datasets/Idavidrein/gpqa",
-            files=(SourceFile(HUGGING_FACE, "datasets/johnsonafool/gpqa/resolve/main/gpqa_diamond.csv", "csv"),),
+            page=_hugging_face_page("Idavidrein/gpqa"),
+            files=(_hugging_face_file("johnsonafool/gpqa", "gpqa_diamond.csv", "csv"),),
             convert=_gpqa,
             problems=198,
             licence="CC BY 4.0",
@@ -319,7 +311,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         CatalogueEntry(
             name="pacore-train",
             description="PaCoRe-Train-8k, stages 1 and 2: problems with 24 cached responses (training layout)",
-            page=_PACORE_TRAIN_PAGE,
+            page=_hugging_face_page(_PACORE_TRAIN),
             files=(_PACORE_STAGES["stage1"], _PACORE_STAGES["stage2"]),
             convert=_pacore_train,
             problems=7520,
@@ -333,7 +325,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             CatalogueEntry(
                 name=f"pacore-train-{stage}",
                 description=f"PaCoRe-Train-8k, {stage} only",
-                page=_PACORE_TRAIN_PAGE,
+                page=_hugging_face_page(_PACORE_TRAIN),
                 files=(source,),
                 convert=_pacore_train,
                 problems=3000 if stage == "stage1" else 5000,
@@ -469,7 +461,7 @@ def get_dataset(
     force: bool = False,
     sha256: str | None = None,
     max_bytes: int | None = None,
-    progress: bool | None = None,
+    progress: DownloadBar | None = None,
     cache: Path | None = None,
 ) -> GetReport:
     """Download (or read) data set ``name``, convert it and write pacore JSONL to ``out``.
@@ -479,7 +471,8 @@ def get_dataset(
     file. An existing ``out`` is replaced only with ``force`` (which also downloads
     again); one that already holds this very data set is left as it is.
     The output is checked with :func:`load_dataset` before it is moved into
-    place, so a written file always loads.
+    place, so a written file always loads. ``progress`` opens a progress
+    display for each download (see :data:`pacore.eval.download.DownloadBar`).
     """
     entry = catalogue_entry(name)
     pinned = normalize_sha256(sha256) if sha256 else None
@@ -540,7 +533,7 @@ def _obtain(
     pinned: str | None,
     force: bool,
     limits: DownloadLimits,
-    progress: bool | None,
+    progress: DownloadBar | None,
     cache: Path,
 ) -> Fetched:
     if not _is_url(location):

@@ -20,8 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +38,11 @@ from pacore.errors import DownloadError, UsageError
 from pacore.files import write_atomic
 
 _CHUNK = 1 << 16
+
+#: A progress display for one download, passed in by a front door (the CLI passes rich's bar):
+#: ``bar(label, total_bytes, bytes_already_held)`` is a context manager yielding ``advance(n_bytes)``;
+#: ``total_bytes`` is ``None`` when the server does not say.
+DownloadBar = Callable[[str, int | None, int], contextlib.AbstractContextManager[Callable[[int], None]]]
 
 
 def data_cache_dir() -> Path:
@@ -127,7 +131,7 @@ def fetch(
     sha256: str | None = None,
     force: bool = False,
     limits: DownloadLimits = DownloadLimits(),
-    progress: bool | None = None,
+    progress: DownloadBar | None = None,
 ) -> Fetched:
     """A verified copy of ``url`` at ``dest``, downloading it unless a good copy is cached.
 
@@ -136,8 +140,7 @@ def fetch(
     ``sha256`` the file must match it and the manifest is updated to it;
     otherwise it must match the manifest's record, if there is one. ``force``
     downloads again from the start even when a cached copy verifies.
-    ``progress`` draws a progress bar on stderr (default: when stderr is a
-    terminal).
+    ``progress`` opens a progress display for the transfer (default: none).
 
     The bytes go to ``dest`` + ``.part`` first. When the connection breaks
     (or on Ctrl-C) they are kept, and the next call asks the server for the
@@ -164,14 +167,13 @@ def fetch(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     resume = dest.with_name(dest.name + ".part.json")
-    show = sys.stderr.isatty() if progress is None else progress
     with _locked(part, dest) as handle:
         keep = False
         try:
             if force:
                 handle.truncate(0)
             try:
-                digest, size = _download(url, handle, resume, limits, show)
+                digest, size = _download(url, handle, resume, limits, progress or _no_bar)
             except (_PartialDownload, KeyboardInterrupt):
                 keep = True
                 raise
@@ -206,7 +208,7 @@ def _locked(part: Path, dest: Path) -> Iterator[Any]:
         handle.close()
 
 
-def _download(url: str, handle: Any, resume: Path, limits: DownloadLimits, show: bool) -> tuple[str, int]:
+def _download(url: str, handle: Any, resume: Path, limits: DownloadLimits, bar: DownloadBar) -> tuple[str, int]:
     """Fill ``handle`` (append mode) with ``url``'s bytes, resuming what it holds when the server allows."""
     offset = handle.seek(0, os.SEEK_END)
     state = _read_resume_state(resume)
@@ -235,7 +237,7 @@ def _download(url: str, handle: Any, resume: Path, limits: DownloadLimits, show:
                     _check_status(url, response)
                     if not offset:
                         _write_resume_state(resume, url, response)
-                    return _receive(url, response, handle, offset, limits, show)
+                    return _receive(url, response, handle, offset, limits, bar)
             raise DownloadError(f"{url}: the server answered the range requests with the wrong bytes")
     except httpx.TooManyRedirects:
         raise DownloadError(f"{url}: more than {limits.max_redirects} redirects") from None
@@ -260,7 +262,7 @@ def _download(url: str, handle: Any, resume: Path, limits: DownloadLimits, show:
 
 
 def _receive(
-    url: str, response: httpx.Response, handle: Any, offset: int, limits: DownloadLimits, show: bool
+    url: str, response: httpx.Response, handle: Any, offset: int, limits: DownloadLimits, bar: DownloadBar
 ) -> tuple[str, int]:
     """Append the response body to the ``offset`` bytes ``handle`` holds; the sha256 and size of the whole."""
     remaining = _declared_length(response)
@@ -272,7 +274,7 @@ def _receive(
         )
     digest = _hash_prefix(handle, offset)
     size = offset
-    with _progress_bar(show, url, total, offset) as advance:
+    with bar(url.rsplit("/", 1)[-1][:40], total, offset) as advance:
         for chunk in response.iter_bytes():  # as received, so a broken transfer keeps all it got
             size += len(chunk)
             if size > limits.max_bytes:
@@ -344,17 +346,8 @@ def _declared_length(response: httpx.Response) -> int | None:
 
 
 @contextlib.contextmanager
-def _progress_bar(show: bool, url: str, total: int | None, done: int) -> Iterator[Any]:
-    if not show:
-        yield lambda _n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(url.rsplit("/", 1)[-1][:40], total=total, completed=done)
-        yield lambda n: bar.advance(task, n)
+def _no_bar(_label: str, _total: int | None, _done: int) -> Iterator[Callable[[int], None]]:
+    yield lambda _n: None
 
 
 def _host(url: str) -> str:

@@ -131,19 +131,15 @@ def summary_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list
         "wall time (first start to last finish)", "sum of problem times",
     ]  # fmt: skip
     rows = [
-        [
+        (arm, [
             arm.arm, arm.method, arm.setting, _problems_cell(arm), str(arm.answered),
             str(arm.failed) + (f" (+{arm.pending} pending)" if arm.pending else ""),
             _accuracy_cell(arm), _number(arm.mean_completion_tokens), _number(arm.mean_prompt_tokens),
             f"{_number(arm.mean_wall_s, 1)}s", _duration(arm.elapsed_s), f"{_number(arm.sum_wall_s, 1)}s",
-        ]  # fmt: skip
+        ])  # fmt: skip
         for arm in arms
     ]
-    if with_run:
-        header.insert(0, "run")
-        for arm, row in zip(arms, rows, strict=True):
-            row.insert(0, arm.run)
-    return header, rows
+    return _table(header, rows, with_run)
 
 
 def synthesis_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
@@ -152,23 +148,17 @@ def synthesis_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], li
         "broke the majority (when it was right)", "emergent correctness (all inputs wrong)",
         "cross-checking",
     ]  # fmt: skip
-    rows = []
-    for arm in arms:
-        stats = arm.synthesis
-        if stats is None:
-            continue
-        row = [
+    rows = [
+        (arm, [
             arm.arm, str(stats.synthesized), _fraction(stats.fixed, stats.majority_wrong),
             _fraction(stats.broke, stats.majority_right),
             _fraction(stats.emergent_correct, stats.all_inputs_wrong),
             _fraction(stats.cross_checking, stats.synthesized),
-        ]  # fmt: skip
-        if with_run:
-            row.insert(0, arm.run)
-        rows.append(row)
-    if with_run:
-        header.insert(0, "run")
-    return header, rows
+        ])  # fmt: skip
+        for arm in arms
+        if (stats := arm.synthesis) is not None
+    ]
+    return _table(header, rows, with_run)
 
 
 def policy_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
@@ -192,18 +182,21 @@ def policy_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[
 
 def spurious_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
     header = ["arm", "correct answers judged", "derivation rejected (spurious correctness)", "no verdict"]
-    rows = []
-    for arm in arms:
-        stats = arm.spurious
-        if stats is None:
-            continue
-        row = [arm.arm, str(stats.judged), _fraction(stats.rejected, stats.judged), str(stats.unknown)]
-        if with_run:
-            row.insert(0, arm.run)
-        rows.append(row)
+    rows = [
+        (arm, [arm.arm, str(stats.judged), _fraction(stats.rejected, stats.judged), str(stats.unknown)])
+        for arm in arms
+        if (stats := arm.spurious) is not None
+    ]
+    return _table(header, rows, with_run)
+
+
+def _table(
+    header: list[str], rows: list[tuple[ArmReport, list[str]]], with_run: bool
+) -> tuple[list[str], list[list[str]]]:
+    """A table's header and rows, with a first "run" column when the report compares several runs."""
     if with_run:
-        header.insert(0, "run")
-    return header, rows
+        return ["run", *header], [[arm.run, *row] for arm, row in rows]
+    return header, [row for _, row in rows]
 
 
 POLICY_NOTE = (

@@ -197,6 +197,23 @@ def render_bounded(template: jinja2.Template, values: dict[str, Any], origin: st
     return "".join(pieces)
 
 
+def read_template_file(path: str | Path, what: str = "template") -> str:
+    """The UTF-8 text of a template file of at most :data:`MAX_TEMPLATE_BYTES`; a one-line TemplateError
+    (``cannot read <what> <path>: ...``) when it is missing, not a regular file, too large or not UTF-8."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_file():
+            raise TemplateError(f"cannot read {what} {path}: not a regular file")
+        with path.open("rb") as file:
+            data = file.read(MAX_TEMPLATE_BYTES + 1)
+        if len(data) > MAX_TEMPLATE_BYTES:
+            raise TemplateError(f"cannot read {what} {path}: larger than {MAX_TEMPLATE_BYTES} bytes")
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TemplateError(f"cannot read {what} {path}: {reason}") from None
+
+
 class SynthesisTemplate:
     """A compiled synthesis template."""
 
@@ -222,19 +239,7 @@ class SynthesisTemplate:
 
     @classmethod
     def from_path(cls, path: str | Path) -> SynthesisTemplate:
-        path = Path(path)
-        try:
-            if path.exists() and not path.is_file():
-                raise TemplateError(f"cannot read template {path}: not a regular file")
-            with path.open("rb") as file:
-                data = file.read(MAX_TEMPLATE_BYTES + 1)
-            if len(data) > MAX_TEMPLATE_BYTES:
-                raise TemplateError(f"cannot read template {path}: larger than {MAX_TEMPLATE_BYTES} bytes")
-            source = data.decode("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise TemplateError(f"cannot read template {path}: {reason}") from None
-        return cls(source, origin=str(path))
+        return cls(read_template_file(path), origin=str(path))
 
     @classmethod
     def load(cls, template: SynthesisTemplate | str | Path | None) -> SynthesisTemplate:
