@@ -165,19 +165,15 @@ def policy_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[
     """What the adaptive-compute policies did, per arm that ran one (no rows when none did)."""
     header = ["arm", "policy", "mean TTC tokens", "stopped trajectories / problem", "dropped messages / problem"]
     rows = [
-        [
+        (arm, [
             arm.arm, arm.policy, _number(arm.mean_completion_tokens),
             _number(arm.stopped / arm.answered if arm.answered else None, 1),
             _number(arm.dropped / arm.answered if arm.answered else None, 1),
-        ]  # fmt: skip
+        ])  # fmt: skip
         for arm in arms
         if arm.policy
     ]
-    if with_run:
-        header.insert(0, "run")
-        for arm, row in zip([a for a in arms if a.policy], rows, strict=True):
-            row.insert(0, arm.run)
-    return header, rows
+    return _table(header, rows, with_run)
 
 
 def spurious_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
