@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from fakes import StreamingScriptedBackend
-from pacore import ComputePolicy, asolve
+from pacore import ComputePolicy, engine
 from pacore.backends import open_backend
 from pacore.backends.base import GenerationParams
 from pacore.cli.options import compute_policy
@@ -55,7 +55,7 @@ def pacore(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
 
 
 def test_solve_options_are_asolve_keywords_and_leave_compute_out_when_off():
-    accepted = set(inspect.signature(asolve).parameters)
+    accepted = set(inspect.signature(engine.asolve).parameters)
     plain = SolveOptions(schedule=Schedule.parse("4"), seed=3, deadline=9.0).as_kwargs()
     assert set(plain) <= accepted
     assert "compute" not in plain  # the paper's method: the engine is called exactly as before
@@ -225,7 +225,8 @@ def test_keep_top_through_the_server_drops_the_least_confident_and_the_viewer_sh
 
 def test_early_stop_through_a_streamed_request_reports_stopped_trajectories(policy_server):
     client = openai.OpenAI(base_url=policy_server.api_url, api_key="unused", max_retries=0)
-    compute = {"early_stop": True, "warmup": 2, "window": 16, "early_stop_percentile": 90}
+    # The warm-up first (DeepConf's online algorithm): every later trajectory is judged, however fast it runs.
+    compute = {"early_stop": True, "warmup": 2, "warmup_first": True, "window": 16, "early_stop_percentile": 90}
     stream = client.chat.completions.create(
         model="scripted", messages=[{"role": "user", "content": "Problem 7"}], seed=1, stream=True,
         extra_body={"pacore": {"compute": compute}},
@@ -373,7 +374,7 @@ def test_show_rounds_lines_say_what_the_policies_did():
 def test_ask_show_rounds_on_the_simulated_model(simulated_url):
     process = pacore(
         "ask", "Problem 7", "--schedule", "8", "--seed", "1", "--backend", simulated_url, "--show-rounds",
-        "--keep-top", "0.5", "--early-stop", "--warmup", "2", "--confidence-window", "16",
+        "--keep-top", "0.5", "--early-stop", "--warmup", "2", "--warmup-first", "--confidence-window", "16",
         "--early-stop-percentile", "90",
     )  # fmt: skip
     assert process.returncode == 0, process.stderr

@@ -285,7 +285,10 @@ def test_pacore_view_shows_a_batch_run_read_only(page, tmp_path):
 def test_viewer_shows_what_the_adaptive_policies_did(page):
     """Confidence per trajectory, stopped badges, dropped references and policy notes, on the
     simulated model of bench/fastbackend.py (it returns logprobs)."""
-    compute = {"keep_top": 0.5, "early_stop": True, "warmup": 2, "window": 16, "early_stop_percentile": 90}
+    compute = {
+        "keep_top": 0.5, "early_stop": True, "warmup": 2, "warmup_first": True, "window": 16,
+        "early_stop_percentile": 90,
+    }  # fmt: skip
     with (
         fast_backend("--simulate", "--sim-median-tokens", 60) as simulated,
         running_app(open_backend(simulated.url), ServerConfig(schedule=Schedule.parse([8]))) as running,
