@@ -233,6 +233,8 @@ def test_early_stop_through_a_streamed_request_reports_stopped_trajectories(poli
     )  # fmt: skip
     chunks = list(stream)
     summary = chunks[-1].model_extra["pacore"]["compute"]
+    progress = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
+    assert "round 1/2: " in progress and "trajectories" in progress and "(early stop: threshold " in progress
     assert summary["stopped"]["early_stop"] >= 1
     assert summary["stopped_tokens"] > 0
     assert summary["notes"][0].startswith("round 1: early stop: threshold ")

@@ -378,7 +378,8 @@ class ChunkWriter:
             return f"{label}: {state.done}/{state.k} trajectories done{failed}"
         if isinstance(event, RoundFinished) and not event.round.final:
             self.references = len(event.round.messages)
-            return round_line(event.round, state.total_rounds)
+            note = event.round.policy_note
+            return round_line(event.round, state.total_rounds) + (f" ({note})" if note else "")
         return None
 
     def closing(self, result: Result, trace_url: str) -> list[str]:
