@@ -39,6 +39,7 @@ from pacore.errors import (
     TemplateError,
     UsageError,
 )
+from pacore.options import SolveOptions
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import PRESETS, Schedule
 from pacore.trace import (
@@ -87,6 +88,7 @@ __all__ = [
     "RouterBackend",
     "Schedule",
     "ScheduleError",
+    "SolveOptions",
     "StoreError",
     "SynthesisTemplate",
     "TemplateError",
