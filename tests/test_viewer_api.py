@@ -263,3 +263,10 @@ def test_a_prompt_too_long_to_keep_is_left_out_not_cut() -> None:
         problem="Why is the sea blue?", references=["m1", "m0"], round=2, total_rounds=2
     )
     assert replay("x" * (_PROMPT_CHARS + 1)) == [None, None]
+
+
+def test_pacore_view_serves_the_viewer_files_with_the_viewer_csp(viewer) -> None:
+    for path in ("/ui", "/ui/", "/ui/static/viewer.js", "/ui/static/viewer.css", "/ui/static/index.html"):
+        response = httpx.get(f"{viewer.base_url}{path}", timeout=30)
+        assert response.status_code == 200, path
+        assert "default-src 'self'" in response.headers["content-security-policy"], path

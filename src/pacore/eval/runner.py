@@ -3,7 +3,7 @@
 A run directory holds one data set and one set of generation settings
 (model, sampling parameters, template), evaluated under one or more *arms*:
 
-- ``pacore`` with a schedule (every round through :func:`pacore.asolve`);
+- ``pacore`` with a schedule (every round through :func:`pacore.engine.asolve` with the run's open backend);
 - ``single``: one plain call per problem (schedule ``off``);
 - ``majority`` with ``k`` samples: a majority vote over their extracted answers.
 

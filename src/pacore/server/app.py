@@ -2,8 +2,8 @@
 
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` and the trace viewer under ``/ui``. Every request runs
-through :func:`pacore.asolve`; the server only translates, limits and
-watches.
+through :func:`pacore.engine.asolve` with the server's open backend; the
+server only translates, limits and watches.
 """
 
 from __future__ import annotations
@@ -619,15 +619,7 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=metrics_module.CONTENT_TYPE)
 
-    @app.get("/ui", include_in_schema=False)
-    @app.get("/ui/", include_in_schema=False)
-    async def viewer() -> FileResponse:
-        return FileResponse(
-            str(STATIC_DIR / "index.html"),
-            headers={"Content-Security-Policy": VIEWER_CSP, "Cache-Control": "no-cache"},
-        )
-
-    app.mount("/ui/static", _ViewerFiles(directory=str(STATIC_DIR)), name="ui-static")
+    mount_viewer(app)
 
     @app.get("/ui/api/requests")
     async def recent_requests() -> HistoryListing:
@@ -660,6 +652,20 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
 
     app.openapi = _openapi_with_request_schemas(app)  # type: ignore[method-assign]
     return app
+
+
+def mount_viewer(app: FastAPI) -> None:
+    """The viewer's page at ``/ui`` and its files under ``/ui/static``, all with the viewer's CSP."""
+
+    @app.get("/ui", include_in_schema=False)
+    @app.get("/ui/", include_in_schema=False)
+    async def viewer() -> FileResponse:
+        return FileResponse(
+            str(STATIC_DIR / "index.html"),
+            headers={"Content-Security-Policy": VIEWER_CSP, "Cache-Control": "no-cache"},
+        )
+
+    app.mount("/ui/static", _ViewerFiles(directory=str(STATIC_DIR)), name="ui-static")
 
 
 class _ViewerFiles(StaticFiles):

@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import FileResponse, RedirectResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import RedirectResponse
 
 from pacore.errors import PacoreError, RunConflictError
 from pacore.eval.figures import result_span
 from pacore.messages import last_user_text
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
-from pacore.server.app import STATIC_DIR, VIEWER_CSP
+from pacore.server.app import mount_viewer
 from pacore.server.errors import install_error_handlers
 from pacore.server.history import RequestDetail, RequestRecord, RequestSummary
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
@@ -188,15 +187,7 @@ def create_run_app(run_dir: str | Path) -> FastAPI:
     async def root() -> RedirectResponse:
         return RedirectResponse("/ui")
 
-    @app.get("/ui", include_in_schema=False)
-    @app.get("/ui/", include_in_schema=False)
-    async def viewer() -> FileResponse:
-        return FileResponse(
-            str(STATIC_DIR / "index.html"),
-            headers={"Content-Security-Policy": VIEWER_CSP, "Cache-Control": "no-cache"},
-        )
-
-    app.mount("/ui/static", StaticFiles(directory=str(STATIC_DIR)), name="ui-static")
+    mount_viewer(app)
 
     @app.get("/ui/api/requests")
     def results() -> dict[str, Any]:
