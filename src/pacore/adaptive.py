@@ -71,8 +71,10 @@ class ComputePolicy(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.straggler_timeout is not None and self.quorum is None:
-            raise ValueError("straggler_timeout needs quorum")
+        # A setting of a policy that is off would be silently ignored: refuse it instead.
+        for setting, policy in _SETTINGS_OF.items():
+            if getattr(self, setting) != type(self).model_fields[setting].default and not getattr(self, policy):
+                raise ValueError(f"{setting} needs {policy}")
         return self
 
     @property
@@ -94,6 +96,17 @@ class ComputePolicy(BaseModel):
     def confidence_only(self) -> bool:
         """Only the confidence settings are on (what sampling a pool may use)."""
         return not (self.per_trajectory or self.keep_top is not None)
+
+
+#: The settings that only mean something with a policy on, and that policy.
+_SETTINGS_OF = {
+    "warmup": "early_stop",
+    "early_stop_percentile": "early_stop",
+    "warmup_first": "early_stop",
+    "wave": "adaptive_k",
+    "settle_threshold": "adaptive_k",
+    "straggler_timeout": "quorum",
+}
 
 
 def majority_probability(leader: int, others: int) -> float:

@@ -937,7 +937,8 @@ def compute_policy(compute: ComputePolicy | Mapping[str, Any] | None) -> Compute
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
-        raise UsageError(f"compute policy: {where + ': ' if where else ''}{error['msg']}") from None
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise UsageError(f"compute policy: {where + ': ' if where else ''}{message}") from None
 
 
 def _check_policy(policy: ComputePolicy, plan: Schedule, params: GenerationParams) -> None:

@@ -182,7 +182,7 @@ def _validation_message(exc: RequestValidationError | ValidationError) -> tuple[
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
     param = ".".join(loc) or None
     # Some messages quote the input (a discriminator's tag, say): never at length.
-    message = shorten(first.get("msg", "invalid value"), _MESSAGE_CHARS)
+    message = shorten(str(first.get("msg", "invalid value")).removeprefix("Value error, "), _MESSAGE_CHARS)
     param = shorten(param, _PARAM_CHARS) if param else None
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param

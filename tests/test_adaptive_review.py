@@ -1,0 +1,87 @@
+"""Issue 13 tried as a new user would: settings of a policy that is off are refused
+(rather than silently ignored) at every front door, with a one-line message."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from fakes import StreamingScriptedBackend
+from pacore import ComputePolicy, engine
+from pacore.cli.options import compute_policy
+from pacore.errors import UsageError
+from pacore.schedule import Schedule
+from pacore.server import ServerConfig
+from server_harness import RunningServer, running_app
+
+PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
+
+#: Each setting given without its policy, the CLI's message, and the same setting with its policy.
+ORPHANS = [
+    ({"warmup": 2}, "--warmup needs --early-stop", {"early_stop": True}),
+    ({"early_stop_percentile": 90.0}, "--early-stop-percentile needs --early-stop", {"early_stop": True}),
+    ({"warmup_first": True}, "--warmup-first needs --early-stop", {"early_stop": True}),
+    ({"wave": 3}, "--wave needs --adaptive-k", {"adaptive_k": True}),
+    ({"settle_threshold": 0.9}, "--settle-threshold needs --adaptive-k", {"adaptive_k": True}),
+    ({"straggler_timeout": 1.0}, "--straggler-timeout needs --quorum", {"quorum": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("setting", "message", "policy"), ORPHANS)
+def test_a_setting_without_its_policy_is_refused_naming_both_flags(setting, message, policy):
+    with pytest.raises(UsageError) as caught:
+        compute_policy(**setting)
+    assert str(caught.value) == message
+    assert compute_policy(**setting, **policy) == ComputePolicy(**setting, **policy)
+
+
+def test_a_dumped_policy_validates_again():
+    # Stored runs and traces keep every field of their policy, defaults included.
+    for policy in (ComputePolicy(), ComputePolicy(keep_top=0.5), ComputePolicy(early_stop=True, warmup=2)):
+        assert ComputePolicy.model_validate(policy.model_dump()) == policy
+
+
+def test_the_python_api_says_which_policy_a_setting_needs():
+    with pytest.raises(UsageError, match=r"^compute policy: wave needs adaptive_k$"):
+        engine.compute_policy({"wave": 3})
+
+
+def test_pacore_ask_refuses_a_setting_without_its_policy_with_exit_2():
+    assert PACORE, "the pacore entry point is not installed next to this Python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")}
+    command = [PACORE, "ask", "--wave", "3", "--backend", "http://127.0.0.1:9/v1", "hi"]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert process.returncode == 2
+    assert process.stderr.strip() == "pacore: error: --wave needs --adaptive-k"
+
+
+@pytest.fixture
+def fake() -> StreamingScriptedBackend:
+    return StreamingScriptedBackend(respond=lambda call, i: "The answer is 42.")
+
+
+@pytest.fixture
+def server(fake) -> Iterator[RunningServer]:
+    with running_app(fake, ServerConfig(schedule=Schedule.parse([2]))) as running:
+        yield running
+
+
+@pytest.mark.http
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_server_answers_400_for_a_setting_without_its_policy(server, fake, stream):
+    client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "hi"}], stream=stream,
+            extra_body={"pacore": {"compute": {"early_stop_percentile": 90}}},
+        )  # fmt: skip
+    assert caught.value.body["param"] == "pacore.compute"
+    assert caught.value.body["message"] == "pacore.compute: early_stop_percentile needs early_stop"
+    assert fake.calls == []
