@@ -85,3 +85,30 @@ def test_the_server_answers_400_for_a_setting_without_its_policy(server, fake, s
     assert caught.value.body["param"] == "pacore.compute"
     assert caught.value.body["message"] == "pacore.compute: early_stop_percentile needs early_stop"
     assert fake.calls == []
+
+
+def pacore(*args: str) -> subprocess.CompletedProcess[str]:
+    assert PACORE, "the pacore entry point is not installed next to this Python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")}
+    return subprocess.run([PACORE, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+TOO_SMALL = "pacore: error: budget_tokens=10 cannot run one trajectory of each of the 2 rounds at max_tokens=100"
+
+
+def test_pacore_run_refuses_a_budget_below_one_call_per_round_before_writing_anything(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "a", "question": "What is 1 plus 1?", "answer": "2"}\n')
+    out = tmp_path / "run"
+    process = pacore("run", str(data), "--out", str(out), "--schedule", "4", "--budget-tokens", "10",
+                     "--max-tokens", "100", "--backend", "http://127.0.0.1:9/v1")  # fmt: skip
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.strip().startswith(TOO_SMALL) and "\n" not in process.stderr.strip()
+    assert not out.exists()
+
+
+def test_pacore_serve_refuses_a_default_policy_no_request_could_run():
+    process = pacore("serve", "--port", "0", "--schedule", "4", "--budget-tokens", "10", "--max-tokens", "100",
+                     "--backend", "http://127.0.0.1:9/v1")  # fmt: skip
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.strip().startswith(TOO_SMALL) and "\n" not in process.stderr.strip()

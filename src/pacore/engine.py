@@ -893,7 +893,7 @@ async def asolve(
                 f"first round runs {plan.rounds[0]}"
             )
     policy = compute_policy(compute)
-    _check_policy(policy, plan, params)
+    check_policy(policy, plan, params)
     if first_round is not None and policy.early_stop:
         _check_replayable(first_round)
     synthesis = SynthesisTemplate.load(template)
@@ -941,8 +941,8 @@ def compute_policy(compute: ComputePolicy | Mapping[str, Any] | None) -> Compute
         raise UsageError(f"compute policy: {where + ': ' if where else ''}{message}") from None
 
 
-def _check_policy(policy: ComputePolicy, plan: Schedule, params: GenerationParams) -> None:
-    """What a policy needs of the request, checked before any call."""
+def check_policy(policy: ComputePolicy, plan: Schedule, params: GenerationParams) -> None:
+    """What a policy needs of the request, checked before any call (a :class:`UsageError` if it cannot run)."""
     if plan.is_passthrough and not policy.confidence_only:
         raise UsageError("compute policies other than confidence need a schedule with at least one coordinated round")
     budget, max_tokens = policy.budget_tokens, params.max_tokens

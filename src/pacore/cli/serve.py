@@ -37,6 +37,7 @@ from pacore.cli.options import (
     parse_reference_order,
     with_compute_options,
 )
+from pacore.engine import check_policy
 from pacore.errors import PacoreError
 from pacore.schedule import Schedule
 
@@ -229,6 +230,8 @@ def serve(
         log_content=log_content,
         **limits,
     )
+    if compute is not None:  # the policy of requests that name none must be able to run
+        check_policy(compute, plan, config.params)
     listener = _listen(host, port)
     bound_host, bound_port = listener.getsockname()[:2]
     base = f"http://{_url_host(bound_host)}:{bound_port}"

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 from pacore.adaptive import ComputePolicy
 from pacore.backends.base import Backend, GenerationParams
-from pacore.engine import asample, asolve, too_few_succeeded, within_deadline
+from pacore.engine import asample, asolve, check_policy, too_few_succeeded, within_deadline
 from pacore.errors import DatasetError, PacoreError, RoundFailedError, RunConflictError, UsageError
 from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.grading import extract_answer, grade, majority_vote
@@ -390,6 +390,8 @@ class BatchRun:
         if repeats < 1:
             raise UsageError(f"--repeats must be at least 1, got {repeats}")
         params = params or GenerationParams()
+        if arm.compute is not None:  # refused once here, not as a failure of every problem
+            check_policy(arm.compute, arm.schedule, params)
         seed = params.seed if params.seed is not None else 0
         template = template or SynthesisTemplate.default()
         config = generation_config(backend, params, template, reference_order)
