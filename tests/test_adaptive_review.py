@@ -112,3 +112,31 @@ def test_pacore_serve_refuses_a_default_policy_no_request_could_run():
                      "--backend", "http://127.0.0.1:9/v1")  # fmt: skip
     assert process.returncode == 2, process.stderr
     assert process.stderr.strip().startswith(TOO_SMALL) and "\n" not in process.stderr.strip()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"quorum": 0.5, "straggler_timeout": float("inf")}, "--straggler-timeout: input should be a finite number"),
+        ({"keep_top": float("nan")}, "--keep-top: input should be a finite number, got nan"),
+    ],
+)
+def test_non_finite_policy_values_are_refused(flags, message):
+    with pytest.raises(UsageError) as caught:
+        compute_policy(**flags)
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--quorum", "0.5"), ("--budget-tokens", "9000")])
+def test_pacore_run_refuses_quorum_and_budget_arms_on_a_pool(tmp_path, flag, value):
+    # On a pool round 1 is finished trajectories: nothing to cut, so the arm would measure the fixed schedule.
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "a", "question": "What is 1 plus 1?", "answer": "2"}\n')
+    out = tmp_path / "run"
+    process = pacore("run", str(data), "--out", str(out), "--pool-size", "4", "--schedule", "4", flag, value,
+                     "--backend", "http://127.0.0.1:9/v1")  # fmt: skip
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.strip() == (
+        f"pacore: error: {flag} cannot be replayed on the trajectory pool of {out}: "
+        "run such an arm in a run directory without --pool-size"
+    )

@@ -27,7 +27,7 @@ MAX_TOP_LOGPROBS = 20
 class ComputePolicy(BaseModel):
     """Which adaptive-compute policies a request uses (all off by default)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     #: Request token logprobs and record DeepConf's confidence measures per trajectory.
     #: Implied by ``keep_top`` and ``early_stop``.

@@ -411,6 +411,7 @@ class BatchRun:
             if conflict:
                 moved = store.reset()
             info = store.run_info()
+            _check_pooled_policy(arm, (info or wanted).pool_size, run_dir)
             new_run = info is None
             if info is None:
                 store.init_run(wanted, (stored_problem(p, i) for i, p in enumerate(problems)))
@@ -626,6 +627,19 @@ class BatchRun:
                     f"({len(pool)} of {size} pooled; a rerun generates the rest): {error}"
                 )
         return pool
+
+
+def _check_pooled_policy(arm: Arm, pool_size: int | None, run_dir: str | Path) -> None:
+    """Quorum and budget cut running calls: on a pool's finished trajectories they would do nothing."""
+    policy = arm.compute
+    if pool_size is None or policy is None:
+        return
+    live_only = [flag for flag, on in (("--quorum", policy.quorum), ("--budget-tokens", policy.budget_tokens)) if on]
+    if live_only:
+        raise UsageError(
+            f"{' and '.join(live_only)} cannot be replayed on the trajectory pool of {run_dir}: "
+            "run such an arm in a run directory without --pool-size"
+        )
 
 
 def _pool_policy(policy: ComputePolicy | None) -> ComputePolicy | None:
