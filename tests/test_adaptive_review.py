@@ -1,5 +1,6 @@
 """Issue 13 tried as a new user would: settings of a policy that is off are refused
-(rather than silently ignored) at every front door, with a one-line message."""
+(rather than silently ignored) at every front door, with a one-line message; runs, servers
+and keep-top refuse or fix what a new user tripped over."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pacore.cli.options import compute_policy
 from pacore.errors import UsageError
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
+from pacore.synthesis import keep_most_confident
+from pacore.trace import Confidence, Trajectory
 from server_harness import RunningServer, running_app
 
 PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
@@ -140,3 +143,15 @@ def test_pacore_run_refuses_quorum_and_budget_arms_on_a_pool(tmp_path, flag, val
         f"pacore: error: {flag} cannot be replayed on the trajectory pool of {out}: "
         "run such an arm in a run directory without --pool-size"
     )
+
+
+@pytest.mark.parametrize(("fraction", "count", "kept"), [(0.28, 25, 7), (0.56, 50, 28), (0.7, 10, 7), (0.67, 3, 3)])
+def test_keep_top_keeps_the_fraction_rounded_up_without_float_noise(fraction, count, kept):
+    def trajectory(index: int) -> Trajectory:
+        confidence = Confidence(mean=float(index), lowest_group=float(index), tail=float(index), window=4,
+                                token_count=4)  # fmt: skip
+        return Trajectory(round=0, index=index, text="m", message="m", confidence=confidence)
+
+    chosen, dropped = keep_most_confident([trajectory(i) for i in range(count)], fraction)
+    assert (len(chosen), len(dropped)) == (kept, count - kept)
+    assert [t.index for t in chosen] == list(range(count - kept, count))  # the most confident

@@ -88,7 +88,8 @@ def keep_most_confident(previous: Sequence[Trajectory], fraction: float) -> tupl
     usable = [t for t in sorted(previous, key=lambda t: t.index) if t.message]
     if not any(t.confidence for t in usable):
         return usable, []
-    keep = max(1, math.ceil(fraction * len(usable)))
+    # Rounded before the ceiling so that 0.28 of 25 is 7, not 8 (0.28 * 25 == 7.000000000000001).
+    keep = max(1, math.ceil(round(fraction * len(usable), 9)))
     ranked = sorted(usable, key=lambda t: (t.confidence is None, -t.confidence.lowest_group if t.confidence else 0.0))
     kept = sorted(ranked[:keep], key=lambda t: t.index)
     return kept, ranked[keep:][::-1]
