@@ -445,6 +445,17 @@ async def test_early_stop_with_warmup_first_judges_later_trajectories_from_their
     # In parallel with it, they ran on until the threshold existed.
     assert all(tokens > 8 for tokens in await cut_tokens(warmup_first=False))
 
+async def test_early_stop_says_when_no_trajectory_reached_a_full_window():
+    backend = PacedBackend(script=confident_then_doubtful({4, 6}))
+    policy = ComputePolicy(early_stop=True, warmup=4, window=64)  # longer than every 10- or 40-token trajectory
+    result = await asolve("Q", schedule=[8], backend=backend, params=SEEDED, compute=policy)
+    assert stopped(result) == {}
+    assert round_one(result).policy_note == (
+        "early stop: threshold 5.000, 0 stopped, about 0 tokens saved "
+        "(no trajectory reached a full window of 64 tokens, so none could be judged)"
+    )
+
+
 async def test_early_stop_does_nothing_when_k_is_not_above_warmup():
     backend = PacedBackend(script=confident_then_doubtful({4, 6}))
     policy = ComputePolicy(early_stop=True, warmup=8, window=4)

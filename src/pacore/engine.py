@@ -666,7 +666,12 @@ class _PolicyRound:
         mean_length = round(self._mean_finished_length())
         cut = [t.completion_tokens for t in self.rnd.trajectories if t.stopped == "early_stop"]
         self.rnd.tokens_saved = saved = sum(max(0, mean_length - tokens) for tokens in cut)
-        return f"early stop: threshold {self.threshold:.3f}, {stopped} stopped, about {saved} tokens saved"
+        note = f"early stop: threshold {self.threshold:.3f}, {stopped} stopped, about {saved} tokens saved"
+        window = self.policy.window
+        if not stopped and all(t.confidence is None or t.confidence.token_count < window for t in self.rnd.trajectories):
+            # The online monitor judges only full windows: say why nothing could be stopped.
+            note += f" (no trajectory reached a full window of {window} tokens, so none could be judged)"
+        return note
 
 
 def settled_note(rnd: Round, sampled: int, threshold: float) -> str | None:
