@@ -364,7 +364,7 @@ def test_show_rounds_lines_say_what_the_policies_did():
         policy_note="keep-top: 1 of 3 messages kept", trajectories=[answer],
     )  # fmt: skip
     assert round_details(rnd) == [
-        "  the synthesis call read the 1 answers of round 1",
+        "  the synthesis call read the answer of round 1",
         "  keep-top left out the least confident of round 1: #3, #2",
         "  policy: keep-top: 1 of 3 messages kept",
         '  #1 · 5 tokens · confidence 11.50 (lowest group 9.25) · answer: 4 · "The answer is 4."',

@@ -224,7 +224,8 @@ def round_details(rnd: Round) -> list[str]:
     lines = []
     if rnd.references:
         calls = "the synthesis call" if rnd.k == 1 else f"each of the {rnd.k} synthesis calls"
-        lines.append(f"  {calls} read the {len(rnd.references)} answers of round {rnd.index}")
+        answers = "the answer" if len(rnd.references) == 1 else f"the {len(rnd.references)} answers"
+        lines.append(f"  {calls} read {answers} of round {rnd.index}")
     if rnd.dropped:
         left_out = ", ".join(f"#{index + 1}" for _round, index in rnd.dropped)
         lines.append(f"  keep-top left out the least confident of round {rnd.index}: {left_out}")
