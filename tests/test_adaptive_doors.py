@@ -386,3 +386,15 @@ def test_ask_show_rounds_on_the_simulated_model(simulated_url):
     assert any("stopped by early stop: contributes no message" in line for line in lines)
     assert sum(" · confidence " in line for line in lines) == 9  # 8 trajectories and the synthesis
     assert "stopped early by a policy, " in lines[-1]  # the summary line
+
+
+def test_a_streamed_final_round_counts_the_references_keep_top_kept(policy_server):
+    client = openai.OpenAI(base_url=policy_server.api_url, api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "Problem 7"}], seed=1, stream=True,
+        extra_body={"pacore": {"compute": {"keep_top": 0.5, "window": 16}}},
+    )  # fmt: skip
+    chunks = list(stream)
+    progress = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
+    assert chunks[-1].model_extra["pacore"]["compute"]["notes"] == ["round 2: keep-top: 4 of 8 messages kept"]
+    assert "round 2/2 (final): synthesizing the final answer from 4 references" in progress

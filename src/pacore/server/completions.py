@@ -32,7 +32,7 @@ from pacore.server.protocol import (
     PacoreSummary,
     StreamChoice,
 )
-from pacore.synthesis import ReferenceOrder
+from pacore.synthesis import ReferenceOrder, keep_most_confident
 from pacore.trace import AnswerDelta, Event, Result, RoundFinished, RoundStarted, TrajectoryFinished
 
 # "pacore-high/qwen3-8b", "pacore-16/qwen3-8b", "pacore-32,4/m", "pacore-off"
@@ -377,7 +377,10 @@ class ChunkWriter:
             failed = f" ({state.failed} failed)" if state.failed else ""
             return f"{label}: {state.done}/{state.k} trajectories done{failed}"
         if isinstance(event, RoundFinished) and not event.round.final:
-            self.references = len(event.round.messages)
+            keep_top = self.policy.keep_top if self.policy is not None else None
+            # What the synthesis prompt will hold: keep-top's choice, counted as pacore.synthesis makes it.
+            kept = keep_most_confident(event.round.trajectories, keep_top)[0] if keep_top else event.round.messages
+            self.references = len(kept)
             note = event.round.policy_note
             return round_line(event.round, state.total_rounds) + (f" ({note})" if note else "")
         return None
