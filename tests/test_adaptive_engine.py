@@ -507,6 +507,17 @@ async def test_replayed_early_stop_cuts_where_the_online_monitor_would():
     assert lowest_group_at(doubtful, 4, 5.0) == 4
 
 
+async def test_replayed_early_stop_says_when_no_trajectory_reached_a_full_window():
+    pool = [pooled(f"\\boxed{{{i}}}", [5.0] * 4 + [1.0] * 16) for i in range(6)]
+    policy = ComputePolicy(early_stop=True, warmup=2, window=64)  # longer than the 20-token trajectories
+    result = await asolve("Q", schedule=[6], backend=ScriptedBackend(), first_round=pool, compute=policy)
+    assert stopped(result) == {}
+    assert round_one(result).policy_note == (
+        "early stop: threshold 1.800, 0 stopped, 0 tokens saved "
+        "(no trajectory reached a full window of 64 tokens, so none could be judged) (replayed)"
+    )
+
+
 async def test_replayed_adaptive_width_adopts_the_pool_wave_by_wave():
     pool = [Completion(text="so \\boxed{3}", completion_tokens=7) for _ in range(16)]
     backend = ScriptedBackend()

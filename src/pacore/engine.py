@@ -667,11 +667,7 @@ class _PolicyRound:
         cut = [t.completion_tokens for t in self.rnd.trajectories if t.stopped == "early_stop"]
         self.rnd.tokens_saved = saved = sum(max(0, mean_length - tokens) for tokens in cut)
         note = f"early stop: threshold {self.threshold:.3f}, {stopped} stopped, about {saved} tokens saved"
-        window = self.policy.window
-        if not stopped and all(t.confidence is None or t.confidence.token_count < window for t in self.rnd.trajectories):
-            # The online monitor judges only full windows: say why nothing could be stopped.
-            note += f" (no trajectory reached a full window of {window} tokens, so none could be judged)"
-        return note
+        return note + (_short_of_window(self.rnd, self.policy.window) if not stopped else "")
 
 
 def settled_note(rnd: Round, sampled: int, threshold: float) -> str | None:
@@ -745,8 +741,16 @@ def _replay_first_round(solve: _Solve, rnd: Round) -> None:
             notes.append(f"early stop: fewer than {policy.warmup} trajectories to warm up with; none stopped")
         else:
             rnd.tokens_saved = saved
-            notes.append(f"early stop: threshold {threshold:.3f}, {cut_count} stopped, {saved} tokens saved")
+            note = f"early stop: threshold {threshold:.3f}, {cut_count} stopped, {saved} tokens saved"
+            notes.append(note + (_short_of_window(rnd, policy.window) if not cut_count else ""))
     rnd.policy_note = "; ".join(f"{note} (replayed)" for note in notes) or None
+
+
+def _short_of_window(rnd: Round, window: int) -> str:
+    """Why early stop could stop nothing, when it is that no trajectory reached a full window (else "")."""
+    if all(t.confidence is None or t.confidence.token_count < window for t in rnd.trajectories):
+        return f" (no trajectory reached a full window of {window} tokens, so none could be judged)"
+    return ""
 
 
 def stored_token_confidences(item: Completion | Trajectory) -> list[float] | None:
