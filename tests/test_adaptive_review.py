@@ -155,3 +155,23 @@ def test_keep_top_keeps_the_fraction_rounded_up_without_float_noise(fraction, co
     chosen, dropped = keep_most_confident([trajectory(i) for i in range(count)], fraction)
     assert (len(chosen), len(dropped)) == (kept, count - kept)
     assert [t.index for t in chosen] == list(range(count - kept, count))  # the most confident
+
+
+@pytest.mark.http
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("pacore", "max_tokens", "message"),
+    [
+        ({"compute": {"budget_tokens": 60}}, 50, "budget_tokens=60 cannot run one trajectory of each of the 2 rounds"),
+        ({"compute": {"keep_top": 0.5}, "schedule": []}, None, "need a schedule with at least one coordinated round"),
+    ],
+)
+def test_a_policy_the_request_cannot_run_is_a_400_streamed_or_not(server, fake, stream, pacore, max_tokens, message):
+    client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "hi"}], stream=stream,
+            max_tokens=max_tokens or openai.NOT_GIVEN, extra_body={"pacore": pacore},
+        )  # fmt: skip
+    assert caught.value.status_code == 400 and message in caught.value.body["message"]
+    assert fake.calls == []

@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacore.adaptive import ComputePolicy
 from pacore.backends.base import Backend, GenerationParams
-from pacore.engine import asolve
+from pacore.engine import asolve, check_policy
 from pacore.errors import PacoreError, UsageError, shorten
 from pacore.options import SolveOptions
 from pacore.prompts import SynthesisTemplate
@@ -592,6 +592,9 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
             params=config.params,
             limits=config.limits,
         )
+        policy = plan.compute or server.options.compute
+        if policy is not None:  # a 400 now, not an error event inside a streamed 200
+            check_policy(policy, plan.schedule, plan.params)
         run = server.admit(plan, request)
         request.state.pacore_run = run
         if plan.stream:
