@@ -23,7 +23,8 @@ per-token confidences), then the fixed schedule and keep-top, early stop and
 adaptive width are replayed on it with ``first_round``; only the final
 synthesis calls the model (so its wall times are the final call's alone).
 
-    python bench/adaptive.py [--quick] [--json] [--problems P] [--arms fixed,quorum]
+    python bench/adaptive.py [--quick] [--json] [--problems P] [--arms fixed,quorum] [--schedule 32,4]
+                             [--length-sigma S]
 """
 
 from __future__ import annotations
