@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from adaptive import EARLY_STOP_AND_WIDTH
 from harness import BENCH_DIR, machine
 
 SCRIPTS = ("orchestration", "proxy", "embedded", "adaptive")
@@ -62,7 +63,7 @@ LIMITS: dict[str, Callable[[dict[str, Any]], str]] = {
         + "; ".join(
             f"{arm} saves {1 - f['live'][arm]['tokens_ratio']:.0%} of tokens at "
             f"{f['live'][arm]['accuracy_change_points']:+.1f} points"
-            for arm in ("early_stop", "early_stop_p90", "early_stop_p90_first", "adaptive_k")
+            for arm in EARLY_STOP_AND_WIDTH
             if arm in f["live"]
         )
         + f" ({100 / f['workload']['problems']:.1f} points per problem). Live early stop runs its warm-up in "
