@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import pacore
 from pacore.backends import open_backend
 from pacore.backends.base import GenerationParams
 from pacore.backends.llama_cpp import (
@@ -187,20 +186,6 @@ async def test_generate_reports_progress_token_by_token():
     for index, completion in enumerate(completions):
         counts = [t for i, t in progress if i == index]
         assert counts == list(range(1, len(counts) + 1)) and len(counts) >= completion.completion_tokens > 0
-
-
-@pytest.mark.model
-def test_solve_with_the_embedded_model_end_to_end():
-    result = pacore.solve(
-        "What is 2+3?", schedule=2, params=GenerationParams(max_tokens=24, seed=5, temperature=0.8)
-    )
-    assert [len(r.trajectories) for r in result.rounds] == [2, 1]
-    assert result.usage.completion_tokens == sum(
-        t.completion_tokens for r in result.rounds for t in r.trajectories
-    )
-    assert result.usage.completion_tokens > 0
-    assert result.rounds[1].trajectories[0].prompt_tokens > result.rounds[0].trajectories[0].prompt_tokens
-    assert result.model == "gemma-3-270m-q4_k_m"
 
 
 @pytest.mark.model

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_harness import PACORE
 from fakes import Call, ScriptedBackend, fail
 from pacore.eval.datasets import Problem
 from pacore.eval.report import CROSS_CHECK, wilson_interval
 from pacore.eval.runner import Arm, run_dataset
-
-PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 
 # Per problem: the two first-round replies and the synthesis. q0: all right, the
 # synthesis cross-checks; q1: every input wrong, the synthesis right (emergent,
