@@ -19,10 +19,9 @@ import httpx
 import openai
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import FastBackend, fast_backend  # noqa: E402
-from pacore import GenerationParams, asolve  # noqa: E402
-from pacore.backends.openai_http import OpenAIBackend  # noqa: E402
+from harness import FastBackend, fast_backend
+from pacore import GenerationParams, asolve
+from pacore.backends.openai_http import OpenAIBackend
 
 pytestmark = pytest.mark.http
 MESSAGES = [{"role": "user", "content": "Say something."}]
