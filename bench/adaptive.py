@@ -23,7 +23,8 @@ per-token confidences), then the fixed schedule and keep-top, early stop and
 adaptive width are replayed on it with ``first_round``; only the final
 synthesis calls the model (so its wall times are the final call's alone).
 
-    python bench/adaptive.py [--quick] [--json] [--problems P] [--arms fixed,quorum]
+    python bench/adaptive.py [--quick] [--json] [--problems P] [--arms fixed,quorum] [--schedule 32,4]
+                             [--length-sigma S]
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ ARMS: dict[str, ComputePolicy | None] = {
         early_stop=True, early_stop_percentile=90, warmup_first=True, window=WINDOW, top_logprobs=TOP_LOGPROBS
     ),
     "adaptive_k": ComputePolicy(adaptive_k=True),
+    # Adaptive-Consistency's own procedure: one sample at a time, the Beta test after each.
+    "adaptive_k_1": ComputePolicy(adaptive_k=True, wave=1),
     "keep_top_0.5": ComputePolicy(keep_top=0.5, window=WINDOW, top_logprobs=TOP_LOGPROBS),
     "quorum_0.9": ComputePolicy(quorum=0.9),
     "quorum_0.9_straggler": ComputePolicy(quorum=0.9, straggler_timeout=STRAGGLER_TIMEOUT_S),
@@ -76,20 +79,22 @@ ARMS: dict[str, ComputePolicy | None] = {
 }
 ARM_NOTES = {
     "fixed": "the fixed schedule, every policy off (the paper's method)",
-    "early_stop": f"online early stop, warm-up 4, threshold at percentile 10 (DeepConf-high), window {WINDOW}",
+    "early_stop": f"online early stop, warm-up 4 (DeepConf's 16 of 512 cannot fit K=16), percentile 10 "
+    f"(DeepConf-high), window {WINDOW}",
     "early_stop_p90": f"online early stop, warm-up 4, percentile 90 (DeepConf-low), window {WINDOW}",
     "early_stop_p90_first": "as early_stop_p90, the warm-up run first (warmup_first: DeepConf's online algorithm)",
-    "adaptive_k": "adaptive width, waves of 4, Beta test at 0.95",
+    "adaptive_k": "adaptive width, waves of 4 (the engine's default), Beta test at 0.95 (Adaptive-Consistency's)",
+    "adaptive_k_1": "adaptive width, one trajectory at a time (Adaptive-Consistency's own), Beta test at 0.95",
     "keep_top_0.5": "the most confident half of round 1's messages synthesized",
     "quorum_0.9": "a round ends when 90% of its trajectories have finished",
     "quorum_0.9_straggler": f"quorum 0.9, then up to {STRAGGLER_TIMEOUT_S} s more for stragglers",
     "budget": "generated tokens per problem capped at half the fixed schedule's worst case (all at max_tokens)",
 }
 #: Arms replayed offline on a stored round-1 pool (the policies that act on round 1's samples).
-REPLAY_ARMS = ("fixed", "early_stop", "early_stop_p90", "adaptive_k", "keep_top_0.5")
+REPLAY_ARMS = ("fixed", "early_stop", "early_stop_p90", "adaptive_k", "adaptive_k_1", "keep_top_0.5")
 
 #: The arms the token-saving target is about.
-EARLY_STOP_AND_WIDTH = ("early_stop", "early_stop_p90", "early_stop_p90_first", "adaptive_k")
+EARLY_STOP_AND_WIDTH = ("early_stop", "early_stop_p90", "early_stop_p90_first", "adaptive_k", "adaptive_k_1")
 
 TARGETS = {
     # The larger token saving of early stop and adaptive width among those losing at most 1 point.
@@ -110,6 +115,8 @@ class Workload:
     #: Requests (each one arm of one problem) at once, for round 1 of 16: ``in_flight_for`` scales it.
     in_flight: int
     schedule: tuple[int, ...] = SCHEDULE
+    #: The simulated model (``--length-sigma`` changes its length spread).
+    simulation: Simulation = SIMULATION
 
     @property
     def in_flight_for(self) -> int:
@@ -143,10 +150,10 @@ class Outcome:
     trajectories: int
 
 
-def outcome(i: int, result: Result, wall_s: float) -> Outcome:
+def outcome(i: int, result: Result, wall_s: float, simulation: Simulation) -> Outcome:
     trajectories = [t for r in result.rounds for t in r.trajectories]
     return Outcome(
-        correct=grade(result.answer, SIMULATION.problem(question(i)).answer),
+        correct=grade(result.answer, simulation.problem(question(i)).answer),
         tokens=result.usage.completion_tokens,
         wall_s=wall_s,
         stopped=sum(t.stopped is not None for t in trajectories),
@@ -154,11 +161,12 @@ def outcome(i: int, result: Result, wall_s: float) -> Outcome:
     )
 
 
-async def solve(backend: OpenAIBackend, i: int, schedule: Sequence[int], arm: str, **extra: Any) -> Outcome:
+async def solve(backend: OpenAIBackend, i: int, workload: Workload, arm: str, **extra: Any) -> Outcome:
     started = time.perf_counter()
+    schedule = list(workload.schedule)
     compute = arm_policy(arm, schedule)
-    result = await asolve(question(i), schedule=list(schedule), backend=backend, params=params(i), compute=compute, **extra)
-    return outcome(i, result, time.perf_counter() - started)
+    result = await asolve(question(i), schedule=schedule, backend=backend, params=params(i), compute=compute, **extra)
+    return outcome(i, result, time.perf_counter() - started, workload.simulation)
 
 
 async def run_arms(backends: dict[str, OpenAIBackend], workload: Workload) -> dict[str, list[Outcome]]:
@@ -168,7 +176,7 @@ async def run_arms(backends: dict[str, OpenAIBackend], workload: Workload) -> di
 
     async def job(i: int, arm: str) -> Outcome:
         async with gate:
-            return await solve(backends[arm], i, workload.schedule, arm)
+            return await solve(backends[arm], i, workload, arm)
 
     done = await asyncio.gather(*(job(i, arm) for i in range(workload.problems) for arm in arms))
     return {arm: list(done[j :: len(arms)]) for j, arm in enumerate(arms)}
@@ -183,7 +191,7 @@ async def run_replay(backend: OpenAIBackend, workload: Workload, arms: Sequence[
     async def problem(i: int) -> list[Outcome]:
         async with gate:
             pool = await asample(question(i), k, backend=backend, params=params(i), compute=pool_policy)
-        return [await solve(backend, i, workload.schedule, arm, first_round=pool) for arm in arms]
+        return [await solve(backend, i, workload, arm, first_round=pool) for arm in arms]
 
     rows = await asyncio.gather(*(problem(i) for i in range(workload.problems)))
     return {arm: [row[j] for row in rows] for j, arm in enumerate(arms)}
@@ -249,14 +257,14 @@ async def measure(workload: Workload, arms: Sequence[str], replay: bool) -> dict
             "window": WINDOW,
             "top_logprobs": TOP_LOGPROBS,
         },
-        "simulation": asdict(SIMULATION),
+        "simulation": asdict(workload.simulation),
         "arms": {arm: ARM_NOTES[arm] for arm in arms},
     }
-    problems = [SIMULATION.problem(question(i)) for i in range(workload.problems)]
+    problems = [workload.simulation.problem(question(i)) for i in range(workload.problems)]
     figures["simulated_mean_p_correct"] = round(statistics.mean(p.p_correct for p in problems), 3)
     # One endpoint per arm, so the simulator counts the tokens each arm really made it generate.
     with fast_backend(
-        "--simulate", *SIMULATION.args(), "--tokens-per-s", TOKENS_PER_S, "--ttft-ms", TTFT_MS,
+        "--simulate", *workload.simulation.args(), "--tokens-per-s", TOKENS_PER_S, "--ttft-ms", TTFT_MS,
         "--chunk-tokens", CHUNK_TOKENS, "--endpoints", len(arms),
     ) as server:  # fmt: skip
         backends = {arm: OpenAIBackend(url, n_mode="off") for arm, url in zip(arms, server.urls, strict=True)}
@@ -336,6 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", help=f"comma-separated arms to run (default all: {','.join(ARMS)}; fixed always)")
     parser.add_argument("--no-replay", action="store_true", help="skip the offline replay")
     parser.add_argument("--schedule", help="trajectories per coordinated round, e.g. 32,4 (default 16)")
+    parser.add_argument(
+        "--length-sigma", type=float,
+        help=f"the simulated lengths' log standard deviation (default {SIMULATION.length_sigma:g}), for a sensitivity run",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     workload = QUICK if args.quick else FULL
     if args.problems:
@@ -345,6 +357,10 @@ def main(argv: list[str] | None = None) -> None:
             workload = replace(workload, schedule=tuple(int(k) for k in args.schedule.split(",")))
         except ValueError:
             parser.error(f"--schedule takes comma-separated counts, got {args.schedule!r}")
+    if args.length_sigma is not None:
+        if args.length_sigma < 0:
+            parser.error(f"--length-sigma must be >= 0, got {args.length_sigma:g}")
+        workload = replace(workload, simulation=replace(SIMULATION, length_sigma=args.length_sigma))
     arms = ["fixed", *(a for a in (args.arms.split(",") if args.arms else ARMS) if a != "fixed")]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:

@@ -49,12 +49,28 @@ is the simulation's. Off, the server behaves exactly as above. On:
   answers with probability ``follow_majority`` (0.9; ties drawn), else samples
   afresh as above.
 - Lengths are log-normal: median ``median_tokens * (1 + hard_length * d)``
-  (600, 1.0), log standard deviation ``length_sigma`` (0.6: the 90th percentile
-  is 2.2x the median), times ``wrong_length`` (1.4) for a wrong trajectory
-  (wrong reasoning runs longer, as reported for long-CoT models) and
-  ``synthesis_length`` (0.5) for a synthesis call. ``max_tokens`` cuts them
-  (``finish_reason: length``). The text is ``<think>`` filler words, then
-  ``</think>`` and ``The answer is $\\boxed{N}$.``
+  (600, 1.0), log standard deviation ``length_sigma`` (0.6: within a problem
+  the 90th percentile is 2.2x the median, the 99th 4.0x), times
+  ``wrong_length`` (1.4) for a wrong trajectory and ``synthesis_length`` (0.5)
+  for a synthesis call. ``max_tokens`` cuts them (``finish_reason: length``).
+  The text is ``<think>`` filler words, then ``</think>`` and
+  ``The answer is $\\boxed{N}$.``
+  Sources: Hassid et al. 2025 ("Don't Overthink it", arXiv 2505.17813; 20
+  samples a question from three R1-style models on AIME 2024/25 and HMMT 2025)
+  find the chains of one question spread widely, wrong ones longer (the
+  shortest chain up to 34.5 points more accurate than the longest), and the
+  hardest third of questions using up to 2.9x the tokens of the easiest (here
+  about 2x, with the wrong-length factor); RL-rollout papers (Hu et al. 2025,
+  TLT, arXiv 2511.16665; DARTS, arXiv 2605.30859) report a long right tail
+  of R1-style response lengths, within one prompt's group too; Jiao et al.
+  (EMNLP 2025) fit GPT-4o response lengths (checked on Qwen and DeepSeek)
+  with a Weibull-type, bounded-tail extreme-value law, heavier at higher
+  temperature: no support for a power-law (Pareto) tail. None of these gives a within-question
+  dispersion to fit, so ``length_sigma`` is a stated assumption, not a
+  measurement: 0.6 gives a right skew of the reported kind (over a whole
+  batch, difficulty and wrong answers included, p99 is 4.9x the median); 1.0
+  gives the ~10x an RL-systems tutorial quotes for training rollouts, where
+  unconverged policies and runaway repetition lengthen the tail.
 - Wall time: ``--ttft-ms``, then each sample's tokens at ``--tokens-per-s``
   (chunks of ``--chunk-tokens`` sent when their last token is due), so wall
   time scales with length; ``n`` > 1 streams each choice at its own pace.

@@ -12,11 +12,22 @@ the same workload (P problems, each a full PaCoRe request) is run by:
 - pacore: ``pacore.asolve`` through ``OpenAIBackend`` (one request per
   trajectory with ``n_mode="off"``; ``n`` batching with the default ``auto``);
 - naive: the reference release's approach, a new client and connection with
-  keep-alive off for every call and one request per trajectory (not streamed).
+  keep-alive off for every call and one request per trajectory, plain JSON
+  (the release does not stream);
+- naive_stream: the same, with its calls streamed as pacore's are. The
+  ``pacore_over_naive_stream_n`` target compares pacore with this one: at
+  zero latency every streamed token costs any client one server-sent event
+  to parse, which the plain naive client never pays, so pacore against
+  plain naive measures streaming, not orchestration. Both ratios are shown.
 
 What streaming costs: the same ceiling and pacore clients on schedule [16]
 with plain (non-streamed) answers, side by side, give the client CPU per
 token of each way.
+
+The full workload is 100 problems per schedule with 5 interleaved repeats:
+since calls stream, a trajectory is 64 events on both sides of the 2 shared
+cores, several times the work of one JSON answer, and 200 problems no longer
+ran in 6 to 8 minutes; the ratios are medians of the same 5 repeats.
 
 The machine's cores are shared by the backend process and the client, so
 trajectories/s are those of this machine, not of a GPU server: what matters
@@ -26,7 +37,9 @@ are the client process's own (``time.process_time``), per trajectory.
 Also measured: the engine's own CPU against an in-process instant backend
 (no HTTP at all), the round-to-round gap, peak RSS with 10,000 trajectories
 in flight (a child process), and scale-out over 1, 2 and 4 endpoints that
-each serve a fixed number of samples at once.
+each serve a fixed number of samples at once (streamed 8 tokens to an event,
+so that on 2 shared cores the endpoints, not the per-token CPU measured above,
+are the limit).
 
     python bench/orchestration.py [--quick] [--json]
 """
@@ -72,7 +85,7 @@ _TLS = ssl.create_default_context()
 
 TARGETS = {
     "pacore_over_ceiling": (0.85, True),
-    "pacore_over_naive_n": (3.0, True),
+    "pacore_over_naive_stream_n": (3.0, True),
     "cpu_ms_per_trajectory": (0.5, False),
     "round_gap_p99_ms": (5.0, False),
     "peak_rss_mb_10k": (400.0, False),
@@ -90,7 +103,7 @@ class Workload:
     scale_problems: int = 24
 
 
-FULL = Workload(problems=200, in_flight=16, repeats=5)
+FULL = Workload(problems=100, in_flight=16, repeats=5)
 QUICK = Workload(problems=40, in_flight=16, repeats=1, scale_problems=8)
 
 
@@ -190,11 +203,11 @@ def pooled_post(pool: ConnectionPool, url: str, stream: bool = True) -> Post:
     return post
 
 
-def naive_post(url: str) -> Post:
+def naive_post(url: str, stream: bool = False) -> Post:
     async def post(content: str, n: int) -> list[str]:
         limits = httpx.Limits(max_keepalive_connections=0)
         async with httpx.AsyncClient(verify=_TLS, limits=limits, timeout=60) as client:
-            response = await client.post(url, content=chat_body(content, 1, False), headers=_CLOSE)
+            response = await client.post(url, content=chat_body(content, 1, stream), headers=_CLOSE)
         return contents(response)
 
     return post
@@ -336,7 +349,8 @@ async def run_batch(backend: Backend, workload: Workload, schedule: Schedule) ->
 CLIENTS = {
     "ceiling": "minimal pooled client, one request per trajectory",
     "pacore": "pacore.asolve, one request per trajectory (n_mode=off)",
-    "naive": "new connection per call, keep-alive off, one request per trajectory",
+    "naive": "new connection per call, keep-alive off, one request per trajectory, plain JSON (the release)",
+    "naive_stream": "as naive, streamed as pacore's calls are",
     "ceiling_n": "minimal pooled client, one request per round (n batching)",
     "pacore_n": "pacore.asolve, n batching (n_mode=auto, the default)",
     "pacore_run": "batch runner (pacore run), n batching, a store commit per problem",
@@ -365,6 +379,7 @@ async def measure_schedule(
             "ceiling": lambda w: run_direct(pooled_post(pool, chat_url), w, schedule, 1),
             "pacore": lambda w: run_pacore(single, w, schedule),
             "naive": lambda w: run_direct(naive_post(chat_url), w, schedule, 1),
+            "naive_stream": lambda w: run_direct(naive_post(chat_url, stream=True), w, schedule, 1),
             "ceiling_n": lambda w: run_direct(pooled_post(pool, chat_url), w, schedule, batch),
             "pacore_n": lambda w: run_pacore(batched, w, schedule),
             "pacore_run": lambda w: run_batch(batched, w, schedule),
@@ -400,6 +415,8 @@ async def measure_schedule(
     figures["pacore_run_over_ceiling_n"] = round(ratio("pacore_run", "ceiling_n"), 3)
     figures["pacore_over_naive"] = round(ratio("pacore", "naive"), 2)
     figures["pacore_over_naive_n"] = round(ratio("pacore_n", "naive"), 2)
+    figures["pacore_over_naive_stream"] = round(ratio("pacore", "naive_stream"), 2)
+    figures["pacore_over_naive_stream_n"] = round(ratio("pacore_n", "naive_stream"), 2)
     figures["pacore_over_ceiling_cpu"] = round(cpu["ceiling"] / cpu["pacore"], 3)
     figures["pacore_added_cpu_ms_per_trajectory"] = round(cpu["pacore"] - cpu["ceiling"], 3)
     figures["pacore_n_added_cpu_ms_per_trajectory"] = round(cpu["pacore_n"] - cpu["ceiling_n"], 3)
@@ -436,7 +453,7 @@ async def isolated_gaps(url: str, schedule: Schedule, problems: int) -> list[flo
     return [g * 1000 for g in gaps]
 
 
-SCALE_CONCURRENCY, SCALE_TTFT_MS, SCALE_TOKENS_PER_S = 4, 20, 800
+SCALE_CONCURRENCY, SCALE_TTFT_MS, SCALE_TOKENS_PER_S, SCALE_CHUNK_TOKENS = 4, 20, 800, 8
 
 
 async def scale_out(workload: Workload) -> dict[str, Any]:
@@ -447,7 +464,7 @@ async def scale_out(workload: Workload) -> dict[str, Any]:
     per_call_s = SCALE_TTFT_MS / 1000 + COMPLETION_TOKENS / SCALE_TOKENS_PER_S
     figures: dict[str, Any] = {
         "endpoint": f"{SCALE_CONCURRENCY} samples at once, {per_call_s * 1000:.0f} ms per call "
-        f"(capacity {SCALE_CONCURRENCY / per_call_s:.0f} trajectories/s each)",
+        f"(capacity {SCALE_CONCURRENCY / per_call_s:.0f} trajectories/s each; {SCALE_CHUNK_TOKENS} tokens an event)",
         "schedule": schedule.as_list(),
     }
     gaps: list[float] = []
@@ -455,6 +472,7 @@ async def scale_out(workload: Workload) -> dict[str, Any]:
         with fast_backend(
             "--endpoints", endpoints, "--concurrency", SCALE_CONCURRENCY, "--ttft-ms", SCALE_TTFT_MS,
             "--tokens-per-s", SCALE_TOKENS_PER_S, "--completion-tokens", COMPLETION_TOKENS,
+            "--chunk-tokens", SCALE_CHUNK_TOKENS,
         ) as server:  # fmt: skip
             backend = open_backend(server.urls, model=MODEL, n_mode="off")
             try:
@@ -544,6 +562,7 @@ async def measure(workload: Workload) -> dict[str, Any]:
     sections = [figures[f"schedule_{s.text()}"] for s in workload.schedules]
     figures["pacore_over_ceiling"] = min(s["pacore_over_ceiling"] for s in sections)
     figures["pacore_over_naive_n"] = min(s["pacore_over_naive_n"] for s in sections)
+    figures["pacore_over_naive_stream_n"] = min(s["pacore_over_naive_stream_n"] for s in sections)
     figures["cpu_ms_per_trajectory"] = max(figures["engine_cpu_ms_per_trajectory"].values())
     figures["round_gap_p99_ms"] = figures["scale_out"]["round_gap_p99_ms"]
     figures["round_gap_saturated_p99_ms"] = max(s["round_gap_saturated_p99_ms"] for s in sections)
@@ -564,7 +583,7 @@ def report(figures: dict[str, Any]) -> list[str]:
         "server's: read the ratios. CPU is the client process's own time per trajectory.",
         "",
     ]
-    lines += [f"  {name:10} = {what}" for name, what in figures["clients"].items()]
+    lines += [f"  {name:13} = {what}" for name, what in figures["clients"].items()]
     for schedule in w["schedules"]:
         s = figures[f"schedule_{Schedule(tuple(schedule)).text()}"]
         lines.append(f"\nschedule {schedule}:        trajectories/s   client CPU ms/trajectory")
@@ -572,12 +591,13 @@ def report(figures: dict[str, Any]) -> list[str]:
             if name not in s:
                 continue
             lines.append(
-                f"  {name:10} {s[name]['trajectories_per_s']:18.1f} {s[name]['cpu_ms_per_trajectory']:20.3f}"
+                f"  {name:13} {s[name]['trajectories_per_s']:18.1f} {s[name]['cpu_ms_per_trajectory']:20.3f}"
             )
         lines.append(
             f"  pacore/ceiling {s['pacore_over_ceiling']:.3f}, pacore_n/ceiling_n {s['pacore_n_over_ceiling_n']:.3f}, "
             f"pacore_run/ceiling_n {s['pacore_run_over_ceiling_n']:.3f}, pacore/naive {s['pacore_over_naive']:.2f}, "
-            f"pacore_n/naive {s['pacore_over_naive_n']:.2f}"
+            f"pacore_n/naive {s['pacore_over_naive_n']:.2f}; against naive_stream: pacore "
+            f"{s['pacore_over_naive_stream']:.2f}, pacore_n {s['pacore_over_naive_stream_n']:.2f}"
         )
         lines.append(
             f"  CPU pacore adds over the same HTTP calls: {s['pacore_added_cpu_ms_per_trajectory']:.3f} ms/trajectory "

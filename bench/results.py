@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from adaptive import EARLY_STOP_AND_WIDTH
 from harness import BENCH_DIR, machine
 
 SCRIPTS = ("orchestration", "proxy", "embedded", "adaptive")
@@ -36,7 +37,10 @@ LIMITS: dict[str, Callable[[dict[str, Any]], str]] = {
         + " more CPU per trajectory than the ceiling (engine, retries and accounting around each call), "
         "and the other processes on the 2 shared cores move single runs by about 10%"
     ),
-    "pacore_over_naive_n": lambda f: "see the per-schedule table: the naive client's per-call cost sets this ratio",
+    "pacore_over_naive_stream_n": lambda f: (
+        "see the per-schedule table: the streamed naive client's per-call cost (a new connection) sets this ratio, "
+        "and the per-token cost of streaming, which both pay, bounds it"
+    ),
     "cpu_ms_per_trajectory": lambda f: "the engine's own work per trajectory (trace objects, compaction, events)",
     "round_gap_p99_ms": lambda f: (
         f"the median gap is {f['scale_out']['round_gap_p50_ms']:.2f} ms and one request alone sees "
@@ -59,7 +63,7 @@ LIMITS: dict[str, Callable[[dict[str, Any]], str]] = {
         + "; ".join(
             f"{arm} saves {1 - f['live'][arm]['tokens_ratio']:.0%} of tokens at "
             f"{f['live'][arm]['accuracy_change_points']:+.1f} points"
-            for arm in ("early_stop", "early_stop_p90", "early_stop_p90_first", "adaptive_k")
+            for arm in EARLY_STOP_AND_WIDTH
             if arm in f["live"]
         )
         + f" ({100 / f['workload']['problems']:.1f} points per problem). Live early stop runs its warm-up in "
@@ -107,6 +111,60 @@ def targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+# Why the naive target compares streamed clients (shown under the targets table).
+NAIVE_NOTE = """\
+`pacore_over_naive_stream_n` replaced `pacore_over_naive_n` as the target when
+calls began to stream (issue 9); the goal (>= 3) is unchanged. Both compare
+pacore with `n` batching against the reference release's way of calling a
+server (a new connection per call, one call per trajectory), which is what the
+target is about: pooled connections and `n` batching. The release's own client
+asks for plain JSON, so against it pacore's streamed calls pay one server-sent
+event per token that it never pays; with a zero-latency backend that per-token
+cost, not orchestration, would set the ratio, and the target would then say
+that streaming costs CPU (measured below) rather than whether pacore orchestrates
+well. The target therefore uses `naive_stream`, the same client streamed as
+pacore's calls are; the ratio against the release's plain client is still
+measured and shown (`pacore_over_naive_n` in the orchestration figures)."""
+
+
+def streaming_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The section on what streaming costs per token, from this run's orchestration and proxy figures."""
+    orchestration, proxy = results.get("orchestration"), results.get("proxy")
+    first = orchestration and next((v for k, v in orchestration.items() if k.startswith("schedule_")), None)
+    if not first or "streaming_cost_us_per_token" not in first or not proxy:
+        return []
+    cost = first["streaming_cost_us_per_token"]
+    tokens = orchestration["workload"]["completion_tokens"]
+    schedule = orchestration["workload"]["schedules"][0]
+    return [
+        "",
+        "## What streaming costs per token",
+        "",
+        "Since issue 9 every backend call streams (`stream: true`), so `--timeout` limits silence, not a "
+        "call's length. Each token then arrives as one server-sent event (one HTTP chunk, one JSON "
+        "document) instead of a share of one JSON answer. Measured in this run, the same clients against "
+        "a backend that streams and one that answers plain JSON:",
+        "",
+        "```text",
+        f"client CPU per completion token ({tokens}-token completions, schedule {schedule}):",
+        f"  minimal pooled client (ceiling)   {cost['ceiling']:6.1f} us streamed vs {cost['ceiling_plain']:6.1f} us "
+        f"plain   (+{cost['ceiling_added']:.1f} us)",
+        f"  pacore (one call per trajectory)  {cost['pacore']:6.1f} us streamed vs {cost['pacore_plain']:6.1f} us "
+        f"plain   (+{cost['pacore_added']:.1f} us)",
+        "pacore serve, CPU per token relayed (pass-through, 50 client streams at once):",
+        f"  {proxy['server_cpu_us_per_streamed_token']} us from a streaming backend vs "
+        f"{proxy['server_cpu_us_per_token_plain_backend']} us from one answering plain JSON",
+        "```",
+        "",
+        "Most of a streamed token's cost is the HTTP client's (h11 and httpcore handle every chunk "
+        "through several generator layers) and one JSON decode per event, which any streaming client pays; "
+        "pacore's own share is the line splitting and the per-chunk bookkeeping of "
+        "`OpenAIBackend._read_events` and `_StreamState.feed`, which read an uncompressed body from the "
+        "response's raw stream. Against a real model server these microseconds per token are far "
+        "below the time the model takes to generate the token.",
+    ]
+
+
 def write_results(results: dict[str, dict[str, Any]], quick: bool, started: dict[str, Any]) -> str:
     flag = " --quick" if quick else ""
     lines = [
@@ -130,6 +188,8 @@ def write_results(results: dict[str, dict[str, Any]], quick: bool, started: dict
         "## Targets",
         "",
         *targets_table(results),
+        *(["", NAIVE_NOTE] if "orchestration" in results else []),
+        *streaming_section(results),
     ]
     for name, figures in results.items():
         module = importlib.import_module(name)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+# The embedded model's context in the tests (PACORE_N_CTX, read by every model load, in this process
+# and in the pacore commands and servers it starts): the prompts of the model tests are a few
+# hundred tokens, and the default 16,384 doubles a load's CPU time and adds 200 MB per process.
+os.environ.setdefault("PACORE_N_CTX", "4096")
 
 # The project's shared test data lives beside the repository, never inside it.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -33,3 +39,14 @@ def llama_server_url() -> Iterator[str]:
 
     with llama_server(default_model_path()) as url:
         yield url
+
+
+#: Fixtures that serve the real embedded model: a test using one is a model test, marked or not.
+MODEL_FIXTURES = frozenset({"llama_server_url", "small_context_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that use a model fixture ``model``, so ``-m "not model"`` (the unit lane) skips them."""
+    for item in items:
+        if MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)

@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from fakes import StreamingScriptedBackend
+from harness import fast_backend  # noqa: E402
 from pacore import ComputePolicy, engine
 from pacore.backends import open_backend
 from pacore.backends.base import GenerationParams
@@ -38,9 +39,6 @@ from pacore.server import ServerConfig
 from pacore.store import RunStore
 from pacore.trace import Confidence, Round, Trajectory
 from server_harness import RunningServer, running_app, running_cli
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
 
 PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 

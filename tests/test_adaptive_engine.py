@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from fakes import ScriptedBackend
+from harness import fast_backend  # noqa: E402
 from pacore import ComputePolicy
 from pacore.adaptive import majority_probability, percentile
 from pacore.api import asolve, iter_solve
@@ -31,9 +30,6 @@ from pacore.engine import asample
 from pacore.errors import BackendError, DeadlineExceededError, UsageError
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND
 from pacore.trace import Final, Result, RoundFinished, Trajectory, TrajectoryFinished, TrajectoryProgress
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
 
 STRIDE = MAX_TRAJECTORIES_PER_ROUND + 1  # the engine's seed stride per round (see engine._call_seed)
 SEEDED = GenerationParams(seed=0)

@@ -13,20 +13,18 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
-from reliability import environment, kill_when, run_command, write_data  # noqa: E402
+from cli_harness import PACORE
+from harness import fast_backend
+from reliability import environment, kill_when, run_command, write_data
 
 pytestmark = pytest.mark.http
 
 SECRET = "sk-live-0123456789-SECRETKEY"
 WRONG = "sk-wrong-9876543210-OTHERKEY"
-PACORE = str(Path(sys.executable).parent / "pacore")
 
 
 def pacore(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

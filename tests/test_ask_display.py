@@ -14,18 +14,15 @@ import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from fakes import ScriptedBackend
+from harness import fast_backend
 from pacore import asolve
 from pacore.cli.ask import AnswerStream
 from pacore.cli.progress import LineProgress, ProgressState
 from pacore.trace import AnswerDelta, RoundStarted, Trajectory, TrajectoryFinished, TrajectoryProgress
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")}
 

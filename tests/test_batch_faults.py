@@ -8,16 +8,13 @@ runs 200 and every fault kind alone): the real CLI in its own process against
 from __future__ import annotations
 
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
 from pacore.trace import Result
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from reliability import ARM, Checker, Figures, Scenario, run_scenario  # noqa: E402
+from reliability import ARM, Checker, Figures, Scenario, run_scenario
 
 PROBLEMS = 60
 

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
+from cli_harness import closed_port_url
 from fakes import ScriptedBackend, StreamingScriptedBackend, fail
+from harness import fast_backend
 from pacore import GenerationParams, asolve
 from pacore.backends.base import RetryPolicy
 from pacore.backends.openai_http import OpenAIBackend
 from pacore.backends.router import BreakerPolicy, RouterBackend
 from pacore.errors import BackendError, UsageError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
 
 PARAMS = GenerationParams()
 MESSAGES = [{"role": "user", "content": "q"}]
@@ -206,12 +202,6 @@ def test_breaker_policy_is_validated() -> None:
         BreakerPolicy(failures=0)
     with pytest.raises(UsageError):
         BreakerPolicy(cooldown_s=10, max_cooldown_s=5)
-
-
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 @pytest.mark.http

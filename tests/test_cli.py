@@ -11,12 +11,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shlex
-import shutil
-import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +22,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from cli_harness import assert_one_line_error, closed_port_url, pacore
 from fakes import ScriptedBackend
 from pacore import __version__, asolve
 from pacore.cli.ask import image_part
@@ -33,33 +30,14 @@ from pacore.cli.progress import LineProgress, LiveProgress, ProgressState, round
 from pacore.errors import InputError
 from pacore.trace import Round
 
-PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 # A 1x1 transparent PNG.
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
 )
 
 
-def pacore(*args: str, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    assert PACORE, "the pacore entry point is not installed next to this Python"
-    # No API key or debug switch from the developer's shell may change the outcome.
-    env = {k: v for k, v in os.environ.items() if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")}
-    return subprocess.run(
-        [PACORE, *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env
-    )
-
-
 def stderr_lines(process: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in process.stderr.splitlines() if line.strip()]
-
-
-def assert_one_line_error(process: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
-    lines = stderr_lines(process)
-    assert "Traceback" not in process.stderr
-    assert len(lines) == 1, process.stderr
-    assert lines[0].startswith("pacore: error: "), lines[0]
-    assert fragment.lower() in lines[0].lower(), lines[0]
-    assert process.returncode == code, (process.returncode, process.stderr)
 
 
 # --- a fault-injection OpenAI-compatible server ------------------------------
@@ -140,14 +118,6 @@ def fault_server() -> Iterator[FaultServer]:
     server.server_close()
 
 
-@pytest.fixture
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
-
-
 # --- the command line itself ---------------------------------------------------
 
 
@@ -190,13 +160,13 @@ USAGE_ERRORS = [
     (["ask", "   "], "", "question is empty"),
     (["ask", "-"], "", "stdin is empty"),
     (["ask", "-"], "  \n\n", "stdin is empty"),
-    (["ask"], "", "missing argument"),
+    (["ask"], "", "Missing argument"),
     (["ask", "q", "--schedule", "0"], "", "at least 1"),
     (["ask", "q", "--schedule", "-1"], "", "at least 1"),
     (["ask", "q", "--schedule", "a"], "", "invalid schedule 'a'"),
     (["ask", "q", "--schedule", "4,,2"], "", "empty entry"),
     (["ask", "q", "--image", "{tmp}/missing.png"], "", "image not found"),
-    (["ask", "q", "--image", "{tmp}/notes.png"], "", "not a png, jpeg"),
+    (["ask", "q", "--image", "{tmp}/notes.png"], "", "not a PNG, JPEG"),
     (["ask", "q", "--template", "{tmp}/missing.j2"], "", "cannot read template"),
     (["ask", "q", "--template", "{tmp}/broken.j2"], "", "broken.j2: line"),
     (["ask", "q", "--template", "{tmp}/typo.j2"], "", "'problm' is undefined"),
@@ -219,8 +189,8 @@ USAGE_ERRORS = [
     (["ask", "q", "--temperature", "nan"], "", "--temperature must be 0 or more and finite"),
     (["ask", "q", "--retries", "-1"], "", "--retries must be 0 or more"),
     (["ask", "q", "--backend", "ftp://example"], "", "unknown backend"),
-    (["ask", "q", "--backend", "http://"], "", "invalid backend url"),
-    (["ask", "q", "--no-such-flag"], "", "no such option"),
+    (["ask", "q", "--backend", "http://"], "", "invalid backend URL"),
+    (["ask", "q", "--no-such-flag"], "", "No such option"),
 ]
 
 
@@ -241,10 +211,11 @@ def test_usage_errors_exit_2_with_one_line(files: Path, args: list[str], stdin: 
 # --- runtime errors: exit 1, one line ------------------------------------------
 
 
-def test_unreachable_backend_exits_1(closed_port_url: str) -> None:
-    process = pacore("ask", "q", "--backend", closed_port_url, "--retries", "0", timeout=60)
+def test_unreachable_backend_exits_1() -> None:
+    url = closed_port_url()
+    process = pacore("ask", "q", "--backend", url, "--retries", "0", timeout=60)
     assert_one_line_error(process, 1, "unreachable")
-    assert closed_port_url in process.stderr
+    assert url in process.stderr
 
 
 def test_rejected_api_key_exits_1(fault_server: FaultServer) -> None:
@@ -420,14 +391,20 @@ async def test_line_progress_reports_long_streaming_rounds(monkeypatch) -> None:
 
 
 @pytest.mark.model
-def test_ask_json_with_the_embedded_model() -> None:
-    process = pacore("ask", "What is 2+3?", "--schedule", "2", "--max-tokens", "32", "--seed", "3", "--json")
+def test_ask_with_the_embedded_model_end_to_end() -> None:
+    """The one whole PaCoRe request on the real embedded model (the other front doors share its
+    engine and are tested on fast backends): the question from stdin, the trace as JSON on stdout,
+    progress and the summary on stderr."""
+    process = pacore("ask", "-", "--schedule", "2", "--max-tokens", "32", "--seed", "3", "--json", stdin="What is 2+3?\n")
     assert process.returncode == 0, process.stderr
     trace = json.loads(process.stdout)
     assert [len(r["trajectories"]) for r in trace["rounds"]] == [2, 1]
-    assert trace["schedule"] == [2]
+    assert trace["schedule"] == [2] and trace["model"] == "gemma-3-270m-q4_k_m"
     assert trace["rounds"][-1]["final"] is True
     assert trace["answer"] == trace["rounds"][-1]["trajectories"][0]["message"]
+    # The synthesis prompt carries the round-1 answers: longer than the question alone.
+    first, synthesis = trace["rounds"][0]["trajectories"][0], trace["rounds"][1]["trajectories"][0]
+    assert synthesis["prompt_tokens"] > first["prompt_tokens"] > 0
     usage = trace["usage"]
     assert usage["completion_tokens"] == sum(
         t["completion_tokens"] for r in trace["rounds"] for t in r["trajectories"]
@@ -435,19 +412,10 @@ def test_ask_json_with_the_embedded_model() -> None:
     assert 0 < usage["completion_tokens"] <= 3 * 32
     assert usage["prompt_tokens"] > 0
     assert trace["error"] is None
-    assert stderr_lines(process)[-1].startswith("2 rounds, 3 calls, ")
-
-
-@pytest.mark.model
-def test_ask_from_stdin_prints_answer_and_progress() -> None:
-    question = "Name a color.\n"
-    process = pacore("ask", "-", "--schedule", "1", "--max-tokens", "16", "--seed", "3", stdin=question)
-    assert process.returncode == 0, process.stderr
-    assert process.stdout.strip()
     lines = stderr_lines(process)
-    assert lines[0].startswith("round 1/2: 1/1 trajectories, ")
+    assert lines[0].startswith("round 1/2: 2/2 trajectories, ")
     assert lines[1].startswith("round 2/2 (final): 1/1 trajectories, ")
-    assert lines[2].startswith("2 rounds, 2 calls, ")
+    assert lines[2].startswith("2 rounds, 3 calls, ")
     assert "effective TTC tokens" in lines[2] and "prompt tokens" in lines[2]
 
 

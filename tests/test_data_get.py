@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cli_harness import assert_one_line_error, environment, free_port
+from cli_harness import pacore as run_pacore
 from pacore.errors import DatasetError, DownloadError, MissingExtraError, UsageError
 from pacore.eval import grade, load_dataset
 from pacore.eval.catalogue import CATALOGUE, GPQA_LETTERS, get_dataset, gpqa_option_order
@@ -279,12 +281,6 @@ def mirror(server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("PACORE_DATA_MIRROR", server.url)
     monkeypatch.setenv("PACORE_CACHE_DIR", str(tmp_path / "cache"))
     return server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def records(path: Path) -> list[dict]:
@@ -688,20 +684,8 @@ def test_cli_draws_the_download_bar_on_a_terminal(server: FileServer, tmp_path: 
 
 
 def pacore(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if k not in ("PACORE_DEBUG", "PACORE_DATA_MIRROR")}
-    environment.update(env)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), environment.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "pacore", *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=environment
-    )
-
-
-def assert_one_line_error(process: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
-    lines = [line for line in process.stderr.splitlines() if line.strip()]
-    assert process.returncode == code, process.stderr
-    assert "Traceback" not in process.stderr
-    assert len(lines) == 1 and lines[0].startswith("pacore: error: "), process.stderr
-    assert fragment in lines[0], lines[0]
+    """``pacore ARGS`` in ``cwd`` with ``env`` and no data mirror but what ``env`` names."""
+    return run_pacore(*args, cwd=cwd, timeout=120, env=environment("PACORE_DATA_MIRROR", **env))
 
 
 def test_cli_get_from_url_then_check_and_list(server: FileServer, tmp_path: Path) -> None:

@@ -31,7 +31,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,11 +44,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli_harness import free_port
+from harness import fast_backend
 from pacore.backends.llama_cpp import cache_dir as models_dir
 from test_data_get import FileServer, _handler, catalogue_files
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -128,12 +126,6 @@ def extract_blocks(page: Path) -> list[Block]:
 
 
 BLOCKS = [block for page in PAGES for block in extract_blocks(page)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------

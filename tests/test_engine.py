@@ -6,7 +6,6 @@ import asyncio
 import copy
 import json
 import re
-import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -406,15 +405,14 @@ async def test_a_failed_final_call_keeps_the_earlier_rounds():
 
 
 async def test_a_fatal_error_aborts_at_once_and_cancels_sibling_calls():
+    # The siblings never answer on their own (an hour): only the fatal error can end the request.
     backend = ScriptedBackend(
-        delay=lambda call: 0 if call.number == 0 else 10,
+        delay=lambda call: 0 if call.number == 0 else 3600,
         respond=lambda call, i: fail("auth", "HTTP 401: invalid API key"),
     )
     events = []
-    started = time.perf_counter()
     with pytest.raises(BackendError) as caught:
-        await asolve("Q", schedule=[4], backend=backend, on_event=events.append)
-    assert time.perf_counter() - started < 5
+        await asyncio.wait_for(asolve("Q", schedule=[4], backend=backend, on_event=events.append), timeout=120)
     assert caught.value.kind == "auth" and "invalid API key" in str(caught.value)
     assert sorted(c.number for c in backend.cancelled) == [1, 2, 3]
     assert caught.value.result is not None and caught.value.result.error
@@ -462,11 +460,10 @@ async def test_a_round_where_every_trajectory_is_empty_bypasses_the_template():
 
 
 async def test_deadline_raises_with_the_partial_result_and_cancels_calls():
-    backend = ScriptedBackend(delay=lambda call: 10 if is_synthesis(call) else 0)
-    started = time.perf_counter()
+    # The synthesis call never answers on its own (an hour): only the deadline can end the request.
+    backend = ScriptedBackend(delay=lambda call: 3600 if is_synthesis(call) else 0)
     with pytest.raises(DeadlineExceededError, match=r"deadline of 0.3s exceeded in round 2 of 2") as caught:
-        await asolve("Q", schedule=[2], backend=backend, deadline=0.3)
-    assert time.perf_counter() - started < 5
+        await asyncio.wait_for(asolve("Q", schedule=[2], backend=backend, deadline=0.3), timeout=120)
     result = caught.value.result
     assert result.rounds[0].succeeded == 2 and result.rounds[1].trajectories == []
     assert len(backend.cancelled) == 1
@@ -630,8 +627,7 @@ async def test_iter_solve_raises_input_errors_without_events():
 
 
 async def test_closing_iter_solve_early_cancels_backend_calls():
-    backend = ScriptedBackend(delay=10)
-    started = time.perf_counter()
+    backend = ScriptedBackend(delay=3600)  # calls that never answer on their own
     async with aclosing(iter_solve("Q", schedule=[3], backend=backend)) as events:
         async for event in events:
             assert isinstance(event, RoundStarted)
@@ -639,7 +635,6 @@ async def test_closing_iter_solve_early_cancels_backend_calls():
                 await asyncio.sleep(0.01)
             break
     assert len(backend.cancelled) == 3
-    assert time.perf_counter() - started < 5
 
 
 async def test_stream_answer_streams_only_the_final_round():

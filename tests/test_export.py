@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_harness import PACORE
 from fakes import Call, ScriptedBackend
 from pacore.errors import UsageError
 from pacore.eval.datasets import Problem
 from pacore.eval.export import export_train
 from pacore.eval.runner import Arm, run_dataset
-
-PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 
 
 def problems(count: int, without_answer: tuple[int, ...] = ()) -> list[Problem]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from cli_harness import PACORE
 from fakes import Call, ScriptedBackend
 from pacore.backends.base import Completion
 from pacore.engine import asolve
@@ -27,8 +26,6 @@ from pacore.messages import compact
 from pacore.rewards import compute_score
 from pacore.store import RunStore
 from pacore.trace import Trajectory
-
-PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 
 SYSTEM = {"role": "system", "content": "You are a careful mathematician.\n"}
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import FastBackend, fast_backend  # noqa: E402
+from harness import FastBackend, fast_backend
 
 pytestmark = pytest.mark.http
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -19,10 +19,9 @@ import httpx
 import openai
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import FastBackend, fast_backend  # noqa: E402
-from pacore import GenerationParams, asolve  # noqa: E402
-from pacore.backends.openai_http import OpenAIBackend  # noqa: E402
+from harness import FastBackend, fast_backend
+from pacore import GenerationParams, asolve
+from pacore.backends.openai_http import OpenAIBackend
 
 pytestmark = pytest.mark.http
 MESSAGES = [{"role": "user", "content": "Say something."}]
@@ -321,11 +320,11 @@ async def test_pacore_solves_against_the_simulator() -> None:
 
 
 def test_adaptive_benchmark_runs_against_the_simulator() -> None:
-    """A smoke run of bench/adaptive.py (2 problems, 3 arms) so the benchmark does not rot."""
+    """A smoke run of bench/adaptive.py (2 problems, 3 arms, another length spread) so the benchmark does not rot."""
     bench = Path(__file__).resolve().parents[1] / "bench" / "adaptive.py"
     arms = "fixed,early_stop_p90,quorum_0.9"
     done = subprocess.run(
-        [sys.executable, str(bench), "--json", "--problems", "2", "--arms", arms, "--no-replay"],
+        [sys.executable, str(bench), "--json", "--problems", "2", "--arms", arms, "--no-replay", "--length-sigma", "0.9"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -340,3 +339,14 @@ def test_adaptive_benchmark_runs_against_the_simulator() -> None:
     assert 0 < live["quorum_0.9"]["stopped_per_problem"] <= 1
     assert all(0 <= arm["accuracy"] <= 1 for arm in live.values())
     assert set(figures["targets"]) == {"token_saving_within_1pt", "quorum_p50_wall_saving"}
+    # The simulator ran with the spread asked for, and the figures say so.
+    assert figures["simulation"]["length_sigma"] == 0.9
+
+
+def test_adaptive_benchmark_refuses_a_negative_length_spread() -> None:
+    bench = Path(__file__).resolve().parents[1] / "bench" / "adaptive.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--length-sigma", "-1"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("--length-sigma must be >= 0, got -1")

@@ -7,23 +7,18 @@ import asyncio
 import contextlib
 import json
 import socket
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from faults import KINDS, FaultPlan, FaultSpecError, parse_spec
+from harness import FastBackend, fast_backend
 from pacore import GenerationParams, asolve
 from pacore.backends.base import RetryPolicy
 from pacore.backends.openai_http import OpenAIBackend
 from pacore.errors import BackendError, RoundFailedError
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-from faults import KINDS, FaultPlan, FaultSpecError, parse_spec  # noqa: E402
-from harness import FastBackend, fast_backend  # noqa: E402
 
 PARAMS = GenerationParams(max_tokens=8)
 WORDS = 8  # the fast backend's completions: 8 words, one token each

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import time
 from pathlib import Path
 
 import pytest
 
-import pacore
 from pacore.backends import open_backend
 from pacore.backends.base import GenerationParams
 from pacore.backends.llama_cpp import (
@@ -165,18 +163,25 @@ async def test_stream_delivers_pieces_that_add_up_to_the_text():
 @pytest.mark.model
 async def test_cancelling_a_call_frees_the_model_at_once():
     backend = LlamaCppBackend()
-    long_call = asyncio.create_task(
-        backend.generate(QUESTION, 1, GenerationParams(max_tokens=2000, seed=3, extra={"min_p": 0.0}))
-    )
-    await asyncio.sleep(0.5)
+    tokens: list[int] = []  # the long call's token count, reported on the event loop
+    generating = asyncio.Event()
+
+    def count(index: int, total: int) -> None:
+        tokens.append(total)
+        generating.set()
+
+    long_params = GenerationParams(max_tokens=2000, seed=3, extra={"min_p": 0.0})
+    long_call = asyncio.create_task(backend.generate(QUESTION, 1, long_params, on_progress=count))
+    await asyncio.wait_for(generating.wait(), timeout=120)
     long_call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await long_call
-    started = time.perf_counter()
     (short,) = await backend.generate(QUESTION, 1, GenerationParams(max_tokens=4, seed=3))
-    # 2000 tokens would take ~20 s here; the next call must not wait for them.
-    assert time.perf_counter() - started < 5
     assert short.ok
+    # The model's one worker ran the short call after the cancelled one stopped: had the cancel
+    # not stopped it, its 2000 tokens would all have come first. (A token count, not a wall-clock
+    # bound, so a busy machine cannot fail it.)
+    assert tokens and tokens[-1] < 500
 
 
 @pytest.mark.model
@@ -198,20 +203,6 @@ async def test_generate_reports_progress_token_by_token():
     for index, completion in enumerate(completions):
         counts = [t for i, t in progress if i == index]
         assert counts == list(range(1, len(counts) + 1)) and len(counts) >= completion.completion_tokens > 0
-
-
-@pytest.mark.model
-def test_solve_with_the_embedded_model_end_to_end():
-    result = pacore.solve(
-        "What is 2+3?", schedule=2, params=GenerationParams(max_tokens=24, seed=5, temperature=0.8)
-    )
-    assert [len(r.trajectories) for r in result.rounds] == [2, 1]
-    assert result.usage.completion_tokens == sum(
-        t.completion_tokens for r in result.rounds for t in r.trajectories
-    )
-    assert result.usage.completion_tokens > 0
-    assert result.rounds[1].trajectories[0].prompt_tokens > result.rounds[0].trajectories[0].prompt_tokens
-    assert result.model == "gemma-3-270m-q4_k_m"
 
 
 @pytest.mark.model

@@ -10,22 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
+from harness import fast_backend
 from pacore import DeadlineExceededError, GenerationParams, RouterBackend, asample, asolve
 from pacore.backends.base import RetryPolicy
 from pacore.backends.openai_http import OpenAIBackend
 from pacore.errors import BackendError, ContextOverflowError
-from pacore.trace import TrajectoryProgress
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-from harness import fast_backend  # noqa: E402
+from pacore.trace import TrajectoryFinished, TrajectoryProgress
 
 pytestmark = pytest.mark.http
 
@@ -108,11 +103,14 @@ async def test_the_deadline_still_bounds_the_whole_request() -> None:
             started = time.perf_counter()
             with pytest.raises(DeadlineExceededError) as caught:
                 await asolve("q", schedule=[2], backend=backend, deadline=1.2, on_event=events.append)
-    assert 1.2 <= time.perf_counter() - started < 3
+    assert time.perf_counter() - started >= 1.2
     assert "deadline of 1.2s exceeded in round 1" in str(caught.value)
-    # Meanwhile the progress showed the tokens streaming in.
+    # Meanwhile the progress showed the tokens streaming in, and the deadline (not the end of
+    # the 5 s streams) ended the request: no trajectory got all its 100 tokens. No upper bound
+    # on the wall time, which a busy machine's scheduling would stretch.
     progress = [e for e in events if isinstance(e, TrajectoryProgress)]
-    assert progress and max(max(e.tokens.values()) for e in progress) >= 10
+    assert progress and 0 < max(max(e.tokens.values()) for e in progress) < 100
+    assert not any(isinstance(e, TrajectoryFinished) for e in events)
 
 
 # --- context overflow on a real llama.cpp server ----------------------------------------------

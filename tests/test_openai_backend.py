@@ -7,6 +7,7 @@ code, retry and malformed answer can be produced on demand.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import socket
@@ -497,6 +498,45 @@ async def test_stream_without_usage_counts_chunks_and_estimates_the_prompt():
     # About 4 characters a token of the messages sent, rather than a free prompt.
     messages_bytes = len(json.dumps(MESSAGES, separators=(",", ":")))
     assert (completion.prompt_tokens, completion.completion_tokens) == (-(-messages_bytes // 4), 3)
+
+
+def cut(body: bytes, how: str, line_end: bytes) -> list[bytes]:
+    """``body`` as the pieces a server's writes and the network may deliver it in."""
+    if how == "event":  # one event per chunk, as servers write them
+        return [event + line_end * 2 for event in body.split(line_end * 2)[:-1]]
+    if how == "whole":
+        return [body]
+    size = int(how)
+    return [body[start : start + size] for start in range(0, len(body), size)]
+
+
+@pytest.mark.parametrize("how", ["event", "whole", "1", "7", "50"])
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n"])
+async def test_a_stream_reads_the_same_however_its_bytes_are_cut(how: str, line_end: bytes):
+    body = sse(*STREAM, USAGE, "[DONE]").replace(b"\n", line_end)
+    pieces = cut(body, how, line_end)
+
+    async def chunks():
+        for piece in pieces:
+            yield piece
+
+    assert b"".join(pieces) == body
+    headers = {"content-type": "text/event-stream"}
+    server = Server(lambda request, _: httpx.Response(200, content=chunks(), headers=headers))
+    async with server.backend() as backend:
+        (completion,) = await backend.generate(MESSAGES, 1, PARAMS)
+    assert (completion.text, completion.reasoning) == ("The answer is 5.", "2+3")
+    assert (completion.finish_reason, completion.prompt_tokens, completion.completion_tokens) == ("stop", 9, 4)
+
+
+async def test_a_compressed_event_stream_is_decoded():
+    # The raw stream is read only when the body is not encoded.
+    body = gzip.compress(sse(*STREAM, USAGE, "[DONE]"))
+    headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
+    server = Server(lambda request, _: httpx.Response(200, content=body, headers=headers))
+    async with server.backend() as backend:
+        (completion,) = await backend.generate(MESSAGES, 1, PARAMS)
+    assert (completion.text, completion.reasoning, completion.completion_tokens) == ("The answer is 5.", "2+3", 4)
 
 
 async def test_a_final_answer_stream_that_breaks_after_deltas_keeps_its_partial_text():

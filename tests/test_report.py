@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_harness import pacore
 from fakes import Call, ScriptedBackend, fail
 from pacore.eval.datasets import Problem
 from pacore.eval.report import CROSS_CHECK, wilson_interval
 from pacore.eval.runner import Arm, run_dataset
-
-PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 
 # Per problem: the two first-round replies and the synthesis. q0: all right, the
 # synthesis cross-checks; q1: every input wrong, the synthesis right (emergent,
@@ -73,9 +68,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def report_json(*args: str) -> dict:
-    assert PACORE
-    env = {k: v for k, v in os.environ.items() if k != "PACORE_DEBUG"}
-    process = subprocess.run([PACORE, "report", *args, "--json"], capture_output=True, text=True, env=env, timeout=120)
+    process = pacore("report", *args, "--json", timeout=120)
     assert process.returncode == 0, process.stderr
     return json.loads(process.stdout)
 
@@ -151,7 +144,7 @@ def test_report_defaults_to_the_first_run_dir_and_compares_runs(run_dir: Path, t
 
 
 def test_report_on_a_directory_without_a_run_is_a_usage_error(tmp_path: Path) -> None:
-    process = subprocess.run([PACORE, "report", str(tmp_path / "nothing")], capture_output=True, text=True)
+    process = pacore("report", str(tmp_path / "nothing"))
     assert process.returncode == 2
     assert process.stderr.startswith("pacore: error: ") and "not a run directory" in process.stderr
     assert len(process.stderr.strip().splitlines()) == 1
@@ -233,8 +226,7 @@ def test_report_json_gives_repeats_per_arm(tmp_path: Path) -> None:
     assert "| single | single | off | 3 × 5 repeats | 15 | 0 |" in markdown
     assert f"({figures['correct']}/15 over 3 problems)" in markdown
     assert "normal-approximation interval over problems" in markdown
-    env = {k: v for k, v in os.environ.items() if k != "PACORE_DEBUG"}
-    text = subprocess.run([PACORE, "report", str(path)], capture_output=True, text=True, env=env, timeout=120)
+    text = pacore("report", str(path), timeout=120)
     assert text.returncode == 0, text.stderr
     assert "on 15 graded results of 3 problems (mean over repeats)" in text.stdout
 

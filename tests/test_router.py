@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 
 from fakes import ScriptedBackend, fail
+from harness import fast_backend
 from pacore import GenerationParams, asolve, open_backend
 from pacore.backends.base import BaseBackend, Completion, Message
 from pacore.backends.openai_http import OpenAIBackend
 from pacore.backends.router import RouterBackend
 from pacore.errors import BackendError, UsageError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
 
 PARAMS = GenerationParams()
 MESSAGES = [{"role": "user", "content": "q"}]

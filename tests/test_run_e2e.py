@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,25 +19,14 @@ import httpx
 import pytest
 from rich.console import Console
 
+from cli_harness import PACORE, assert_one_line_error, environment, pacore
+from harness import fast_backend
 from pacore.cli.run import LiveBatchDisplay
 from pacore.eval.runner import BatchProgress
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_test_1000.jsonl"
-PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 PROBLEMS = 20
-
-
-def environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")}
-
-
-def pacore(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    assert PACORE, "the pacore entry point is not installed next to this Python"
-    return subprocess.run([PACORE, *args], capture_output=True, text=True, timeout=timeout, env=environment())
 
 
 @pytest.fixture
@@ -52,6 +38,14 @@ def fast_server() -> Iterator[str]:
 
 def samples_served(url: str) -> int:
     return httpx.get(url.removesuffix("/v1") + "/stats").json()["samples"]
+
+
+def wait_until_idle(url: str, timeout: float = 60) -> None:
+    """Until the server has no call in progress: every call a killed run sent is counted and over."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(url.removesuffix("/v1") + "/stats").json()["active"]:
+        assert time.monotonic() < deadline, f"calls still in progress after {timeout}s"
+        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -103,7 +97,7 @@ def test_sigkill_then_resume_loses_and_repeats_nothing(fast_server: str, data: P
     assert process.returncode == -signal.SIGKILL
     finished_before = done_rows(run_dir)
     assert 3 <= len(finished_before) < PROBLEMS
-    time.sleep(0.5)  # calls of the killed run still being served are counted by now
+    wait_until_idle(fast_server)
     served_before = samples_served(fast_server)
 
     resumed = pacore("run", *command)
@@ -150,7 +144,7 @@ def test_repeats_survive_sigkill_and_a_second_seed_adds_draws(fast_server: str, 
     before = result_rows(run_dir)
     done_before = {key: row for key, row in before.items() if row[0] == "done"}
     assert 4 <= len(done_before) < repeats * problems
-    time.sleep(0.5)
+    wait_until_idle(fast_server)
     served_before = samples_served(fast_server)
 
     resumed = pacore("run", *command)
@@ -179,14 +173,6 @@ def test_repeats_survive_sigkill_and_a_second_seed_adds_draws(fast_server: str, 
     )  # fmt: skip
     assert figures["interval_method"] == "normal approximation over problems"
     assert figures["ci_low"] <= figures["accuracy"] <= figures["ci_high"]
-
-
-def assert_one_line_error(process: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
-    lines = [line for line in process.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in process.stderr
-    assert len(lines) == 1 and lines[0].startswith("pacore: error: "), process.stderr
-    assert fragment in lines[0], lines[0]
-    assert process.returncode == code
 
 
 def test_a_changed_method_or_data_set_is_refused_unless_forced(fast_server: str, data: Path, tmp_path: Path) -> None:

@@ -12,11 +12,9 @@ import contextlib
 import random
 import re
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -24,13 +22,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakes import Call, StreamingScriptedBackend, fail
+from harness import fast_backend
 from pacore.backends.base import Completion
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
 from server_harness import RunningServer, running_app, running_cli
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
 
 pytestmark = pytest.mark.http
 

@@ -9,17 +9,13 @@ from a client's Host header.
 from __future__ import annotations
 
 import signal
-import sys
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from harness import fast_backend
 from server_harness import running_cli
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
 
 pytestmark = pytest.mark.http
 

@@ -21,11 +21,9 @@ import gc
 import http.client
 import json
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -34,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import Call, StreamingScriptedBackend
+from harness import fast_backend
 from pacore.backends.base import Completion, GenerationParams
 from pacore.errors import ScheduleError
 from pacore.schedule import Schedule
@@ -42,9 +41,6 @@ from pacore.server.completions import Limits, parse_body, plan_request
 from pacore.server.errors import describe
 from server_harness import RunningServer, running_app, running_cli
 from test_server import client, error_body, metric, reply, wait_for
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
 
 pytestmark = pytest.mark.http
 

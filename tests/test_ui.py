@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 from playwright.sync_api import sync_playwright
 
 from fakes import Call, StreamingScriptedBackend
+from harness import fast_backend  # noqa: E402
 from pacore.backends import open_backend
 from pacore.backends.base import Completion
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
 from server_harness import RunningServer, running_app
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from harness import fast_backend  # noqa: E402
 
 pytestmark = pytest.mark.http
 

@@ -582,30 +582,42 @@ class OpenAIBackend(BaseBackend):
         Lines are split here, on bytes, so a line without end cannot grow
         past the cap unnoticed. After ``[DONE]`` the body is read to its end,
         so the connection can be reused. This runs for every token of every
-        call: it is written for speed.
+        call: it is written for speed. Servers send each event as its own
+        HTTP chunk, so an uncompressed body (the usual case) is read from the
+        response's raw stream, since ``aiter_bytes`` adds two generator layers
+        (content decoding, re-chunking) per event, and a chunk holding exactly
+        one event skips the line splitting.
         """
         state.streamed = True
         limit = self.max_reply_bytes
         feed = state.feed
         received = 0
         pending: list[bytes] = []
+        raw = response.stream
+        encoded = response.headers.get("content-encoding", "identity").lower() not in ("identity", "")
+        chunks = response.aiter_bytes() if encoded or not isinstance(raw, httpx.AsyncByteStream) else raw
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in chunks:
                 received += len(chunk)
                 if received > limit:
                     raise self._too_large()
                 if state.done:
                     continue
-                if b"\n" not in chunk:
+                end = chunk.find(b"\n")
+                if end == len(chunk) - 2 and not pending and chunk[-1] == 10:
+                    lines = [chunk[:end]]  # the usual chunk: one whole event
+                elif end < 0:
                     pending.append(chunk)
                     continue
-                if pending:
-                    pending.append(chunk)
-                    chunk = b"".join(pending)
-                    pending = []
-                *lines, rest = chunk.split(b"\n")
-                if rest:
-                    pending.append(rest)
+                else:
+                    if pending:
+                        pending.append(chunk)
+                        chunk = b"".join(pending)
+                        pending = []
+                    lines = chunk.split(b"\n")
+                    rest = lines.pop()
+                    if rest:
+                        pending.append(rest)
                 for line in lines:
                     if not line.startswith(b"data:"):
                         continue  # blank separators, ": ping" comments, event names
