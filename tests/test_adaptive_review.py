@@ -4,16 +4,12 @@ and keep-top refuse or fix what a new user tripped over."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 
+from cli_harness import assert_one_line_error, closed_port_url, pacore
 from fakes import StreamingScriptedBackend
 from pacore import ComputePolicy, engine
 from pacore.cli.options import compute_policy
@@ -23,8 +19,6 @@ from pacore.server import ServerConfig
 from pacore.synthesis import keep_most_confident
 from pacore.trace import Confidence, Trajectory
 from server_harness import RunningServer, running_app
-
-PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 
 #: Each setting given without its policy, the CLI's message, and the same setting with its policy.
 ORPHANS = [
@@ -57,12 +51,8 @@ def test_the_python_api_says_which_policy_a_setting_needs():
 
 
 def test_pacore_ask_refuses_a_setting_without_its_policy_with_exit_2():
-    assert PACORE, "the pacore entry point is not installed next to this Python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")}
-    command = [PACORE, "ask", "--wave", "3", "--backend", "http://127.0.0.1:9/v1", "hi"]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-    assert process.returncode == 2
-    assert process.stderr.strip() == "pacore: error: --wave needs --adaptive-k"
+    process = pacore("ask", "--wave", "3", "--backend", closed_port_url(), "hi")
+    assert_one_line_error(process, 2, "pacore: error: --wave needs --adaptive-k")
 
 
 @pytest.fixture
@@ -90,12 +80,6 @@ def test_the_server_answers_400_for_a_setting_without_its_policy(server, fake, s
     assert fake.calls == []
 
 
-def pacore(*args: str) -> subprocess.CompletedProcess[str]:
-    assert PACORE, "the pacore entry point is not installed next to this Python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")}
-    return subprocess.run([PACORE, *args], capture_output=True, text=True, timeout=120, env=env)
-
-
 TOO_SMALL = "pacore: error: budget_tokens=10 cannot run one trajectory of each of the 2 rounds at max_tokens=100"
 
 
@@ -104,17 +88,15 @@ def test_pacore_run_refuses_a_budget_below_one_call_per_round_before_writing_any
     data.write_text('{"id": "a", "question": "What is 1 plus 1?", "answer": "2"}\n')
     out = tmp_path / "run"
     process = pacore("run", str(data), "--out", str(out), "--schedule", "4", "--budget-tokens", "10",
-                     "--max-tokens", "100", "--backend", "http://127.0.0.1:9/v1")  # fmt: skip
-    assert process.returncode == 2, process.stderr
-    assert process.stderr.strip().startswith(TOO_SMALL) and "\n" not in process.stderr.strip()
+                     "--max-tokens", "100", "--backend", closed_port_url())  # fmt: skip
+    assert_one_line_error(process, 2, TOO_SMALL)
     assert not out.exists()
 
 
 def test_pacore_serve_refuses_a_default_policy_no_request_could_run():
     process = pacore("serve", "--port", "0", "--schedule", "4", "--budget-tokens", "10", "--max-tokens", "100",
-                     "--backend", "http://127.0.0.1:9/v1")  # fmt: skip
-    assert process.returncode == 2, process.stderr
-    assert process.stderr.strip().startswith(TOO_SMALL) and "\n" not in process.stderr.strip()
+                     "--backend", closed_port_url())  # fmt: skip
+    assert_one_line_error(process, 2, TOO_SMALL)
 
 
 @pytest.mark.parametrize(
@@ -137,12 +119,9 @@ def test_pacore_run_refuses_quorum_and_budget_arms_on_a_pool(tmp_path, flag, val
     data.write_text('{"id": "a", "question": "What is 1 plus 1?", "answer": "2"}\n')
     out = tmp_path / "run"
     process = pacore("run", str(data), "--out", str(out), "--pool-size", "4", "--schedule", "4", flag, value,
-                     "--backend", "http://127.0.0.1:9/v1")  # fmt: skip
-    assert process.returncode == 2, process.stderr
-    assert process.stderr.strip() == (
-        f"pacore: error: {flag} cannot be replayed on the trajectory pool of {out}: "
-        "run such an arm in a run directory without --pool-size"
-    )
+                     "--backend", closed_port_url())  # fmt: skip
+    assert_one_line_error(process, 2, f"pacore: error: {flag} cannot be replayed on the trajectory pool of {out}: "
+                                      "run such an arm in a run directory without --pool-size")  # fmt: skip
 
 
 @pytest.mark.parametrize(("fraction", "count", "kept"), [(0.28, 25, 7), (0.56, 50, 28), (0.7, 10, 7), (0.67, 3, 3)])
