@@ -20,7 +20,7 @@ def _pydantic_frame(writer: ChunkWriter, content: str, reasoning: str, created: 
 
 
 @pytest.mark.parametrize("content", TEXTS)
-@pytest.mark.parametrize("reasoning", ["", "think", "\x01é\"\\"])
+@pytest.mark.parametrize("reasoning", ["", "think", '\x01é"\\'])
 def test_answer_delta_chunk_is_the_pydantic_chunk(content: str, reasoning: str) -> None:
     writer = ChunkWriter(request_id='chatcmpl-"odd\\id', model="pacore-1/m\u00e9\x00", include_usage=False)
     (frame,) = writer.on_event(AnswerDelta(content=content, reasoning=reasoning))
