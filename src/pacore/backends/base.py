@@ -25,6 +25,7 @@ the partial text (what was shown cannot be taken back).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -219,8 +220,15 @@ def accepts_confidence(backend: Backend) -> bool:
 
 
 def _generate_takes(backend: Backend, keyword: str) -> bool:
+    generate = backend.generate
+    # Asked on every request; inspecting a signature takes tens of µs, so per function, once.
+    return _takes(getattr(generate, "__func__", generate), keyword)
+
+
+@functools.lru_cache(maxsize=256)
+def _takes(function: Callable[..., Any], keyword: str) -> bool:
     try:
-        return keyword in inspect.signature(backend.generate).parameters
+        return keyword in inspect.signature(function).parameters
     except (TypeError, ValueError):
         return False
 

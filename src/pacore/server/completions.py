@@ -8,6 +8,7 @@ a model name ``pacore-<preset or counts>/<model>``, the server default.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -329,6 +330,11 @@ def completion_of(
     )
 
 
+def _json(text: str) -> str:
+    """``text`` as a JSON string, encoded as pydantic's model_dump_json encodes it."""
+    return pydantic_core.to_json(text).decode()
+
+
 class ChunkWriter:
     """One streamed request's engine events as server-sent OpenAI chunks.
 
@@ -346,6 +352,10 @@ class ChunkWriter:
         self.policy = policy
         self.progress = ProgressState()
         self.references = 0
+        # Answer deltas are most of a stream (one a token): framed from these fixed pieces, the
+        # bytes model_dump_json gives, without building three pydantic models per token.
+        self._delta_head = f'data: {{"id":{_json(request_id)},"object":"chat.completion.chunk","created":'
+        self._delta_middle = f',"model":{_json(model)},"choices":[{{"index":0,"delta":{{'
 
     def _event(self, chunk: ChatCompletionChunk) -> str:
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
@@ -360,9 +370,18 @@ class ChunkWriter:
     def on_event(self, event: Event) -> list[str]:
         self.progress.apply(event)
         if isinstance(event, AnswerDelta):
-            return [self._delta(DeltaMessage(content=event.content or None, reasoning_content=event.reasoning or None))]
+            return [self._answer_delta(event.content, event.reasoning)]
         line = self._progress_line(event)
         return [self._delta(DeltaMessage(reasoning_content=line + "\n"))] if line else []
+
+    def _answer_delta(self, content: str, reasoning: str) -> str:
+        """``_delta(DeltaMessage(content=content or None, reasoning_content=reasoning or None))``, faster."""
+        fields = []
+        if content:
+            fields.append('"content":' + _json(content))
+        if reasoning:
+            fields.append('"reasoning_content":' + _json(reasoning))
+        return f"{self._delta_head}{int(time.time())}{self._delta_middle}{','.join(fields)}}}}}]}}\n\n"
 
     def _progress_line(self, event: Event) -> str | None:
         state = self.progress
