@@ -54,9 +54,10 @@ demo: $(EMBEDDED_STAMP)
 	@echo "$(BIN)/pacore serve, open http://127.0.0.1:8000/ui and send a question (docs/serve.md)."
 	@echo "'pacore ask --help' lists the options."
 
-# ruff (lint rules and import order) and mypy, both configured in pyproject.toml.
+# ruff (lint rules, import order and formatting) and mypy, all configured in pyproject.toml.
 lint: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 # The trace viewer's tests drive Debian's chromium (never a downloaded browser build).

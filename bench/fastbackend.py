@@ -318,7 +318,9 @@ class Simulation:
 
     def args(self) -> list[str]:
         """The command-line options that give this simulation (with ``--simulate``)."""
-        return [part for f in fields(self) for part in (f"--sim-{f.name.replace('_', '-')}", str(getattr(self, f.name)))]
+        return [
+            part for f in fields(self) for part in (f"--sim-{f.name.replace('_', '-')}", str(getattr(self, f.name)))
+        ]
 
 
 def parse_synthesis(prompt: str) -> tuple[str, list[str] | None]:
@@ -583,8 +585,7 @@ class Endpoint:
         if pieces is None:
             words = _completion_text(tokens).split(" ") if tokens else []
             pieces = self._deltas[key] = tuple(
-                (" " if start else "") + " ".join(words[start : start + step])
-                for start in range(0, len(words), step)
+                (" " if start else "") + " ".join(words[start : start + step]) for start in range(0, len(words), step)
             )
         return pieces
 

@@ -40,7 +40,10 @@ KINDS: dict[str, str] = {
 }
 
 _STATUS_REASONS = {
-    500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 429: b"Too Many Requests",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    429: b"Too Many Requests",
 }
 # Lets the client read what was sent before a reset, so the reset comes mid-body.
 _BEFORE_RESET_S = 0.05

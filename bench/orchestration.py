@@ -590,9 +590,7 @@ def report(figures: dict[str, Any]) -> list[str]:
         for name in figures["clients"]:
             if name not in s:
                 continue
-            lines.append(
-                f"  {name:13} {s[name]['trajectories_per_s']:18.1f} {s[name]['cpu_ms_per_trajectory']:20.3f}"
-            )
+            lines.append(f"  {name:13} {s[name]['trajectories_per_s']:18.1f} {s[name]['cpu_ms_per_trajectory']:20.3f}")
         lines.append(
             f"  pacore/ceiling {s['pacore_over_ceiling']:.3f}, pacore_n/ceiling_n {s['pacore_n_over_ceiling_n']:.3f}, "
             f"pacore_run/ceiling_n {s['pacore_run_over_ceiling_n']:.3f}, pacore/naive {s['pacore_over_naive']:.2f}, "
@@ -628,7 +626,9 @@ def report(figures: dict[str, Any]) -> list[str]:
             f"  {endpoints} endpoint(s): {e['trajectories_per_s']:7.1f} trajectories/s, samples served per endpoint "
             f"{e['samples_per_endpoint']}, client CPU {e['client_cpu_share']:.0%} of a core"
         )
-    lines.append(f"  2 endpoints / 1: {so['scale_out_2_over_1']:.2f}x, 4 endpoints / 1: {so['scale_out_4_over_1']:.2f}x")
+    lines.append(
+        f"  2 endpoints / 1: {so['scale_out_2_over_1']:.2f}x, 4 endpoints / 1: {so['scale_out_4_over_1']:.2f}x"
+    )
     lines.append(
         f"\nround gap (last call of a round returns -> first call of the next starts, at the Backend interface):\n"
         f"  endpoints the limit (scale-out runs): p50 {so['round_gap_p50_ms']:.2f} ms, p99 {so['round_gap_p99_ms']:.2f} ms "

@@ -334,7 +334,7 @@ def report(figures: dict[str, Any]) -> list[str]:
     ]
     for row in rows:
         if row["failures"]:
-            lines += ["", f"Problem failures recorded in \"{row['scenario']}\", by reason (ports and counts as N):", ""]
+            lines += ["", f'Problem failures recorded in "{row["scenario"]}", by reason (ports and counts as N):', ""]
             ranked = sorted(row["failures"].items(), key=lambda item: -item[1])
             lines += [f"- {count} x `{text}`" for text, count in ranked]
     return lines
@@ -354,9 +354,9 @@ def write_markdown(figures: dict[str, Any]) -> Path:
         "Settings: schedule 2 (3 trajectories a problem, in 2 calls since the server honours `n`), "
         f"8 problems at once, `--timeout {CALL_TIMEOUT_S:g}` "
         f"(a hang costs that), 20 ms to first token; each fault kind alone at rate {RATE:g} "
-        "(`KIND:0.2`) with the default retry policy (4 attempts); \"endpoint down\": a second `--backend` "
+        '(`KIND:0.2`) with the default retry policy (4 attempts); "endpoint down": a second `--backend` '
         "where nothing listens, so the router's circuit breaker and failover must route around it; "
-        f"\"all kinds + SIGKILL\": every kind at once (`all:{RATE:g}`), `--retries 1` so that some problems "
+        f'"all kinds + SIGKILL": every kind at once (`all:{RATE:g}`), `--retries 1` so that some problems '
         "fail, the run SIGKILLed at seeded random moments and resumed each time. Each run is then re-run "
         f"(up to {MAX_RERUNS} times) until nothing fails; *reruns retried* counts the problems those re-runs "
         "retried: only failed ones may be.",

@@ -32,7 +32,8 @@ LIMITS: dict[str, Callable[[dict[str, Any]], str]] = {
         "on a zero-latency backend the client process's CPU is the bottleneck; pacore spends "
         + ", ".join(
             f"{f[k]['pacore_added_cpu_ms_per_trajectory']:.3f} ms ({k.removeprefix('schedule_')})"
-            for k in f if k.startswith("schedule_")
+            for k in f
+            if k.startswith("schedule_")
         )
         + " more CPU per trajectory than the ceiling (engine, retries and accounting around each call), "
         "and the other processes on the 2 shared cores move single runs by about 10%"
@@ -102,7 +103,9 @@ def targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
     unmet = []
     for name, figures in results.items():
         for key, t in figures["targets"].items():
-            lines.append(f"| {name} | `{key}` | {t['measured']} | {t['goal']} | {'met' if t['met'] else '**not met**'} |")
+            lines.append(
+                f"| {name} | `{key}` | {t['measured']} | {t['goal']} | {'met' if t['met'] else '**not met**'} |"
+            )
             if not t["met"]:
                 limit = LIMITS[key](figures) if key in LIMITS else "see the figures below"
                 unmet.append(f"- `{key}` = {t['measured']} (target {t['goal']}): limited by {limit}.")
@@ -182,7 +185,10 @@ def write_results(results: dict[str, dict[str, Any]], quick: bool, started: dict
         "",
         "```bash",
         f"make bench{' BENCH_FLAGS=--quick' if quick else ''}      # all of it; writes this file (--write)",
-        *(f".venv/bin/python bench/{name}.py{flag}   # prints the figures; add --json for one JSON object" for name in SCRIPTS),
+        *(
+            f".venv/bin/python bench/{name}.py{flag}   # prints the figures; add --json for one JSON object"
+            for name in SCRIPTS
+        ),
         "```",
         "",
         "## Targets",

@@ -111,7 +111,10 @@ async def one_client(client: httpx.AsyncClient, kind: str) -> tuple[str, int]:
     elif kind == "bad_json":
         request["content"] = b'{"model": "pacore-2/fast", "messages": ['
     elif kind == "wrong_type":
-        request |= {"content": json.dumps({"model": "m", "messages": messages}), "headers": {"Content-Type": "text/plain"}}
+        request |= {
+            "content": json.dumps({"model": "m", "messages": messages}),
+            "headers": {"Content-Type": "text/plain"},
+        }
     elif kind == "oversize":
         request["json"] = {"model": "m", "messages": [{"role": "user", "content": "x" * 2 * MAX_BODY_BYTES}]}
     else:
@@ -158,7 +161,9 @@ async def burst(base_url: str, seed: int) -> tuple[Counter[str], int]:
     outcomes = Counter(outcome for outcome, _ in results)
     # An expected refusal of a bad input counts as handled, not as an error to look at.
     for kind, status in EXPECTED_ERRORS.items():
-        expected = sum(1 for k, (outcome, _) in zip(kinds, results, strict=True) if k == kind and outcome == f"error_{status}")
+        expected = sum(
+            1 for k, (outcome, _) in zip(kinds, results, strict=True) if k == kind and outcome == f"error_{status}"
+        )
         outcomes[f"error_{status}"] -= expected
         outcomes["refused_as_expected"] += expected
     return +outcomes, sum(retries for _, retries in results)
@@ -239,7 +244,9 @@ def hostile_bodies() -> dict[str, bytes]:
     ones = ",".join(["1"] * 10_000)
     return {
         "7 MB of numbers": chat(user=[0] * 3_500_000),
-        "230,000 messages": json.dumps({"model": "fast", "messages": [{"role": "user", "content": "a"}] * 230_000}).encode(),
+        "230,000 messages": json.dumps(
+            {"model": "fast", "messages": [{"role": "user", "content": "a"}] * 230_000}
+        ).encode(),
         "3 MB model name": chat(model=f"pacore-{ones * 150}/fast"),
         "9 MB body (over the limit)": chat(messages=[{"role": "user", "content": "x" * 9_000_000}]),
         "10k schedule list": chat(pacore={"schedule": [1] * 10_000}),
@@ -275,8 +282,14 @@ async def raw_request(url: str, head: bytes, trickle: bytes | None, body: bytes 
 async def slow_reader(url: str, done: asyncio.Event) -> None:
     """A streamed pass-through request whose client never reads a byte, until ``done``."""
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"model": "pacore-1/fast", "stream": True, "max_tokens": LONG_ANSWER_TOKENS,
-                       "messages": [{"role": "user", "content": "Talk."}]})
+    body = json.dumps(
+        {
+            "model": "pacore-1/fast",
+            "stream": True,
+            "max_tokens": LONG_ANSWER_TOKENS,
+            "messages": [{"role": "user", "content": "Talk."}],
+        }
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
@@ -314,7 +327,9 @@ def quantile(values: list[float], q: float) -> float:
 
 def cut_counts(base_url: str) -> dict[str, int]:
     text = httpx.get(f"{base_url}/metrics").text
-    return {m[1]: int(float(m[2])) for m in re.finditer(r'^pacore_clients_cut_total\{reason="(\w+)"\} (\S+)$', text, re.M)}
+    return {
+        m[1]: int(float(m[2])) for m in re.finditer(r'^pacore_clients_cut_total\{reason="(\w+)"\} (\S+)$', text, re.M)
+    }
 
 
 class HealthProbe(threading.Thread):
@@ -384,7 +399,10 @@ async def measure_hostile() -> dict[str, Any]:
     options = ("--max-concurrent-requests", str(HOSTILE_SLOTS), "--deadline", str(HOSTILE_DEADLINE_S),
                "--header-timeout", str(HOSTILE_TIMEOUT_S), "--body-timeout", str(HOSTILE_BODY_TIMEOUT_S),
                "--write-timeout", str(HOSTILE_TIMEOUT_S))  # fmt: skip
-    with fast_backend("--completion-tokens", LONG_ANSWER_TOKENS, "--chunk-tokens", 2000) as backend, serve(backend.url, *options) as (url, process):
+    with (
+        fast_backend("--completion-tokens", LONG_ANSWER_TOKENS, "--chunk-tokens", 2000) as backend,
+        serve(backend.url, *options) as (url, process),
+    ):
         figures["rss_before_mb"] = round(resident_mb(url), 1)
         bodies = hostile_bodies()
         probe = HealthProbe(url)
@@ -434,14 +452,18 @@ def hostile_report(figures: dict[str, Any]) -> list[str]:
         "",
         "| attack | requests | statuses | time to refuse (p50) | time to refuse (max) |",
         "|---|---|---|---|---|",
-        *(f"| {r['attack']} | {r['requests']} | {', '.join(f'{k}: {v}' for k, v in r['statuses'].items())} | "
-          f"{r['refused_p50_s']} s | {r['refused_max_s']} s |" for r in figures["attacks"]),  # fmt: skip
+        *(
+            f"| {r['attack']} | {r['requests']} | {', '.join(f'{k}: {v}' for k, v in r['statuses'].items())} | "
+            f"{r['refused_p50_s']} s | {r['refused_max_s']} s |"
+            for r in figures["attacks"]
+        ),  # fmt: skip
         f"| streams never read | {figures['slow_readers']} | 200, then dropped; 429 beyond the slots | - | - |",
         "",
         f"- `/health` during the attack ({figures['health_probes']} probes): p50 {figures['health_p50_ms']} ms, "
         f"p90 {figures['health_p90_ms']} ms, max {figures['health_max_ms']} ms.",
         "- Clients the server cut (`pacore_clients_cut_total`): "
-        + ", ".join(f"{k} {v}" for k, v in sorted(figures["clients_cut"].items())) + ".",
+        + ", ".join(f"{k} {v}" for k, v in sorted(figures["clients_cut"].items()))
+        + ".",
         f"- Ordinary requests sent while the streams nobody reads held every slot ({ORDINARY}, retrying 429s): "
         + ", ".join(f"{k} {v}" for k, v in figures["ordinary"].items())
         + f"; the first answered after {figures['ordinary_first_answer_s']} s, the last after "

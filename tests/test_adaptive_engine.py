@@ -106,7 +106,10 @@ class PacedBackend(BaseBackend):
             raise
         return [
             Completion(
-                text=paced.text, finish_reason="stop", prompt_tokens=3, completion_tokens=paced.tokens,
+                text=paced.text,
+                finish_reason="stop",
+                prompt_tokens=3,
+                completion_tokens=paced.tokens,
                 token_confidences=confidences,
             )  # fmt: skip
         ]
@@ -249,7 +252,6 @@ async def test_straggler_timeout_keeps_stragglers_that_finish_in_time():
     assert round_one(result).elapsed_s >= 0.05  # the grace was waited for
 
 
-
 async def test_policy_rounds_emit_progress_and_stopped_trajectories_through_iter_solve():
     backend = PacedBackend(script=fast_and_slow(2))
     options = {"schedule": [4], "backend": backend, "params": SEEDED, "compute": {"quorum": 0.5}}
@@ -270,11 +272,14 @@ async def test_a_cut_trajectory_counts_its_tokens_not_its_chunks_when_logprobs_c
         return Paced("slow", tokens=400, pace=0.002, confidence=2.0, chunk=4)
 
     backend = PacedBackend(script=script)
-    result = await asolve("Q", schedule=[4], backend=backend, params=SEEDED, compute={"quorum": 0.5, "confidence": True})
+    result = await asolve(
+        "Q", schedule=[4], backend=backend, params=SEEDED, compute={"quorum": 0.5, "confidence": True}
+    )
     sent = {i: tokens for _, i, tokens in backend.cancelled}
     cut = [t for t in round_one(result).trajectories if t.stopped]
     assert len(cut) == 2 and all(t.completion_tokens == sent[t.index] for t in cut)
     assert all(t.completion_tokens % 4 == 0 and t.confidence.token_count == t.completion_tokens for t in cut)
+
 
 # --- budget -------------------------------------------------------------------------
 
@@ -323,7 +328,9 @@ async def test_adaptive_width_stops_once_the_answer_is_settled():
     first = round_one(result)
     assert [t.index for t in first.trajectories] == [0, 1, 2, 3]
     assert first.k == 16
-    assert first.policy_note == "adaptive width: answer settled after 4 of 16 (leader 4 of 4 answers, P(majority)=0.969)"
+    assert (
+        first.policy_note == "adaptive width: answer settled after 4 of 16 (leader 4 of 4 answers, P(majority)=0.969)"
+    )
     assert len(result.rounds[1].references) == 4
 
 
@@ -441,6 +448,7 @@ async def test_early_stop_with_warmup_first_judges_later_trajectories_from_their
     # In parallel with it, they ran on until the threshold existed.
     assert all(tokens > 8 for tokens in await cut_tokens(warmup_first=False))
 
+
 async def test_early_stop_says_when_no_trajectory_reached_a_full_window():
     backend = PacedBackend(script=confident_then_doubtful({4, 6}))
     policy = ComputePolicy(early_stop=True, warmup=4, window=64)  # longer than every 10- or 40-token trajectory
@@ -485,7 +493,10 @@ def pooled(text: str, confidences: Sequence[float]) -> Trajectory:
 async def test_replayed_early_stop_cuts_where_the_online_monitor_would():
     doubtful = [5.0] * 4 + [1.0] * 16  # the window of 4 ending at token 4 averages 4.0 < 5.0
     pool = [pooled(f"\\boxed{{{i}}}", [5.0] * 10) for i in range(4)]
-    pool += [pooled("\\boxed{9}", doubtful), Completion(text="\\boxed{1}", completion_tokens=8, token_confidences=[9.0] * 8)]
+    pool += [
+        pooled("\\boxed{9}", doubtful),
+        Completion(text="\\boxed{1}", completion_tokens=8, token_confidences=[9.0] * 8),
+    ]
     backend = ScriptedBackend()
     policy = ComputePolicy(early_stop=True, warmup=4, window=4)
     result = await asolve("Q", schedule=[6], backend=backend, first_round=pool, compute=policy)
@@ -544,7 +555,6 @@ async def test_early_stop_replay_needs_stored_per_token_confidences():
     assert "\n" not in str(caught.value) and backend.calls == []
 
 
-
 # --- combined, and when things go wrong ------------------------------------------------------
 
 
@@ -595,6 +605,7 @@ async def test_a_failed_trajectory_is_recorded_and_the_round_goes_on():
     first = round_one(result)
     assert [(t.index, t.error_kind) for t in first.trajectories] == [(0, "status"), (1, None), (2, None)]
     assert sorted(i for _, i in result.rounds[1].references) == [1, 2]
+
 
 # --- over HTTP, on a loopback server ----------------------------------------------------
 

@@ -132,7 +132,9 @@ def test_a_piped_streamed_answer_is_byte_identical_to_the_plain_one() -> None:
     assert b"  #2 \xc2\xb7 12 tokens" in as_json.stderr and b"#2" not in as_json.stdout
 
 
-def read_until_exit(process: subprocess.Popen[bytes], fds: list[int], timeout: float) -> dict[int, list[tuple[float, bytes]]]:
+def read_until_exit(
+    process: subprocess.Popen[bytes], fds: list[int], timeout: float
+) -> dict[int, list[tuple[float, bytes]]]:
     """Everything written to the pseudo-terminals ``fds``, with the time each piece arrived."""
     received: dict[int, list[tuple[float, bytes]]] = {fd: [] for fd in fds}
     deadline = time.monotonic() + timeout

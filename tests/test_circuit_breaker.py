@@ -207,9 +207,10 @@ def test_breaker_policy_is_validated() -> None:
 @pytest.mark.http
 async def test_real_endpoints_one_down_one_failing_one_healthy() -> None:
     """A port where nothing listens, an endpoint answering 503 to everything, and a healthy one."""
-    with fast_backend("--faults", "503:1", "--completion-tokens", 3) as failing, fast_backend(
-        "--completion-tokens", 3
-    ) as healthy:
+    with (
+        fast_backend("--faults", "503:1", "--completion-tokens", 3) as failing,
+        fast_backend("--completion-tokens", 3) as healthy,
+    ):
         urls = [closed_port_url(), failing.url, healthy.url]
         members = [OpenAIBackend(url, model="fast", n_mode="off") for url in urls]
         async with RouterBackend(members, breaker=BreakerPolicy(failures=POLICY.failures, cooldown_s=60)) as router:

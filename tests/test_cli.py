@@ -31,9 +31,7 @@ from pacore.errors import InputError
 from pacore.trace import Round
 
 # A 1x1 transparent PNG.
-PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
-)
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=")
 
 
 def stderr_lines(process: subprocess.CompletedProcess[str]) -> list[str]:
@@ -395,7 +393,9 @@ def test_ask_with_the_embedded_model_end_to_end() -> None:
     """The one whole PaCoRe request on the real embedded model (the other front doors share its
     engine and are tested on fast backends): the question from stdin, the trace as JSON on stdout,
     progress and the summary on stderr."""
-    process = pacore("ask", "-", "--schedule", "2", "--max-tokens", "32", "--seed", "3", "--json", stdin="What is 2+3?\n")
+    process = pacore(
+        "ask", "-", "--schedule", "2", "--max-tokens", "32", "--seed", "3", "--json", stdin="What is 2+3?\n"
+    )
     assert process.returncode == 0, process.stderr
     trace = json.loads(process.stdout)
     assert [len(r["trajectories"]) for r in trace["rounds"]] == [2, 1]
@@ -406,9 +406,7 @@ def test_ask_with_the_embedded_model_end_to_end() -> None:
     first, synthesis = trace["rounds"][0]["trajectories"][0], trace["rounds"][1]["trajectories"][0]
     assert synthesis["prompt_tokens"] > first["prompt_tokens"] > 0
     usage = trace["usage"]
-    assert usage["completion_tokens"] == sum(
-        t["completion_tokens"] for r in trace["rounds"] for t in r["trajectories"]
-    )
+    assert usage["completion_tokens"] == sum(t["completion_tokens"] for r in trace["rounds"] for t in r["trajectories"])
     assert 0 < usage["completion_tokens"] <= 3 * 32
     assert usage["prompt_tokens"] > 0
     assert trace["error"] is None

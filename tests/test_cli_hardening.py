@@ -59,9 +59,7 @@ def invoke(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
         return code, out.getvalue().decode("utf-8", "replace"), err.getvalue().decode("utf-8", "replace")
 
 
-def subprocess_pacore(
-    *args: str | bytes, stdin: int | bytes | None = b"", timeout: float = 60
-) -> tuple[int, str, str]:
+def subprocess_pacore(*args: str | bytes, stdin: int | bytes | None = b"", timeout: float = 60) -> tuple[int, str, str]:
     """Run ``python -m pacore ARGS`` with real argv bytes; ``stdin``: bytes, a file descriptor or None (closed)."""
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
     command = [sys.executable, "-m", "pacore", *args]
@@ -349,8 +347,10 @@ def test_pipes_are_read_with_a_bound(tmp_path: Path) -> None:
         (["data", "synth", "--out", "{tmp}/s.jsonl", "--count", "9" * 40], "count must be from 1 to"),
         (["ask", "q", "--api-key", "kéy", "-b", "{url}"], "printable ASCII"),
         (["run", "{data}", "--out", "{tmp}/r", "--pool-size", "100000000", "-b", "{url}"], "--pool-size must be"),
-        (["run", "{data}", "--out", "{tmp}/r", "--method", "majority", "--samples", "10000000", "-b", "{url}"],
-         "--samples must be at most"),
+        (
+            ["run", "{data}", "--out", "{tmp}/r", "--method", "majority", "--samples", "10000000", "-b", "{url}"],
+            "--samples must be at most",
+        ),
     ],
     ids=["digits", "digits past int parsing", "count", "api key", "pool size", "samples"],
 )

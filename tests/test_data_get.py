@@ -67,15 +67,30 @@ MATH500_ROWS = [
 ]
 AIME2024_ROWS = [
     {"id": 60, "problem": "Find $2+2$.", "solution": "$\\boxed{4}$", "answer": "4", "url": "u1", "year": "2024"},
-    {"id": 61, "problem": "Find $7 \\cdot 6$.", "solution": "$\\boxed{42}$", "answer": "42", "url": "u2", "year": "2024"},
+    {
+        "id": 61,
+        "problem": "Find $7 \\cdot 6$.",
+        "solution": "$\\boxed{42}$",
+        "answer": "42",
+        "url": "u2",
+        "year": "2024",
+    },
 ]
 MATHARENA_ROWS = [
     {"problem_idx": 1, "problem": "Find the sum of all bases $b>9$ ...", "answer": "70", "problem_type": ["Algebra"]},
     {"problem_idx": 2, "problem": "Compute $\\sqrt{16}$.", "answer": "4", "problem_type": ["Algebra", "Geometry"]},
 ]
 GPQA_HEADER = [
-    "Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-    "Incorrect Answer 3", "Explanation", "Record ID", "High-level domain", "Subdomain",
+    "Pre-Revision Question",
+    "Question",
+    "Correct Answer",
+    "Incorrect Answer 1",
+    "Incorrect Answer 2",
+    "Incorrect Answer 3",
+    "Explanation",
+    "Record ID",
+    "High-level domain",
+    "Subdomain",
 ]
 GPQA_ROWS = [
     {
@@ -92,7 +107,7 @@ GPQA_ROWS = [
     },
     {
         "Pre-Revision Question": "old",
-        "Question": "What is the pH of pure water at 25 C, \"roughly\"?",
+        "Question": 'What is the pH of pure water at 25 C, "roughly"?',
         "Correct Answer": "7",
         "Incorrect Answer 1": "1",
         "Incorrect Answer 2": "14",
@@ -366,7 +381,10 @@ def test_pacore_train_keeps_the_training_layout_with_stage_tags(mirror: FileServ
     assert report.problems == 4 and len(report.sources) == 2
     written = records(out)
     assert [r["id"] for r in written] == [
-        "pacore-train-stage1-1", "pacore-train-stage1-2", "pacore-train-stage2-1", "pacore-train-stage2-2",
+        "pacore-train-stage1-1",
+        "pacore-train-stage1-2",
+        "pacore-train-stage2-1",
+        "pacore-train-stage2-2",
     ]
     assert written[0]["responses"] == PACORE_ROWS[0]["responses"]
     assert written[0]["conversation"] == PACORE_ROWS[0]["conversation"]
@@ -701,7 +719,10 @@ def test_cli_get_from_url_then_check_and_list(server: FileServer, tmp_path: Path
     checked = pacore("data", "check", "x.jsonl", "--json", cwd=tmp_path, env=env)
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout) | {"fingerprint": ""} == {
-        "problems": 2, "with_answer": 2, "kinds": {"gsm8k": 2}, "fingerprint": "",
+        "problems": 2,
+        "with_answer": 2,
+        "kinds": {"gsm8k": 2},
+        "fingerprint": "",
     }
     listed = pacore("data", "list", "--json", cwd=tmp_path, env=env)
     names = [row["name"] for row in json.loads(listed.stdout)]

@@ -234,7 +234,8 @@ def test_reader_only_raises_dataset_errors(lines: list[str]) -> None:
 
 # Raw bytes: invalid UTF-8, byte order marks, NULs, stray brackets around the known shapes.
 raw_files = st.lists(
-    st.binary(max_size=40) | st.sampled_from([b"\xef\xbb\xbf", b"\xff\xfe", b"\x00", b"[", b"]", b","])
+    st.binary(max_size=40)
+    | st.sampled_from([b"\xef\xbb\xbf", b"\xff\xfe", b"\x00", b"[", b"]", b","])
     | lines.map(lambda ls: "\n".join(ls).encode("utf-8", "surrogatepass")),
     max_size=4,
 ).map(b"".join)

@@ -154,9 +154,7 @@ def rich_conversation():
         {
             "role": "assistant",
             "content": None,
-            "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "look", "arguments": "{}"}}
-            ],
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "look", "arguments": "{}"}}],
         },
         {"role": "tool", "tool_call_id": "c1", "content": "tool output 42"},
         {"role": "assistant", "content": "Earlier answer"},
@@ -394,9 +392,7 @@ async def test_all_trajectories_failing_raises_with_the_partial_trace():
 
 
 async def test_a_failed_final_call_keeps_the_earlier_rounds():
-    backend = ScriptedBackend(
-        respond=lambda call, i: fail("timeout", "read timed out") if is_synthesis(call) else "ok"
-    )
+    backend = ScriptedBackend(respond=lambda call, i: fail("timeout", "read timed out") if is_synthesis(call) else "ok")
     with pytest.raises(RoundFailedError, match="final round: the call failed: read timed out") as caught:
         await asolve("Q", schedule=[3], backend=backend)
     result = caught.value.result
@@ -420,9 +416,7 @@ async def test_a_fatal_error_aborts_at_once_and_cancels_sibling_calls():
 
 
 async def test_a_fatal_error_in_a_later_round_keeps_round_one():
-    backend = ScriptedBackend(
-        respond=lambda call, i: fail("not_found", "model gone") if is_synthesis(call) else "ok"
-    )
+    backend = ScriptedBackend(respond=lambda call, i: fail("not_found", "model gone") if is_synthesis(call) else "ok")
     with pytest.raises(BackendError) as caught:
         await asolve("Q", schedule=[3, 2], backend=backend)
     result = caught.value.result
@@ -432,9 +426,7 @@ async def test_a_fatal_error_in_a_later_round_keeps_round_one():
 
 @pytest.mark.parametrize(("min_success", "passes"), [(0.5, True), (0.75, False), (1.0, False)])
 async def test_min_success_is_enforced(min_success, passes):
-    backend = ScriptedBackend(
-        respond=first_round_replies(lambda call, i: fail() if call.number in (0, 1) else "ok")
-    )
+    backend = ScriptedBackend(respond=first_round_replies(lambda call, i: fail() if call.number in (0, 1) else "ok"))
     if passes:
         result = await asolve("Q", schedule=[4], backend=backend, min_success=min_success)
         assert result.answer == "final answer"
@@ -655,7 +647,7 @@ async def test_stream_answer_streams_only_the_final_round():
     ]
     deltas = [e for e in events if isinstance(e, AnswerDelta)]
     assert len(deltas) > 1 and "".join(d.content for d in deltas) == final_text
-    assert kinds[first_delta + len(deltas):] == ["traj 1 1/1", "end 1 n=1", "final error=None"]
+    assert kinds[first_delta + len(deltas) :] == ["traj 1 1/1", "end 1 n=1", "final error=None"]
     assert backend.streamed == [backend.calls[-1]] and result.answer == final_text
 
 
@@ -743,9 +735,11 @@ async def test_a_backend_of_the_wrong_type_is_a_usage_error():
 async def test_result_round_trips_through_json():
     backend = ScriptedBackend(
         respond=first_round_replies(
-            lambda call, i: Completion(text="", error="x", error_kind="status")
-            if call.number == 1
-            else Completion(text=f"<think>r</think>m{call.number}", reasoning="why", completion_tokens=3)
+            lambda call, i: (
+                Completion(text="", error="x", error_kind="status")
+                if call.number == 1
+                else Completion(text=f"<think>r</think>m{call.number}", reasoning="why", completion_tokens=3)
+            )
         )
     )
     result = await asolve("Q", schedule=[3], backend=backend, seed=4)

@@ -104,7 +104,9 @@ async def test_without_a_pool_the_widest_first_round_is_used(tmp_path: Path) -> 
         return "The answer is 5" if "Reference Responses" in call.last_user_text else reply(call, i)
 
     backend = ScriptedBackend(respond=with_synthesis, max_n=8)
-    await run_dataset(run_dir, problems(2), dataset_path="d.jsonl", arm=Arm.build("majority", samples=2), backend=backend)
+    await run_dataset(
+        run_dir, problems(2), dataset_path="d.jsonl", arm=Arm.build("majority", samples=2), backend=backend
+    )
     await run_dataset(
         run_dir, problems(2), dataset_path="d.jsonl", arm=Arm.build("pacore", schedule="4"), backend=backend,
         add_arm=True,

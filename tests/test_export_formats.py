@@ -98,7 +98,12 @@ async def test_verl_and_trl_prompts_are_the_engines_synthesis_call(tmp_path: Pat
         drawn = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
         verl = pq.read_table(tmp_path / "v.parquet").to_pylist()
         trl = pq.read_table(tmp_path / "t.parquet").to_pylist()
-        assert [r["id"] for r in drawn] == [r["extra_info"]["id"] for r in verl] == [r["id"] for r in trl] == ["q0", "q1", "q2"]
+        assert (
+            [r["id"] for r in drawn]
+            == [r["extra_info"]["id"] for r in verl]
+            == [r["id"] for r in trl]
+            == ["q0", "q1", "q2"]
+        )
         for record, row, trl_row in zip(drawn, verl, trl, strict=True):
             drawn_set = pooled(tmp_path / "run", record["id"], record["responses"])
             sent = await engine_synthesis_call(record["conversation"], drawn_set, seed, order)
@@ -177,7 +182,9 @@ async def test_a_pacore_train_file_is_a_source(tmp_path: Path) -> None:
     (record,) = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert "\n42" in record["responses"]  # compacted, unstripped
     raw = {compact(r): r for r in ["It is 42.", "The answer is 41.", "<think>6*7</think>\n42", "I think 40."]}
-    sent = await engine_synthesis_call(record["conversation"], [Completion(text=raw[m]) for m in record["responses"]], seed=0)
+    sent = await engine_synthesis_call(
+        record["conversation"], [Completion(text=raw[m]) for m in record["responses"]], seed=0
+    )
     assert as_bytes(row["prompt"]) == as_bytes(sent)
 
 
@@ -209,7 +216,15 @@ async def test_stage_two_keeps_problems_whose_synthesis_is_sometimes_right(tmp_p
     write_train_file(data)
     with pytest.raises(UsageError, match="--synthesis-run"):
         export_train(data, tmp_path / "x.parquet", format="verl", synthesis_acc=(0.0, 1.0))
-    summary = export_train(data, tmp_path / "x.parquet", format="verl", synthesis_acc=(0.0, 1.0), synthesis_run=run_dir, max_acc=0.9, min_size=4)
+    summary = export_train(
+        data,
+        tmp_path / "x.parquet",
+        format="verl",
+        synthesis_acc=(0.0, 1.0),
+        synthesis_run=run_dir,
+        max_acc=0.9,
+        min_size=4,
+    )
     assert summary.dropped["without a synthesis success rate"] == 1
 
 
@@ -251,7 +266,10 @@ async def test_cli_formats_and_refusals(tmp_path: Path) -> None:
         (["--format", "csv", "--out", str(tmp_path / "x.csv")], "unknown export format 'csv'"),
         (["--format", "verl", "--out", str(tmp_path / "x.jsonl")], "give --out a .parquet file"),
         (["--format", "verl", "--out", str(tmp_path / "x.parquet"), "--synthesis-acc", "1..0"], "MIN < MAX"),
-        (["--format", "trl", "--out", str(tmp_path / "x.parquet"), "--order", "sorted"], "--reference-order must be one of"),
+        (
+            ["--format", "trl", "--out", str(tmp_path / "x.parquet"), "--order", "sorted"],
+            "--reference-order must be one of",
+        ),
         (["--out", str(tmp_path / "x.jsonl"), "--arm", "pacore-4"], "--arm applies to a run directory"),
     ):
         failed = export(*args)

@@ -78,6 +78,7 @@ def test_draws_are_deterministic_by_seed_and_follow_the_rates() -> None:
 
 # --- on the wire -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, FastBackend]]:
     """One fast backend per fault kind, every chat call meeting that fault."""

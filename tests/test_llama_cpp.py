@@ -29,7 +29,10 @@ def test_system_prompt_is_folded_into_first_user_turn_and_images_dropped():
     plain = _plain_messages(
         [
             {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Look"}, {"type": "image_url", "image_url": {"url": "data:,"}}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Look"}, {"type": "image_url", "image_url": {"url": "data:,"}}],
+            },
             {"role": "assistant", "content": "ok"},
             {"role": "tool", "content": "42"},
             {"role": "user", "content": "again"},
@@ -201,7 +204,9 @@ async def test_smollm2_gets_its_system_prompt_as_a_system_turn_and_generates_pas
     loaded = _load(path, 2048, None, 1)
     prompt, stops = loaded.format(WITH_SYSTEM)
     # SmolLM2's own ChatML template, with the system prompt in its own turn (not its default one).
-    assert prompt.startswith("<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>")
+    assert prompt.startswith(
+        "<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>"
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
     assert "You are a helpful AI assistant named SmolLM" not in prompt
 

@@ -143,10 +143,7 @@ async def test_a_prompt_longer_than_the_servers_context_fails_that_call_with_kin
             await backend.stream(long, GenerationParams(max_tokens=16), lambda c, r: None)
 
 
-
-async def test_calls_that_overflow_one_endpoint_fail_and_the_others_go_on(
-    small_context_url, llama_server_url
-) -> None:
+async def test_calls_that_overflow_one_endpoint_fail_and_the_others_go_on(small_context_url, llama_server_url) -> None:
     # A router over a 512-token and a 4096-token server: the round's calls are
     # spread over both; those sent to the small one fail with a clear reason.
     small = OpenAIBackend(small_context_url, retry=NO_RETRY, n_mode="off")

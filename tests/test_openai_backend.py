@@ -97,9 +97,7 @@ def ignores_n(request: httpx.Request, body: dict) -> httpx.Response:
 
 async def test_generate_sends_the_params_and_reads_the_answer():
     server = Server(lambda request, body: ok(chat("5", prompt_tokens=11, completion_tokens=2)))
-    params = GenerationParams(
-        temperature=0.6, top_p=0.9, max_tokens=32, seed=3, stop=("</s>",), extra={"top_k": 20}
-    )
+    params = GenerationParams(temperature=0.6, top_p=0.9, max_tokens=32, seed=3, stop=("</s>",), extra={"top_k": 20})
     async with server.backend(api_key=SECRET) as backend:
         (completion,) = await backend.generate(MESSAGES, 1, params)
     assert (completion.text, completion.finish_reason) == ("5", "stop")
@@ -246,9 +244,7 @@ async def test_retries_give_up_with_a_status_error():
             await backend.generate(MESSAGES, 1, PARAMS)
     error = caught.value
     assert (error.kind, error.status_code, error.fatal) == ("status", 503, False)
-    assert str(error) == (
-        "backend http://test.invalid:8000/v1 answered HTTP 503: busy; gave up after 3 attempts"
-    )
+    assert str(error) == ("backend http://test.invalid:8000/v1 answered HTTP 503: busy; gave up after 3 attempts")
 
 
 async def test_retry_after_is_honoured(caplog):
@@ -278,9 +274,7 @@ def test_retry_after_accepts_seconds_and_http_dates():
 
 async def test_401_is_a_fatal_auth_error_that_never_shows_the_key():
     server = Server(
-        lambda request, body: httpx.Response(
-            401, json={"error": {"message": f"Incorrect API key provided: {SECRET}"}}
-        )
+        lambda request, body: httpx.Response(401, json={"error": {"message": f"Incorrect API key provided: {SECRET}"}})
     )
     async with server.backend(api_key=SECRET) as backend:
         assert SECRET not in backend.name
@@ -579,9 +573,7 @@ async def test_a_malformed_chunk_is_a_protocol_error():
 
 async def test_a_stream_that_fails_before_its_first_delta_is_retried():
     headers = {"content-type": "text/event-stream"}
-    replies = iter(
-        [httpx.Response(503), httpx.Response(200, content=sse(*STREAM, USAGE, "[DONE]"), headers=headers)]
-    )
+    replies = iter([httpx.Response(503), httpx.Response(200, content=sse(*STREAM, USAGE, "[DONE]"), headers=headers)])
     server = Server(lambda request, body: next(replies))
     async with server.backend() as backend:
         completion = await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
@@ -784,9 +776,13 @@ def overflows_above(context: int, prompt: int, body_of=None):
     def reply(request, body):
         asked = body.get("max_tokens")
         if prompt >= context or (asked is not None and prompt + asked > context):
-            message = body_of(asked) if body_of else (
-                f"This model's maximum context length is {context} tokens. However, you requested "
-                f"{prompt + (asked or 0)} tokens ({prompt} in the messages, {asked} in the completion)."
+            message = (
+                body_of(asked)
+                if body_of
+                else (
+                    f"This model's maximum context length is {context} tokens. However, you requested "
+                    f"{prompt + (asked or 0)} tokens ({prompt} in the messages, {asked} in the completion)."
+                )
             )
             return httpx.Response(400, json={"object": "error", "message": message, "code": 400})
         return ok(chat(f"max_tokens={asked}"))
@@ -821,8 +817,10 @@ async def test_a_prompt_that_does_not_fit_fails_that_call_with_kind_context(name
             await backend.generate(MESSAGES, 1, GenerationParams(max_tokens=100))
     error = caught.value
     assert (error.kind, error.fatal, error.context_tokens, error.prompt_tokens) == ("context", False, 4096, 5000)
-    assert str(error) == "the prompt (5,000 tokens) does not fit the context of backend " \
+    assert (
+        str(error) == "the prompt (5,000 tokens) does not fit the context of backend "
         "http://test.invalid:8000/v1 (4,096 tokens)"
+    )
     assert len(server.requests) == 1  # nothing to retry
 
 
@@ -844,9 +842,7 @@ async def test_an_overflowing_trajectory_fails_and_the_round_goes_on():
 
     server = Server(reply)
     async with server.backend(n_mode="off") as backend:
-        result = await pacore.asolve(
-            [{"role": "user", "content": "q"}], schedule=[3], backend=backend, params=PARAMS
-        )
+        result = await pacore.asolve([{"role": "user", "content": "q"}], schedule=[3], backend=backend, params=PARAMS)
         pool = await pacore.asample("a long prompt", 2, backend=backend, params=PARAMS)
     assert result.answer == "42" and result.usage.failed_calls == 0
     assert [t.error_kind for t in pool] == ["context", "context"]

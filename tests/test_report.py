@@ -43,8 +43,13 @@ def words(text: str) -> int:
 
 
 PROBLEMS = [
-    Problem(id=f"q{n}", messages=[{"role": "user", "content": f"Problem {n}: what is {n} plus one?"}],
-            answer=str(n + 1), kind="gsm8k", line=n + 1)  # fmt: skip
+    Problem(
+        id=f"q{n}",
+        messages=[{"role": "user", "content": f"Problem {n}: what is {n} plus one?"}],
+        answer=str(n + 1),
+        kind="gsm8k",
+        line=n + 1,
+    )  # fmt: skip
     for n in range(4)
 ]
 
@@ -57,7 +62,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     backend = ScriptedBackend(respond=reply, max_n=2)
 
     async def both_arms() -> None:
-        await run_dataset(path, PROBLEMS, dataset_path="d.jsonl", arm=Arm.build("pacore", schedule="2"), backend=backend)
+        await run_dataset(
+            path, PROBLEMS, dataset_path="d.jsonl", arm=Arm.build("pacore", schedule="2"), backend=backend
+        )
         await run_dataset(
             path, PROBLEMS, dataset_path="d.jsonl", arm=Arm.build("majority", samples=2), backend=backend,
             add_arm=True,

@@ -66,7 +66,11 @@ def test_reward_func_with_conversational_completions() -> None:
     assert reward_func(prompts, completions, truths) == [1.0, 0.0, 1.0]
     # GRPOTrainer passes every column as a keyword, plus its own extras.
     assert reward_func(
-        prompts=prompts, completions=completions, ground_truth=truths, completion_ids=[[1], [2], [3]], trainer_state=None
+        prompts=prompts,
+        completions=completions,
+        ground_truth=truths,
+        completion_ids=[[1], [2], [3]],
+        trainer_state=None,
     ) == [1.0, 0.0, 1.0]
 
 

@@ -52,7 +52,10 @@ def wait_until_idle(url: str, timeout: float = 60) -> None:
 def data(tmp_path: Path) -> Path:
     path = tmp_path / "data.jsonl"
     path.write_text(
-        "".join(json.dumps({"id": f"p{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(PROBLEMS))
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+            for i in range(PROBLEMS)
+        )
     )
     return path
 
@@ -150,7 +153,9 @@ def test_repeats_survive_sigkill_and_a_second_seed_adds_draws(fast_server: str, 
     resumed = pacore("run", *command)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming pacore-2 in {run_dir}: {len(done_before)} done (skipped)" in resumed.stderr
-    assert resumed.stdout.startswith(f"pacore-2: {repeats * problems}/{repeats * problems} answered ({problems} problems × 3 repeats)")
+    assert resumed.stdout.startswith(
+        f"pacore-2: {repeats * problems}/{repeats * problems} answered ({problems} problems × 3 repeats)"
+    )
     after = result_rows(run_dir)
     assert sorted(after) == sorted((f"p{i}", 1, r) for i in range(problems) for r in range(repeats))
     assert all(status == "done" and attempts == 1 for status, _, attempts in after.values())  # once each

@@ -49,9 +49,7 @@ def right_after_synthesis(call: Call, i: int) -> str:
     return f"The answer is {n + 1}" if is_synthesis(call) else f"The answer is {n + 7}"
 
 
-async def run(
-    tmp_path: Path, backend: ScriptedBackend, arm: Arm, problems: list[Problem] | None = None, **options
-):
+async def run(tmp_path: Path, backend: ScriptedBackend, arm: Arm, problems: list[Problem] | None = None, **options):
     return await run_dataset(
         tmp_path / "run", problems or make_problems(), dataset_path="data.jsonl", arm=arm,
         backend=backend, **options,
@@ -272,7 +270,12 @@ async def test_pool_draws_are_seeded(tmp_path: Path) -> None:
 
 
 async def test_pool_refuses_draws_larger_than_the_pool_and_other_pool_sizes(tmp_path: Path) -> None:
-    await run(tmp_path, ScriptedBackend(respond=right_after_synthesis, max_n=4), Arm.build("pacore", schedule="4"), pool_size=4)
+    await run(
+        tmp_path,
+        ScriptedBackend(respond=right_after_synthesis, max_n=4),
+        Arm.build("pacore", schedule="4"),
+        pool_size=4,
+    )
     with pytest.raises(UsageError, match="draws 8 first-round trajectories .* holds 4"):
         await run(tmp_path, ScriptedBackend(), Arm.build("pacore", schedule="8"))
     with pytest.raises(RunConflictError, match="pool of 4, not 8"):
@@ -322,7 +325,6 @@ async def test_progress_counts_problems_tokens_and_flight(tmp_path: Path) -> Non
     assert progress.completion_tokens == 3 * 3 * 4 and progress.in_flight == 0
     assert max(flight for flight, _ in seen) == 4  # two problems, two first-round trajectories each
     assert progress.accuracy == 1.0 and progress.eta_s == 0
-
 
 
 async def test_commits_and_grading_run_off_the_event_loop(tmp_path: Path, monkeypatch) -> None:

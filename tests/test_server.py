@@ -65,7 +65,9 @@ def client(running: RunningServer, **options) -> openai.OpenAI:
 
 
 def async_client(running: RunningServer, **options) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=running.api_url, api_key=options.pop("api_key", "unused"), max_retries=0, **options)
+    return openai.AsyncOpenAI(
+        base_url=running.api_url, api_key=options.pop("api_key", "unused"), max_retries=0, **options
+    )
 
 
 def ask(running: RunningServer, model: str = "scripted", **options):
@@ -154,9 +156,7 @@ def test_streamed_answer_arrives_in_pieces_after_progress(server, fake):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[finish_index].choices[0].finish_reason == "stop"
 
-    progress = "".join(
-        c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices
-    )
+    progress = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
     assert "round 1/2: 3 trajectories started" in progress
     assert "round 1/2: 3/3 trajectories done" in progress
     assert "synthesizing the final answer from 3 references" in progress
@@ -270,7 +270,13 @@ def test_sampling_fields_reach_the_backend(server, fake):
 
 def test_models_lists_the_served_model_and_its_variants(server):
     ids = [m.id for m in client(server).models.list()]
-    assert ids == ["scripted", "pacore-low/scripted", "pacore-medium/scripted", "pacore-high/scripted", "pacore-1/scripted"]
+    assert ids == [
+        "scripted",
+        "pacore-low/scripted",
+        "pacore-medium/scripted",
+        "pacore-high/scripted",
+        "pacore-1/scripted",
+    ]
     assert httpx.get(f"{server.base_url}/health").json()["status"] == "ok"
 
 
@@ -300,9 +306,13 @@ def test_api_keys_are_required_everywhere_but_health(keyed_server, fake):
     assert wrong.value.body["code"] == "invalid_api_key"
     assert fake.calls == []
 
-    assert client(keyed_server, api_key="key-two").chat.completions.create(
-        model="scripted", messages=[{"role": "user", "content": "Hi"}]
-    ).choices[0].message.content == FINAL
+    assert (
+        client(keyed_server, api_key="key-two")
+        .chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hi"}])
+        .choices[0]
+        .message.content
+        == FINAL
+    )
     base = keyed_server.base_url
     assert httpx.get(f"{base}/health").status_code == 200
     for path in ("/metrics", "/ui/api/requests", "/v1/models", "/nowhere"):
@@ -594,7 +604,16 @@ def test_a_round_without_messages_bypasses_the_template_and_the_viewer_says_so()
 
 def test_serve_takes_a_builtin_template_and_reference_order_by_name():
     with fast_backend("--completion-tokens", 4) as upstream:
-        args = ("--backend", upstream.urls[0], "--schedule", "2", "--template", "generic", "--reference-order", "release")
+        args = (
+            "--backend",
+            upstream.urls[0],
+            "--schedule",
+            "2",
+            "--template",
+            "generic",
+            "--reference-order",
+            "release",
+        )
         with running_cli(*args) as (running, _):
             completion = ask(running, model="pacore-2/fast", seed=42)
     assert completion.choices[0].message.content

@@ -92,7 +92,9 @@ def delay(call: Call) -> float:
 class FaultyBackend(StreamingScriptedBackend):
     """Streams the final answer, or breaks its stream part way when the question says so."""
 
-    async def stream(self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback) -> Completion:
+    async def stream(
+        self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback
+    ) -> Completion:
         fault = fault_of(messages)
         if fault not in MID_STREAM:
             return await super().stream(messages, params, on_delta)
@@ -266,7 +268,9 @@ async def test_200_concurrent_clients_get_only_answers_429s_or_openai_errors(fau
     assert sum(o.retries for o in outcomes) > 0
     assert sum(1 for o in outcomes if o.code == "gave up") == 8
     await asyncio.to_thread(settled, running, backend)
-    refused = await asyncio.to_thread(metric, running, "pacore_requests_total", endpoint="/v1/chat/completions", status="429")
+    refused = await asyncio.to_thread(
+        metric, running, "pacore_requests_total", endpoint="/v1/chat/completions", status="429"
+    )
     assert refused == sum(o.retries for o in outcomes)
     assert asgi_errors == []
 
@@ -311,7 +315,9 @@ async def test_the_openai_sdk_sees_answers_and_api_errors_never_a_broken_connect
         async def one(fault: str) -> str | openai.APIError:
             try:
                 stream = await client.chat.completions.create(
-                    model="scripted", stream=True, seed=7,
+                    model="scripted",
+                    stream=True,
+                    seed=7,
                     messages=[{"role": "user", "content": f"fault:{fault} Why?"}],
                 )
                 return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])

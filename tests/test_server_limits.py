@@ -110,7 +110,13 @@ def test_request_parsing_takes_time_linear_in_the_body(shape, n):
 @pytest.mark.parametrize(
     ("shape", "n", "param", "code", "words"),
     [
-        ("schedule list", 20_000, "pacore.schedule", "schedule_too_large", "20,000 coordinated rounds; this server allows at most 4"),
+        (
+            "schedule list",
+            20_000,
+            "pacore.schedule",
+            "schedule_too_large",
+            "20,000 coordinated rounds; this server allows at most 4",
+        ),
         ("schedule text", 20_000, "pacore.schedule", "schedule_too_large", "20,000 coordinated rounds"),
         ("model name", 1_000_000, "model", "model_too_long", "at most 256"),
         ("model name", 100, "model", "schedule_too_large", "100 coordinated rounds; this server allows at most 4"),
@@ -130,7 +136,7 @@ def test_each_size_limit_is_named_in_a_short_400(shape, n, param, code, words):
 
 
 def test_a_long_prompt_with_many_commas_is_not_mistaken_for_many_values():
-    text = "a, b, [c], {d}, \\\"e\\\", " * 50_000  # 1.1 MB of prose, 250,000 commas and brackets
+    text = 'a, b, [c], {d}, \\"e\\", ' * 50_000  # 1.1 MB of prose, 250,000 commas and brackets
     status, error = parse_and_plan(encode(chat(messages=[{"role": "user", "content": text}])))
     assert (status, error) == (200, None)
 
@@ -260,7 +266,7 @@ def test_a_slow_body_gets_a_408_and_frees_everything(fake):
             started = time.monotonic()
             connection.sendall(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 1000\r\n\r\n{\"model\": "
+                b'Content-Length: 1000\r\n\r\n{"model": '
             )
             with contextlib.suppress(OSError):
                 for _ in range(30):
@@ -329,9 +335,13 @@ def test_a_stream_its_client_does_not_read_loses_its_slot(limits, reason):
             wait_for(lambda: slot_is_free(running), timeout=15)
             freed_after = time.monotonic() - started
             # The slot is someone else's now, while the reader-less connection may still be open.
-            assert client(running).chat.completions.create(
-                model="pacore-1/m", max_tokens=5, messages=[{"role": "user", "content": "Hi"}]
-            ).choices[0].message.content == LONG_ANSWER.strip()
+            assert (
+                client(running)
+                .chat.completions.create(model="pacore-1/m", max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
+                .choices[0]
+                .message.content
+                == LONG_ANSWER.strip()
+            )
         assert freed_after < 10  # the buffers fill, then one timeout without progress (a loaded machine is slow)
         assert metric(running, "pacore_clients_cut_total", reason=reason) == 1
 
@@ -457,9 +467,7 @@ def test_history_bytes_from_the_command_line():
         running_cli("--backend", upstream.urls[0], "--history-bytes", "1000") as (running, _),
     ):
         for _ in range(2):
-            client(running).chat.completions.create(
-                model="pacore-2/fast", messages=[{"role": "user", "content": "Hi"}]
-            )
+            client(running).chat.completions.create(model="pacore-2/fast", messages=[{"role": "user", "content": "Hi"}])
         listing = httpx.get(f"{running.base_url}/ui/api/requests").json()
     # Every finished request holds more than 1,000 bytes: none is kept, and the listing says so.
     assert (listing["data"], listing["dropped"], listing["max_bytes"]) == ([], 2, 1000)

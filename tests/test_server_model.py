@@ -63,9 +63,16 @@ def test_plain_and_streamed_answers_from_the_embedded_model(served):
     assert [len(r["trajectories"]) for r in detail["rounds"]] == [2, 1]
 
     text = httpx.get(f"{server.base_url}/metrics", headers=headers).text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
     assert samples[("pacore_trajectories_total", (("outcome", "ok"),))] == 6
-    assert samples[("pacore_generated_tokens_total", ())] == completion.usage.completion_tokens + chunks[-1].usage.completion_tokens
+    assert (
+        samples[("pacore_generated_tokens_total", ())]
+        == completion.usage.completion_tokens + chunks[-1].usage.completion_tokens
+    )
 
 
 def test_the_command_stops_cleanly_on_ctrl_c():
@@ -85,9 +92,7 @@ def test_the_command_stops_cleanly_on_ctrl_c():
     ],
 )
 def test_misuse_is_a_one_line_error(args, code, words):
-    done = subprocess.run(
-        [PACORE, "serve", *args], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([PACORE, "serve", *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == code
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and words in done.stderr and "Traceback" not in done.stderr
@@ -96,8 +101,6 @@ def test_misuse_is_a_one_line_error(args, code, words):
 def test_a_busy_port_is_a_runtime_error():
     with running_cli("--schedule", "1") as (server, _):
         port = server.base_url.rsplit(":", 1)[1]
-        done = subprocess.run(
-            [PACORE, "serve", "--port", port], capture_output=True, text=True, timeout=60
-        )
+        done = subprocess.run([PACORE, "serve", "--port", port], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.startswith(f"pacore: error: cannot listen on 127.0.0.1:{port}")

@@ -175,7 +175,9 @@ def test_invalid_utf8_gets_400(server, body):
         (b'{"a":' * 10_000 + b"1" + b"}" * 10_000, "nests arrays or objects too deeply"),
         (
             b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": '
-            + b"[" * 10_000 + b"]" * 10_000 + b"}",
+            + b"[" * 10_000
+            + b"]" * 10_000
+            + b"}",
             "nests arrays or objects too deeply",
         ),
         (request_with("lone \\ud800 surrogate"), "not valid JSON"),
@@ -303,7 +305,9 @@ def test_any_pacore_schedule_value_gives_a_schedule_or_a_400_about_it(value, mod
 
 
 @settings(max_examples=300, deadline=None)
-@given(body=st.dictionaries(st.sampled_from(["model", "messages", "pacore", "stream", "n", "stop", "seed"]), json_values))
+@given(
+    body=st.dictionaries(st.sampled_from(["model", "messages", "pacore", "stream", "n", "stop", "seed"]), json_values)
+)
 def test_any_json_object_is_a_request_or_a_400(body):
     outcome(body)
 

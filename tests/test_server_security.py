@@ -180,7 +180,12 @@ def test_keys_leak_into_no_log_record(upstream, caplog):
 def test_the_run_database_and_output_hold_no_key(upstream, tmp_path, monkeypatch):
     url, hostile = upstream
     data = tmp_path / "questions.jsonl"
-    questions = ["What is 6 x 7?", "echo-500 What is 6 x 7?", "echo-malformed What is 6 x 7?", "echo-401 What is 6 x 7?"]
+    questions = [
+        "What is 6 x 7?",
+        "echo-500 What is 6 x 7?",
+        "echo-malformed What is 6 x 7?",
+        "echo-401 What is 6 x 7?",
+    ]
     data.write_text("".join(json.dumps({"question": q, "answer": "42"}) + "\n" for q in questions))
     monkeypatch.setenv("PACORE_API_KEY", BACKEND_KEY)
     run_dir = tmp_path / "run"
@@ -248,9 +253,7 @@ def test_a_template_escape_in_a_later_round_is_blocked_and_reported_as_a_server_
     with running_app(backend, config) as running:
         client = openai.OpenAI(base_url=running.api_url, api_key="unused", max_retries=0)
         with pytest.raises(openai.InternalServerError) as caught:
-            client.chat.completions.create(
-                model="pacore-2,2/m", messages=[{"role": "user", "content": "Why?"}]
-            )
+            client.chat.completions.create(model="pacore-2,2/m", messages=[{"role": "user", "content": "Why?"}])
     assert caught.value.status_code == 500
     assert caught.value.body["code"] == "template_error"
     assert "unsafe" in caught.value.body["message"]
@@ -286,7 +289,8 @@ def test_markup_anywhere_in_a_request_shows_as_text_in_the_viewer(page):  # noqa
     with running_app(backend, ServerConfig(schedule=Schedule.parse([3]))) as running:
         client = openai.OpenAI(base_url=running.api_url, api_key="unused", max_retries=0)
         completion = client.chat.completions.create(
-            model=f"scripted{HOSTILE}", messages=[{"role": "user", "content": f"Question {HOSTILE}"}],
+            model=f"scripted{HOSTILE}",
+            messages=[{"role": "user", "content": f"Question {HOSTILE}"}],
             extra_body={"pacore": {"grading": "auto"}},  # the extracted answer is shown under a grading kind only
         )
         response = httpx.get(f"{running.base_url}/ui")
@@ -301,7 +305,10 @@ def test_markup_anywhere_in_a_request_shows_as_text_in_the_viewer(page):  # noqa
         assert page.locator(".request-item .question").first.text_content() == f"Question {HOSTILE}"
         assert page.locator(".detail .question").text_content() == f"Question {HOSTILE}"
         assert HOSTILE in page.locator(".meta").text_content()
-        assert page.locator(".card .message", has_text="the answer is 42").first.text_content() == f"{HOSTILE} the answer is 42"
+        assert (
+            page.locator(".card .message", has_text="the answer is 42").first.text_content()
+            == f"{HOSTILE} the answer is 42"
+        )
         assert page.locator(".card.failed .error").text_content() == f"status: HTTP 503 {HOSTILE}"
         assert page.locator("#final-answer .extracted").text_content() == HOSTILE
         assert HOSTILE in page.locator("#final-answer .answer-text").text_content()

@@ -64,8 +64,14 @@ def front() -> Iterator[Callable[..., object]]:
     with contextlib.ExitStack() as stack:
         yield lambda upstream, grace: stack.enter_context(
             running_cli(
-                "--backend", upstream.api_url, "--model", "scripted", "--schedule", "1",
-                "--grace-period", str(grace),
+                "--backend",
+                upstream.api_url,
+                "--model",
+                "scripted",
+                "--schedule",
+                "1",
+                "--grace-period",
+                str(grace),
             )  # fmt: skip
         )
 

@@ -43,8 +43,8 @@ Now, based on the original problem and reference responses above, please provide
 # The worked example of PACORE_METHOD.md, as the JSON string given there.
 WORKED_EXAMPLE_JSON = (
     r'"You are given a problem and a list of reference responses. Your job is to analyze these references and '
-    r'provide your own response.\n\nOriginal Problem:\nWhat is 2+3?\n\nReference Responses:\n\nReference 1:\n\n\n'
-    r'The answer is 5.\n\nReference 2:\nIt is **5**.\n\n\n\nNow, based on the original problem and reference '
+    r"provide your own response.\n\nOriginal Problem:\nWhat is 2+3?\n\nReference Responses:\n\nReference 1:\n\n\n"
+    r"The answer is 5.\n\nReference 2:\nIt is **5**.\n\n\n\nNow, based on the original problem and reference "
     r'responses above, please provide your own comprehensive solution."'
 )
 
@@ -91,7 +91,10 @@ def test_renders_what_the_release_renders_for_any_text(problem, references):
 @pytest.mark.parametrize("message", ["A", "A\n", "\n\nA", "\n\nA\n\n"])
 def test_newlines_of_problem_and_messages_survive(problem, message):
     rendered = render(SynthesisTemplate.default(), problem, [message, "B"])
-    assert f"Original Problem:\n{problem}\n\nReference Responses:\n\nReference 1:\n{message}\n\nReference 2:\nB\n\n\n" in rendered
+    assert (
+        f"Original Problem:\n{problem}\n\nReference Responses:\n\nReference 1:\n{message}\n\nReference 2:\nB\n\n\n"
+        in rendered
+    )
     assert rendered.endswith("please provide your own comprehensive solution.")  # no trailing newline
 
 
@@ -118,7 +121,10 @@ def test_generic_is_selectable_by_name_and_tidy():
     assert generic.origin == "generic" and generic is not SynthesisTemplate.default()
     rendered = render(generic, " Q \n", ["\n\nfirst\n", "second"])
     assert rendered.startswith("You are given a problem and several reference responses")
-    assert "Original Problem:\nQ\n\nReference Responses:\n\nReference 1:\nfirst\n\nReference 2:\nsecond\n\nAnalyze" in rendered
+    assert (
+        "Original Problem:\nQ\n\nReference Responses:\n\nReference 1:\nfirst\n\nReference 2:\nsecond\n\nAnalyze"
+        in rendered
+    )
     assert rendered == rendered.strip()
 
 
@@ -366,6 +372,7 @@ async def test_asolve_takes_a_builtin_template_by_name(name):
     backend = ScriptedBackend(respond=lambda call, i: f"m{call.number}")
     await asolve("Q?", schedule=[1], backend=backend, template=name)
     assert backend.calls[-1].last_user_text == render(SynthesisTemplate.builtin(name), "Q?", ["m0"])
-    assert backend.calls[-1].last_user_text.startswith("You are given a problem and " + (
-        "several reference responses" if name == "generic" else "a list of reference responses"
-    ))
+    assert backend.calls[-1].last_user_text.startswith(
+        "You are given a problem and "
+        + ("several reference responses" if name == "generic" else "a list of reference responses")
+    )

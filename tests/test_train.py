@@ -51,10 +51,18 @@ def training_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for n in range(3)
     ]  # fmt: skip
     asyncio.run(
-        run_dataset(root / "run", problems, dataset_path="sums.jsonl", arm=Arm.build("majority", samples=1),
-                    backend=ScriptedBackend(respond=sample, max_n=4), pool_size=4)  # fmt: skip
+        run_dataset(
+            root / "run",
+            problems,
+            dataset_path="sums.jsonl",
+            arm=Arm.build("majority", samples=1),
+            backend=ScriptedBackend(respond=sample, max_n=4),
+            pool_size=4,
+        )  # fmt: skip
     )
-    summary = export_train(root / "run", root / "train.parquet", format="trl", min_size=2, max_size=2, min_acc=-1, max_acc=1.1)
+    summary = export_train(
+        root / "run", root / "train.parquet", format="trl", min_size=2, max_size=2, min_acc=-1, max_acc=1.1
+    )
     assert summary.kept == 3
     return root / "train.parquet"
 
@@ -102,7 +110,10 @@ def test_two_grpo_steps_on_a_tiny_gguf_model(trained: Trained) -> None:
     assert len(scored) == 2 and {r["reward_function"] for r in scored} == {"reward_func"}
     for record in scored:
         assert len(record["completions"]) == 2  # one prompt, two generations
-        recomputed = [outcome_reward(c, t, k) for c, t, k in zip(record["completions"], record["ground_truth"], record["kind"], strict=True)]
+        recomputed = [
+            outcome_reward(c, t, k)
+            for c, t, k in zip(record["completions"], record["ground_truth"], record["kind"], strict=True)
+        ]
         assert record["rewards"] == recomputed
         assert set(record["ground_truth"]) <= {"2", "4", "6"}
     # ...and TRL's mean reward of each step is the mean of those rewards.

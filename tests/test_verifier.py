@@ -101,7 +101,12 @@ def test_process_reward_needs_a_right_answer_and_a_valid_derivation(tmp_path: Pa
     with judge_server() as judge, Verifier(judge.url, cache=False) as verifier:
         rewards = process_rewards(
             ["What is 2+3?"] * 4,
-            ["2+3=5. The answer is 5.", "I guess the answer is 5.", "2+3=6. The answer is 6.", "garble: the answer is 5"],
+            [
+                "2+3=5. The answer is 5.",
+                "I guess the answer is 5.",
+                "2+3=6. The answer is 6.",
+                "garble: the answer is 5",
+            ],
             ["5"] * 4,
             ["number"] * 4,
             verifier,
@@ -118,9 +123,24 @@ def test_compute_score_with_a_verifier_as_verl_calls_it(tmp_path: Path) -> None:
     cache = str(tmp_path / "v.sqlite")
     with judge_server() as judge:
         call = {"verifier": judge.url, "verifier_cache": cache}
-        assert compute_score(data_source="pacore/t", solution_str="2+3=5. Answer: 5", ground_truth="5", extra_info=extra, **call) == 1.0
-        assert compute_score(data_source="pacore/t", solution_str="I guess. Answer: 5", ground_truth="5", extra_info=extra, **call) == 0.0
-        assert compute_score(data_source="pacore/t", solution_str="garble. Answer: 5", ground_truth="5", extra_info=extra, **call) == 0.0
+        assert (
+            compute_score(
+                data_source="pacore/t", solution_str="2+3=5. Answer: 5", ground_truth="5", extra_info=extra, **call
+            )
+            == 1.0
+        )
+        assert (
+            compute_score(
+                data_source="pacore/t", solution_str="I guess. Answer: 5", ground_truth="5", extra_info=extra, **call
+            )
+            == 0.0
+        )
+        assert (
+            compute_score(
+                data_source="pacore/t", solution_str="garble. Answer: 5", ground_truth="5", extra_info=extra, **call
+            )
+            == 0.0
+        )
         # Without the verifier keyword it is the outcome reward: a guess that is right scores.
         assert compute_score("pacore/t", "I guess. Answer: 5", "5", extra) == 1.0
         with pytest.raises(UsageError, match="extra_info\\['problem'\\]"):
@@ -158,13 +178,22 @@ def _reply(call: Call, i: int) -> str:
 
 def test_report_shows_spurious_correctness_per_arm(tmp_path: Path) -> None:
     problems = [
-        Problem(id=f"q{n}", messages=[{"role": "user", "content": f"Problem {n}: what is {n} plus one?"}],
-                answer=str(n + 1), kind="number")  # fmt: skip
+        Problem(
+            id=f"q{n}",
+            messages=[{"role": "user", "content": f"Problem {n}: what is {n} plus one?"}],
+            answer=str(n + 1),
+            kind="number",
+        )  # fmt: skip
         for n in range(3)
     ]
     asyncio.run(
-        run_dataset(tmp_path / "run", problems, dataset_path="d.jsonl", arm=Arm.build("single"),
-                    backend=ScriptedBackend(respond=_reply))  # fmt: skip
+        run_dataset(
+            tmp_path / "run",
+            problems,
+            dataset_path="d.jsonl",
+            arm=Arm.build("single"),
+            backend=ScriptedBackend(respond=_reply),
+        )  # fmt: skip
     )
     with judge_server() as judge:
         command = [PACORE, "report", str(tmp_path / "run"), "--json", "--verifier", judge.url]

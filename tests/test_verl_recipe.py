@@ -61,7 +61,11 @@ def test_the_config_sets_only_keys_verl_knows_with_the_reports_values() -> None:
 def test_the_launch_script_sets_verl_keys_and_refuses_a_bad_stage(tmp_path: Path) -> None:
     script = (RECIPE / "run_pacore_synthesis.sh").read_text()
     known = set(VERL_KEYS.read_text().splitlines())
-    overrides = [line.strip().split("=")[0] for line in script.splitlines() if line.strip().startswith(("actor_", "critic.", "data.", "reward.", "trainer."))]
+    overrides = [
+        line.strip().split("=")[0]
+        for line in script.splitlines()
+        if line.strip().startswith(("actor_", "critic.", "data.", "reward.", "trainer."))
+    ]
     assert len(overrides) >= 7 and [o for o in overrides if o not in known] == []
     bad = subprocess.run(["bash", str(RECIPE / "run_pacore_synthesis.sh"), "stage3"], capture_output=True, text=True,
                          env={"MODEL": "/m", "PATH": "/usr/bin:/bin:" + str(Path(__import__("sys").executable).parent)})  # fmt: skip
@@ -80,8 +84,14 @@ def verl_parquet(tmp_path: Path) -> Path:
         for n in range(3)
     ]  # fmt: skip
     asyncio.run(
-        run_dataset(tmp_path / "run", problems, dataset_path="sums.jsonl", arm=Arm.build("majority", samples=1),
-                    backend=ScriptedBackend(respond=reply, max_n=4), pool_size=4)  # fmt: skip
+        run_dataset(
+            tmp_path / "run",
+            problems,
+            dataset_path="sums.jsonl",
+            arm=Arm.build("majority", samples=1),
+            backend=ScriptedBackend(respond=reply, max_n=4),
+            pool_size=4,
+        )  # fmt: skip
     )
     export_train(tmp_path / "run", tmp_path / "stage1.parquet", format="verl", min_size=4, max_size=4, max_acc=0.9)
     return tmp_path / "stage1.parquet"
@@ -90,7 +100,10 @@ def verl_parquet(tmp_path: Path) -> Path:
 def test_the_parquet_has_the_shape_verls_loader_reads(verl_parquet: Path) -> None:
     schema = pq.read_schema(verl_parquet)
     message = pa.struct([("content", pa.string()), ("role", pa.string())])
-    assert schema.field("prompt").type in (pa.list_(message), pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))
+    assert schema.field("prompt").type in (
+        pa.list_(message),
+        pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])),
+    )
     assert schema.field("data_source").type == pa.string()
     assert schema.field("ability").type == pa.string()
     reward_model = schema.field("reward_model").type
@@ -118,6 +131,10 @@ def test_the_reward_as_verls_naive_reward_manager_calls_it(verl_parquet: Path) -
         extra_info["num_turns"] = None
         extra_info["rollout_reward_scores"] = {}
         for response in (f"... so the answer is {ground_truth}", "... so the answer is 12345"):
-            scores.append(compute_score(data_source=data_source, solution_str=response, ground_truth=ground_truth, extra_info=extra_info))
+            scores.append(
+                compute_score(
+                    data_source=data_source, solution_str=response, ground_truth=ground_truth, extra_info=extra_info
+                )
+            )
     assert scores == [1.0, 0.0] * 3
     assert all(isinstance(score, float) for score in scores)

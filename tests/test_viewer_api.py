@@ -140,8 +140,13 @@ def run_reply(call: Call, i: int):
 
 
 PROBLEMS = [
-    Problem(id=f"set/q{n}", messages=[{"role": "user", "content": f"Problem {n}: what is {n} plus one?"}],
-            answer=str(n + 1), kind="gsm8k", line=n + 1)  # fmt: skip
+    Problem(
+        id=f"set/q{n}",
+        messages=[{"role": "user", "content": f"Problem {n}: what is {n} plus one?"}],
+        answer=str(n + 1),
+        kind="gsm8k",
+        line=n + 1,
+    )  # fmt: skip
     for n in range(3)
 ]
 

@@ -26,6 +26,4 @@ def require(extra: str, *modules: str, feature: str) -> None:
         except ImportError as exc:
             if (exc.name or "").split(".")[0] != module.split(".")[0]:
                 raise
-            raise MissingExtraError(
-                f"{feature} needs the '{extra}' extra: pip install 'pacore[{extra}]'"
-            ) from None
+            raise MissingExtraError(f"{feature} needs the '{extra}' extra: pip install 'pacore[{extra}]'") from None

@@ -80,9 +80,7 @@ def normalize_messages(prompt: Prompt) -> list[Message]:
             raise InputError("the prompt is empty")
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
-        raise InputError(
-            f"the prompt must be a string or a list of chat messages, not {type(prompt).__name__}"
-        )
+        raise InputError(f"the prompt must be a string or a list of chat messages, not {type(prompt).__name__}")
     # mypy loses the narrowing to Sequence[Message] in the bytes check above; each item is checked below.
     messages = list(cast(Sequence[Message], prompt))
     if not messages:
@@ -247,9 +245,7 @@ class _Solve:
                     seed=self.seed, round_index=index, total_rounds=total, keep_top=self.compute.keep_top,
                 )  # fmt: skip
                 conversation, references, bypassed = synthesis.conversation, synthesis.references, synthesis.bypassed
-            rnd = Round(
-                index=index, k=k, final=final, references=references, bypassed=bypassed, started_at=time.time()
-            )
+            rnd = Round(index=index, k=k, final=final, references=references, bypassed=bypassed, started_at=time.time())
             if previous is not None and self.compute.keep_top is not None:
                 _note_keep_top(rnd, previous, synthesis.dropped)
             self.rounds.append(rnd)
@@ -283,11 +279,7 @@ class _Solve:
         # Kept in index order as calls finish, so a partial round in an error's result is too.
         bisect.insort(rnd.trajectories, trajectory, key=lambda t: t.index)
         if self.emit:
-            self.emit(
-                TrajectoryFinished(
-                    round=rnd.index, trajectory=trajectory, done=len(rnd.trajectories), k=rnd.k
-                )
-            )
+            self.emit(TrajectoryFinished(round=rnd.index, trajectory=trajectory, done=len(rnd.trajectories), k=rnd.k))
 
     def _adopt_first_round(self, rnd: Round) -> None:
         if self.compute.early_stop or self.compute.adaptive_k:
@@ -890,9 +882,7 @@ async def asolve(
     if deadline is not None and deadline <= 0:
         raise UsageError(f"deadline must be positive, got {deadline}")
     if reference_order not in REFERENCE_ORDERS:
-        raise UsageError(
-            f"reference_order must be one of {', '.join(REFERENCE_ORDERS)}, got {reference_order!r}"
-        )
+        raise UsageError(f"reference_order must be one of {', '.join(REFERENCE_ORDERS)}, got {reference_order!r}")
     if first_round is not None:
         if plan.is_passthrough:
             raise UsageError("first_round needs a schedule with at least one coordinated round")
@@ -911,14 +901,22 @@ async def asolve(
     if not isinstance(backend, Backend):
         raise UsageError(f"backend must be a Backend, not {backend!r} (pacore.asolve opens backend specs)")
     state = _Solve(
-        messages, plan, backend, params, synthesis, shuffle_seed, on_event, min_success,
-        stream_answer, first_round, reference_order, policy,
+        messages,
+        plan,
+        backend,
+        params,
+        synthesis,
+        shuffle_seed,
+        on_event,
+        min_success,
+        stream_answer,
+        first_round,
+        reference_order,
+        policy,
     )
     budget = current_retry_budget.set(RetryBudget())
     try:
-        result = await within_deadline(
-            state.run(), deadline, lambda: f"in round {len(state.rounds)} of {len(plan.ks)}"
-        )
+        result = await within_deadline(state.run(), deadline, lambda: f"in round {len(state.rounds)} of {len(plan.ks)}")
     except PacoreError as exc:
         exc.result = state.result(error=str(exc))
         if on_event:

@@ -28,9 +28,7 @@ def size_text(limit: int) -> str:
     return f"{limit / MIB:g} MiB" if limit >= MIB else f"{limit} bytes"
 
 
-def read_input(
-    path: str | Path, *, limit: int, what: str, error: type[UsageError] = InputError
-) -> bytes:
+def read_input(path: str | Path, *, limit: int, what: str, error: type[UsageError] = InputError) -> bytes:
     """The bytes of a regular file or a pipe, refused with one line past ``limit`` bytes.
 
     Directories and devices (``/dev/zero`` would never end) are refused before
@@ -126,9 +124,7 @@ def _temporary_beside(path: Path) -> tuple[int, str]:
 
 
 @contextmanager
-def atomic_output(
-    path: Path, mode: str = "w", *, check: Callable[[Path], object] | None = None
-) -> Iterator[IO[Any]]:
+def atomic_output(path: Path, mode: str = "w", *, check: Callable[[Path], object] | None = None) -> Iterator[IO[Any]]:
     """Write ``path`` all at once: a temporary file beside it, synced, then renamed over it.
 
     If the block (or ``check``, given the complete temporary file before the

@@ -45,9 +45,7 @@ class Schedule:
             if k < 1:
                 raise ScheduleError(f"schedule entries must be at least 1, got {k}")
             if k > MAX_TRAJECTORIES_PER_ROUND:
-                raise ScheduleError(
-                    f"schedule entry {k} exceeds the limit of {MAX_TRAJECTORIES_PER_ROUND} per round"
-                )
+                raise ScheduleError(f"schedule entry {k} exceeds the limit of {MAX_TRAJECTORIES_PER_ROUND} per round")
 
     @classmethod
     def parse(cls, value: Schedule | str | int | Iterable[int] | None) -> Schedule:
@@ -124,15 +122,11 @@ def _coerce_int(item: object, whole: str) -> int:
     if not part:
         raise ScheduleError(f"invalid schedule {whole!r}: empty entry between commas")
     if part.startswith("-") and _INT.fullmatch(part[1:]):
-        raise ScheduleError(
-            f"invalid schedule {whole!r}: counts must be at least 1, got {shorten(part)}"
-        )
+        raise ScheduleError(f"invalid schedule {whole!r}: counts must be at least 1, got {shorten(part)}")
     if part.lower() in PRESETS:
         raise ScheduleError(f"invalid schedule {whole!r}: a preset name cannot be mixed with counts")
     if not _INT.fullmatch(part):
-        raise ScheduleError(
-            f"invalid schedule {whole!r}: {shorten(part)!r} is not a count; {_HINT}"
-        )
+        raise ScheduleError(f"invalid schedule {whole!r}: {shorten(part)!r} is not a count; {_HINT}")
     digits = part.lstrip("+").lstrip("0")
     if len(digits) > _MAX_DIGITS:
         # Checked before int(): Python refuses to convert very long digit strings.
@@ -141,4 +135,3 @@ def _coerce_int(item: object, whole: str) -> int:
             f"{MAX_TRAJECTORIES_PER_ROUND} per round"
         )
     return int(part)
-

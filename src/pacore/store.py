@@ -346,8 +346,7 @@ class RunStore:
                 ),
             )  # fmt: skip
             db.executemany(
-                "INSERT INTO problems (problem_id, position, messages_json, ground_truth, kind) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO problems (problem_id, position, messages_json, ground_truth, kind) VALUES (?, ?, ?, ?, ?)",
                 [(p.id, p.position, _dumps(p.messages), p.ground_truth, p.kind) for p in problems],
             )
 
@@ -370,7 +369,11 @@ class RunStore:
         rows = self.db.execute("SELECT * FROM arms ORDER BY created_at, rowid")
         return [
             ArmInfo(
-                row["name"], row["method"], row["schedule"], row["samples"], row["created_at"],
+                row["name"],
+                row["method"],
+                row["schedule"],
+                row["samples"],
+                row["created_at"],
                 json.loads(row["compute_json"]) if row["compute_json"] else None,
             )  # fmt: skip
             for row in rows
@@ -383,7 +386,11 @@ class RunStore:
                 "INSERT INTO arms (name, method, schedule, samples, created_at, compute_json) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (
-                    arm.name, arm.method, arm.schedule, arm.samples, now_iso(),
+                    arm.name,
+                    arm.method,
+                    arm.schedule,
+                    arm.samples,
+                    now_iso(),
                     _dumps(arm.compute) if arm.compute else None,
                 ),  # fmt: skip
             )
@@ -449,9 +456,7 @@ class RunStore:
 
     def pool(self, problem_id: str) -> list[Trajectory]:
         """The pooled first-round trajectories of a problem, by index."""
-        rows = self.db.execute(
-            "SELECT trajectory_json FROM pool WHERE problem_id = ? ORDER BY idx", (problem_id,)
-        )
+        rows = self.db.execute("SELECT trajectory_json FROM pool WHERE problem_id = ? ORDER BY idx", (problem_id,))
         return [Trajectory.model_validate_json(row["trajectory_json"]) for row in rows]
 
     def add_pool(self, problem_id: str, trajectories: Iterable[Trajectory]) -> None:

@@ -275,6 +275,4 @@ def text_of(content: str | list[dict[str, Any]] | None) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "\n".join(
-        part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
-    )
+    return "\n".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")

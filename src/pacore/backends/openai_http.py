@@ -151,9 +151,7 @@ class OpenAIBackend(BaseBackend):
         self.max_n = 1 if n_mode == "off" else MAX_N
         self.retry = retry
         self.max_reply_bytes = max_reply_bytes
-        self._api_key = api_key or next(
-            (os.environ[var] for var in API_KEY_ENV_VARS if os.environ.get(var)), None
-        )
+        self._api_key = api_key or next((os.environ[var] for var in API_KEY_ENV_VARS if os.environ.get(var)), None)
         self._n_confirmed = False
         #: The server refused ``logprobs`` once (HTTP 400 naming it): calls go on without them.
         self._refuses_logprobs = False
@@ -231,9 +229,7 @@ class OpenAIBackend(BaseBackend):
 
     # --- sampling ---------------------------------------------------------------
 
-    async def _sample(
-        self, request: _ChatRequest, seed: int | None, n: int, listeners: _Listeners
-    ) -> list[Completion]:
+    async def _sample(self, request: _ChatRequest, seed: int | None, n: int, listeners: _Listeners) -> list[Completion]:
         """``n`` samples; when they are split over calls, sample ``i`` is seeded ``seed + i``."""
         if n == 1 or self.max_n == 1:
             return await self._singles(request, seed, n, listeners)
@@ -507,10 +503,7 @@ class OpenAIBackend(BaseBackend):
             if self._api_key:
                 message = f"backend rejected the API key (HTTP {status}){suffix}"
             else:
-                message = (
-                    f"backend requires an API key (HTTP {status}); set PACORE_API_KEY or pass "
-                    f"--api-key{suffix}"
-                )
+                message = f"backend requires an API key (HTTP {status}); set PACORE_API_KEY or pass --api-key{suffix}"
             return BackendError(message, kind="auth", status_code=status)
         if status == 404:
             if self.model and ("model" in detail.lower() or self.model in detail):
@@ -734,9 +727,7 @@ class _ConnectionPool:
         return client
 
     @contextlib.asynccontextmanager
-    async def stream(
-        self, method: str, url: httpx.URL, *, content: bytes | None
-    ) -> AsyncIterator[httpx.Response]:
+    async def stream(self, method: str, url: httpx.URL, *, content: bytes | None) -> AsyncIterator[httpx.Response]:
         async with self._lease() as client, client.stream(method, url, content=content) as response:
             yield response
 

@@ -237,9 +237,7 @@ def ask(
         bool,
         typer.Option("--json", help="Print the whole trace as JSON on stdout instead of the answer."),
     ] = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress display and no summary on stderr.")
-    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary on stderr.")] = False,
     show_rounds: Annotated[
         bool,
         typer.Option(
@@ -336,4 +334,3 @@ def ask(
         typer.echo("pacore: note: the streamed text included reasoning; the answer was printed again", err=True)
     if not quiet:
         typer.echo(summary_line(result), err=True)
-

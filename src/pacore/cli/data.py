@@ -18,9 +18,7 @@ from pacore.errors import UsageError
 from pacore.eval.datasets import dataset_fingerprint, load_dataset
 from pacore.eval.synthetic import OPERATIONS, synthetic_problems, write_jsonl
 
-data_app = typer.Typer(
-    help="Get, check and generate data sets.", no_args_is_help=True
-)
+data_app = typer.Typer(help="Get, check and generate data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 SYNTH_EXAMPLES = """\
@@ -106,13 +104,14 @@ def get(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", metavar="FILE", parser=output_path_option,
+            "--out",
+            "-o",
+            metavar="FILE",
+            parser=output_path_option,
             help="JSONL file to write \\[default: NAME.jsonl].",
         ),  # fmt: skip
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Overwrite --out and download again even if cached.")
-    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out and download again even if cached.")] = False,
     sha256: Annotated[
         str | None, typer.Option("--sha256", metavar="HEX", help="The source file must have this sha256.")
     ] = None,

@@ -50,9 +50,7 @@ BackendOption = Annotated[
 ]
 ModelOption = Annotated[
     str | None,
-    typer.Option(
-        "--model", "-m", help="Model name sent to the server.", rich_help_panel=BACKEND_PANEL
-    ),
+    typer.Option("--model", "-m", help="Model name sent to the server.", rich_help_panel=BACKEND_PANEL),
 ]
 ApiKeyOption = Annotated[
     str | None,
@@ -80,8 +78,7 @@ RetriesOption = Annotated[
     typer.Option(
         "--retries",
         metavar="N",
-        help="Retries of a failed HTTP call (connection errors, timeouts, 429, 5xx) "
-        "\\[default: the backend's].",
+        help="Retries of a failed HTTP call (connection errors, timeouts, 429, 5xx) \\[default: the backend's].",
         rich_help_panel=BACKEND_PANEL,
     ),
 ]
@@ -111,9 +108,7 @@ TemperatureOption = Annotated[
     float,
     typer.Option("--temperature", "-t", help="Sampling temperature.", rich_help_panel=GENERATION_PANEL),
 ]
-TopPOption = Annotated[
-    float, typer.Option("--top-p", help="Nucleus sampling mass.", rich_help_panel=GENERATION_PANEL)
-]
+TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.", rich_help_panel=GENERATION_PANEL)]
 SeedOption = Annotated[
     int | None,
     typer.Option(

@@ -23,7 +23,10 @@ def report_command(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", metavar="DIR", parser=output_path_option,
+            "--out",
+            "-o",
+            metavar="DIR",
+            parser=output_path_option,
             help="Where to write the report \\[default: the first RUN_DIR].",
         ),  # fmt: skip
     ] = None,
@@ -33,7 +36,8 @@ def report_command(
     verifier: Annotated[
         str | None,
         typer.Option(
-            "--verifier", metavar="SPEC",
+            "--verifier",
+            metavar="SPEC",
             help="Judge the derivation of every correct answer with this model (a backend spec: "
             "http://host:port/v1, gguf:/path, embedded) and report each arm's spurious correctness.",
         ),
@@ -66,7 +70,12 @@ def report_command(
     if json_output:
         document = {
             "runs": [str(d) for d in run_dirs],
-            "files": {"markdown": str(files.markdown), "html": str(files.html), "plot": str(files.plot), "csv": str(files.csv)},
+            "files": {
+                "markdown": str(files.markdown),
+                "html": str(files.html),
+                "plot": str(files.plot),
+                "csv": str(files.csv),
+            },
             "methods": [arm.as_dict() for arm in arms],
         }
         typer.echo(json.dumps(document, indent=2))
@@ -112,11 +121,18 @@ def export_train_command(
         Path,
         typer.Argument(metavar="SOURCE", help="A run directory, or a data file in the PaCoRe-Train layout."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", parser=output_path_option, help="File to write (.jsonl or .parquet).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", metavar="FILE", parser=output_path_option, help="File to write (.jsonl or .parquet)."
+        ),
+    ],
     format: Annotated[
         str,
         typer.Option(
-            "--format", "-f", help=f"One of {', '.join(export.FORMATS)}: the released JSONL layout, verl's "
+            "--format",
+            "-f",
+            help=f"One of {', '.join(export.FORMATS)}: the released JSONL layout, verl's "
             "parquet, or a TRL data set; verl and trl hold the synthesis prompt the engine sends.",
         ),
     ] = "pacore",  # fmt: skip
@@ -130,20 +146,20 @@ def export_train_command(
         export.DEFAULT_MIN_SIZE
     ),
     max_size: Annotated[int, typer.Option("--max-size", help="Largest message set.")] = export.DEFAULT_MAX_SIZE,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Seed of the message-set draws and of the reference order.")
-    ] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the message-set draws and of the reference order.")] = 0,
     arm: Annotated[
         str | None,
         typer.Option(
-            "--arm", help="Take the responses from this arm's first round \\[default: the pool, else the "
+            "--arm",
+            help="Take the responses from this arm's first round \\[default: the pool, else the "
             "arm with the widest first round].",
         ),
     ] = None,  # fmt: skip
     synthesis_acc: Annotated[
         str | None,
         typer.Option(
-            "--synthesis-acc", metavar="MIN..MAX",
+            "--synthesis-acc",
+            metavar="MIN..MAX",
             help="Stage 2: keep problems whose synthesis success rate in --synthesis-run lies strictly "
             "between MIN and MAX (0..1: sometimes but not always right).",
         ),
@@ -151,7 +167,8 @@ def export_train_command(
     synthesis_run: Annotated[
         Path | None,
         typer.Option(
-            "--synthesis-run", metavar="RUN_DIR",
+            "--synthesis-run",
+            metavar="RUN_DIR",
             help="A pacore run of the stage-1 policy on these problems (with repeats) \\[default: SOURCE].",
         ),
     ] = None,  # fmt: skip
@@ -159,8 +176,9 @@ def export_train_command(
     order: Annotated[
         str | None,
         typer.Option(
-            "--reference-order", "--order", help="Reference order of the prompt: shuffle (seeded) or release \\[default: the run's, "
-            "else shuffle].",
+            "--reference-order",
+            "--order",
+            help="Reference order of the prompt: shuffle (seeded) or release \\[default: the run's, else shuffle].",
         ),
     ] = None,  # fmt: skip
 ) -> None:

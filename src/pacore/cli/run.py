@@ -183,9 +183,7 @@ def plan_lines(plan: RunPlan, arm: str, run_dir: Path, problems: int, data: Path
                 if plan.retry_failed
                 else f"{plan.failed} failed (skipped: --no-retry-failed), "
             )
-        lines.append(
-            f"resuming {arm} in {run_dir}: {plan.done} done (skipped), {failed}{plan.pending} unfinished"
-        )
+        lines.append(f"resuming {arm} in {run_dir}: {plan.done} done (skipped), {failed}{plan.pending} unfinished")
     return lines
 
 
@@ -220,15 +218,14 @@ def run(
     ],
     method: Annotated[
         str,
-        typer.Option(
-            "--method", help=f"One of {', '.join(METHODS)}.", rich_help_panel=RUN_PANEL
-        ),
+        typer.Option("--method", help=f"One of {', '.join(METHODS)}.", rich_help_panel=RUN_PANEL),
     ] = "pacore",
     schedule: ScheduleOption = None,  # type: ignore[assignment]  # None: the pacore default (low)
     samples: Annotated[
         int | None,
         typer.Option(
-            "--samples", metavar="K",
+            "--samples",
+            metavar="K",
             help=f"Samples voted over by --method majority \\[default: {DEFAULT_SAMPLES}].",
             rich_help_panel=RUN_PANEL,
         ),
@@ -236,33 +233,38 @@ def run(
     pool_size: Annotated[
         int | None,
         typer.Option(
-            "--pool-size", metavar="P",
+            "--pool-size",
+            metavar="P",
             help="Generate P first-round trajectories per problem once and draw every arm's "
             "first round (K1 <= P, k <= P) from them.",
             rich_help_panel=RUN_PANEL,
         ),
     ] = None,  # fmt: skip
     concurrency: Annotated[
-        int, typer.Option("--concurrency", "-j", metavar="N", help="Problems solved at once.", rich_help_panel=RUN_PANEL)
+        int,
+        typer.Option("--concurrency", "-j", metavar="N", help="Problems solved at once.", rich_help_panel=RUN_PANEL),
     ] = 4,
     add_arm: Annotated[
         bool,
         typer.Option(
-            "--add-arm", help="Evaluate another method in a run directory without a pool.",
+            "--add-arm",
+            help="Evaluate another method in a run directory without a pool.",
             rich_help_panel=RUN_PANEL,
         ),
     ] = False,  # fmt: skip
     force: Annotated[
         bool,
         typer.Option(
-            "--force", help="If RUN_DIR holds another data set or settings, set it aside and start over.",
+            "--force",
+            help="If RUN_DIR holds another data set or settings, set it aside and start over.",
             rich_help_panel=RUN_PANEL,
         ),
     ] = False,  # fmt: skip
     repeats: Annotated[
         int,
         typer.Option(
-            "--repeats", metavar="R",
+            "--repeats",
+            metavar="R",
             help="Run each problem R times (independent draws from the pool, else fresh samples) and "
             "report the mean accuracy over repeats. Another --seed on a pooled run adds R more.",
             rich_help_panel=RUN_PANEL,
@@ -271,7 +273,8 @@ def run(
     retry_failed: Annotated[
         bool,
         typer.Option(
-            "--retry-failed/--no-retry-failed", help="When resuming, retry problems that failed.",
+            "--retry-failed/--no-retry-failed",
+            help="When resuming, retry problems that failed.",
             rich_help_panel=RUN_PANEL,
         ),
     ] = True,  # fmt: skip
@@ -285,7 +288,8 @@ def run(
     shuffle: Annotated[
         bool,
         typer.Option(
-            "--shuffle", help="Shuffle the problems (with --seed, default 0) before --offset and --limit.",
+            "--shuffle",
+            help="Shuffle the problems (with --seed, default 0) before --offset and --limit.",
             rich_help_panel=DATA_PANEL,
         ),
     ] = False,  # fmt: skip
@@ -315,9 +319,7 @@ def run(
     synthesis = load_template(template, arm.schedule)
     order = parse_reference_order(reference_order)
     problems = load_dataset(data, limit=limit, offset=offset, shuffle=shuffle, seed=seed or 0)
-    opened = open_backends(
-        backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads
-    )
+    opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads)
 
     async def execute(batch: BatchRun, display: BatchDisplay | None) -> report.ArmReport:
         try:

@@ -91,83 +91,92 @@ def serve(
     max_trajectories: Annotated[
         int,
         _server_option(
-            "--max-trajectories", metavar="N", min=1,
+            "--max-trajectories",
+            metavar="N",
+            min=1,
             help="Most calls one request may make (all rounds, final included).",
         ),  # fmt: skip
     ] = 128,
     max_rounds: Annotated[
         int,
-        _server_option(
-            "--max-rounds", metavar="N", min=1, help="Most coordinated rounds one request may ask for."
-        ),
+        _server_option("--max-rounds", metavar="N", min=1, help="Most coordinated rounds one request may ask for."),
     ] = 4,
     max_body_bytes: Annotated[
         int | None,
         _server_option(
-            "--max-body-bytes", metavar="BYTES", min=1,
+            "--max-body-bytes",
+            metavar="BYTES",
+            min=1,
             help="Largest request body accepted (413 beyond) \\[default: 8 MiB].",
         ),  # fmt: skip
     ] = None,
     grace_period: Annotated[
         float,
         _server_option(
-            "--grace-period", metavar="SECONDS", min=0,
-            help="On SIGTERM or Ctrl+C, how long running requests may take to finish before they are "
-            "ended with a 503.",
+            "--grace-period",
+            metavar="SECONDS",
+            min=0,
+            help="On SIGTERM or Ctrl+C, how long running requests may take to finish before they are ended with a 503.",
         ),  # fmt: skip
     ] = 30.0,
     history: Annotated[
         int,
-        _server_option(
-            "--history", metavar="N", min=0, help="Recent requests kept in memory for the /ui viewer."
-        ),
+        _server_option("--history", metavar="N", min=0, help="Recent requests kept in memory for the /ui viewer."),
     ] = 100,
     history_bytes: Annotated[
         int | None,
         _server_option(
-            "--history-bytes", metavar="BYTES", min=0,
+            "--history-bytes",
+            metavar="BYTES",
+            min=0,
             help="Most the kept requests may hold; the oldest are forgotten first \\[default: 64 MiB].",
         ),  # fmt: skip
     ] = None,
     header_timeout: Annotated[
         float,
         _server_option(
-            "--header-timeout", metavar="SECONDS", min=0.001,
+            "--header-timeout",
+            metavar="SECONDS",
+            min=0.001,
             help="Time a client has to send a request's headers (then 408, connection closed).",
         ),  # fmt: skip
     ] = 10.0,
     body_timeout: Annotated[
         float,
         _server_option(
-            "--body-timeout", metavar="SECONDS", min=0.001,
+            "--body-timeout",
+            metavar="SECONDS",
+            min=0.001,
             help="Time a client has to send a request's body once its headers are in (then 408).",
         ),  # fmt: skip
     ] = 60.0,
     write_timeout: Annotated[
         float,
         _server_option(
-            "--write-timeout", metavar="SECONDS", min=0.001,
+            "--write-timeout",
+            metavar="SECONDS",
+            min=0.001,
             help="Time a client may read nothing of a response before it is dropped and its slot freed.",
         ),  # fmt: skip
     ] = 30.0,
     public_url: Annotated[
         str | None,
         _server_option(
-            "--public-url", metavar="URL",
+            "--public-url",
+            metavar="URL",
             help="Where clients reach this server (behind a proxy, say): each answer's trace_url starts with it. "
             "Default: the address listened on, unless that is every interface (0.0.0.0, ::).",
         ),  # fmt: skip
     ] = None,
     log_content: Annotated[
         bool,
-        _server_option(
-            "--log-content", help="Access log lines also quote each question and answer (shortened)."
-        ),
+        _server_option("--log-content", help="Access log lines also quote each question and answer (shortened)."),
     ] = False,
     history_db: Annotated[
         Path | None,
         _server_option(
-            "--history-db", metavar="FILE",
+            "--history-db",
+            metavar="FILE",
             help="Also keep those requests in this SQLite file, so /ui still shows them after a restart.",
         ),  # fmt: skip
     ] = None,

@@ -188,9 +188,7 @@ def _problem(record: Any, default_id: str, number: int) -> Problem:
         keys = ", ".join(sorted(map(str, record))) or "none"
         raise _RecordError(f"unknown record shape (keys: {keys}); expected {_SHAPES}")
     metadata.update(fields)
-    return Problem(
-        id=problem_id, messages=messages, answer=answer, kind=kind or "auto", line=number, metadata=metadata
-    )
+    return Problem(id=problem_id, messages=messages, answer=answer, kind=kind or "auto", line=number, metadata=metadata)
 
 
 def _kind(value: Any) -> str | None:
@@ -268,8 +266,7 @@ def dataset_fingerprint(problems: Sequence[Problem]) -> str:
     has the same fingerprint) and of metadata and grading kinds.
     """
     items = sorted(
-        json.dumps([p.id, p.messages, p.answer], sort_keys=True, ensure_ascii=False, default=str)
-        for p in problems
+        json.dumps([p.id, p.messages, p.answer], sort_keys=True, ensure_ascii=False, default=str) for p in problems
     )
     digest = hashlib.sha256()
     for item in items:

@@ -151,6 +151,7 @@ def _run_source(store: RunStore, arm: str | None) -> MessageSource:
     problems = store.problems()
     settings = info.config.get("template")
     if info.pool_size and arm is None:
+
         def pooled(problem_id: str) -> list[Trajectory]:
             return _adopted(store.pool(problem_id))
 
@@ -435,6 +436,7 @@ def _write_parquet(rows: list[dict[str, Any]], out: Path) -> None:
     require("export", "pyarrow.parquet", feature="writing parquet")
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     table = pa.Table.from_pylist(rows)
     with atomic_output(out, "wb") as file:
         pq.write_table(table, file)

@@ -175,6 +175,7 @@ class ArmReport:
     def repeated(self) -> bool:
         """Whether some problem has more than one graded result."""
         return len(self.problem_accuracies) < self.graded
+
     spurious: SpuriousStats | None = None
 
     @property

@@ -131,12 +131,23 @@ def summary_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list
         "wall time (first start to last finish)", "sum of problem times",
     ]  # fmt: skip
     rows = [
-        (arm, [
-            arm.arm, arm.method, arm.setting, _problems_cell(arm), str(arm.answered),
-            str(arm.failed) + (f" (+{arm.pending} pending)" if arm.pending else ""),
-            _accuracy_cell(arm), _number(arm.mean_completion_tokens), _number(arm.mean_prompt_tokens),
-            f"{_number(arm.mean_wall_s, 1)}s", _duration(arm.elapsed_s), f"{_number(arm.sum_wall_s, 1)}s",
-        ])  # fmt: skip
+        (
+            arm,
+            [
+                arm.arm,
+                arm.method,
+                arm.setting,
+                _problems_cell(arm),
+                str(arm.answered),
+                str(arm.failed) + (f" (+{arm.pending} pending)" if arm.pending else ""),
+                _accuracy_cell(arm),
+                _number(arm.mean_completion_tokens),
+                _number(arm.mean_prompt_tokens),
+                f"{_number(arm.mean_wall_s, 1)}s",
+                _duration(arm.elapsed_s),
+                f"{_number(arm.sum_wall_s, 1)}s",
+            ],
+        )  # fmt: skip
         for arm in arms
     ]
     return _table(header, rows, with_run)
@@ -149,12 +160,17 @@ def synthesis_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], li
         "cross-checking",
     ]  # fmt: skip
     rows = [
-        (arm, [
-            arm.arm, str(stats.synthesized), _fraction(stats.fixed, stats.majority_wrong),
-            _fraction(stats.broke, stats.majority_right),
-            _fraction(stats.emergent_correct, stats.all_inputs_wrong),
-            _fraction(stats.cross_checking, stats.synthesized),
-        ])  # fmt: skip
+        (
+            arm,
+            [
+                arm.arm,
+                str(stats.synthesized),
+                _fraction(stats.fixed, stats.majority_wrong),
+                _fraction(stats.broke, stats.majority_right),
+                _fraction(stats.emergent_correct, stats.all_inputs_wrong),
+                _fraction(stats.cross_checking, stats.synthesized),
+            ],
+        )  # fmt: skip
         for arm in arms
         if (stats := arm.synthesis) is not None
     ]
@@ -165,11 +181,16 @@ def policy_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[
     """What the adaptive-compute policies did, per arm that ran one (no rows when none did)."""
     header = ["arm", "policy", "mean TTC tokens", "stopped trajectories / problem", "dropped messages / problem"]
     rows = [
-        (arm, [
-            arm.arm, arm.policy, _number(arm.mean_completion_tokens),
-            _number(arm.stopped / arm.answered if arm.answered else None, 1),
-            _number(arm.dropped / arm.answered if arm.answered else None, 1),
-        ])  # fmt: skip
+        (
+            arm,
+            [
+                arm.arm,
+                arm.policy,
+                _number(arm.mean_completion_tokens),
+                _number(arm.stopped / arm.answered if arm.answered else None, 1),
+                _number(arm.dropped / arm.answered if arm.answered else None, 1),
+            ],
+        )  # fmt: skip
         for arm in arms
         if arm.policy
     ]
@@ -290,9 +311,7 @@ def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str], details: Seq
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -322,7 +341,8 @@ def render_html(
     for detail in details:
         parts.append(f"<h2>Run {html.escape(detail.header.run)}</h2><dl class='run'>")
         parts += [
-            f"<dt>{html.escape(label)}</dt><dd>{html.escape(value)}</dd>" for label, value in header_lines(detail.header)
+            f"<dt>{html.escape(label)}</dt><dd>{html.escape(value)}</dd>"
+            for label, value in header_lines(detail.header)
         ]
         parts.append("</dl>")
     parts += [

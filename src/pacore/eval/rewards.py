@@ -239,8 +239,10 @@ def make_reward_func(
         return reward_func
     if verifier is None:
         raise UsageError("the process reward needs a verifier (a backend spec such as http://127.0.0.1:8080/v1)")
-    judge = verifier if isinstance(verifier, Verifier) else shared_verifier(
-        verifier, template=verifier_template, model=verifier_model, cache=verifier_cache
+    judge = (
+        verifier
+        if isinstance(verifier, Verifier)
+        else shared_verifier(verifier, template=verifier_template, model=verifier_model, cache=verifier_cache)
     )
 
     def process_reward(
@@ -276,8 +278,7 @@ def _columns(
     kinds = list(kwargs.get("kind") or ["auto"] * len(completions))
     if not len(truths) == len(kinds) == len(completions):
         raise UsageError(
-            f"reward_func got {len(completions)} completions but {len(truths)} ground truths "
-            f"and {len(kinds)} kinds"
+            f"reward_func got {len(completions)} completions but {len(truths)} ground truths and {len(kinds)} kinds"
         )
     return [_completion_text(c) for c in completions], [_answer_of(t) for t in truths], [k or "auto" for k in kinds]
 

@@ -460,9 +460,7 @@ class BatchRun:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    async def execute(
-        self, on_problem: Callable[[Problem, ProblemResult], None] | None = None
-    ) -> ArmReport:
+    async def execute(self, on_problem: Callable[[Problem, ProblemResult], None] | None = None) -> ArmReport:
         """Solve every problem repeat to do, ``concurrency`` at a time, committing each as it finishes."""
         self.progress.started = time.perf_counter()
         slots = asyncio.Semaphore(self.concurrency)
@@ -569,9 +567,7 @@ class BatchRun:
         self, problem: Problem, samples: list[Trajectory], elapsed_s: float, params: GenerationParams
     ) -> Result:
         """The trace of ``single`` (from a pool) or ``majority``: one round of samples, no synthesis."""
-        rnd = Round(
-            index=0, k=len(samples), final=self.arm.method == "single", trajectories=samples
-        )
+        rnd = Round(index=0, k=len(samples), final=self.arm.method == "single", trajectories=samples)
         trace = Result(
             answer="",
             schedule=[],
@@ -693,8 +689,7 @@ def _conflict(store: RunStore, wanted: RunInfo, arm: Arm, add_arm: bool) -> str 
     fix = "use another --out, or --force to start over (the old results are kept aside)"
     if info.dataset_fingerprint != wanted.dataset_fingerprint:
         return (
-            f"{where} holds a run of another data set ({info.problem_count} problems from "
-            f"{info.dataset_path}); {fix}"
+            f"{where} holds a run of another data set ({info.problem_count} problems from {info.dataset_path}); {fix}"
         )
     # On a pooled run another seed only draws other subsets: more repeats, not a conflict.
     changes = _config_changes(info.config, wanted.config, POOL_DRAW_SETTINGS if info.pool_size else ())
@@ -706,8 +701,7 @@ def _conflict(store: RunStore, wanted: RunInfo, arm: Arm, add_arm: bool) -> str 
     arms = [a.name for a in store.arms()]
     if arms and arm.name not in arms and info.pool_size is None and not add_arm:
         return (
-            f"{where} holds {', '.join(arms)}, not {arm.name}; add --add-arm to evaluate {arm.name} "
-            f"there too, or {fix}"
+            f"{where} holds {', '.join(arms)}, not {arm.name}; add --add-arm to evaluate {arm.name} there too, or {fix}"
         )
     return None
 
@@ -723,7 +717,5 @@ async def run_dataset(
     **options: Any,
 ) -> ArmReport:
     """Open, run and close a batch run (see :meth:`BatchRun.open` for ``options``)."""
-    with BatchRun.open(
-        run_dir, problems, dataset_path=dataset_path, arm=arm, backend=backend, **options
-    ) as run:
+    with BatchRun.open(run_dir, problems, dataset_path=dataset_path, arm=arm, backend=backend, **options) as run:
         return await run.execute(on_problem)

@@ -74,9 +74,7 @@ def synthetic_problems(
         )
     unknown = [op for op in operations if op not in _OPERATIONS]
     if unknown or not operations:
-        raise UsageError(
-            f"unknown operations {unknown or '(none given)'}; choose from {', '.join(OPERATIONS)}"
-        )
+        raise UsageError(f"unknown operations {unknown or '(none given)'}; choose from {', '.join(OPERATIONS)}")
     rng = random.Random(f"pacore-synthetic:{seed}")
 
     def operand() -> int:

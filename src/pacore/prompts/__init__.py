@@ -103,7 +103,10 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
                 if isinstance(other, (str, list, tuple)):
                     _check_number(count, "a repetition")
         elif (
-            isinstance(left, int) and isinstance(right, int) and right > 0 and left.bit_length() * right > _MAX_POWER_BITS
+            isinstance(left, int)
+            and isinstance(right, int)
+            and right > 0
+            and left.bit_length() * right > _MAX_POWER_BITS
         ):
             raise SecurityError(f"{_describe(left)} ** {_describe(right)} is too large a number for a template")
         return super().call_binop(context, operator, left, right)
@@ -129,9 +132,7 @@ class _RangeBudget:
     def __call__(self, *args: int) -> range:
         items = range(*args)
         if len(items) > self.left:
-            raise SecurityError(
-                f"range() asked for more than {MAX_TEMPLATE_NUMBER} items in all during one render"
-            )
+            raise SecurityError(f"range() asked for more than {MAX_TEMPLATE_NUMBER} items in all during one render")
         self.left -= len(items)
         return items
 

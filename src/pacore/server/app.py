@@ -85,9 +85,7 @@ access_logger = logging.getLogger("pacore.server.access")
 
 STATIC_DIR = files("pacore.server") / "static"
 #: Model text is inserted as text by the page; this stops anything that slips through.
-VIEWER_CSP = (
-    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-)
+VIEWER_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 #: Large enough for a few images as data URLs; a 10 MB prompt is refused (413).
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Enough for hundreds of ordinary requests, or a few of 64 long trajectories.
@@ -198,9 +196,7 @@ class _Server:
         database = None
         if config.history_db is not None and config.history:
             database = HistoryDatabase(config.history_db, config.history)
-        self.history = RequestHistory(
-            config.history, database, max_bytes=config.history_bytes, on_drop=self._forgotten
-        )
+        self.history = RequestHistory(config.history, database, max_bytes=config.history_bytes, on_drop=self._forgotten)
         self.runs: set[_ChatRun] = set()
         #: Set when the server starts shutting down: new chat completions get a 503.
         self.draining = False
@@ -223,8 +219,7 @@ class _Server:
             raise ShuttingDownError("the server is shutting down and takes no new requests")
         if self.running >= self.config.max_concurrent_requests:
             raise OverloadedError(
-                f"the server is answering {self.running} requests, its limit; retry in "
-                f"{self.config.retry_after_s}s",
+                f"the server is answering {self.running} requests, its limit; retry in {self.config.retry_after_s}s",
                 retry_after=self.config.retry_after_s,
             )
 
@@ -260,8 +255,13 @@ class _ChatRun:
         self.trace_url = f"{(server.config.public_url or '').rstrip('/')}/ui#{self.id}"
         self.record = server.history.add(
             RequestRecord(
-                self.id, plan.model, plan.schedule.as_list(), plan.messages, plan.stream,
-                kind=plan.grading, template=server.config.template,
+                self.id,
+                plan.model,
+                plan.schedule.as_list(),
+                plan.messages,
+                plan.stream,
+                kind=plan.grading,
+                template=server.config.template,
             )  # fmt: skip
         )
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()

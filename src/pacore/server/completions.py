@@ -150,7 +150,9 @@ def check_sizes(data: dict[str, Any], limits: Limits) -> None:
     messages = data.get("messages")
     if isinstance(messages, list):
         if len(messages) > limits.max_messages:
-            raise _over_limit("messages", f"{len(messages):,} messages", f"{limits.max_messages:,}", "too_many_messages")
+            raise _over_limit(
+                "messages", f"{len(messages):,} messages", f"{limits.max_messages:,}", "too_many_messages"
+            )
         for index, message in enumerate(messages):
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, list) and len(content) > limits.max_content_parts:
@@ -160,7 +162,9 @@ def check_sizes(data: dict[str, Any], limits: Limits) -> None:
                 )  # fmt: skip
     model = data.get("model")
     if isinstance(model, str) and len(model) > limits.max_model_chars:
-        raise _over_limit("model", f"a name of {len(model):,} characters", f"{limits.max_model_chars:,}", "model_too_long")
+        raise _over_limit(
+            "model", f"a name of {len(model):,} characters", f"{limits.max_model_chars:,}", "model_too_long"
+        )
     options = data.get("pacore")
     if isinstance(options, dict):
         _check_rounds(options.get("schedule"), "pacore.schedule", limits)
@@ -273,9 +277,7 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
             "tool calling is not supported by pacore serve", param="tools" if request.tools else "functions"
         )
     if request.response_format and request.response_format.get("type", "text") != "text":
-        raise InvalidRequestError(
-            "only the text response_format is supported by pacore serve", param="response_format"
-        )
+        raise InvalidRequestError("only the text response_format is supported by pacore serve", param="response_format")
 
 
 def request_params(request: ChatCompletionRequest, defaults: GenerationParams) -> GenerationParams:

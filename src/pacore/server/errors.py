@@ -155,8 +155,8 @@ def _timed_out(exc: RoundFailedError) -> bool:
     """Whether the round that failed did so because every one of its calls timed out."""
     rounds = exc.result.rounds if exc.result is not None else []
     failed = [t for t in rounds[-1].trajectories if not t.ok] if rounds else []
-    return bool(failed) and len(failed) == len(rounds[-1].trajectories) and all(
-        t.error_kind == "timeout" for t in failed
+    return (
+        bool(failed) and len(failed) == len(rounds[-1].trajectories) and all(t.error_kind == "timeout" for t in failed)
     )
 
 

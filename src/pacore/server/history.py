@@ -172,9 +172,7 @@ class _Round:
         # Without a grading kind there is no "answer" to pull out of, say, a haiku.
         answer = extract_answer(trajectory.message, self.kind) if trajectory.message and self.kind else None
         self.views.append(
-            TrajectoryView(
-                seq=seq, answer=answer, confidence=confidence, **trajectory.model_dump(include=_VIEW_FIELDS)
-            )
+            TrajectoryView(seq=seq, answer=answer, confidence=confidence, **trajectory.model_dump(include=_VIEW_FIELDS))
         )
 
     def view(self, since: int) -> RoundView:

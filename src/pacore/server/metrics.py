@@ -36,9 +36,7 @@ class ServerMetrics:
             "pacore_requests", "HTTP requests by endpoint and final status (499: client went away).",
             ["endpoint", "status"], registry=r,
         )  # fmt: skip
-        self.in_flight = Gauge(
-            "pacore_requests_in_flight", "Chat completion requests being answered now.", registry=r
-        )
+        self.in_flight = Gauge("pacore_requests_in_flight", "Chat completion requests being answered now.", registry=r)
         self.request_seconds = Histogram(
             "pacore_request_duration_seconds", "Time to answer a chat completion request, streaming included.",
             buckets=_REQUEST_BUCKETS, registry=r,

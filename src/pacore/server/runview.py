@@ -137,7 +137,9 @@ class RunView:
         if trace is not None:
             total = len(trace.schedule) + 1
             for rnd in trace.rounds:
-                record.apply(RoundStarted(round=rnd.index, k=rnd.k, final=rnd.final, total_rounds=total, bypassed=rnd.bypassed))
+                record.apply(
+                    RoundStarted(round=rnd.index, k=rnd.k, final=rnd.final, total_rounds=total, bypassed=rnd.bypassed)
+                )
                 for done, trajectory in enumerate(rnd.trajectories, 1):
                     record.apply(TrajectoryFinished(round=rnd.index, trajectory=trajectory, done=done, k=rnd.k))
                 record.apply(RoundFinished(round=rnd))
@@ -162,8 +164,12 @@ class RunView:
         return {
             "run": str(self.run_dir),
             "arm": arm.name,
-            "problem": {"id": problem.id, "messages": problem.messages, "ground_truth": problem.ground_truth,
-                        "kind": problem.kind},  # fmt: skip
+            "problem": {
+                "id": problem.id,
+                "messages": problem.messages,
+                "ground_truth": problem.ground_truth,
+                "kind": problem.kind,
+            },  # fmt: skip
             "seed": result.seed,
             "repeat": result.repeat,
             "status": result.status,

@@ -56,9 +56,10 @@ def _kernel_send_queue(transport: asyncio.BaseTransport) -> int:
 def _raw_response(status: int, reason: bytes, exc: Exception) -> bytes:
     """A whole HTTP/1.1 response that closes the connection, its body the OpenAI error of ``exc``."""
     body = describe(exc).body.model_dump_json().encode()
-    head = (
-        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-        % (status, reason, len(body))
+    head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (
+        status,
+        reason,
+        len(body),
     )
     return head + body
 
