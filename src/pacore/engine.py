@@ -12,7 +12,7 @@ import bisect
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -42,7 +42,6 @@ from pacore.errors import (
     PacoreError,
     RoundFailedError,
     UsageError,
-    first_error,
 )
 
 # THINK_END and last_user_text are re-exported: callers have long imported them from here.
@@ -294,13 +293,7 @@ class _Solve:
         if len(calls) == 1:
             await self._call(rnd, conversation, *calls[0], progress)
             return
-        try:
-            async with asyncio.TaskGroup() as group:
-                for first, n in calls:
-                    group.create_task(self._call(rnd, conversation, first, n, progress))
-        except BaseExceptionGroup as group:
-            # A fatal backend error cancelled the siblings; surface it alone.
-            raise first_error(group) from None
+        await run_all([self._call(rnd, conversation, first, n, progress) for first, n in calls])
 
     async def _call(
         self, rnd: Round, conversation: list[Message], first: int, n: int, progress: _RoundProgress | None
@@ -762,6 +755,60 @@ def _note_keep_top(rnd: Round, previous: Round, dropped: list[tuple[int, int]]) 
     else:
         note = f"keep-top: {usable - len(dropped)} of {usable} messages kept"
     rnd.policy_note = note
+
+
+async def run_all(coroutines: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run ``coroutines`` concurrently until all have finished, as a TaskGroup would.
+
+    The first exception cancels the others, which are awaited, and is then
+    raised; a cancellation of the caller cancels them all too. Unlike a
+    TaskGroup, the caller is woken once, by the last coroutine to finish and
+    from inside it: a TaskGroup first hears of a finished task in a done
+    callback, one more pass through the event loop's ready queue, behind every
+    other request's stream events. That pass is half of a round-to-round gap
+    under load (``round_gap_p99_ms`` in ``bench/orchestration.py``).
+    """
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    left = len(coroutines)
+    errors: list[Exception] = []
+
+    async def one(coroutine: Coroutine[Any, Any, None]) -> None:
+        nonlocal left
+        try:
+            await coroutine
+        except Exception as exc:
+            errors.append(exc)
+            if not finished.done():
+                finished.set_result(None)  # the caller cancels the rest
+        finally:
+            left -= 1
+            if not left and not finished.done():
+                finished.set_result(None)
+
+    tasks = [loop.create_task(one(coroutine)) for coroutine in coroutines]
+    try:
+        await finished
+    except asyncio.CancelledError:
+        await _cancel_all(tasks)
+        raise
+    if errors:
+        await _cancel_all(tasks)
+        raise errors[0]
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until all have finished, even if the caller is cancelled meanwhile (then re-raised)."""
+    for task in tasks:
+        task.cancel()
+    cancelled = False
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def within_deadline(work: Awaitable[T], deadline: float | None, where: Callable[[], str]) -> T:
