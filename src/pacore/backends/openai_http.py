@@ -53,6 +53,7 @@ import random
 import re
 import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -71,6 +72,7 @@ from pacore.backends.base import (
     offset_seed,
     retry_elsewhere,
 )
+from pacore.backends.http11 import LeanTransport
 from pacore.confidence import token_confidence
 from pacore.errors import BackendError, ContextOverflowError, UsageError
 
@@ -170,6 +172,8 @@ class OpenAIBackend(BaseBackend):
             headers["Authorization"] = f"Bearer {self._api_key}"
         self._max_connections = max_connections
         self._client_options: dict[str, Any] = dict(headers=headers, timeout=timeout, transport=transport)
+        # Plain http:// with no proxy to honour: the lean transport (see pacore.backends.http11).
+        self._lean = transport is None and self.base_url.scheme == "http" and not urllib.request.getproxies()
         self._client: _ConnectionPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._model_lock = asyncio.Lock()
@@ -189,7 +193,7 @@ class OpenAIBackend(BaseBackend):
         """
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._client is None:
-            self._client = _ConnectionPool(self._max_connections, self._client_options)
+            self._client = _ConnectionPool(self._max_connections, self._client_options, lean=self._lean)
             self._model_lock = asyncio.Lock()
             self._loop = loop
         return self._client
@@ -689,10 +693,11 @@ class _ConnectionPool:
     connection in constant time; calls beyond ``size`` wait on a semaphore.
     """
 
-    def __init__(self, size: int, options: dict[str, Any]) -> None:
+    def __init__(self, size: int, options: dict[str, Any], lean: bool = False) -> None:
+        self._lean = lean
         one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        # One TLS context for all: building one per client costs milliseconds.
-        self._options = {"verify": httpx.create_ssl_context(), **options, "limits": one}
+        # One TLS context for all: building one per client costs milliseconds (the lean transport needs none).
+        self._options = {**({} if lean else {"verify": httpx.create_ssl_context()}), **options, "limits": one}
         self._gate = asyncio.Semaphore(size)
         self._idle: list[httpx.AsyncClient] = []
         self._clients: list[httpx.AsyncClient] = []
@@ -722,7 +727,10 @@ class _ConnectionPool:
         closing.add_done_callback(self._closing.discard)
 
     def _open(self) -> httpx.AsyncClient:
-        client = httpx.AsyncClient(**self._options)
+        if self._lean:
+            client = httpx.AsyncClient(**{**self._options, "transport": LeanTransport()})
+        else:
+            client = httpx.AsyncClient(**self._options)
         self._clients.append(client)
         return client
 

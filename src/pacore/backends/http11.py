@@ -1,0 +1,349 @@
+"""A lean HTTP/1.1 transport for ``httpx``: one keep-alive ``http://`` connection, streamed bodies read in bulk.
+
+Why: every backend call streams one server-sent event per token, and a
+server sends each event as its own HTTP chunk. Through httpcore and h11 each
+chunk is one event object passed up five async generators, about as much
+CPU as the rest of the call (``bench/proxy.py``; ``docs/latency.md``). Here
+a chunked body is decoded on bytes and everything that has arrived is handed
+over as one piece, and a request goes out in one write (headers and body),
+so the server wakes once to read it.
+
+Scope: plain ``http://`` without a proxy (a local vLLM, SGLang or llama.cpp
+server); :class:`~pacore.backends.openai_http.OpenAIBackend` uses httpx's
+own transport for anything else. One transport holds one connection, as the
+backend's pool gives each connection its own client. Failures raise httpx's
+own exceptions (``ConnectError``, ``ConnectTimeout``, ``ReadTimeout``,
+``ReadError``, ``WriteError``, ``RemoteProtocolError``), so callers handle
+them as before; timeouts come from the request's ``timeout`` extension, the
+read timeout applying to each wait for data (an inactivity limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+#: Longest status line plus headers accepted from a server.
+MAX_HEAD_BYTES = 64 * 1024
+_CHUNKED, _LENGTH, _UNTIL_CLOSE, _EMPTY = range(4)
+
+
+class _Connection(asyncio.Protocol):
+    """The bytes one connection has received, and a way to wait for more."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.closed = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False  # let the transport close itself
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def more(self, timeout: float | None) -> bool:
+        """Wait until more bytes arrive (``True``) or the connection ends (``False``); ``ReadTimeout`` after ``timeout`` s."""
+        if self.closed:
+            return False
+        waiter = self.waiter = self.loop.create_future()
+        timer = None if timeout is None else self.loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+        return not self.closed or bool(self.buffer)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(httpx.ReadTimeout("timed out waiting for the server"))
+
+
+class LeanTransport(httpx.AsyncBaseTransport):
+    """One keep-alive HTTP/1.1 connection for ``http://`` requests (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._connection: _Connection | None = None
+        self._origin: tuple[str, int] | None = None
+        self._busy = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._busy:
+            raise RuntimeError("LeanTransport serves one request at a time")
+        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
+        url = request.url
+        origin = (url.host, url.port or 80)
+        connection = self._connection
+        if connection is None or connection.closed or connection.buffer or origin != self._origin:
+            if connection is not None:
+                connection.close()
+            connection = self._connection = await self._connect(origin, timeouts.get("connect"))
+            self._origin = origin
+        body = await request.aread()
+        head = [f"{request.method} {url.raw_path.decode('ascii')} HTTP/1.1\r\n".encode("ascii")]
+        head += [name + b": " + value + b"\r\n" for name, value in request.headers.raw]
+        try:
+            assert connection.transport is not None
+            connection.transport.write(b"".join(head) + b"\r\n" + body)  # one write: the server wakes once
+        except (OSError, RuntimeError) as exc:
+            self._drop()
+            raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
+        self._busy = True
+        try:
+            version, status, headers, framing, length = await self._read_head(connection, timeouts.get("read"), request)
+        except BaseException:
+            self._busy = False
+            self._drop()
+            raise
+        stream = _Body(self, connection, framing, length, timeouts.get("read"), _keeps_alive(version, headers))
+        return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
+
+    async def _connect(self, origin: tuple[str, int], timeout: float | None) -> _Connection:
+        loop = asyncio.get_running_loop()
+        connecting = loop.create_task(loop.create_connection(lambda: _Connection(loop), *origin))
+        try:
+            # Not asyncio.timeout: a connection made while the loop was busy elsewhere past the
+            # timeout would be cut as it completes; only one still pending at the timeout failed.
+            await asyncio.wait((connecting,), timeout=timeout)
+        except BaseException:
+            connecting.cancel()
+            if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+                connecting.result()[0].close()  # made, but the caller was cancelled meanwhile
+            raise
+        if not connecting.done():
+            connecting.cancel()
+            raise httpx.ConnectTimeout("timed out connecting to the server")
+        try:
+            _, connection = connecting.result()
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        return connection
+
+    async def _read_head(
+        self, connection: _Connection, timeout: float | None, request: httpx.Request
+    ) -> tuple[bytes, int, list[tuple[bytes, bytes]], int, int]:
+        while True:
+            end = connection.buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(connection.buffer) > MAX_HEAD_BYTES:
+                raise httpx.RemoteProtocolError("the server sent response headers that are too long")
+            if not await connection.more(timeout):
+                _raise_closed(connection, "Server disconnected without sending a response.")
+        head = bytes(connection.buffer[:end])
+        del connection.buffer[: end + 4]
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
+        status = int(parts[1])
+        headers = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip():
+                raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
+            headers.append((name, value.strip()))
+        if 100 <= status < 200:
+            return await self._read_head(connection, timeout, request)  # an interim answer: the real one follows
+        fields = {name.lower(): value for name, value in headers}
+        if request.method == "HEAD" or status in (204, 304):
+            return parts[0], status, headers, _EMPTY, 0
+        if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
+            return parts[0], status, headers, _CHUNKED, 0
+        declared = fields.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise httpx.RemoteProtocolError(f"malformed Content-Length {declared[:40]!r}")
+            return parts[0], status, headers, _LENGTH, int(declared)
+        return parts[0], status, headers, _UNTIL_CLOSE, 0
+
+    def _release(self, reusable: bool) -> None:
+        self._busy = False
+        if not reusable:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    async def aclose(self) -> None:
+        self._drop()
+
+
+def _keeps_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+    """HTTP/1.1 keeps the connection unless told to close it; HTTP/1.0 only when told to keep it."""
+    said = b" ".join(value.lower() for name, value in headers if name.lower() == b"connection")
+    return b"keep-alive" in said if version == b"HTTP/1.0" else b"close" not in said
+
+
+def _raise_closed(connection: _Connection, message: str) -> None:
+    if connection.error is not None:
+        raise httpx.ReadError(str(connection.error) or type(connection.error).__name__) from connection.error
+    raise httpx.RemoteProtocolError(message)
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body; a chunked one yields all the data that has arrived at each step, not one piece per chunk."""
+
+    def __init__(
+        self,
+        transport: LeanTransport,
+        connection: _Connection,
+        framing: int,
+        length: int,
+        timeout: float | None,
+        keep_alive: bool,
+    ) -> None:
+        self.transport = transport
+        self.connection = connection
+        self.framing = framing
+        self.length = length
+        self.timeout = timeout
+        self.keep_alive = keep_alive
+        self.complete = framing == _EMPTY
+        self.released = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.framing == _CHUNKED:
+            reader = self._chunked()
+        elif self.framing == _LENGTH:
+            reader = self._sized()
+        elif self.framing == _UNTIL_CLOSE:
+            reader = self._until_close()
+        else:
+            return
+        async for piece in reader:
+            yield piece
+        self._finish()
+
+    async def _sized(self) -> AsyncIterator[bytes]:
+        connection, left = self.connection, self.length
+        while left:
+            if not connection.buffer and not await connection.more(self.timeout):
+                _raise_closed(connection, "peer closed connection without sending complete message body")
+            piece = bytes(connection.buffer[:left])
+            del connection.buffer[: len(piece)]
+            left -= len(piece)
+            if piece:
+                yield piece
+        self.complete = True
+
+    async def _until_close(self) -> AsyncIterator[bytes]:
+        connection = self.connection
+        self.keep_alive = False
+        while True:
+            if connection.buffer:
+                piece = bytes(connection.buffer)
+                connection.buffer.clear()
+                yield piece
+            if not await connection.more(self.timeout):
+                if connection.error is not None:
+                    _raise_closed(connection, "")
+                break
+        self.complete = True
+
+    async def _chunked(self) -> AsyncIterator[bytes]:
+        connection = self.connection
+        buffer = connection.buffer
+        left = 0  # bytes of the current chunk still to come; -1 while its closing CRLF is
+        while True:
+            pieces = []
+            while True:
+                if left > 0:
+                    piece = bytes(buffer[:left])
+                    if not piece:
+                        break
+                    del buffer[: len(piece)]
+                    pieces.append(piece)
+                    left -= len(piece)
+                    if left:
+                        break
+                    left = -1
+                if left < 0:
+                    if len(buffer) < 2:
+                        break
+                    if buffer[:2] != b"\r\n":
+                        raise httpx.RemoteProtocolError("malformed chunked body: no CRLF after a chunk")
+                    del buffer[:2]
+                    left = 0
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_HEAD_BYTES:
+                        raise httpx.RemoteProtocolError("malformed chunked body: chunk size line too long")
+                    break
+                size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise httpx.RemoteProtocolError(f"malformed chunk size {size_text[:20]!r}") from None
+                if size < 0:
+                    raise httpx.RemoteProtocolError(f"malformed chunk size {size_text[:20]!r}")
+                if size == 0:
+                    if pieces:
+                        yield b"".join(pieces)
+                    await self._trailers()
+                    self.complete = True
+                    return
+                del buffer[: end + 2]
+                left = size
+            if pieces:
+                yield b"".join(pieces)
+            if not await connection.more(self.timeout):
+                _raise_closed(
+                    connection, "peer closed connection without sending complete message body: incomplete chunked read"
+                )
+
+    async def _trailers(self) -> None:
+        """Skip the last chunk's size line and any trailer fields, up to the blank line that ends the body."""
+        buffer = self.connection.buffer
+        while True:
+            # "0\r\n\r\n", or "0\r\n" then trailer lines then "\r\n": either way, up to the first blank line.
+            end = buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                del buffer[: end + 4]
+                return
+            if len(buffer) > MAX_HEAD_BYTES:
+                raise httpx.RemoteProtocolError("malformed chunked body: trailers too long")
+            if not await self.connection.more(self.timeout):
+                _raise_closed(self.connection, "peer closed connection without sending complete message body")
+
+    def _finish(self) -> None:
+        if not self.released:
+            self.released = True
+            self.transport._release(self.complete and self.keep_alive and not self.connection.buffer)
+
+    async def aclose(self) -> None:
+        if not self.released:
+            self.released = True
+            # Not read to its end: what is left of it would be read as the next answer.
+            self.transport._release(self.complete and self.keep_alive and not self.connection.buffer)
