@@ -4,7 +4,8 @@ On one zero-latency fast backend (``bench/fastbackend.py``, its own process),
 the same workload (P problems, each a full PaCoRe request) is run by:
 
 - ceiling: a minimal pooled client, one ``httpx.AsyncClient`` (the HTTP
-  library pacore's OpenAI backend uses) per keep-alive connection, as many
+  library pacore's OpenAI backend uses, with the same lean transport,
+  ``pacore.backends.http11``) per keep-alive connection, as many
   as pacore's backend opens, on a free list, that sends exactly the same
   calls (streamed, as pacore's are), round by round, with no orchestration. (httpcore's own pool rescans all its connections
   and queued requests on every call; one client per connection is the
@@ -65,6 +66,7 @@ import httpx
 from harness import BENCH_DIR, Clock, check_targets, emit, fast_backend, machine, peak_rss_mb, percentile, target_lines
 from pacore import asolve
 from pacore.backends.base import Backend, BaseBackend, Completion, GenerationParams, Message
+from pacore.backends.http11 import LeanTransport
 from pacore.backends.openai_http import DEFAULT_MAX_CONNECTIONS, OpenAIBackend
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
@@ -187,8 +189,8 @@ class ConnectionPool:
                 self.idle.append(client)
 
     def _new_client(self) -> httpx.AsyncClient:
-        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        client = httpx.AsyncClient(verify=_TLS, limits=one, timeout=60)
+        # The transport pacore's backend uses for http://: a ceiling on httpx's own would be lower than pacore.
+        client = httpx.AsyncClient(transport=LeanTransport(), timeout=60)
         self.clients.append(client)
         return client
 
