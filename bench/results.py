@@ -45,16 +45,17 @@ LIMITS: dict[str, Callable[[dict[str, Any]], str]] = {
     "cpu_ms_per_trajectory": lambda f: "the engine's own work per trajectory (trace objects, compaction, events)",
     "round_gap_p99_ms": lambda f: (
         f"the median gap is {f['scale_out']['round_gap_p50_ms']:.2f} ms and one request alone sees "
-        f"p99 {f['round_gap_isolated_p99_ms']:.2f} ms; the tail comes from pauses of the whole process "
-        "(a full garbage collection over the live trace and HTTP objects, or the process being "
-        "descheduled while other processes load the 2 cores), which any step may fall into"
+        f"p99 {f['round_gap_isolated_p99_ms']:.2f} ms; the tail is the one pass through the event loop's ready "
+        "queue between a round's last call and the next round's first (behind other requests' stream events) "
+        "and the process being descheduled while other processes load the 2 cores; full garbage collections "
+        "did not overlap the largest gaps measured (docs/latency.md)"
     ),
     "peak_rss_mb_10k": lambda f: "per-trajectory task and trace objects",
     "scale_out_2_over_1": lambda f: "the round's tail: the last calls of a round run on fewer endpoints than there are",
     "scale_out_4_over_1": lambda f: "the round's tail: the last calls of a round run on fewer endpoints than there are",
     "passthrough_added_p50_ms": lambda f: (
         f"a pass-through request crosses two HTTP hops in Python: the server's own request handling "
-        f"(uvicorn with h11, FastAPI, pydantic) plus a second httpx call to the backend; direct calls "
+        f"(uvicorn with h11, FastAPI, pydantic) plus a second HTTP call to the backend; direct calls "
         f"take {f['latency_direct']['p50_ms']:.2f} ms, through the server {f['latency_passthrough']['p50_ms']:.2f} ms"
     ),
     "pacore_first_chunk_p50_ms": lambda f: "the server's request handling before its first chunk",
@@ -159,12 +160,13 @@ def streaming_section(results: dict[str, dict[str, Any]]) -> list[str]:
         f"{proxy['server_cpu_us_per_token_plain_backend']} us from one answering plain JSON",
         "```",
         "",
-        "Most of a streamed token's cost is the HTTP client's (h11 and httpcore handle every chunk "
-        "through several generator layers) and one JSON decode per event, which any streaming client pays; "
-        "pacore's own share is the line splitting and the per-chunk bookkeeping of "
-        "`OpenAIBackend._read_events` and `_StreamState.feed`, which read an uncompressed body from the "
-        "response's raw stream. Against a real model server these microseconds per token are far "
-        "below the time the model takes to generate the token.",
+        "pacore and the ceiling read plain http:// streams through pacore's lean transport "
+        "(`pacore.backends.http11`: chunks decoded on bytes, all that has arrived handed over at once; "
+        "through httpx's own transport, h11 and httpcore handle every chunk through several generator layers). "
+        "What a streamed token still costs is one JSON decode per event, the line splitting and the "
+        "per-chunk bookkeeping of `OpenAIBackend._read_events` and `_StreamState.feed`. Against a real "
+        "model server these microseconds per token are far below the time the model takes to generate "
+        "the token.",
     ]
 
 
