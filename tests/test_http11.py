@@ -144,9 +144,20 @@ async def test_nobody_listening_is_a_connect_error() -> None:
 
 
 def test_the_openai_backend_uses_it_for_plain_http_without_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+    for name in (
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert OpenAIBackend("http://127.0.0.1:8000/v1", model="m")._lean
     assert not OpenAIBackend("https://api.example.com/v1", model="m")._lean
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    assert OpenAIBackend("http://127.0.0.1:8000/v1", model="m")._lean  # names no proxy by itself
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
     assert not OpenAIBackend("http://127.0.0.1:8000/v1", model="m")._lean  # httpx honours the proxy

@@ -173,7 +173,8 @@ class OpenAIBackend(BaseBackend):
         self._max_connections = max_connections
         self._client_options: dict[str, Any] = dict(headers=headers, timeout=timeout, transport=transport)
         # Plain http:// with no proxy to honour: the lean transport (see pacore.backends.http11).
-        self._lean = transport is None and self.base_url.scheme == "http" and not urllib.request.getproxies()
+        proxies = {scheme for scheme in urllib.request.getproxies() if scheme != "no"}  # NO_PROXY alone names none
+        self._lean = transport is None and self.base_url.scheme == "http" and not proxies
         self._client: _ConnectionPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._model_lock = asyncio.Lock()
