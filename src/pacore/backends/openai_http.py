@@ -997,28 +997,30 @@ _OVERFLOW_SIGNS = re.compile(
     re.IGNORECASE,
 )
 _NUMBER = r"(\d[\d,]*)(?:\.\d+)?"
-_CONTEXT_FIGURES = [
-    re.compile(pattern, re.IGNORECASE)
-    for pattern in (
-        rf"maximum context length (?:is|of) {_NUMBER}",
-        rf"context length \({_NUMBER} tokens\)",
-        rf"maximum model length (?:is |of )?{_NUMBER}",
-        rf"available context size \({_NUMBER} tokens\)",
-        rf"context window of {_NUMBER}",
-    )
-]
-_PROMPT_FIGURES = [
-    re.compile(pattern, re.IGNORECASE)
-    for pattern in (
-        rf"{_NUMBER} (?:tokens )?in the messages",
-        rf"{_NUMBER} tokens from the input messages",
-        rf"(?:has|contains)(?: at least)? {_NUMBER} input tokens",
-        rf"the input \({_NUMBER} tokens\)",
-        rf"request \({_NUMBER} tokens\)",
-        rf"prompt \(length {_NUMBER}\)",
-        rf"requested tokens \({_NUMBER}\)",
-    )
-]
+
+
+def _any_case(*patterns: str) -> list[re.Pattern[str]]:
+    return [re.compile(pattern, re.IGNORECASE) for pattern in patterns]
+
+
+#: Where a message gives the context size: the first pattern that matches captures it.
+_CONTEXT_FIGURES = _any_case(
+    rf"maximum context length (?:is|of) {_NUMBER}",
+    rf"context length \({_NUMBER} tokens\)",
+    rf"maximum model length (?:is |of )?{_NUMBER}",
+    rf"available context size \({_NUMBER} tokens\)",
+    rf"context window of {_NUMBER}",
+)
+#: Where it gives the prompt's size, likewise.
+_PROMPT_FIGURES = _any_case(
+    rf"{_NUMBER} (?:tokens )?in the messages",
+    rf"{_NUMBER} tokens from the input messages",
+    rf"(?:has|contains)(?: at least)? {_NUMBER} input tokens",
+    rf"the input \({_NUMBER} tokens\)",
+    rf"request \({_NUMBER} tokens\)",
+    rf"prompt \(length {_NUMBER}\)",
+    rf"requested tokens \({_NUMBER}\)",
+)
 
 
 def context_overflow(body: Any) -> tuple[int | None, int | None] | None:
