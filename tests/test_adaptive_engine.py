@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -73,6 +74,8 @@ class PacedBackend(BaseBackend):
     started: list[tuple[int, int]] = field(default_factory=list)
     params: list[GenerationParams] = field(default_factory=list)
     cancelled: list[tuple[int, int, int]] = field(default_factory=list)  # round, index, tokens sent
+    #: Seconds a cancelled call takes to wind down (an HTTP teardown, a thread noticing the cancel).
+    teardown_s: float = 0.0
 
     async def generate(
         self,
@@ -102,6 +105,8 @@ class PacedBackend(BaseBackend):
                 if on_confidence is not None and confidences is not None:
                     on_confidence(0, confidences[chunk.start : chunk.stop])
         except asyncio.CancelledError:
+            if self.teardown_s:
+                await asyncio.sleep(self.teardown_s)
             self.cancelled.append((rnd, index, sent))
             raise
         return [
@@ -234,6 +239,21 @@ async def test_quorum_ends_the_round_and_cancels_the_stragglers():
     assert sorted(i for _, i in result.rounds[1].references) == [0, 1, 2, 3]
     assert first.policy_note == "quorum: ended after 4 of 8 finished, 4 cancelled"
     assert first.seconds_saved is not None and first.seconds_saved > 0
+
+
+async def test_a_round_ends_at_its_quorum_without_waiting_for_the_cancelled_calls_to_wind_down():
+    # The stragglers' calls take 0.5 s to close once cancelled; the fast four finish in ~40 ms.
+    backend = PacedBackend(script=fast_and_slow(4), teardown_s=0.5)
+    started = time.perf_counter()
+    result = await asolve("Q", schedule=[8], backend=backend, params=SEEDED, compute=ComputePolicy(quorum=0.5))
+    assert stopped(result) == {4: "quorum", 5: "quorum", 6: "quorum", 7: "quorum"}
+    assert round_one(result).elapsed_s < 0.3  # the final call did not wait for the teardowns
+    # The request itself does: no call outlives it.
+    assert time.perf_counter() - started >= 0.5
+    assert sorted(i for _, i, _ in backend.cancelled) == [4, 5, 6, 7]
+    assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
+    cut = {t.index: t.completion_tokens for t in round_one(result).trajectories if t.stopped}
+    assert cut == {i: tokens for _, i, tokens in backend.cancelled}
 
 
 async def test_straggler_timeout_keeps_stragglers_that_finish_in_time():
