@@ -71,6 +71,24 @@ ARMS: dict[str, ComputePolicy | None] = {
         early_stop=True, early_stop_percentile=90, warmup_first=True, window=WINDOW, top_logprobs=TOP_LOGPROBS
     ),
     "adaptive_k": ComputePolicy(adaptive_k=True),
+    # DeepConf's online algorithm in full: the warm-up first, early stop at its percentile, and
+    # sampling stopped once the answers agree (adaptive width's test in place of its vote share).
+    "deepconf_online_low": ComputePolicy(
+        early_stop=True,
+        early_stop_percentile=90,
+        warmup_first=True,
+        adaptive_k=True,
+        window=WINDOW,
+        top_logprobs=TOP_LOGPROBS,
+    ),
+    "deepconf_online_high": ComputePolicy(
+        early_stop=True,
+        early_stop_percentile=10,
+        warmup_first=True,
+        adaptive_k=True,
+        window=WINDOW,
+        top_logprobs=TOP_LOGPROBS,
+    ),
     # Adaptive-Consistency's own procedure: one sample at a time, the Beta test after each.
     "adaptive_k_1": ComputePolicy(adaptive_k=True, wave=1),
     "keep_top_0.5": ComputePolicy(keep_top=0.5, window=WINDOW, top_logprobs=TOP_LOGPROBS),
@@ -85,6 +103,9 @@ ARM_NOTES = {
     "early_stop_p90": f"online early stop, warm-up 4, percentile 90 (DeepConf-low), window {WINDOW}",
     "early_stop_p90_first": "as early_stop_p90, the warm-up run first (warmup_first: DeepConf's online algorithm)",
     "adaptive_k": "adaptive width, waves of 4 (the engine's default), Beta test at 0.95 (Adaptive-Consistency's)",
+    "deepconf_online_low": "DeepConf's online algorithm (Fu et al. 2025): warm-up of 4 first, early stop at "
+    "percentile 90 (DeepConf-low), and adaptive sampling: waves of 4 until the answer is settled (Beta test at 0.95)",
+    "deepconf_online_high": "as deepconf_online_low at percentile 10 (DeepConf-high)",
     "adaptive_k_1": "adaptive width, one trajectory at a time (Adaptive-Consistency's own), Beta test at 0.95",
     "keep_top_0.5": "the most confident half of round 1's messages synthesized",
     "quorum_0.9": "a round ends when 90% of its trajectories have finished",
@@ -92,14 +113,31 @@ ARM_NOTES = {
     "budget": "generated tokens per problem capped at half the fixed schedule's worst case (all at max_tokens)",
 }
 #: Arms replayed offline on a stored round-1 pool (the policies that act on round 1's samples).
-REPLAY_ARMS = ("fixed", "early_stop", "early_stop_p90", "adaptive_k", "adaptive_k_1", "keep_top_0.5")
+REPLAY_ARMS = (
+    "fixed",
+    "early_stop",
+    "early_stop_p90",
+    "adaptive_k",
+    "adaptive_k_1",
+    "deepconf_online_low",
+    "deepconf_online_high",
+    "keep_top_0.5",
+)
 
 #: Arms whose rounds each last as long as their slowest kept trajectory, so that the simulated lengths
 #: alone give their wall time with no overhead (see ``no_overhead_s``).
 NO_OVERHEAD_ARMS = ("fixed", "quorum_0.9")
 
 #: The arms the token-saving target is about.
-EARLY_STOP_AND_WIDTH = ("early_stop", "early_stop_p90", "early_stop_p90_first", "adaptive_k", "adaptive_k_1")
+EARLY_STOP_AND_WIDTH = (
+    "early_stop",
+    "early_stop_p90",
+    "early_stop_p90_first",
+    "adaptive_k",
+    "adaptive_k_1",
+    "deepconf_online_low",
+    "deepconf_online_high",
+)
 
 TARGETS = {
     # The larger token saving of early stop and adaptive width among those losing at most 1 point.

@@ -689,18 +689,19 @@ class _PolicyRound:
 def settled_note(rnd: Round, sampled: int, threshold: float) -> str | None:
     """Adaptive width's stopping test on a round's answers so far: the note saying so if settled, else ``None``.
 
-    The leading answer's count ``a`` and the other answers' ``b`` (trajectories
-    stating no answer do not count) give ``P(p > 1/2)`` under ``Beta(a + 1, b + 1)``.
+    Adaptive-Consistency's Beta test as its authors run it: the leading answer's
+    count ``a`` and the runner-up's ``b`` (trajectories stating no answer do
+    not count) give ``P(p > 1/2)`` under ``Beta(a + 1, b + 1)``, the chance that
+    the leader, not the runner-up, is the majority answer.
     """
-    answers = tally([t.message for t in rnd.trajectories if t.message])
-    leader = max((count for _, count in answers), default=0)
-    others = sum(count for _, count in answers) - leader
-    probability = majority_probability(leader, others)
+    counts = sorted((count for _, count in tally([t.message for t in rnd.trajectories if t.message])), reverse=True)
+    leader, runner_up = (counts + [0, 0])[:2]
+    probability = majority_probability(leader, runner_up)
     if not leader or probability < threshold:
         return None
     return (
         f"adaptive width: answer settled after {sampled} of {rnd.k} "
-        f"(leader {leader} of {leader + others} answers, P(majority)={probability:.3f})"
+        f"(leader {leader} of {sum(counts)} answers, runner-up {runner_up}, P(majority)={probability:.3f})"
     )
 
 
