@@ -237,9 +237,9 @@ class _Solve:
         try:
             return await self._run_rounds()
         finally:
-            # No call outlives the request: the cancelled ones have long wound down by now.
-            if self.winding_down:
-                await asyncio.wait(self.winding_down)
+            # No call outlives the request: the cancelled ones have long wound down by now
+            # (whatever they ended with, the trajectory is already recorded as stopped).
+            await asyncio.gather(*self.winding_down, return_exceptions=True)
 
     async def _run_rounds(self) -> Result:
         ks = self.schedule.ks
