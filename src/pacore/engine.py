@@ -541,7 +541,7 @@ class _PolicyRound:
         self.live[index] = tokens
         budget = self.solve.budget
         if budget is not None and self.live_total > budget.available(self.later_rounds):
-            self._stop(index, "budget")
+            self._stop_all("budget")  # all at once: each stream overshoots by what is in flight, not by a report
 
     def _stop(self, index: int, why: str) -> None:
         task = self.tasks.get(index)
