@@ -899,3 +899,23 @@ async def test_discarding_a_connection_twice_is_harmless():
         assert pool._clients == []
         (completion,) = await backend.generate(MESSAGES, 1, PARAMS)
     assert completion.text == "hi"
+
+
+# --- the HTTP transport ----------------------------------------------------------
+
+
+async def test_pacore_http_transport_httpx_calls_a_real_server_through_httpx_s_own_transport(monkeypatch):
+    from harness import fast_backend
+
+    monkeypatch.setenv("PACORE_HTTP_TRANSPORT", "httpx")
+    with fast_backend("--completion-tokens", 8) as server:
+        async with OpenAIBackend(server.url, model="fast") as backend:
+            assert not backend._lean
+            (completion,) = await backend.generate(MESSAGES, 1, GenerationParams(max_tokens=8))
+    assert completion.ok and completion.completion_tokens == 8
+
+
+def test_an_unknown_pacore_http_transport_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("PACORE_HTTP_TRANSPORT", "fast")
+    with pytest.raises(UsageError, match="PACORE_HTTP_TRANSPORT must be 'lean' or 'httpx', got 'fast'"):
+        OpenAIBackend("http://127.0.0.1:8000/v1", model="m")

@@ -172,7 +172,7 @@ class OpenAIBackend(BaseBackend):
         self._client_options: dict[str, Any] = dict(headers=headers, timeout=timeout, transport=transport)
         # Plain http:// with no proxy to honour: the lean transport (see pacore.backends.http11).
         proxies = {scheme for scheme in urllib.request.getproxies() if scheme != "no"}  # NO_PROXY alone names none
-        self._lean = transport is None and self.base_url.scheme == "http" and not proxies
+        self._lean = transport is None and self.base_url.scheme == "http" and not proxies and _lean_transport_wanted()
         self._client: _ConnectionPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._model_lock = asyncio.Lock()
@@ -673,6 +673,18 @@ class OpenAIBackend(BaseBackend):
             f"backend {self.display_url} ended the stream before the completion finished ({why})",
             kind="protocol",
         )
+
+
+#: ``httpx`` keeps httpx's own transport for every backend: the lean one is a speed-up, and a
+#: user who meets a server it does not handle gets the well-trodden path back without a release.
+TRANSPORT_ENV = "PACORE_HTTP_TRANSPORT"
+
+
+def _lean_transport_wanted() -> bool:
+    choice = os.environ.get(TRANSPORT_ENV, "").strip().lower() or "lean"
+    if choice not in ("lean", "httpx"):
+        raise UsageError(f"{TRANSPORT_ENV} must be 'lean' or 'httpx', got {choice!r}")
+    return choice == "lean"
 
 
 class _ConnectionPool:
