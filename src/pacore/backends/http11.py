@@ -29,6 +29,7 @@ import httpx
 #: Longest status line plus headers accepted from a server.
 MAX_HEAD_BYTES = 64 * 1024
 _CHUNKED, _LENGTH, _UNTIL_CLOSE, _EMPTY = range(4)
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class _Connection(asyncio.Protocol):
@@ -151,40 +152,37 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def _read_head(
         self, connection: _Connection, timeout: float | None, request: httpx.Request
     ) -> tuple[bytes, int, list[tuple[bytes, bytes]], int, int]:
+        interim = 0
         while True:
-            end = connection.buffer.find(b"\r\n\r\n")
-            if end >= 0:
+            head = await _next_head(connection, timeout)
+            version, status, headers = _parse_head(head)
+            if not 100 <= status < 200:
                 break
-            if len(connection.buffer) > MAX_HEAD_BYTES:
-                raise httpx.RemoteProtocolError("the server sent response headers that are too long")
-            if not await connection.more(timeout):
-                _raise_closed(connection, "Server disconnected without sending a response.")
-        head = bytes(connection.buffer[:end])
-        del connection.buffer[: end + 4]
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
-        status = int(parts[1])
-        headers = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip():
-                raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
-            headers.append((name, value.strip()))
-        if 100 <= status < 200:
-            return await self._read_head(connection, timeout, request)  # an interim answer: the real one follows
-        fields = {name.lower(): value for name, value in headers}
+            # An interim answer: the real one follows. A loop, not a recursion (thousands of them
+            # overflowed the stack), and bounded like one head, so a server cannot send them for ever.
+            interim += len(head)
+            if interim > MAX_HEAD_BYTES:
+                raise httpx.RemoteProtocolError("the server sent too many interim (1xx) answers")
         if request.method == "HEAD" or status in (204, 304):
-            return parts[0], status, headers, _EMPTY, 0
-        if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-            return parts[0], status, headers, _CHUNKED, 0
-        declared = fields.get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise httpx.RemoteProtocolError(f"malformed Content-Length {declared[:40]!r}")
-            return parts[0], status, headers, _LENGTH, int(declared)
-        return parts[0], status, headers, _UNTIL_CLOSE, 0
+            return version, status, headers, _EMPTY, 0
+        encodings = b",".join(value for name, value in headers if name.lower() == b"transfer-encoding")
+        if b"chunked" in encodings.lower():
+            return version, status, headers, _CHUNKED, 0
+        # Every Content-Length value, repeated headers and comma lists alike: proxies repeat one
+        # value (accepted, as httpx does); differing ones leave the body's end unknown, and taking
+        # either could return a truncated body as a whole one.
+        declared = {
+            value.strip()
+            for name, values in headers
+            if name.lower() == b"content-length"
+            for value in values.split(b",")
+        }
+        if not declared:
+            return version, status, headers, _UNTIL_CLOSE, 0
+        length = declared.pop()
+        if declared or not length.isdigit():
+            raise httpx.RemoteProtocolError("malformed or conflicting Content-Length headers")
+        return version, status, headers, _LENGTH, int(length)
 
     def _release(self, reusable: bool) -> None:
         self._busy = False
@@ -198,6 +196,47 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         self._drop()
+
+
+async def _next_head(connection: _Connection, timeout: float | None) -> bytes:
+    """The next status line and headers, without the blank line that ends them."""
+    buffer = connection.buffer
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        # Lines may also end in a bare LF (httpx accepts it): the head ends at the first empty line.
+        bare = buffer.find(b"\n\n", 0, None if end < 0 else end)
+        if bare >= 0:
+            head = bytes(buffer[:bare]).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            del buffer[: bare + 2]
+            return head
+        if end >= 0:
+            head = bytes(buffer[:end])
+            del buffer[: end + 4]
+            return head
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise httpx.RemoteProtocolError("the server sent response headers that are too long")
+        if not await connection.more(timeout):
+            _raise_closed(connection, "Server disconnected without sending a response.")
+
+
+def _parse_head(head: bytes) -> tuple[bytes, int, list[tuple[bytes, bytes]]]:
+    """The HTTP version, status code and header fields of a response head."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
+        raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t") and headers:
+            # An obsolete folded line continues the previous value (RFC 9112 5.2); httpx accepts it too.
+            name, value = headers[-1]
+            headers[-1] = (name, (value + b" " + line.strip()).strip())
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
+        headers.append((name, value.strip()))
+    return parts[0], int(parts[1]), headers
 
 
 def _keeps_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -302,12 +341,10 @@ class _Body(httpx.AsyncByteStream):
                         raise httpx.RemoteProtocolError("malformed chunked body: chunk size line too long")
                     break
                 size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError(f"malformed chunk size {size_text[:20]!r}") from None
-                if size < 0:
+                # Hex digits only: int() alone also takes "0x5", "+5" and "1_0", which httpx refuses.
+                if not size_text or size_text.strip(_HEX_DIGITS):
                     raise httpx.RemoteProtocolError(f"malformed chunk size {size_text[:20]!r}")
+                size = int(size_text, 16)
                 if size == 0:
                     if pieces:
                         yield b"".join(pieces)
