@@ -350,3 +350,33 @@ async def test_many_concurrent_streams_through_the_backend_survive_faulty_connec
     for i, text in enumerate(texts):
         assert text == f"question {i}" or isinstance(text, BackendError), text
     assert sum(text == f"question {i}" for i, text in enumerate(texts)) >= 30
+
+
+async def test_a_slow_reader_holds_back_a_fast_server_instead_of_buffering_the_body() -> None:
+    size, piece = 32 * 1024 * 1024, b"x" * (1024 * 1024)
+    sent = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await read_request(reader)
+        writer.write(OK + b"Content-Length: %d\r\n\r\n" % size)
+        while sent < size:
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+        await reader.read()
+
+    largest = 0
+    async with (
+        serving(handler) as url,
+        httpx.AsyncClient(transport=LeanTransport(), timeout=5) as client,
+        client.stream("POST", url + "/", content=b"x") as response,
+    ):
+        received = 0
+        async for chunk in response.aiter_raw():
+            received += len(chunk)
+            largest = max(largest, len(chunk))
+            await asyncio.sleep(0.05)  # a slow consumer (a relay to a slow client)
+    assert received == size
+    # Each piece is what the client held in memory at once: the rest waited in socket buffers.
+    assert largest <= 4 * 1024 * 1024

@@ -30,6 +30,8 @@ import httpx
 MAX_HEAD_BYTES = 64 * 1024
 _CHUNKED, _LENGTH, _UNTIL_CLOSE, _EMPTY = range(4)
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+#: Received bytes held before the socket stops being read, until the reader asks for more.
+_HIGH_WATER_BYTES = 1024 * 1024
 
 
 class _Connection(asyncio.Protocol):
@@ -42,12 +44,18 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if len(self.buffer) > _HIGH_WATER_BYTES and not self.paused and self.transport is not None:
+            # A reader slower than the server (a relay to a slow client) would otherwise hold the
+            # whole body in memory: leave the rest in the socket buffers, so TCP holds the server back.
+            self.paused = True
+            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -68,6 +76,10 @@ class _Connection(asyncio.Protocol):
         """Wait until more bytes arrive (``True``) or the connection ends (``False``); ``ReadTimeout`` after ``timeout`` s."""
         if self.closed:
             return False
+        if self.paused:
+            self.paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
         waiter = self.waiter = self.loop.create_future()
         timer = None if timeout is None else self.loop.call_later(timeout, _expire, waiter)
         try:
