@@ -17,6 +17,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from harness import fast_backend
 from pacore.backends.base import GenerationParams, RetryPolicy
 from pacore.backends.http11 import MAX_HEAD_BYTES, LeanTransport
 from pacore.backends.openai_http import OpenAIBackend
@@ -380,3 +381,52 @@ async def test_a_slow_reader_holds_back_a_fast_server_instead_of_buffering_the_b
     assert received == size
     # Each piece is what the client held in memory at once: the rest waited in socket buffers.
     assert largest <= 4 * 1024 * 1024
+
+
+@pytest.mark.http
+async def test_many_streams_through_the_pool_against_fastbackend_faults_match_httpx() -> None:
+    """Forty-eight concurrent streamed calls over the lean pool, a fifth of them cut, reset or garbled: retried to
+    the same texts httpx's own transport reads from the same server without faults."""
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(48)]
+    params = [GenerationParams(max_tokens=64, seed=i) for i in range(48)]
+    retry = RetryPolicy(max_attempts=12, backoff_base=0.001, backoff_max=0.01, budget_min=100)
+
+    async def texts(url: str, transport: httpx.AsyncBaseTransport | None) -> list[str]:
+        backend = OpenAIBackend(url, model="fast", n_mode="off", timeout=1, retry=retry, transport=transport)
+        assert backend._lean == (transport is None)
+        async with backend:
+            calls = [backend.generate(prompt, 1, param) for prompt, param in zip(prompts, params, strict=True)]
+            results = await asyncio.wait_for(asyncio.gather(*calls), 60)
+        return [completion.text for (completion,) in results]
+
+    faults = "reset_mid:0.06,truncated:0.04,malformed:0.04,reset:0.03,down:0.03"
+    with fast_backend("--faults", faults, "--fault-seed", 3, "--completion-tokens", 40) as server:
+        lean = await texts(server.url, None)
+        injected = server.stats()[0]["faults"]
+    with fast_backend("--completion-tokens", 40) as server:
+        reference = await texts(server.url, httpx.AsyncHTTPTransport())
+    assert sum(injected.values()) >= 5
+    assert lean == reference and all(reference)
+
+
+async def test_a_connection_paused_for_a_slow_reader_still_notices_the_server_closing_it() -> None:
+    body = b"y" * (1024 * 1024 + 100 * 1024)  # crosses the pause threshold in its last received piece
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(OK + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()  # an idle keep-alive connection the server drops
+
+    async with serving(handler) as url, httpx.AsyncClient(transport=LeanTransport(), timeout=2) as client:
+        async with client.stream("POST", url + "/", content=b"x") as response:
+            await asyncio.sleep(0.2)  # the whole body arrives before it is read
+            assert await response.aread() == body
+        await asyncio.sleep(0.4)
+        again = await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)
+    assert again.content == body
+    assert connections == 2

@@ -76,10 +76,7 @@ class _Connection(asyncio.Protocol):
         """Wait until more bytes arrive (``True``) or the connection ends (``False``); ``ReadTimeout`` after ``timeout`` s."""
         if self.closed:
             return False
-        if self.paused:
-            self.paused = False
-            assert self.transport is not None
-            self.transport.resume_reading()
+        self.resume()
         waiter = self.waiter = self.loop.create_future()
         timer = None if timeout is None else self.loop.call_later(timeout, _expire, waiter)
         try:
@@ -89,6 +86,13 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         return not self.closed or bool(self.buffer)
+
+    def resume(self) -> None:
+        """Read the socket again after ``data_received`` paused it."""
+        if self.paused:
+            self.paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
 
     def close(self) -> None:
         self.closed = True
@@ -200,6 +204,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._busy = False
         if not reusable:
             self._drop()
+        elif self._connection is not None:
+            self._connection.resume()  # a paused idle connection would not notice the server closing it
 
     def _drop(self) -> None:
         if self._connection is not None:
