@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import json
 import socket
+import struct
 from collections.abc import Callable
 
 import httpx
@@ -430,3 +431,54 @@ async def test_a_connection_paused_for_a_slow_reader_still_notices_the_server_cl
         again = await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)
     assert again.content == body
     assert connections == 2
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", OK + b"Content-Length: 10\r\n\r\nhel", CHUNKED_HEAD + b"a\r\nhel"],
+    ids=["before-the-head", "mid-length-body", "mid-chunk"],
+)
+async def test_a_connection_reset_is_an_httpx_error_as_with_httpx(sent: bytes) -> None:
+    async def outcome_with_reset(make: Callable[[], httpx.AsyncBaseTransport]) -> Outcome:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(sent)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            # SO_LINGER 0: close() sends a TCP RST instead of a FIN.
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+        async with serving(handler) as url, httpx.AsyncClient(transport=make(), timeout=2) as client:
+            try:
+                return await asyncio.wait_for(_body(client, url), LIMIT_S)
+            except httpx.HTTPError as exc:
+                return type(exc)
+
+    lean, reference = await outcome_with_reset(LeanTransport), await outcome_with_reset(httpx.AsyncHTTPTransport)
+    assert lean == reference, (lean, reference)
+    assert isinstance(lean, type) and issubclass(lean, httpx.TransportError)
+
+
+async def test_a_gzip_json_answer_through_the_backend_reads_as_text() -> None:
+    """A server (or proxy) that ignores ``stream`` and compresses its one JSON completion."""
+    answer = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "It is 5."}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 4},
+    }
+    packed = gzip.compress(json.dumps(answer).encode())
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            OK + b"Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(packed)
+        )
+        writer.write(packed)
+        await writer.drain()
+        await reader.read()
+
+    async with serving(handler) as url:
+        backend = OpenAIBackend(url + "/v1", model="m", timeout=2)
+        async with backend:
+            (completion,) = await asyncio.wait_for(backend.generate(MESSAGES, 1, PARAMS), LIMIT_S)
+    assert completion.text == "It is 5."
