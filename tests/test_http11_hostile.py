@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from harness import fast_backend
+from pacore.backends import http11
 from pacore.backends.base import GenerationParams, RetryPolicy
 from pacore.backends.http11 import MAX_HEAD_BYTES, LeanTransport
 from pacore.backends.openai_http import OpenAIBackend
@@ -482,3 +483,45 @@ async def test_a_gzip_json_answer_through_the_backend_reads_as_text() -> None:
         async with backend:
             (completion,) = await asyncio.wait_for(backend.generate(MESSAGES, 1, PARAMS), LIMIT_S)
     assert completion.text == "It is 5."
+
+
+class CountingBuffer(bytearray):
+    """A receive buffer that counts the bytes its ``find`` calls search."""
+
+    searched = 0
+
+    def find(self, sub: bytes, start: int | None = 0, end: int | None = None, /) -> int:  # type: ignore[override]
+        start = start or 0
+        CountingBuffer.searched += max(0, (len(self) if end is None else min(end, len(self))) - start)
+        return super().find(sub, start, end)
+
+
+@pytest.mark.parametrize("part", ["head", "chunk size line", "trailers"])
+async def test_a_head_or_chunk_line_sent_byte_by_byte_is_searched_in_linear_time(
+    part: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http11, "bytearray", CountingBuffer, raising=False)
+    CountingBuffer.searched = 0
+    padding = b"a" * 20_000
+    slow = {
+        "head": b"X-Padding: " + padding + b"\r\nContent-Length: 2\r\n\r\n",
+        "chunk size line": b"2;ext=" + padding + b"\r\nok\r\n0\r\n\r\n",
+        "trailers": b"0\r\nX-Padding: " + padding + b"\r\n\r\n",
+    }[part]
+    first = OK if part == "head" else CHUNKED_HEAD + (b"" if part == "chunk size line" else b"2\r\nok\r\n")
+    last = b"ok" if part == "head" else b""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(first)
+        for byte in slow:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0)  # the client reads between the bytes
+        writer.write(last)
+        await writer.drain()
+        await reader.read()
+
+    async with serving(handler) as url, httpx.AsyncClient(transport=LeanTransport(), timeout=5) as client:
+        answer = await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)
+    assert answer.content == b"ok"
+    assert CountingBuffer.searched < 10 * len(slow)  # searching it all again at each byte: about 1000 times more

@@ -219,10 +219,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
 async def _next_head(connection: _Connection, timeout: float | None) -> bytes:
     """The next status line and headers, without the blank line that ends them."""
     buffer = connection.buffer
+    start = 0  # bytes searched before cannot hold the end: a head sent byte by byte costs linear time
     while True:
-        end = buffer.find(b"\r\n\r\n")
+        end = buffer.find(b"\r\n\r\n", start)
         # Lines may also end in a bare LF (httpx accepts it): the head ends at the first empty line.
-        bare = buffer.find(b"\n\n", 0, None if end < 0 else end)
+        bare = buffer.find(b"\n\n", start, None if end < 0 else end)
         if bare >= 0:
             head = bytes(buffer[:bare]).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
             del buffer[: bare + 2]
@@ -233,6 +234,7 @@ async def _next_head(connection: _Connection, timeout: float | None) -> bytes:
             return head
         if len(buffer) > MAX_HEAD_BYTES:
             raise httpx.RemoteProtocolError("the server sent response headers that are too long")
+        start = max(0, len(buffer) - 3)
         if not await connection.more(timeout):
             _raise_closed(connection, "Server disconnected without sending a response.")
 
@@ -333,6 +335,7 @@ class _Body(httpx.AsyncByteStream):
         connection = self.connection
         buffer = connection.buffer
         left = 0  # bytes of the current chunk still to come; -1 while its closing CRLF is
+        scanned = 0  # of a size line still incomplete: a line sent byte by byte costs linear time
         while True:
             pieces = []
             while True:
@@ -353,11 +356,13 @@ class _Body(httpx.AsyncByteStream):
                         raise httpx.RemoteProtocolError("malformed chunked body: no CRLF after a chunk")
                     del buffer[:2]
                     left = 0
-                end = buffer.find(b"\r\n")
+                end = buffer.find(b"\r\n", scanned)
                 if end < 0:
                     if len(buffer) > MAX_HEAD_BYTES:
                         raise httpx.RemoteProtocolError("malformed chunked body: chunk size line too long")
+                    scanned = max(0, len(buffer) - 1)
                     break
+                scanned = 0
                 size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
                 # Hex digits only: int() alone also takes "0x5", "+5" and "1_0", which httpx refuses.
                 if not size_text or size_text.strip(_HEX_DIGITS):
@@ -381,14 +386,16 @@ class _Body(httpx.AsyncByteStream):
     async def _trailers(self) -> None:
         """Skip the last chunk's size line and any trailer fields, up to the blank line that ends the body."""
         buffer = self.connection.buffer
+        start = 0  # as in _next_head: never search the same bytes twice
         while True:
             # "0\r\n\r\n", or "0\r\n" then trailer lines then "\r\n": either way, up to the first blank line.
-            end = buffer.find(b"\r\n\r\n")
+            end = buffer.find(b"\r\n\r\n", start)
             if end >= 0:
                 del buffer[: end + 4]
                 return
             if len(buffer) > MAX_HEAD_BYTES:
                 raise httpx.RemoteProtocolError("malformed chunked body: trailers too long")
+            start = max(0, len(buffer) - 3)
             if not await self.connection.more(self.timeout):
                 _raise_closed(self.connection, "peer closed connection without sending complete message body")
 
