@@ -42,6 +42,7 @@ from harness import Clock, check_targets, emit, fast_backend, machine, percentil
 from pacore import ComputePolicy, GenerationParams, Result, asample, asolve
 from pacore.backends.openai_http import OpenAIBackend
 from pacore.eval.grading import grade
+from pacore.trace import Event, RoundStarted, TrajectoryFinished
 
 #: The simulated model (fastbackend's defaults, lengths scaled down so a run fits on a shared 2-core machine:
 #: the policies act on ratios of lengths and windows, which the scaling keeps).
@@ -70,6 +71,24 @@ ARMS: dict[str, ComputePolicy | None] = {
         early_stop=True, early_stop_percentile=90, warmup_first=True, window=WINDOW, top_logprobs=TOP_LOGPROBS
     ),
     "adaptive_k": ComputePolicy(adaptive_k=True),
+    # DeepConf's online algorithm in full: the warm-up first, early stop at its percentile, and
+    # sampling stopped once the answers agree (adaptive width's test in place of its vote share).
+    "deepconf_online_low": ComputePolicy(
+        early_stop=True,
+        early_stop_percentile=90,
+        warmup_first=True,
+        adaptive_k=True,
+        window=WINDOW,
+        top_logprobs=TOP_LOGPROBS,
+    ),
+    "deepconf_online_high": ComputePolicy(
+        early_stop=True,
+        early_stop_percentile=10,
+        warmup_first=True,
+        adaptive_k=True,
+        window=WINDOW,
+        top_logprobs=TOP_LOGPROBS,
+    ),
     # Adaptive-Consistency's own procedure: one sample at a time, the Beta test after each.
     "adaptive_k_1": ComputePolicy(adaptive_k=True, wave=1),
     "keep_top_0.5": ComputePolicy(keep_top=0.5, window=WINDOW, top_logprobs=TOP_LOGPROBS),
@@ -84,6 +103,9 @@ ARM_NOTES = {
     "early_stop_p90": f"online early stop, warm-up 4, percentile 90 (DeepConf-low), window {WINDOW}",
     "early_stop_p90_first": "as early_stop_p90, the warm-up run first (warmup_first: DeepConf's online algorithm)",
     "adaptive_k": "adaptive width, waves of 4 (the engine's default), Beta test at 0.95 (Adaptive-Consistency's)",
+    "deepconf_online_low": "DeepConf's online algorithm (Fu et al. 2025): warm-up of 4 first, early stop at "
+    "percentile 90 (DeepConf-low), and adaptive sampling: waves of 4 until the answer is settled (Beta test at 0.95)",
+    "deepconf_online_high": "as deepconf_online_low at percentile 10 (DeepConf-high)",
     "adaptive_k_1": "adaptive width, one trajectory at a time (Adaptive-Consistency's own), Beta test at 0.95",
     "keep_top_0.5": "the most confident half of round 1's messages synthesized",
     "quorum_0.9": "a round ends when 90% of its trajectories have finished",
@@ -91,10 +113,31 @@ ARM_NOTES = {
     "budget": "generated tokens per problem capped at half the fixed schedule's worst case (all at max_tokens)",
 }
 #: Arms replayed offline on a stored round-1 pool (the policies that act on round 1's samples).
-REPLAY_ARMS = ("fixed", "early_stop", "early_stop_p90", "adaptive_k", "adaptive_k_1", "keep_top_0.5")
+REPLAY_ARMS = (
+    "fixed",
+    "early_stop",
+    "early_stop_p90",
+    "adaptive_k",
+    "adaptive_k_1",
+    "deepconf_online_low",
+    "deepconf_online_high",
+    "keep_top_0.5",
+)
+
+#: Arms whose rounds each last as long as their slowest kept trajectory, so that the simulated lengths
+#: alone give their wall time with no overhead (see ``no_overhead_s``).
+NO_OVERHEAD_ARMS = ("fixed", "quorum_0.9")
 
 #: The arms the token-saving target is about.
-EARLY_STOP_AND_WIDTH = ("early_stop", "early_stop_p90", "early_stop_p90_first", "adaptive_k", "adaptive_k_1")
+EARLY_STOP_AND_WIDTH = (
+    "early_stop",
+    "early_stop_p90",
+    "early_stop_p90_first",
+    "adaptive_k",
+    "adaptive_k_1",
+    "deepconf_online_low",
+    "deepconf_online_high",
+)
 
 TARGETS = {
     # The larger token saving of early stop and adaptive width among those losing at most 1 point.
@@ -148,9 +191,37 @@ class Outcome:
     wall_s: float
     stopped: int
     trajectories: int
+    #: Round 1's last finisher kept (not stopped) to the start of round 2's call.
+    round_gap_s: float
+    #: The wall time the simulated lengths alone give (arms in NO_OVERHEAD_ARMS).
+    no_overhead_s: float
 
 
-def outcome(i: int, result: Result, wall_s: float, simulation: Simulation) -> Outcome:
+class RoundGap:
+    """An ``on_event`` timing round 1's last kept finisher to the start of round 2."""
+
+    def __init__(self) -> None:
+        self.last_finished = self.next_started = 0.0
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, TrajectoryFinished) and event.round == 0 and event.trajectory.stopped is None:
+            self.last_finished = time.perf_counter()
+        elif isinstance(event, RoundStarted) and event.round == 1:
+            self.next_started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.next_started - self.last_finished
+
+
+def no_overhead_s(result: Result) -> float:
+    """Each round as long as the simulator makes its slowest kept trajectory: time to first token, then its
+    tokens at the simulated rate (no client, server or scheduling overhead)."""
+    kept = [[t.completion_tokens for t in r.trajectories if t.ok and t.stopped is None] for r in result.rounds]
+    return sum(TTFT_MS / 1000 + max(tokens, default=0) / TOKENS_PER_S for tokens in kept)
+
+
+def outcome(i: int, result: Result, wall_s: float, simulation: Simulation, gap: RoundGap) -> Outcome:
     trajectories = [t for r in result.rounds for t in r.trajectories]
     return Outcome(
         correct=grade(result.answer, simulation.problem(question(i)).answer),
@@ -158,6 +229,8 @@ def outcome(i: int, result: Result, wall_s: float, simulation: Simulation) -> Ou
         wall_s=wall_s,
         stopped=sum(t.stopped is not None for t in trajectories),
         trajectories=len(trajectories),
+        round_gap_s=gap.seconds,
+        no_overhead_s=no_overhead_s(result),
     )
 
 
@@ -165,8 +238,11 @@ async def solve(backend: OpenAIBackend, i: int, workload: Workload, arm: str, **
     started = time.perf_counter()
     schedule = list(workload.schedule)
     compute = arm_policy(arm, schedule)
-    result = await asolve(question(i), schedule=schedule, backend=backend, params=params(i), compute=compute, **extra)
-    return outcome(i, result, time.perf_counter() - started, workload.simulation)
+    gap = RoundGap()
+    result = await asolve(
+        question(i), schedule=schedule, backend=backend, params=params(i), compute=compute, on_event=gap, **extra
+    )
+    return outcome(i, result, time.perf_counter() - started, workload.simulation, gap)
 
 
 async def run_arms(backends: dict[str, OpenAIBackend], workload: Workload) -> dict[str, list[Outcome]]:
@@ -225,6 +301,8 @@ def summarize(outcomes: dict[str, list[Outcome]], sent: dict[str, int] | None = 
             "wall_p90_s": round(percentile(walls, 90), 3),
             "wall_p50_ratio": round(percentile(walls, 50) / base_p50, 3),
             "stopped_per_problem": round(statistics.mean(o.stopped for o in rows), 2),
+            "round_gap_p50_ms": round(1000 * percentile([o.round_gap_s for o in rows], 50), 2),
+            "round_gap_p90_ms": round(1000 * percentile([o.round_gap_s for o in rows], 90), 2),
             "trajectories_per_problem": round(statistics.mean(o.trajectories for o in rows), 2),
             # Problems where this arm and the fixed schedule disagree on correctness (paired).
             "gained": sum(o.correct and not f.correct for o, f in zip(rows, fixed, strict=True)),
@@ -284,6 +362,11 @@ async def measure(workload: Workload, arms: Sequence[str], replay: bool) -> dict
     figures["token_saving_within_1pt"] = best_saving(live_arms)
     if "quorum_0.9" in live_arms:
         figures["quorum_p50_wall_saving"] = round(1 - live_arms["quorum_0.9"]["wall_p50_ratio"], 3)
+        # The same saving if every round lasted exactly what the simulated lengths say: what any
+        # client could measure on this simulation, so how far the measured one is from its bound.
+        p50 = {arm: percentile([o.no_overhead_s for o in live[arm]], 50) for arm in NO_OVERHEAD_ARMS}
+        figures["no_overhead_p50_s"] = {arm: round(value, 3) for arm, value in p50.items()}
+        figures["quorum_p50_wall_saving_no_overhead"] = round(1 - p50["quorum_0.9"] / p50["fixed"], 3)
     figures["targets"] = check_targets(figures, {k: v for k, v in TARGETS.items() if k in figures})
     return figures
 
@@ -291,13 +374,13 @@ async def measure(workload: Workload, arms: Sequence[str], replay: bool) -> dict
 def arm_table(arms: dict[str, Any]) -> list[str]:
     lines = [
         f"  {'arm':22} {'accuracy':>8} {'vs fixed':>8} {'+/-':>5} {'tokens':>7} {'ratio':>6} {'engine':>7} "
-        f"{'p50 s':>6} {'p90 s':>6} {'p50 ratio':>9} {'stopped':>7}"
+        f"{'p50 s':>6} {'p90 s':>6} {'p50 ratio':>9} {'stopped':>7} {'gap ms':>6}"
     ]
     for arm, f in arms.items():
         lines.append(
             f"  {arm:22} {f['accuracy']:8.1%} {f['accuracy_change_points']:+7.1f}p {f['gained']:>2}/{f['lost']:<2} "
             f"{f['tokens_per_problem']:7d} {f['tokens_ratio']:6.2f} {f['engine_tokens_per_problem']:7d} {f['wall_p50_s']:6.2f} {f['wall_p90_s']:6.2f} "
-            f"{f['wall_p50_ratio']:9.2f} {f['stopped_per_problem']:7.1f}"
+            f"{f['wall_p50_ratio']:9.2f} {f['stopped_per_problem']:7.1f} {f['round_gap_p50_ms']:6.1f}"
         )
     return lines
 
@@ -323,9 +406,18 @@ def report(figures: dict[str, Any]) -> list[str]:
         "",
         f"live ({figures['live_seconds']} s, client CPU {figures['client_cpu_share']:.0%} of a core); '+/-': problems "
         "the arm gets right that fixed does not / the reverse; tokens per problem as the simulator counted them "
-        "('engine': as usage counted them); ratios against fixed:",
+        "('engine': as usage counted them); ratios against fixed; 'gap ms': p50 from round 1's last kept "
+        "finisher to round 2's call:",
         *arm_table(figures["live"]),
     ]
+    if "no_overhead_p50_s" in figures:
+        bound = figures["no_overhead_p50_s"]
+        lines.append(
+            f"  with no overhead (each round {w['ttft_ms']:g} ms + its slowest kept trajectory's simulated tokens at "
+            f"{w['tokens_per_s_per_stream']:g}/s): p50 fixed {bound['fixed']:.2f} s, quorum_0.9 "
+            f"{bound['quorum_0.9']:.2f} s, saving {figures['quorum_p50_wall_saving_no_overhead']:.3f} "
+            f"(measured {figures['quorum_p50_wall_saving']:.3f})"
+        )
     if "replay" in figures:
         lines += ["", "offline replay on a stored round-1 pool (first_round; only the final call is live):"]
         lines += arm_table(figures["replay"])

@@ -241,6 +241,30 @@ def test_early_stop_through_a_streamed_request_reports_stopped_trajectories(poli
     assert len(stopped) == summary["stopped"]["early_stop"]
 
 
+#: DeepConf's online algorithm in full: early stop, the warm-up first, and adaptive width (its adaptive
+#: sampling); a warm-up and waves of 4, the defaults.
+DEEPCONF_ONLINE = {
+    "early_stop": True,
+    "warmup_first": True,
+    "early_stop_percentile": 90,
+    "window": 16,
+    "adaptive_k": True,
+}
+
+
+def test_deepconf_online_through_the_server_reports_both_parts(policy_server):
+    completion = ask(policy_server, seed=1, extra_body={"pacore": {"compute": DEEPCONF_ONLINE}})
+    summary = completion.model_extra["pacore"]["compute"]
+    assert summary["policy"] == DEEPCONF_ONLINE
+    (note,) = summary["notes"]
+    assert note.startswith("round 1: adaptive width: ") and "; early stop: threshold " in note
+    detail = httpx.get(f"{policy_server.base_url}/ui/api/requests/{completion.id}").json()
+    first = detail["rounds"][0]["trajectories"]
+    stopped = [t["index"] for t in first if t["stopped"] == "early_stop"]
+    assert len(stopped) == summary["stopped"].get("early_stop", 0)
+    assert stopped and min(stopped) >= 4  # the warm-up is never stopped
+
+
 def test_serve_flags_set_the_default_policy_a_request_may_replace(simulated_url):
     with running_cli("--backend", simulated_url, "--schedule", "4", "--keep-top", "0.5",
                      "--confidence-window", "16") as (running, _process):  # fmt: skip
@@ -263,6 +287,22 @@ def test_ask_flags_reach_the_engine(simulated_url):
     assert all(t["confidence"]["window"] <= 16 for t in first["trajectories"])
     assert len(synthesis["references"]) == max(1, sampled // 4)
     assert len(synthesis["dropped"]) == sampled - len(synthesis["references"])
+
+
+def test_deepconf_online_flags_together_reach_the_engine(simulated_url):
+    process = pacore(
+        "ask", "Problem 7", "--json", "--schedule", "16", "--seed", "1", "--backend", simulated_url,
+        "--early-stop", "--warmup", "4", "--warmup-first", "--early-stop-percentile", "90",
+        "--confidence-window", "16", "--adaptive-k", "--wave", "4",
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    first, synthesis = json.loads(process.stdout)["rounds"]
+    # On this simulated problem early stop cuts most trajectories after the warm-up, so the
+    # answers never settle: adaptive width samples all 16, and the note says both.
+    assert first["policy_note"].startswith("adaptive width: not settled, sampled 16 of 16; early stop: threshold ")
+    stopped = {t["index"] for t in first["trajectories"] if t["stopped"] == "early_stop"}
+    assert stopped and min(stopped) >= 4
+    assert {index for _round, index in synthesis["references"]} == set(range(16)) - stopped
 
 
 # --- batch runs: policy arms and offline replay on a pool ------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -73,6 +74,8 @@ class PacedBackend(BaseBackend):
     started: list[tuple[int, int]] = field(default_factory=list)
     params: list[GenerationParams] = field(default_factory=list)
     cancelled: list[tuple[int, int, int]] = field(default_factory=list)  # round, index, tokens sent
+    #: Seconds a cancelled call takes to wind down (an HTTP teardown, a thread noticing the cancel).
+    teardown_s: float = 0.0
 
     async def generate(
         self,
@@ -102,6 +105,8 @@ class PacedBackend(BaseBackend):
                 if on_confidence is not None and confidences is not None:
                     on_confidence(0, confidences[chunk.start : chunk.stop])
         except asyncio.CancelledError:
+            if self.teardown_s:
+                await asyncio.sleep(self.teardown_s)
             self.cancelled.append((rnd, index, sent))
             raise
         return [
@@ -236,6 +241,21 @@ async def test_quorum_ends_the_round_and_cancels_the_stragglers():
     assert first.seconds_saved is not None and first.seconds_saved > 0
 
 
+async def test_a_round_ends_at_its_quorum_without_waiting_for_the_cancelled_calls_to_wind_down():
+    # The stragglers' calls take 0.5 s to close once cancelled; the fast four finish in ~40 ms.
+    backend = PacedBackend(script=fast_and_slow(4), teardown_s=0.5)
+    started = time.perf_counter()
+    result = await asolve("Q", schedule=[8], backend=backend, params=SEEDED, compute=ComputePolicy(quorum=0.5))
+    assert stopped(result) == {4: "quorum", 5: "quorum", 6: "quorum", 7: "quorum"}
+    assert round_one(result).elapsed_s < 0.3  # the final call did not wait for the teardowns
+    # The request itself does: no call outlives it.
+    assert time.perf_counter() - started >= 0.5
+    assert sorted(i for _, i, _ in backend.cancelled) == [4, 5, 6, 7]
+    assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
+    cut = {t.index: t.completion_tokens for t in round_one(result).trajectories if t.stopped}
+    assert cut == {i: tokens for _, i, tokens in backend.cancelled}
+
+
 async def test_straggler_timeout_keeps_stragglers_that_finish_in_time():
     # 6 fast; 6 and 7 finish ~0.1 s later (within the 2 s grace); nothing is cut.
     script = lambda r, i: Paced(f"\\boxed{{{i}}}", pace=0.002 if i < 6 else 0.01)  # noqa: E731
@@ -329,7 +349,8 @@ async def test_adaptive_width_stops_once_the_answer_is_settled():
     assert [t.index for t in first.trajectories] == [0, 1, 2, 3]
     assert first.k == 16
     assert (
-        first.policy_note == "adaptive width: answer settled after 4 of 16 (leader 4 of 4 answers, P(majority)=0.969)"
+        first.policy_note
+        == "adaptive width: answer settled after 4 of 16 (leader 4 of 4 answers, runner-up 0, P(majority)=0.969)"
     )
     assert len(result.rounds[1].references) == 4
 
@@ -343,13 +364,27 @@ async def test_adaptive_width_samples_on_while_the_answers_disagree():
     assert round_one(result).policy_note == "adaptive width: not settled, sampled 12 of 12"
 
 
+async def test_adaptive_width_tests_the_leader_against_the_runner_up_not_every_other_answer():
+    # 6 of 8 for one answer, the other 2 split two ways: against the runner-up's 1 vote,
+    # P = 0.965 settles it (against both others it would be 0.910, and sampling would go on).
+    # The first wave (3 to 1, P = 0.81) does not.
+    answers = {1: 6, 4: 8}
+    backend = PacedBackend(script=lambda r, i: Paced(f"\\boxed{{{answers.get(i, 5)}}}"))
+    policy = ComputePolicy(adaptive_k=True, wave=4)
+    result = await asolve("Q", schedule=[16], backend=backend, params=SEEDED, compute=policy)
+    assert len(round_one(result).trajectories) == 8
+    assert round_one(result).policy_note == (
+        "adaptive width: answer settled after 8 of 16 (leader 6 of 8 answers, runner-up 1, P(majority)=0.965)"
+    )
+
+
 async def test_adaptive_width_settles_on_a_clear_majority_after_more_waves():
     # One dissent in the first wave (3 of 4: P=0.81 < 0.95), then agreement: 7 of 8 gives P=0.98.
     backend = PacedBackend(script=lambda r, i: Paced("\\boxed{5}" if i != 1 else "\\boxed{6}"))
     policy = ComputePolicy(adaptive_k=True, wave=4)
     result = await asolve("Q", schedule=[16], backend=backend, params=SEEDED, compute=policy)
     assert len(round_one(result).trajectories) == 8
-    assert "settled after 8 of 16 (leader 7 of 8 answers" in round_one(result).policy_note
+    assert "settled after 8 of 16 (leader 7 of 8 answers, runner-up 1" in round_one(result).policy_note
 
 
 # --- keep-top -------------------------------------------------------------------------
@@ -533,7 +568,7 @@ async def test_replayed_adaptive_width_adopts_the_pool_wave_by_wave():
     first = round_one(result)
     assert [t.index for t in first.trajectories] == [0, 1, 2, 3]
     assert first.policy_note == (
-        "adaptive width: answer settled after 4 of 16 (leader 4 of 4 answers, P(majority)=0.969) (replayed)"
+        "adaptive width: answer settled after 4 of 16 (leader 4 of 4 answers, runner-up 0, P(majority)=0.969) (replayed)"
     )
     assert result.usage.completion_tokens == 4 * 7 + 2  # only what was adopted counts
     assert len(backend.calls) == 1
@@ -570,6 +605,36 @@ async def test_policies_combine_and_their_notes_add_up():
     assert second.references == [(0, 1)] and second.dropped == [(0, 0)]
     assert second.policy_note == "keep-top: 1 of 2 messages kept; quorum: ended after 2 of 4 finished, 2 cancelled"
     assert round_one(result).policy_note == "quorum: ended after 2 of 4 finished, 2 cancelled"
+
+
+async def test_deepconf_online_warms_up_first_stops_weak_trajectories_and_stops_sampling_once_settled():
+    # DeepConf's online algorithm: early stop with the warm-up first, plus adaptive width (its adaptive sampling).
+    # Warm-up (wave 1): 7, 7, 7, 9 at confidence 5 (threshold 5.0; P(majority) 0.81: not settled).
+    # Wave 2: 4 loses confidence at once and is cut at its first window; 5-7 answer 7: six of seven, P 0.965.
+    def script(r, i):
+        if i < 4:
+            return Paced(f"\\boxed{{{9 if i == 3 else 7}}}", tokens=10, confidence=5.0)
+        return Paced("\\boxed{8}" if i == 4 else "\\boxed{7}", tokens=20, confidence=1.0 if i == 4 else 9.0)
+
+    backend = PacedBackend(script=script)
+    policy = ComputePolicy(early_stop=True, warmup=4, warmup_first=True, window=4, adaptive_k=True, wave=4)
+    result = await asolve("Q", schedule=[16], backend=backend, params=SEEDED, compute=policy)
+    first = round_one(result)
+    # Nothing after the settling wave was opened, and the warm-up was opened alone.
+    assert sorted(i for _, i in backend.started) == list(range(8))
+    assert {i for _, i in backend.started[:4]} == {0, 1, 2, 3}
+    # Judged from its first window: the threshold existed before it started.
+    assert stopped(result) == {4: "early_stop"}
+    (cut,) = [t for t in first.trajectories if t.stopped]
+    assert cut.completion_tokens == 4 and cut.message is None
+    # The trace says what each part did, adaptive width first.
+    assert first.policy_note == (
+        "adaptive width: answer settled after 8 of 16 (leader 6 of 7 answers, runner-up 1, P(majority)=0.965); "
+        f"early stop: threshold 5.000, 1 stopped, about {first.tokens_saved} tokens saved"
+    )
+    assert first.tokens_saved == round((4 * 10 + 3 * 20) / 7) - 4
+    assert sorted(i for _, i in result.rounds[1].references) == [0, 1, 2, 3, 5, 6, 7]
+    assert result.usage.completion_tokens == 4 * 10 + 4 + 3 * 20 + 2
 
 
 async def test_a_deadline_cancels_every_running_trajectory_and_keeps_the_finished_ones():

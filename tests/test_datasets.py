@@ -369,3 +369,11 @@ def test_data_commands_fail_in_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert stderr.count("\n") == 1
     code, _, stderr = run_cli(capsys, "data", "synth", "--digits", "eleven", "--out", str(tmp_path / "x.jsonl"))
     assert (code, stderr) == (2, "pacore: error: --digits must look like 11-13 or 12, got 'eleven'\n")
+
+
+def test_an_unknown_record_shape_names_its_keys_on_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps({"a\nb": 1, "c": 2}) + "\n", encoding="utf-8")
+    with pytest.raises(DatasetError) as caught:
+        load_dataset(path)
+    assert "\n" not in str(caught.value) and "'a\\nb', c" in str(caught.value)

@@ -11,6 +11,7 @@ in :mod:`pacore.eval`, RL rewards in :mod:`pacore.rewards`, the server in
 :mod:`pacore.server`.
 """
 
+from pacore._lazy import lazy_attributes
 from pacore.adaptive import ComputePolicy
 from pacore.api import asolve, iter_solve, solve
 from pacore.backends import (
@@ -108,10 +109,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    # OpenAIBackend is imported on first use (see pacore.backends).
-    if name == "OpenAIBackend":
-        from pacore.backends import OpenAIBackend
-
-        return OpenAIBackend
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# OpenAIBackend is imported on first use (see pacore.backends).
+__getattr__ = lazy_attributes(__name__, {"OpenAIBackend": "pacore.backends"})

@@ -58,7 +58,7 @@ class ComputePolicy(BaseModel):
     #: Sample round 1 in waves up to its K and stop once the leading answer is settled.
     adaptive_k: bool = False
     wave: int = Field(default=4, ge=1)
-    #: Posterior probability that the leading answer is the majority answer needed to stop.
+    #: Posterior probability that the leading answer, not the runner-up, is the majority answer needed to stop.
     settle_threshold: float = Field(default=0.95, gt=0.5, lt=1)
 
     #: A round ends when this fraction of its trajectories has finished; the rest are cancelled.
@@ -114,7 +114,8 @@ def majority_probability(leader: int, others: int) -> float:
 
     Adaptive-Consistency's Beta stopping test (Aggarwal et al., 2023) with a
     uniform prior, after ``leader`` votes for the leading answer and ``others``
-    for the rest. Exact: with integer parameters the Beta CDF is a binomial tail,
+    for its rival (the engine passes the runner-up's votes, as the method's
+    authors do). Exact: with integer parameters the Beta CDF is a binomial tail,
     ``I_x(a, b) = P(Binomial(a + b - 1, x) >= a)``, so with ``n = leader + others + 1``
     the probability is ``sum(C(n, j) for j <= leader) / 2**n``.
     """

@@ -215,6 +215,8 @@ class _Solve:
         budget = self.compute.budget_tokens
         self.budget = None if budget is None else _Budget(budget, params.max_tokens, sum(schedule.ks))
         self.rounds: list[Round] = []
+        #: Calls a policy cancelled and the rounds stopped waiting for (see ``_PolicyRound._leave_stopped``).
+        self.winding_down: set[asyncio.Task[Completion]] = set()
         self.started = time.perf_counter()
 
     def result(self, answer: str = "", error: str | None = None) -> Result:
@@ -231,6 +233,14 @@ class _Solve:
         )
 
     async def run(self) -> Result:
+        try:
+            return await self._run_rounds()
+        finally:
+            # No call outlives the request: the cancelled ones have long wound down by now
+            # (whatever they ended with, the trajectory is already recorded as stopped).
+            await asyncio.gather(*self.winding_down, return_exceptions=True)
+
+    async def _run_rounds(self) -> Result:
         ks = self.schedule.ks
         total = len(ks)
         previous: Round | None = None
@@ -427,6 +437,7 @@ class _PolicyRound:
         try:
             while True:
                 self._open()
+                self._leave_stopped()
                 if not self.running:
                     if self._next_wave():
                         continue
@@ -523,7 +534,7 @@ class _PolicyRound:
         self.live[index] = tokens
         budget = self.solve.budget
         if budget is not None and self.live_total > budget.available(self.later_rounds):
-            self._stop(index, "budget")
+            self._stop_all("budget")  # all at once: each stream overshoots by what is in flight, not by a report
 
     def _stop(self, index: int, why: str) -> None:
         task = self.tasks.get(index)
@@ -534,6 +545,19 @@ class _PolicyRound:
     def _stop_all(self, why: str) -> None:
         for index in list(self.running.values()):
             self._stop(index, why)
+
+    def _leave_stopped(self) -> None:
+        """Once every running trajectory is being cancelled, record them and let the round end now.
+
+        Their calls wind down (HTTP teardown, a thread noticing) in the
+        background, awaited by the request before it returns, so the next
+        round's call is not held up by them.
+        """
+        if not self.running or any(index not in self.stopping for index in self.running.values()):
+            return
+        for task in list(self.running):
+            self.solve.winding_down.add(task)
+            self._finish(task)
 
     def _straggler_wait(self) -> float | None:
         if self.straggler_deadline is None:
@@ -568,7 +592,7 @@ class _PolicyRound:
         self.live_total -= tokens
         self.monitors.pop(index, None)
         why = self.stopping.pop(index, None)
-        if task.cancelled():
+        if task.cancelled() or not task.done():
             assert why is not None, "only a policy cancels a trajectory's call"
             trajectory = Trajectory(
                 round=self.rnd.index, index=index, completion_tokens=tokens, stopped=why,
@@ -658,18 +682,19 @@ class _PolicyRound:
 def settled_note(rnd: Round, sampled: int, threshold: float) -> str | None:
     """Adaptive width's stopping test on a round's answers so far: the note saying so if settled, else ``None``.
 
-    The leading answer's count ``a`` and the other answers' ``b`` (trajectories
-    stating no answer do not count) give ``P(p > 1/2)`` under ``Beta(a + 1, b + 1)``.
+    Adaptive-Consistency's Beta test as its authors run it: the leading answer's
+    count ``a`` and the runner-up's ``b`` (trajectories stating no answer do
+    not count) give ``P(p > 1/2)`` under ``Beta(a + 1, b + 1)``, the chance that
+    the leader, not the runner-up, is the majority answer.
     """
-    answers = tally([t.message for t in rnd.trajectories if t.message])
-    leader = max((count for _, count in answers), default=0)
-    others = sum(count for _, count in answers) - leader
-    probability = majority_probability(leader, others)
+    counts = sorted((count for _, count in tally([t.message for t in rnd.trajectories if t.message])), reverse=True)
+    leader, runner_up = (counts + [0, 0])[:2]
+    probability = majority_probability(leader, runner_up)
     if not leader or probability < threshold:
         return None
     return (
         f"adaptive width: answer settled after {sampled} of {rnd.k} "
-        f"(leader {leader} of {leader + others} answers, P(majority)={probability:.3f})"
+        f"(leader {leader} of {sum(counts)} answers, runner-up {runner_up}, P(majority)={probability:.3f})"
     )
 
 

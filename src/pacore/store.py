@@ -71,6 +71,22 @@ def migration(function: Migration) -> Migration:
     return function
 
 
+#: A result's outcome columns, the same in the ``results`` table m001 creates and in the one m002
+#: rebuilds it as. Applied migrations never change: a new column is a new migration.
+_OUTCOME_COLUMNS = """status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
+            answer TEXT,
+            extracted TEXT,
+            correct INTEGER,  -- NULL when the problem has no ground truth
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            calls INTEGER NOT NULL DEFAULT 0,
+            wall_s REAL,
+            error TEXT,
+            trace_json TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            updated_at TEXT,"""
+
+
 @migration
 def m001_initial(db: sqlite3.Connection) -> None:
     # One statement per execute: ``executescript`` would commit the migration's transaction.
@@ -99,21 +115,10 @@ def m001_initial(db: sqlite3.Connection) -> None:
             samples INTEGER,
             created_at TEXT NOT NULL
         )""",
-        """CREATE TABLE results (
+        f"""CREATE TABLE results (
             arm TEXT NOT NULL REFERENCES arms(name),
             problem_id TEXT NOT NULL REFERENCES problems(problem_id),
-            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
-            answer TEXT,
-            extracted TEXT,
-            correct INTEGER,  -- NULL when the problem has no ground truth
-            prompt_tokens INTEGER NOT NULL DEFAULT 0,
-            completion_tokens INTEGER NOT NULL DEFAULT 0,
-            calls INTEGER NOT NULL DEFAULT 0,
-            wall_s REAL,
-            error TEXT,
-            trace_json TEXT,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            updated_at TEXT,
+            {_OUTCOME_COLUMNS}
             PRIMARY KEY (arm, problem_id)
         )""",
         "CREATE INDEX results_by_status ON results (arm, status)",
@@ -133,23 +138,12 @@ def m002_repeats(db: sqlite3.Connection) -> None:
     # Results gain (seed, repeat) in their key: SQLite cannot alter a primary key,
     # so the table is rebuilt. Existing rows become repeat 0 of the run's seed.
     statements = (
-        """CREATE TABLE results_repeats (
+        f"""CREATE TABLE results_repeats (
             arm TEXT NOT NULL REFERENCES arms(name),
             problem_id TEXT NOT NULL REFERENCES problems(problem_id),
             seed INTEGER NOT NULL DEFAULT 0,  -- the --seed that asked for it (0 when none)
             repeat INTEGER NOT NULL DEFAULT 0,  -- 0..R-1 for --repeats R
-            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
-            answer TEXT,
-            extracted TEXT,
-            correct INTEGER,  -- NULL when the problem has no ground truth
-            prompt_tokens INTEGER NOT NULL DEFAULT 0,
-            completion_tokens INTEGER NOT NULL DEFAULT 0,
-            calls INTEGER NOT NULL DEFAULT 0,
-            wall_s REAL,
-            error TEXT,
-            trace_json TEXT,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            updated_at TEXT,
+            {_OUTCOME_COLUMNS}
             PRIMARY KEY (arm, problem_id, seed, repeat)
         )""",
         """INSERT INTO results_repeats (arm, problem_id, seed, repeat, status, answer, extracted, correct,

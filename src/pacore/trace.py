@@ -7,6 +7,7 @@ Everything here is a pydantic model, so a trace round-trips through JSON
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
@@ -87,21 +88,10 @@ class Trajectory(BaseModel):
         if completion.token_confidences:
             compute = compute or ComputePolicy()
             confidence = summarize(completion.token_confidences, compute.window, compute.keep_token_confidences)
-        return cls(
-            round=round,
-            index=index,
-            text=completion.text,
-            reasoning=completion.reasoning,
-            message=compact(completion.text) if completion.ok else None,
-            finish_reason=completion.finish_reason,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            latency_s=completion.latency_s,
-            error=completion.error,
-            error_kind=completion.error_kind,
-            failed_attempts=completion.failed_attempts,
-            confidence=confidence,
-        )
+        # What the completion and a trajectory both have a field for is copied as it is.
+        shared = {f.name: getattr(completion, f.name) for f in fields(completion) if f.name in cls.model_fields}
+        message = compact(completion.text) if completion.ok else None
+        return cls(round=round, index=index, message=message, confidence=confidence, **shared)
 
 
 class Round(BaseModel):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pacore._lazy import lazy_attributes
 from pacore.backends.base import (
     Backend,
     BaseBackend,
@@ -123,11 +124,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # Imported on first use: the HTTP client costs import time that users of
-    # the embedded model need not pay.
-    if name == "OpenAIBackend":
-        from pacore.backends.openai_http import OpenAIBackend
-
-        return OpenAIBackend
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Imported on first use: the HTTP client costs import time that users of
+# the embedded model need not pay.
+__getattr__ = lazy_attributes(__name__, {"OpenAIBackend": "pacore.backends.openai_http"})

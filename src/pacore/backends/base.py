@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 from pacore.errors import BackendError
 
@@ -233,8 +233,39 @@ def _takes(function: Callable[..., Any], keyword: str) -> bool:
         return False
 
 
+class Listeners:
+    """The callbacks one ``generate`` call was given: ``on_progress`` and ``on_confidence``."""
+
+    __slots__ = ("on_progress", "on_confidence")
+
+    def __init__(
+        self, on_progress: ProgressCallback | None = None, on_confidence: ConfidenceCallback | None = None
+    ) -> None:
+        self.on_progress = on_progress
+        self.on_confidence = on_confidence
+
+    def shifted(self, offset: int) -> Listeners:
+        """The callbacks for a call whose sample 0 is sample ``offset`` of the caller's."""
+        if offset == 0:
+            return self
+        return Listeners(_shifted(self.on_progress, offset), _shifted(self.on_confidence, offset))
+
+
+_Value = TypeVar("_Value")
+
+
+def _shifted(callback: Callable[[int, _Value], None] | None, offset: int) -> Callable[[int, _Value], None] | None:
+    """``callback`` taking a sample index, for a call whose sample 0 is sample ``offset`` of the caller's."""
+    if callback is None:
+        return None
+    return lambda index, value: callback(index + offset, value)
+
+
 class BaseBackend:
-    """Shared plumbing: async context manager and a non-streaming ``stream``."""
+    """Shared plumbing: ``generate`` over :meth:`_generate`, async context manager and a non-streaming ``stream``.
+
+    A subclass implements :meth:`_generate` (or overrides ``generate`` itself).
+    """
 
     name: str = "backend"
     model: str = "unknown"
@@ -247,6 +278,11 @@ class BaseBackend:
         params: GenerationParams,
         on_progress: ProgressCallback | None = None,
         on_confidence: ConfidenceCallback | None = None,
+    ) -> list[Completion]:
+        return await self._generate(messages, n, params, Listeners(on_progress, on_confidence))
+
+    async def _generate(
+        self, messages: Sequence[Message], n: int, params: GenerationParams, listeners: Listeners
     ) -> list[Completion]:
         raise NotImplementedError
 

@@ -48,6 +48,7 @@ from pacore.backends.base import (
     ConfidenceCallback,
     DeltaCallback,
     GenerationParams,
+    Listeners,
     Message,
     ProgressCallback,
     offset_seed,
@@ -517,13 +518,8 @@ class LlamaCppBackend(BaseBackend):
         self.busy_s += completion.latency_s
         return completion
 
-    async def generate(
-        self,
-        messages: Sequence[Message],
-        n: int,
-        params: GenerationParams,
-        on_progress: ProgressCallback | None = None,
-        on_confidence: ConfidenceCallback | None = None,
+    async def _generate(
+        self, messages: Sequence[Message], n: int, params: GenerationParams, listeners: Listeners
     ) -> list[Completion]:
         # One sequence at a time on one thread: queue the n samples in order,
         # each with its own seed so they differ.
@@ -533,8 +529,8 @@ class LlamaCppBackend(BaseBackend):
                     self._run(
                         messages,
                         params if n == 1 else params.with_seed(offset_seed(params.seed, i)),
-                        _token_counter(on_progress, i),
-                        _sample_confidence(on_confidence, i),
+                        _token_counter(listeners.on_progress, i),
+                        _sample_confidence(listeners.on_confidence, i),
                     )
                     for i in range(n)
                 )

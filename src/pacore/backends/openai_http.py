@@ -62,11 +62,10 @@ import httpx
 from pacore.backends.base import (
     BaseBackend,
     Completion,
-    ConfidenceCallback,
     DeltaCallback,
     GenerationParams,
+    Listeners,
     Message,
-    ProgressCallback,
     RetryPolicy,
     current_retry_budget,
     offset_seed,
@@ -80,7 +79,6 @@ logger = logging.getLogger(__name__)
 
 NMode = Literal["auto", "on", "off"]
 T = TypeVar("T")
-V = TypeVar("V")
 
 API_KEY_ENV_VARS = ("PACORE_API_KEY", "OPENAI_API_KEY")
 #: Seconds a call may go without receiving a byte (calls stream, so a long one is never cut).
@@ -206,17 +204,12 @@ class OpenAIBackend(BaseBackend):
 
     # --- public calls ---------------------------------------------------------
 
-    async def generate(
-        self,
-        messages: Sequence[Message],
-        n: int,
-        params: GenerationParams,
-        on_progress: ProgressCallback | None = None,
-        on_confidence: ConfidenceCallback | None = None,
+    async def _generate(
+        self, messages: Sequence[Message], n: int, params: GenerationParams, listeners: Listeners
     ) -> list[Completion]:
         model = self.model or await self._discover_model()
         request = _ChatRequest(messages, _fields(model, params))
-        return await self._sample(request, params.seed, n, _Listeners(on_progress, on_confidence))
+        return await self._sample(request, params.seed, n, listeners)
 
     async def stream(
         self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback
@@ -234,7 +227,7 @@ class OpenAIBackend(BaseBackend):
 
     # --- sampling ---------------------------------------------------------------
 
-    async def _sample(self, request: _ChatRequest, seed: int | None, n: int, listeners: _Listeners) -> list[Completion]:
+    async def _sample(self, request: _ChatRequest, seed: int | None, n: int, listeners: Listeners) -> list[Completion]:
         """``n`` samples; when they are split over calls, sample ``i`` is seeded ``seed + i``."""
         if n == 1 or self.max_n == 1:
             return await self._singles(request, seed, n, listeners)
@@ -264,9 +257,7 @@ class OpenAIBackend(BaseBackend):
             self.max_n = max(1, returned)
             logger.info("backend %s: asking for at most n=%d, since %s", self.display_url, self.max_n, why)
 
-    async def _singles(
-        self, request: _ChatRequest, seed: int | None, n: int, listeners: _Listeners
-    ) -> list[Completion]:
+    async def _singles(self, request: _ChatRequest, seed: int | None, n: int, listeners: Listeners) -> list[Completion]:
         """``n`` parallel single-sample calls; failed calls become failed samples."""
         if n == 1:
             return await self._call(request, 1, seed, listeners)
@@ -295,7 +286,7 @@ class OpenAIBackend(BaseBackend):
         request: _ChatRequest,
         n: int,
         seed: int | None,
-        listeners: _Listeners | None = None,
+        listeners: Listeners | None = None,
         on_delta: DeltaCallback | None = None,
     ) -> list[Completion]:
         """One call of ``n`` samples, streamed, with its retries.
@@ -805,30 +796,7 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-class _Listeners:
-    """The ``generate`` callbacks of one call: ``on_progress`` and ``on_confidence``."""
-
-    __slots__ = ("on_progress", "on_confidence")
-
-    def __init__(self, on_progress: ProgressCallback | None, on_confidence: ConfidenceCallback | None) -> None:
-        self.on_progress = on_progress
-        self.on_confidence = on_confidence
-
-    def shifted(self, offset: int) -> _Listeners:
-        """The callbacks for a call whose sample 0 is sample ``offset`` of the caller's."""
-        if offset == 0:
-            return self
-        return _Listeners(_shifted(self.on_progress, offset), _shifted(self.on_confidence, offset))
-
-
-_NO_LISTENERS = _Listeners(None, None)
-
-
-def _shifted(callback: Callable[[int, V], None] | None, offset: int) -> Callable[[int, V], None] | None:
-    """``callback`` taking a sample index, for a call whose sample 0 is sample ``offset`` of the caller's."""
-    if callback is None:
-        return None
-    return lambda index, value: callback(index + offset, value)
+_NO_LISTENERS = Listeners()
 
 
 def _token_confidences(logprobs: Any) -> list[float]:
@@ -879,7 +847,7 @@ class _StreamState:
         "logprobs",
     )  # fmt: skip
 
-    def __init__(self, asked: int, on_delta: DeltaCallback | None, listeners: _Listeners, logprobs: bool) -> None:
+    def __init__(self, asked: int, on_delta: DeltaCallback | None, listeners: Listeners, logprobs: bool) -> None:
         self.asked = asked
         self.choices: dict[int, _Choice] = {}
         self.usage: Any = None
@@ -1038,28 +1006,30 @@ _OVERFLOW_SIGNS = re.compile(
     re.IGNORECASE,
 )
 _NUMBER = r"(\d[\d,]*)(?:\.\d+)?"
-_CONTEXT_FIGURES = [
-    re.compile(pattern, re.IGNORECASE)
-    for pattern in (
-        rf"maximum context length (?:is|of) {_NUMBER}",
-        rf"context length \({_NUMBER} tokens\)",
-        rf"maximum model length (?:is |of )?{_NUMBER}",
-        rf"available context size \({_NUMBER} tokens\)",
-        rf"context window of {_NUMBER}",
-    )
-]
-_PROMPT_FIGURES = [
-    re.compile(pattern, re.IGNORECASE)
-    for pattern in (
-        rf"{_NUMBER} (?:tokens )?in the messages",
-        rf"{_NUMBER} tokens from the input messages",
-        rf"(?:has|contains)(?: at least)? {_NUMBER} input tokens",
-        rf"the input \({_NUMBER} tokens\)",
-        rf"request \({_NUMBER} tokens\)",
-        rf"prompt \(length {_NUMBER}\)",
-        rf"requested tokens \({_NUMBER}\)",
-    )
-]
+
+
+def _any_case(*patterns: str) -> list[re.Pattern[str]]:
+    return [re.compile(pattern, re.IGNORECASE) for pattern in patterns]
+
+
+#: Where a message gives the context size: the first pattern that matches captures it.
+_CONTEXT_FIGURES = _any_case(
+    rf"maximum context length (?:is|of) {_NUMBER}",
+    rf"context length \({_NUMBER} tokens\)",
+    rf"maximum model length (?:is |of )?{_NUMBER}",
+    rf"available context size \({_NUMBER} tokens\)",
+    rf"context window of {_NUMBER}",
+)
+#: Where it gives the prompt's size, likewise.
+_PROMPT_FIGURES = _any_case(
+    rf"{_NUMBER} (?:tokens )?in the messages",
+    rf"{_NUMBER} tokens from the input messages",
+    rf"(?:has|contains)(?: at least)? {_NUMBER} input tokens",
+    rf"the input \({_NUMBER} tokens\)",
+    rf"request \({_NUMBER} tokens\)",
+    rf"prompt \(length {_NUMBER}\)",
+    rf"requested tokens \({_NUMBER}\)",
+)
 
 
 def context_overflow(body: Any) -> tuple[int | None, int | None] | None:

@@ -27,11 +27,10 @@ from pacore.backends.base import (
     Backend,
     BaseBackend,
     Completion,
-    ConfidenceCallback,
     DeltaCallback,
     GenerationParams,
+    Listeners,
     Message,
-    ProgressCallback,
     accepts_confidence,
     accepts_progress,
     retry_elsewhere,
@@ -226,21 +225,16 @@ class RouterBackend(BaseBackend):
             self.backends[member].name, circuit.cooldown_s, circuit.failures, error,
         )  # fmt: skip
 
-    async def generate(
-        self,
-        messages: Sequence[Message],
-        n: int,
-        params: GenerationParams,
-        on_progress: ProgressCallback | None = None,
-        on_confidence: ConfidenceCallback | None = None,
+    async def _generate(
+        self, messages: Sequence[Message], n: int, params: GenerationParams, listeners: Listeners
     ) -> list[Completion]:
         def call(backend: Backend) -> Awaitable[list[Completion]]:
             # Only the callbacks a member takes (third-party backends may predate them).
             callbacks: dict[str, Any] = {}
-            if on_progress is not None and id(backend) in self._with_progress:
-                callbacks["on_progress"] = on_progress
-            if on_confidence is not None and id(backend) in self._with_confidence:
-                callbacks["on_confidence"] = on_confidence
+            if listeners.on_progress is not None and id(backend) in self._with_progress:
+                callbacks["on_progress"] = listeners.on_progress
+            if listeners.on_confidence is not None and id(backend) in self._with_confidence:
+                callbacks["on_confidence"] = listeners.on_confidence
             return backend.generate(messages, n, params, **callbacks)
 
         return await self._route(call, n, lambda: False)

@@ -14,23 +14,10 @@ from pacore.adaptive import ComputePolicy
 from pacore.backends import Message
 from pacore.cli.app import app
 from pacore.cli.options import (
-    ApiKeyOption,
-    BackendOption,
-    DeadlineOption,
-    MaxTokensOption,
-    MinSuccessOption,
-    ModelOption,
-    ReferenceOrderOption,
-    RetriesOption,
     ScheduleOption,
-    SeedOption,
-    TemperatureOption,
-    TemplateOption,
-    ThreadsOption,
-    TimeoutOption,
-    TopPOption,
+    SolveFlags,
     solve_setup,
-    with_compute_options,
+    with_solve_options,
 )
 from pacore.cli.progress import Progress, open_progress, summary_line
 from pacore.engine import EventCallback, asolve
@@ -217,7 +204,7 @@ def combine(*handlers: EventCallback | None) -> EventCallback | None:
 
 
 @app.command("ask", epilog=EXAMPLES)
-@with_compute_options
+@with_solve_options
 def ask(
     question: Annotated[
         str, typer.Argument(metavar="QUESTION", help="The question to answer, or - to read it from stdin.")
@@ -253,20 +240,8 @@ def ask(
         ),
     ] = True,
     schedule: ScheduleOption = "low",
-    template: TemplateOption = None,
-    reference_order: ReferenceOrderOption = "shuffle",
-    max_tokens: MaxTokensOption = None,
-    temperature: TemperatureOption = 1.0,
-    top_p: TopPOption = 1.0,
-    seed: SeedOption = None,
-    deadline: DeadlineOption = None,
-    min_success: MinSuccessOption = None,
-    backend: BackendOption = None,
-    model: ModelOption = None,
-    api_key: ApiKeyOption = None,
-    timeout: TimeoutOption = None,
-    retries: RetriesOption = None,
-    threads: ThreadsOption = None,
+    *,
+    flags: SolveFlags,
     compute: ComputePolicy | None = None,
 ) -> None:
     """Answer a question with parallel coordinated reasoning.
@@ -279,12 +254,7 @@ def ask(
     if quiet and show_rounds:
         raise InputError("--show-rounds prints on stderr, which --quiet keeps silent: use one of them")
     streamed = stream and not json_output
-    setup = solve_setup(
-        backend=backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads,
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        schedule=schedule, template=template, deadline=deadline, min_success=min_success,
-        reference_order=reference_order, compute=compute, stream_answer=streamed,
-    )  # fmt: skip
+    setup = solve_setup(flags, schedule=schedule, compute=compute, stream_answer=streamed)
 
     interrupted: list[Result] = []
     answer_stream: AnswerStream | None = None

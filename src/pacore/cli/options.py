@@ -2,8 +2,9 @@
 
 A command declares the options it needs with these annotated types, then
 turns them into engine objects with :func:`solve_setup` (or, for a command
-that only needs a model, :func:`open_backends`). All validation lives here,
-so ``pacore ask``, ``pacore run`` and ``pacore serve`` reject the same
+that only needs a model, :func:`open_backends`); ``pacore ask`` and ``pacore run``
+take the same set, :class:`SolveFlags`, from :func:`with_solve_options`. All
+validation lives here, so ``pacore ask``, ``pacore run`` and ``pacore serve`` reject the same
 values with the same one-line messages. The adaptive-compute flags are added
 to a command by :func:`with_compute_options`, which hands it one
 :class:`~pacore.ComputePolicy` built by :func:`compute_policy`.
@@ -16,8 +17,9 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, get_type_hints
 
 import typer
 from pydantic import ValidationError
@@ -273,19 +275,47 @@ def with_compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
     sees the flags instead, and the command receives the policy they build
     (``None`` when no flag is given).
     """
-    signature = inspect.signature(command, eval_str=True)
-    kept = [p for p in signature.parameters.values() if p.name != "compute"]
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
         for name, (_flag, annotation, default) in _COMPUTE_FLAGS.items()
     ]
+    return _expand_parameter(command, "compute", added, compute_policy)
+
+
+def with_solve_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the generation and backend flags of :class:`SolveFlags`, then the adaptive-compute ones.
+
+    The command declares a keyword-only ``flags: SolveFlags`` parameter followed by
+    ``compute: ComputePolicy | None`` (see :func:`with_compute_options`); typer sees the
+    flags instead, and the command receives one :class:`SolveFlags` holding them.
+    """
+    hints = get_type_hints(SolveFlags, include_extras=True)
+    added = [
+        inspect.Parameter(
+            field.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[field.name], default=field.default
+        )
+        for field in fields(SolveFlags)
+    ]
+    return with_compute_options(_expand_parameter(command, "flags", added, SolveFlags))
+
+
+def _expand_parameter(
+    command: Callable[..., Any], name: str, added: list[inspect.Parameter], build: Callable[..., Any]
+) -> Callable[..., Any]:
+    """``command`` with its parameter ``name`` replaced, where it stood, by the ``added`` ones.
+
+    The command receives ``build(**values of the added parameters)`` as ``name``.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    parameters = list(signature.parameters.values())
+    position = [p.name for p in parameters].index(name)
+    parameters[position : position + 1] = added
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        flags = {name: kwargs.pop(name) for name in _COMPUTE_FLAGS if name in kwargs}
-        return command(*args, compute=compute_policy(**flags), **kwargs)
+        values = {p.name: kwargs.pop(p.name) for p in added if p.name in kwargs}
+        return command(*args, **{name: build(**values)}, **kwargs)
 
-    parameters = kept + added
     wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
     return wrapper
@@ -374,37 +404,58 @@ def open_backends(
     return open_backend(specs, **{k: v for k, v in options.items() if v is not None})
 
 
+@dataclass(frozen=True)
+class SolveFlags:
+    """The generation and backend flags of ``pacore ask`` and ``pacore run``, as given.
+
+    :func:`with_solve_options` declares them (each field's annotation is its typer option,
+    in --help order); the methods check them and build the engine objects.
+    """
+
+    template: TemplateOption = None
+    reference_order: ReferenceOrderOption = "shuffle"
+    max_tokens: MaxTokensOption = None
+    temperature: TemperatureOption = 1.0
+    top_p: TopPOption = 1.0
+    seed: SeedOption = None
+    deadline: DeadlineOption = None
+    min_success: MinSuccessOption = None
+    backend: BackendOption = None
+    model: ModelOption = None
+    api_key: ApiKeyOption = None
+    timeout: TimeoutOption = None
+    retries: RetriesOption = None
+    threads: ThreadsOption = None
+
+    def solve_options(
+        self, schedule: Schedule, *, compute: ComputePolicy | None = None, stream_answer: bool = False
+    ) -> SolveOptions:
+        """Validate every flag but the backend ones; the template is trial-rendered for ``schedule``."""
+        params = generation_params(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed
+        )
+        check_limits(deadline=self.deadline, min_success=self.min_success)
+        return SolveOptions(
+            schedule=schedule, params=params, template=load_template(self.template, schedule),
+            deadline=self.deadline, min_success=self.min_success,
+            reference_order=parse_reference_order(self.reference_order), stream_answer=stream_answer,
+            compute=compute,
+        )  # fmt: skip
+
+    def open_backend(self) -> Backend:
+        """Validate the backend flags and open the backend (the slow part: call it last)."""
+        return open_backends(
+            self.backend, model=self.model, api_key=self.api_key, timeout=self.timeout, retries=self.retries,
+            threads=self.threads,
+        )  # fmt: skip
+
+
 def solve_setup(
-    *,
-    backend: Sequence[str] | None,
-    model: str | None,
-    api_key: str | None,
-    timeout: float | None,
-    retries: int | None,
-    max_tokens: int | None,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    schedule: str,
-    template: str | None,
-    threads: int | None = None,
-    deadline: float | None = None,
-    min_success: float | None = None,
-    reference_order: str = "shuffle",
-    compute: ComputePolicy | None = None,
-    stream_answer: bool = False,
+    flags: SolveFlags, *, schedule: str, compute: ComputePolicy | None = None, stream_answer: bool = False
 ) -> SolveSetup:
     """Validate every flag, then open the backend (the slow part) last."""
-    plan = Schedule.parse(schedule)
-    params = generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    check_limits(deadline=deadline, min_success=min_success)
-    options = SolveOptions(
-        schedule=plan, params=params, template=load_template(template, plan), deadline=deadline,
-        min_success=min_success, reference_order=parse_reference_order(reference_order),
-        stream_answer=stream_answer, compute=compute,
-    )  # fmt: skip
-    opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads)
-    return SolveSetup(opened, options)
+    options = flags.solve_options(Schedule.parse(schedule), compute=compute, stream_answer=stream_answer)
+    return SolveSetup(flags.open_backend(), options)
 
 
 def output_path_option(text: str) -> Path:

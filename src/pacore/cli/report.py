@@ -9,11 +9,9 @@ from typing import Annotated, Any
 import typer
 
 from pacore.cli.app import app
-from pacore.cli.options import TemplateOption, output_path_option
+from pacore.cli.options import TemplateOption, output_path_option, parse_reference_order
 from pacore.cli.results import interval_text
-from pacore.errors import UsageError
 from pacore.eval import export, report
-from pacore.synthesis import REFERENCE_ORDERS
 from pacore.verifier import Verifier
 
 
@@ -187,8 +185,8 @@ def export_train_command(
     In verl and trl records the prompt is the synthesis conversation the engine sends, built with
     the run's template and reference order unless --template / --reference-order say otherwise.
     """
-    if order is not None and order not in REFERENCE_ORDERS:
-        raise UsageError(f"--reference-order must be one of {', '.join(REFERENCE_ORDERS)}, got {order!r}")
+    if order is not None:
+        parse_reference_order(order)
     summary = export.export_train(
         source, out, format=format, min_acc=min_acc, max_acc=max_acc, min_size=min_size,  # type: ignore[arg-type]
         max_size=max_size, seed=seed, arm=arm, template=template, order=order,  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, TextIO, cast
 
 import typer
 from rich.console import Console, RenderableType
@@ -20,28 +20,10 @@ from rich.text import Text
 from pacore.adaptive import ComputePolicy
 from pacore.cli.app import app
 from pacore.cli.options import (
-    ApiKeyOption,
-    BackendOption,
-    DeadlineOption,
-    MaxTokensOption,
-    MinSuccessOption,
-    ModelOption,
-    ReferenceOrderOption,
-    RetriesOption,
     ScheduleOption,
-    SeedOption,
-    TemperatureOption,
-    TemplateOption,
-    ThreadsOption,
-    TimeoutOption,
-    TopPOption,
-    check_limits,
-    generation_params,
-    load_template,
-    open_backends,
+    SolveFlags,
     output_path_option,
-    parse_reference_order,
-    with_compute_options,
+    with_solve_options,
 )
 from pacore.cli.results import interval_text, results_unit
 from pacore.errors import PacoreError
@@ -49,6 +31,7 @@ from pacore.eval import report
 from pacore.eval.datasets import Problem, load_dataset
 from pacore.eval.runner import DEFAULT_SAMPLES, METHODS, Arm, BatchProgress, BatchRun, RunPlan
 from pacore.progress import format_duration
+from pacore.prompts import SynthesisTemplate
 from pacore.store import ProblemResult
 
 RUN_PANEL = "Run"
@@ -207,7 +190,7 @@ def summary_text(summary: report.ArmReport, run_dir: Path) -> str:
 
 
 @app.command("run", epilog=RUN_EXAMPLES)
-@with_compute_options
+@with_solve_options
 def run(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Data set file (JSONL or a JSON list).")],
     out: Annotated[
@@ -293,20 +276,8 @@ def run(
             rich_help_panel=DATA_PANEL,
         ),
     ] = False,  # fmt: skip
-    template: TemplateOption = None,
-    reference_order: ReferenceOrderOption = "shuffle",
-    max_tokens: MaxTokensOption = None,
-    temperature: TemperatureOption = 1.0,
-    top_p: TopPOption = 1.0,
-    seed: SeedOption = None,
-    deadline: DeadlineOption = None,
-    min_success: MinSuccessOption = None,
-    backend: BackendOption = None,
-    model: ModelOption = None,
-    api_key: ApiKeyOption = None,
-    timeout: TimeoutOption = None,
-    retries: RetriesOption = None,
-    threads: ThreadsOption = None,
+    *,
+    flags: SolveFlags,
     compute: ComputePolicy | None = None,
 ) -> None:
     """Evaluate a data set under a method; resumable, every finished problem committed.
@@ -314,12 +285,10 @@ def run(
     Results go to RUN_DIR/run.sqlite; see them with 'pacore report RUN_DIR'.
     """
     arm = Arm.build(method, schedule=schedule, samples=samples, compute=compute)
-    params = generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    check_limits(deadline=deadline, min_success=min_success)
-    synthesis = load_template(template, arm.schedule)
-    order = parse_reference_order(reference_order)
-    problems = load_dataset(data, limit=limit, offset=offset, shuffle=shuffle, seed=seed or 0)
-    opened = open_backends(backend, model=model, api_key=api_key, timeout=timeout, retries=retries, threads=threads)
+    options = flags.solve_options(arm.schedule)
+    synthesis = cast(SynthesisTemplate, options.template)  # loaded (and trial-rendered) by solve_options
+    problems = load_dataset(data, limit=limit, offset=offset, shuffle=shuffle, seed=flags.seed or 0)
+    opened = flags.open_backend()
 
     async def execute(batch: BatchRun, display: BatchDisplay | None) -> report.ArmReport:
         try:
@@ -328,10 +297,10 @@ def run(
             await opened.aclose()
 
     with BatchRun.open(
-        out, problems, dataset_path=data, arm=arm, backend=opened, params=params, template=synthesis,
-        pool_size=pool_size, concurrency=concurrency, retry_failed=retry_failed, add_arm=add_arm,
-        force=force, deadline=deadline, min_success=min_success, repeats=repeats,
-        reference_order=order,
+        out, problems, dataset_path=data, arm=arm, backend=opened, params=options.params,
+        template=synthesis, pool_size=pool_size, concurrency=concurrency, retry_failed=retry_failed,
+        add_arm=add_arm, force=force, deadline=options.deadline, min_success=options.min_success,
+        repeats=repeats, reference_order=options.reference_order,
     ) as batch:  # fmt: skip
         if not quiet:
             for line in plan_lines(batch.plan, arm.name, out, len(problems), data):

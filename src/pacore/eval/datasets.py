@@ -185,7 +185,8 @@ def _problem(record: Any, default_id: str, number: int) -> Problem:
         messages = _user(fields.pop("prompt"), "prompt")
         answer = _answer(fields.pop("answer", None))
     else:
-        keys = ", ".join(sorted(map(str, record))) or "none"
+        # repr() for keys with control characters: the error stays on one line.
+        keys = ", ".join(sorted(key if key.isprintable() else repr(key) for key in map(str, record))) or "none"
         raise _RecordError(f"unknown record shape (keys: {keys}); expected {_SHAPES}")
     metadata.update(fields)
     return Problem(id=problem_id, messages=messages, answer=answer, kind=kind or "auto", line=number, metadata=metadata)

@@ -317,14 +317,8 @@ class BatchRun:
         self.store = store
         self.problems = problems
         self.arm = arm
-        self.backend = backend
-        self.params = params
-        self.concurrency = concurrency
-        self.plan = plan
-        #: Seconds each problem may take (its pool sampling, if any, gets as long again).
-        self.deadline = deadline
-        self.min_success = min_success
-        #: What every problem passes to the engine; a repeat changes its seed and params.
+        #: What every problem passes to the engine; a repeat changes its seed and params. Its
+        #: deadline bounds each problem (its pool sampling, if any, gets as long again).
         self.options = SolveOptions(
             schedule=arm.schedule, params=params, template=template, min_success=min_success, deadline=deadline,
             reference_order=reference_order, compute=arm.compute,
@@ -332,6 +326,9 @@ class BatchRun:
         #: Pool top-ups sample as the run's first command did, whatever seed draws from the pool now.
         self.pool_params = pool_params or params
         self.pool_compute = _pool_policy(arm.compute)
+        self.backend = backend
+        self.concurrency = concurrency
+        self.plan = plan
         # Filling a problem's pool happens once, whichever of its repeats gets there first.
         self._pool_locks: dict[str, asyncio.Lock] = {}
         # Store access and grading run here, off the event loop: a commit waits for
@@ -523,9 +520,10 @@ class BatchRun:
 
     def _params(self, unit: Repeat) -> GenerationParams:
         """The sampling parameters of a repeat: repeat 0 keeps the command's seed, later ones get their own."""
-        if self.params.seed is None:
-            return self.params  # unseeded calls differ anyway
-        return self.params.with_seed(repeat_seed(self.params.seed, unit.index))
+        params = self.options.params
+        if params.seed is None:
+            return params  # unseeded calls differ anyway
+        return params.with_seed(repeat_seed(params.seed, unit.index))
 
     async def _trace(self, unit: Repeat, tracker: _ProblemTracker) -> Result:
         problem = unit.problem
@@ -561,7 +559,7 @@ class BatchRun:
         samples = asample(
             problem.messages, n, backend=self.backend, params=params, start=start, on_event=tracker, compute=compute
         )
-        return await within_deadline(samples, self.deadline, lambda: "while sampling")
+        return await within_deadline(samples, self.options.deadline, lambda: "while sampling")
 
     def _sampled_trace(
         self, problem: Problem, samples: list[Trajectory], elapsed_s: float, params: GenerationParams
@@ -578,7 +576,7 @@ class BatchRun:
             seed=params.seed,
             elapsed_s=elapsed_s,
         )
-        min_success = self.min_success if self.arm.method == "majority" else None
+        min_success = self.options.min_success if self.arm.method == "majority" else None
         why = too_few_succeeded(len(samples), rnd.succeeded, min_success, "samples")
         if why is not None:
             error = next((t.error for t in samples if t.error), "no sample ran")

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -171,14 +171,8 @@ class ServerConfig:
 
     @property
     def limits(self) -> Limits:
-        return Limits(
-            max_rounds=self.max_rounds,
-            max_trajectories=self.max_trajectories,
-            max_messages=self.max_messages,
-            max_content_parts=self.max_content_parts,
-            max_model_chars=self.max_model_chars,
-            max_json_values=self.max_json_values,
-        )
+        """The per-request caps: the fields named as :class:`Limits`'s."""
+        return Limits(**{cap.name: getattr(self, cap.name) for cap in fields(Limits)})
 
 
 class _Server:

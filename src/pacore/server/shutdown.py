@@ -55,9 +55,9 @@ class GracefulServer(uvicorn.Server):
         # uvicorn's annotations are narrower than what it accepts: a protocol factory, fractional seconds.
         config = uvicorn.Config(
             app,
-            http=protocol,
-            timeout_graceful_shutdown=grace_period + _WRITE_OUT_S,
-            **options,  # type: ignore[arg-type]
+            http=protocol,  # type: ignore[arg-type]
+            timeout_graceful_shutdown=grace_period + _WRITE_OUT_S,  # type: ignore[arg-type]
+            **options,
         )
         super().__init__(config)
         self.pacore = pacore
