@@ -91,6 +91,15 @@ SAME = [
     ("closed mid-chunk", [CHUNKED_HEAD + b"a\r\nhello"], httpx.RemoteProtocolError),
     ("closed mid size line", [CHUNKED_HEAD + b"5\r\nhello\r\n1"], httpx.RemoteProtocolError),
     ("chunk data too long", [CHUNKED_HEAD + b"3\r\nhello\r\n0\r\n\r\n"], httpx.RemoteProtocolError),
+    (
+        "chunked and a length",
+        [OK + b"Transfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+        b"ok",
+    ),
+    ("chunked in two headers", [OK + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n"], None),
+    ("gzip transfer coding", [OK + b"Transfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"], None),
+    ("not quite chunked", [OK + b"Transfer-Encoding: xchunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"], None),
+    ("identity transfer coding", [OK + b"Transfer-Encoding: identity\r\nContent-Length: 2\r\n\r\nok"], None),
     # Content-Length bodies
     ("exact length", [OK + b"Content-Length: 5\r\n\r\nhello"], b"hello"),
     ("short length", [OK + b"Content-Length: 10\r\n\r\nhello"], httpx.RemoteProtocolError),
@@ -110,6 +119,11 @@ SAME = [
     ("folded header", [OK + b"X-A: 1\r\n  continued\r\nContent-Length: 2\r\n\r\nok"], b"ok"),
     ("space before colon", [OK + b"Content-Length : 2\r\n\r\nok"], httpx.RemoteProtocolError),
     ("100 Continue first", [b"HTTP/1.1 100 Continue\r\n\r\n", OK + b"Content-Length: 2\r\n\r\nok"], b"ok"),
+    (
+        "101 then an answer",
+        [b"HTTP/1.1 101 Switching\r\nUpgrade: x\r\n\r\n" + OK + b"Content-Length: 2\r\n\r\nok"],
+        None,
+    ),
     ("204 with no body", [b"HTTP/1.1 204 No Content\r\n\r\n"], b""),
     ("304 with no body", [b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"], b""),
     ("two-digit status", [b"HTTP/1.1 20 OK\r\nContent-Length: 2\r\n\r\nok"], httpx.RemoteProtocolError),

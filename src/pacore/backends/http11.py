@@ -174,6 +174,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
             version, status, headers = _parse_head(head)
             if not 100 <= status < 200:
                 break
+            if status == 101:  # what follows is no longer HTTP (httpx refuses it too)
+                raise httpx.RemoteProtocolError("the server switched protocols (101)")
             # An interim answer: the real one follows. A loop, not a recursion (thousands of them
             # overflowed the stack), and bounded like one head, so a server cannot send them for ever.
             interim += len(head)
@@ -181,9 +183,18 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise httpx.RemoteProtocolError("the server sent too many interim (1xx) answers")
         if request.method == "HEAD" or status in (204, 304):
             return version, status, headers, _EMPTY, 0
-        encodings = b",".join(value for name, value in headers if name.lower() == b"transfer-encoding")
-        if b"chunked" in encodings.lower():
+        encodings = [
+            coding.strip().lower()
+            for name, value in headers
+            if name.lower() == b"transfer-encoding"
+            for coding in value.split(b",")
+        ]
+        if encodings == [b"chunked"]:
             return version, status, headers, _CHUNKED, 0
+        if encodings:
+            # A "gzip, chunked" body would be handed over still compressed, as if it were text; httpx
+            # refuses every transfer coding but chunked too.
+            raise httpx.RemoteProtocolError(f"unsupported Transfer-Encoding {b', '.join(encodings)[:40]!r}")
         # Every Content-Length value, repeated headers and comma lists alike: proxies repeat one
         # value (accepted, as httpx does); differing ones leave the body's end unknown, and taking
         # either could return a truncated body as a whole one.
