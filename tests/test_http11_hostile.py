@@ -235,6 +235,13 @@ async def test_headers_then_silence_is_a_read_timeout_and_the_next_request_gets_
     assert connections == 2
 
 
+async def answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(OK + b"Content-Length: 2\r\n\r\nok")
+    await writer.drain()
+    await reader.read()
+
+
 async def test_a_server_that_never_accepts_is_a_connect_timeout() -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -248,9 +255,17 @@ async def test_a_server_that_never_accepts_is_a_connect_timeout() -> None:
             filler.connect_ex(address)
             fillers.append(filler)
         timeout = httpx.Timeout(5, connect=0.3)
-        async with httpx.AsyncClient(transport=LeanTransport(), timeout=timeout) as client:
+        silent = f"http://{address[0]}:{address[1]}/"
+        async with (
+            serving(answer_ok) as url,
+            httpx.AsyncClient(transport=LeanTransport(), timeout=timeout) as client,
+        ):
             with pytest.raises(httpx.ConnectTimeout):
-                await asyncio.wait_for(client.get(f"http://{address[0]}:{address[1]}/"), LIMIT_S)
+                await asyncio.wait_for(client.get(silent), LIMIT_S)
+            with pytest.raises(TimeoutError):  # cancelled while connecting
+                await asyncio.wait_for(client.get(silent), 0.1)
+            # The same transport still works once a server answers.
+            assert (await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)).content == b"ok"
     finally:
         for filler in fillers:
             filler.close()
