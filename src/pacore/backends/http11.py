@@ -29,6 +29,9 @@ import httpx
 #: Longest status line plus headers accepted from a server.
 MAX_HEAD_BYTES = 64 * 1024
 _CHUNKED, _LENGTH, _UNTIL_CLOSE, _EMPTY = range(4)
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+#: Received bytes held before the socket stops being read, until the reader asks for more.
+_HIGH_WATER_BYTES = 1024 * 1024
 
 
 class _Connection(asyncio.Protocol):
@@ -41,12 +44,18 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if len(self.buffer) > _HIGH_WATER_BYTES and not self.paused and self.transport is not None:
+            # A reader slower than the server (a relay to a slow client) would otherwise hold the
+            # whole body in memory: leave the rest in the socket buffers, so TCP holds the server back.
+            self.paused = True
+            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -67,6 +76,7 @@ class _Connection(asyncio.Protocol):
         """Wait until more bytes arrive (``True``) or the connection ends (``False``); ``ReadTimeout`` after ``timeout`` s."""
         if self.closed:
             return False
+        self.resume()
         waiter = self.waiter = self.loop.create_future()
         timer = None if timeout is None else self.loop.call_later(timeout, _expire, waiter)
         try:
@@ -76,6 +86,13 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         return not self.closed or bool(self.buffer)
+
+    def resume(self) -> None:
+        """Read the socket again after ``data_received`` paused it."""
+        if self.paused:
+            self.paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
 
     def close(self) -> None:
         self.closed = True
@@ -151,45 +168,55 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def _read_head(
         self, connection: _Connection, timeout: float | None, request: httpx.Request
     ) -> tuple[bytes, int, list[tuple[bytes, bytes]], int, int]:
+        interim = 0
         while True:
-            end = connection.buffer.find(b"\r\n\r\n")
-            if end >= 0:
+            head = await _next_head(connection, timeout)
+            version, status, headers = _parse_head(head)
+            if not 100 <= status < 200:
                 break
-            if len(connection.buffer) > MAX_HEAD_BYTES:
-                raise httpx.RemoteProtocolError("the server sent response headers that are too long")
-            if not await connection.more(timeout):
-                _raise_closed(connection, "Server disconnected without sending a response.")
-        head = bytes(connection.buffer[:end])
-        del connection.buffer[: end + 4]
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
-        status = int(parts[1])
-        headers = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip():
-                raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
-            headers.append((name, value.strip()))
-        if 100 <= status < 200:
-            return await self._read_head(connection, timeout, request)  # an interim answer: the real one follows
-        fields = {name.lower(): value for name, value in headers}
+            if status == 101:  # what follows is no longer HTTP (httpx refuses it too)
+                raise httpx.RemoteProtocolError("the server switched protocols (101)")
+            # An interim answer: the real one follows. A loop, not a recursion (thousands of them
+            # overflowed the stack), and bounded like one head, so a server cannot send them for ever.
+            interim += len(head)
+            if interim > MAX_HEAD_BYTES:
+                raise httpx.RemoteProtocolError("the server sent too many interim (1xx) answers")
         if request.method == "HEAD" or status in (204, 304):
-            return parts[0], status, headers, _EMPTY, 0
-        if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-            return parts[0], status, headers, _CHUNKED, 0
-        declared = fields.get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise httpx.RemoteProtocolError(f"malformed Content-Length {declared[:40]!r}")
-            return parts[0], status, headers, _LENGTH, int(declared)
-        return parts[0], status, headers, _UNTIL_CLOSE, 0
+            return version, status, headers, _EMPTY, 0
+        encodings = [
+            coding.strip().lower()
+            for name, value in headers
+            if name.lower() == b"transfer-encoding"
+            for coding in value.split(b",")
+        ]
+        if encodings == [b"chunked"]:
+            return version, status, headers, _CHUNKED, 0
+        if encodings:
+            # A "gzip, chunked" body would be handed over still compressed, as if it were text; httpx
+            # refuses every transfer coding but chunked too.
+            raise httpx.RemoteProtocolError(f"unsupported Transfer-Encoding {b', '.join(encodings)[:40]!r}")
+        # Every Content-Length value, repeated headers and comma lists alike: proxies repeat one
+        # value (accepted, as httpx does); differing ones leave the body's end unknown, and taking
+        # either could return a truncated body as a whole one.
+        declared = {
+            value.strip()
+            for name, values in headers
+            if name.lower() == b"content-length"
+            for value in values.split(b",")
+        }
+        if not declared:
+            return version, status, headers, _UNTIL_CLOSE, 0
+        length = declared.pop()
+        if declared or not length.isdigit():
+            raise httpx.RemoteProtocolError("malformed or conflicting Content-Length headers")
+        return version, status, headers, _LENGTH, int(length)
 
     def _release(self, reusable: bool) -> None:
         self._busy = False
         if not reusable:
             self._drop()
+        elif self._connection is not None:
+            self._connection.resume()  # a paused idle connection would not notice the server closing it
 
     def _drop(self) -> None:
         if self._connection is not None:
@@ -198,6 +225,49 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         self._drop()
+
+
+async def _next_head(connection: _Connection, timeout: float | None) -> bytes:
+    """The next status line and headers, without the blank line that ends them."""
+    buffer = connection.buffer
+    start = 0  # bytes searched before cannot hold the end: a head sent byte by byte costs linear time
+    while True:
+        end = buffer.find(b"\r\n\r\n", start)
+        # Lines may also end in a bare LF (httpx accepts it): the head ends at the first empty line.
+        bare = buffer.find(b"\n\n", start, None if end < 0 else end)
+        if bare >= 0:
+            head = bytes(buffer[:bare]).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            del buffer[: bare + 2]
+            return head
+        if end >= 0:
+            head = bytes(buffer[:end])
+            del buffer[: end + 4]
+            return head
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise httpx.RemoteProtocolError("the server sent response headers that are too long")
+        start = max(0, len(buffer) - 3)
+        if not await connection.more(timeout):
+            _raise_closed(connection, "Server disconnected without sending a response.")
+
+
+def _parse_head(head: bytes) -> tuple[bytes, int, list[tuple[bytes, bytes]]]:
+    """The HTTP version, status code and header fields of a response head."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
+        raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t") and headers:
+            # An obsolete folded line continues the previous value (RFC 9112 5.2); httpx accepts it too.
+            name, value = headers[-1]
+            headers[-1] = (name, (value + b" " + line.strip()).strip())
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
+        headers.append((name, value.strip()))
+    return parts[0], int(parts[1]), headers
 
 
 def _keeps_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -276,6 +346,7 @@ class _Body(httpx.AsyncByteStream):
         connection = self.connection
         buffer = connection.buffer
         left = 0  # bytes of the current chunk still to come; -1 while its closing CRLF is
+        scanned = 0  # of a size line still incomplete: a line sent byte by byte costs linear time
         while True:
             pieces = []
             while True:
@@ -296,18 +367,18 @@ class _Body(httpx.AsyncByteStream):
                         raise httpx.RemoteProtocolError("malformed chunked body: no CRLF after a chunk")
                     del buffer[:2]
                     left = 0
-                end = buffer.find(b"\r\n")
+                end = buffer.find(b"\r\n", scanned)
                 if end < 0:
                     if len(buffer) > MAX_HEAD_BYTES:
                         raise httpx.RemoteProtocolError("malformed chunked body: chunk size line too long")
+                    scanned = max(0, len(buffer) - 1)
                     break
+                scanned = 0
                 size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError(f"malformed chunk size {size_text[:20]!r}") from None
-                if size < 0:
+                # Hex digits only: int() alone also takes "0x5", "+5" and "1_0", which httpx refuses.
+                if not size_text or size_text.strip(_HEX_DIGITS):
                     raise httpx.RemoteProtocolError(f"malformed chunk size {size_text[:20]!r}")
+                size = int(size_text, 16)
                 if size == 0:
                     if pieces:
                         yield b"".join(pieces)
@@ -326,14 +397,16 @@ class _Body(httpx.AsyncByteStream):
     async def _trailers(self) -> None:
         """Skip the last chunk's size line and any trailer fields, up to the blank line that ends the body."""
         buffer = self.connection.buffer
+        start = 0  # as in _next_head: never search the same bytes twice
         while True:
             # "0\r\n\r\n", or "0\r\n" then trailer lines then "\r\n": either way, up to the first blank line.
-            end = buffer.find(b"\r\n\r\n")
+            end = buffer.find(b"\r\n\r\n", start)
             if end >= 0:
                 del buffer[: end + 4]
                 return
             if len(buffer) > MAX_HEAD_BYTES:
                 raise httpx.RemoteProtocolError("malformed chunked body: trailers too long")
+            start = max(0, len(buffer) - 3)
             if not await self.connection.more(self.timeout):
                 _raise_closed(self.connection, "peer closed connection without sending complete message body")
 
