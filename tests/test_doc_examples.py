@@ -318,10 +318,16 @@ def test_each_run_directory_belongs_to_one_example() -> None:
     assert not shared, f"run directories used by several examples: {shared}"
 
 
+#: Pages with a background server: their later blocks use it.
+SERVED_PAGES = {block.page for block in BLOCKS if block.background and not block.skip}
+
+
 def marks(block: Block) -> list[pytest.MarkDecorator]:
-    """``model`` for the embedded model, ``http`` for a loopback server."""
+    """``model`` for the embedded model, ``http`` for a loopback server; under pytest-xdist the
+    blocks of a page with a background server run on one worker, which starts that server once."""
     wanted = ((pytest.mark.model, block.model), (pytest.mark.http, block.backend or block.background))
-    return [mark for mark, applies in wanted if applies]
+    page_group = pytest.mark.xdist_group(f"examples of {block.page.relative_to(ROOT)}")
+    return [mark for mark, applies in wanted if applies] + ([page_group] if block.page in SERVED_PAGES else [])
 
 
 @pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=marks(b)) for b in BLOCKS])
