@@ -73,12 +73,16 @@ lint: setup
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
+# Parallel workers (pytest-xdist): most tests wait on loopback servers and subprocesses, so more
+# workers than cores pay (docs/checks.md has the figures). TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 4
+
 test: setup train-extra browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # The unit lane: no embedded model, no training, no browser, no documentation examples (a few minutes).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not model and not train" --ignore=tests/test_doc_examples.py --ignore=tests/test_ui.py
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not model and not train" --ignore=tests/test_doc_examples.py --ignore=tests/test_ui.py
 
 # Performance figures against the targets (bench/RESULTS.md) and reliability under injected
 # faults (bench/RELIABILITY.md); BENCH_FLAGS=--quick for a short run. Only --write (passed

@@ -45,8 +45,48 @@ def llama_server_url() -> Iterator[str]:
 MODEL_FIXTURES = frozenset({"llama_server_url", "small_context_url"})
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark the tests that use a model fixture ``model``, so ``-m "not model"`` (the unit lane) skips them."""
+#: Scopes whose fixtures a worker of ``pytest -n N --dist loadgroup`` should set up once, not once per worker.
+SHARED_SCOPES = frozenset({"module", "package", "class"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests that use a model fixture ``model``, so ``-m "not model"`` (the unit lane) skips them.
+
+    Under pytest-xdist (``make test``: ``-n N --dist loadgroup``) each worker sets up the fixtures its
+    tests need: the tests that share the session's llama.cpp server, and a module's tests that share
+    one of its module-scoped fixtures (a server, a browser, a training run), go to one worker
+    (an ``xdist_group``), so each is started once in the whole run.
+    """
     for item in items:
-        if MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = getattr(item, "fixturenames", ())
+        if MODEL_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.model)
+        if "llama_server_url" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("llama_server"))
+        elif any(scope in SHARED_SCOPES for scope in _fixture_scopes(item)):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    if config.getoption("loadgroup", False):  # set in pytest-xdist's workers under --dist loadgroup
+        _name_groups(items)
+
+
+def _name_groups(items: list[pytest.Item]) -> None:
+    """Suffix each grouped test's node id with ``@GROUP``, which tells pytest-xdist's scheduler its group.
+
+    pytest-xdist 3.8 does it by setting ``item._nodeid``, which pytest 9.2 no longer reads (the
+    node id became the structured ``item._id``), so without this every group is silently ignored.
+    """
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        groups = sorted({str(mark.args[0]) for mark in item.iter_markers("xdist_group") if mark.args})
+        if groups and hasattr(item, "_id") and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
+
+def _fixture_scopes(item: pytest.Item) -> list[str]:
+    """The scopes of the fixtures ``item`` uses (pytest has no public API for them)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return []
+    return [definitions[-1].scope for definitions in info.name2fixturedefs.values() if definitions]

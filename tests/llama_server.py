@@ -8,7 +8,6 @@ base URL and serves until interrupted.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -35,7 +34,11 @@ def llama_server(model_path: Path, *, n_ctx: int = 4096) -> Iterator[str]:
         "--host", "127.0.0.1",
         "--port", str(port),
         "--n_ctx", str(n_ctx),
-        "--n_threads", str(os.cpu_count() or 1),
+        # One thread, as the embedded backend uses: make test runs parallel workers, so the cores are
+        # busy anyway, and llama.cpp's threads wait for one another at every step (on a loaded
+        # machine tests/test_http_integration.py took 24 s with one thread, 29 s with two).
+        "--n_threads", "1",
+        "--n_threads_batch", "1",
         # By default a new request cuts short a stream in progress.
         "--interrupt_requests", "False",
     ]  # fmt: skip

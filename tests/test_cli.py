@@ -410,7 +410,8 @@ def test_ask_with_the_embedded_model_end_to_end() -> None:
     assert 0 < usage["completion_tokens"] <= 3 * 32
     assert usage["prompt_tokens"] > 0
     assert trace["error"] is None
-    lines = stderr_lines(process)
+    # A round longer than 30 s (a busy machine) adds "still streaming" lines, tested on their own above.
+    lines = [line for line in stderr_lines(process) if " streaming (longest " not in line]
     assert lines[0].startswith("round 1/2: 2/2 trajectories, ")
     assert lines[1].startswith("round 2/2 (final): 1/1 trajectories, ")
     assert lines[2].startswith("2 rounds, 3 calls, ")

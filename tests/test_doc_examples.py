@@ -318,10 +318,29 @@ def test_each_run_directory_belongs_to_one_example() -> None:
     assert not shared, f"run directories used by several examples: {shared}"
 
 
+#: Pages with a background server: their later blocks use it.
+SERVED_PAGES = {block.page for block in BLOCKS if block.background and not block.skip}
+
+
+def worker_group(block: Block) -> str | None:
+    """The pytest-xdist group of a block (``None``: any worker).
+
+    A block that starts a server on the port its page documents (two pages use 8765) runs on
+    the worker of every such block, one at a time; the blocks of a page with a background server
+    run on one worker, which starts that server once.
+    """
+    if not block.background and PORT_OPTION.search(block.code):
+        return "examples on fixed ports"
+    if block.page in SERVED_PAGES:
+        return f"examples of {block.page.relative_to(ROOT)}"
+    return None
+
+
 def marks(block: Block) -> list[pytest.MarkDecorator]:
-    """``model`` for the embedded model, ``http`` for a loopback server."""
+    """``model`` for the embedded model, ``http`` for a loopback server, and the block's :func:`worker_group`."""
     wanted = ((pytest.mark.model, block.model), (pytest.mark.http, block.backend or block.background))
-    return [mark for mark, applies in wanted if applies]
+    group = worker_group(block)
+    return [mark for mark, applies in wanted if applies] + ([pytest.mark.xdist_group(group)] if group else [])
 
 
 @pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=marks(b)) for b in BLOCKS])

