@@ -22,6 +22,7 @@ from rich.console import Console
 from cli_harness import PACORE, assert_one_line_error, environment, pacore
 from harness import fast_backend
 from pacore.cli.run import LiveBatchDisplay
+from pacore.eval import runner
 from pacore.eval.runner import BatchProgress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,10 +217,11 @@ def test_failed_problems_exit_1_and_are_retried(data: Path, tmp_path: Path) -> N
     assert "2 failed (retrying them; --no-retry-failed skips them)" in again.stderr
 
 
-def test_live_display_shows_problems_flight_tokens_accuracy_and_eta() -> None:
+def test_live_display_shows_problems_flight_tokens_accuracy_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
     progress = BatchProgress(arm="pacore-4", total=10, done=3, failed=1, todo=8, finished_now=4, correct=2,
                              graded=3, in_flight=6, completion_tokens=12_345)  # fmt: skip
-    progress.started -= 10  # 4 problems in 10 s: 4 more take 10 s
+    # 4 problems in 10 s: 4 more take 10 s (the clock stands still, so a slow machine reads the same ETA).
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: progress.started + 10)
     console = Console(record=True, width=200, file=io.StringIO())
     console.print(LiveBatchDisplay(console, progress).render())
     line = console.export_text()
