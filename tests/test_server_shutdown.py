@@ -79,7 +79,9 @@ def front() -> Iterator[Callable[..., object]]:
 def refuses_connections(server: RunningServer) -> bool:
     try:
         httpx.get(f"{server.base_url}/health", timeout=2)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError):
+        # RemoteProtocolError: the kernel accepted the connection into the backlog just before the
+        # listener closed, and it was then dropped unanswered; refused all the same.
         return True
     return False
 
