@@ -5,8 +5,8 @@ policy off the engine sends exactly what it sent before."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +76,12 @@ class PacedBackend(BaseBackend):
     cancelled: list[tuple[int, int, int]] = field(default_factory=list)  # round, index, tokens sent
     #: Seconds a cancelled call takes to wind down (an HTTP teardown, a thread noticing the cancel).
     teardown_s: float = 0.0
+    #: When set, a cancelled call winds down only once the synthesis call has started (or after
+    #: ``teardown_s``), so a test can tell from the order alone whether the round waited for it.
+    teardown_until_synthesis: bool = False
+    #: How many cancelled calls had wound down when each synthesis call started.
+    wound_down_at_synthesis: list[int] = field(default_factory=list)
+    _synthesis_started: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def generate(
         self,
@@ -88,6 +94,8 @@ class PacedBackend(BaseBackend):
         assert n == 1, "a per-trajectory policy samples one trajectory per call"
         self.params.append(params)
         if not self.script_synthesis and "Reference Responses" in text_of(messages[-1]["content"]):
+            self.wound_down_at_synthesis.append(len(self.cancelled))
+            self._synthesis_started.set()
             return [Completion(text=self.final, finish_reason="stop", completion_tokens=2)]
         assert params.seed is not None, "seed the request: the script is keyed by the call's seed"
         rnd, index = divmod(params.seed, STRIDE)
@@ -105,7 +113,10 @@ class PacedBackend(BaseBackend):
                 if on_confidence is not None and confidences is not None:
                     on_confidence(0, confidences[chunk.start : chunk.stop])
         except asyncio.CancelledError:
-            if self.teardown_s:
+            if self.teardown_until_synthesis:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._synthesis_started.wait(), self.teardown_s)
+            elif self.teardown_s:
                 await asyncio.sleep(self.teardown_s)
             self.cancelled.append((rnd, index, sent))
             raise
@@ -242,14 +253,13 @@ async def test_quorum_ends_the_round_and_cancels_the_stragglers():
 
 
 async def test_a_round_ends_at_its_quorum_without_waiting_for_the_cancelled_calls_to_wind_down():
-    # The stragglers' calls take 0.5 s to close once cancelled; the fast four finish in ~40 ms.
-    backend = PacedBackend(script=fast_and_slow(4), teardown_s=0.5)
-    started = time.perf_counter()
+    # A cancelled call winds down only once the synthesis call has started: had the round waited
+    # for the teardowns, each would have taken its full 5 s and the synthesis would see them done.
+    backend = PacedBackend(script=fast_and_slow(4), teardown_s=5.0, teardown_until_synthesis=True)
     result = await asolve("Q", schedule=[8], backend=backend, params=SEEDED, compute=ComputePolicy(quorum=0.5))
     assert stopped(result) == {4: "quorum", 5: "quorum", 6: "quorum", 7: "quorum"}
-    assert round_one(result).elapsed_s < 0.3  # the final call did not wait for the teardowns
+    assert backend.wound_down_at_synthesis == [0]  # the final call did not wait for the teardowns
     # The request itself does: no call outlives it.
-    assert time.perf_counter() - started >= 0.5
     assert sorted(i for _, i, _ in backend.cancelled) == [4, 5, 6, 7]
     assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
     cut = {t.index: t.completion_tokens for t in round_one(result).trajectories if t.stopped}
