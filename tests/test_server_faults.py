@@ -17,7 +17,7 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -357,3 +357,42 @@ async def test_backend_calls_cancelled_mid_flight_leave_the_http_backend_usable(
                 assert all(a.ok for (a,) in answers)
         finally:
             await backend.aclose()
+
+
+class SlowToStopBackend(StreamingScriptedBackend):
+    """Its calls hang; cancelled, they stop only once the server has freed the request's slot
+    (the engine's teardown outlasts the stream's write-out grace, as on a loaded machine)."""
+
+    #: How many requests the server is answering (set once it runs).
+    requests_running: Callable[[], int]
+
+    async def generate(self, messages, n, params, on_progress=None, on_confidence=None):
+        self.calls.append(Call(list(messages), n, params, len(self.calls)))
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled.append(self.calls[-1])
+            for _ in range(3000):  # at most 30 s
+                if not self.requests_running():
+                    break
+                await asyncio.sleep(0.01)
+            raise
+        raise AssertionError("unreachable: the call hangs until cancelled")
+
+
+async def test_a_stream_whose_engine_overruns_its_deadline_ends_with_deadline_exceeded():
+    """The engine stops at the deadline; when stopping takes longer than the stream's write-out
+    grace (CI once saw it under load), the server frees the slot and the client still hears of
+    the deadline, never of a shutdown that is not happening."""
+    backend = SlowToStopBackend()
+    with running_app(backend, ServerConfig(schedule=Schedule.parse([2]), deadline_s=0.5)) as running:
+        backend.requests_running = lambda: running.app.state.pacore.running
+        async with httpx.AsyncClient(base_url=running.base_url, timeout=60) as http_client:
+            outcome = await ask(http_client, "hang", stream=True)
+        # The engine took the deadline (it cancelled the calls), and the slot was freed before it stopped.
+        assert backend.cancelled and len(backend.cancelled) == len(backend.calls)
+        assert (outcome.status, outcome.code) == (200, "deadline_exceeded"), outcome
+        assert "deadline of 0.5s exceeded" in outcome.error["message"]
+        assert await asyncio.to_thread(metric, running, "pacore_clients_cut_total", reason="deadline") == 1
+        record = running.app.state.pacore.history.recent()[0]
+        assert (record.status, record.error) == ("failed", outcome.error["message"])

@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pacore.adaptive import ComputePolicy
 from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asolve, check_policy
-from pacore.errors import PacoreError, UsageError, shorten
+from pacore.errors import DeadlineExceededError, PacoreError, UsageError, shorten
 from pacore.options import SolveOptions
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import PRESETS, Schedule
@@ -284,6 +284,11 @@ class _ChatRun:
         self.server.metrics.clients_cut.labels(reason="deadline").inc()
         logger.info("freed the slot of %s: its stream was still unwritten %gs after its deadline", self.id,
                     _STREAM_WRITE_OUT_S)  # fmt: skip
+        if not self.task.done():
+            # The engine is still stopping at its deadline (a loaded machine): cancelling it
+            # must not read as a shutdown to the client, who is owed the deadline's error.
+            self.aborted = DeadlineExceededError(f"deadline of {self.server.config.deadline_s:g}s exceeded")
+            self.record.finish("failed", str(self.aborted))
         self.close()
 
     async def _solve(self) -> Result:
