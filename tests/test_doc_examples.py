@@ -22,6 +22,10 @@ line (markdown renderers do not show them)::
                                       free port (``pacore serve`` without ``--port`` gets one; N = 8000); once it
                                       answers HTTP, later blocks of the same page see 127.0.0.1:N pointing at it
 
+Any other block that starts a server on a documented port (``--port N``, and ``N+1``... with
+``--endpoints``) runs on free ports instead: ``--port N`` and its ``127.0.0.1:N`` / ``localhost:N``
+URLs are moved together, so a port another process holds cannot fail or hang an example.
+
 Anything else after ``example:`` is an error, and so is a skip without a reason.
 """
 
@@ -31,13 +35,14 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -61,6 +66,7 @@ MARKER = re.compile(r"^\s*<!--\s*example:\s*(.*?)\s*-->\s*$")
 SKIP = re.compile(r"^skip(?:\s*\((.*)\))?$")
 URL = re.compile(r"https?://[A-Za-z0-9.\-]+(?::(?:\d+|PORT\d*))?/v1")
 PORT_OPTION = re.compile(r"--port[ =](\d+)")
+ENDPOINTS_OPTION = re.compile(r"--endpoints[ =](\d+)")
 DEFAULT_SERVE_PORT = 8000
 
 
@@ -208,6 +214,13 @@ def stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def outputs(directory: Path) -> str:
+    """The ends of what a block wrote: its stdout and stderr, then the logs of servers it started (*.log, *.txt)."""
+    files = [directory / "stdout.txt", directory / "stderr.txt"]
+    files += sorted(p for p in [*directory.glob("*.log"), *directory.glob("*.txt")] if p not in files)
+    return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}" for path in files if path.is_file())
+
+
 @dataclass
 class Server:
     block: Block
@@ -275,6 +288,54 @@ def servers(
         started.stop_all()
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a loopback socket can bind ``port`` now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports nothing listens on (free when asked)."""
+    for _ in range(100):
+        first = free_port()
+        if all(port_is_free(first + i) for i in range(1, count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free loopback ports in 100 tries")
+
+
+def free_ports_for(block: Block) -> dict[int, int]:
+    """Documented port -> free port for the servers a (non-background) block starts itself.
+
+    A block's ``--endpoints K`` applies to its ``--port N``: ports N..N+K-1 are moved together.
+    """
+    documented = sorted({int(port) for port in PORT_OPTION.findall("\n".join([*block.setup, block.code]))})
+    endpoints = ENDPOINTS_OPTION.search(block.code)
+    count = int(endpoints.group(1)) if endpoints else 1
+    moved: dict[int, int] = {}
+    for port in documented:
+        first = free_ports(count)
+        moved.update((port + i, first + i) for i in range(count))
+    return moved
+
+
+PORT_OR_URL_PORT = re.compile(r"(--port[ =]|127\.0\.0\.1:|localhost:)(\d+)\b")
+
+
+def move_ports(code: str, ports: dict[int, int]) -> str:
+    """``code`` with each ``--port N`` and ``127.0.0.1:N`` / ``localhost:N`` of ``ports`` moved to its new port."""
+    return PORT_OR_URL_PORT.sub(lambda m: m.group(1) + str(ports.get(int(m.group(2)), m.group(2))), code)
+
+
+def on_free_ports(block: Block) -> Block:
+    """``block`` with the servers it starts itself, and their URLs, moved to free ports."""
+    ports = free_ports_for(block)
+    return replace(block, code=move_ports(block.code, ports), setup=[move_ports(line, ports) for line in block.setup])
+
+
 def substitute(block: Block, code: str, fast_url: str, server: Server | None) -> str:
     if block.backend:
         code = URL.sub(fast_url, code)
@@ -318,6 +379,19 @@ def test_each_run_directory_belongs_to_one_example() -> None:
     assert not shared, f"run directories used by several examples: {shared}"
 
 
+def test_examples_that_start_servers_run_on_free_ports() -> None:
+    """The documented ports (another process may hold them) never reach a run, nor do their URLs."""
+    starting = [b for b in BLOCKS if not b.background and not b.skip and PORT_OPTION.search(b.code)]
+    assert starting, "no example starts a server on a documented port: drop this test"
+    for block in starting:
+        ports = free_ports_for(block)
+        moved = on_free_ports(block)
+        for documented, port in ports.items():
+            assert documented != port and port_is_free(port), (block.id, documented, port)
+            assert not re.search(rf"(--port[ =]|:){documented}\b", moved.code + "\n".join(moved.setup)), block.id
+        assert len(PORT_OR_URL_PORT.findall(moved.code)) == len(PORT_OR_URL_PORT.findall(block.code)), block.id
+
+
 #: Pages with a background server: their later blocks use it.
 SERVED_PAGES = {block.page for block in BLOCKS if block.background and not block.skip}
 
@@ -325,12 +399,8 @@ SERVED_PAGES = {block.page for block in BLOCKS if block.background and not block
 def worker_group(block: Block) -> str | None:
     """The pytest-xdist group of a block (``None``: any worker).
 
-    A block that starts a server on the port its page documents (two pages use 8765) runs on
-    the worker of every such block, one at a time; the blocks of a page with a background server
-    run on one worker, which starts that server once.
+    The blocks of a page with a background server run on one worker, which starts that server once.
     """
-    if not block.background and PORT_OPTION.search(block.code):
-        return "examples on fixed ports"
     if block.page in SERVED_PAGES:
         return f"examples of {block.page.relative_to(ROOT)}"
     return None
@@ -354,6 +424,7 @@ def test_example_runs(
         assert server.process.poll() is None
         return
     server = servers.for_block(block)
+    block = on_free_ports(block)
     directory = workspace(tmp_path / "work")
     env = environment(block, directory)
     if block.language == "shell":
@@ -383,13 +454,12 @@ def test_example_runs(
         process.wait(timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         stop(process)
-        pytest.fail(f"{block.id} ran longer than {BLOCK_TIMEOUT_S} s")
+        pytest.fail(f"{block.id} ran longer than {BLOCK_TIMEOUT_S} s\n{outputs(directory)}")
     finally:
         stop(process)  # background jobs the block started and did not end
-    stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+    expired = " (a `timeout` in the example expired)" if process.returncode == 124 else ""
     assert process.returncode == 0, (
-        f"{block.id} exited with {process.returncode}\n--- code\n{code}\n--- stdout\n{stdout[-3000:]}"
-        f"\n--- stderr\n{stderr[-3000:]}"
+        f"{block.id} exited with {process.returncode}{expired}\n--- code\n{code}\n{outputs(directory)}"
     )
 
 
