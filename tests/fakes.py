@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -44,7 +45,9 @@ class ScriptedBackend(BaseBackend):
     A reply may be text, a full :class:`Completion`, or an exception to raise
     (a ``BackendError`` fails the whole call; any reply that is a Completion
     with ``error`` set fails only that sample). ``delay`` is seconds before
-    replying, or a function of the call giving them; calls cancelled while
+    replying, or a function of the call giving them; with a ``gate`` (a
+    ``threading.Event``), calls first wait until the test sets it, so what the
+    test checks meanwhile does not race a clock. Calls cancelled while
     waiting are listed in ``cancelled``. ``on_progress`` hears each reply's
     words counted one by one, as a streaming server would send them;
     ``on_confidence`` hears a Completion reply's ``token_confidences`` one by one.
@@ -55,6 +58,7 @@ class ScriptedBackend(BaseBackend):
     delay: float | Callable[[Call], float] = 0.0
     model: str = "scripted"
     name: str = "scripted"
+    gate: threading.Event | None = None
     calls: list[Call] = field(default_factory=list)
     cancelled: list[Call] = field(default_factory=list)
 
@@ -69,12 +73,14 @@ class ScriptedBackend(BaseBackend):
         call = Call(list(messages), n, params, len(self.calls))
         self.calls.append(call)
         wait = self.delay(call) if callable(self.delay) else self.delay
-        if wait:
-            try:
+        try:
+            if self.gate is not None:
+                await _opened(self.gate)
+            if wait:
                 await asyncio.sleep(wait)
-            except asyncio.CancelledError:
-                self.cancelled.append(call)
-                raise
+        except asyncio.CancelledError:
+            self.cancelled.append(call)
+            raise
         out: list[Completion] = []
         for i in range(n):
             reply = self.respond(call, i)
@@ -100,6 +106,18 @@ class ScriptedBackend(BaseBackend):
     @property
     def trajectories_requested(self) -> int:
         return sum(call.n for call in self.calls)
+
+
+GATE_TIMEOUT_S = 60.0
+
+
+async def _opened(gate: threading.Event) -> None:
+    """Until ``gate`` is set (from the test's thread: polled, not awaited)."""
+    for _ in range(int(GATE_TIMEOUT_S / 0.005)):
+        if gate.is_set():
+            return
+        await asyncio.sleep(0.005)
+    raise RuntimeError(f"the test did not open the backend's gate within {GATE_TIMEOUT_S:g}s")
 
 
 @dataclass

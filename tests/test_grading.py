@@ -155,13 +155,19 @@ def test_equivalent_compares_bare_answers() -> None:
 def test_pathological_answers_finish_fast_in_a_worker_thread(tower: str) -> None:
     """Outside the main thread math-verify has no timeout; screening must keep sympy away."""
     outcome: list[bool] = []
-    started = time.perf_counter()
-    worker = threading.Thread(target=lambda: outcome.append(grade(rf"\boxed{{{tower}}}", "5", "math")))
+    cpu_seconds: list[float] = []
+
+    def grade_it() -> None:
+        started = time.thread_time()  # this thread's CPU: a loaded machine's waits do not count
+        outcome.append(grade(rf"\boxed{{{tower}}}", "5", "math"))
+        cpu_seconds.append(time.thread_time() - started)
+
+    worker = threading.Thread(target=grade_it)
     worker.start()
-    worker.join(timeout=10)
+    worker.join(timeout=60)
     assert not worker.is_alive(), "grading hung"
     assert outcome == [False]
-    assert time.perf_counter() - started < 5
+    assert cpu_seconds[0] < 5
 
 
 def test_math_verify_works_in_a_worker_thread() -> None:

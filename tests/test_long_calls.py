@@ -55,14 +55,14 @@ async def test_a_slow_stream_outlives_the_timeout_and_completes() -> None:
 
 
 async def test_a_server_silent_for_longer_than_the_timeout_is_cut_with_kind_timeout() -> None:
-    # Headers come at once, then nothing for 3 s.
-    with fast_backend("--ttft-ms", 3000) as server:
+    # Headers come at once, then nothing for 60 s.
+    with fast_backend("--ttft-ms", 60_000) as server:
         async with OpenAIBackend(server.url, model="fast", timeout=TIMEOUT_S, retry=NO_RETRY) as backend:
             started = time.perf_counter()
             with pytest.raises(BackendError) as caught:
                 await backend.generate(MESSAGES, 1, GenerationParams())
     assert caught.value.kind == "timeout" and f"sent nothing for {TIMEOUT_S:g}s" in str(caught.value)
-    assert time.perf_counter() - started < 2.5
+    assert time.perf_counter() - started < 30  # cut by the timeout, long before the first token
 
 
 @contextlib.asynccontextmanager

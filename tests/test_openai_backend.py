@@ -378,11 +378,11 @@ async def test_a_fatal_error_aborts_a_whole_solve():
 
 
 async def test_cancelling_a_call_aborts_its_http_request():
-    closed = asyncio.Event()
+    received, closed = asyncio.Event(), asyncio.Event()
 
     async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await reader.read(4096):
-            pass  # read the request, answer nothing, wait for the client to hang up
+            received.set()  # read the request, answer nothing, wait for the client to hang up
         closed.set()
         writer.close()
 
@@ -390,11 +390,11 @@ async def test_cancelling_a_call_aborts_its_http_request():
     port = server.sockets[0].getsockname()[1]
     async with server, OpenAIBackend(f"http://127.0.0.1:{port}/v1", model="m") as backend:
         call = asyncio.create_task(backend.generate(MESSAGES, 1, PARAMS))
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(received.wait(), timeout=30)  # the request is out, waiting for its answer
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        await asyncio.wait_for(closed.wait(), timeout=5)
+        await asyncio.wait_for(closed.wait(), timeout=30)
 
 
 # --- model discovery and URLs ------------------------------------------------------------

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from rich.console import Console
 
-from cli_harness import PACORE, assert_one_line_error, environment, pacore
+from cli_harness import PACORE, assert_one_line_error, closed_port_url, environment, pacore
 from harness import fast_backend
 from pacore.cli.run import LiveBatchDisplay
 from pacore.eval import runner
@@ -204,7 +204,7 @@ def test_a_changed_method_or_data_set_is_refused_unless_forced(fast_server: str,
 
 
 def test_failed_problems_exit_1_and_are_retried(data: Path, tmp_path: Path) -> None:
-    closed = "http://127.0.0.1:9/v1"  # the discard port: nothing listens
+    closed = closed_port_url()
     run_dir = tmp_path / "run"
     process = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1",
                      "--backend", closed, "--retries", "0", "--model", "m")  # fmt: skip

@@ -410,7 +410,7 @@ def test_bodies_over_the_limit_get_413(fake):
 
 
 def test_requests_over_the_concurrency_limit_get_429(fake):
-    fake.delay = 0.5
+    fake.gate = threading.Event()  # the first request holds its slot until the second was refused
     config = ServerConfig(schedule=Schedule.parse([1]), max_concurrent_requests=1, retry_after_s=7)
     with running_app(fake, config) as running:
         first = threading.Thread(target=ask, args=(running,))
@@ -420,6 +420,7 @@ def test_requests_over_the_concurrency_limit_get_429(fake):
             ask(running)
         assert caught.value.response.headers["retry-after"] == "7"
         assert caught.value.body["type"] == "rate_limit_error"
+        fake.gate.set()
         first.join()
         # The slot is free again once the first request is done.
         assert ask(running).choices[0].message.content == FINAL
@@ -454,10 +455,9 @@ def test_closing_a_stream_cancels_the_backend_calls(fake):
         first = next(iter(stream))
         assert first.choices[0].delta.role == "assistant"
         wait_for(lambda: len(fake.calls) == 3)
-        started = time.monotonic()
         stream.close()
+        # Cancelled, not finished: the calls would have slept 30 s (wait_for gives up sooner).
         wait_for(lambda: len(fake.cancelled) == 3)
-        assert time.monotonic() - started < 5
         server_state = running.app.state.pacore
         wait_for(lambda: server_state.running == 0)
         (record,) = server_state.history.recent()

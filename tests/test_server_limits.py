@@ -239,20 +239,24 @@ def raw_connection(running: RunningServer) -> Iterator[socket.socket]:
         yield connection
 
 
+#: Bytes a slowloris client sends, one every 0.2 s, until it is cut: it would go on for 20 s.
+DRIBBLES = 100
+
+
 def test_slow_headers_get_a_408_in_openai_shape_and_are_counted(fake):
     with running_app(fake, ServerConfig(schedule=DEFAULT, header_timeout_s=1.0)) as running:
         with raw_connection(running) as connection:
             started = time.monotonic()
             connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
             with contextlib.suppress(OSError):
-                for _ in range(30):  # a header byte every 0.2 s: each keeps a keep-alive timer from firing
+                for _ in range(DRIBBLES):  # a header byte every 0.2 s: each keeps a keep-alive timer from firing
                     time.sleep(0.2)
                     connection.sendall(b"X")
             status, headers, body = read_reply(connection)
             assert status == 408 and headers["connection"] == "close"
             assert body["error"]["code"] == "request_timeout"
             assert "headers did not arrive within 1s" in body["error"]["message"]
-            assert time.monotonic() - started < 3
+            assert time.monotonic() - started < DRIBBLES * 0.2 / 2  # the bytes did not restart the clock
         assert metric(running, "pacore_clients_cut_total", reason="header_timeout") == 1
         # A connection that sends nothing at all is closed without a word.
         with raw_connection(running) as idle:
@@ -269,13 +273,13 @@ def test_a_slow_body_gets_a_408_and_frees_everything(fake):
                 b'Content-Length: 1000\r\n\r\n{"model": '
             )
             with contextlib.suppress(OSError):
-                for _ in range(30):
+                for _ in range(DRIBBLES):
                     time.sleep(0.2)
                     connection.sendall(b" ")
             status, headers, body = read_reply(connection)
             assert status == 408 and headers["connection"] == "close"
             assert "body did not arrive within 1s" in body["error"]["message"]
-            assert time.monotonic() - started < 3
+            assert time.monotonic() - started < DRIBBLES * 0.2 / 2  # the bytes did not restart the clock
         assert metric(running, "pacore_clients_cut_total", reason="body_timeout") == 1
         assert metric(running, "pacore_requests_total", endpoint="/v1/chat/completions", status="408") == 1
     assert fake.calls == []
@@ -330,10 +334,10 @@ def test_a_stream_its_client_does_not_read_loses_its_slot(limits, reason):
     with running_app(backend, config) as running:
         with a_stream_nobody_reads(running):
             wait_for(lambda: len(backend.calls) == 1)
-            started = time.monotonic()
             assert not slot_is_free(running)
-            wait_for(lambda: slot_is_free(running), timeout=15)
-            freed_after = time.monotonic() - started
+            # Freed within a minute: by its limit (the buffers fill, then 1 s without progress, or
+            # the 2 s deadline and its write-out), not by the other one (600 s, or none at all).
+            wait_for(lambda: slot_is_free(running), timeout=60)
             # The slot is someone else's now, while the reader-less connection may still be open.
             assert (
                 client(running)
@@ -342,7 +346,6 @@ def test_a_stream_its_client_does_not_read_loses_its_slot(limits, reason):
                 .message.content
                 == LONG_ANSWER.strip()
             )
-        assert freed_after < 10  # the buffers fill, then one timeout without progress (a loaded machine is slow)
         assert metric(running, "pacore_clients_cut_total", reason=reason) == 1
 
 

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from fakes import StreamingScriptedBackend
+from fakes import Call, StreamingScriptedBackend
 from pacore.schedule import Schedule
 from pacore.server import ServerConfig
 from server_harness import RunningServer, running_app, running_cli
@@ -31,8 +31,12 @@ pytestmark = pytest.mark.http
 QUESTION = [{"role": "user", "content": "What is six times seven?"}]
 
 
+def answer(call: Call, i: int) -> str:
+    return f"the answer is {42 + call.number}"
+
+
 def slow_upstream(delay: float) -> tuple[StreamingScriptedBackend, Callable[[], RunningServer]]:
-    backend = StreamingScriptedBackend(delay=delay, respond=lambda call, i: f"the answer is {42 + call.number}")
+    backend = StreamingScriptedBackend(delay=delay, respond=answer)
     return backend, lambda: running_app(backend, ServerConfig(schedule=Schedule(())))
 
 
@@ -83,6 +87,8 @@ def refuses_connections(server: RunningServer) -> bool:
         # RemoteProtocolError: the kernel accepted the connection into the backlog just before the
         # listener closed, and it was then dropped unanswered; refused all the same.
         return True
+    except httpx.TimeoutException:
+        return False  # accepted, slow to answer (a loaded machine): not refused yet
     return False
 
 
@@ -92,25 +98,26 @@ def stop(process: subprocess.Popen[str]) -> tuple[int, str, str]:
 
 
 def test_sigterm_lets_running_requests_finish_and_exits_0(front):
-    backend, upstream = slow_upstream(delay=3.0)
-    with upstream() as inner:
-        server, process = front(inner, 20)
+    backend = StreamingScriptedBackend(respond=answer, gate=threading.Event())
+    with running_app(backend, ServerConfig(schedule=Schedule(()))) as inner:
+        server, process = front(inner, 60)
         clients = [Client(server, stream=True), Client(server, stream=False)]
         wait_for(lambda: len(backend.calls) == 2)
 
         process.send_signal(signal.SIGTERM)
-        wait_for(lambda: refuses_connections(server), timeout=5)
-        # New connections are refused while the two requests are still running.
+        wait_for(lambda: refuses_connections(server), timeout=30)
+        # New connections are refused while the two requests are still running (their calls are held).
         assert all(client.is_alive() for client in clients)
+        backend.gate.set()
 
         code, out, err = stop(process)
         for client in clients:
-            client.join(timeout=10)
+            client.join(timeout=30)
     assert sorted(client.outcome for client in clients) == ["the answer is 42", "the answer is 43"]
     assert backend.cancelled == []
     assert code == 0
     assert out.strip().endswith("pacore serve: stopped")
-    assert "stopping: no new connections; 2 running requests get up to 20s to finish" in err
+    assert "stopping: no new connections; 2 running requests get up to 60s to finish" in err
     assert "Traceback" not in err
 
 
@@ -124,9 +131,10 @@ def test_requests_still_running_after_the_grace_period_get_a_503(front):
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         code, out, err = stop(process)
-        assert time.monotonic() - started < 10
-        streamed.join(timeout=10)
-        plain.join(timeout=10)
+        # Ended by the 1 s grace period, long before the upstream would have answered (120 s).
+        assert time.monotonic() - started < 60
+        streamed.join(timeout=30)
+        plain.join(timeout=30)
         # Ending a request cancels its backend calls, down to the upstream's own.
         wait_for(lambda: len(backend.cancelled) == 2)
 

@@ -190,10 +190,10 @@ def test_templates_that_load_other_templates_are_refused_at_load(source, tag):
     ],
 )
 def test_runaway_or_broken_templates_fail_fast_with_one_line(source, fragment):
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU, not wall time: a loaded machine's waits do not count
     with pytest.raises(TemplateError) as caught:
         SynthesisTemplate(source, origin="user.j2")
-    assert time.perf_counter() - started < 10
+    assert time.thread_time() - started < 10
     message = str(caught.value)
     assert "\n" not in message and "user.j2" in message
     assert fragment in message
@@ -202,10 +202,10 @@ def test_runaway_or_broken_templates_fail_fast_with_one_line(source, fragment):
 def test_nested_loops_over_long_inputs_are_cut_at_render():
     quadratic = SynthesisTemplate("{% for c in problem %}{% for d in problem %}{% endfor %}{% endfor %}x")
     assert quadratic.render("short", [], round=2, total_rounds=2) == "x"
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU, not wall time: a loaded machine's waits do not count
     with pytest.raises(TemplateError, match=f"more than {MAX_LOOP_ITEMS} iterations"):
         quadratic.render("a" * 100_000, [], round=2, total_rounds=2)
-    assert time.perf_counter() - started < 10
+    assert time.thread_time() - started < 10
 
 
 def test_loops_keep_their_features_under_the_budget():
