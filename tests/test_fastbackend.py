@@ -295,14 +295,25 @@ def test_simulated_wall_time_follows_length() -> None:
             assert elapsed >= lengths[seed] / 1000
             assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == -(-lengths[seed] // 4)
         assert server.stats()[0]["tokens_sent"] == lengths[short] + lengths[long]
-        # A stream closed part way counts only the tokens sent before (a cancelled generation stops).
-        body = {"messages": messages, "seed": long, "stream": True}
+
+
+def test_a_simulated_stream_closed_part_way_stops_generating() -> None:
+    # 50 tokens a second: half the longest sample takes seconds, so the close (after the first
+    # content event) reaches the server long before, however loaded the machine.
+    with fast_backend("--simulate", "--sim-median-tokens", 60, "--tokens-per-s", 50, "--chunk-tokens", 4) as server:
+        sim = Simulation(median_tokens=60)
+        lengths = {seed: len(sim.sample(QUESTION, seed).tokens) for seed in range(12)}
+        long = max(lengths, key=lengths.get)  # type: ignore[arg-type]
+        body = {"messages": [{"role": "user", "content": QUESTION}], "seed": long, "stream": True}
         with httpx.stream("POST", server.url + "/chat/completions", json=body) as response:
             for _ in zip(range(3), response.iter_lines(), strict=False):
                 pass
-        time.sleep(lengths[long] / 1000 + 0.2)
-        cut = server.stats()[0]["tokens_sent"] - lengths[short] - lengths[long]
-        assert 0 < cut < lengths[long] / 2
+        deadline = time.monotonic() + 60
+        while server.stats()[0]["active"]:  # until the generation has stopped
+            assert time.monotonic() < deadline, "the closed stream's generation did not stop in 60 s"
+            time.sleep(0.02)
+        cut = server.stats()[0]["tokens_sent"]
+    assert 0 < cut < lengths[long] / 2
 
 
 async def test_pacore_solves_against_the_simulator() -> None:

@@ -79,7 +79,7 @@ def test_ask_min_success_stops_a_round_with_too_few_trajectories() -> None:
 )
 def test_run_deadline_fails_each_problem_with_its_reason(method: list[str], where: str, tmp_path: Path) -> None:
     data = write_data(tmp_path / "data.jsonl", 3)
-    with fast_backend("--ttft-ms", 2000) as server:
+    with fast_backend("--ttft-ms", 60_000) as server:  # only the deadline can end a problem, however slow the machine
         process = pacore("run", str(data), "--out", str(tmp_path / "run"), "-b", server.url, "--model", "fast",
                          *method, "--deadline", "0.3", "--quiet")  # fmt: skip
     assert process.returncode == 1 and "3 of 3 problems failed" in error_line(process.stderr)

@@ -306,7 +306,8 @@ async def test_failed_pool_samples_are_generated_again_on_resume(tmp_path: Path)
 
 async def test_progress_counts_problems_tokens_and_flight(tmp_path: Path) -> None:
     seen: list[tuple[int, int]] = []
-    backend = ScriptedBackend(respond=right_after_synthesis, delay=0.01)
+    # The first calls wait until both problems' first rounds are in flight (a loaded machine may start them apart).
+    backend = ScriptedBackend(respond=right_after_synthesis, gate=threading.Event())
     with BatchRun.open(
         tmp_path / "run", make_problems(), dataset_path="data.jsonl", arm=Arm.build("pacore", schedule="2"),
         backend=backend, concurrency=2,
@@ -315,6 +316,8 @@ async def test_progress_counts_problems_tokens_and_flight(tmp_path: Path) -> Non
         async def watch() -> None:
             while True:
                 seen.append((batch.progress.in_flight, batch.progress.done))
+                if batch.progress.in_flight == 4:
+                    backend.gate.set()
                 await asyncio.sleep(0.002)
 
         watcher = asyncio.create_task(watch())

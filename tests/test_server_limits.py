@@ -225,12 +225,14 @@ def test_health_answers_fast_while_large_hostile_bodies_are_refused():
                 time.sleep(0.005)
         attacker.join()
     assert [status for status, _ in refused] == [400] * len(bodies) * 2
-    assert max(seconds for _, seconds in refused) < 2
+    # Before the limits, one of these bodies held the event loop for seconds (81 s for the schedule);
+    # the bounds leave room for a loaded 2-core machine (CI: 4 test workers), where any probe or
+    # refusal may wait a while for a CPU, but never for a parser that takes seconds.
+    assert max(seconds for _, seconds in refused) < 4
     assert len(latencies) >= 10
     latencies.sort()
-    # Under 100 ms; on a loaded 2-core machine one probe in ten may wait for a CPU, never for the
-    # parser (before the limits, one of these bodies held the event loop for seconds).
-    assert latencies[len(latencies) * 9 // 10] < 0.1 and latencies[-1] < 0.5, latencies[-5:]
+    assert latencies[len(latencies) // 2] < 0.1, latencies  # the typical probe: under 100 ms
+    assert latencies[len(latencies) * 9 // 10] < 0.25 and latencies[-1] < 1.5, latencies[-5:]
 
 
 @contextlib.contextmanager
