@@ -688,8 +688,9 @@ async def test_a_failed_trajectory_is_recorded_and_the_round_goes_on():
 
 
 async def test_quorum_over_http_cancels_the_calls_still_waiting():
-    # Two samples at a time, 0.4 s each: once two have finished, the other two are cut.
-    with fast_backend("--tokens-per-s", 50, "--completion-tokens", 20, "--concurrency", 2) as server:
+    # Two samples at a time, 2 s each: once two have finished, the other two are cut (2 s before
+    # they would finish: room for a loaded machine's delays).
+    with fast_backend("--tokens-per-s", 10, "--completion-tokens", 20, "--concurrency", 2) as server:
         policy = ComputePolicy(quorum=0.5)
         result = await asolve("Q", schedule=[4], backend=server.url, params=SEEDED, compute=policy)
     first = round_one(result)

@@ -132,7 +132,8 @@ async def test_open_backend_takes_a_list_of_specs() -> None:
 
 @pytest.mark.http
 async def test_engine_spreads_a_round_over_real_endpoints() -> None:
-    with fast_backend("--endpoints", 2, "--ttft-ms", 20, "--completion-tokens", 4) as server:
+    # Calls of 0.5 s: all 8 are still in flight when the last is sent, however loaded the machine.
+    with fast_backend("--endpoints", 2, "--ttft-ms", 500, "--completion-tokens", 4) as server:
         backend = open_backend(server.urls, n_mode="off")
         async with backend:
             result = await asolve("q", schedule=[8], backend=backend, params=PARAMS)
