@@ -627,7 +627,9 @@ async def test_closing_iter_solve_early_cancels_backend_calls():
     async with aclosing(iter_solve("Q", schedule=[3], backend=backend)) as events:
         async for event in events:
             assert isinstance(event, RoundStarted)
-            while len(backend.calls) < 3:  # let the round's calls start
+            for _ in range(3000):  # let the round's calls start (30 s at most)
+                if len(backend.calls) == 3:
+                    break
                 await asyncio.sleep(0.01)
             break
     assert len(backend.cancelled) == 3
