@@ -46,8 +46,9 @@ class ScriptedBackend(BaseBackend):
     (a ``BackendError`` fails the whole call; any reply that is a Completion
     with ``error`` set fails only that sample). ``delay`` is seconds before
     replying, or a function of the call giving them; with a ``gate`` (a
-    ``threading.Event``), calls first wait until the test sets it, so what the
-    test checks meanwhile does not race a clock. Calls cancelled while
+    ``threading.Event``), calls (those ``held`` says, by default all) first wait
+    until the test sets it, so what the test checks meanwhile does not race a
+    clock. Calls cancelled while
     waiting are listed in ``cancelled``. ``on_progress`` hears each reply's
     words counted one by one, as a streaming server would send them;
     ``on_confidence`` hears a Completion reply's ``token_confidences`` one by one.
@@ -59,6 +60,7 @@ class ScriptedBackend(BaseBackend):
     model: str = "scripted"
     name: str = "scripted"
     gate: threading.Event | None = None
+    held: Callable[[Call], bool] = lambda call: True
     calls: list[Call] = field(default_factory=list)
     cancelled: list[Call] = field(default_factory=list)
 
@@ -74,7 +76,7 @@ class ScriptedBackend(BaseBackend):
         self.calls.append(call)
         wait = self.delay(call) if callable(self.delay) else self.delay
         try:
-            if self.gate is not None:
+            if self.gate is not None and self.held(call):
                 await _opened(self.gate)
             if wait:
                 await asyncio.sleep(wait)
