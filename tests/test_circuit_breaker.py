@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import httpx
 import pytest
@@ -70,14 +71,17 @@ async def test_after_the_cool_down_one_probe_goes_and_a_success_brings_it_back()
     assert router.circuit_states() == ["half-open", "closed"]
 
     a.error = None
-    a.delay = 0.05  # the probe is in flight while other calls arrive
+    a.gate = threading.Event()  # the probe is held in flight while other calls arrive
     probe = asyncio.create_task(router.generate(MESSAGES, 1, PARAMS))
-    await asyncio.sleep(0.01)
+    for _ in range(100):
+        if len(a.calls) == POLICY.failures + 1:
+            break
+        await asyncio.sleep(0)
     assert len(a.calls) == POLICY.failures + 1
     assert await calls(router, 4) == ["b"] * 4  # no second call while the probe runs
+    a.gate.set()
     assert (await probe)[0].text.startswith("a ")
     assert router.circuit_states() == ["closed", "closed"]
-    a.delay = 0.0
     assert sorted(await calls(router, 4)) == ["a", "a", "b", "b"]  # back in turn
 
 

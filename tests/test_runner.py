@@ -171,12 +171,15 @@ async def test_concurrency_bounds_the_problems_in_progress(tmp_path: Path) -> No
             nonlocal active, peak
             active += 1
             peak = max(peak, active)
+            if active == 3:
+                self.gate.set()  # three problems at once: from here on calls go through
             try:
                 return await super().generate(messages, n, params)
             finally:
                 active -= 1
 
-    backend = Counting(respond=lambda call, i: "The answer is 1", delay=0.02)
+    # The first calls wait until three are in flight, however far apart a loaded machine starts them.
+    backend = Counting(respond=lambda call, i: "The answer is 1", delay=0.02, gate=threading.Event())
     await run(tmp_path, backend, Arm.build("pacore", schedule="1"), make_problems(8), concurrency=3)
     assert peak == 3  # one call in flight per problem, three problems at once
 
