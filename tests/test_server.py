@@ -91,11 +91,11 @@ def _auth(running: RunningServer) -> dict[str, str]:
     return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
+def wait_for(condition, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"condition not met within {timeout:g}s")
         time.sleep(0.02)
 
 
@@ -456,7 +456,7 @@ def test_closing_a_stream_cancels_the_backend_calls(fake):
         assert first.choices[0].delta.role == "assistant"
         wait_for(lambda: len(fake.calls) == 3)
         stream.close()
-        # Cancelled, not finished: the calls would have slept 30 s (wait_for gives up sooner).
+        # Cancelled, not finished: only a call cut while it sleeps (30 s) is listed as cancelled.
         wait_for(lambda: len(fake.cancelled) == 3)
         server_state = running.app.state.pacore
         wait_for(lambda: server_state.running == 0)
