@@ -30,6 +30,21 @@ def shared_data() -> Callable[[str], Path]:
     return path_of
 
 
+@pytest.fixture(scope="session", autouse=True)
+def patient_math_verify() -> Iterator[None]:
+    """math-verify's timeout in the main thread (2 s, SIGALRM: wall time) is 30 s in the tests.
+
+    On a loaded machine 2 s of wall time can run out in sympy's first comparison, and a right
+    answer is graded wrong (a run under load saw it for (x+1)^2 = x^2+2x+1). The tests check what is equal,
+    not how fast; a test of the timeout itself sets ``grading._VERIFY_TIMEOUT_S`` back.
+    """
+    from pacore.eval import grading
+
+    grading._VERIFY_TIMEOUT_S, saved = 30, grading._VERIFY_TIMEOUT_S
+    yield
+    grading._VERIFY_TIMEOUT_S = saved
+
+
 @pytest.fixture(scope="session")
 def llama_server_url() -> Iterator[str]:
     """Base URL (``http://127.0.0.1:PORT/v1``) of a real llama-cpp-python server
