@@ -700,8 +700,8 @@ class _ConnectionPool:
     sent requests built as an ``httpx.AsyncClient`` would build them (its
     default headers and timeouts, worked out once): the client's layers
     around the transport (auth, redirects, cookie jar, event hooks) serve no
-    purpose for an API call and cost a quarter of a pass-through request's
-    CPU in ``pacore serve`` (``bench/proxy.py``).
+    purpose for an API call and cost about a tenth of a pass-through
+    request's CPU in ``pacore serve`` (``bench/proxy.py``).
     """
 
     def __init__(self, size: int, options: dict[str, Any], lean: bool = False) -> None:
