@@ -1,10 +1,13 @@
-"""The server's write coalescing: what one pass of the event loop writes leaves in one send."""
+"""The server's write coalescing: a response's head leaves with its body, in one send."""
 
 from __future__ import annotations
 
 import asyncio
 
 from pacore.server.transport import _CoalescingTransport
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
 class RecordingTransport(asyncio.Transport):
@@ -40,50 +43,51 @@ async def pass_of_the_loop() -> None:
     await asyncio.sleep(0)
 
 
-async def test_a_response_head_and_body_written_in_one_step_go_out_in_one_write():
+def coalescing() -> tuple[_CoalescingTransport, RecordingTransport]:
     real = RecordingTransport()
-    transport = _CoalescingTransport(real, asyncio.get_running_loop())
-    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
-    transport.write(b"")  # h11's end of a sized body: nothing to send
+    return _CoalescingTransport(real, asyncio.get_running_loop()), real
+
+
+async def test_a_json_answer_leaves_in_one_write_at_once():
+    transport, real = coalescing()
+    transport.write(HEAD)
+    assert real.writes == [] and transport.get_write_buffer_size() == len(HEAD)
     transport.write(memoryview(b"{}"))
-    assert real.writes == [] and transport.get_write_buffer_size() == 40
+    assert real.writes == [HEAD + b"{}"]  # no wait for the end of the pass
+    transport.write(b"")  # h11's end of a sized body: nothing to send
     await pass_of_the_loop()
-    assert real.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
-    assert transport.get_write_buffer_size() == 0
+    assert real.writes == [HEAD + b"{}"] and transport.get_write_buffer_size() == 0
 
 
-async def test_writes_of_separate_steps_are_not_held_back():
-    real = RecordingTransport()
-    transport = _CoalescingTransport(real, asyncio.get_running_loop())
-    for chunk in (b"data: 1\n\n", b"data: 2\n\n"):
-        transport.write(chunk)
-        await pass_of_the_loop()
-    assert real.writes == [b"data: 1\n\n", b"data: 2\n\n"]
+async def test_a_streams_head_waits_at_most_one_pass_and_its_events_none():
+    transport, real = coalescing()
+    transport.write(STREAM_HEAD)
+    await pass_of_the_loop()  # the first event is not there yet: the head goes alone
+    assert real.writes == [STREAM_HEAD]
+    transport.write(b"9\r\ndata: 1\n\n\r\n")
+    transport.write(b"9\r\ndata: 2\n\n\r\n")
+    assert real.writes == [STREAM_HEAD, b"9\r\ndata: 1\n\n\r\n", b"9\r\ndata: 2\n\n\r\n"]
 
 
-async def test_close_sends_what_is_held_first_and_abort_drops_it():
-    loop = asyncio.get_running_loop()
-    real = RecordingTransport()
-    transport = _CoalescingTransport(real, loop)
-    transport.write(b"last words")
+async def test_close_sends_a_held_head_first_and_abort_drops_it():
+    transport, real = coalescing()
+    transport.write(HEAD)
     transport.close()
-    assert real.writes == [b"last words"] and real.closed
+    assert real.writes == [HEAD] and real.closed
     await pass_of_the_loop()  # the scheduled flush finds nothing left to send
-    assert real.writes == [b"last words"]
+    assert real.writes == [HEAD]
 
-    cut = RecordingTransport()
-    transport = _CoalescingTransport(cut, loop)
-    transport.write(b"never sent")
+    transport, cut = coalescing()
+    transport.write(HEAD)
     transport.abort()
     await pass_of_the_loop()
     assert cut.writes == [] and cut.aborted
 
 
 async def test_the_rest_is_the_socket_transports_own():
-    real = RecordingTransport()
+    transport, real = coalescing()
     real.buffered = 7
-    transport = _CoalescingTransport(real, asyncio.get_running_loop())
-    transport.write(b"abc")
-    assert transport.get_write_buffer_size() == 10  # the socket's buffer and what is held
+    transport.write(HEAD)
+    assert transport.get_write_buffer_size() == 7 + len(HEAD)  # the socket's buffer and the held head
     assert transport.get_extra_info("peername") == ("127.0.0.1", 1)
     assert not transport.is_closing()

@@ -15,8 +15,8 @@ adds, per connection:
   that queue long before the socket has room for the process's buffer again;
 - malformed HTTP gets its 400 in OpenAI's JSON error shape, not plain text.
 
-It also sends a response's status line, headers and body in one write (see
-:class:`_CoalescingTransport`): the client wakes once per response, not twice.
+It also sends a response's status line and headers in one write with its
+body (see :class:`_CoalescingTransport`): the client wakes once per response.
 
 The body's own timeout is the app's (see ``pacore.server.app``), so that a
 slow body gets a 408 in OpenAI's shape from the route that was reading it.
@@ -68,47 +68,46 @@ def _raw_response(status: int, reason: bytes, exc: Exception) -> bytes:
 
 
 class _CoalescingTransport:
-    """A transport whose writes made in one pass of the event loop go out as one ``send``.
+    """A transport that sends a response's head together with the start of its body.
 
-    uvicorn writes a response's head and body separately, and a streamed response's
-    each chunk and its terminator; on loopback each write is a syscall that wakes the
-    client. Writes are held until the current callback ends (``call_soon``), so what
-    one ASGI step writes leaves together; nothing waits longer than that.
+    uvicorn writes a response's status line and headers, then its body, as
+    two writes; on loopback each is a ``send`` that wakes the client. A head
+    is held until the next write (the body, in the same ASGI step for a JSON
+    answer) and sent with it, or at the end of the current pass of the event
+    loop (``call_soon``: a stream whose first event comes later). Every other
+    write goes straight out, so a stream's events pay nothing for this.
     """
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
-        self._held: list[bytes] = []
-        self._held_bytes = 0
+        self._head: bytes | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        if not self._held:
+        if self._head is not None:
+            data, self._head = self._head + bytes(data), None
+        elif data[:5] == b"HTTP/":  # a status line and headers, from uvicorn's protocol
+            self._head = bytes(data)
             self._loop.call_soon(self.flush)
-        self._held.append(bytes(data))
-        self._held_bytes += len(data)
+            return
+        self._transport.write(data)
 
     def flush(self) -> None:
-        if not self._held:
-            return
-        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-        self._held.clear()
-        self._held_bytes = 0
-        if not self._transport.is_closing():
-            self._transport.write(data)
+        head, self._head = self._head, None
+        if head is not None and not self._transport.is_closing():
+            self._transport.write(head)
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + self._held_bytes
+        return self._transport.get_write_buffer_size() + len(self._head or b"")
 
     def close(self) -> None:
         self.flush()
         self._transport.close()
 
     def abort(self) -> None:
-        self._held.clear()
-        self._held_bytes = 0
+        self._head = None
         self._transport.abort()
 
     def write_eof(self) -> None:
