@@ -464,8 +464,13 @@ def solve_setup(
     return SolveSetup(flags.open_backend(), options)
 
 
-def output_path_option(text: str) -> Path:
-    """The ``parser`` of every ``--out``: an empty path is a usage error, not the current directory."""
+def out_option(metavar: str, help: str) -> Any:
+    """The ``--out``/``-o`` option of a command that writes ``metavar`` (a file or a directory)."""
+    return typer.Option("--out", "-o", metavar=metavar, parser=_output_path, help=help)
+
+
+def _output_path(text: str) -> Path:
+    """An empty ``--out`` is a usage error, not the current directory."""
     try:
         return output_path(text)
     except OutputError as exc:

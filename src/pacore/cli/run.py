@@ -22,7 +22,7 @@ from pacore.cli.app import app
 from pacore.cli.options import (
     ScheduleOption,
     SolveFlags,
-    output_path_option,
+    out_option,
     with_solve_options,
 )
 from pacore.cli.results import interval_text, results_unit
@@ -193,12 +193,7 @@ def summary_text(summary: report.ArmReport, run_dir: Path) -> str:
 @with_solve_options
 def run(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Data set file (JSONL or a JSON list).")],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out", "-o", metavar="RUN_DIR", parser=output_path_option, help="Run directory (created if needed)."
-        ),
-    ],
+    out: Annotated[Path, out_option("RUN_DIR", "Run directory (created if needed).")],
     method: Annotated[
         str,
         typer.Option("--method", help=f"One of {', '.join(METHODS)}.", rich_help_panel=RUN_PANEL),
