@@ -37,143 +37,136 @@ BACKEND_PANEL = "Backend"
 GENERATION_PANEL = "Generation"
 COMPUTE_PANEL = "Adaptive compute (all off by default; see docs/adaptive-compute.md)"
 
+
+def panel_option(panel: str) -> functools.partial[Any]:
+    """``typer.Option`` for the options --help lists under ``panel``."""
+    return functools.partial(typer.Option, rich_help_panel=panel)
+
+
+_backend_option = panel_option(BACKEND_PANEL)
+_generation_option = panel_option(GENERATION_PANEL)
+
+
 BackendOption = Annotated[
     list[str] | None,
-    typer.Option(
+    _backend_option(
         "--backend",
         "-b",
         metavar="SPEC",
         help="Model to use: an OpenAI-compatible server URL (http://host:port/v1), "
         "gguf:/path/model.gguf, or 'embedded' (the default, Gemma 3 270M). Repeat it to "
         "spread the calls over several endpoints.",
-        rich_help_panel=BACKEND_PANEL,
         show_default=False,
     ),
 ]
 ModelOption = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Model name sent to the server.", rich_help_panel=BACKEND_PANEL),
+    _backend_option("--model", "-m", help="Model name sent to the server."),
 ]
 ApiKeyOption = Annotated[
     str | None,
-    typer.Option(
-        "--api-key",
-        envvar="PACORE_API_KEY",
-        show_envvar=True,
-        help="API key for the server.",
-        rich_help_panel=BACKEND_PANEL,
-    ),
+    _backend_option("--api-key", envvar="PACORE_API_KEY", show_envvar=True, help="API key for the server."),
 ]
 TimeoutOption = Annotated[
     float | None,
-    typer.Option(
+    _backend_option(
         "--timeout",
         metavar="SECONDS",
         help="Inactivity limit of an HTTP call: an attempt fails when the server sends nothing for "
         "this long. Calls stream, so one that keeps producing tokens is never cut; --deadline "
         "bounds a whole request \\[default: 1800].",
-        rich_help_panel=BACKEND_PANEL,
     ),
 ]
 RetriesOption = Annotated[
     int | None,
-    typer.Option(
+    _backend_option(
         "--retries",
         metavar="N",
         help="Retries of a failed HTTP call (connection errors, timeouts, 429, 5xx) \\[default: the backend's].",
-        rich_help_panel=BACKEND_PANEL,
     ),
 ]
 ThreadsOption = Annotated[
     int | None,
-    typer.Option(
+    _backend_option(
         "--threads",
         metavar="N",
         envvar="PACORE_THREADS",
         show_envvar=True,
         help="CPU threads of the embedded or GGUF model \\[default: 1, measured steadiest on 2 cores].",
-        rich_help_panel=BACKEND_PANEL,
         show_default=False,
     ),
 ]
 MaxTokensOption = Annotated[
     int | None,
-    typer.Option(
+    _generation_option(
         "--max-tokens",
         metavar="N",
         help="Most tokens each call may generate \\[default: the backend's; embedded: 512; "
         "gguf: to the end of the context].",
-        rich_help_panel=GENERATION_PANEL,
     ),
 ]
 TemperatureOption = Annotated[
     float,
-    typer.Option("--temperature", "-t", help="Sampling temperature.", rich_help_panel=GENERATION_PANEL),
+    _generation_option("--temperature", "-t", help="Sampling temperature."),
 ]
-TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.", rich_help_panel=GENERATION_PANEL)]
+TopPOption = Annotated[float, _generation_option("--top-p", help="Nucleus sampling mass.")]
 SeedOption = Annotated[
     int | None,
-    typer.Option(
+    _generation_option(
         "--seed",
         help="Seed for sampling and for shuffling the references (same seed, same run "
         "where the backend supports seeds).",
-        rich_help_panel=GENERATION_PANEL,
     ),
 ]
 ScheduleOption = Annotated[
     str,
-    typer.Option(
+    _generation_option(
         "--schedule",
         "-s",
         metavar="K",
         help="Trajectories per coordinated round: a preset (low=4, medium=16, high=32,4, "
         "off) or counts like 8 or 16,4. A final single-call round is always added.",
-        rich_help_panel=GENERATION_PANEL,
     ),
 ]
 DeadlineOption = Annotated[
     float | None,
-    typer.Option(
+    _generation_option(
         "--deadline",
         metavar="SECONDS",
         help="Give up on a request (in 'pacore run': on a problem) after this long; the rounds "
         "computed so far are kept in its trace.",
-        rich_help_panel=GENERATION_PANEL,
         show_default=False,
     ),
 ]
 MinSuccessOption = Annotated[
     float | None,
-    typer.Option(
+    _generation_option(
         "--min-success",
         metavar="FRACTION",
         help="Fraction of a coordinated round's trajectories (or of majority's samples) that must "
         "succeed to go on, e.g. 0.5 \\[default: at least one].",
-        rich_help_panel=GENERATION_PANEL,
         show_default=False,
     ),
 ]
 TemplateOption = Annotated[
     str | None,
-    typer.Option(
+    _generation_option(
         "--template",
         metavar="NAME|FILE",
         help="Synthesis prompt: 'pacore' (the report's Table 6 prompt, which PaCoRe-trained models "
         "expect), 'generic' (a more explicit prompt for other models) or a Jinja2 template file "
         "\\[default: pacore].",
-        rich_help_panel=GENERATION_PANEL,
         show_default=False,
     ),
 ]
 ReferenceOrderOption = Annotated[
     str,
-    typer.Option(
+    _generation_option(
         "--reference-order",
         metavar="shuffle|release",
         help="Order of the references in a synthesis prompt: 'shuffle' (seeded per round) or "
         "'release' (the reference release's: by length, then shuffled with --seed; use --seed 42 "
         "to send what it sends).",
-        rich_help_panel=GENERATION_PANEL,
     ),
 ]
 
