@@ -15,6 +15,9 @@ adds, per connection:
   that queue long before the socket has room for the process's buffer again;
 - malformed HTTP gets its 400 in OpenAI's JSON error shape, not plain text.
 
+It also sends a response's status line, headers and body in one write (see
+:class:`_CoalescingTransport`): the client wakes once per response, not twice.
+
 The body's own timeout is the app's (see ``pacore.server.app``), so that a
 slow body gets a 408 in OpenAI's shape from the route that was reading it.
 """
@@ -64,6 +67,59 @@ def _raw_response(status: int, reason: bytes, exc: Exception) -> bytes:
     return head + body
 
 
+class _CoalescingTransport:
+    """A transport whose writes made in one pass of the event loop go out as one ``send``.
+
+    uvicorn writes a response's head and body separately, and a streamed response's
+    each chunk and its terminator; on loopback each write is a syscall that wakes the
+    client. Writes are held until the current callback ends (``call_soon``), so what
+    one ASGI step writes leaves together; nothing waits longer than that.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(bytes(data))
+        self._held_bytes += len(data)
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held.clear()
+        self._held_bytes = 0
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + self._held_bytes
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held.clear()
+        self._held_bytes = 0
+        self._transport.abort()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def __getattr__(self, name: str) -> Any:
+        # is_closing, get_extra_info, pause_reading, resume_reading, set_protocol...: the socket's own.
+        return getattr(self._transport, name)
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the timeouts above; ``on_cut`` hears of each connection they end."""
 
@@ -95,7 +151,7 @@ class GuardedH11Protocol(H11Protocol):
     # --- headers --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
