@@ -43,13 +43,14 @@ def panel_option(panel: str) -> functools.partial[Any]:
     return functools.partial(typer.Option, rich_help_panel=panel)
 
 
-_backend_option = panel_option(BACKEND_PANEL)
+backend_option = panel_option(BACKEND_PANEL)
 _generation_option = panel_option(GENERATION_PANEL)
+_compute_option = panel_option(COMPUTE_PANEL)
 
 
 BackendOption = Annotated[
     list[str] | None,
-    _backend_option(
+    backend_option(
         "--backend",
         "-b",
         metavar="SPEC",
@@ -61,15 +62,15 @@ BackendOption = Annotated[
 ]
 ModelOption = Annotated[
     str | None,
-    _backend_option("--model", "-m", help="Model name sent to the server."),
+    backend_option("--model", "-m", help="Model name sent to the server."),
 ]
 ApiKeyOption = Annotated[
     str | None,
-    _backend_option("--api-key", envvar="PACORE_API_KEY", show_envvar=True, help="API key for the server."),
+    backend_option("--api-key", envvar="PACORE_API_KEY", show_envvar=True, help="API key for the server."),
 ]
 TimeoutOption = Annotated[
     float | None,
-    _backend_option(
+    backend_option(
         "--timeout",
         metavar="SECONDS",
         help="Inactivity limit of an HTTP call: an attempt fails when the server sends nothing for "
@@ -79,7 +80,7 @@ TimeoutOption = Annotated[
 ]
 RetriesOption = Annotated[
     int | None,
-    _backend_option(
+    backend_option(
         "--retries",
         metavar="N",
         help="Retries of a failed HTTP call (connection errors, timeouts, 429, 5xx) \\[default: the backend's].",
@@ -87,7 +88,7 @@ RetriesOption = Annotated[
 ]
 ThreadsOption = Annotated[
     int | None,
-    _backend_option(
+    backend_option(
         "--threads",
         metavar="N",
         envvar="PACORE_THREADS",
@@ -187,9 +188,7 @@ class _ComputeFlag(NamedTuple):
     @property
     def annotation(self) -> Any:
         """The flag's typer declaration."""
-        option = typer.Option(
-            self.flag, metavar=self.metavar, help=self.help, rich_help_panel=COMPUTE_PANEL, show_default=False
-        )
+        option = _compute_option(self.flag, metavar=self.metavar, help=self.help, show_default=False)
         return Annotated[self.type if self.type is bool else self.type | None, option]
 
 

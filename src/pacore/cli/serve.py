@@ -17,7 +17,6 @@ from pacore._extras import SERVER_MODULES, require
 from pacore.adaptive import ComputePolicy
 from pacore.cli.app import app
 from pacore.cli.options import (
-    BACKEND_PANEL,
     BackendOption,
     DeadlineOption,
     MaxTokensOption,
@@ -30,6 +29,7 @@ from pacore.cli.options import (
     ThreadsOption,
     TimeoutOption,
     TopPOption,
+    backend_option,
     check_limits,
     generation_params,
     load_template,
@@ -188,12 +188,11 @@ def serve(
     model: ModelOption = None,
     backend_api_key: Annotated[
         str | None,
-        typer.Option(
+        backend_option(
             "--backend-api-key",
             envvar="PACORE_API_KEY",
             show_envvar=True,
             help="API key pacore sends to the backend server.",
-            rich_help_panel=BACKEND_PANEL,
         ),
     ] = None,
     timeout: TimeoutOption = None,
