@@ -13,7 +13,7 @@ import gzip
 import json
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -43,6 +43,34 @@ def serving(handler: Handler) -> contextlib.AbstractAsyncContextManager[str]:
     return raw_server(quiet)
 
 
+NumberedHandler = Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Connections:
+    """A raw server's handler that numbers its connections: ``handler(number, reader, writer)``, 1 for the first."""
+
+    def __init__(self, handler: NumberedHandler) -> None:
+        self.handler = handler
+        self.count = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.count += 1
+        await self.handler(self.count, reader, writer)
+
+
+@contextlib.asynccontextmanager
+async def lean_client(
+    handler: Handler, timeout: float | httpx.Timeout = 2
+) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """A client on the lean transport, and the URL of the raw server ``handler`` answers."""
+    async with serving(handler) as url, httpx.AsyncClient(transport=LeanTransport(), timeout=timeout) as client:
+        yield client, url
+
+
+async def post(client: httpx.AsyncClient, url: str) -> httpx.Response:
+    return await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)
+
+
 async def outcome(make: Callable[[], httpx.AsyncBaseTransport], pieces: list[bytes], timeout: float = 2) -> Outcome:
     """The body a client reads when a server sends ``pieces`` (each its own TCP write) then closes, or its error."""
 
@@ -54,6 +82,11 @@ async def outcome(make: Callable[[], httpx.AsyncBaseTransport], pieces: list[byt
             await asyncio.sleep(0.002)  # a separate read on the client's side
         writer.close()
 
+    return await outcome_of(handler, make, timeout)
+
+
+async def outcome_of(handler: Handler, make: Callable[[], httpx.AsyncBaseTransport], timeout: float = 2) -> Outcome:
+    """The body a client on ``make()``'s transport reads from the raw server ``handler`` answers, or its error."""
     async with serving(handler) as url, httpx.AsyncClient(transport=make(), timeout=timeout) as client:
         try:
             return await asyncio.wait_for(_body(client, url), LIMIT_S)
@@ -169,37 +202,30 @@ async def test_a_head_over_the_limit_is_refused_without_reading_it_all() -> None
             await writer.drain()
         writer.close()
 
-    async with serving(handler) as url, httpx.AsyncClient(transport=LeanTransport(), timeout=2) as client:
+    async with lean_client(handler) as (client, url):
         with pytest.raises(httpx.RemoteProtocolError, match="too long"):
-            await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)
+            await post(client, url)
     assert sent < 100 * MAX_HEAD_BYTES
 
 
 async def test_extra_bytes_after_a_body_never_become_the_next_answer() -> None:
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    async def handler(_connection: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await read_request(reader)
             # Two bytes past the declared length: a broken server, whose connection cannot be trusted again.
             writer.write(OK + b"Content-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad")
             await writer.drain()
 
-    async with serving(handler) as url, httpx.AsyncClient(transport=LeanTransport(), timeout=2) as client:
-        bodies = [(await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)).content for _ in range(3)]
+    server = Connections(handler)
+    async with lean_client(server) as (client, url):
+        bodies = [(await post(client, url)).content for _ in range(3)]
     assert bodies == [b"ok", b"ok", b"ok"]
-    assert connections == 3
+    assert server.count == 3
 
 
 @pytest.mark.parametrize("close", [b"Connection: close\r\n", b""], ids=["connection-close", "http-1.0"])
 async def test_a_connection_the_server_closes_is_never_reused(close: bytes) -> None:
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    async def handler(_connection: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         status = OK if close else b"HTTP/1.0 200 OK\r\n"
         writer.write(status + close + b"Content-Length: 2\r\n\r\nok")
@@ -207,32 +233,30 @@ async def test_a_connection_the_server_closes_is_never_reused(close: bytes) -> N
         await asyncio.sleep(0.05)  # the client has its answer before the close arrives
         writer.close()
 
-    async with serving(handler) as url, httpx.AsyncClient(transport=LeanTransport(), timeout=2) as client:
-        bodies = [(await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)).content for _ in range(3)]
+    server = Connections(handler)
+    async with lean_client(server) as (client, url):
+        bodies = [(await post(client, url)).content for _ in range(3)]
     assert bodies == [b"ok", b"ok", b"ok"]
-    assert connections == 3
+    assert server.count == 3
 
 
 async def test_headers_then_silence_is_a_read_timeout_and_the_next_request_gets_a_fresh_connection() -> None:
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    async def handler(connection: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        if connections == 1:
+        if connection == 1:
             writer.write(OK + b"Content-Length: 10\r\n\r\nhel")
             await writer.drain()
             await asyncio.sleep(LIMIT_S)
         writer.write(OK + b"Content-Length: 2\r\n\r\nok")
         await writer.drain()
 
-    async with serving(handler) as url, httpx.AsyncClient(transport=LeanTransport(), timeout=0.2) as client:
+    server = Connections(handler)
+    async with lean_client(server, timeout=0.2) as (client, url):
         with pytest.raises(httpx.ReadTimeout):
-            await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)
-        again = await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)
+            await post(client, url)
+        again = await post(client, url)
     assert again.content == b"ok"
-    assert connections == 2
+    assert server.count == 2
 
 
 async def answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -256,16 +280,13 @@ async def test_a_server_that_never_accepts_is_a_connect_timeout() -> None:
             fillers.append(filler)
         timeout = httpx.Timeout(5, connect=0.3)
         silent = f"http://{address[0]}:{address[1]}/"
-        async with (
-            serving(answer_ok) as url,
-            httpx.AsyncClient(transport=LeanTransport(), timeout=timeout) as client,
-        ):
+        async with lean_client(answer_ok, timeout) as (client, url):
             with pytest.raises(httpx.ConnectTimeout):
                 await asyncio.wait_for(client.get(silent), LIMIT_S)
             with pytest.raises(TimeoutError):  # cancelled while connecting
                 await asyncio.wait_for(client.get(silent), 0.1)
             # The same transport still works once a server answers.
-            assert (await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)).content == b"ok"
+            assert (await post(client, url)).content == b"ok"
     finally:
         for filler in fillers:
             filler.close()
@@ -274,13 +295,9 @@ async def test_a_server_that_never_accepts_is_a_connect_timeout() -> None:
 
 @pytest.mark.parametrize("where", ["head", "body"])
 async def test_a_request_cancelled_mid_read_leaves_no_half_read_connection(where: str) -> None:
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    async def handler(connection: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        if connections == 1:
+        if connection == 1:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Le" if where == "head" else CHUNKED_HEAD + b"5\r\nhello\r\n")
             await writer.drain()
             await asyncio.sleep(0.3)  # the request is cancelled meanwhile; then the rest of its answer comes
@@ -291,13 +308,14 @@ async def test_a_request_cancelled_mid_read_leaves_no_half_read_connection(where
         await writer.drain()
         await reader.read()
 
-    async with serving(handler) as url, httpx.AsyncClient(transport=LeanTransport(), timeout=2) as client:
+    server = Connections(handler)
+    async with lean_client(server) as (client, url):
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(_body(client, url), 0.1)
         await asyncio.sleep(0.4)  # the rest of the first answer has arrived
         again = await asyncio.wait_for(_body(client, url), LIMIT_S)
     assert again == b"new"
-    assert connections == 2
+    assert server.count == 2
 
 
 async def test_a_gzip_stream_through_the_backend_reads_as_text() -> None:
@@ -400,8 +418,7 @@ async def test_a_slow_reader_holds_back_a_fast_server_instead_of_buffering_the_b
 
     largest = 0
     async with (
-        serving(handler) as url,
-        httpx.AsyncClient(transport=LeanTransport(), timeout=5) as client,
+        lean_client(handler, timeout=5) as (client, url),
         client.stream("POST", url + "/", content=b"x") as response,
     ):
         received = 0
@@ -442,25 +459,23 @@ async def test_many_streams_through_the_pool_against_fastbackend_faults_match_ht
 
 async def test_a_connection_paused_for_a_slow_reader_still_notices_the_server_closing_it() -> None:
     body = b"y" * (1024 * 1024 + 100 * 1024)  # crosses the pause threshold in its last received piece
-    connections = 0
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    async def handler(_connection: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(OK + b"Content-Length: %d\r\n\r\n" % len(body) + body)
         await writer.drain()
         await asyncio.sleep(0.3)
         writer.close()  # an idle keep-alive connection the server drops
 
-    async with serving(handler) as url, httpx.AsyncClient(transport=LeanTransport(), timeout=2) as client:
+    server = Connections(handler)
+    async with lean_client(server) as (client, url):
         async with client.stream("POST", url + "/", content=b"x") as response:
             await asyncio.sleep(0.2)  # the whole body arrives before it is read
             assert await response.aread() == body
         await asyncio.sleep(0.4)
-        again = await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)
+        again = await post(client, url)
     assert again.content == body
-    assert connections == 2
+    assert server.count == 2
 
 
 @pytest.mark.parametrize(
@@ -479,11 +494,7 @@ async def test_a_connection_reset_is_an_httpx_error_as_with_httpx(sent: bytes) -
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
 
-        async with serving(handler) as url, httpx.AsyncClient(transport=make(), timeout=2) as client:
-            try:
-                return await asyncio.wait_for(_body(client, url), LIMIT_S)
-            except httpx.HTTPError as exc:
-                return type(exc)
+        return await outcome_of(handler, make)
 
     lean, reference = await outcome_with_reset(LeanTransport), await outcome_with_reset(httpx.AsyncHTTPTransport)
     assert lean == reference, (lean, reference)
@@ -550,7 +561,7 @@ async def test_a_head_or_chunk_line_sent_byte_by_byte_is_searched_in_linear_time
         await writer.drain()
         await reader.read()
 
-    async with serving(handler) as url, httpx.AsyncClient(transport=LeanTransport(), timeout=5) as client:
-        answer = await asyncio.wait_for(client.post(url + "/", content=b"x"), LIMIT_S)
+    async with lean_client(handler, timeout=5) as (client, url):
+        answer = await post(client, url)
     assert answer.content == b"ok"
     assert CountingBuffer.searched < 10 * len(slow)  # searching it all again at each byte: about 1000 times more

@@ -36,7 +36,7 @@ from harness import fast_backend
 from pacore.backends.base import Completion, GenerationParams
 from pacore.errors import ScheduleError
 from pacore.schedule import Schedule
-from pacore.server import ServerConfig
+from pacore.server import ServerConfig, transport
 from pacore.server.completions import Limits, parse_body, plan_request
 from pacore.server.errors import describe
 from server_harness import RunningServer, running_app, running_cli
@@ -245,7 +245,17 @@ def raw_connection(running: RunningServer) -> Iterator[socket.socket]:
 DRIBBLES = 100
 
 
-def test_slow_headers_get_a_408_in_openai_shape_and_are_counted(fake):
+@pytest.fixture(params=["httptools", "h11"])
+def parser(request, monkeypatch) -> str:
+    """The server's HTTP parser: httptools (installed by the server extra) or h11 (without it)."""
+    if request.param == "h11":
+        monkeypatch.setattr(transport, "HttpToolsProtocol", None)
+    else:
+        assert transport.HttpToolsProtocol is not None, "the server extra installs httptools"
+    return request.param
+
+
+def test_slow_headers_get_a_408_in_openai_shape_and_are_counted(fake, parser):
     with running_app(fake, ServerConfig(schedule=DEFAULT, header_timeout_s=1.0)) as running:
         with raw_connection(running) as connection:
             started = time.monotonic()
@@ -330,7 +340,7 @@ def slot_is_free(running: RunningServer) -> bool:
     ("limits", "reason"),
     [({"write_timeout_s": 1.0}, "write_stall"), ({"deadline_s": 2.0, "write_timeout_s": 600.0}, "deadline")],
 )
-def test_a_stream_its_client_does_not_read_loses_its_slot(limits, reason):
+def test_a_stream_its_client_does_not_read_loses_its_slot(limits, reason, parser):
     backend = StreamingScriptedBackend(respond=long_answer)
     config = ServerConfig(schedule=DEFAULT, max_concurrent_requests=1, **limits)
     with running_app(backend, config) as running:
@@ -351,7 +361,7 @@ def test_a_stream_its_client_does_not_read_loses_its_slot(limits, reason):
         assert metric(running, "pacore_clients_cut_total", reason=reason) == 1
 
 
-def test_a_stream_read_slowly_but_steadily_is_not_cut():
+def test_a_stream_read_slowly_but_steadily_is_not_cut(parser):
     backend = StreamingScriptedBackend(respond=long_answer)
     # The reader drains the kernel's queue, not the server's own buffer, for several stall limits:
     # progress is counted in both.
@@ -403,7 +413,7 @@ def test_strict_types_through_the_sdk(fake):
     assert fake.calls == []
 
 
-def test_malformed_http_gets_a_json_400(fake):
+def test_malformed_http_gets_a_json_400(fake, parser):
     with running_app(fake, ServerConfig(schedule=DEFAULT)) as running:
         for garbage in (b"NOT HTTP AT ALL\r\n\r\n", b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"):
             with raw_connection(running) as connection:
@@ -412,6 +422,27 @@ def test_malformed_http_gets_a_json_400(fake):
             assert status == 400 and headers["content-type"] == "application/json"
             assert set(body["error"]) == {"message", "type", "param", "code"}
             assert body["error"]["code"] == "malformed_http"
+
+
+def test_headers_beyond_the_limit_get_a_json_431_and_are_counted(fake, parser):
+    with running_app(fake, ServerConfig(schedule=DEFAULT)) as running:
+        with raw_connection(running) as connection:
+            with contextlib.suppress(OSError):  # the server may close before the last bytes are in
+                connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                for _ in range(transport.MAX_HEAD_BYTES // 1000 + 1):
+                    connection.sendall(b"X-Filler: " + b"y" * 988 + b"\r\n")
+            status, headers, body = read_reply(connection)
+        assert status == 431 and headers["connection"] == "close"
+        assert body["error"]["code"] == "headers_too_large"
+        assert f"exceed {transport.MAX_HEAD_BYTES:,} bytes" in body["error"]["message"]
+        assert metric(running, "pacore_clients_cut_total", reason="headers_too_large") == 1
+        # Headers just within the limit are served.
+        with raw_connection(running) as connection:
+            filler = b"".join(b"X-Filler: " + b"y" * 988 + b"\r\n" for _ in range(transport.MAX_HEAD_BYTES // 1000 - 1))
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + filler + b"\r\n")
+            status, _, body = read_reply(connection)
+        assert status == 200 and body["status"] == "ok"
+    assert fake.calls == []
 
 
 def test_every_static_file_of_the_viewer_has_the_csp(fake):

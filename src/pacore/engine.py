@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 
 from pydantic import ValidationError
 
+from pacore import trace
 from pacore.adaptive import ComputePolicy, majority_probability, percentile
 from pacore.answers import tally
 from pacore.backends.base import (
@@ -32,7 +33,6 @@ from pacore.backends.base import (
     accepts_confidence,
     accepts_progress,
     current_retry_budget,
-    text_of,
 )
 from pacore.confidence import WindowedConfidence, lowest_group_at, summarize
 from pacore.errors import (
@@ -45,27 +45,13 @@ from pacore.errors import (
 )
 
 # THINK_END and last_user_text are re-exported: callers have long imported them from here.
-from pacore.messages import THINK_END, compact, last_user_index, last_user_text, non_text_parts  # noqa: F401
+from pacore.messages import THINK_END, compact, last_user_index, last_user_text, non_text_parts, text_of  # noqa: F401
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
 from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder, build_synthesis_input
-from pacore.trace import (
-    AnswerDelta,
-    Confidence,
-    Event,
-    Final,
-    Result,
-    Round,
-    RoundFinished,
-    RoundStarted,
-    Trajectory,
-    TrajectoryFinished,
-    TrajectoryProgress,
-    usage_of,
-)
 
 T = TypeVar("T")
-EventCallback = Callable[[Event], None]
+EventCallback = Callable[[trace.Event], None]
 Prompt = str | Sequence[Message]
 
 #: Least seconds between two TrajectoryProgress events of a round.
@@ -149,7 +135,7 @@ class _RoundProgress:
         if now >= self.next_at:
             self.next_at = now + PROGRESS_INTERVAL_S
             pending, self.pending = self.pending, {}
-            self.emit(TrajectoryProgress(round=self.round, tokens=pending))
+            self.emit(trace.TrajectoryProgress(round=self.round, tokens=pending))
 
     def finished(self, first: int, n: int) -> None:
         """Forget the counts of a finished call's trajectories (their final event says it all)."""
@@ -158,8 +144,8 @@ class _RoundProgress:
 
 
 def adopt_first_round(
-    items: Sequence[Completion | Trajectory], compute: ComputePolicy | None = None
-) -> list[Trajectory]:
+    items: Sequence[Completion | trace.Trajectory], compute: ComputePolicy | None = None
+) -> list[trace.Trajectory]:
     """Pre-generated round-1 trajectories as the engine records them (``asolve(first_round=...)``).
 
     Numbered in the given order, which is also their completion order, with
@@ -169,11 +155,11 @@ def adopt_first_round(
     """
     adopted = []
     for i, item in enumerate(items):
-        if isinstance(item, Trajectory):
+        if isinstance(item, trace.Trajectory):
             message = compact(item.text) if item.ok else None
             trajectory = item.model_copy(update={"round": 0, "index": i, "message": message, "finish_order": i})
         else:
-            trajectory = Trajectory.from_completion(0, i, item, compute)
+            trajectory = trace.Trajectory.from_completion(0, i, item, compute)
             trajectory.finish_order = i
         adopted.append(trajectory)
     return adopted
@@ -193,7 +179,7 @@ class _Solve:
         on_event: EventCallback | None,
         min_success: float | None,
         stream_answer: bool,
-        first_round: Sequence[Completion | Trajectory] | None,
+        first_round: Sequence[Completion | trace.Trajectory] | None,
         reference_order: ReferenceOrder = "shuffle",
         compute: ComputePolicy | None = None,
     ) -> None:
@@ -214,17 +200,17 @@ class _Solve:
         self.reports_progress = on_event is not None and accepts_progress(backend)
         budget = self.compute.budget_tokens
         self.budget = None if budget is None else _Budget(budget, params.max_tokens, sum(schedule.ks))
-        self.rounds: list[Round] = []
+        self.rounds: list[trace.Round] = []
         #: Calls a policy cancelled and the rounds stopped waiting for (see ``_PolicyRound._leave_stopped``).
         self.winding_down: set[asyncio.Task[Completion]] = set()
         self.started = time.perf_counter()
 
-    def result(self, answer: str = "", error: str | None = None) -> Result:
-        return Result(
+    def result(self, answer: str = "", error: str | None = None) -> trace.Result:
+        return trace.Result(
             answer=answer,
             schedule=self.schedule.as_list(),
             rounds=self.rounds,
-            usage=usage_of(self.rounds),
+            usage=trace.usage_of(self.rounds),
             model=self.backend.model,
             backend=self.backend.name,
             seed=self.seed,
@@ -232,7 +218,7 @@ class _Solve:
             error=error,
         )
 
-    async def run(self) -> Result:
+    async def run(self) -> trace.Result:
         try:
             return await self._run_rounds()
         finally:
@@ -240,10 +226,10 @@ class _Solve:
             # (whatever they ended with, the trajectory is already recorded as stopped).
             await asyncio.gather(*self.winding_down, return_exceptions=True)
 
-    async def _run_rounds(self) -> Result:
+    async def _run_rounds(self) -> trace.Result:
         ks = self.schedule.ks
         total = len(ks)
-        previous: Round | None = None
+        previous: trace.Round | None = None
         for index, k in enumerate(ks):
             final = index == total - 1
             if previous is None:
@@ -254,12 +240,14 @@ class _Solve:
                     seed=self.seed, round_index=index, total_rounds=total, keep_top=self.compute.keep_top,
                 )  # fmt: skip
                 conversation, references, bypassed = synthesis.conversation, synthesis.references, synthesis.bypassed
-            rnd = Round(index=index, k=k, final=final, references=references, bypassed=bypassed, started_at=time.time())
+            rnd = trace.Round(
+                index=index, k=k, final=final, references=references, bypassed=bypassed, started_at=time.time()
+            )
             if previous is not None and self.compute.keep_top is not None:
                 _note_keep_top(rnd, previous, synthesis.dropped)
             self.rounds.append(rnd)
             if self.emit:
-                self.emit(RoundStarted(round=index, k=k, final=final, total_rounds=total, bypassed=bypassed))
+                self.emit(trace.RoundStarted(round=index, k=k, final=final, total_rounds=total, bypassed=bypassed))
             round_started = time.perf_counter()
             if index == 0 and self.first_round is not None:
                 self._adopt_first_round(rnd)
@@ -271,7 +259,7 @@ class _Solve:
                 await self._run_round(rnd, conversation)
             rnd.elapsed_s = time.perf_counter() - round_started
             if self.emit:
-                self.emit(RoundFinished(round=rnd))
+                self.emit(trace.RoundFinished(round=rnd))
             if rnd.trajectories or final:  # the budget may open none in a coordinated round
                 self._check_round(rnd)
             previous = rnd
@@ -279,7 +267,7 @@ class _Solve:
         # The answer is for people and graders: stripped. The trace keeps the message's bytes.
         return self.result(answer=(final_trajectory.message or "").strip())
 
-    def _record(self, rnd: Round, trajectory: Trajectory) -> None:
+    def _record(self, rnd: trace.Round, trajectory: trace.Trajectory) -> None:
         # The release orders references by completion (see pacore.synthesis); adopted
         # trajectories are recorded in index order, which defines theirs.
         trajectory.finish_order = len(rnd.trajectories)
@@ -288,16 +276,18 @@ class _Solve:
         # Kept in index order as calls finish, so a partial round in an error's result is too.
         bisect.insort(rnd.trajectories, trajectory, key=lambda t: t.index)
         if self.emit:
-            self.emit(TrajectoryFinished(round=rnd.index, trajectory=trajectory, done=len(rnd.trajectories), k=rnd.k))
+            self.emit(
+                trace.TrajectoryFinished(round=rnd.index, trajectory=trajectory, done=len(rnd.trajectories), k=rnd.k)
+            )
 
-    def _adopt_first_round(self, rnd: Round) -> None:
+    def _adopt_first_round(self, rnd: trace.Round) -> None:
         if self.compute.early_stop or self.compute.adaptive_k:
             _replay_first_round(self, rnd)
             return
         for trajectory in adopt_first_round(self.first_round or (), self.compute):
             self._record(rnd, trajectory)
 
-    async def _run_round(self, rnd: Round, conversation: list[Message], start: int = 0) -> None:
+    async def _run_round(self, rnd: trace.Round, conversation: list[Message], start: int = 0) -> None:
         calls = [(start + first, n) for first, n in _split(rnd.k, self.backend.max_n)]
         progress = _RoundProgress(rnd.index, self.emit) if self.reports_progress and self.emit else None
         if len(calls) == 1:
@@ -306,7 +296,7 @@ class _Solve:
         await run_all([self._call(rnd, conversation, first, n, progress) for first, n in calls])
 
     async def _call(
-        self, rnd: Round, conversation: list[Message], first: int, n: int, progress: _RoundProgress | None
+        self, rnd: trace.Round, conversation: list[Message], first: int, n: int, progress: _RoundProgress | None
     ) -> None:
         params = self.params.with_seed(_call_seed(self.params.seed, rnd.index, first))
         try:
@@ -322,14 +312,14 @@ class _Solve:
             if progress is not None:
                 progress.finished(first, n)
         for offset, completion in enumerate(_exactly(completions, n)):
-            self._record(rnd, Trajectory.from_completion(rnd.index, first + offset, completion, self.compute))
+            self._record(rnd, trace.Trajectory.from_completion(rnd.index, first + offset, completion, self.compute))
 
-    async def _streamed_call(self, rnd: Round, conversation: list[Message]) -> None:
+    async def _streamed_call(self, rnd: trace.Round, conversation: list[Message]) -> None:
         emit = self.emit
 
         def on_delta(content: str, reasoning: str) -> None:
             if emit and (content or reasoning):
-                emit(AnswerDelta(content=content, reasoning=reasoning))
+                emit(trace.AnswerDelta(content=content, reasoning=reasoning))
 
         params = self.params.with_seed(_call_seed(self.params.seed, rnd.index, 0))
         try:
@@ -338,9 +328,9 @@ class _Solve:
             if exc.fatal:
                 raise
             completion = Completion(text="", error=str(exc), error_kind=exc.kind)
-        self._record(rnd, Trajectory.from_completion(rnd.index, 0, completion, self.compute))
+        self._record(rnd, trace.Trajectory.from_completion(rnd.index, 0, completion, self.compute))
 
-    def _check_round(self, rnd: Round) -> None:
+    def _check_round(self, rnd: trace.Round) -> None:
         """Too few successful calls end the request; successful but empty ones do not
         (the next round then bypasses the template, see :mod:`pacore.synthesis`)."""
         label = "final round" if rnd.final else f"round {rnd.index + 1}"
@@ -402,7 +392,7 @@ class _PolicyRound:
     trajectory keeps the tokens the backend reported for it so far.
     """
 
-    def __init__(self, solve: _Solve, rnd: Round, conversation: list[Message], later_rounds: int) -> None:
+    def __init__(self, solve: _Solve, rnd: trace.Round, conversation: list[Message], later_rounds: int) -> None:
         self.solve = solve
         self.rnd = rnd
         self.conversation = conversation
@@ -594,25 +584,25 @@ class _PolicyRound:
         why = self.stopping.pop(index, None)
         if task.cancelled() or not task.done():
             assert why is not None, "only a policy cancels a trajectory's call"
-            trajectory = Trajectory(
+            trajectory = trace.Trajectory(
                 round=self.rnd.index, index=index, completion_tokens=tokens, stopped=why,
                 latency_s=time.perf_counter() - self.opened_at[index], confidence=self._confidence_so_far(index),
             )  # fmt: skip
         else:
             self.confidences.pop(index, None)
-            trajectory = Trajectory.from_completion(self.rnd.index, index, task.result(), self.policy)
+            trajectory = trace.Trajectory.from_completion(self.rnd.index, index, task.result(), self.policy)
             if trajectory.ok:
                 self.finished += 1
                 self._warm_up(trajectory)
         self.solve._record(self.rnd, trajectory)
 
-    def _confidence_so_far(self, index: int) -> Confidence | None:
+    def _confidence_so_far(self, index: int) -> trace.Confidence | None:
         values = self.confidences.pop(index, None)
         if not values:
             return None
         return summarize(values, self.policy.window, self.policy.keep_token_confidences)
 
-    def _warm_up(self, trajectory: Trajectory) -> None:
+    def _warm_up(self, trajectory: trace.Trajectory) -> None:
         """Early stop: the first ``warmup`` finished trajectories set the threshold."""
         if not self.policy.early_stop or self.threshold is not None or trajectory.confidence is None:
             return
@@ -679,7 +669,7 @@ class _PolicyRound:
         return note + (_short_of_window(self.rnd, self.policy.window) if not stopped else "")
 
 
-def settled_note(rnd: Round, sampled: int, threshold: float) -> str | None:
+def settled_note(rnd: trace.Round, sampled: int, threshold: float) -> str | None:
     """Adaptive width's stopping test on a round's answers so far: the note saying so if settled, else ``None``.
 
     Adaptive-Consistency's Beta test as its authors run it: the leading answer's
@@ -698,7 +688,7 @@ def settled_note(rnd: Round, sampled: int, threshold: float) -> str | None:
     )
 
 
-def _replay_first_round(solve: _Solve, rnd: Round) -> None:
+def _replay_first_round(solve: _Solve, rnd: trace.Round) -> None:
     """Offline replay of early stop and adaptive width over a stored round 1 (``first_round``).
 
     The trajectories are taken in the given order, which is their completion
@@ -756,21 +746,21 @@ def _replay_first_round(solve: _Solve, rnd: Round) -> None:
     rnd.policy_note = "; ".join(f"{note} (replayed)" for note in notes) or None
 
 
-def _short_of_window(rnd: Round, window: int) -> str:
+def _short_of_window(rnd: trace.Round, window: int) -> str:
     """Why early stop could stop nothing, when it is that no trajectory reached a full window (else "")."""
     if all(t.confidence is None or t.confidence.token_count < window for t in rnd.trajectories):
         return f" (no trajectory reached a full window of {window} tokens, so none could be judged)"
     return ""
 
 
-def stored_token_confidences(item: Completion | Trajectory) -> list[float] | None:
+def stored_token_confidences(item: Completion | trace.Trajectory) -> list[float] | None:
     """The per-token confidences a stored trajectory kept, if any."""
     if isinstance(item, Completion):
         return item.token_confidences
     return item.confidence.tokens if item.confidence is not None else None
 
 
-def _note_keep_top(rnd: Round, previous: Round, dropped: list[tuple[int, int]]) -> None:
+def _note_keep_top(rnd: trace.Round, previous: trace.Round, dropped: list[tuple[int, int]]) -> None:
     rnd.dropped = dropped
     usable = len(previous.messages)
     if not usable:
@@ -871,7 +861,7 @@ async def asample(
     start: int = 0,
     on_event: EventCallback | None = None,
     compute: ComputePolicy | Mapping[str, Any] | None = None,
-) -> list[Trajectory]:
+) -> list[trace.Trajectory]:
     """``n`` independent samples of ``prompt``, drawn exactly as a first round draws them.
 
     Same call splitting (``backend.max_n``), per-call seeds and failure
@@ -896,7 +886,7 @@ async def asample(
         messages, Schedule((n,)), backend, params or GenerationParams(), SynthesisTemplate.default(),
         seed=0, on_event=on_event, min_success=None, stream_answer=False, first_round=None, compute=policy,
     )  # fmt: skip
-    rnd = Round(index=0, k=n, started_at=time.time())
+    rnd = trace.Round(index=0, k=n, started_at=time.time())
     budget = current_retry_budget.set(RetryBudget())
     try:
         await state._run_round(rnd, messages, start)
@@ -917,10 +907,10 @@ async def asolve(
     min_success: float | None = None,
     deadline: float | None = None,
     stream_answer: bool = False,
-    first_round: Sequence[Completion | Trajectory] | None = None,
+    first_round: Sequence[Completion | trace.Trajectory] | None = None,
     reference_order: ReferenceOrder = "shuffle",
     compute: ComputePolicy | Mapping[str, Any] | None = None,
-) -> Result:
+) -> trace.Result:
     """Answer ``prompt`` with parallel coordinated reasoning.
 
     ``prompt`` is a string or an OpenAI-style message list (text and image
@@ -992,7 +982,7 @@ async def asolve(
     except PacoreError as exc:
         exc.result = state.result(error=str(exc))
         if on_event:
-            on_event(Final(result=exc.result))
+            on_event(trace.Final(result=exc.result))
         raise
     except asyncio.CancelledError as exc:
         # Cancelled from outside (Ctrl-C in the CLI): the partial trace goes along too.
@@ -1001,7 +991,7 @@ async def asolve(
     finally:
         current_retry_budget.reset(budget)
     if on_event:
-        on_event(Final(result=result))
+        on_event(trace.Final(result=result))
     return result
 
 
@@ -1032,7 +1022,7 @@ def check_policy(policy: ComputePolicy, plan: Schedule, params: GenerationParams
         )
 
 
-def _check_replayable(first_round: Sequence[Completion | Trajectory]) -> None:
+def _check_replayable(first_round: Sequence[Completion | trace.Trajectory]) -> None:
     """Early stop replays offline only from stored per-token confidences."""
     for index, item in enumerate(first_round):
         if item.ok and stored_token_confidences(item) is None:

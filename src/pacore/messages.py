@@ -7,11 +7,21 @@ user turn (the "problem"), and replacing it with a synthesis prompt.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pacore.backends.base import Message, text_of
+if TYPE_CHECKING:
+    from pacore.backends.base import Message
 
 THINK_END = "</think>"
+
+
+def text_of(content: str | list[dict[str, Any]] | None) -> str:
+    """The text of a message's content, whether a string or a list of parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
 
 
 def compact(text: str | None) -> str | None:

@@ -10,19 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from pacore import trace
 from pacore.answers import extract_answer
-from pacore.trace import (
-    AnswerDelta,
-    Event,
-    Result,
-    Round,
-    RoundFinished,
-    RoundStarted,
-    Trajectory,
-    TrajectoryFinished,
-    TrajectoryProgress,
-    Usage,
-)
 
 
 @dataclass
@@ -37,7 +26,7 @@ class ProgressState:
     final: bool = False
     done: int = 0
     failed: int = 0
-    usage: Usage = field(default_factory=Usage)
+    usage: trace.Usage = field(default_factory=trace.Usage)
     started: float = field(default_factory=time.perf_counter)
     #: Tokens received so far by each trajectory of the current round still running.
     streaming: dict[int, int] = field(default_factory=dict)
@@ -52,19 +41,19 @@ class ProgressState:
     request_ok: int = 0
     request_ok_tokens: int = 0
 
-    def apply(self, event: Event) -> None:
-        if isinstance(event, RoundStarted):
+    def apply(self, event: trace.Event) -> None:
+        if isinstance(event, trace.RoundStarted):
             self.total_rounds = event.total_rounds
             self.round, self.k, self.final = event.round, event.k, event.final
             self.done = self.failed = self.round_tokens = self.round_ok = self.round_ok_tokens = 0
             self.streaming = {}
             self.round_started = time.perf_counter()
-        elif isinstance(event, TrajectoryProgress):
+        elif isinstance(event, trace.TrajectoryProgress):
             if event.round == self.round:
                 self.streaming.update(event.tokens)
-        elif isinstance(event, AnswerDelta):
+        elif isinstance(event, trace.AnswerDelta):
             self.streaming[0] = self.streaming.get(0, 0) + 1  # about one token a delta
-        elif isinstance(event, TrajectoryFinished):
+        elif isinstance(event, trace.TrajectoryFinished):
             trajectory = event.trajectory
             self.done = event.done
             self.failed += 0 if trajectory.ok else 1
@@ -161,7 +150,7 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def summary_line(result: Result) -> str:
+def summary_line(result: trace.Result) -> str:
     """One line about a finished request: rounds, calls, tokens, time."""
     usage = result.usage
     calls = f"{usage.calls} call{'s' if usage.calls != 1 else ''}" + (
@@ -178,7 +167,7 @@ def summary_line(result: Result) -> str:
     )
 
 
-def round_line(rnd: Round, total_rounds: int) -> str:
+def round_line(rnd: trace.Round, total_rounds: int) -> str:
     """One line about a finished round, e.g. ``round 1/2: 4/4 trajectories, 812 tokens, 9.1s``."""
     failed = f" ({rnd.failed} failed)" if rnd.failed else ""
     final = " (final)" if rnd.final else ""
@@ -200,7 +189,7 @@ def opening(text: str, chars: int = OPENING_CHARS) -> str:
     return words if len(words) <= chars else words[: chars - 1].rstrip() + "…"
 
 
-def trajectory_line(trajectory: Trajectory) -> str:
+def trajectory_line(trajectory: trace.Trajectory) -> str:
     """E.g. ``#2 · 41 tokens · answer: Paris · "The capital of France is Paris..."``.
 
     With confidence recorded, its mean and lowest group confidence follow the tokens.
@@ -219,7 +208,7 @@ def trajectory_line(trajectory: Trajectory) -> str:
     return f'{head}{stated} · "{opening(trajectory.message)}"'
 
 
-def round_details(rnd: Round) -> list[str]:
+def round_details(rnd: trace.Round) -> list[str]:
     """What a finished round did, for ``--show-rounds``: what it read, then one line per trajectory."""
     lines = []
     if rnd.references:
@@ -235,12 +224,12 @@ def round_details(rnd: Round) -> list[str]:
     return lines
 
 
-def finished_round_lines(event: Event, state: ProgressState, details: bool = False) -> list[str]:
+def finished_round_lines(event: trace.Event, state: ProgressState, details: bool = False) -> list[str]:
     """The lines to print for ``event`` if it ends a round that produced something.
 
     A round where nothing succeeded ends the request, and its error says so.
     """
-    if isinstance(event, RoundFinished) and event.round.succeeded:
+    if isinstance(event, trace.RoundFinished) and event.round.succeeded:
         line = round_line(event.round, state.total_rounds)
         return [line, *round_details(event.round)] if details else [line]
     return []

@@ -35,6 +35,9 @@ from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 from pacore.errors import BackendError
 
+# text_of is re-exported: it lived here first.
+from pacore.messages import text_of  # noqa: F401
+
 Message = dict[str, Any]
 """An OpenAI-style chat message: ``{"role": ..., "content": str | list[part]}``."""
 
@@ -303,12 +306,3 @@ class BaseBackend:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-def text_of(content: str | list[dict[str, Any]] | None) -> str:
-    """The text of a message's content, whether a string or a list of parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "\n".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")

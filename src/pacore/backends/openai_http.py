@@ -695,6 +695,13 @@ class _ConnectionPool:
     one client that costs milliseconds of CPU per call, several times the
     call itself (``bench/orchestration.py``). Here a call takes an idle
     connection in constant time; calls beyond ``size`` wait on a semaphore.
+
+    With the lean transport each connection is a bare :class:`LeanTransport`,
+    sent requests built as an ``httpx.AsyncClient`` would build them (its
+    default headers and timeouts, worked out once): the client's layers
+    around the transport (auth, redirects, cookie jar, event hooks) serve no
+    purpose for an API call and cost about a tenth of a pass-through
+    request's CPU in ``pacore serve`` (``bench/proxy.py``).
     """
 
     def __init__(self, size: int, options: dict[str, Any], lean: bool = False) -> None:
@@ -703,12 +710,16 @@ class _ConnectionPool:
         # One TLS context for all: building one per client costs milliseconds (the lean transport needs none).
         self._options = {**({} if lean else {"verify": httpx.create_ssl_context()}), **options, "limits": one}
         self._gate = asyncio.Semaphore(size)
-        self._idle: list[httpx.AsyncClient] = []
-        self._clients: list[httpx.AsyncClient] = []
+        self._idle: list[httpx.AsyncClient | LeanTransport] = []
+        self._clients: list[httpx.AsyncClient | LeanTransport] = []
         self._closing: set[asyncio.Task[None]] = set()
+        if lean:
+            template = httpx.AsyncClient(**{**self._options, "transport": LeanTransport()})
+            self._headers = template.headers
+            self._timeouts = template.timeout.as_dict()
 
     @contextlib.asynccontextmanager
-    async def _lease(self) -> AsyncIterator[httpx.AsyncClient]:
+    async def _lease(self) -> AsyncIterator[httpx.AsyncClient | LeanTransport]:
         async with self._gate:
             client = self._idle.pop() if self._idle else self._open()
             try:
@@ -721,7 +732,7 @@ class _ConnectionPool:
                 raise
             self._idle.append(client)
 
-    def _discard(self, client: httpx.AsyncClient) -> None:
+    def _discard(self, client: httpx.AsyncClient | LeanTransport) -> None:
         """Close ``client`` for good; a second discard of it (a second Ctrl+C...) does nothing."""
         if client not in self._clients:
             return
@@ -730,18 +741,26 @@ class _ConnectionPool:
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
-    def _open(self) -> httpx.AsyncClient:
-        if self._lean:
-            client = httpx.AsyncClient(**{**self._options, "transport": LeanTransport()})
-        else:
-            client = httpx.AsyncClient(**self._options)
+    def _open(self) -> httpx.AsyncClient | LeanTransport:
+        client = LeanTransport() if self._lean else httpx.AsyncClient(**self._options)
         self._clients.append(client)
         return client
 
     @contextlib.asynccontextmanager
     async def stream(self, method: str, url: httpx.URL, *, content: bytes | None) -> AsyncIterator[httpx.Response]:
-        async with self._lease() as client, client.stream(method, url, content=content) as response:
-            yield response
+        async with self._lease() as client:
+            if isinstance(client, httpx.AsyncClient):
+                async with client.stream(method, url, content=content) as response:
+                    yield response
+                return
+            request = httpx.Request(method, url, headers=self._headers, content=content)
+            request.extensions["timeout"] = self._timeouts
+            response = await client.handle_async_request(request)
+            response.request = request
+            try:
+                yield response
+            finally:
+                await response.aclose()
 
     async def aclose(self) -> None:
         clients, self._clients, self._idle = self._clients, [], []

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from pacore.cli.app import app
-from pacore.cli.options import output_path_option
+from pacore.cli.options import out_option
 from pacore.errors import UsageError
 from pacore.eval.datasets import dataset_fingerprint, load_dataset
 from pacore.eval.synthetic import OPERATIONS, synthetic_problems, write_jsonl
@@ -63,9 +63,7 @@ def _digit_range(text: str) -> tuple[int, int]:
 
 @data_app.command("synth", epilog=SYNTH_EXAMPLES)
 def synth(
-    out: Annotated[
-        Path, typer.Option("--out", "-o", metavar="FILE", parser=output_path_option, help="JSONL file to write.")
-    ],
+    out: Annotated[Path, out_option("FILE", "JSONL file to write.")],
     count: Annotated[int, typer.Option("--count", "-n", metavar="N", help="How many problems.")] = 100,
     digits: Annotated[
         str, typer.Option("--digits", metavar="LOW-HIGH", help="Operand length in digits, e.g. 11-13.")
@@ -101,16 +99,7 @@ def get(
         str | None,
         typer.Option("--from", metavar="FILE_OR_URL", help="Read this file or URL instead of the public source."),
     ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="FILE",
-            parser=output_path_option,
-            help="JSONL file to write \\[default: NAME.jsonl].",
-        ),  # fmt: skip
-    ] = None,
+    out: Annotated[Path | None, out_option("FILE", "JSONL file to write \\[default: NAME.jsonl].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out and download again even if cached.")] = False,
     sha256: Annotated[
         str | None, typer.Option("--sha256", metavar="HEX", help="The source file must have this sha256.")

@@ -37,209 +37,205 @@ BACKEND_PANEL = "Backend"
 GENERATION_PANEL = "Generation"
 COMPUTE_PANEL = "Adaptive compute (all off by default; see docs/adaptive-compute.md)"
 
+
+def panel_option(panel: str) -> functools.partial[Any]:
+    """``typer.Option`` for the options --help lists under ``panel``."""
+    return functools.partial(typer.Option, rich_help_panel=panel)
+
+
+backend_option = panel_option(BACKEND_PANEL)
+_generation_option = panel_option(GENERATION_PANEL)
+_compute_option = panel_option(COMPUTE_PANEL)
+
+
 BackendOption = Annotated[
     list[str] | None,
-    typer.Option(
+    backend_option(
         "--backend",
         "-b",
         metavar="SPEC",
         help="Model to use: an OpenAI-compatible server URL (http://host:port/v1), "
         "gguf:/path/model.gguf, or 'embedded' (the default, Gemma 3 270M). Repeat it to "
         "spread the calls over several endpoints.",
-        rich_help_panel=BACKEND_PANEL,
         show_default=False,
     ),
 ]
 ModelOption = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Model name sent to the server.", rich_help_panel=BACKEND_PANEL),
+    backend_option("--model", "-m", help="Model name sent to the server."),
 ]
 ApiKeyOption = Annotated[
     str | None,
-    typer.Option(
-        "--api-key",
-        envvar="PACORE_API_KEY",
-        show_envvar=True,
-        help="API key for the server.",
-        rich_help_panel=BACKEND_PANEL,
-    ),
+    backend_option("--api-key", envvar="PACORE_API_KEY", show_envvar=True, help="API key for the server."),
 ]
 TimeoutOption = Annotated[
     float | None,
-    typer.Option(
+    backend_option(
         "--timeout",
         metavar="SECONDS",
         help="Inactivity limit of an HTTP call: an attempt fails when the server sends nothing for "
         "this long. Calls stream, so one that keeps producing tokens is never cut; --deadline "
         "bounds a whole request \\[default: 1800].",
-        rich_help_panel=BACKEND_PANEL,
     ),
 ]
 RetriesOption = Annotated[
     int | None,
-    typer.Option(
+    backend_option(
         "--retries",
         metavar="N",
         help="Retries of a failed HTTP call (connection errors, timeouts, 429, 5xx) \\[default: the backend's].",
-        rich_help_panel=BACKEND_PANEL,
     ),
 ]
 ThreadsOption = Annotated[
     int | None,
-    typer.Option(
+    backend_option(
         "--threads",
         metavar="N",
         envvar="PACORE_THREADS",
         show_envvar=True,
         help="CPU threads of the embedded or GGUF model \\[default: 1, measured steadiest on 2 cores].",
-        rich_help_panel=BACKEND_PANEL,
         show_default=False,
     ),
 ]
 MaxTokensOption = Annotated[
     int | None,
-    typer.Option(
+    _generation_option(
         "--max-tokens",
         metavar="N",
         help="Most tokens each call may generate \\[default: the backend's; embedded: 512; "
         "gguf: to the end of the context].",
-        rich_help_panel=GENERATION_PANEL,
     ),
 ]
 TemperatureOption = Annotated[
     float,
-    typer.Option("--temperature", "-t", help="Sampling temperature.", rich_help_panel=GENERATION_PANEL),
+    _generation_option("--temperature", "-t", help="Sampling temperature."),
 ]
-TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.", rich_help_panel=GENERATION_PANEL)]
+TopPOption = Annotated[float, _generation_option("--top-p", help="Nucleus sampling mass.")]
 SeedOption = Annotated[
     int | None,
-    typer.Option(
+    _generation_option(
         "--seed",
         help="Seed for sampling and for shuffling the references (same seed, same run "
         "where the backend supports seeds).",
-        rich_help_panel=GENERATION_PANEL,
     ),
 ]
 ScheduleOption = Annotated[
     str,
-    typer.Option(
+    _generation_option(
         "--schedule",
         "-s",
         metavar="K",
         help="Trajectories per coordinated round: a preset (low=4, medium=16, high=32,4, "
         "off) or counts like 8 or 16,4. A final single-call round is always added.",
-        rich_help_panel=GENERATION_PANEL,
     ),
 ]
 DeadlineOption = Annotated[
     float | None,
-    typer.Option(
+    _generation_option(
         "--deadline",
         metavar="SECONDS",
         help="Give up on a request (in 'pacore run': on a problem) after this long; the rounds "
         "computed so far are kept in its trace.",
-        rich_help_panel=GENERATION_PANEL,
         show_default=False,
     ),
 ]
 MinSuccessOption = Annotated[
     float | None,
-    typer.Option(
+    _generation_option(
         "--min-success",
         metavar="FRACTION",
         help="Fraction of a coordinated round's trajectories (or of majority's samples) that must "
         "succeed to go on, e.g. 0.5 \\[default: at least one].",
-        rich_help_panel=GENERATION_PANEL,
         show_default=False,
     ),
 ]
 TemplateOption = Annotated[
     str | None,
-    typer.Option(
+    _generation_option(
         "--template",
         metavar="NAME|FILE",
         help="Synthesis prompt: 'pacore' (the report's Table 6 prompt, which PaCoRe-trained models "
         "expect), 'generic' (a more explicit prompt for other models) or a Jinja2 template file "
         "\\[default: pacore].",
-        rich_help_panel=GENERATION_PANEL,
         show_default=False,
     ),
 ]
 ReferenceOrderOption = Annotated[
     str,
-    typer.Option(
+    _generation_option(
         "--reference-order",
         metavar="shuffle|release",
         help="Order of the references in a synthesis prompt: 'shuffle' (seeded per round) or "
         "'release' (the reference release's: by length, then shuffled with --seed; use --seed 42 "
         "to send what it sends).",
-        rich_help_panel=GENERATION_PANEL,
     ),
 ]
 
 
-def _compute_option(flag: str, help: str, metavar: str | None = None) -> Any:
-    if metavar is None:  # a flag: no value to name
-        return typer.Option(flag, help=help, rich_help_panel=COMPUTE_PANEL, show_default=False)
-    return typer.Option(flag, metavar=metavar, help=help, rich_help_panel=COMPUTE_PANEL, show_default=False)
+class _ComputeFlag(NamedTuple):
+    """An adaptive-compute flag: a switch (``bool``), or an option taking a ``type`` value named ``metavar``."""
+
+    flag: str
+    type: type
+    metavar: str | None
+    help: str
+
+    @property
+    def parameter_default(self) -> Any:
+        """The value meaning "not given": the policy's own default then applies."""
+        return False if self.type is bool else None
+
+    @property
+    def annotation(self) -> Any:
+        """The flag's typer declaration."""
+        option = _compute_option(self.flag, metavar=self.metavar, help=self.help, show_default=False)
+        return Annotated[self.type if self.type is bool else self.type | None, option]
 
 
-#: Each ComputePolicy field: its flag, the flag's typer annotation and the default meaning
-#: "not given" (the policy's own default then applies).
-_COMPUTE_FLAGS: dict[str, tuple[str, Any, Any]] = {
-    "confidence": ("--confidence", Annotated[bool, _compute_option(
-        "--confidence", "Request token logprobs and record DeepConf's confidence figures per trajectory.",
-    )], False),
-    "top_logprobs": ("--top-logprobs", Annotated[int | None, _compute_option(
-        "--top-logprobs", f"Alternatives per token the confidence is computed from (1 to {MAX_TOP_LOGPROBS}) "
-        "\\[default: 5].", "K",
-    )], None),
-    "window": ("--confidence-window", Annotated[int | None, _compute_option(
-        "--confidence-window", "Tokens per sliding window of group confidence, scaled down for short "
-        "outputs \\[default: 2048].", "N",
-    )], None),
-    "keep_top": ("--keep-top", Annotated[float | None, _compute_option(
-        "--keep-top", "Synthesize only this fraction of a round's messages, the most confident (e.g. 0.5).",
-        "FRACTION",
-    )], None),
-    "early_stop": ("--early-stop", Annotated[bool, _compute_option(
-        "--early-stop", "Cancel a trajectory mid-stream once its windowed confidence falls below the "
-        "threshold its round's warm-up set.",
-    )], False),
-    "warmup": ("--warmup", Annotated[int | None, _compute_option(
-        "--warmup", "Trajectories per round that finish before early stop sets its threshold \\[default: 4].",
-        "N",
-    )], None),
-    "early_stop_percentile": ("--early-stop-percentile", Annotated[float | None, _compute_option(
-        "--early-stop-percentile", "Early stop's threshold: this percentile of the warm-up's lowest group "
-        "confidence; 10 keeps ~90%, 90 keeps ~10% \\[default: 10].", "P",
-    )], None),
-    "warmup_first": ("--warmup-first", Annotated[bool, _compute_option(
-        "--warmup-first", "Open the rest of a round only once its warm-up has finished (DeepConf's online "
-        "algorithm: more tokens saved, about one trajectory's time more per round).",
-    )], False),
-    "adaptive_k": ("--adaptive-k", Annotated[bool, _compute_option(
-        "--adaptive-k", "Sample round 1 in waves and stop once the leading answer is settled.",
-    )], False),
-    "wave": ("--wave", Annotated[int | None, _compute_option(
-        "--wave", "Trajectories per wave of --adaptive-k \\[default: 4].", "N",
-    )], None),
-    "settle_threshold": ("--settle-threshold", Annotated[float | None, _compute_option(
-        "--settle-threshold", "Posterior probability that the leading answer is the majority one needed to "
-        "stop sampling (0.5 to 1) \\[default: 0.95].", "P",
-    )], None),
-    "quorum": ("--quorum", Annotated[float | None, _compute_option(
-        "--quorum", "End a round once this fraction of its trajectories has finished; cancel the rest.",
-        "FRACTION",
-    )], None),
-    "straggler_timeout": ("--straggler-timeout", Annotated[float | None, _compute_option(
-        "--straggler-timeout", "With --quorum: once the quorum is met, wait at most this long for the rest.",
-        "SECONDS",
-    )], None),
-    "budget_tokens": ("--budget-tokens", Annotated[int | None, _compute_option(
-        "--budget-tokens", "Cap on generated tokens per problem: no trajectory is opened that could exceed it.",
-        "N",
-    )], None),
+#: The adaptive-compute flags, by the ComputePolicy field each sets, in --help order.
+_COMPUTE_FLAGS: dict[str, _ComputeFlag] = {
+    "confidence": _ComputeFlag(
+        "--confidence", bool, None, "Request token logprobs and record DeepConf's confidence figures per trajectory.",
+    ),
+    "top_logprobs": _ComputeFlag(
+        "--top-logprobs", int, "K", f"Alternatives per token the confidence is computed from (1 to {MAX_TOP_LOGPROBS}) \\[default: 5].",
+    ),
+    "window": _ComputeFlag(
+        "--confidence-window", int, "N", "Tokens per sliding window of group confidence, scaled down for short outputs \\[default: 2048].",
+    ),
+    "keep_top": _ComputeFlag(
+        "--keep-top", float, "FRACTION", "Synthesize only this fraction of a round's messages, the most confident (e.g. 0.5).",
+    ),
+    "early_stop": _ComputeFlag(
+        "--early-stop", bool, None, "Cancel a trajectory mid-stream once its windowed confidence falls below the threshold its round's warm-up set.",
+    ),
+    "warmup": _ComputeFlag(
+        "--warmup", int, "N", "Trajectories per round that finish before early stop sets its threshold \\[default: 4].",
+    ),
+    "early_stop_percentile": _ComputeFlag(
+        "--early-stop-percentile", float, "P", "Early stop's threshold: this percentile of the warm-up's lowest group confidence; 10 keeps ~90%, 90 keeps ~10% \\[default: 10].",
+    ),
+    "warmup_first": _ComputeFlag(
+        "--warmup-first", bool, None, "Open the rest of a round only once its warm-up has finished (DeepConf's online algorithm: more tokens saved, about one trajectory's time more per round).",
+    ),
+    "adaptive_k": _ComputeFlag(
+        "--adaptive-k", bool, None, "Sample round 1 in waves and stop once the leading answer is settled.",
+    ),
+    "wave": _ComputeFlag(
+        "--wave", int, "N", "Trajectories per wave of --adaptive-k \\[default: 4].",
+    ),
+    "settle_threshold": _ComputeFlag(
+        "--settle-threshold", float, "P", "Posterior probability that the leading answer is the majority one needed to stop sampling (0.5 to 1) \\[default: 0.95].",
+    ),
+    "quorum": _ComputeFlag(
+        "--quorum", float, "FRACTION", "End a round once this fraction of its trajectories has finished; cancel the rest.",
+    ),
+    "straggler_timeout": _ComputeFlag(
+        "--straggler-timeout", float, "SECONDS", "With --quorum: once the quorum is met, wait at most this long for the rest.",
+    ),
+    "budget_tokens": _ComputeFlag(
+        "--budget-tokens", int, "N", "Cap on generated tokens per problem: no trajectory is opened that could exceed it.",
+    ),
 }  # fmt: skip
 
 
@@ -263,9 +259,9 @@ def _policy_problem(exc: ValidationError) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     field = error["loc"][0] if error["loc"] else None
     if isinstance(field, str) and field in _COMPUTE_FLAGS:
-        return f"{_COMPUTE_FLAGS[field][0]}: {message[:1].lower()}{message[1:]}, got {error['input']!r}"
+        return f"{_COMPUTE_FLAGS[field].flag}: {message[:1].lower()}{message[1:]}, got {error['input']!r}"
     # A rule across fields names them: say their flags.
-    return re.sub(r"\b[a-z_]+\b", lambda m: _COMPUTE_FLAGS.get(m[0], (m[0],))[0], message)
+    return re.sub(r"\b[a-z_]+\b", lambda m: _COMPUTE_FLAGS[m[0]].flag if m[0] in _COMPUTE_FLAGS else m[0], message)
 
 
 def with_compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -276,8 +272,10 @@ def with_compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
     (``None`` when no flag is given).
     """
     added = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
-        for name, (_flag, annotation, default) in _COMPUTE_FLAGS.items()
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=flag.annotation, default=flag.parameter_default
+        )
+        for name, flag in _COMPUTE_FLAGS.items()
     ]
     return _expand_parameter(command, "compute", added, compute_policy)
 
@@ -458,8 +456,13 @@ def solve_setup(
     return SolveSetup(flags.open_backend(), options)
 
 
-def output_path_option(text: str) -> Path:
-    """The ``parser`` of every ``--out``: an empty path is a usage error, not the current directory."""
+def out_option(metavar: str, help: str) -> Any:
+    """The ``--out``/``-o`` option of a command that writes ``metavar`` (a file or a directory)."""
+    return typer.Option("--out", "-o", metavar=metavar, parser=_output_path, help=help)
+
+
+def _output_path(text: str) -> Path:
+    """An empty ``--out`` is a usage error, not the current directory."""
     try:
         return output_path(text)
     except OutputError as exc:

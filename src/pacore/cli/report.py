@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from pacore.cli.app import app
-from pacore.cli.options import TemplateOption, output_path_option, parse_reference_order
+from pacore.cli.options import TemplateOption, out_option, parse_reference_order
 from pacore.cli.results import interval_text
 from pacore.eval import export, report
 from pacore.verifier import Verifier
@@ -18,16 +18,7 @@ from pacore.verifier import Verifier
 @app.command("report")
 def report_command(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories to report on.")],
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="DIR",
-            parser=output_path_option,
-            help="Where to write the report \\[default: the first RUN_DIR].",
-        ),  # fmt: skip
-    ] = None,
+    out: Annotated[Path | None, out_option("DIR", "Where to write the report \\[default: the first RUN_DIR].")] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the figures as one JSON object on stdout.")
     ] = False,
@@ -119,12 +110,7 @@ def export_train_command(
         Path,
         typer.Argument(metavar="SOURCE", help="A run directory, or a data file in the PaCoRe-Train layout."),
     ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out", "-o", metavar="FILE", parser=output_path_option, help="File to write (.jsonl or .parquet)."
-        ),
-    ],
+    out: Annotated[Path, out_option("FILE", "File to write (.jsonl or .parquet).")],
     format: Annotated[
         str,
         typer.Option(

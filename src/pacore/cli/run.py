@@ -22,7 +22,8 @@ from pacore.cli.app import app
 from pacore.cli.options import (
     ScheduleOption,
     SolveFlags,
-    output_path_option,
+    out_option,
+    panel_option,
     with_solve_options,
 )
 from pacore.cli.results import interval_text, results_unit
@@ -34,8 +35,8 @@ from pacore.progress import format_duration
 from pacore.prompts import SynthesisTemplate
 from pacore.store import ProblemResult
 
-RUN_PANEL = "Run"
-DATA_PANEL = "Data set"
+_run_option = panel_option("Run")
+_data_option = panel_option("Data set")
 
 RUN_EXAMPLES = """\
 [bold]Examples[/bold]
@@ -193,89 +194,50 @@ def summary_text(summary: report.ArmReport, run_dir: Path) -> str:
 @with_solve_options
 def run(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Data set file (JSONL or a JSON list).")],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out", "-o", metavar="RUN_DIR", parser=output_path_option, help="Run directory (created if needed)."
-        ),
-    ],
-    method: Annotated[
-        str,
-        typer.Option("--method", help=f"One of {', '.join(METHODS)}.", rich_help_panel=RUN_PANEL),
-    ] = "pacore",
+    out: Annotated[Path, out_option("RUN_DIR", "Run directory (created if needed).")],
+    method: Annotated[str, _run_option("--method", help=f"One of {', '.join(METHODS)}.")] = "pacore",
     schedule: ScheduleOption = None,  # type: ignore[assignment]  # None: the pacore default (low)
     samples: Annotated[
         int | None,
-        typer.Option(
-            "--samples",
-            metavar="K",
-            help=f"Samples voted over by --method majority \\[default: {DEFAULT_SAMPLES}].",
-            rich_help_panel=RUN_PANEL,
+        _run_option(
+            "--samples", metavar="K", help=f"Samples voted over by --method majority \\[default: {DEFAULT_SAMPLES}]."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     pool_size: Annotated[
         int | None,
-        typer.Option(
+        _run_option(
             "--pool-size",
             metavar="P",
             help="Generate P first-round trajectories per problem once and draw every arm's "
             "first round (K1 <= P, k <= P) from them.",
-            rich_help_panel=RUN_PANEL,
         ),
-    ] = None,  # fmt: skip
-    concurrency: Annotated[
-        int,
-        typer.Option("--concurrency", "-j", metavar="N", help="Problems solved at once.", rich_help_panel=RUN_PANEL),
-    ] = 4,
+    ] = None,
+    concurrency: Annotated[int, _run_option("--concurrency", "-j", metavar="N", help="Problems solved at once.")] = 4,
     add_arm: Annotated[
-        bool,
-        typer.Option(
-            "--add-arm",
-            help="Evaluate another method in a run directory without a pool.",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = False,  # fmt: skip
+        bool, _run_option("--add-arm", help="Evaluate another method in a run directory without a pool.")
+    ] = False,
     force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="If RUN_DIR holds another data set or settings, set it aside and start over.",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = False,  # fmt: skip
+        bool, _run_option("--force", help="If RUN_DIR holds another data set or settings, set it aside and start over.")
+    ] = False,
     repeats: Annotated[
         int,
-        typer.Option(
+        _run_option(
             "--repeats",
             metavar="R",
             help="Run each problem R times (independent draws from the pool, else fresh samples) and "
             "report the mean accuracy over repeats. Another --seed on a pooled run adds R more.",
-            rich_help_panel=RUN_PANEL,
         ),
-    ] = 1,  # fmt: skip
+    ] = 1,
     retry_failed: Annotated[
-        bool,
-        typer.Option(
-            "--retry-failed/--no-retry-failed",
-            help="When resuming, retry problems that failed.",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = True,  # fmt: skip
+        bool, _run_option("--retry-failed/--no-retry-failed", help="When resuming, retry problems that failed.")
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
-    limit: Annotated[
-        int | None, typer.Option("--limit", metavar="N", help="Use at most N problems.", rich_help_panel=DATA_PANEL)
-    ] = None,
-    offset: Annotated[
-        int, typer.Option("--offset", metavar="N", help="Skip the first N problems.", rich_help_panel=DATA_PANEL)
-    ] = 0,
+    limit: Annotated[int | None, _data_option("--limit", metavar="N", help="Use at most N problems.")] = None,
+    offset: Annotated[int, _data_option("--offset", metavar="N", help="Skip the first N problems.")] = 0,
     shuffle: Annotated[
         bool,
-        typer.Option(
-            "--shuffle",
-            help="Shuffle the problems (with --seed, default 0) before --offset and --limit.",
-            rich_help_panel=DATA_PANEL,
-        ),
-    ] = False,  # fmt: skip
+        _data_option("--shuffle", help="Shuffle the problems (with --seed, default 0) before --offset and --limit."),
+    ] = False,
     *,
     flags: SolveFlags,
     compute: ComputePolicy | None = None,

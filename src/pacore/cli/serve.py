@@ -17,7 +17,6 @@ from pacore._extras import SERVER_MODULES, require
 from pacore.adaptive import ComputePolicy
 from pacore.cli.app import app
 from pacore.cli.options import (
-    BACKEND_PANEL,
     BackendOption,
     DeadlineOption,
     MaxTokensOption,
@@ -30,10 +29,12 @@ from pacore.cli.options import (
     ThreadsOption,
     TimeoutOption,
     TopPOption,
+    backend_option,
     check_limits,
     generation_params,
     load_template,
     open_backends,
+    panel_option,
     parse_reference_order,
     with_compute_options,
 )
@@ -41,7 +42,6 @@ from pacore.engine import check_policy
 from pacore.errors import PacoreError
 from pacore.schedule import Schedule
 
-SERVER_PANEL = "Server"
 _EVERY_INTERFACE = ("0.0.0.0", "::")
 API_KEYS_ENV = "PACORE_SERVER_API_KEYS"
 
@@ -60,10 +60,7 @@ SIGTERM or Ctrl+C: no new requests; running ones get --grace-period to finish.
 """
 
 
-def _server_option(
-    *names: str, help: str, metavar: str | None = None, min: float | None = None
-) -> typer.models.OptionInfo:
-    return typer.Option(*names, help=help, metavar=metavar, min=min, rich_help_panel=SERVER_PANEL)
+_server_option = panel_option("Server")
 
 
 @app.command("serve", epilog=EXAMPLES)
@@ -191,12 +188,11 @@ def serve(
     model: ModelOption = None,
     backend_api_key: Annotated[
         str | None,
-        typer.Option(
+        backend_option(
             "--backend-api-key",
             envvar="PACORE_API_KEY",
             show_envvar=True,
             help="API key pacore sends to the backend server.",
-            rich_help_panel=BACKEND_PANEL,
         ),
     ] = None,
     timeout: TimeoutOption = None,

@@ -47,14 +47,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pacore._extras import require
-from pacore.backends.base import Message, text_of
+from pacore.backends.base import Message
 from pacore.engine import adopt_first_round
 from pacore.errors import RunConflictError, UsageError
 from pacore.eval.datasets import load_dataset
 from pacore.eval.grading import grade
 from pacore.eval.report import run_inputs
 from pacore.files import atomic_output, refuse_overwriting
-from pacore.messages import compact, last_user_text
+from pacore.messages import compact, last_user_text, text_of
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
 from pacore.store import ArmInfo, RunStore, StoredProblem

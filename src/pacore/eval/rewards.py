@@ -34,10 +34,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pacore.backends.base import text_of
 from pacore.errors import UsageError
 from pacore.eval.grading import grade
-from pacore.messages import THINK_END, compact, last_user_text
+from pacore.messages import THINK_END, compact, last_user_text, text_of
 from pacore.verifier import Judgement, Verifier
 
 RewardName = Literal["outcome", "process"]

@@ -25,7 +25,6 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import (
     FileResponse,
-    JSONResponse,
     PlainTextResponse,
     RedirectResponse,
     Response,
@@ -616,7 +615,8 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
         completion = completion_of(
             result, request_id=run.id, model=plan.model, trace_url=run.trace_url, policy=run.options.compute
         )
-        return JSONResponse(completion.model_dump(mode="json"))
+        # Serialized by pydantic in one pass, not dumped to dicts and then encoded by json.
+        return Response(completion.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:

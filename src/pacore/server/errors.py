@@ -55,6 +55,10 @@ class RequestTimeoutError(PacoreError):
     """The client took too long to send its request (headers or body)."""
 
 
+class HeadersTooLargeError(PacoreError):
+    """The request line and headers exceeded the server's limit."""
+
+
 class InternalError(PacoreError):
     """A bug: an exception nobody raised on purpose (its traceback is logged, not sent)."""
 
@@ -121,6 +125,8 @@ def describe(exc: BaseException) -> ErrorReply:
         return _reply(413, str(exc), "invalid_request_error", code="request_too_large")
     if isinstance(exc, RequestTimeoutError):
         return _reply(408, str(exc), "invalid_request_error", code="request_timeout", headers={"Connection": "close"})
+    if isinstance(exc, HeadersTooLargeError):
+        return _reply(431, str(exc), "invalid_request_error", code="headers_too_large", headers={"Connection": "close"})
     if isinstance(exc, UnsupportedMediaTypeError):
         return _reply(415, str(exc), "invalid_request_error", code="unsupported_media_type")
     if isinstance(exc, ShuttingDownError):

@@ -25,9 +25,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from pacore import database
 from pacore.answers import extract_answer
-from pacore.backends.base import Message, text_of
+from pacore.backends.base import Message
 from pacore.errors import StoreError, TemplateError
-from pacore.messages import last_user_index, last_user_text
+from pacore.messages import last_user_index, last_user_text, text_of
 from pacore.prompts import SynthesisTemplate
 from pacore.trace import (
     AnswerDelta,

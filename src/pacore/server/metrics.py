@@ -55,7 +55,8 @@ class ServerMetrics:
         self.prompt_tokens = Counter("pacore_prompt_tokens", "Prompt tokens read over all rounds.", registry=r)
         self.clients_cut = Counter(
             "pacore_clients_cut", "Connections or request slots the server ended itself: a client too slow "
-            "to send its headers or body, or to read its response, or a stream unwritten past its deadline.",
+            "to send its headers or body, or to read its response, headers too large, or a stream unwritten past "
+            "its deadline.",
             ["reason"], registry=r,
         )  # fmt: skip
         self.history_dropped = Counter(

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 
 from pacore.errors import UsageError
 from pacore.server.errors import ShuttingDownError
-from pacore.server.transport import GuardedH11Protocol
+from pacore.server.transport import H11_HEAD_LIMIT, guarded_protocol
 
 logger = logging.getLogger("pacore.server")
 
@@ -47,7 +47,7 @@ class GracefulServer(uvicorn.Server):
             raise UsageError(f"grace_period must be 0 or more, got {grace_period:g}")
         pacore = app.state.pacore
         config = pacore.config
-        protocol = GuardedH11Protocol.factory(
+        protocol = guarded_protocol(
             header_timeout=config.header_timeout_s,
             write_timeout=config.write_timeout_s,
             on_cut=lambda reason: pacore.metrics.clients_cut.labels(reason=reason).inc(),
@@ -56,6 +56,7 @@ class GracefulServer(uvicorn.Server):
         config = uvicorn.Config(
             app,
             http=protocol,  # type: ignore[arg-type]
+            h11_max_incomplete_event_size=H11_HEAD_LIMIT,
             timeout_graceful_shutdown=grace_period + _WRITE_OUT_S,  # type: ignore[arg-type]
             **options,
         )
