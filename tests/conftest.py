@@ -32,7 +32,7 @@ def shared_data() -> Callable[[str], Path]:
 
 @pytest.fixture(scope="session", autouse=True)
 def patient_math_verify() -> Iterator[None]:
-    """math-verify's timeout in the main thread (2 s, SIGALRM: wall time) is 30 s in the tests.
+    """math-verify's timeout in the main thread (5 s, SIGALRM: wall time) is 30 s in the tests.
 
     On a loaded machine 2 s of wall time can run out in sympy's first comparison, and a right
     answer is graded wrong (a run under load saw it for (x+1)^2 = x^2+2x+1). The tests check what is equal,

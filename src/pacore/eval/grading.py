@@ -43,7 +43,9 @@ from pacore.answers import (  # noqa: F401
 # math-verify gets at most this many characters per side: longer "answers"
 # are prose, and sympy's time grows quickly with the expression.
 MAX_VERIFY_CHARS = 300
-_VERIFY_TIMEOUT_S = 2  # seconds per parse / comparison, main thread only
+# Seconds per parse / comparison, main thread only: math-verify's own default. It is wall time, so
+# a busy machine spends part of it elsewhere: with 2 s, a right answer was graded wrong under load.
+_VERIFY_TIMEOUT_S = 5
 
 _CHOICE_GROUND_TRUTH = re.compile(r"^\W*[A-E]\W*$")
 
