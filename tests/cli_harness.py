@@ -4,10 +4,11 @@
 :func:`environment`: the developer's shell without the variables that would
 change an outcome, and this checkout's ``src`` first on ``PYTHONPATH`` so the
 subprocess runs the code under test even when the venv's editable install
-points at another checkout. :func:`invoke` runs the same command line in this
-process (through :func:`pacore.cli.main.main`, which prints the errors), a
-tenth of a subprocess's CPU: for the checks of what the command says, while a
-subprocess stays for what is about the process (argv bytes, signals, streams).
+points at another checkout. :func:`invoke` and :func:`pacore_in_process` run
+the same command line in this process (through :func:`pacore.cli.main.main`,
+which prints the errors), a tenth of a subprocess's CPU: for the checks of what
+the command says, while a subprocess stays for what is about the process (the
+entry point, argv bytes, signals, streams).
 :func:`assert_one_line_error` is the check every front door's misuse gets: one
 ``pacore: error:`` line, no traceback.
 """
@@ -71,6 +72,12 @@ def invoke(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
         sys.stdout.flush()
         sys.stderr.flush()
         return code, out.getvalue().decode("utf-8", "replace"), err.getvalue().decode("utf-8", "replace")
+
+
+def pacore_in_process(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """:func:`pacore`'s outcome, from :func:`invoke`: for the tests of what a command says, not of its process."""
+    code, stdout, stderr = invoke(*args, stdin=stdin.encode())
+    return subprocess.CompletedProcess(["pacore", *args], code, stdout, stderr)
 
 
 def error_line(stderr: str) -> str:

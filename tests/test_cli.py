@@ -1,7 +1,7 @@
 """The ``pacore`` command: ``ask``, its errors, its progress display.
 
 Most tests run the installed entry point as a subprocess, exactly as a user
-would; the usage errors run the same command line in-process (``invoke``), as
+would; the usage errors run the same command line in-process, as
 what they check is what the command says. Backend failures come from a small
 fault-injection HTTP server on loopback; answers come from the real embedded
 model (``model``) and from llama-cpp-python's real OpenAI-compatible server
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from cli_harness import assert_one_line_error, closed_port_url, error_line, invoke, pacore
+from cli_harness import assert_one_line_error, closed_port_url, pacore, pacore_in_process
 from fakes import ScriptedBackend
 from pacore import __version__, asolve
 from pacore.cli.ask import image_part
@@ -202,11 +202,9 @@ def _case_id(args: list[str], stdin: str) -> str:
     ("args", "stdin", "fragment"), USAGE_ERRORS, ids=[_case_id(args, stdin) for args, stdin, _ in USAGE_ERRORS]
 )
 def test_usage_errors_exit_2_with_one_line(files: Path, args: list[str], stdin: str, fragment: str) -> None:
-    code, stdout, stderr = invoke(*(arg.format(tmp=files) for arg in args), stdin=stdin.encode())
-    line = error_line(stderr)
-    assert fragment in line, line
-    assert code == 2, (code, stderr)
-    assert stdout == ""
+    process = pacore_in_process(*(arg.format(tmp=files) for arg in args), stdin=stdin)
+    assert_one_line_error(process, 2, fragment)
+    assert process.stdout == ""
 
 
 # --- runtime errors: exit 1, one line ------------------------------------------
