@@ -15,6 +15,7 @@ import io
 import json
 import shlex
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from cli_harness import assert_one_line_error, closed_port_url, pacore, pacore_in_process
+from cli_harness import assert_one_line_error, closed_port_url, environment, pacore, pacore_in_process
 from fakes import ScriptedBackend
 from pacore import __version__, asolve
 from pacore.cli.ask import image_part
@@ -140,6 +141,20 @@ def test_top_level_help_lists_ask() -> None:
     process = pacore("--help")
     assert process.returncode == 0
     assert "ask" in process.stdout
+
+
+def test_ask_starts_without_the_evaluation_code() -> None:
+    # Only the named command's module is imported: run and report's evaluation code costs every
+    # `pacore ask` a tenth of a second.
+    code = (
+        "import sys\nfrom pacore.cli.main import main\ntry:\n    main(['ask', '--help'])\nfinally:\n"
+        "    print(sorted(m for m in sys.modules if m.startswith(('pacore.eval', 'pacore.cli.'))), file=sys.stderr)"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment())
+    assert process.returncode == 0, process.stderr
+    assert "Usage: pacore ask" in process.stdout
+    loaded = process.stderr.strip()
+    assert "pacore.cli.ask" in loaded and "pacore.eval" not in loaded and "pacore.cli.run" not in loaded, loaded
 
 
 # --- usage errors: exit 2, one line, before any model is loaded -----------------
