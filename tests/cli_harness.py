@@ -61,9 +61,11 @@ def pacore(
     )
 
 
-def invoke(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
-    """Run ``pacore ARGS`` in this process: (exit code, stdout, stderr). An escaping exception fails the test."""
-    with CliRunner().isolation(input=stdin, env=CLEAN_ENV) as (out, err, _):
+def invoke(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``pacore ARGS`` in this process, with ``env`` set for it: (exit code, stdout, stderr).
+
+    An escaping exception fails the test."""
+    with CliRunner().isolation(input=stdin, env={**CLEAN_ENV, **(env or {})}) as (out, err, _):
         try:
             main(list(args))
             code = 0
@@ -74,9 +76,11 @@ def invoke(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
         return code, out.getvalue().decode("utf-8", "replace"), err.getvalue().decode("utf-8", "replace")
 
 
-def pacore_in_process(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def pacore_in_process(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """:func:`pacore`'s outcome, from :func:`invoke`: for the tests of what a command says, not of its process."""
-    code, stdout, stderr = invoke(*args, stdin=stdin.encode())
+    code, stdout, stderr = invoke(*args, stdin=stdin.encode(), env=env)
     return subprocess.CompletedProcess(["pacore", *args], code, stdout, stderr)
 
 
