@@ -61,8 +61,8 @@ def pacore(
     )
 
 
-def invoke(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run ``pacore ARGS`` in this process, with ``env`` set for it: (exit code, stdout, stderr).
+def invoke(*args: str, stdin: bytes = b"", env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
+    """Run ``pacore ARGS`` in this process, with ``env`` set (None: unset) for it: (exit code, stdout, stderr).
 
     An escaping exception fails the test."""
     with CliRunner().isolation(input=stdin, env={**CLEAN_ENV, **(env or {})}) as (out, err, _):
@@ -77,7 +77,7 @@ def invoke(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None) ->
 
 
 def pacore_in_process(
-    *args: str, stdin: str = "", env: dict[str, str] | None = None
+    *args: str, stdin: str = "", env: dict[str, str | None] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """:func:`pacore`'s outcome, from :func:`invoke`: for the tests of what a command says, not of its process."""
     code, stdout, stderr = invoke(*args, stdin=stdin.encode(), env=env)
