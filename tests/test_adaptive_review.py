@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from cli_harness import assert_one_line_error, closed_port_url, pacore_in_process
+from cli_harness import assert_one_line_error, closed_port_url, pacore, pacore_in_process
 from fakes import StreamingScriptedBackend
 from pacore import ComputePolicy, engine
 from pacore.cli.options import compute_policy
@@ -94,7 +94,8 @@ def test_pacore_run_refuses_a_budget_below_one_call_per_round_before_writing_any
 
 
 def test_pacore_serve_refuses_a_default_policy_no_request_could_run():
-    process = pacore_in_process("serve", "--port", "0", "--schedule", "4", "--budget-tokens", "10", "--max-tokens", "100",
+    # A subprocess, with a timeout: accepted by mistake, serve would listen for ever in this process.
+    process = pacore("serve", "--port", "0", "--schedule", "4", "--budget-tokens", "10", "--max-tokens", "100",
                      "--backend", closed_port_url())  # fmt: skip
     assert_one_line_error(process, 2, TOO_SMALL)
 

@@ -1,11 +1,11 @@
 """The ``pacore`` command: ``ask``, its errors, its progress display.
 
 Most tests run the installed entry point as a subprocess, exactly as a user
-would; the usage errors run the same command line in-process, as
-what they check is what the command says. Backend failures come from a small
-fault-injection HTTP server on loopback; answers come from the real embedded
-model (``model``) and from llama-cpp-python's real OpenAI-compatible server
-(``http``).
+would; the usage errors of ``ask`` and ``run`` run the same command line
+in-process, as what they check is what the command says. Backend failures
+come from a small fault-injection HTTP server on loopback; answers come from
+the real embedded model (``model``) and from llama-cpp-python's real
+OpenAI-compatible server (``http``).
 """
 
 from __future__ import annotations
@@ -217,7 +217,12 @@ def _case_id(args: list[str], stdin: str) -> str:
     ("args", "stdin", "fragment"), USAGE_ERRORS, ids=[_case_id(args, stdin) for args, stdin, _ in USAGE_ERRORS]
 )
 def test_usage_errors_exit_2_with_one_line(files: Path, args: list[str], stdin: str, fragment: str) -> None:
-    process = pacore_in_process(*(arg.format(tmp=files) for arg in args), stdin=stdin)
+    command = [arg.format(tmp=files) for arg in args]
+    # serve in a subprocess, with a timeout: accepted by mistake, it would listen for ever in this process.
+    if args[0] == "serve":
+        process = pacore(*command, stdin=stdin, timeout=60)
+    else:
+        process = pacore_in_process(*command, stdin=stdin)
     assert_one_line_error(process, 2, fragment)
     assert process.stdout == ""
 
