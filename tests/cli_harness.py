@@ -4,8 +4,13 @@
 :func:`environment`: the developer's shell without the variables that would
 change an outcome, and this checkout's ``src`` first on ``PYTHONPATH`` so the
 subprocess runs the code under test even when the venv's editable install
-points at another checkout. :func:`assert_one_line_error` is the check every
-front door's misuse gets: one ``pacore: error:`` line, no traceback.
+points at another checkout. :func:`invoke` and :func:`pacore_in_process` run
+the same command line in this process (through :func:`pacore.cli.main.main`,
+which prints the errors), a tenth of a subprocess's CPU: for the checks of what
+the command says, while a subprocess stays for what is about the process (the
+entry point, argv bytes, signals, streams).
+:func:`assert_one_line_error` is the check every front door's misuse gets: one
+``pacore: error:`` line, no traceback.
 """
 
 from __future__ import annotations
@@ -17,11 +22,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from pacore.cli.main import main
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 #: The installed ``pacore`` command of this venv.
 PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or "pacore"
 #: Variables of the developer's shell that would change an outcome: API keys and the debug switch.
 OUTCOME_VARIABLES = ("PACORE_API_KEY", "OPENAI_API_KEY", "PACORE_DEBUG")
+#: The overrides of :func:`invoke`'s environment: those variables and the server's keys, unset.
+CLEAN_ENV: dict[str, str | None] = dict.fromkeys((*OUTCOME_VARIABLES, "PACORE_SERVER_API_KEYS"))
 
 
 def environment(*unset: str, **extra: str) -> dict[str, str]:
@@ -48,6 +59,29 @@ def pacore(
         env=environment() if env is None else env,
         cwd=cwd,
     )
+
+
+def invoke(*args: str, stdin: bytes = b"", env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
+    """Run ``pacore ARGS`` in this process, with ``env`` set (None: unset) for it: (exit code, stdout, stderr).
+
+    An escaping exception fails the test."""
+    with CliRunner().isolation(input=stdin, env={**CLEAN_ENV, **(env or {})}) as (out, err, _):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return code, out.getvalue().decode("utf-8", "replace"), err.getvalue().decode("utf-8", "replace")
+
+
+def pacore_in_process(
+    *args: str, stdin: str = "", env: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """:func:`pacore`'s outcome, from :func:`invoke`: for the tests of what a command says, not of its process."""
+    code, stdout, stderr = invoke(*args, stdin=stdin.encode(), env=env)
+    return subprocess.CompletedProcess(["pacore", *args], code, stdout, stderr)
 
 
 def error_line(stderr: str) -> str:

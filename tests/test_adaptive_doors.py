@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from cli_harness import pacore_in_process
 from fakes import StreamingScriptedBackend
 from harness import fast_backend  # noqa: E402
 from pacore import ComputePolicy, engine
@@ -104,7 +105,7 @@ def test_bad_policy_flags_name_the_flag(flags, message):
     ],
 )
 def test_cli_refuses_bad_policy_values_with_exit_2(args, fragment):
-    process = pacore(*args, "--backend", "http://127.0.0.1:9/v1")
+    process = pacore_in_process(*args, "--backend", "http://127.0.0.1:9/v1")
     lines = [line for line in process.stderr.splitlines() if line.strip()]
     assert process.returncode == 2, process.stderr
     assert lines == [f"pacore: error: {lines[0].removeprefix('pacore: error: ')}"] and fragment in lines[0]

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from cli_harness import assert_one_line_error, closed_port_url, pacore
+from cli_harness import assert_one_line_error, closed_port_url, pacore, pacore_in_process
 from fakes import StreamingScriptedBackend
 from pacore import ComputePolicy, engine
 from pacore.cli.options import compute_policy
@@ -51,7 +51,7 @@ def test_the_python_api_says_which_policy_a_setting_needs():
 
 
 def test_pacore_ask_refuses_a_setting_without_its_policy_with_exit_2():
-    process = pacore("ask", "--wave", "3", "--backend", closed_port_url(), "hi")
+    process = pacore_in_process("ask", "--wave", "3", "--backend", closed_port_url(), "hi")
     assert_one_line_error(process, 2, "pacore: error: --wave needs --adaptive-k")
 
 
@@ -87,13 +87,14 @@ def test_pacore_run_refuses_a_budget_below_one_call_per_round_before_writing_any
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "a", "question": "What is 1 plus 1?", "answer": "2"}\n')
     out = tmp_path / "run"
-    process = pacore("run", str(data), "--out", str(out), "--schedule", "4", "--budget-tokens", "10",
+    process = pacore_in_process("run", str(data), "--out", str(out), "--schedule", "4", "--budget-tokens", "10",
                      "--max-tokens", "100", "--backend", closed_port_url())  # fmt: skip
     assert_one_line_error(process, 2, TOO_SMALL)
     assert not out.exists()
 
 
 def test_pacore_serve_refuses_a_default_policy_no_request_could_run():
+    # A subprocess, with a timeout: accepted by mistake, serve would listen for ever in this process.
     process = pacore("serve", "--port", "0", "--schedule", "4", "--budget-tokens", "10", "--max-tokens", "100",
                      "--backend", closed_port_url())  # fmt: skip
     assert_one_line_error(process, 2, TOO_SMALL)
@@ -118,7 +119,7 @@ def test_pacore_run_refuses_quorum_and_budget_arms_on_a_pool(tmp_path, flag, val
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "a", "question": "What is 1 plus 1?", "answer": "2"}\n')
     out = tmp_path / "run"
-    process = pacore("run", str(data), "--out", str(out), "--pool-size", "4", "--schedule", "4", flag, value,
+    process = pacore_in_process("run", str(data), "--out", str(out), "--pool-size", "4", "--schedule", "4", flag, value,
                      "--backend", closed_port_url())  # fmt: skip
     assert_one_line_error(process, 2, f"pacore: error: {flag} cannot be replayed on the trajectory pool of {out}: "
                                       "run such an arm in a run directory without --pool-size")  # fmt: skip

@@ -1,9 +1,11 @@
 """The ``pacore`` command: ``ask``, its errors, its progress display.
 
 Most tests run the installed entry point as a subprocess, exactly as a user
-would. Backend failures come from a small fault-injection HTTP server on
-loopback; answers come from the real embedded model (``model``) and from
-llama-cpp-python's real OpenAI-compatible server (``http``).
+would; the usage errors of ``ask`` and ``run`` run the same command line
+in-process, as what they check is what the command says. Backend failures
+come from a small fault-injection HTTP server on loopback; answers come from
+the real embedded model (``model``) and from llama-cpp-python's real
+OpenAI-compatible server (``http``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import json
 import shlex
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +25,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from cli_harness import assert_one_line_error, closed_port_url, pacore
+from cli_harness import assert_one_line_error, closed_port_url, environment, pacore, pacore_in_process
 from fakes import ScriptedBackend
 from pacore import __version__, asolve
 from pacore.cli.ask import image_part
@@ -140,6 +143,20 @@ def test_top_level_help_lists_ask() -> None:
     assert "ask" in process.stdout
 
 
+def test_ask_starts_without_the_evaluation_code() -> None:
+    # Only the named command's module is imported: run and report's evaluation code costs every
+    # `pacore ask` a tenth of a second.
+    code = (
+        "import sys\nfrom pacore.cli.main import main\ntry:\n    main(['ask', '--help'])\nfinally:\n"
+        "    print(sorted(m for m in sys.modules if m.startswith(('pacore.eval', 'pacore.cli.'))), file=sys.stderr)"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment())
+    assert process.returncode == 0, process.stderr
+    assert "Usage: pacore ask" in process.stdout
+    loaded = process.stderr.strip()
+    assert "pacore.cli.ask" in loaded and "pacore.eval" not in loaded and "pacore.cli.run" not in loaded, loaded
+
+
 # --- usage errors: exit 2, one line, before any model is loaded -----------------
 
 
@@ -200,8 +217,12 @@ def _case_id(args: list[str], stdin: str) -> str:
     ("args", "stdin", "fragment"), USAGE_ERRORS, ids=[_case_id(args, stdin) for args, stdin, _ in USAGE_ERRORS]
 )
 def test_usage_errors_exit_2_with_one_line(files: Path, args: list[str], stdin: str, fragment: str) -> None:
-    # A short timeout: none of these may get as far as running the model.
-    process = pacore(*(arg.format(tmp=files) for arg in args), stdin=stdin, timeout=60)
+    command = [arg.format(tmp=files) for arg in args]
+    # serve in a subprocess, with a timeout: accepted by mistake, it would listen for ever in this process.
+    if args[0] == "serve":
+        process = pacore(*command, stdin=stdin, timeout=60)
+    else:
+        process = pacore_in_process(*command, stdin=stdin)
     assert_one_line_error(process, 2, fragment)
     assert process.stdout == ""
 

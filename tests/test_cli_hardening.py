@@ -32,31 +32,15 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from cli_harness import error_line
+from cli_harness import CLEAN_ENV, error_line, invoke
 from harness import FastBackend, fast_backend
-from pacore.cli.main import EXIT_CODES, main
+from pacore.cli.main import EXIT_CODES
 from pacore.errors import InputError, OutputError, StoreError, StoreUnusableError
 from pacore.files import atomic_output, read_input, write_atomic
 from pacore.store import CheckedConnection, RunStore
 
 pytestmark = pytest.mark.http
-# Variables that would change an outcome if they leaked in from the developer's shell.
-CLEAN_ENV = {"PACORE_API_KEY": None, "OPENAI_API_KEY": None, "PACORE_DEBUG": None, "PACORE_SERVER_API_KEYS": None}
-
-
-def invoke(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
-    """Run ``pacore ARGS`` in this process: (exit code, stdout, stderr). An escaping exception fails the test."""
-    with CliRunner().isolation(input=stdin, env=CLEAN_ENV) as (out, err, _):
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        return code, out.getvalue().decode("utf-8", "replace"), err.getvalue().decode("utf-8", "replace")
 
 
 def subprocess_pacore(*args: str | bytes, stdin: int | bytes | None = b"", timeout: float = 60) -> tuple[int, str, str]:

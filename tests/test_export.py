@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from cli_harness import PACORE
+from cli_harness import pacore_in_process
 from fakes import Call, ScriptedBackend
 from pacore.errors import UsageError
 from pacore.eval.datasets import Problem
@@ -124,20 +123,16 @@ async def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
         export_train(tmp_path / "run", tmp_path / "t.jsonl", min_acc=0.5, max_acc=0.5)
     with pytest.raises(UsageError, match="--min-size <= --max-size"):
         export_train(tmp_path / "run", tmp_path / "t.jsonl", min_size=10, max_size=5)
-    process = subprocess.run(
-        [PACORE, "export-train", str(tmp_path / "run"), "--out", str(tmp_path / "t.jsonl"), "--arm", "nope"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    process = pacore_in_process(
+        "export-train", str(tmp_path / "run"), "--out", str(tmp_path / "t.jsonl"), "--arm", "nope"
+    )
     assert process.returncode == 2 and "has no arm 'nope'" in process.stderr
     assert not (tmp_path / "t.jsonl").exists()
 
 
 async def test_cli_prints_the_summary(tmp_path: Path) -> None:
     await pooled_run(tmp_path / "run", problems(2), {0: 1, 1: 0}, 4)
-    process = subprocess.run(
-        [PACORE, "export-train", str(tmp_path / "run"), "--out", str(tmp_path / "out" / "train.jsonl")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    process = pacore_in_process("export-train", str(tmp_path / "run"), "--out", str(tmp_path / "out" / "train.jsonl"))
     assert process.returncode == 0, process.stderr
     assert process.stdout.startswith("export-train: kept 1 of 2 problems")
     assert "1 with message accuracy <= 0" in process.stdout

@@ -7,14 +7,13 @@ images, and the CLI's refusals.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from cli_harness import PACORE
+from cli_harness import pacore_in_process
 from fakes import Call, ScriptedBackend
 from pacore.backends.base import Completion
 from pacore.engine import asolve
@@ -253,10 +252,9 @@ def test_parse_range() -> None:
 async def test_cli_formats_and_refusals(tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     write_train_file(data)
-    env = dict(os.environ)
 
     def export(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PACORE, "export-train", str(data), *args], capture_output=True, text=True, env=env)
+        return pacore_in_process("export-train", str(data), *args)
 
     done = export("--format", "verl", "--out", str(tmp_path / "v.parquet"), "--max-acc", "0.9")
     assert done.returncode == 0, done.stderr

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from cli_harness import assert_one_line_error, environment, pacore
+from cli_harness import assert_one_line_error, pacore_in_process
 from pacore.backends import LlamaCppBackend
 from pacore.cli.options import open_backends
 from pacore.errors import UsageError
 
 
 def model_controls(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``pacore ARGS`` with no thread or context setting but those in ``env``."""
-    return pacore(*args, timeout=120, env=environment("PACORE_THREADS", "PACORE_N_CTX", **env))
+    """``pacore ARGS`` (in-process) with no thread or context setting but those in ``env``."""
+    return pacore_in_process(*args, env={"PACORE_THREADS": None, "PACORE_N_CTX": None, **env})
 
 
 def test_model_info_shows_context_max_tokens_and_threads() -> None:

@@ -1,4 +1,8 @@
-"""``pacore report`` on a small scripted run: the numbers, the diagnostics and the files."""
+"""``pacore report`` on a small scripted run: the numbers, the diagnostics and the files.
+
+The command runs in-process (``pacore_in_process``): these tests are about what it writes, and a
+subprocess would import matplotlib anew for each (other tests run the real ``pacore report``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_harness import pacore
+from cli_harness import pacore_in_process
 from fakes import Call, ScriptedBackend, fail
 from pacore.eval.datasets import Problem
 from pacore.eval.report import CROSS_CHECK, wilson_interval
@@ -75,7 +79,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def report_json(*args: str) -> dict:
-    process = pacore("report", *args, "--json", timeout=120)
+    process = pacore_in_process("report", *args, "--json")
     assert process.returncode == 0, process.stderr
     return json.loads(process.stdout)
 
@@ -151,7 +155,7 @@ def test_report_defaults_to_the_first_run_dir_and_compares_runs(run_dir: Path, t
 
 
 def test_report_on_a_directory_without_a_run_is_a_usage_error(tmp_path: Path) -> None:
-    process = pacore("report", str(tmp_path / "nothing"))
+    process = pacore_in_process("report", str(tmp_path / "nothing"))
     assert process.returncode == 2
     assert process.stderr.startswith("pacore: error: ") and "not a run directory" in process.stderr
     assert len(process.stderr.strip().splitlines()) == 1
@@ -233,7 +237,7 @@ def test_report_json_gives_repeats_per_arm(tmp_path: Path) -> None:
     assert "| single | single | off | 3 × 5 repeats | 15 | 0 |" in markdown
     assert f"({figures['correct']}/15 over 3 problems)" in markdown
     assert "normal-approximation interval over problems" in markdown
-    text = pacore("report", str(path), timeout=120)
+    text = pacore_in_process("report", str(path))
     assert text.returncode == 0, text.stderr
     assert "on 15 graded results of 3 problems (mean over repeats)" in text.stdout
 

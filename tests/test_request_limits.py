@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_harness import error_line, pacore
+from cli_harness import error_line, pacore, pacore_in_process
 from fakes import Call, ScriptedBackend, fail
 from faults import FaultPlan
 from harness import fast_backend
@@ -32,7 +32,7 @@ def test_bad_limits_are_usage_errors_before_any_work(
 ) -> None:
     target = ["q"] if command == "ask" else [str(write_data(tmp_path / "d.jsonl", 2)), "--out", str(tmp_path / "r")]
     # An unreachable backend: the flags must be refused before it is ever tried.
-    process = pacore(command, *target, *flags, "--backend", "http://127.0.0.1:9/v1", "--model", "m")
+    process = pacore_in_process(command, *target, *flags, "--backend", "http://127.0.0.1:9/v1", "--model", "m")
     assert process.returncode == 2 and message in error_line(process.stderr)
     assert not (tmp_path / "r").exists()
 

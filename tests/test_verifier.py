@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_harness import pacore_in_process
 from fakes import Call, ScriptedBackend
 from judge_server import judge_server
 from pacore.backends import GenerationParams
@@ -23,8 +20,6 @@ from pacore.rewards import compute_score, make_reward_func, process_rewards
 from pacore.verifier import Judgement, VerdictCache, Verifier, VerifierTemplate, parse_verdict
 
 pytestmark = pytest.mark.http
-
-PACORE = shutil.which("pacore", path=str(Path(sys.executable).parent)) or shutil.which("pacore")
 
 
 @pytest.mark.parametrize(
@@ -196,9 +191,9 @@ def test_report_shows_spurious_correctness_per_arm(tmp_path: Path) -> None:
         )  # fmt: skip
     )
     with judge_server() as judge:
-        command = [PACORE, "report", str(tmp_path / "run"), "--json", "--verifier", judge.url]
-        env = {**os.environ, "PACORE_CACHE_DIR": str(tmp_path / "cache")}
-        process = subprocess.run(command, capture_output=True, text=True, env=env)
+        command = ["report", str(tmp_path / "run"), "--json", "--verifier", judge.url]
+        env = {"PACORE_CACHE_DIR": str(tmp_path / "cache")}
+        process = pacore_in_process(*command, env=env)
         assert process.returncode == 0, process.stderr
         (arm,) = json.loads(process.stdout)["methods"]
         assert arm["correct"] == 2
@@ -207,9 +202,9 @@ def test_report_shows_spurious_correctness_per_arm(tmp_path: Path) -> None:
         markdown = (tmp_path / "run" / "report.md").read_text()
         assert "## Spurious correctness" in markdown and "1/2 (50.0%)" in markdown
         # Re-running the report asks nothing: the verdicts are cached.
-        subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        assert pacore_in_process(*command, env=env).returncode == 0
         assert len(judge.prompts) == 2
-    plain = subprocess.run([PACORE, "report", str(tmp_path / "run"), "--json"], capture_output=True, text=True)
+    plain = pacore_in_process("report", str(tmp_path / "run"), "--json")
     assert json.loads(plain.stdout)["methods"][0]["spurious"] is None
     assert "Spurious" not in (tmp_path / "run" / "report.md").read_text()
 

@@ -27,11 +27,16 @@ __all__ = ["EXIT_CODES", "app", "exit_code_for", "main"]
 
 #: The command modules, in the order ``pacore --help`` lists their commands.
 COMMAND_MODULES = ("ask", "run", "report", "serve", "train", "view", "data", "model")
+#: The commands registered by a module of another name.
+COMMAND_HOMES = {"export-train": "report"}
 
 
-def _register_commands() -> None:
+def _register_commands(command: str | None = None) -> None:
     # Each command group lives in its own module and registers itself on ``app`` when imported.
-    for name in COMMAND_MODULES:
+    # A known command needs only its own module: ``pacore ask`` then starts without importing the
+    # evaluation code of run and report (a tenth of a second); help and typos get every command.
+    home = COMMAND_HOMES.get(command or "", command)
+    for name in [home] if home in COMMAND_MODULES else COMMAND_MODULES:
         importlib.import_module(f"pacore.cli.{name}")
 
 
@@ -74,8 +79,8 @@ def run_command(args: list[str]) -> object:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _register_commands()
     args = sys.argv[1:] if argv is None else argv
+    _register_commands(args[0] if args else None)
     try:
         code = run_command(args)
     except NoArgsIsHelpError as exc:
