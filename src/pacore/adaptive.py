@@ -85,7 +85,7 @@ class ComputePolicy(BaseModel):
     @property
     def is_default(self) -> bool:
         """No policy is on: the paper's method."""
-        return self == ComputePolicy.model_construct()
+        return self == POLICIES_OFF
 
     @property
     def per_trajectory(self) -> bool:
@@ -107,6 +107,9 @@ _SETTINGS_OF = {
     "settle_threshold": "adaptive_k",
     "straggler_timeout": "quorum",
 }
+
+#: Every policy off: the paper's method (a policy is immutable, so one serves every request).
+POLICIES_OFF = ComputePolicy()
 
 
 def majority_probability(leader: int, others: int) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pacore import engine
 from pacore.backends import Backend, open_backend
+from pacore.backends.base import is_backend
 from pacore.engine import Prompt
 from pacore.errors import UsageError
 from pacore.trace import Event, Result
@@ -37,7 +38,7 @@ async def asolve(prompt: Prompt, *, backend: BackendChoice = None, **options: An
     Raises a :class:`PacoreError`; its ``result`` holds the partial trace.
     When cancelled, the ``asyncio.CancelledError`` carries it as ``result`` too.
     """
-    if isinstance(backend, Backend):
+    if is_backend(backend):
         return await engine.asolve(prompt, backend=backend, **options)
     # A registered factory may return any Backend, not only a context manager.
     opened = open_backend(_checked_specs(backend))

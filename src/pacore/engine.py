@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 from pydantic import ValidationError
 
 from pacore import trace
-from pacore.adaptive import ComputePolicy, majority_probability, percentile
+from pacore.adaptive import POLICIES_OFF, ComputePolicy, majority_probability, percentile
 from pacore.answers import tally
 from pacore.backends.base import (
     Backend,
@@ -33,6 +33,7 @@ from pacore.backends.base import (
     accepts_confidence,
     accepts_progress,
     current_retry_budget,
+    is_backend,
 )
 from pacore.confidence import WindowedConfidence, lowest_group_at, summarize
 from pacore.errors import (
@@ -960,7 +961,7 @@ async def asolve(
     synthesis = SynthesisTemplate.load(template)
     shuffle_seed = seed if seed is not None else (params.seed if params.seed is not None else 0)
 
-    if not isinstance(backend, Backend):
+    if not is_backend(backend):
         raise UsageError(f"backend must be a Backend, not {backend!r} (pacore.asolve opens backend specs)")
     state = _Solve(
         messages,
@@ -998,7 +999,7 @@ async def asolve(
 def compute_policy(compute: ComputePolicy | Mapping[str, Any] | None) -> ComputePolicy:
     """``compute`` as a :class:`ComputePolicy` (``None``: every policy off); bad fields raise a one-line UsageError."""
     if compute is None or isinstance(compute, ComputePolicy):
-        return compute or ComputePolicy()
+        return compute or POLICIES_OFF
     if not isinstance(compute, Mapping):
         raise UsageError(f"compute must be a ComputePolicy, a dict of its fields or None, not {compute!r}")
     try:

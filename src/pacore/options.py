@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pacore.adaptive import ComputePolicy
+from pacore.adaptive import POLICIES_OFF, ComputePolicy
 from pacore.backends.base import GenerationParams
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
@@ -44,7 +44,7 @@ class SolveOptions:
     @property
     def policy(self) -> ComputePolicy:
         """The adaptive-compute policy in force (all off when none was given)."""
-        return self.compute or ComputePolicy()
+        return self.compute or POLICIES_OFF
 
     def as_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`pacore.asolve` these options stand for.
@@ -62,8 +62,8 @@ class SolveOptions:
             "reference_order": self.reference_order,
             "stream_answer": self.stream_answer,
         }
-        if not self.policy.is_default:
-            kwargs["compute"] = self.policy
+        if self.compute is not None and not self.compute.is_default:
+            kwargs["compute"] = self.compute
         return kwargs
 
 

@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, Self, TypeVar, runtime_checkable
+from typing import Any, Protocol, Self, TypeGuard, TypeVar, runtime_checkable
 
 from pacore.errors import BackendError
 
@@ -210,6 +210,21 @@ class Backend(Protocol):
     ) -> Completion: ...
 
     async def aclose(self) -> None: ...
+
+
+_BACKEND_CLASSES: set[type] = set()
+
+
+def is_backend(value: object) -> TypeGuard[Backend]:
+    """``isinstance(value, Backend)``, remembered per class: a protocol check looks up every member,
+    tens of microseconds, and the engine asks on every request."""
+    kind = type(value)
+    if kind in _BACKEND_CLASSES:
+        return True
+    if isinstance(value, Backend):
+        _BACKEND_CLASSES.add(kind)
+        return True
+    return False
 
 
 def accepts_progress(backend: Backend) -> bool:

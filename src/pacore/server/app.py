@@ -9,6 +9,7 @@ server only translates, limits and watches.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -168,7 +169,7 @@ class ServerConfig:
         # The default must pass the server's own caps, or every plain request would be refused.
         check_limits(self.schedule, None, self.limits)
 
-    @property
+    @functools.cached_property
     def limits(self) -> Limits:
         """The per-request caps: the fields named as :class:`Limits`'s."""
         return Limits(**{cap.name: getattr(self, cap.name) for cap in fields(Limits)})
@@ -196,7 +197,8 @@ class _Server:
 
     def _forgotten(self, record: RequestRecord | SavedRecord) -> None:
         self.metrics.history_dropped.inc()
-        logger.info("history: forgot request %s (%s bytes) to stay within its limits", record.id, f"{record.size:,}")
+        # Once the history is full that is every request: counted in /metrics, logged for debugging only.
+        logger.debug("history: forgot request %s (%s bytes) to stay within its limits", record.id, f"{record.size:,}")
 
     @property
     def model(self) -> str:
