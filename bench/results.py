@@ -55,7 +55,8 @@ LIMITS: dict[str, Callable[[dict[str, Any]], str]] = {
     "scale_out_4_over_1": lambda f: "the round's tail: the last calls of a round run on fewer endpoints than there are",
     "passthrough_added_p50_ms": lambda f: (
         f"a pass-through request crosses two HTTP hops in Python: the server's own request handling "
-        f"(uvicorn with h11, FastAPI, pydantic) plus a second HTTP call to the backend; direct calls "
+        f"(uvicorn, FastAPI's middleware and routing, the route's own work: about 2 ms of CPU) plus a second HTTP "
+        f"call to the backend; docs/latency.md has the profile; direct calls "
         f"take {f['latency_direct']['p50_ms']:.2f} ms, through the server {f['latency_passthrough']['p50_ms']:.2f} ms"
     ),
     "pacore_first_chunk_p50_ms": lambda f: "the server's request handling before its first chunk",
