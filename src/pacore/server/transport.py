@@ -183,10 +183,8 @@ class _ConnectionGuard(_Protocol):
         super().data_received(data)
         self._check_request_started()
         if self._header_timer is not None and self._received > MAX_HEAD_BYTES and not self.transport.is_closing():
-            self.on_cut("headers_too_large")
             error = HeadersTooLargeError(f"the request line and headers exceed {MAX_HEAD_BYTES:,} bytes")
-            self.transport.write(_raw_response(431, b"Request Header Fields Too Large", error))
-            self.transport.close()
+            self._cut_before_request("headers_too_large", 431, b"Request Header Fields Too Large", error)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -205,11 +203,16 @@ class _ConnectionGuard(_Protocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
-        if self._received:  # else an idle connection, closed as keep-alive would
-            self.on_cut("header_timeout")
-            # Written directly: there is no request to answer yet, and the connection ends here.
-            error = RequestTimeoutError(f"the request headers did not arrive within {self.header_timeout:g}s")
-            self.transport.write(_raw_response(408, b"Request Timeout", error))
+        if not self._received:  # an idle connection, closed as keep-alive would
+            self.transport.close()
+            return
+        error = RequestTimeoutError(f"the request headers did not arrive within {self.header_timeout:g}s")
+        self._cut_before_request("header_timeout", 408, b"Request Timeout", error)
+
+    def _cut_before_request(self, reason: CutReason, status: int, phrase: bytes, error: Exception) -> None:
+        """Answer ``error`` and close: written directly, since there is no request to answer yet."""
+        self.on_cut(reason)
+        self.transport.write(_raw_response(status, phrase, error))
         self.transport.close()
 
     # --- writes ---------------------------------------------------------------------------
