@@ -37,6 +37,7 @@ import logging
 import struct
 import termios
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -73,12 +74,13 @@ def _kernel_send_queue(transport: asyncio.BaseTransport) -> int:
         return 0
 
 
-def _raw_response(status: int, reason: bytes, exc: Exception) -> bytes:
-    """A whole HTTP/1.1 response that closes the connection, its body the OpenAI error of ``exc``."""
-    body = describe(exc).body.model_dump_json().encode()
+def _raw_response(exc: Exception) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection: the status and OpenAI error of ``exc``."""
+    reply = describe(exc)
+    body = reply.body.model_dump_json().encode()
     head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (
-        status,
-        reason,
+        reply.status,
+        HTTPStatus(reply.status).phrase.encode(),
         len(body),
     )
     return head + body
@@ -184,7 +186,7 @@ class _ConnectionGuard(_Protocol):
         self._check_request_started()
         if self._header_timer is not None and self._received > MAX_HEAD_BYTES and not self.transport.is_closing():
             error = HeadersTooLargeError(f"the request line and headers exceed {MAX_HEAD_BYTES:,} bytes")
-            self._cut_before_request("headers_too_large", 431, b"Request Header Fields Too Large", error)
+            self._cut_before_request("headers_too_large", error)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -207,12 +209,15 @@ class _ConnectionGuard(_Protocol):
             self.transport.close()
             return
         error = RequestTimeoutError(f"the request headers did not arrive within {self.header_timeout:g}s")
-        self._cut_before_request("header_timeout", 408, b"Request Timeout", error)
+        self._cut_before_request("header_timeout", error)
 
-    def _cut_before_request(self, reason: CutReason, status: int, phrase: bytes, error: Exception) -> None:
-        """Answer ``error`` and close: written directly, since there is no request to answer yet."""
+    def _cut_before_request(self, reason: CutReason, error: Exception) -> None:
         self.on_cut(reason)
-        self.transport.write(_raw_response(status, phrase, error))
+        self._refuse(error)
+
+    def _refuse(self, error: Exception) -> None:
+        """Answer ``error`` and close: written directly, since there is no request to answer yet."""
+        self.transport.write(_raw_response(error))
         self.transport.close()
 
     # --- writes ---------------------------------------------------------------------------
@@ -254,9 +259,7 @@ class _ConnectionGuard(_Protocol):
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own 400 for unparseable HTTP is plain text; clients here expect OpenAI's JSON.
-        error = InvalidRequestError(f"malformed HTTP request: {msg}", code="malformed_http")
-        self.transport.write(_raw_response(400, b"Bad Request", error))
-        self.transport.close()
+        self._refuse(InvalidRequestError(f"malformed HTTP request: {msg}", code="malformed_http"))
 
     @staticmethod
     def _cancel(timer: asyncio.TimerHandle | None) -> None:
