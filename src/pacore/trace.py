@@ -7,10 +7,10 @@ Everything here is a pydantic model, so a trace round-trips through JSON
 
 from __future__ import annotations
 
-from dataclasses import fields
+import re
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from pacore.messages import compact
 
@@ -40,23 +40,49 @@ class Confidence(BaseModel):
     tokens: list[float] | None = None
 
 
-class Trajectory(BaseModel):
-    """One sampled call of one round."""
+class CallOutcome(BaseModel):
+    """What one sampled model call produced: its text, why it ended, its tokens and time, or its failure.
 
-    round: int
-    index: int
+    A backend returns it as a :class:`~pacore.backends.base.Completion`; the engine
+    records it in a round as a :class:`Trajectory`.
+    """
+
     text: str = ""
     reasoning: str | None = None
-    #: The compacted message passed to the next round; ``None`` if it contributes none.
-    message: str | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
     error: str | None = None
     error_kind: str | None = None
-    #: Failed attempts of this call that were retried, e.g. ``["status 503", "timeout"]``.
+    #: The failed attempts retried before this outcome, e.g. ``("status 503", "timeout")``.
     failed_attempts: tuple[str, ...] = ()
+
+    @field_validator("text", "reasoning")
+    @classmethod
+    def _replace_lone_surrogates(cls, value: str | None) -> str | None:
+        # A server may send a lone surrogate (``"\ud800"`` in its JSON). No UTF-8 can hold
+        # one, so the text could be neither sent back in a synthesis prompt, nor printed,
+        # nor stored: U+FFFD stands in for it, as for any undecodable byte.
+        if value and not value.isascii():
+            return _LONE_SURROGATE.sub("\ufffd", value)
+        return value
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class Trajectory(CallOutcome):
+    """One sampled call of one round."""
+
+    round: int
+    index: int
+    #: The compacted message passed to the next round; ``None`` if it contributes none.
+    message: str | None = None
     #: Position in which this trajectory finished within its round (0 first); ``None`` if unknown.
     #: The reference release orders messages by it (see ``pacore.synthesis``).
     finish_order: int | None = None
@@ -65,10 +91,6 @@ class Trajectory(BaseModel):
     #: Why an adaptive-compute policy ended this trajectory before it finished
     #: (``"early_stop"``, ``"quorum"``, ``"budget"``); its tokens still count.
     stopped: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
     @classmethod
     def from_completion(
@@ -88,8 +110,7 @@ class Trajectory(BaseModel):
         if completion.token_confidences:
             compute = compute or ComputePolicy()
             confidence = summarize(completion.token_confidences, compute.window, compute.keep_token_confidences)
-        # What the completion and a trajectory both have a field for is copied as it is.
-        shared = {f.name: getattr(completion, f.name) for f in fields(completion) if f.name in cls.model_fields}
+        shared = {name: getattr(completion, name) for name in CallOutcome.model_fields}
         message = compact(completion.text) if completion.ok else None
         return cls(round=round, index=index, message=message, confidence=confidence, **shared)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -37,6 +36,7 @@ from pacore.errors import BackendError
 
 # text_of is re-exported: it lived here first.
 from pacore.messages import text_of  # noqa: F401
+from pacore.trace import CallOutcome
 
 Message = dict[str, Any]
 """An OpenAI-style chat message: ``{"role": ..., "content": str | list[part]}``."""
@@ -141,38 +141,11 @@ current_retry_budget: ContextVar[RetryBudget | None] = ContextVar("pacore_retry_
 retry_elsewhere: ContextVar[Callable[[BackendError], bool] | None] = ContextVar("pacore_retry_elsewhere", default=None)
 
 
-@dataclass(slots=True)
-class Completion:
-    """One sampled trajectory as the backend returned it."""
+class Completion(CallOutcome):
+    """One sampled trajectory as the backend returned it (its fields shared with :class:`~pacore.trace.Trajectory`)."""
 
-    text: str
-    reasoning: str | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_s: float = 0.0
-    error: str | None = None
-    error_kind: str | None = None
-    #: The failed attempts retried before this outcome, e.g. ``("status 503", "timeout")``.
-    failed_attempts: tuple[str, ...] = ()
     #: DeepConf token confidence of every generated token, when logprobs were requested and returned.
     token_confidences: list[float] | None = None
-
-    def __post_init__(self) -> None:
-        # A server may send a lone surrogate (``"\ud800"`` in its JSON). No UTF-8 can hold
-        # one, so the text could be neither sent back in a synthesis prompt, nor printed,
-        # nor stored: U+FFFD stands in for it, as for any undecodable byte.
-        if not self.text.isascii():
-            self.text = _LONE_SURROGATE.sub("\ufffd", self.text)
-        if self.reasoning and not self.reasoning.isascii():
-            self.reasoning = _LONE_SURROGATE.sub("\ufffd", self.reasoning)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @runtime_checkable
