@@ -36,9 +36,10 @@ from hypothesis import strategies as st
 from cli_harness import CLEAN_ENV, error_line, invoke
 from harness import FastBackend, fast_backend
 from pacore.cli.main import EXIT_CODES
+from pacore.database import CheckedConnection
 from pacore.errors import InputError, OutputError, StoreError, StoreUnusableError
 from pacore.files import atomic_output, read_input, write_atomic
-from pacore.store import CheckedConnection, RunStore
+from pacore.store import RunStore
 
 pytestmark = pytest.mark.http
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pacore import database
 from pacore import store as store_module
 from pacore.errors import RunConflictError, StoreError
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
@@ -184,3 +185,18 @@ def test_add_arm_creates_every_repeat_of_its_seed(tmp_path: Path) -> None:
         store.init_run(INFO, PROBLEMS)
         store.add_arm(ArmInfo("single", "single"), ["p1", "p2"], seed=3, repeats=2)
         assert sorted(store.statuses("single")) == [("p1", 3, 0), ("p1", 3, 1), ("p2", 3, 0), ("p2", 3, 1)]
+
+
+def test_the_sqlite_helpers_stay_importable_from_the_store() -> None:
+    # They moved to pacore.database; docs/structure.md promises their old import path.
+    names = (
+        "connect",
+        "migrate",
+        "transaction",
+        "applied_migrations",
+        "Migration",
+        "CheckedConnection",
+        "CheckedCursor",
+    )
+    for name in names:
+        assert getattr(store_module, name) is getattr(database, name)

@@ -40,9 +40,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+# The SQLite helpers lived here first: they stay importable from this module (tests/test_store.py);
+# ``as`` re-exports the one this module does not use.
 from pacore.database import (
     CheckedConnection,
-    CheckedCursor,
     Migration,
     applied_migrations,
     connect,
@@ -50,15 +51,9 @@ from pacore.database import (
     now_iso,
     transaction,
 )
+from pacore.database import CheckedCursor as CheckedCursor
 from pacore.errors import RunConflictError, StoreError
 from pacore.trace import Result, Trajectory
-
-# The SQLite helpers lived here first; they stay importable from this module.
-__all__ = [
-    "DB_NAME", "LOCK_NAME", "MIGRATIONS", "ArmInfo", "CheckedConnection", "CheckedCursor", "Migration",
-    "ProblemResult", "RepeatKey", "RunInfo", "RunStore", "StoredProblem", "applied_migrations", "connect",
-    "migrate", "migration", "store_files", "transaction",
-]  # fmt: skip
 
 DB_NAME = "run.sqlite"
 LOCK_NAME = "run.lock"

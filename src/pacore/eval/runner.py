@@ -48,8 +48,8 @@ from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asample, asolve, check_policy, too_few_succeeded, within_deadline
 from pacore.errors import DatasetError, PacoreError, RoundFailedError, RunConflictError, UsageError
 from pacore.eval.datasets import Problem, dataset_fingerprint
+from pacore.eval.figures import ArmReport, arm_report
 from pacore.eval.grading import extract_answer, grade, majority_vote
-from pacore.eval.report import ArmReport, arm_report
 from pacore.options import SolveOptions, policy_label
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
