@@ -799,3 +799,26 @@ def test_cli_ctrl_c_keeps_the_partial_download_and_the_next_get_resumes(server: 
     assert done.stdout == "wrote 800 problems to gsm8k.jsonl\n"
     assert server.requests[-1][1]["Range"] == f"bytes={kept}-"
     assert not part.exists()
+
+
+def test_a_catalogue_table_with_a_wrong_field_is_refused_naming_it() -> None:
+    from pydantic import ValidationError
+
+    from pacore.eval.catalogue import CONVERTERS, catalogue_of
+
+    table = {
+        "description": "d",
+        "page": "https://example.invalid/d",
+        "files": [{"host": "https://example.invalid", "path": "d.xml", "format": "xml"}],
+        "converter": "gsm8k",
+        "problems": "many",
+        "licence": "MIT",
+        "verified": "nothing",
+    }
+    with pytest.raises(ValidationError) as refused:
+        catalogue_of({"d": table})
+    assert {error["loc"] for error in refused.value.errors()} == {("files", 0, "format"), ("problems",)}
+    good = catalogue_of({"d": table | {"files": [{**table["files"][0], "format": "jsonl"}], "problems": 3}})
+    assert good["d"].convert is CONVERTERS["gsm8k"] and good["d"].files[0].url == "https://example.invalid/d.xml"
+    assert "converter" in table  # the parsed tables are left as they were
+    assert {entry.convert for entry in CATALOGUE.values()} <= set(CONVERTERS.values())

@@ -1,8 +1,9 @@
 """The data set catalogue: public sources of common benchmarks, converted to pacore's shapes.
 
-Each entry names its public file(s) (Hugging Face ``resolve/main`` or GitHub
-raw URLs), their format and a converter from the published columns to a
-record :func:`pacore.eval.load_dataset` reads. :func:`get_dataset` downloads
+Each entry, a table of ``catalogue.toml`` beside this file, names its public
+file(s) (Hugging Face ``resolve/main`` or GitHub raw URLs), their format and a
+converter (:data:`CONVERTERS`) from the published columns to a record
+:func:`pacore.eval.load_dataset` reads. :func:`get_dataset` downloads
 (through the verified cache of :mod:`pacore.eval.download`), converts,
 checks the result with the loader and writes it atomically.
 
@@ -23,12 +24,15 @@ import hashlib
 import io
 import json
 import os
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+from pydantic import TypeAdapter
 
 from pacore._extras import require
 from pacore.errors import DatasetError, DownloadError, UsageError
@@ -52,8 +56,6 @@ Row = dict[str, Any]
 #: ``(row, 1-based row number, file tag) -> pacore record``.
 Converter = Callable[[Row, int, str], Row]
 
-HUGGING_FACE = "https://huggingface.co"
-GITHUB_RAW = "https://raw.githubusercontent.com"
 MIRROR_ENV = "PACORE_DATA_MIRROR"
 _MB = 1_000_000
 
@@ -210,134 +212,33 @@ def _pacore_train(row: Row, number: int, tag: str) -> Row:
 # ---------------------------------------------------------------------------
 # The catalogue
 
-#: The one file Hugging Face's parquet conversion writes for a small data set's train split.
-_PARQUET_TRAIN = "data/train-00000-of-00001.parquet"
-
-
-def _hugging_face_page(repo: str) -> str:
-    """The page of Hugging Face data set ``repo`` (``owner/name``)."""
-    return f"{HUGGING_FACE}/datasets/{repo}"
-
-
-def _hugging_face_file(repo: str, file: str, format: Format, *, tag: str = "") -> SourceFile:
-    """``file`` of Hugging Face data set ``repo`` (``owner/name``), at its main revision."""
-    return SourceFile(HUGGING_FACE, f"datasets/{repo}/resolve/main/{file}", format, tag=tag)
-
-
-_PACORE_TRAIN = "stepfun-ai/PaCoRe-Train-8k"
-_PACORE_STAGES = {
-    stage: _hugging_face_file(_PACORE_TRAIN, f"{stage}/train.json", "json", tag=stage) for stage in ("stage1", "stage2")
+#: Published columns -> pacore records, by the name a catalogue entry's ``converter`` gives.
+CONVERTERS: dict[str, Converter] = {
+    "gsm8k": _gsm8k,
+    "math500": _math500,
+    "aime2024": _aime2024,
+    "aime2025": _matharena("aime2025"),
+    "hmmt2025": _matharena("hmmt2025"),
+    "gpqa-diamond": _gpqa,
+    "pacore-train": _pacore_train,
 }
-_PACORE_NOTE = (
-    "the stage1/ and stage2/ folders are documented; the file names inside them are not verified: if the "
-    "download says 404, download the files from the dataset page and pass --from FILE"
+
+
+def catalogue_of(tables: dict[str, dict[str, Any]]) -> dict[str, CatalogueEntry]:
+    """The entries of parsed ``catalogue.toml`` tables, each field checked (a pydantic error names a wrong one)."""
+    check = TypeAdapter(CatalogueEntry).validate_python
+    entries = {}
+    for name, table in tables.items():
+        fields = dict(table)
+        convert = CONVERTERS[fields.pop("converter")]
+        entries[name] = check({"name": name, "convert": convert, **fields})
+    return entries
+
+
+#: The data sets, from ``catalogue.toml`` (data, not code: one table per data set).
+CATALOGUE: dict[str, CatalogueEntry] = catalogue_of(
+    tomllib.loads(files("pacore.eval").joinpath("catalogue.toml").read_text(encoding="utf-8"))
 )
-
-CATALOGUE: dict[str, CatalogueEntry] = {
-    entry.name: entry
-    for entry in (
-        CatalogueEntry(
-            name="gsm8k",
-            description="GSM8K test split: grade-school math word problems, numeric answers",
-            page="https://github.com/openai/grade-school-math",
-            files=(
-                SourceFile(GITHUB_RAW, "openai/grade-school-math/master/grade_school_math/data/test.jsonl", "jsonl"),
-            ),
-            convert=_gsm8k,
-            problems=1319,
-            licence="MIT",
-            verified="file path and columns (question, answer ending in '#### N')",
-            kinds=("gsm8k",),
-        ),
-        CatalogueEntry(
-            name="math500",
-            description="MATH-500: the 500-problem MATH test subset of 'Let's Verify Step by Step'",
-            page=_hugging_face_page("HuggingFaceH4/MATH-500"),
-            files=(_hugging_face_file("HuggingFaceH4/MATH-500", "test.jsonl", "jsonl"),),
-            convert=_math500,
-            problems=500,
-            licence="MIT (MATH)",
-            verified="file path and columns (problem, solution, answer, subject, level, unique_id)",
-            kinds=("math",),
-        ),
-        CatalogueEntry(
-            name="aime2024",
-            description="AIME 2024 I and II: 30 competition problems, integer answers",
-            page=_hugging_face_page("HuggingFaceH4/aime_2024"),
-            files=(_hugging_face_file("HuggingFaceH4/aime_2024", _PARQUET_TRAIN, "parquet"),),
-            convert=_aime2024,
-            problems=30,
-            licence="not stated by the source",
-            verified="columns (id, problem, solution, answer, url, year); file name from the card's data/train-*",
-            kinds=("math",),
-        ),
-        CatalogueEntry(
-            name="aime2025",
-            description="AIME 2025 I and II (MathArena): 30 competition problems, integer answers",
-            page=_hugging_face_page("MathArena/aime_2025"),
-            files=(_hugging_face_file("MathArena/aime_2025", _PARQUET_TRAIN, "parquet"),),
-            convert=_matharena("aime2025"),
-            problems=30,
-            licence="CC BY-NC-SA 4.0",
-            verified="columns of the MathArena cards (problem_idx, problem, answer, problem_type); file name by "
-            "the MathArena layout",
-            kinds=("math",),
-        ),
-        CatalogueEntry(
-            name="hmmt2025",
-            description="HMMT February 2025 (MathArena): 30 competition problems",
-            page=_hugging_face_page("MathArena/hmmt_feb_2025"),
-            files=(_hugging_face_file("MathArena/hmmt_feb_2025", _PARQUET_TRAIN, "parquet"),),
-            convert=_matharena("hmmt2025"),
-            problems=30,
-            licence="CC BY-NC-SA 4.0",
-            verified="file path (repository listing) and columns (problem_idx, problem, answer, problem_type)",
-            kinds=("math",),
-        ),
-        CatalogueEntry(
-            name="gpqa-diamond",
-            description="GPQA Diamond: 198 graduate-level science questions, 4 options shuffled per question",
-            page=_hugging_face_page("Idavidrein/gpqa"),
-            files=(_hugging_face_file("johnsonafool/gpqa", "gpqa_diamond.csv", "csv"),),
-            convert=_gpqa,
-            problems=198,
-            licence="CC BY 4.0",
-            verified="columns of the original gpqa_diamond.csv (Question, Correct Answer, Incorrect Answer 1-3, "
-            "Record ID); the mirror's file path from its listing",
-            note="the original (Idavidrein/gpqa) is gated: this downloads a public copy of gpqa_diamond.csv; "
-            "to use the original, download it after accepting its terms and pass --from gpqa_diamond.csv",
-            kinds=("choice",),
-        ),
-        CatalogueEntry(
-            name="pacore-train",
-            description="PaCoRe-Train-8k, stages 1 and 2: problems with 24 cached responses (training layout)",
-            page=_hugging_face_page(_PACORE_TRAIN),
-            files=(_PACORE_STAGES["stage1"], _PACORE_STAGES["stage2"]),
-            convert=_pacore_train,
-            problems=7520,
-            licence="MIT",
-            verified="record layout (conversation, responses, ground_truth) from the PaCoRe README; "
-            "file names not verified",
-            max_bytes=8_000 * _MB,
-            note=_PACORE_NOTE,
-        ),
-        *(
-            CatalogueEntry(
-                name=f"pacore-train-{stage}",
-                description=f"PaCoRe-Train-8k, {stage} only",
-                page=_hugging_face_page(_PACORE_TRAIN),
-                files=(source,),
-                convert=_pacore_train,
-                problems=3000 if stage == "stage1" else 5000,
-                licence="MIT",
-                verified="as pacore-train",
-                max_bytes=8_000 * _MB,
-                note=_PACORE_NOTE,
-            )
-            for stage, source in _PACORE_STAGES.items()
-        ),
-    )
-}
 
 
 def catalogue_entry(name: str) -> CatalogueEntry:
