@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from pacore.adaptive import ComputePolicy
 from pacore.answers import GradingKind
 from pacore.synthesis import ReferenceOrder
-from pacore.trace import Result
+from pacore.trace import Result, Round
 
 
 class OpenAIModel(BaseModel):
@@ -127,6 +127,12 @@ class RoundSummary(BaseModel):
     completion_tokens: int
     elapsed_s: float
 
+    @classmethod
+    def of(cls, rnd: Round) -> RoundSummary:
+        """``rnd``'s figures under the same names, but numbered from 1 and timed to the millisecond."""
+        same = {name: getattr(rnd, name) for name in cls.model_fields.keys() - {"round", "elapsed_s"}}
+        return cls(round=rnd.index + 1, elapsed_s=round(rnd.elapsed_s, 3), **same)
+
 
 class ComputeSummary(BaseModel):
     """What the request's adaptive-compute policies did (present only when a policy was on)."""
@@ -192,19 +198,7 @@ class PacoreSummary(BaseModel):
             schedule=result.schedule,
             calls=result.usage.calls,
             failed_calls=result.usage.failed_calls,
-            rounds=[
-                RoundSummary(
-                    round=rnd.index + 1,
-                    k=rnd.k,
-                    final=rnd.final,
-                    succeeded=rnd.succeeded,
-                    failed=rnd.failed,
-                    prompt_tokens=rnd.prompt_tokens,
-                    completion_tokens=rnd.completion_tokens,
-                    elapsed_s=round(rnd.elapsed_s, 3),
-                )
-                for rnd in result.rounds
-            ],
+            rounds=[RoundSummary.of(rnd) for rnd in result.rounds],
             elapsed_s=round(result.elapsed_s, 3),
             backend_model=result.model,
             trace_url=trace_url,
