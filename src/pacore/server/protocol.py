@@ -206,10 +206,16 @@ class PacoreSummary(BaseModel):
         )
 
 
-class AssistantMessage(OpenAIModel):
-    role: Literal["assistant"] = "assistant"
+# A streamed piece of the assistant's message: what one chunk adds (the role only in the first).
+class DeltaMessage(OpenAIModel):
+    role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+
+
+# The whole message of a non-streamed response: a delta's fields, the role always set.
+class AssistantMessage(DeltaMessage):
+    role: Literal["assistant"] = "assistant"
     refusal: str | None = None
 
 
@@ -224,21 +230,21 @@ def _now() -> int:
     return int(time.time())
 
 
-class ChatCompletion(OpenAIModel):
+class OpenAIObject(OpenAIModel):
+    """The fields every object of the OpenAI API begins with; each kind fixes ``object`` to its name."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int = Field(default_factory=_now)
+
+
+class ChatCompletion(OpenAIObject):
+    object: Literal["chat.completion"] = "chat.completion"
     model: str
     choices: list[Choice]
     usage: CompletionUsage
     system_fingerprint: str | None = None
     pacore: PacoreSummary | None = None
-
-
-class DeltaMessage(OpenAIModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
 
 
 class StreamChoice(OpenAIModel):
@@ -248,10 +254,8 @@ class StreamChoice(OpenAIModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(OpenAIModel):
-    id: str
+class ChatCompletionChunk(OpenAIObject):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
     model: str
     choices: list[StreamChoice]
     usage: CompletionUsage | None = None
@@ -261,10 +265,8 @@ class ChatCompletionChunk(OpenAIModel):
 # --- models and errors -------------------------------------------------------------
 
 
-class ModelCard(OpenAIModel):
-    id: str
+class ModelCard(OpenAIObject):
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=_now)
     owned_by: str = "pacore"
 
 
