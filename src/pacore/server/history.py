@@ -333,21 +333,21 @@ class RequestRecord:
         """How long the request took, or has taken so far while it runs."""
         return self._elapsed_s if self._elapsed_s is not None else time.perf_counter() - self.started
 
-    def _fields(self) -> RequestSummary:
-        """The summary's fields, each this record's attribute of the same name (question and answer whole)."""
+    def _full_summary(self) -> RequestSummary:
+        """The summary with the question and answer whole: each field is this record's attribute of that name."""
         return RequestSummary.model_validate(self, from_attributes=True)
 
     def summary(self) -> RequestSummary:
         # The list shows the start of the question and of the answer; the detail shows them whole.
         answer = _preview(self.answer) if self.answer is not None else None
-        return self._fields().model_copy(update={"question": _preview(self.question), "answer": answer})
+        return self._full_summary().model_copy(update={"question": _preview(self.question), "answer": answer})
 
     def detail(self, since: int = 0) -> RequestDetail:
         final = self.rounds[-1] if self.rounds and self.rounds[-1].trace.final else None
         # Extracted only with a grading kind (see _Round.add): otherwise the text is the answer.
         final_answer = final.views[0].answer if final and final.views else None
         return RequestDetail(
-            **self._fields().model_dump(),
+            **self._full_summary().model_dump(),
             images=self.images,
             error=self.error,
             usage=self.usage,
