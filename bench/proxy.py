@@ -7,7 +7,8 @@ A fast backend (``bench/fastbackend.py``) is called directly and through
 the server and the backend sharing this machine's cores:
 
 - added latency: a zero-latency backend called one request at a time,
-  pass-through minus direct, p50 and p99;
+  pass-through minus direct, p50 and p99 (direct and pass-through requests
+  take turns, so both see the same load);
 - time to first streamed chunk: a backend with 100 ms to first token; in
   PaCoRe mode the server sends its first chunk before any backend call ends;
 - requests/s with 200 concurrent clients (each its own connection, a fixed
@@ -89,16 +90,24 @@ def body(model: str, stream: bool = False) -> dict[str, Any]:
     return {"model": model, "messages": MESSAGES, "max_tokens": COMPLETION_TOKENS, "stream": stream}
 
 
-async def latencies(url: str, model: str, count: int) -> list[float]:
-    """Milliseconds per request, one request at a time over one kept-alive connection."""
-    out = []
-    async with httpx.AsyncClient(timeout=60) as client:
+async def latencies(*targets: tuple[str, str], count: int) -> list[list[float]]:
+    """Milliseconds per request to each ``(url, model)`` target, one request at a time.
+
+    Each target has its own kept-alive connection, and the targets take turns
+    request by request (in alternating order), so a change in the machine's
+    load during the run falls on all of them alike.
+    """
+    out: list[list[float]] = [[] for _ in targets]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(timeout=60)) for _ in targets]
+        turns = list(zip(clients, targets, out, strict=True))
         for i in range(count + 5):
-            started = time.perf_counter()
-            response = await client.post(url + "/chat/completions", json=body(model))
-            response.raise_for_status()
-            if i >= 5:  # the first ones open the connections
-                out.append((time.perf_counter() - started) * 1000)
+            for client, (url, model), times in turns if i % 2 else reversed(turns):
+                started = time.perf_counter()
+                response = await client.post(url + "/chat/completions", json=body(model))
+                response.raise_for_status()
+                if i >= 5:  # the first ones open the connections
+                    times.append((time.perf_counter() - started) * 1000)
     return out
 
 
@@ -165,14 +174,13 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 async def measure(quick: bool) -> dict[str, Any]:
-    count = 100 if quick else 400
+    count = 100 if quick else 1000
     per_client = 2 if quick else 6
     figures: dict[str, Any] = {"machine": machine()}
     with fast_backend("--completion-tokens", COMPLETION_TOKENS) as backend, pacore_serve(backend.url) as served:
         server = served.url
-        direct = await latencies(backend.url, "fast", count)
-        passthrough = await latencies(server, "pacore-1/fast", count)
-        pacore = await latencies(server, "pacore-4/fast", count // 4)
+        direct, passthrough = await latencies((backend.url, "fast"), (server, "pacore-1/fast"), count=count)
+        [pacore] = await latencies((server, "pacore-4/fast"), count=count // 4)
         figures["latency_direct"] = summary(direct)
         figures["latency_passthrough"] = summary(passthrough)
         figures["latency_pacore_4"] = summary(pacore)

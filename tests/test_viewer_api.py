@@ -270,6 +270,33 @@ def test_a_prompt_too_long_to_keep_is_left_out_not_cut() -> None:
     assert replay("x" * (_PROMPT_CHARS + 1)) == [None, None]
 
 
+def test_a_summary_shows_the_start_of_the_question_and_answer_and_the_detail_shows_them_whole() -> None:
+    from pacore.server.history import RequestRecord, RequestSummary
+    from pacore.trace import Result, Round, Trajectory, Usage
+
+    question = "Why  is the sea blue?\n" * 40
+    record = RequestRecord("r", "m", [], [{"role": "user", "content": question}], True)
+    first = record.summary().elapsed_s
+    time.sleep(0.01)
+    running = record.summary()
+    assert running.status == "running" and running.finished is None and running.answer is None
+    assert running.elapsed_s > first  # counted live while the request runs
+    assert len(running.question) == 240 and running.question.startswith("Why is the sea blue? Why")
+    assert running.question.endswith("…") and record.detail().question == question
+
+    rnd = Round(index=0, k=1, final=True, trajectories=[Trajectory(round=0, index=0, completion_tokens=7)])
+    record.apply(RoundStarted(round=0, k=1, final=True, total_rounds=1))
+    record.apply(TrajectoryFinished(round=0, trajectory=rnd.trajectories[0], done=1, k=1))
+    answer = "The sea is blue because " + "water absorbs red light; " * 20
+    record.apply(Final(result=Result(answer=answer, schedule=[], rounds=[rnd], usage=Usage(), elapsed_s=1.5)))
+    summary, detail = record.summary(), record.detail()
+    assert summary.status == "done" and summary.elapsed_s == 1.5 and summary.completion_tokens == 7
+    assert summary.answer == answer[:239] + "…" and detail.answer == answer and detail.question == question
+    # Every other field of the summary is the detail's.
+    shared = set(RequestSummary.model_fields) - {"question", "answer"}
+    assert summary.model_dump(include=shared) == detail.model_dump(include=shared)
+
+
 def test_pacore_view_serves_the_viewer_files_with_the_viewer_csp(viewer) -> None:
     for path in ("/ui", "/ui/", "/ui/static/viewer.js", "/ui/static/viewer.css", "/ui/static/index.html"):
         response = httpx.get(f"{viewer.base_url}{path}", timeout=30)

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from importlib.resources import files
@@ -31,6 +31,7 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
@@ -578,15 +579,6 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
     app.add_exception_handler(404, _redirect_to_slash_twin)
     app.add_middleware(_Guard, server=server)
 
-    @app.post(
-        "/v1/chat/completions",
-        # parse_body reads the body (stricter than FastAPI's parser), so its schema is declared here.
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ChatCompletionRequest)}}}},
-        responses={
-            200: {"model": ChatCompletion, "content": {"text/event-stream": {}}},
-            **{status: {"model": ErrorResponse} for status in (415, 429, 502, 503, 504)},
-        },
-    )  # fmt: skip
     async def chat_completions(request: Request) -> Response:
         try:
             body = await request.body()
@@ -619,6 +611,19 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
         )
         # Serialized by pydantic in one pass, not dumped to dicts and then encoded by json.
         return Response(completion.model_dump_json(), media_type="application/json")
+
+    app.router.add_api_route(
+        "/v1/chat/completions",
+        chat_completions,
+        methods=["POST"],
+        route_class_override=_DirectRoute,
+        # parse_body reads the body (stricter than FastAPI's parser), so its schema is declared here.
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ChatCompletionRequest)}}}},
+        responses={
+            200: {"model": ChatCompletion, "content": {"text/event-stream": {}}},
+            **{status: {"model": ErrorResponse} for status in (415, 429, 502, 503, 504)},
+        },
+    )  # fmt: skip
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
@@ -679,6 +684,18 @@ def mount_viewer(app: FastAPI) -> None:
         )
 
     app.mount("/ui/static", _ViewerFiles(directory=str(STATIC_DIR)), name="ui-static")
+
+
+class _DirectRoute(APIRoute):
+    """A route whose endpoint takes the request and returns the response itself.
+
+    FastAPI's per-request parameter solving and response validation are skipped
+    (measured: 0.05 ms of the 2 ms a pass-through request costs the server): the
+    endpoint reads and checks its own body. Its OpenAPI entry is FastAPI's.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return self.endpoint
 
 
 class _ViewerFiles(StaticFiles):

@@ -231,7 +231,8 @@ class RequestRecord:
         # Pieces, joined when asked for: appending to one string would copy it per piece.
         self._answer_pieces: list[str] = []
         self._answer_chars = 0
-        self.elapsed_s: float | None = None
+        #: How long the request took, once it has ended (see :attr:`elapsed_s`).
+        self._elapsed_s: float | None = None
         self.rounds: list[_Round] = []
         self.seq = 0
         #: The text kept (question, compacted messages, errors), in bytes, give or take.
@@ -269,7 +270,7 @@ class RequestRecord:
             self._references(event.round)
         elif isinstance(event, Final):
             result = event.result
-            self.elapsed_s = result.elapsed_s
+            self._elapsed_s = result.elapsed_s
             # A failed request's rounds still say what each was given.
             for finished in result.rounds:
                 if finished.index < len(self.rounds) and self.rounds[finished.index].prompt is None:
@@ -316,40 +317,37 @@ class RequestRecord:
         self.error = error
         self.finished = time.time()
         self.problem = ""
-        if self.elapsed_s is None:
-            self.elapsed_s = time.perf_counter() - self.started
+        if self._elapsed_s is None:
+            self._elapsed_s = time.perf_counter() - self.started
 
     @property
     def usage(self) -> Usage:
         return usage_of([rnd.trace for rnd in self.rounds])
 
-    def _elapsed(self) -> float:
-        return self.elapsed_s if self.elapsed_s is not None else time.perf_counter() - self.started
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage.completion_tokens
+
+    @property
+    def elapsed_s(self) -> float:
+        """How long the request took, or has taken so far while it runs."""
+        return self._elapsed_s if self._elapsed_s is not None else time.perf_counter() - self.started
+
+    def _full_summary(self) -> RequestSummary:
+        """The summary with the question and answer whole: each field is this record's attribute of that name."""
+        return RequestSummary.model_validate(self, from_attributes=True)
 
     def summary(self) -> RequestSummary:
-        return RequestSummary(
-            id=self.id,
-            created=self.created,
-            finished=self.finished,
-            kind=self.kind,
-            model=self.model,
-            schedule=self.schedule,
-            stream=self.stream,
-            status=self.status,
-            question=_preview(self.question),
-            answer=_preview(self.answer) if self.answer is not None else None,
-            completion_tokens=self.usage.completion_tokens,
-            elapsed_s=self._elapsed(),
-        )
+        # The list shows the start of the question and of the answer; the detail shows them whole.
+        answer = _preview(self.answer) if self.answer is not None else None
+        return self._full_summary().model_copy(update={"question": _preview(self.question), "answer": answer})
 
     def detail(self, since: int = 0) -> RequestDetail:
         final = self.rounds[-1] if self.rounds and self.rounds[-1].trace.final else None
         # Extracted only with a grading kind (see _Round.add): otherwise the text is the answer.
         final_answer = final.views[0].answer if final and final.views else None
         return RequestDetail(
-            **self.summary().model_dump(exclude={"question", "answer"}),
-            question=self.question,
-            answer=self.answer,
+            **self._full_summary().model_dump(),
             images=self.images,
             error=self.error,
             usage=self.usage,

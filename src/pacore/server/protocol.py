@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from pacore.adaptive import ComputePolicy
 from pacore.answers import GradingKind
 from pacore.synthesis import ReferenceOrder
-from pacore.trace import Result
+from pacore.trace import Result, Round
 
 
 class OpenAIModel(BaseModel):
@@ -127,6 +127,12 @@ class RoundSummary(BaseModel):
     completion_tokens: int
     elapsed_s: float
 
+    @classmethod
+    def of(cls, rnd: Round) -> RoundSummary:
+        """``rnd``'s figures under the same names, but numbered from 1 and timed to the millisecond."""
+        same = {name: getattr(rnd, name) for name in cls.model_fields.keys() - {"round", "elapsed_s"}}
+        return cls(round=rnd.index + 1, elapsed_s=round(rnd.elapsed_s, 3), **same)
+
 
 class ComputeSummary(BaseModel):
     """What the request's adaptive-compute policies did (present only when a policy was on)."""
@@ -192,19 +198,7 @@ class PacoreSummary(BaseModel):
             schedule=result.schedule,
             calls=result.usage.calls,
             failed_calls=result.usage.failed_calls,
-            rounds=[
-                RoundSummary(
-                    round=rnd.index + 1,
-                    k=rnd.k,
-                    final=rnd.final,
-                    succeeded=rnd.succeeded,
-                    failed=rnd.failed,
-                    prompt_tokens=rnd.prompt_tokens,
-                    completion_tokens=rnd.completion_tokens,
-                    elapsed_s=round(rnd.elapsed_s, 3),
-                )
-                for rnd in result.rounds
-            ],
+            rounds=[RoundSummary.of(rnd) for rnd in result.rounds],
             elapsed_s=round(result.elapsed_s, 3),
             backend_model=result.model,
             trace_url=trace_url,
@@ -212,10 +206,16 @@ class PacoreSummary(BaseModel):
         )
 
 
-class AssistantMessage(OpenAIModel):
-    role: Literal["assistant"] = "assistant"
+# A streamed piece of the assistant's message: what one chunk adds (the role only in the first).
+class DeltaMessage(OpenAIModel):
+    role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+
+
+# The whole message of a non-streamed response: a delta's fields, the role always set.
+class AssistantMessage(DeltaMessage):
+    role: Literal["assistant"] = "assistant"
     refusal: str | None = None
 
 
@@ -230,21 +230,21 @@ def _now() -> int:
     return int(time.time())
 
 
-class ChatCompletion(OpenAIModel):
+class OpenAIObject(OpenAIModel):
+    """The fields every object of the OpenAI API begins with; each kind fixes ``object`` to its name."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int = Field(default_factory=_now)
+
+
+class ChatCompletion(OpenAIObject):
+    object: Literal["chat.completion"] = "chat.completion"
     model: str
     choices: list[Choice]
     usage: CompletionUsage
     system_fingerprint: str | None = None
     pacore: PacoreSummary | None = None
-
-
-class DeltaMessage(OpenAIModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
 
 
 class StreamChoice(OpenAIModel):
@@ -254,10 +254,8 @@ class StreamChoice(OpenAIModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(OpenAIModel):
-    id: str
+class ChatCompletionChunk(OpenAIObject):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
     model: str
     choices: list[StreamChoice]
     usage: CompletionUsage | None = None
@@ -267,10 +265,8 @@ class ChatCompletionChunk(OpenAIModel):
 # --- models and errors -------------------------------------------------------------
 
 
-class ModelCard(OpenAIModel):
-    id: str
+class ModelCard(OpenAIObject):
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=_now)
     owned_by: str = "pacore"
 
 
