@@ -571,6 +571,23 @@ async def test_a_malformed_chunk_is_a_protocol_error():
     assert caught.value.kind == "protocol"
 
 
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        {"choices": [{"index": 0, "delta": {"content": 42}}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": ["2+3"]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": {"why": "stop"}}]},
+    ],
+    ids=["content", "reasoning", "finish_reason"],
+)
+async def test_a_chunk_with_a_field_of_the_wrong_type_is_a_protocol_error(chunk):
+    server = streaming(sse(STREAM[0], chunk, *STREAM[1:], USAGE, "[DONE]"))
+    async with server.backend() as backend:
+        with pytest.raises(BackendError, match="malformed stream chunk .*not a string") as caught:
+            await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
+    assert caught.value.kind == "protocol"
+
+
 async def test_a_stream_that_fails_before_its_first_delta_is_retried():
     headers = {"content-type": "text/event-stream"}
     replies = iter([httpx.Response(503), httpx.Response(200, content=sse(*STREAM, USAGE, "[DONE]"), headers=headers)])

@@ -913,8 +913,8 @@ class _StreamState:
                 state = self.choices[index] = _Choice()
             delta = choice.get("delta")
             if delta:
-                content = delta.get("content")
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                content = _text_or_none(delta.get("content"), "content")
+                reasoning = _text_or_none(delta.get("reasoning_content") or delta.get("reasoning"), "reasoning")
                 if content or reasoning:
                     state.chunks += 1
                     if content:
@@ -929,7 +929,7 @@ class _StreamState:
             if logprobs:
                 # Every generated token counts, reasoning included (DeepConf scores them all).
                 self.add_confidences(index, state, _token_confidences(logprobs))
-            finish = choice.get("finish_reason")
+            finish = _text_or_none(choice.get("finish_reason"), "finish_reason")
             if finish:
                 state.finish_reason = finish
 
@@ -1089,6 +1089,13 @@ def _first_figure(patterns: list[re.Pattern[str]], message: str) -> int | None:
 
 def _integer(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _text_or_none(value: Any, field: str) -> str | None:
+    """A chunk's text field; any other type is a malformed chunk (raised here, inside the chunk's parsing)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{field} is a {type(value).__name__}, not a string")
 
 
 def _choice_completion(choice: dict[str, Any], logprobs_asked: bool) -> Completion:
