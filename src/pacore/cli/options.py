@@ -265,6 +265,16 @@ def with_compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return _expand_parameter(command, "compute", added, compute_policy)
 
 
+def with_settings_options(name: str, settings: type, panel: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the flags of ``settings``' fields (see :class:`pacore.flags.Flag`) to a typer command.
+
+    The command declares a parameter ``name``; typer sees the flags instead, listed under
+    ``panel`` with the fields' defaults, and the command receives ``settings(**their values)``.
+    """
+    added = [field.parameter(panel) for field in flagged_fields(settings)]
+    return lambda command: _expand_parameter(command, name, added, settings)
+
+
 def with_solve_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add the generation and backend flags of :class:`SolveFlags`, then the adaptive-compute ones.
 
