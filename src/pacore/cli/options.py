@@ -172,7 +172,7 @@ ReferenceOrderOption = Annotated[
 ]
 
 
-class _FlaggedField(NamedTuple):
+class FlaggedField(NamedTuple):
     """A field of a settings class that a command-line flag sets."""
 
     name: str
@@ -184,12 +184,14 @@ class _FlaggedField(NamedTuple):
         """The field as a keyword parameter of a typer command, its option listed under ``panel``.
 
         With ``unset_means_default``, a flag not given passes ``None`` (``False`` for a switch), so
-        the settings class applies its own default, which ``--help`` then shows inside the help text.
+        the settings class applies its own default; ``--help`` shows it inside the help text.
         """
         flag = self.flag
-        shown = flag.default_text
-        if unset_means_default and shown is None and _is_number(self.default):
-            shown = f"{self.default:g}"
+        if unset_means_default:
+            kind, default = (bool, False) if self.type is bool else (self.type | None, None)
+            shown = flag.default_text or (f"{self.default:g}" if _is_number(self.default) else None)
+        else:
+            kind, default, shown = self.type, self.default, flag.default_text
         help = flag.help if shown is None else f"{flag.help.removesuffix('.')} \\[default: {shown}]."
         option = typer.Option(
             flag.name,
@@ -199,9 +201,6 @@ class _FlaggedField(NamedTuple):
             rich_help_panel=panel,
             show_default=shown is None and not unset_means_default,
         )
-        kind, default = self.type, self.default
-        if unset_means_default:
-            kind, default = (bool, False) if self.type is bool else (self.type | None, None)
         return inspect.Parameter(
             self.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, option], default=default
         )
@@ -211,7 +210,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def flagged_fields(settings: type) -> list[_FlaggedField]:
+def flagged_fields(settings: type) -> list[FlaggedField]:
     """The fields of ``settings`` (a dataclass or a pydantic model) declared with a :class:`Flag`, in order.
 
     Their defaults are those of ``settings()``.
@@ -221,7 +220,7 @@ def flagged_fields(settings: type) -> list[_FlaggedField]:
     for name, hint in inspect.get_annotations(settings, eval_str=True).items():
         flags = [extra for extra in getattr(hint, "__metadata__", ()) if isinstance(extra, Flag)]
         if flags:
-            found.append(_FlaggedField(name, get_args(hint)[0], getattr(defaults, name), flags[0]))
+            found.append(FlaggedField(name, get_args(hint)[0], getattr(defaults, name), flags[0]))
     return found
 
 
