@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Self
+from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pacore.flags import Flag
 
 #: Most ``top_logprobs`` an OpenAI-compatible server accepts.
 MAX_TOP_LOGPROBS = 20
@@ -29,45 +31,111 @@ class ComputePolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    #: Request token logprobs and record DeepConf's confidence measures per trajectory.
     #: Implied by ``keep_top`` and ``early_stop``.
-    confidence: bool = False
-    #: Alternatives per token the confidence is computed from (``top_logprobs``).
-    top_logprobs: int = Field(default=5, ge=1, le=MAX_TOP_LOGPROBS)
-    #: Tokens per sliding window of group confidence (scaled down for short outputs).
-    window: int = Field(default=2048, ge=1)
+    confidence: Annotated[
+        bool, Flag("--confidence", "Request token logprobs and record DeepConf's confidence figures per trajectory.")
+    ] = False
+    #: The ``top_logprobs`` each call requests.
+    top_logprobs: Annotated[
+        int,
+        Flag(
+            "--top-logprobs",
+            f"Alternatives per token the confidence is computed from (1 to {MAX_TOP_LOGPROBS}).",
+            metavar="K",
+        ),
+    ] = Field(default=5, ge=1, le=MAX_TOP_LOGPROBS)
+    window: Annotated[
+        int,
+        Flag(
+            "--confidence-window",
+            "Tokens per sliding window of group confidence, scaled down for short outputs.",
+            metavar="N",
+        ),
+    ] = Field(default=2048, ge=1)
     #: Keep per-token confidences in the trace, not only the summary figures.
     keep_token_confidences: bool = False
 
-    #: Only this fraction of a round's messages, the most confident, go into the synthesis prompt.
-    keep_top: float | None = Field(default=None, gt=0, le=1)
+    keep_top: Annotated[
+        float | None,
+        Flag(
+            "--keep-top",
+            "Synthesize only this fraction of a round's messages, the most confident (e.g. 0.5).",
+            metavar="FRACTION",
+        ),
+    ] = Field(default=None, gt=0, le=1)
 
-    #: Cancel a trajectory mid-stream when its windowed confidence drops below a threshold
-    #: set by the round's first ``warmup`` trajectories.
-    early_stop: bool = False
-    warmup: int = Field(default=4, ge=1)
-    #: The threshold is this percentile of the warm-up trajectories' lowest group confidence
-    #: (DeepConf-high keeps 90%: percentile 10; DeepConf-low keeps 10%: percentile 90).
-    early_stop_percentile: float = Field(default=10.0, gt=0, lt=100)
-    #: Open the rest of a round only once its ``warmup`` trajectories have finished, as
-    #: DeepConf's online algorithm does: every later trajectory is judged from its first
-    #: window (more tokens saved), at the cost of about one trajectory's time per round.
-    #: Off: the warm-up runs in parallel with the rest.
-    warmup_first: bool = False
+    early_stop: Annotated[
+        bool,
+        Flag(
+            "--early-stop",
+            "Cancel a trajectory mid-stream once its windowed confidence falls below the threshold its round's "
+            "warm-up set.",
+        ),
+    ] = False
+    warmup: Annotated[
+        int,
+        Flag("--warmup", "Trajectories per round that finish before early stop sets its threshold.", metavar="N"),
+    ] = Field(default=4, ge=1)
+    #: DeepConf-high keeps 90%: percentile 10; DeepConf-low keeps 10%: percentile 90.
+    early_stop_percentile: Annotated[
+        float,
+        Flag(
+            "--early-stop-percentile",
+            "Early stop's threshold: this percentile of the warm-up's lowest group confidence; 10 keeps ~90%, "
+            "90 keeps ~10%.",
+            metavar="P",
+        ),
+    ] = Field(default=10.0, gt=0, lt=100)
+    #: Every later trajectory is then judged from its first window. Off: the warm-up runs in
+    #: parallel with the rest.
+    warmup_first: Annotated[
+        bool,
+        Flag(
+            "--warmup-first",
+            "Open the rest of a round only once its warm-up has finished (DeepConf's online algorithm: more tokens "
+            "saved, about one trajectory's time more per round).",
+        ),
+    ] = False
 
-    #: Sample round 1 in waves up to its K and stop once the leading answer is settled.
-    adaptive_k: bool = False
-    wave: int = Field(default=4, ge=1)
-    #: Posterior probability that the leading answer, not the runner-up, is the majority answer needed to stop.
-    settle_threshold: float = Field(default=0.95, gt=0.5, lt=1)
+    adaptive_k: Annotated[
+        bool, Flag("--adaptive-k", "Sample round 1 in waves and stop once the leading answer is settled.")
+    ] = False
+    wave: Annotated[int, Flag("--wave", "Trajectories per wave of --adaptive-k.", metavar="N")] = Field(default=4, ge=1)
+    #: The runner-up is the leading answer's rival.
+    settle_threshold: Annotated[
+        float,
+        Flag(
+            "--settle-threshold",
+            "Posterior probability that the leading answer is the majority one needed to stop sampling (0.5 to 1).",
+            metavar="P",
+        ),
+    ] = Field(default=0.95, gt=0.5, lt=1)
 
-    #: A round ends when this fraction of its trajectories has finished; the rest are cancelled.
-    quorum: float | None = Field(default=None, gt=0, le=1)
-    #: Once the quorum is met, wait at most this many seconds more for stragglers.
-    straggler_timeout: float | None = Field(default=None, ge=0)
+    quorum: Annotated[
+        float | None,
+        Flag(
+            "--quorum",
+            "End a round once this fraction of its trajectories has finished; cancel the rest.",
+            metavar="FRACTION",
+        ),
+    ] = Field(default=None, gt=0, le=1)
+    straggler_timeout: Annotated[
+        float | None,
+        Flag(
+            "--straggler-timeout",
+            "With --quorum: once the quorum is met, wait at most this long for the rest.",
+            metavar="SECONDS",
+        ),
+    ] = Field(default=None, ge=0)
 
-    #: Cap on generated tokens per problem; no trajectory is opened that would exceed it.
-    budget_tokens: int | None = Field(default=None, ge=1)
+    budget_tokens: Annotated[
+        int | None,
+        Flag(
+            "--budget-tokens",
+            "Cap on generated tokens per problem: no trajectory is opened that could exceed it.",
+            metavar="N",
+        ),
+    ] = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -19,15 +19,16 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, get_type_hints
+from typing import Annotated, Any, NamedTuple, get_args, get_type_hints
 
 import typer
 from pydantic import ValidationError
 
-from pacore.adaptive import MAX_TOP_LOGPROBS, ComputePolicy
+from pacore.adaptive import ComputePolicy
 from pacore.backends import Backend, GenerationParams, RetryPolicy, open_backend
 from pacore.errors import OutputError, UsageError
 from pacore.files import output_path
+from pacore.flags import Flag
 from pacore.options import SolveOptions
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
@@ -45,7 +46,6 @@ def panel_option(panel: str) -> functools.partial[Any]:
 
 backend_option = panel_option(BACKEND_PANEL)
 _generation_option = panel_option(GENERATION_PANEL)
-_compute_option = panel_option(COMPUTE_PANEL)
 
 
 BackendOption = Annotated[
@@ -172,71 +172,60 @@ ReferenceOrderOption = Annotated[
 ]
 
 
-class _ComputeFlag(NamedTuple):
-    """An adaptive-compute flag: a switch (``bool``), or an option taking a ``type`` value named ``metavar``."""
+class FlaggedField(NamedTuple):
+    """A field of a settings class that a command-line flag sets."""
 
-    flag: str
-    type: type
-    metavar: str | None
-    help: str
+    name: str
+    type: Any
+    default: Any
+    flag: Flag
 
-    @property
-    def parameter_default(self) -> Any:
-        """The value meaning "not given": the policy's own default then applies."""
-        return False if self.type is bool else None
+    def parameter(self, panel: str, *, unset_means_default: bool = False) -> inspect.Parameter:
+        """The field as a keyword parameter of a typer command, its option listed under ``panel``.
 
-    @property
-    def annotation(self) -> Any:
-        """The flag's typer declaration."""
-        option = _compute_option(self.flag, metavar=self.metavar, help=self.help, show_default=False)
-        return Annotated[self.type if self.type is bool else self.type | None, option]
+        With ``unset_means_default``, a flag not given passes ``None`` (``False`` for a switch), so
+        the settings class applies its own default; ``--help`` shows it inside the help text.
+        """
+        flag = self.flag
+        if unset_means_default:
+            kind, default = (bool, False) if self.type is bool else (self.type | None, None)
+            shown = flag.default_text or (f"{self.default:g}" if _is_number(self.default) else None)
+        else:
+            kind, default, shown = self.type, self.default, flag.default_text
+        help = flag.help if shown is None else f"{flag.help.removesuffix('.')} \\[default: {shown}]."
+        option = typer.Option(
+            flag.name,
+            metavar=flag.metavar,
+            min=flag.min,
+            help=help,
+            rich_help_panel=panel,
+            show_default=shown is None and not unset_means_default,
+        )
+        return inspect.Parameter(
+            self.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, option], default=default
+        )
 
 
-#: The adaptive-compute flags, by the ComputePolicy field each sets, in --help order.
-_COMPUTE_FLAGS: dict[str, _ComputeFlag] = {
-    "confidence": _ComputeFlag(
-        "--confidence", bool, None, "Request token logprobs and record DeepConf's confidence figures per trajectory.",
-    ),
-    "top_logprobs": _ComputeFlag(
-        "--top-logprobs", int, "K", f"Alternatives per token the confidence is computed from (1 to {MAX_TOP_LOGPROBS}) \\[default: 5].",
-    ),
-    "window": _ComputeFlag(
-        "--confidence-window", int, "N", "Tokens per sliding window of group confidence, scaled down for short outputs \\[default: 2048].",
-    ),
-    "keep_top": _ComputeFlag(
-        "--keep-top", float, "FRACTION", "Synthesize only this fraction of a round's messages, the most confident (e.g. 0.5).",
-    ),
-    "early_stop": _ComputeFlag(
-        "--early-stop", bool, None, "Cancel a trajectory mid-stream once its windowed confidence falls below the threshold its round's warm-up set.",
-    ),
-    "warmup": _ComputeFlag(
-        "--warmup", int, "N", "Trajectories per round that finish before early stop sets its threshold \\[default: 4].",
-    ),
-    "early_stop_percentile": _ComputeFlag(
-        "--early-stop-percentile", float, "P", "Early stop's threshold: this percentile of the warm-up's lowest group confidence; 10 keeps ~90%, 90 keeps ~10% \\[default: 10].",
-    ),
-    "warmup_first": _ComputeFlag(
-        "--warmup-first", bool, None, "Open the rest of a round only once its warm-up has finished (DeepConf's online algorithm: more tokens saved, about one trajectory's time more per round).",
-    ),
-    "adaptive_k": _ComputeFlag(
-        "--adaptive-k", bool, None, "Sample round 1 in waves and stop once the leading answer is settled.",
-    ),
-    "wave": _ComputeFlag(
-        "--wave", int, "N", "Trajectories per wave of --adaptive-k \\[default: 4].",
-    ),
-    "settle_threshold": _ComputeFlag(
-        "--settle-threshold", float, "P", "Posterior probability that the leading answer is the majority one needed to stop sampling (0.5 to 1) \\[default: 0.95].",
-    ),
-    "quorum": _ComputeFlag(
-        "--quorum", float, "FRACTION", "End a round once this fraction of its trajectories has finished; cancel the rest.",
-    ),
-    "straggler_timeout": _ComputeFlag(
-        "--straggler-timeout", float, "SECONDS", "With --quorum: once the quorum is met, wait at most this long for the rest.",
-    ),
-    "budget_tokens": _ComputeFlag(
-        "--budget-tokens", int, "N", "Cap on generated tokens per problem: no trajectory is opened that could exceed it.",
-    ),
-}  # fmt: skip
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def flagged_fields(settings: type) -> list[FlaggedField]:
+    """The fields of ``settings`` (a dataclass or a pydantic model) declared with a :class:`Flag`, in order.
+
+    Their defaults are those of ``settings()``.
+    """
+    defaults = settings()
+    found = []
+    for name, hint in inspect.get_annotations(settings, eval_str=True).items():
+        flags = [extra for extra in getattr(hint, "__metadata__", ()) if isinstance(extra, Flag)]
+        if flags:
+            found.append(FlaggedField(name, get_args(hint)[0], getattr(defaults, name), flags[0]))
+    return found
+
+
+#: The adaptive-compute flags' names, by the ComputePolicy field each sets.
+_COMPUTE_FLAGS = {field.name: field.flag.name for field in flagged_fields(ComputePolicy)}
 
 
 def compute_policy(**flags: Any) -> ComputePolicy | None:
@@ -259,9 +248,9 @@ def _policy_problem(exc: ValidationError) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     field = error["loc"][0] if error["loc"] else None
     if isinstance(field, str) and field in _COMPUTE_FLAGS:
-        return f"{_COMPUTE_FLAGS[field].flag}: {message[:1].lower()}{message[1:]}, got {error['input']!r}"
+        return f"{_COMPUTE_FLAGS[field]}: {message[:1].lower()}{message[1:]}, got {error['input']!r}"
     # A rule across fields names them: say their flags.
-    return re.sub(r"\b[a-z_]+\b", lambda m: _COMPUTE_FLAGS[m[0]].flag if m[0] in _COMPUTE_FLAGS else m[0], message)
+    return re.sub(r"\b[a-z_]+\b", lambda m: _COMPUTE_FLAGS.get(m[0], m[0]), message)
 
 
 def with_compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -271,13 +260,18 @@ def with_compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
     sees the flags instead, and the command receives the policy they build
     (``None`` when no flag is given).
     """
-    added = [
-        inspect.Parameter(
-            name, inspect.Parameter.KEYWORD_ONLY, annotation=flag.annotation, default=flag.parameter_default
-        )
-        for name, flag in _COMPUTE_FLAGS.items()
-    ]
+    added = [field.parameter(COMPUTE_PANEL, unset_means_default=True) for field in flagged_fields(ComputePolicy)]
     return _expand_parameter(command, "compute", added, compute_policy)
+
+
+def with_settings_options(name: str, settings: type, panel: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the flags of ``settings``' fields (see :class:`pacore.flags.Flag`) to a typer command.
+
+    The command declares a parameter ``name``; typer sees the flags instead, listed under
+    ``panel`` with the fields' defaults, and the command receives ``settings(**their values)``.
+    """
+    added = [field.parameter(panel) for field in flagged_fields(settings)]
+    return lambda command: _expand_parameter(command, name, added, settings)
 
 
 def with_solve_options(command: Callable[..., Any]) -> Callable[..., Any]:

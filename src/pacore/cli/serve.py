@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -37,10 +36,12 @@ from pacore.cli.options import (
     panel_option,
     parse_reference_order,
     with_compute_options,
+    with_settings_options,
 )
 from pacore.engine import check_policy
 from pacore.errors import PacoreError
 from pacore.schedule import Schedule
+from pacore.server.settings import ServerSettings
 
 _EVERY_INTERFACE = ("0.0.0.0", "::")
 API_KEYS_ENV = "PACORE_SERVER_API_KEYS"
@@ -60,11 +61,13 @@ SIGTERM or Ctrl+C: no new requests; running ones get --grace-period to finish.
 """
 
 
-_server_option = panel_option("Server")
+SERVER_PANEL = "Server"
+_server_option = panel_option(SERVER_PANEL)
 
 
 @app.command("serve", epilog=EXAMPLES)
 @with_compute_options
+@with_settings_options("settings", ServerSettings, SERVER_PANEL)
 def serve(
     host: Annotated[
         str, _server_option("--host", help="Interface to listen on (127.0.0.1: this machine only).")
@@ -78,104 +81,6 @@ def serve(
             help=f"Accept requests bearing this key (repeatable). Default: the comma-separated keys "
             f"in ${API_KEYS_ENV}; none means no authentication.",
         ),
-    ] = None,
-    max_concurrent_requests: Annotated[
-        int,
-        _server_option(
-            "--max-concurrent-requests", metavar="N", min=1, help="Requests answered at once; more get 429."
-        ),
-    ] = 4,
-    max_trajectories: Annotated[
-        int,
-        _server_option(
-            "--max-trajectories",
-            metavar="N",
-            min=1,
-            help="Most calls one request may make (all rounds, final included).",
-        ),  # fmt: skip
-    ] = 128,
-    max_rounds: Annotated[
-        int,
-        _server_option("--max-rounds", metavar="N", min=1, help="Most coordinated rounds one request may ask for."),
-    ] = 4,
-    max_body_bytes: Annotated[
-        int | None,
-        _server_option(
-            "--max-body-bytes",
-            metavar="BYTES",
-            min=1,
-            help="Largest request body accepted (413 beyond) \\[default: 8 MiB].",
-        ),  # fmt: skip
-    ] = None,
-    grace_period: Annotated[
-        float,
-        _server_option(
-            "--grace-period",
-            metavar="SECONDS",
-            min=0,
-            help="On SIGTERM or Ctrl+C, how long running requests may take to finish before they are ended with a 503.",
-        ),  # fmt: skip
-    ] = 30.0,
-    history: Annotated[
-        int,
-        _server_option("--history", metavar="N", min=0, help="Recent requests kept in memory for the /ui viewer."),
-    ] = 100,
-    history_bytes: Annotated[
-        int | None,
-        _server_option(
-            "--history-bytes",
-            metavar="BYTES",
-            min=0,
-            help="Most the kept requests may hold; the oldest are forgotten first \\[default: 64 MiB].",
-        ),  # fmt: skip
-    ] = None,
-    header_timeout: Annotated[
-        float,
-        _server_option(
-            "--header-timeout",
-            metavar="SECONDS",
-            min=0.001,
-            help="Time a client has to send a request's headers (then 408, connection closed).",
-        ),  # fmt: skip
-    ] = 10.0,
-    body_timeout: Annotated[
-        float,
-        _server_option(
-            "--body-timeout",
-            metavar="SECONDS",
-            min=0.001,
-            help="Time a client has to send a request's body once its headers are in (then 408).",
-        ),  # fmt: skip
-    ] = 60.0,
-    write_timeout: Annotated[
-        float,
-        _server_option(
-            "--write-timeout",
-            metavar="SECONDS",
-            min=0.001,
-            help="Time a client may read nothing of a response before it is dropped and its slot freed.",
-        ),  # fmt: skip
-    ] = 30.0,
-    public_url: Annotated[
-        str | None,
-        _server_option(
-            "--public-url",
-            metavar="URL",
-            help="Where clients reach this server (behind a proxy, say): each answer's trace_url starts with it. "
-            "Default: the address listened on, unless that is every interface (0.0.0.0, ::).",
-        ),  # fmt: skip
-    ] = None,
-    log_content: Annotated[
-        bool,
-        _server_option("--log-content", help="Access log lines also quote each question and answer (shortened)."),
-    ] = False,
-    history_db: Annotated[
-        Path | None,
-        _server_option(
-            "--history-db",
-            metavar="FILE",
-            help="Also keep those requests in this SQLite file, so /ui still shows them after a restart.",
-        ),  # fmt: skip
     ] = None,
     schedule: ScheduleOption = "medium",
     deadline: DeadlineOption = None,
@@ -198,6 +103,8 @@ def serve(
     timeout: TimeoutOption = None,
     retries: RetriesOption = None,
     threads: ThreadsOption = None,
+    *,
+    settings: ServerSettings,  # the other Server flags: one per ServerSettings field
     compute: ComputePolicy | None = None,
 ) -> None:
     """Serve PaCoRe behind an OpenAI-compatible /v1/chat/completions, with a live trace viewer at /ui.
@@ -212,35 +119,22 @@ def serve(
     keys = api_key if api_key else [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     plan = Schedule.parse(schedule)
     check_limits(deadline=deadline, min_success=None)
-    limits = {"max_body_bytes": max_body_bytes} if max_body_bytes is not None else {}
-    if history_bytes is not None:
-        limits["history_bytes"] = history_bytes
     config = ServerConfig(
+        **dataclasses.asdict(settings),
         schedule=plan,
         params=generation_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None),
         template=load_template(template, plan),
         reference_order=parse_reference_order(reference_order),
         compute=compute,
         api_keys=tuple(keys),
-        max_concurrent_requests=max_concurrent_requests,
-        max_trajectories=max_trajectories,
-        max_rounds=max_rounds,
-        history=history,
-        history_db=history_db,
         deadline_s=deadline,
-        header_timeout_s=header_timeout,
-        body_timeout_s=body_timeout,
-        write_timeout_s=write_timeout,
-        public_url=public_url,
-        log_content=log_content,
-        **limits,
     )
     if compute is not None:  # the policy of requests that name none must be able to run
         check_policy(compute, plan, config.params)
     listener = _listen(host, port)
     bound_host, bound_port = listener.getsockname()[:2]
     base = f"http://{_url_host(bound_host)}:{bound_port}"
-    if public_url is None and bound_host not in _EVERY_INTERFACE:
+    if settings.public_url is None and bound_host not in _EVERY_INTERFACE:
         # Known from the address listened on, never from a client's Host header.
         config = dataclasses.replace(config, public_url=base)
     opened = open_backends(
@@ -259,7 +153,7 @@ def serve(
     _print_access_log()
     server = GracefulServer(
         app,
-        grace_period=grace_period,
+        grace_period=settings.grace_period_s,
         report=lambda line: typer.echo(f"pacore serve: {line}", err=True),
         log_level="warning",
         access_log=False,

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from importlib.resources import files
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -77,6 +76,7 @@ from pacore.server.history import (
 )
 from pacore.server.metrics import ServerMetrics
 from pacore.server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from pacore.server.settings import ServerSettings
 from pacore.synthesis import ReferenceOrder
 from pacore.trace import Event, Result
 
@@ -87,10 +87,6 @@ access_logger = logging.getLogger("pacore.server.access")
 STATIC_DIR = files("pacore.server") / "static"
 #: Model text is inserted as text by the page; this stops anything that slips through.
 VIEWER_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-#: Large enough for a few images as data URLs; a 10 MB prompt is refused (413).
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
-#: Enough for hundreds of ordinary requests, or a few of 64 long trajectories.
-DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
 _DEFAULT_LIMITS = Limits()
 #: Routes anyone may open: the health probe and the viewer's static shell (it holds no data).
 _PUBLIC_PATHS = ("/health", "/ui", "/ui/")
@@ -105,8 +101,11 @@ _OUTCOME_KEY = "pacore_status"
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    """How a server answers; every field has a safe default."""
+class ServerConfig(ServerSettings):
+    """How a server answers; every field has a safe default.
+
+    The settings ``pacore serve`` takes as flags are those of :class:`ServerSettings`.
+    """
 
     #: Used when a request names no schedule.
     schedule: Schedule = field(default_factory=lambda: Schedule.parse("medium"))
@@ -119,35 +118,14 @@ class ServerConfig:
     compute: ComputePolicy | None = None
     #: Accepted bearer tokens; empty means no authentication.
     api_keys: tuple[str, ...] = ()
-    max_concurrent_requests: int = 4
-    #: Most calls one request may make, the final one included.
-    max_trajectories: int = _DEFAULT_LIMITS.max_trajectories
-    max_rounds: int = _DEFAULT_LIMITS.max_rounds
     max_messages: int = _DEFAULT_LIMITS.max_messages
     max_content_parts: int = _DEFAULT_LIMITS.max_content_parts
     max_model_chars: int = _DEFAULT_LIMITS.max_model_chars
     max_json_values: int = _DEFAULT_LIMITS.max_json_values
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    #: Requests kept for the trace viewer: at most this many...
-    history: int = 100
-    #: ... holding at most about this many bytes.
-    history_bytes: int = DEFAULT_HISTORY_BYTES
-    #: A SQLite file that also keeps them, so they outlive the process (``None``: memory only).
-    history_db: Path | None = None
     #: Seconds a client refused for load is told to wait.
     retry_after_s: int = 5
     #: Seconds one request may run before it fails with a 504 (``None``: no limit).
     deadline_s: float | None = None
-    #: Seconds a client has to send a request's headers (else 408 and the connection is closed).
-    header_timeout_s: float = 10.0
-    #: Seconds a client has to send a request's body, once its headers are in (else 408).
-    body_timeout_s: float = 60.0
-    #: Seconds a client may take nothing of a response the server is writing, before it is dropped.
-    write_timeout_s: float = 30.0
-    #: Where clients reach this server (``http://host:port``): makes each ``trace_url`` absolute.
-    public_url: str | None = None
-    #: Access log lines also quote the question and the answer (shortened).
-    log_content: bool = False
 
     def __post_init__(self) -> None:
         for name in (

@@ -33,6 +33,7 @@ from pacore.server.protocol import (
     PacoreSummary,
     StreamChoice,
 )
+from pacore.server.settings import Limits
 from pacore.synthesis import ReferenceOrder, keep_most_confident
 from pacore.trace import AnswerDelta, Event, Result, RoundFinished, RoundStarted, TrajectoryFinished
 
@@ -42,21 +43,6 @@ _PACORE_MODEL = re.compile(r"pacore-(?P<spec>[^/]*)(?:/(?P<model>.*))?", re.IGNO
 PASSTHROUGH_ALIAS = "1"
 
 _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", "tool_calls"})
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Per-request caps of a server, each checked before the work it bounds."""
-
-    max_rounds: int = 4
-    max_trajectories: int = 128
-    max_messages: int = 1000
-    #: Content parts (text, images) of one message.
-    max_content_parts: int = 256
-    #: Characters of the model name (a ``pacore-<schedule>/<model>`` name included).
-    max_model_chars: int = 256
-    #: JSON values (strings, numbers, objects...) in the whole body, about: the parser's work.
-    max_json_values: int = 50_000
 
 
 @dataclass(frozen=True, slots=True)
