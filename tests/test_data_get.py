@@ -822,3 +822,11 @@ def test_a_catalogue_table_with_a_wrong_field_is_refused_naming_it() -> None:
     assert good["d"].convert is CONVERTERS["gsm8k"] and good["d"].files[0].url == "https://example.invalid/d.xml"
     assert "converter" in table  # the parsed tables are left as they were
     assert {entry.convert for entry in CATALOGUE.values()} <= set(CONVERTERS.values())
+
+
+@pytest.mark.parametrize("table", [{"converter": "gsm8k-typo"}, {}], ids=["misspelt", "missing"])
+def test_a_catalogue_table_without_a_known_converter_is_refused_naming_it(table: dict[str, str]) -> None:
+    from pacore.eval.catalogue import catalogue_of
+
+    with pytest.raises(ValueError, match=r"data set 'd': converter .* is not one of gsm8k, math500"):
+        catalogue_of({"d": table})

@@ -230,7 +230,10 @@ def catalogue_of(tables: dict[str, dict[str, Any]]) -> dict[str, CatalogueEntry]
     entries = {}
     for name, table in tables.items():
         fields = dict(table)
-        convert = CONVERTERS[fields.pop("converter")]
+        converter = fields.pop("converter", None)
+        if converter not in CONVERTERS:
+            raise ValueError(f"data set {name!r}: converter {converter!r} is not one of {', '.join(CONVERTERS)}")
+        convert = CONVERTERS[converter]
         entries[name] = check({"name": name, "convert": convert, **fields})
     return entries
 
