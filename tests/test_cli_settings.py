@@ -44,6 +44,7 @@ def test_every_server_flag_defaults_to_what_the_server_config_does():
     config = ServerConfig()
     declared = flagged_fields(ServerSettings)
     assert [field.name for field in declared] == [field.name for field in dataclasses.fields(ServerSettings)]
+    assert flagged_fields(ServerConfig) == declared  # a subclass has its base's flags
     for field in declared:
         assert serve[field.flag.name].default == getattr(config, field.name), field.flag.name
     # A few by hand, so a default changed on both sides at once is still seen here.

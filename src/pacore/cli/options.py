@@ -217,7 +217,7 @@ def flagged_fields(settings: type) -> list[FlaggedField]:
     """
     defaults = settings()
     found = []
-    for name, hint in inspect.get_annotations(settings, eval_str=True).items():
+    for name, hint in get_type_hints(settings, include_extras=True).items():  # base classes' fields included
         flags = [extra for extra in getattr(hint, "__metadata__", ()) if isinstance(extra, Flag)]
         if flags:
             found.append(FlaggedField(name, get_args(hint)[0], getattr(defaults, name), flags[0]))
