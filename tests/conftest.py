@@ -7,6 +7,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis times each example against a 200 ms deadline and its data generation against its own
+# limit, both on the wall clock: on a loaded machine either can run out, and Hypothesis then fails
+# the test ("Unreliable test timings", "too_slow"). No property test here is about speed (those that
+# are measure CPU time themselves), so neither check is kept; a @settings(...) on a test builds on this.
+settings.register_profile("pacore", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("pacore")
 
 # The embedded model's context in the tests (PACORE_N_CTX, read by every model load, in this process
 # and in the pacore commands and servers it starts): the prompts of the model tests are a few

@@ -36,32 +36,44 @@ def run_pacore(*args: str) -> subprocess.CompletedProcess[bytes]:
 # --- ETA ---------------------------------------------------------------------------
 
 
-def test_eta_uses_the_finished_trajectories_length_and_the_round_rate() -> None:
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """A stopped ``perf_counter`` that the test moves by hand (``clock[0] += 10``).
+
+    The ETA divides by the time gone by: on the real clock, a loaded machine's 15 ms between
+    setting the round's start and reading the ETA changed "13.5s" into "13.6s".
+    """
+    now = [1000.0]
+    monkeypatch.setattr("pacore.progress.time.perf_counter", lambda: now[0])
+    return now
+
+
+def test_eta_uses_the_finished_trajectories_length_and_the_round_rate(clock: list[float]) -> None:
     state = ProgressState(max_tokens=500)
     state.apply(RoundStarted(round=0, k=4, final=False, total_rounds=2))
     assert state.eta_s() is None  # no rate yet
     state.apply(TrajectoryFinished(round=0, trajectory=Trajectory(round=0, index=0, text="x", completion_tokens=100),
                                    done=1, k=4))  # fmt: skip
     state.apply(TrajectoryProgress(round=0, tokens={1: 50, 2: 20}))
-    state.round_started = time.perf_counter() - 10  # 170 tokens in 10 s
+    clock[0] += 10  # 170 tokens in 10 s
     # Expected 100 tokens each: 50 + 80 still to come from the streaming two, 100 from the one not started.
-    assert state.eta_s() == pytest.approx(230 / 17, rel=0.02)
+    assert state.eta_s() == pytest.approx(230 / 17)
     assert state.streaming_label().endswith("· ETA ~13.5s")
 
 
-def test_eta_of_a_new_round_uses_the_earlier_rounds_then_max_tokens() -> None:
+def test_eta_of_a_new_round_uses_the_earlier_rounds_then_max_tokens(clock: list[float]) -> None:
     state = ProgressState(max_tokens=64)
     state.apply(RoundStarted(round=0, k=1, final=False, total_rounds=2))
     state.apply(TrajectoryProgress(round=0, tokens={0: 16}))
-    state.round_started = time.perf_counter() - 1
-    assert state.eta_s() == pytest.approx(48 / 16, rel=0.05)  # nothing finished: max_tokens
+    clock[0] += 1
+    assert state.eta_s() == pytest.approx(48 / 16)  # nothing finished: max_tokens
     state.apply(TrajectoryFinished(round=0, trajectory=Trajectory(round=0, index=0, text="x", completion_tokens=40),
                                    done=1, k=1))  # fmt: skip
     state.apply(RoundStarted(round=1, k=1, final=True, total_rounds=2))
     state.apply(AnswerDelta(content="a"))
     state.apply(AnswerDelta(content="b"))
-    state.round_started = time.perf_counter() - 1
-    assert state.eta_s() == pytest.approx(38 / 2, rel=0.05)  # the request's mean so far: 40 tokens
+    clock[0] += 1
+    assert state.eta_s() == pytest.approx(38 / 2)  # the request's mean so far: 40 tokens
     assert ProgressState().eta_label() == ""  # nothing known: no ETA shown
 
 

@@ -466,13 +466,19 @@ def test_closing_a_stream_cancels_the_backend_calls(fake):
         assert metric(running, "pacore_requests_total", endpoint="/v1/chat/completions", status="499") == 1
 
 
-def test_a_client_that_gives_up_on_a_plain_request_cancels_it(fake):
+async def test_a_client_that_gives_up_on_a_plain_request_cancels_it(fake):
     fake.delay = slow_first_round
     with running_app(fake, ServerConfig(schedule=Schedule.parse([2]))) as running:
-        with pytest.raises(openai.APITimeoutError):
-            client(running, timeout=1.0).chat.completions.create(
-                model="scripted", messages=[{"role": "user", "content": "Hi"}]
+        async with async_client(running) as sdk:
+            request = asyncio.create_task(
+                sdk.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hi"}])
             )
+            # It gives up once both calls run (not after a client timeout, which a loaded machine
+            # could reach before the server had started them).
+            await asyncio.to_thread(wait_for, lambda: len(fake.calls) == 2)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
         wait_for(lambda: len(fake.cancelled) == 2)
         assert running.app.state.pacore.history.recent()[0].status == "cancelled"
 

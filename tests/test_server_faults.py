@@ -121,9 +121,13 @@ class Outcome:
 @pytest.fixture(scope="module")
 def faulty() -> Iterator[tuple[RunningServer, FaultyBackend]]:
     backend = FaultyBackend(respond=reply, delay=delay)
+    # This process runs the server and up to 200 clients on one GIL: on a loaded machine a client may
+    # connect, then write its request more than the default 10 s later. The server has closed that
+    # silent connection by then (as keep-alive would), and the request meets a reset (httpx.ReadError).
+    # The header timeout has its own tests (test_server_limits.py); here it only waits for the clients.
     config = ServerConfig(
         schedule=Schedule.parse([2]), max_concurrent_requests=CONCURRENCY, history=HISTORY,
-        deadline_s=DEADLINE_S, retry_after_s=1,
+        deadline_s=DEADLINE_S, retry_after_s=1, header_timeout_s=120.0,
     )  # fmt: skip
     with running_app(backend, config) as running:
         yield running, backend

@@ -148,10 +148,10 @@ def test_a_long_prompt_with_many_commas_is_not_mistaken_for_many_values():
 
 @pytest.mark.parametrize("value", [[1] * 20_000 + ["x"], ",".join(["1"] * 20_000) + ",x", ["y" * 100_000] * 3])
 def test_schedule_parsing_is_linear_and_its_errors_short(value):
-    started = time.process_time()
+    started = time.thread_time()  # this thread's CPU only: not a server thread another test left winding down
     with pytest.raises(ScheduleError) as caught:
         Schedule.parse(value)
-    assert time.process_time() - started < 0.5  # was 81 s for 20,000 entries: a string built per entry
+    assert time.thread_time() - started < 0.5  # was 81 s for 20,000 entries: a string built per entry
     assert len(str(caught.value)) < 200
 
 
@@ -274,7 +274,10 @@ def test_slow_headers_get_a_408_in_openai_shape_and_are_counted(fake, parser):
             assert body["error"]["code"] == "request_timeout"
             assert "headers did not arrive within 1s" in body["error"]["message"]
             assert time.monotonic() - started < DRIBBLES * 0.2 / 2  # the bytes did not restart the clock
-        assert metric(running, "pacore_clients_cut_total", reason="header_timeout") == 1
+        # Read in this process, not with GET /metrics: under a 1 s header timeout, a loaded machine's
+        # client may connect and write its GET more than 1 s later, and find the connection closed.
+        registry = running.app.state.pacore.metrics.registry
+        assert registry.get_sample_value("pacore_clients_cut_total", {"reason": "header_timeout"}) == 1
         # A connection that sends nothing at all is closed without a word.
         with raw_connection(running) as idle:
             assert idle.recv(100) == b""

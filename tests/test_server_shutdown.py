@@ -83,10 +83,10 @@ def front() -> Iterator[Callable[..., object]]:
 def refuses_connections(server: RunningServer) -> bool:
     try:
         httpx.get(f"{server.base_url}/health", timeout=2)
-    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
-        # ReadError (reset) or RemoteProtocolError (closed): the kernel accepted the connection into
-        # the backlog just before the listener closed, and it was then dropped unanswered; refused
-        # all the same.
+    except (httpx.NetworkError, httpx.RemoteProtocolError):
+        # ConnectError (refused), or ReadError / WriteError (reset) or RemoteProtocolError (closed):
+        # the kernel accepted the connection into the backlog just before the listener closed, and
+        # it was then dropped unanswered, before or after the request went out; refused all the same.
         return True
     except httpx.TimeoutException:
         return False  # accepted, slow to answer (a loaded machine): not refused yet
