@@ -76,7 +76,7 @@ from pacore.server.history import (
 )
 from pacore.server.metrics import ServerMetrics
 from pacore.server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
-from pacore.server.settings import ServerSettings
+from pacore.server.settings import DEFAULT_LIMITS, ServerSettings
 from pacore.synthesis import ReferenceOrder
 from pacore.trace import Event, Result
 
@@ -87,7 +87,6 @@ access_logger = logging.getLogger("pacore.server.access")
 STATIC_DIR = files("pacore.server") / "static"
 #: Model text is inserted as text by the page; this stops anything that slips through.
 VIEWER_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-_DEFAULT_LIMITS = Limits()
 #: Routes anyone may open: the health probe and the viewer's static shell (it holds no data).
 _PUBLIC_PATHS = ("/health", "/ui", "/ui/")
 _PUBLIC_PREFIX = "/ui/static/"
@@ -118,10 +117,10 @@ class ServerConfig(ServerSettings):
     compute: ComputePolicy | None = None
     #: Accepted bearer tokens; empty means no authentication.
     api_keys: tuple[str, ...] = ()
-    max_messages: int = _DEFAULT_LIMITS.max_messages
-    max_content_parts: int = _DEFAULT_LIMITS.max_content_parts
-    max_model_chars: int = _DEFAULT_LIMITS.max_model_chars
-    max_json_values: int = _DEFAULT_LIMITS.max_json_values
+    max_messages: int = DEFAULT_LIMITS.max_messages
+    max_content_parts: int = DEFAULT_LIMITS.max_content_parts
+    max_model_chars: int = DEFAULT_LIMITS.max_model_chars
+    max_json_values: int = DEFAULT_LIMITS.max_json_values
     #: Seconds a client refused for load is told to wait.
     retry_after_s: int = 5
     #: Seconds one request may run before it fails with a 504 (``None``: no limit).

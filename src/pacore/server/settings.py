@@ -35,7 +35,8 @@ class Limits:
     max_json_values: int = 50_000
 
 
-_DEFAULT_LIMITS = Limits()
+#: The caps' defaults, which the server's settings and config take theirs from.
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,10 @@ class ServerSettings:
     max_trajectories: Annotated[
         int,
         Flag("--max-trajectories", "Most calls one request may make (all rounds, final included).", metavar="N", min=1),
-    ] = _DEFAULT_LIMITS.max_trajectories
+    ] = DEFAULT_LIMITS.max_trajectories
     max_rounds: Annotated[
         int, Flag("--max-rounds", "Most coordinated rounds one request may ask for.", metavar="N", min=1)
-    ] = _DEFAULT_LIMITS.max_rounds
+    ] = DEFAULT_LIMITS.max_rounds
     max_body_bytes: Annotated[
         int,
         Flag(
