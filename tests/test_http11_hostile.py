@@ -351,6 +351,30 @@ async def test_a_gzip_stream_through_the_backend_reads_as_text() -> None:
     assert b"accept-encoding: gzip" in heads[0].lower()
 
 
+async def test_a_stream_chunk_with_a_finish_reason_that_is_not_a_string_is_a_protocol_error() -> None:
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "The answer "}}]},
+        {"choices": [{"index": 0, "delta": {"content": "is 5."}, "finish_reason": {"why": "stop"}}]},
+    ]
+    body = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events) + b"data: [DONE]\n\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK + b"Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(body))
+        await writer.drain()
+        await reader.read()
+
+    async with serving(handler) as url:
+        backend = OpenAIBackend(url + "/v1", model="m", timeout=2)
+        try:
+            completion = await asyncio.wait_for(backend.stream(MESSAGES, PARAMS, lambda c, r: None), LIMIT_S)
+        finally:
+            await backend.aclose()
+    # What streamed before the bad chunk is kept; the call failed as a protocol error, not a crash.
+    assert (completion.text, completion.error_kind) == ("The answer is 5.", "protocol")
+    assert completion.error is not None and "malformed stream chunk (finish_reason is a dict" in completion.error
+
+
 async def test_many_concurrent_streams_through_the_backend_survive_faulty_connections() -> None:
     """A pool of lean connections against a server that cuts, stalls or garbles some answers: retried, never mixed."""
     answered = 0
