@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import re
 import sqlite3
@@ -439,6 +440,55 @@ def test_a_backend_failure_is_a_5xx_and_a_stream_error_event(fake):
         assert "HTTP 401 from backend" in str(streamed.value)
         assert metric(running, "pacore_backend_errors_total", kind="auth") == 2
         assert metric(running, "pacore_requests_total", endpoint="/v1/chat/completions", status="502") == 2
+
+
+INTERNAL_ERROR = {
+    "message": "internal server error; see the server log",
+    "type": "api_error",
+    "param": None,
+    "code": None,
+}
+
+
+@contextlib.contextmanager
+def logged_errors(name: str) -> Iterator[list[logging.LogRecord]]:
+    """The records logger ``name`` gets with a traceback attached, while in the block."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record) if record.exc_info else None  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_bug_is_a_500_without_details_and_its_traceback_is_logged(fake, monkeypatch):
+    fake.respond = lambda call, i: RuntimeError("injected bug in the backend")
+    with running_app(fake, ServerConfig(schedule=Schedule.parse([1]))) as running:
+        with logged_errors("pacore.server") as engine_bugs, pytest.raises(openai.InternalServerError) as caught:
+            ask(running)
+        assert caught.value.status_code == 500
+        assert caught.value.body == INTERNAL_ERROR
+        assert [str(r.exc_info[1]) for r in engine_bugs] == ["injected bug in the backend"]
+
+        # A bug in the route itself, after the engine answered: the same reply, logged by the HTTP server.
+        fake.respond = reply
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected bug in the route")
+
+        monkeypatch.setattr("pacore.server.app.completion_of", broken)
+        with logged_errors("uvicorn.error") as route_bugs, pytest.raises(openai.InternalServerError) as caught:
+            ask(running)
+        assert caught.value.body == INTERNAL_ERROR
+        assert [str(r.exc_info[1]) for r in route_bugs] == ["injected bug in the route"]
+        assert metric(running, "pacore_requests_total", endpoint="/v1/chat/completions", status="500") == 2
+        # A client's error is not a bug: answered, not logged as one.
+        with logged_errors("uvicorn.error") as none, logged_errors("pacore.server") as neither:
+            assert httpx.post(f"{running.api_url}/chat/completions", content=b"{").status_code == 400
+        assert none == neither == []
 
 
 # --- cancellation -------------------------------------------------------------------------

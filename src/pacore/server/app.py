@@ -30,9 +30,8 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
-from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -97,6 +96,9 @@ _COALESCED_EVENTS = 256
 # Key of the request state where a handler leaves the status it ended with
 # when that differs from the one sent (a stream that failed or lost its client).
 _OUTCOME_KEY = "pacore_status"
+CHAT_PATH = "/v1/chat/completions"
+#: Exceptions a chat completion may raise that :func:`describe` answers for the client; any other is a bug.
+_MAPPED_ERRORS = (PacoreError, ValidationError)
 
 
 @dataclass(frozen=True)
@@ -393,12 +395,23 @@ class _EventStream(StreamingResponse):
             self.run.close()
 
 
-class _Guard:
-    """ASGI middleware: API keys, the body size limit and per-request counting."""
+_ChatEndpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 
-    def __init__(self, app: ASGIApp, server: _Server) -> None:
+
+class _Guard:
+    """ASGI middleware: API keys, the body size limit and per-request counting.
+
+    It also serves chat completions itself: calling ``chat`` here, past the
+    layers of Starlette and FastAPI (their error middleware, router and
+    request wrappers), saves about 0.15 ms of the 2 ms of server CPU a
+    pass-through request costs (measured side by side). Errors are mapped by
+    :func:`describe` as the app's handlers map them.
+    """
+
+    def __init__(self, app: ASGIApp, server: _Server, chat: _ChatEndpoint) -> None:
         self.app = app
         self.server = server
+        self.chat = chat
         self.key_digests = [_digest(key.encode()) for key in server.config.api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -419,16 +432,30 @@ class _Guard:
             if refusal is not None:
                 await describe(refusal).response()(scope, receive, send_counted)
                 return
-            await self.app(scope, self._limited(receive), send_counted)
+            if scope["path"] == CHAT_PATH and scope["method"] == "POST":
+                await self._serve_chat(scope, self._limited(receive), send_counted)
+            else:
+                await self.app(scope, self._limited(receive), send_counted)
         finally:
             status = state.get(_OUTCOME_KEY, sent["status"])
             endpoint = _endpoint(scope["path"])
             self.server.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-            if endpoint == "/v1/chat/completions" and access_logger.isEnabledFor(logging.INFO):
+            if endpoint == CHAT_PATH and access_logger.isEnabledFor(logging.INFO):
                 access_logger.info(
                     "%s", _access_line(status, state.get("pacore_run"), time.perf_counter() - started,
                                        self.server.config.log_content),
                 )  # fmt: skip
+
+    async def _serve_chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await self.chat(request)
+        except Exception as exc:
+            await describe(exc).response()(scope, receive, send)
+            if not isinstance(exc, _MAPPED_ERRORS):
+                raise  # a bug: answered with a 500, then logged with its traceback by the server
+            return
+        await response(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> PacoreError | None:
         headers = dict(scope["headers"])
@@ -516,7 +543,7 @@ def _endpoint(path: str) -> str:
         return "/ui/api/traces/{id}"
     if path.startswith(_PUBLIC_PREFIX):
         return "/ui/static"
-    known = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/ui", "/ui/api/requests")
+    known = (CHAT_PATH, "/v1/models", "/health", "/metrics", "/openapi.json", "/ui", "/ui/api/requests")
     return path if path in known else "other"
 
 
@@ -554,7 +581,6 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
     # Starlette's own trailing-slash redirect builds its Location from the Host header.
     app.router.redirect_slashes = False
     app.add_exception_handler(404, _redirect_to_slash_twin)
-    app.add_middleware(_Guard, server=server)
 
     async def chat_completions(request: Request) -> Response:
         try:
@@ -589,11 +615,12 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
         # Serialized by pydantic in one pass, not dumped to dicts and then encoded by json.
         return Response(completion.model_dump_json(), media_type="application/json")
 
+    app.add_middleware(_Guard, server=server, chat=chat_completions)
+    # The guard serves POST requests; the route gives the OpenAPI entry and a 405 to other methods.
     app.router.add_api_route(
-        "/v1/chat/completions",
+        CHAT_PATH,
         chat_completions,
         methods=["POST"],
-        route_class_override=_DirectRoute,
         # parse_body reads the body (stricter than FastAPI's parser), so its schema is declared here.
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ChatCompletionRequest)}}}},
         responses={
@@ -661,18 +688,6 @@ def mount_viewer(app: FastAPI) -> None:
         )
 
     app.mount("/ui/static", _ViewerFiles(directory=str(STATIC_DIR)), name="ui-static")
-
-
-class _DirectRoute(APIRoute):
-    """A route whose endpoint takes the request and returns the response itself.
-
-    FastAPI's per-request parameter solving and response validation are skipped
-    (measured: 0.05 ms of the 2 ms a pass-through request costs the server): the
-    endpoint reads and checks its own body. Its OpenAPI entry is FastAPI's.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        return self.endpoint
 
 
 class _ViewerFiles(StaticFiles):
