@@ -485,6 +485,18 @@ async def test_stream_delivers_deltas_and_reads_the_usage_chunk():
     assert server.bodies[0]["stream_options"] == {"include_usage": True}
 
 
+async def test_stream_chunks_pydantic_refuses_are_read_as_the_standard_library_reads_them():
+    # A lone surrogate escape (a token cut inside a UTF-16 pair) and bytes after the JSON value.
+    chunks = [
+        '{"choices": [{"index": 0, "delta": {"content": "cut \\ud83d"}, "finish_reason": null}]}',
+        '{"choices": [{"index": 0, "delta": {"content": " here"}, "finish_reason": "stop"}]} ;',
+    ]
+    async with streaming(sse(*chunks, "[DONE]")).backend() as backend:
+        completion = await backend.stream(MESSAGES, PARAMS, lambda c, r: None)
+    assert completion.finish_reason == "stop"
+    assert completion.text == "cut \ufffd here"  # as in every completion, a lone surrogate is replaced
+
+
 async def test_stream_without_usage_counts_chunks_and_estimates_the_prompt():
     server = streaming(sse(*STREAM, "[DONE]"))
     async with server.backend() as backend:
