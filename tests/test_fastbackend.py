@@ -293,10 +293,11 @@ def test_synthesis_prompts_are_recognised_and_follow_the_majority(template: str)
     question, answers = parse_synthesis(prompt)
     assert question.strip() == QUESTION and answers == ["12", "7", "12", "5"]
     assert parse_synthesis(QUESTION) == (QUESTION, None)
-    following = Simulation(follow_majority=1.0, median_tokens=40)
+    # No runaways here: a synthesis call that loops answers nothing (see the runaway tests).
+    following = Simulation(follow_majority=1.0, median_tokens=40, runaway=0.0)
     assert {following.sample(prompt, i).answer for i in range(20)} == {"12"}
     # Not following the references: a fresh sample of the same problem, right with its p(d).
-    fresh = Simulation(follow_majority=0.0, median_tokens=20)
+    fresh = Simulation(follow_majority=0.0, median_tokens=20, runaway=0.0)
     problem = fresh.problem(QUESTION)
     fresh_answers = [fresh.sample(prompt, i).answer for i in range(300)]
     assert abs(fresh_answers.count(problem.answer) / 300 - problem.p_correct) < 0.1
@@ -410,11 +411,12 @@ async def test_pacore_solves_against_the_simulator() -> None:
 
 
 def test_adaptive_benchmark_runs_against_the_simulator() -> None:
-    """A smoke run of bench/adaptive.py (2 problems, 3 arms, another length spread) so the benchmark does not rot."""
+    """A smoke run of bench/adaptive.py (2 problems, 3 arms, other spread and runaways) so the benchmark does not rot."""
     bench = Path(__file__).resolve().parents[1] / "bench" / "adaptive.py"
     arms = "fixed,early_stop_p90,quorum_0.9"
     done = subprocess.run(
-        [sys.executable, str(bench), "--json", "--problems", "2", "--arms", arms, "--no-replay", "--length-sigma", "0.9"],
+        [sys.executable, str(bench), "--json", "--problems", "2", "--arms", arms, "--no-replay", "--length-sigma", "0.9",
+         "--runaway", "0.2"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -429,14 +431,24 @@ def test_adaptive_benchmark_runs_against_the_simulator() -> None:
     assert 0 < live["quorum_0.9"]["stopped_per_problem"] <= 1
     assert all(0 <= arm["accuracy"] <= 1 for arm in live.values())
     assert set(figures["targets"]) == {"token_saving_within_1pt", "quorum_p50_wall_saving"}
-    # The simulator ran with the spread asked for, and the figures say so.
-    assert figures["simulation"]["length_sigma"] == 0.9
+    # The simulator ran with the spread and runaway share asked for, and the figures say so.
+    assert figures["simulation"]["length_sigma"] == 0.9 and figures["simulation"]["runaway"] == 0.2
+    # At 0.2, both problems (difficulty 0.54 and 0.36) draw runaways in round 1: their trajectories
+    # run to max_tokens, counted once, and the fixed schedule's tokens include them.
+    assert live["fixed"]["problems_with_runaway"] == 2
+    assert live["fixed"]["tokens_per_problem"] > figures["workload"]["max_tokens"]
 
 
-def test_adaptive_benchmark_refuses_a_negative_length_spread() -> None:
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        (["--length-sigma", "-1"], "--length-sigma must be >= 0, got -1"),
+        (["--runaway", "0.6"], "--runaway must be from 0 to 0.5 (a sample runs away with probability 2 R d), got 0.6"),
+        (["--runaway", "nan"], "--runaway must be from 0 to 0.5 (a sample runs away with probability 2 R d), got nan"),
+    ],
+)
+def test_adaptive_benchmark_refuses_a_bad_simulation_option(option: list[str], error: str) -> None:
     bench = Path(__file__).resolve().parents[1] / "bench" / "adaptive.py"
-    done = subprocess.run(
-        [sys.executable, str(bench), "--length-sigma", "-1"], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, str(bench), *option], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].endswith("--length-sigma must be >= 0, got -1")
+    assert done.stderr.strip().splitlines()[-1].endswith(error)
