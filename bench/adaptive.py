@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"the simulated lengths' log standard deviation (default {SIMULATION.length_sigma:g}), for a sensitivity run",
     )  # fmt: skip
     parser.add_argument(
-        "--runaway", type=float,
+        "--runaway", type=float, metavar="R",
         help=f"the simulated runaway share: a sample loops to max_tokens with probability 2 R d (default "
         f"{SIMULATION.runaway:g}, at most 0.5), for a sensitivity run",
     )  # fmt: skip
