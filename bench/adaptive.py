@@ -2,11 +2,12 @@
 
 The model is ``bench/fastbackend.py --simulate`` (its own process): per-problem
 difficulty, answer distributions, a synthesis that follows its references'
-majority, log-normal (heavy-tailed) lengths with wrong trajectories longer, a
-per-token delay, and logprobs whose confidence drifts down on most wrong
-trajectories. Its parameters are printed with the figures and documented in
-fastbackend.py; they were chosen to be plausible, not to meet the targets, and
-every figure here is the simulation's, not a real model's.
+majority, log-normal (heavy-tailed) lengths with wrong trajectories longer,
+runaway samples that loop until max_tokens with no answer (3% on average, more
+on hard problems), a per-token delay, and logprobs whose confidence drifts down
+on most wrong trajectories. Its parameters are printed with the figures and
+documented in fastbackend.py; they were chosen to be plausible, not to meet the
+targets, and every figure here is the simulation's, not a real model's.
 
 P problems are each solved with the fixed schedule and with each policy,
 through ``pacore.asolve`` over ``OpenAIBackend``, side by side in one run: the
@@ -24,7 +25,7 @@ adaptive width are replayed on it with ``first_round``; only the final
 synthesis calls the model (so its wall times are the final call's alone).
 
     python bench/adaptive.py [--quick] [--json] [--problems P] [--arms fixed,quorum] [--schedule 32,4]
-                             [--length-sigma S]
+                             [--length-sigma S] [--runaway R]
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ SIMULATION = Simulation(seed=13, median_tokens=100)
 TOKENS_PER_S = 200.0
 TTFT_MS = 20.0
 CHUNK_TOKENS = 4
-#: max_tokens: far above the simulated lengths (a cap only the longest tail reaches).
+#: max_tokens: far above the simulated lengths (a cap only the longest tail reaches), about 12x a median
+#: trajectory as DeepConf's 64k-130k caps are for its ~10-20k-token traces; a runaway (a loop) runs to it.
 MAX_TOKENS = 2048
 #: The "medium" preset; ``--schedule`` runs another.
 SCHEDULE = (16,)
@@ -158,7 +160,7 @@ class Workload:
     #: Requests (each one arm of one problem) at once, for round 1 of 16: ``in_flight_for`` scales it.
     in_flight: int
     schedule: tuple[int, ...] = SCHEDULE
-    #: The simulated model (``--length-sigma`` changes its length spread).
+    #: The simulated model (``--length-sigma`` changes its length spread, ``--runaway`` its runaway share).
     simulation: Simulation = SIMULATION
 
     @property
@@ -195,6 +197,8 @@ class Outcome:
     round_gap_s: float
     #: The wall time the simulated lengths alone give (arms in NO_OVERHEAD_ARMS).
     no_overhead_s: float
+    #: Trajectories that ran to max_tokens (``finish_reason: length``): the simulation's runaways.
+    cut_at_max_tokens: int
 
 
 class RoundGap:
@@ -231,6 +235,7 @@ def outcome(i: int, result: Result, wall_s: float, simulation: Simulation, gap: 
         trajectories=len(trajectories),
         round_gap_s=gap.seconds,
         no_overhead_s=no_overhead_s(result),
+        cut_at_max_tokens=sum(t.finish_reason == "length" for t in trajectories),
     )
 
 
@@ -304,6 +309,8 @@ def summarize(outcomes: dict[str, list[Outcome]], sent: dict[str, int] | None = 
             "round_gap_p50_ms": round(1000 * percentile([o.round_gap_s for o in rows], 50), 2),
             "round_gap_p90_ms": round(1000 * percentile([o.round_gap_s for o in rows], 90), 2),
             "trajectories_per_problem": round(statistics.mean(o.trajectories for o in rows), 2),
+            # Problems with a trajectory that ran to max_tokens (a runaway, unless it was cut first).
+            "problems_with_runaway": sum(o.cut_at_max_tokens > 0 for o in rows),
             # Problems where this arm and the fixed schedule disagree on correctness (paired).
             "gained": sum(o.correct and not f.correct for o, f in zip(rows, fixed, strict=True)),
             "lost": sum(f.correct and not o.correct for o, f in zip(rows, fixed, strict=True)),
@@ -340,6 +347,10 @@ async def measure(workload: Workload, arms: Sequence[str], replay: bool) -> dict
     }
     problems = [workload.simulation.problem(question(i)) for i in range(workload.problems)]
     figures["simulated_mean_p_correct"] = round(statistics.mean(p.p_correct for p in problems), 3)
+    runaway = workload.simulation.runaway
+    figures["simulated_runaway_share"] = round(
+        statistics.mean(min(1.0, runaway * 2 * p.difficulty) for p in problems), 4
+    )
     # One endpoint per arm, so the simulator counts the tokens each arm really made it generate.
     with fast_backend(
         "--simulate", *workload.simulation.args(), "--tokens-per-s", TOKENS_PER_S, "--ttft-ms", TTFT_MS,
@@ -397,8 +408,10 @@ def report(figures: dict[str, Any]) -> list[str]:
         f"difficulty d (mean {figures['simulated_mean_p_correct']:.2f} on these problems), {sim['wrong_answers']} "
         f"wrong answers, synthesis follows the majority with p {sim['follow_majority']:g}; log-normal lengths, "
         f"median {sim['median_tokens']:g} x (1 + {sim['hard_length']:g} d), sigma {sim['length_sigma']:g}, "
-        f"wrong x{sim['wrong_length']:g}, synthesis x{sim['synthesis_length']:g}; confidence drifts down on "
-        f"{1 - sim['confident_wrong']:.0%} of wrong trajectories. Figures are the simulation's, not a real model's.",
+        f"wrong x{sim['wrong_length']:g}, synthesis x{sim['synthesis_length']:g}; runaways (loops to max_tokens, no "
+        f"answer) at rate {sim['runaway']:g} x 2d ({figures['simulated_runaway_share']:.1%} of samples on these "
+        f"problems); confidence drifts down on {1 - sim['confident_wrong']:.0%} of wrong trajectories. Figures are "
+        "the simulation's, not a real model's.",
         "",
     ]
     lines += [f"  {arm:22} = {note}" for arm, note in figures["arms"].items()]
@@ -410,6 +423,11 @@ def report(figures: dict[str, Any]) -> list[str]:
         "finisher to round 2's call:",
         *arm_table(figures["live"]),
     ]
+    fixed = figures["live"]["fixed"]
+    lines.append(
+        f"  runaways: {fixed['problems_with_runaway']} of {w['problems']} problems had a trajectory run to max_tokens "
+        "in the fixed schedule (round 1 or synthesis: a runaway, or rarely a length drawn above the cap)"
+    )
     if "no_overhead_p50_s" in figures:
         bound = figures["no_overhead_p50_s"]
         lines.append(
@@ -440,6 +458,11 @@ def main(argv: list[str] | None = None) -> None:
         "--length-sigma", type=float,
         help=f"the simulated lengths' log standard deviation (default {SIMULATION.length_sigma:g}), for a sensitivity run",
     )  # fmt: skip
+    parser.add_argument(
+        "--runaway", type=float, metavar="R",
+        help=f"the simulated runaway share: a sample loops to max_tokens with probability 2 R d (default "
+        f"{SIMULATION.runaway:g}, at most 0.5), for a sensitivity run",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     workload = QUICK if args.quick else FULL
     if args.problems:
@@ -452,7 +475,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.length_sigma is not None:
         if args.length_sigma < 0:
             parser.error(f"--length-sigma must be >= 0, got {args.length_sigma:g}")
-        workload = replace(workload, simulation=replace(SIMULATION, length_sigma=args.length_sigma))
+        workload = replace(workload, simulation=replace(workload.simulation, length_sigma=args.length_sigma))
+    if args.runaway is not None:
+        if not 0 <= args.runaway <= 0.5:
+            parser.error(
+                f"--runaway must be from 0 to 0.5 (a sample runs away with probability 2 R d), got {args.runaway:g}"
+            )
+        workload = replace(workload, simulation=replace(workload.simulation, runaway=args.runaway))
     arms = ["fixed", *(a for a in (args.arms.split(",") if args.arms else ARMS) if a != "fixed")]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:

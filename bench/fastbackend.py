@@ -71,6 +71,29 @@ is the simulation's. Off, the server behaves exactly as above. On:
   batch, difficulty and wrong answers included, p99 is 4.9x the median); 1.0
   gives the ~10x an RL-systems tutorial quotes for training rollouts, where
   unconverged policies and runaway repetition lengthen the tail.
+- Runaways: a sample, round-1 trajectory or synthesis call alike, runs away
+  with probability ``runaway * 2 * d`` (``runaway`` 0.03 on average over
+  problems, 0.06 on the hardest): it loops, one short filler sentence
+  repeated after ``<think>``, with no ``</think>`` and no answer, until the
+  request's ``max_tokens`` cuts it (``finish_reason: length``; without
+  ``max_tokens``, a 32768-token context). It counts as wrong, and its
+  confidence stays high (a loop is low-entropy: no downward drift, and its
+  sharpness level is raised by 1), so an early stop does not single it out.
+  Its draw has a random stream of its own, so with ``runaway`` 0 every sample
+  is exactly what it was before runaways existed, and with it the others are
+  unchanged. Source: Pipis, Garg, Kontonis, Shrivastava, Krishnamurthy,
+  Papailiopoulos, "Wait, Wait, Wait... Why Do Reasoning Models Loop?" (arXiv
+  2512.12895, Dec 2025): open reasoning models (R1-distilled Qwen and Llama,
+  OpenThinker3, Phi-4 reasoning) loop on AIME; looping is common at low
+  temperature (OpenThinker3-1.5B loops in 30% of greedy responses), smaller
+  and distilled models loop more, harder problems elicit more of it, and a
+  higher temperature loops less but still generates far longer than needed.
+  PaCoRe samples at temperature 1.0, where loops are far rarer than greedy
+  decoding's 30% for a small distilled model: 3% on average and 6% on the
+  hardest problems is a stated assumption, not a measurement. A runaway's
+  length is the cap, so the cap matters: ``bench/adaptive.py``'s max_tokens
+  of 2048 is about 12x its median trajectory (171 tokens), as DeepConf's
+  64k-130k caps are for its ~10-20k-token traces.
 - Wall time: ``--ttft-ms``, then each sample's tokens at ``--tokens-per-s``
   (chunks of ``--chunk-tokens`` sent when their last token is due), so wall
   time scales with length; ``n`` > 1 streams each choice at its own pace.
@@ -185,6 +208,13 @@ _DRIFT_START = (0.1, 0.6)
 _DRIFT_SPAN = 0.1
 _MIN_SHARPNESS = 0.3
 _MIN_SIM_TOKENS = 24
+#: A runaway trajectory loops on this sentence until it is cut (the looping Pipis et al. 2025 describe).
+_LOOP = (" Wait", ",", " let", " me", " check", " that", " again", ".")
+#: A loop repeats itself, so its tokens are this much sharper than its trajectory's level (low entropy).
+_LOOP_SHARPENING = 1.0
+#: Where a runaway asked without ``max_tokens`` stops: a context window commonly served for small
+#: open reasoning models (their own windows reach 128k tokens).
+_CONTEXT_TOKENS = 32768
 #: Largest ``top_logprobs`` OpenAI's API accepts.
 MAX_TOP_LOGPROBS = 20
 
@@ -210,7 +240,8 @@ class SimulatedProblem:
 
 @dataclass(frozen=True, slots=True)
 class SimulatedSample:
-    answer: str
+    #: ``None``: a runaway, which never answers.
+    answer: str | None
     correct: bool
     #: The generated tokens, whose concatenation is the text.
     tokens: list[str]
@@ -218,6 +249,8 @@ class SimulatedSample:
     sharpness: list[float]
     #: Where a wrong trajectory's confidence starts to drift down (``None``: it does not).
     drift_at: int | None
+    #: A loop that runs until ``max_tokens`` (or the context) cuts it: no ``</think>``, no answer.
+    runaway: bool = False
 
     @property
     def text(self) -> str:
@@ -260,6 +293,9 @@ class Simulation:
     #: Slow (AR(1), ~50-token correlation) and per-token Gaussian noise on g.
     wander: float = 0.8
     token_noise: float = 1.5
+    #: A sample (round 1 or synthesis) runs away, looping until it is cut, with probability
+    #: ``runaway * 2 * d``: ``runaway`` on average over problems, more on hard ones.
+    runaway: float = 0.03
 
     def problem(self, text: str) -> SimulatedProblem:
         """The simulated problem behind a question's text (its stripped text, hashed)."""
@@ -277,12 +313,21 @@ class Simulation:
             median_tokens=self.median_tokens * (1 + self.hard_length * difficulty),
         )
 
-    def sample(self, prompt: str, sample: int) -> SimulatedSample:
-        """Sample number ``sample`` for the prompt: a question, or a synthesis prompt over references."""
+    def sample(self, prompt: str, sample: int, max_tokens: int | None = None) -> SimulatedSample:
+        """Sample number ``sample`` for the prompt: a question, or a synthesis prompt over references.
+
+        ``max_tokens`` (the request's) is where a runaway sample stops; other samples ignore it
+        (the server cuts them).
+        """
         question, references = parse_synthesis(prompt)
         problem = self.problem(question)
         synthesis = references is not None
-        rng = _rng(self.seed, problem.key, "synthesis" if synthesis else "sample", sample)
+        kind = "synthesis" if synthesis else "sample"
+        # Its own stream, so that every other sample is exactly what it is without runaways.
+        looping = _rng(self.seed, problem.key, "runaway", kind, sample)
+        if looping.random() < self.runaway * 2 * problem.difficulty:
+            return self._runaway(problem, looping, max_tokens or _CONTEXT_TOKENS)
+        rng = _rng(self.seed, problem.key, kind, sample)
         if references and rng.random() < self.follow_majority:
             counts = Counter(references)
             top = max(counts.values())
@@ -297,11 +342,25 @@ class Simulation:
         median *= 1.0 if correct else self.wrong_length
         length = max(_MIN_SIM_TOKENS, round(median * math.exp(self.length_sigma * rng.gauss(0, 1))))
         tokens = _sample_tokens(length, answer)
-        level = self.sharpness + _rng(self.seed, problem.key, "level").gauss(0, self.problem_spread)
-        level += rng.gauss(0, self.sharpness_spread)
+        level = self._level(problem, rng)
         drift_at = None
         if not correct and rng.random() >= self.confident_wrong:
             drift_at = round(length * rng.uniform(*_DRIFT_START))
+        return SimulatedSample(answer, correct, tokens, self._sharpness(rng, level, length, drift_at), drift_at)
+
+    def _runaway(self, problem: SimulatedProblem, rng: random.Random, length: int) -> SimulatedSample:
+        """A trajectory that loops until it is cut at ``length``: confident throughout, so no early stop sees it."""
+        tokens = ["<think>\n", *(_LOOP[i % len(_LOOP)] for i in range(length - 1))]
+        level = self._level(problem, rng) + _LOOP_SHARPENING
+        return SimulatedSample(None, False, tokens, self._sharpness(rng, level, length, None), None, runaway=True)
+
+    def _level(self, problem: SimulatedProblem, rng: random.Random) -> float:
+        """A trajectory's sharpness level: the problem's, plus this trajectory's own spread."""
+        level = self.sharpness + _rng(self.seed, problem.key, "level").gauss(0, self.problem_spread)
+        return level + rng.gauss(0, self.sharpness_spread)
+
+    def _sharpness(self, rng: random.Random, level: float, length: int, drift_at: int | None) -> list[float]:
+        """Per token g: ``level``, drifting down after ``drift_at``, plus a slow wander and token noise."""
         drop = self.sharpness - self.wrong_sharpness
         span = max(1.0, length * _DRIFT_SPAN)
         sharpness = []
@@ -314,7 +373,7 @@ class Simulation:
                 mean -= drop * min(1.0, (position - drift_at) / span)
             g = mean + self.wander * wander + self.token_noise * rng.gauss(0, 1)
             sharpness.append(max(_MIN_SHARPNESS, g))
-        return SimulatedSample(answer, correct, tokens, sharpness, drift_at)
+        return sharpness
 
     def args(self) -> list[str]:
         """The command-line options that give this simulation (with ``--simulate``)."""
@@ -601,13 +660,13 @@ class Endpoint:
             first = next(counter)
             for _ in range(request.n - 1):
                 next(counter)
-        return [self.simulation.sample(request.prompt, first + i) for i in range(request.n)]
+        return [self.simulation.sample(request.prompt, first + i, request.max_tokens) for i in range(request.n)]
 
     def _cut(self, request: ChatRequest, sample: SimulatedSample) -> tuple[int, str]:
         length = len(sample.tokens)
         if request.max_tokens is not None and request.max_tokens < length:
             return request.max_tokens, "length"
-        return length, "stop"
+        return length, "length" if sample.runaway else "stop"
 
     def _simulated_completion(self, request: ChatRequest, samples: list[SimulatedSample]) -> bytes:
         choices, total = [], 0
@@ -924,6 +983,7 @@ _SIMULATION_HELP = {
     "confident_wrong": "share of wrong trajectories that never drift",
     "wander": "amplitude of the slow (~50-token) wander of g",
     "token_noise": "standard deviation of g token to token",
+    "runaway": "mean share of samples that loop until max_tokens (rate runaway * 2 * d: more on hard problems)",
 }
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -178,6 +179,79 @@ def test_simulation_is_deterministic_per_seed_problem_and_sample() -> None:
     assert Simulation(seed=4).sample(QUESTION, 0) != first
 
 
+#: Samples 0-3 of the hardest and the easiest of "Problem 0." ... "Problem 39." under
+#: ``Simulation(seed=3, median_tokens=60)`` as the simulation drew them before runaways existed:
+#: (answer, tokens, drift_at, sum of the sharpness rounded to 6 places).
+BEFORE_RUNAWAYS = {
+    "Problem 38.": [
+        ("636", 91, 34, 558.543981), ("190", 241, 42, 1248.923067),
+        ("190", 268, 62, 1299.967082), ("190", 755, 426, 3084.038015),
+    ],
+    "Problem 10.": [
+        ("964", 83, None, 711.879034), ("964", 52, None, 312.949171),
+        ("964", 136, None, 774.953248), ("964", 36, None, 218.686267),
+    ],
+}  # fmt: skip
+
+
+def test_runaway_samples_loop_to_max_tokens_and_leave_the_others_as_they_were() -> None:
+    sim = Simulation(seed=3, median_tokens=60)
+    problems = {text: sim.problem(text) for text in (f"Problem {i}." for i in range(40))}
+    hard, easy = BEFORE_RUNAWAYS
+    assert max(problems, key=lambda text: problems[text].difficulty) == hard and problems[hard].difficulty > 0.9
+    assert min(problems, key=lambda text: problems[text].difficulty) == easy
+    # The runaway draw has a stream of its own: at runaway 0 every sample is what it was before,
+    # and at the default the samples that do not run away are unchanged too.
+    never = replace(sim, runaway=0.0)
+    for text, before in BEFORE_RUNAWAYS.items():
+        for i, expected in enumerate(before):
+            sample = never.sample(text, i, 2048)
+            assert (sample.answer, len(sample.tokens), sample.drift_at, round(sum(sample.sharpness), 6)) == expected
+            assert not sample.runaway and sample.text.endswith(f"\\boxed{{{sample.answer}}}$.")
+        for i in range(40):
+            looped = sim.sample(text, i, 2048)
+            assert looped.runaway or looped == never.sample(text, i, 2048)
+    # At runaway 1, every sample of a problem harder than 0.5 loops until max_tokens.
+    always = replace(sim, runaway=1.0)
+    runaway = always.sample(hard, 0, 500)
+    assert runaway.runaway and len(runaway.tokens) == len(runaway.sharpness) == 500
+    assert runaway.answer is None and not runaway.correct and runaway.drift_at is None
+    assert runaway.text.startswith("<think>\n") and "</think>" not in runaway.text
+    assert extract_answer(runaway.text) is None
+    assert runaway.text.count(" Wait, let me check that again.") == 499 // 8  # one sentence, repeated
+    assert sum(runaway.sharpness) / 500 > sim.sharpness - 1  # confident throughout: no drift down
+    assert len(always.sample(hard, 1).tokens) == 32768  # no max_tokens: the context window cuts it
+    synthesis = SynthesisTemplate.load("pacore").render(hard, ["$\\boxed{3}$"], round=2, total_rounds=2)
+    assert always.sample(synthesis, 0, 40).runaway  # synthesis calls loop too
+    # Over many problems the share is about ``runaway``, mostly on the hard ones.
+    draws = [(p.difficulty, sim.sample(text, i, 30).runaway) for text, p in problems.items() for i in range(100)]
+    assert 0.02 < sum(r for _, r in draws) / len(draws) < 0.045
+    assert sum(r for d, r in draws if d > 0.5) > 3 * sum(r for d, r in draws if d < 0.5)
+
+
+async def test_a_runaway_is_served_to_max_tokens_with_finish_reason_length() -> None:
+    hard = "Problem 38."  # difficulty 0.96 under seed 3 (above)
+    args = ("--simulate", "--sim-seed", 3, "--sim-median-tokens", 60, "--sim-runaway", 1.0)
+    with fast_backend(*args, "--tokens-per-s", 0) as server:
+        client = openai.AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": hard}]
+        plain = await client.chat.completions.create(model="sim", messages=messages, seed=1, max_tokens=300)
+        streamed = [
+            chunk
+            async for chunk in await client.chat.completions.create(
+                model="sim", messages=messages, seed=1, max_tokens=300, stream=True,
+                stream_options={"include_usage": True},
+            )
+        ]  # fmt: skip
+        await client.close()
+    expected = Simulation(seed=3, median_tokens=60, runaway=1.0).sample(hard, 1, 300)
+    assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 300
+    assert plain.choices[0].message.content == expected.text and "</think>" not in expected.text
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected.text
+    assert streamed[-1].usage.completion_tokens == 300
+
+
 def test_simulated_accuracy_follows_difficulty() -> None:
     sim = Simulation(median_tokens=20)  # short samples: only their answers matter here
     problems = [sim.problem(f"Problem {i}.") for i in range(200)]
@@ -191,7 +265,7 @@ def test_simulated_accuracy_follows_difficulty() -> None:
 
 
 def test_simulated_lengths_are_heavy_tailed_and_confidence_marks_wrong_trajectories() -> None:
-    sim = Simulation(median_tokens=300)
+    sim = Simulation(median_tokens=300, runaway=0.0)  # the log-normal lengths alone
     samples = [sim.sample(f"Problem {p}.", i) for p in range(30) for i in range(16)]
     lengths = sorted(len(s.tokens) for s in samples)
     median = lengths[len(lengths) // 2]
@@ -219,10 +293,11 @@ def test_synthesis_prompts_are_recognised_and_follow_the_majority(template: str)
     question, answers = parse_synthesis(prompt)
     assert question.strip() == QUESTION and answers == ["12", "7", "12", "5"]
     assert parse_synthesis(QUESTION) == (QUESTION, None)
-    following = Simulation(follow_majority=1.0, median_tokens=40)
+    # No runaways here: a synthesis call that loops answers nothing (see the runaway tests).
+    following = Simulation(follow_majority=1.0, median_tokens=40, runaway=0.0)
     assert {following.sample(prompt, i).answer for i in range(20)} == {"12"}
     # Not following the references: a fresh sample of the same problem, right with its p(d).
-    fresh = Simulation(follow_majority=0.0, median_tokens=20)
+    fresh = Simulation(follow_majority=0.0, median_tokens=20, runaway=0.0)
     problem = fresh.problem(QUESTION)
     fresh_answers = [fresh.sample(prompt, i).answer for i in range(300)]
     assert abs(fresh_answers.count(problem.answer) / 300 - problem.p_correct) < 0.1
@@ -234,14 +309,15 @@ def test_synthesis_prompts_are_recognised_and_follow_the_majority(template: str)
 
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[FastBackend]:
-    with fast_backend("--simulate", "--sim-median-tokens", 60, "--model", "sim") as running:
+    # No runaways: sample 5 of QUESTION would loop to the context window (see the runaway tests).
+    with fast_backend("--simulate", "--sim-median-tokens", 60, "--sim-runaway", 0, "--model", "sim") as running:
         yield running
 
 
 def test_simulated_server_is_deterministic_per_seed(simulator: FastBackend) -> None:
     client = openai.OpenAI(base_url=simulator.url, api_key="unused")
     messages = [{"role": "user", "content": QUESTION}]
-    sim = Simulation(median_tokens=60)
+    sim = Simulation(median_tokens=60, runaway=0.0)
     one = client.chat.completions.create(model="sim", messages=messages, seed=5)
     again = client.chat.completions.create(model="sim", messages=messages, seed=5)
     assert one.choices[0].message.content == again.choices[0].message.content == sim.sample(QUESTION, 5).text
@@ -257,7 +333,7 @@ def test_simulated_server_is_deterministic_per_seed(simulator: FastBackend) -> N
 def test_simulated_logprobs_in_openai_format_streamed_and_not(simulator: FastBackend) -> None:
     client = openai.OpenAI(base_url=simulator.url, api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": QUESTION}]
-    expected = Simulation(median_tokens=60).sample(QUESTION, 9)
+    expected = Simulation(median_tokens=60, runaway=0.0).sample(QUESTION, 9)
     plain = client.chat.completions.create(model="sim", messages=messages, seed=9, logprobs=True, top_logprobs=3)
     content = plain.choices[0].logprobs.content
     assert [entry.token for entry in content] == expected.tokens
@@ -282,10 +358,12 @@ def test_simulated_logprobs_in_openai_format_streamed_and_not(simulator: FastBac
 
 
 def test_simulated_wall_time_follows_length() -> None:
-    with fast_backend("--simulate", "--sim-median-tokens", 60, "--tokens-per-s", 1000, "--chunk-tokens", 4) as server:
+    with fast_backend(
+        "--simulate", "--sim-median-tokens", 60, "--sim-runaway", 0, "--tokens-per-s", 1000, "--chunk-tokens", 4
+    ) as server:
         client = openai.OpenAI(base_url=server.url, api_key="unused")
         messages = [{"role": "user", "content": QUESTION}]
-        sim = Simulation(median_tokens=60)
+        sim = Simulation(median_tokens=60, runaway=0.0)
         lengths = {seed: len(sim.sample(QUESTION, seed).tokens) for seed in range(12)}
         short, long = min(lengths, key=lengths.get), max(lengths, key=lengths.get)  # type: ignore[arg-type]
         for seed in (short, long):
@@ -300,8 +378,10 @@ def test_simulated_wall_time_follows_length() -> None:
 def test_a_simulated_stream_closed_part_way_stops_generating() -> None:
     # 50 tokens a second: half the longest sample takes seconds, so the close (after the first
     # content event) reaches the server long before, however loaded the machine.
-    with fast_backend("--simulate", "--sim-median-tokens", 60, "--tokens-per-s", 50, "--chunk-tokens", 4) as server:
-        sim = Simulation(median_tokens=60)
+    with fast_backend(
+        "--simulate", "--sim-median-tokens", 60, "--sim-runaway", 0, "--tokens-per-s", 50, "--chunk-tokens", 4
+    ) as server:
+        sim = Simulation(median_tokens=60, runaway=0.0)
         lengths = {seed: len(sim.sample(QUESTION, seed).tokens) for seed in range(12)}
         long = max(lengths, key=lengths.get)  # type: ignore[arg-type]
         body = {"messages": [{"role": "user", "content": QUESTION}], "seed": long, "stream": True}
@@ -331,11 +411,12 @@ async def test_pacore_solves_against_the_simulator() -> None:
 
 
 def test_adaptive_benchmark_runs_against_the_simulator() -> None:
-    """A smoke run of bench/adaptive.py (2 problems, 3 arms, another length spread) so the benchmark does not rot."""
+    """A smoke run of bench/adaptive.py (2 problems, 3 arms, other spread and runaways) so the benchmark does not rot."""
     bench = Path(__file__).resolve().parents[1] / "bench" / "adaptive.py"
     arms = "fixed,early_stop_p90,quorum_0.9"
     done = subprocess.run(
-        [sys.executable, str(bench), "--json", "--problems", "2", "--arms", arms, "--no-replay", "--length-sigma", "0.9"],
+        [sys.executable, str(bench), "--json", "--problems", "2", "--arms", arms, "--no-replay", "--length-sigma", "0.9",
+         "--runaway", "0.2"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -350,14 +431,24 @@ def test_adaptive_benchmark_runs_against_the_simulator() -> None:
     assert 0 < live["quorum_0.9"]["stopped_per_problem"] <= 1
     assert all(0 <= arm["accuracy"] <= 1 for arm in live.values())
     assert set(figures["targets"]) == {"token_saving_within_1pt", "quorum_p50_wall_saving"}
-    # The simulator ran with the spread asked for, and the figures say so.
-    assert figures["simulation"]["length_sigma"] == 0.9
+    # The simulator ran with the spread and runaway share asked for, and the figures say so.
+    assert figures["simulation"]["length_sigma"] == 0.9 and figures["simulation"]["runaway"] == 0.2
+    # At 0.2, both problems (difficulty 0.54 and 0.36) draw runaways in round 1: their trajectories
+    # run to max_tokens, counted once, and the fixed schedule's tokens include them.
+    assert live["fixed"]["problems_with_runaway"] == 2
+    assert live["fixed"]["tokens_per_problem"] > figures["workload"]["max_tokens"]
 
 
-def test_adaptive_benchmark_refuses_a_negative_length_spread() -> None:
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        (["--length-sigma", "-1"], "--length-sigma must be >= 0, got -1"),
+        (["--runaway", "0.6"], "--runaway must be from 0 to 0.5 (a sample runs away with probability 2 R d), got 0.6"),
+        (["--runaway", "nan"], "--runaway must be from 0 to 0.5 (a sample runs away with probability 2 R d), got nan"),
+    ],
+)
+def test_adaptive_benchmark_refuses_a_bad_simulation_option(option: list[str], error: str) -> None:
     bench = Path(__file__).resolve().parents[1] / "bench" / "adaptive.py"
-    done = subprocess.run(
-        [sys.executable, str(bench), "--length-sigma", "-1"], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, str(bench), *option], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].endswith("--length-sigma must be >= 0, got -1")
+    assert done.stderr.strip().splitlines()[-1].endswith(error)
