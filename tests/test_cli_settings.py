@@ -26,7 +26,9 @@ from pacore import ComputePolicy
 from pacore.cli.main import _register_commands
 from pacore.cli.main import app as pacore_app
 from pacore.cli.options import flagged_fields, with_settings_options
+from pacore.errors import UsageError
 from pacore.flags import Flag
+from pacore.schedule import Schedule
 from pacore.server import ServerConfig
 from pacore.server.settings import ServerSettings
 
@@ -122,6 +124,25 @@ def test_the_server_settings_import_without_the_server_extra():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(SRC)}
     )
     assert (done.returncode, done.stdout) == (0, "4\n"), done.stderr
+
+
+def test_a_server_config_built_in_python_holds_the_bounds_of_the_flags() -> None:
+    """One source of truth: each flag's ``min`` is what the command line and ServerConfig both refuse below."""
+    bounded = [field for field in flagged_fields(ServerSettings) if field.flag.min is not None]
+    assert {field.name for field in bounded} >= {"max_rounds", "grace_period_s", "history", "header_timeout_s"}
+    for field in bounded:
+        low = field.flag.min
+        below = low - 1 if field.type is int else (low / 2 if low else -1.0)
+        with pytest.raises(UsageError, match=f"^{field.name} must be "):
+            ServerConfig(**{field.name: below})
+        at_bound = ServerConfig(schedule=Schedule(()), **{field.name: field.type(low)})  # one call: within any cap
+        assert getattr(at_bound, field.name) == low
+    with pytest.raises(UsageError, match="^header_timeout_s must be at least 0.001, got 0.0005$"):
+        ServerConfig(header_timeout_s=0.0005)
+    with pytest.raises(UsageError, match="^history must be 0 or more, got -1$"):
+        ServerConfig(history=-1)
+    with pytest.raises(UsageError, match="^body_timeout_s must be at least 0.001, got nan$"):
+        ServerConfig(body_timeout_s=float("nan"))
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--grace-period", "-1"), ("--header-timeout", "0"), ("--history", "-1")])

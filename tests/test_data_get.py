@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cli_harness import assert_one_line_error, environment, free_port
+from cli_harness import assert_one_line_error, environment, free_port, pacore_in_process
 from cli_harness import pacore as run_pacore
 from pacore.errors import DatasetError, DownloadError, MissingExtraError, UsageError
 from pacore.eval import grade, load_dataset
@@ -822,6 +822,38 @@ def test_a_catalogue_table_with_a_wrong_field_is_refused_naming_it() -> None:
     assert good["d"].convert is CONVERTERS["gsm8k"] and good["d"].files[0].url == "https://example.invalid/d.xml"
     assert "converter" in table  # the parsed tables are left as they were
     assert {entry.convert for entry in CATALOGUE.values()} <= set(CONVERTERS.values())
+
+
+def test_a_data_set_of_several_files_must_hold_the_sum_of_their_own_data_sets() -> None:
+    from pacore.eval.catalogue import catalogue_of
+
+    def table(*stages: str, problems: int | None) -> dict[str, object]:
+        files = [{"host": "https://example.invalid", "path": f"{s}.json", "format": "json", "tag": s} for s in stages]
+        counted = {} if problems is None else {"problems": problems}
+        return {"description": "d", "page": "https://example.invalid", "files": files, "converter": "pacore-train",
+                "licence": "MIT", "verified": "nothing", **counted}  # fmt: skip
+
+    def tables(whole: int, first: int | None, second: int) -> dict[str, dict[str, object]]:
+        return {
+            "train": table("stage1", "stage2", problems=whole),
+            "train-stage1": table("stage1", problems=first),
+            "train-stage2": table("stage2", problems=second),
+        }
+
+    with pytest.raises(
+        ValueError, match=r"data set 'train': 7520 problems, but train-stage1 \+ train-stage2 hold 8000"
+    ):
+        catalogue_of(tables(7520, 3000, 5000))
+    assert catalogue_of(tables(8000, 3000, 5000))["train"].problems == 8000
+    unknown = catalogue_of(tables(7520, None, 5000))  # a figure not published: nothing to add up
+    assert (unknown["train"].problems, unknown["train-stage1"].problems) == (7520, None)
+    # The shipped catalogue: the whole of PaCoRe-Train-8k as its dataset viewer counts it; its stages' sizes unknown.
+    shipped = [CATALOGUE[name].problems for name in ("pacore-train", "pacore-train-stage1", "pacore-train-stage2")]
+    assert shipped == [7520, None, None]
+    listed = pacore_in_process("data", "list")
+    assert listed.returncode == 0, listed.stderr
+    stages = [line.split()[1] for line in listed.stdout.splitlines() if line.startswith("pacore-train-stage")]
+    assert stages == ["?", "?"]
 
 
 @pytest.mark.parametrize("table", [{"converter": "gsm8k-typo"}, {}], ids=["misspelt", "missing"])

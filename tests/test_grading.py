@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -176,6 +177,30 @@ def test_math_verify_works_in_a_worker_thread() -> None:
     worker.start()
     worker.join(timeout=30)
     assert outcome == [True]
+
+
+def test_a_comparison_overrunning_off_the_main_thread_is_cut_and_graded_wrong(monkeypatch, caplog) -> None:
+    """Off the main thread math-verify runs in a child process, ended past its bound; the next call starts another."""
+    from pacore.eval import grading
+
+    nested = "\\sin(\\cos(" * 22 + "x" + "))" * 22  # passes the screening; sympy spends seconds on it
+    assert grading._safe_for_sympy(nested)
+
+    def in_a_thread(response: str, truth: str) -> list[bool]:
+        outcome: list[bool] = []
+        worker = threading.Thread(target=lambda: outcome.append(grade(response, truth, "math")))
+        worker.start()
+        worker.join(timeout=120)
+        return outcome
+
+    assert in_a_thread(r"\boxed{\frac{2}{4}}", "0.5") == [True]  # the child is up
+    monkeypatch.setattr(grading, "_VERIFY_TIMEOUT_S", 0)  # math-verify's own timeouts off: only the bound cuts
+    monkeypatch.setattr(grading, "_OVERRUN_SLACK_S", 1)
+    with caplog.at_level(logging.WARNING, logger="pacore.eval"):
+        assert in_a_thread(rf"\boxed{{{nested}}}", "y") == [False]
+    assert "math grading gave up after 1 s comparing" in caplog.text and "graded incorrect" in caplog.text
+    monkeypatch.undo()
+    assert in_a_thread(r"\boxed{(x+1)^2}", "x^2+2x+1") == [True]  # a new child
 
 
 async def test_grading_inside_the_event_loop() -> None:

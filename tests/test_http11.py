@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -161,3 +162,49 @@ def test_the_openai_backend_uses_it_for_plain_http_without_a_proxy(monkeypatch: 
     assert OpenAIBackend("http://127.0.0.1:8000/v1", model="m")._lean  # names no proxy by itself
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
     assert not OpenAIBackend("http://127.0.0.1:8000/v1", model="m")._lean  # httpx honours the proxy
+
+
+async def test_the_backend_sends_through_it_byte_for_byte_what_httpx_s_own_transport_sends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, body = await read_request(reader)
+        requests.append(head + body)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+
+    async with raw_server(handler) as url:
+        for transport in ("lean", "httpx"):
+            monkeypatch.setenv("PACORE_HTTP_TRANSPORT", transport)
+            async with OpenAIBackend(url + "/v1", model="m", api_key="sk-test", timeout=2) as backend:
+                assert backend._lean == (transport == "lean")
+                async with backend._http().stream("POST", backend._chat_url, content=b'{"a":1}') as response:
+                    await response.aread()
+    lean, through_httpx = requests
+    assert lean == through_httpx
+    assert b"\r\nUser-Agent: python-httpx/" in lean and b"\r\nAuthorization: Bearer sk-test\r\n" in lean
+
+
+async def test_a_lean_connection_pool_leaves_no_httpx_client_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[httpx.Client | httpx.AsyncClient] = []
+
+    class RecordedClient(httpx.Client):
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            made.append(self)
+
+    class RecordedAsyncClient(httpx.AsyncClient):
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            made.append(self)
+
+    monkeypatch.setattr(httpx, "Client", RecordedClient)
+    monkeypatch.setattr(httpx, "AsyncClient", RecordedAsyncClient)
+    monkeypatch.delenv("PACORE_HTTP_TRANSPORT", raising=False)
+    backend = OpenAIBackend("http://127.0.0.1:8000/v1", model="m")
+    assert backend._lean
+    backend._http()  # the pool, with the headers and timeouts its requests carry
+    assert [client for client in made if not client.is_closed] == []
+    await backend.aclose()

@@ -297,6 +297,49 @@ def test_a_summary_shows_the_start_of_the_question_and_answer_and_the_detail_sho
     assert summary.model_dump(include=shared) == detail.model_dump(include=shared)
 
 
+def test_looking_at_a_record_does_not_walk_its_answer_or_trajectories_again(monkeypatch) -> None:
+    """The viewer polls the list and a detail every second: each look costs the same however long the request."""
+    from pacore.server import history
+    from pacore.trace import Result, Round, Trajectory, Usage
+
+    record = history.RequestRecord("r", "m", [2], [{"role": "user", "content": "q"}], False)
+    first = Round(index=0, k=2, trajectories=[
+        Trajectory(round=0, index=0, prompt_tokens=3, completion_tokens=5),
+        Trajectory(round=0, index=1, prompt_tokens=3, completion_tokens=1, error="reset"),
+    ])  # fmt: skip
+    final = Round(index=1, k=1, final=True, trajectories=[Trajectory(round=1, index=0, completion_tokens=7)])
+    for rnd in (first, final):
+        record.apply(RoundStarted(round=rnd.index, k=rnd.k, final=rnd.final, total_rounds=2))
+        for t in rnd.trajectories:
+            record.apply(TrajectoryFinished(round=rnd.index, trajectory=t, done=1, k=rnd.k))
+        record.apply(RoundFinished(round=rnd))
+    answer = "The   answer\nis 42. " * 1000
+    record.apply(Final(result=Result(answer=answer, schedule=[2], rounds=[first, final], usage=Usage())))
+
+    looks = {"previews": 0, "trajectories": 0}
+    preview, ok = history._preview, Trajectory.ok
+
+    def counted_preview(text: str) -> str:
+        looks["previews"] += text == answer
+        return preview(text)
+
+    def counted_ok(trajectory: Trajectory) -> bool:
+        looks["trajectories"] += 1
+        return ok.fget(trajectory)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(history, "_preview", counted_preview)
+    monkeypatch.setattr(Trajectory, "ok", property(counted_ok))
+    summaries = [record.summary() for _ in range(3)]
+    assert looks == {"previews": 0, "trajectories": 0}
+    detail = record.detail()
+    assert looks == {"previews": 0, "trajectories": 3}  # once each, for its round's count of failures
+    assert summaries[0] == summaries[2] and summaries[0].answer == " ".join(answer.split())[:239] + "…"
+    assert summaries[0].completion_tokens == 13 and detail.completion_tokens == 13
+    assert detail.usage == Usage(prompt_tokens=6, completion_tokens=13, calls=3, failed_calls=1)
+    detail.usage.calls = 99  # what was served is not the record's own count
+    assert record.detail().usage.calls == 3
+
+
 def test_pacore_view_serves_the_viewer_files_with_the_viewer_csp(viewer) -> None:
     for path in ("/ui", "/ui/", "/ui/static/viewer.js", "/ui/static/viewer.css", "/ui/static/index.html"):
         response = httpx.get(f"{viewer.base_url}{path}", timeout=30)

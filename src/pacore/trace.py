@@ -180,6 +180,13 @@ class Usage(BaseModel):
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def count(self, trajectory: Trajectory) -> None:
+        """Add one call: ``trajectory``'s tokens, and whether it failed."""
+        self.prompt_tokens += trajectory.prompt_tokens
+        self.completion_tokens += trajectory.completion_tokens
+        self.calls += 1
+        self.failed_calls += 0 if trajectory.ok else 1
+
 
 class Result(BaseModel):
     """The answer of one ``solve`` and the full trace that led to it."""
@@ -206,10 +213,7 @@ def usage_of(rounds: list[Round]) -> Usage:
     usage = Usage()
     for rnd in rounds:
         for t in rnd.trajectories:
-            usage.prompt_tokens += t.prompt_tokens
-            usage.completion_tokens += t.completion_tokens
-            usage.calls += 1
-            usage.failed_calls += 0 if t.ok else 1
+            usage.count(t)
     return usage
 
 

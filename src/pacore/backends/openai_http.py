@@ -715,9 +715,13 @@ class _ConnectionPool:
         self._clients: list[httpx.AsyncClient | LeanTransport] = []
         self._closing: set[asyncio.Task[None]] = set()
         if lean:
-            template = httpx.AsyncClient(**{**self._options, "transport": LeanTransport()})
-            self._headers = template.headers
-            self._timeouts = template.timeout.as_dict()
+            # httpx's own merge of its default headers and timeouts with ours, read off a client that sends
+            # nothing and is closed here (a synchronous one: ``__init__`` cannot await an AsyncClient's close).
+            with httpx.Client(
+                headers=options["headers"], timeout=options["timeout"], transport=httpx.BaseTransport()
+            ) as template:
+                self._headers = template.headers
+                self._timeouts = template.timeout.as_dict()
 
     @contextlib.asynccontextmanager
     async def _lease(self) -> AsyncIterator[httpx.AsyncClient | LeanTransport]:

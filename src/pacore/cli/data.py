@@ -177,6 +177,7 @@ def list_command(
     width = max(len(row["name"]) for row in rows)
     for row in rows:
         source = row["source"].removeprefix("https://")
-        typer.echo(f"{row['name']:<{width}}  {row['problems']:>5} problems  {row['licence']}  {source}")
+        problems = "?" if row["problems"] is None else row["problems"]  # not published
+        typer.echo(f"{row['name']:<{width}}  {problems:>5} problems  {row['licence']}  {source}")
         typer.echo(f"{'':<{width}}  {row['description']}")
     typer.echo("Details (files, what was verified, notes): pacore data list --json")

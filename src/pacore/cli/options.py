@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, get_args, get_type_hints
+from typing import Annotated, Any, NamedTuple, get_type_hints
 
 import typer
 from pydantic import ValidationError
@@ -28,7 +28,7 @@ from pacore.adaptive import ComputePolicy
 from pacore.backends import Backend, GenerationParams, RetryPolicy, open_backend
 from pacore.errors import OutputError, UsageError
 from pacore.files import output_path
-from pacore.flags import Flag
+from pacore.flags import Flag, declared_flags
 from pacore.options import SolveOptions
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
@@ -216,12 +216,7 @@ def flagged_fields(settings: type) -> list[FlaggedField]:
     Their defaults are those of ``settings()``.
     """
     defaults = settings()
-    found = []
-    for name, hint in get_type_hints(settings, include_extras=True).items():  # base classes' fields included
-        flags = [extra for extra in getattr(hint, "__metadata__", ()) if isinstance(extra, Flag)]
-        if flags:
-            found.append(FlaggedField(name, get_args(hint)[0], getattr(defaults, name), flags[0]))
-    return found
+    return [FlaggedField(name, kind, getattr(defaults, name), flag) for name, kind, flag in declared_flags(settings)]
 
 
 #: The adaptive-compute flags' names, by the ComputePolicy field each sets.

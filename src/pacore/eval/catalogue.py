@@ -88,11 +88,11 @@ class CatalogueEntry:
     page: str
     files: tuple[SourceFile, ...]
     convert: Converter
-    #: Expected number of problems (``data list`` shows it; not enforced).
-    problems: int
     licence: str
     #: What was checked against the published card or listing.
     verified: str
+    #: Expected number of problems (``data list`` shows it; not enforced); ``None``: not published.
+    problems: int | None = None
     max_bytes: int = 200 * _MB
     note: str = ""
     kinds: tuple[str, ...] = field(default=())
@@ -235,7 +235,21 @@ def catalogue_of(tables: dict[str, dict[str, Any]]) -> dict[str, CatalogueEntry]
             raise ValueError(f"data set {name!r}: converter {converter!r} is not one of {', '.join(CONVERTERS)}")
         convert = CONVERTERS[converter]
         entries[name] = check({"name": name, "convert": convert, **fields})
+    for entry in entries.values():
+        _check_parts(entry, entries)
     return entries
+
+
+def _check_parts(whole: CatalogueEntry, entries: dict[str, CatalogueEntry]) -> None:
+    """Refuse a data set of several files whose figure is not the sum of the entries that hold one file each."""
+    if len(whole.files) < 2 or whole.problems is None:
+        return
+    single = {entry.files[0]: entry for entry in entries.values() if len(entry.files) == 1}
+    parts = [single[file] for file in whole.files if file in single]
+    counts = [part.problems for part in parts if part.problems is not None]
+    if len(counts) == len(whole.files) and sum(counts) != whole.problems:
+        names = " + ".join(part.name for part in parts)
+        raise ValueError(f"data set {whole.name!r}: {whole.problems} problems, but {names} hold {sum(counts)}")
 
 
 #: The data sets, from ``catalogue.toml`` (data, not code: one table per data set).

@@ -12,17 +12,25 @@ callers have long imported them). Grading kinds:
 - ``auto``: a letter A-E as ground truth means ``choice``, anything else is
   compared as a number, then as normalized text, then with math-verify.
 
-Every function here is safe to call from any thread (math-verify's own
-timeouts use ``SIGALRM`` and so run only in the main thread; elsewhere the
+Every function here is safe to call from any thread and never raises on
+model output. math-verify's own timeouts use ``SIGALRM`` and so run only in
+the main thread: elsewhere it runs in a child process (see
+:class:`_VerifyProcess`), ended when a comparison overruns; the
 screening in :func:`_safe_for_sympy` keeps it away from inputs that never
-finish) and never raises on model output.
+finish in the first place.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import select
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from pacore._extras import require
 
@@ -46,6 +54,14 @@ MAX_VERIFY_CHARS = 300
 # Seconds per parse / comparison, main thread only: math-verify's own default. It is wall time, so
 # a busy machine spends part of it elsewhere: with 2 s, a right answer was graded wrong under load.
 _VERIFY_TIMEOUT_S = 5
+# Off the main thread a comparison (two parses and a verify, each bounded in the child process as in
+# the main thread) may take this much longer than their timeouts: past it the child is ended, the answer
+# graded wrong. What no SIGALRM interrupts (a long step inside C code) is cut so.
+_OVERRUN_SLACK_S = 5
+# Seconds the child process may take to start (it imports sympy, a second or two).
+_START_LIMIT_S = 120
+
+logger = logging.getLogger("pacore.eval")
 
 _CHOICE_GROUND_TRUTH = re.compile(r"^\W*[A-E]\W*$")
 
@@ -112,7 +128,7 @@ def _safe_for_sympy(text: str) -> bool:
 
     Power towers (``9^{9^{9}}``), huge exponents or factorials never finish,
     and expanding ``(x+1)^{999}`` takes minutes; outside the main thread
-    nothing can interrupt them.
+    only ending the child process that compares them (:class:`_VerifyProcess`) would.
     """
     return not (
         len(text) > MAX_VERIFY_CHARS
@@ -129,31 +145,19 @@ def _heavy_power(base: str, exponent: str) -> bool:
     return len(exponent) >= 5 or (len(exponent) >= 2 and not base.isdigit())
 
 
-_quiet_once = threading.Lock()
-_quieted = False
-
-
-def _timeouts() -> int | None:
-    """math-verify's signal-based timeout in the main thread; ``None`` elsewhere."""
-    global _quieted
-    if threading.current_thread() is threading.main_thread():
-        return _VERIFY_TIMEOUT_S
-    with _quiet_once:
-        if not _quieted:
-            # It warns that timeouts are off; that is our deliberate choice here.
-            for name in ("math_verify.parser", "math_verify.grader"):
-                logging.getLogger(name).setLevel(logging.ERROR)
-            _quieted = True
-    return None
-
-
 def _math_verify_equal(predicted: str, ground_truth: str) -> bool:
     if not (_safe_for_sympy(predicted) and _safe_for_sympy(ground_truth)):
         return False
     require("eval", "math_verify", feature="math grading")
+    if threading.current_thread() is not threading.main_thread():
+        return _verify_process.equal(predicted, ground_truth, _VERIFY_TIMEOUT_S)
+    return _verify(predicted, ground_truth, _VERIFY_TIMEOUT_S)
+
+
+def _verify(predicted: str, ground_truth: str, timeout: int) -> bool:
+    """math-verify's verdict, each step bounded by ``timeout`` seconds (``SIGALRM``: main thread only)."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    timeout = _timeouts()
     targets = [LatexExtractionConfig(), ExprExtractionConfig()]
     try:
         gold = parse("\\boxed{" + ground_truth + "}", extraction_config=targets, parsing_timeout=timeout)
@@ -163,3 +167,84 @@ def _math_verify_equal(predicted: str, ground_truth: str) -> bool:
         return bool(verify(gold, guess, timeout_seconds=timeout))
     except Exception:  # math-verify and sympy fail in many ways on odd text; that is "not equal"
         return False
+
+
+def serve_verdicts() -> None:
+    """The child process of :class:`_VerifyProcess`: reads ``[predicted, ground_truth, timeout]`` JSON lines
+    on stdin, answers each with ``true`` or ``false`` on stdout, :func:`_verify` running in its main thread."""
+    import math_verify  # noqa: F401 - imported before saying ready, so no comparison pays for it
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        predicted, ground_truth, timeout = json.loads(line)
+        print(json.dumps(_verify(predicted, ground_truth, timeout)), flush=True)
+
+
+class _VerifyProcess:
+    """math-verify for callers off the main thread, in a child process that is ended when it overruns.
+
+    A thread cannot be stopped and ``SIGALRM`` reaches only the main thread, so
+    an answer sympy chews on for long (``\\sin(\\cos(...))`` nested twenty
+    deep takes seconds) would hold its caller, a batch run's store worker say,
+    for as long. The child (a plain ``python -c``: nothing of the caller's
+    ``__main__`` is run again, as multiprocessing's ``spawn`` would) is started
+    on first use, serves one comparison at a time, and is replaced after an overrun.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[str] | None = None
+
+    def equal(self, predicted: str, ground_truth: str, timeout: int) -> bool:
+        limit_s = 3 * timeout + _OVERRUN_SLACK_S
+        with self._lock:
+            try:
+                process = self._started()
+                assert process.stdin is not None
+                process.stdin.write(json.dumps([predicted, ground_truth, timeout]) + "\n")
+                process.stdin.flush()
+                verdict = self._line(process, limit_s)
+                if verdict is not None:
+                    return verdict == "true"
+                reason = f"gave up after {limit_s:g} s"
+            except OSError as exc:  # the child died (killed, out of memory...) or could not start
+                reason = f"failed ({exc})"
+            self._stop()
+        logger.warning("math grading %s comparing %r with %r: graded incorrect", reason, predicted, ground_truth)
+        return False
+
+    @staticmethod
+    def _line(process: subprocess.Popen[str], limit_s: float) -> str | None:
+        """The child's next line, or ``None`` past ``limit_s``; an ended child is an OSError."""
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], limit_s)
+        if not ready:
+            return None
+        line = process.stdout.readline()
+        if not line:
+            raise OSError(f"its process ended (exit code {process.wait()})")
+        return line.strip()
+
+    def _started(self) -> subprocess.Popen[str]:
+        if self._process is not None and self._process.poll() is None:
+            return self._process
+        self._stop()
+        # The child imports this very pacore, wherever the caller found it.
+        path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "from pacore.eval.grading import serve_verdicts; serve_verdicts()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env={**os.environ, "PYTHONPATH": path},
+        )  # fmt: skip
+        if self._line(self._process, _START_LIMIT_S) != "ready":
+            raise OSError("its process did not start")
+        return self._process
+
+    def _stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.communicate()  # reaped, its pipes closed
+
+
+_verify_process = _VerifyProcess()

@@ -129,19 +129,12 @@ class ServerConfig(ServerSettings):
     deadline_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_concurrent_requests", "max_trajectories", "max_rounds", "max_messages", "max_content_parts",
-            "max_model_chars", "max_json_values", "max_body_bytes",
-        ):  # fmt: skip
+        super().__post_init__()  # the bounds of the settings pacore serve takes as flags
+        for name in ("max_messages", "max_content_parts", "max_model_chars", "max_json_values"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("header_timeout_s", "body_timeout_s", "write_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise UsageError(f"{name} must be positive, got {getattr(self, name):g}")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise UsageError(f"deadline_s must be positive, got {self.deadline_s:g}")
-        if self.history < 0 or self.history_bytes < 0:
-            raise UsageError(f"history and history_bytes must be 0 or more, got {self.history}, {self.history_bytes}")
         if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
             raise UsageError(f"public_url must start with http:// or https://, got {shorten(self.public_url)!r}")
         if any(not key.strip() for key in self.api_keys):

@@ -40,7 +40,6 @@ from pacore.trace import (
     Trajectory,
     TrajectoryFinished,
     Usage,
-    usage_of,
 )
 
 logger = logging.getLogger("pacore.server")
@@ -228,6 +227,10 @@ class RequestRecord:
         self.status: Status = "running"
         self.error: str | None = None
         self.answer: str | None = None
+        #: The start of the answer the list shows, made once the answer is whole (it never changes after).
+        self._answer_preview: str | None = None
+        #: Token totals, counted as trajectories finish: the viewer reads them at every poll.
+        self.usage = Usage()
         # Pieces, joined when asked for: appending to one string would copy it per piece.
         self._answer_pieces: list[str] = []
         self._answer_chars = 0
@@ -259,6 +262,7 @@ class RequestRecord:
         elif isinstance(event, TrajectoryFinished):
             self.rounds[event.round].add(event.trajectory, self.seq)
             trajectory = event.trajectory
+            self.usage.count(trajectory)
             self._kept_bytes += len(trajectory.message or "") + len(trajectory.error or "") + _TRAJECTORY_OVERHEAD_BYTES
         elif isinstance(event, AnswerDelta):
             self._answer_pieces.append(event.content)
@@ -279,6 +283,7 @@ class RequestRecord:
                 self.finish("failed", result.error)
             else:
                 self.answer = result.answer
+                self._answer_preview = _preview(result.answer)
                 self._answer_pieces, self._answer_chars = [result.answer], len(result.answer)
                 self.status = "done"
                 self.finished = time.time()
@@ -321,10 +326,6 @@ class RequestRecord:
             self._elapsed_s = time.perf_counter() - self.started
 
     @property
-    def usage(self) -> Usage:
-        return usage_of([rnd.trace for rnd in self.rounds])
-
-    @property
     def completion_tokens(self) -> int:
         return self.usage.completion_tokens
 
@@ -339,8 +340,8 @@ class RequestRecord:
 
     def summary(self) -> RequestSummary:
         # The list shows the start of the question and of the answer; the detail shows them whole.
-        answer = _preview(self.answer) if self.answer is not None else None
-        return self._full_summary().model_copy(update={"question": _preview(self.question), "answer": answer})
+        preview = {"question": _preview(self.question), "answer": self._answer_preview}
+        return self._full_summary().model_copy(update=preview)
 
     def detail(self, since: int = 0) -> RequestDetail:
         final = self.rounds[-1] if self.rounds and self.rounds[-1].trace.final else None
@@ -350,7 +351,7 @@ class RequestRecord:
             **self._full_summary().model_dump(),
             images=self.images,
             error=self.error,
-            usage=self.usage,
+            usage=self.usage.model_copy(),  # a copy: the record's own goes on counting
             partial_answer=self.partial_answer,
             final_answer=final_answer,
             seq=self.seq,

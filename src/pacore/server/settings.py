@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from pacore.flags import Flag
+from pacore.flags import Flag, declared_flags
 
 #: Large enough for a few images as data URLs; a 10 MB prompt is refused (413).
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -135,3 +135,8 @@ class ServerSettings:
             metavar="FILE",
         ),
     ] = None
+
+    def __post_init__(self) -> None:
+        # Each flag's bound, also for settings built in Python (pacore.server.ServerConfig).
+        for name, _, flag in declared_flags(ServerSettings):
+            flag.check(name, getattr(self, name))
