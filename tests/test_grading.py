@@ -224,3 +224,20 @@ def test_majority_vote_text_and_choice() -> None:
 def test_majority_vote_without_answers() -> None:
     assert majority_vote([]) == (None, 0)
     assert majority_vote([None, "", "no idea"], "number") == (None, 0)
+
+
+def test_off_posix_math_verify_keeps_its_own_timeouts_in_any_thread(monkeypatch) -> None:
+    """Without POSIX pipes to supervise a child, a worker thread calls math-verify with its timeouts (a process
+    per step on Windows), never the child process."""
+    from pacore.eval import grading
+
+    calls: list[int] = []
+    monkeypatch.setattr(grading.os, "name", "nt")
+    monkeypatch.setattr(grading, "_verify", lambda predicted, truth, timeout: calls.append(timeout) or True)
+    monkeypatch.setattr(grading._verify_process, "equal", lambda *args: pytest.fail("no child process off POSIX"))
+    outcome: list[bool] = []
+    worker = threading.Thread(target=lambda: outcome.append(grade(r"\boxed{\frac{2}{4}}", "x/2", "math")))
+    worker.start()
+    worker.join(timeout=60)
+    assert outcome == [True]
+    assert calls == [grading._VERIFY_TIMEOUT_S]

@@ -13,9 +13,10 @@ callers have long imported them). Grading kinds:
   compared as a number, then as normalized text, then with math-verify.
 
 Every function here is safe to call from any thread and never raises on
-model output. math-verify's own timeouts use ``SIGALRM`` and so run only in
-the main thread: elsewhere it runs in a child process (see
-:class:`_VerifyProcess`), ended when a comparison overruns; the
+model output. On POSIX math-verify's own timeouts use ``SIGALRM`` and so run
+only in the main thread: elsewhere it runs in a child process (see
+:class:`_VerifyProcess`), ended when a comparison overruns (on Windows its
+timeouts start a process per step, in any thread); the
 screening in :func:`_safe_for_sympy` keeps it away from inputs that never
 finish in the first place.
 """
@@ -149,9 +150,10 @@ def _math_verify_equal(predicted: str, ground_truth: str) -> bool:
     if not (_safe_for_sympy(predicted) and _safe_for_sympy(ground_truth)):
         return False
     require("eval", "math_verify", feature="math grading")
-    if threading.current_thread() is not threading.main_thread():
-        return _verify_process.equal(predicted, ground_truth, _VERIFY_TIMEOUT_S)
-    return _verify(predicted, ground_truth, _VERIFY_TIMEOUT_S)
+    if threading.current_thread() is threading.main_thread() or os.name != "posix":
+        # math-verify's own timeouts hold: SIGALRM in the main thread; off POSIX, a process per step, in any thread.
+        return _verify(predicted, ground_truth, _VERIFY_TIMEOUT_S)
+    return _verify_process.equal(predicted, ground_truth, _VERIFY_TIMEOUT_S)
 
 
 def _verify(predicted: str, ground_truth: str, timeout: int) -> bool:
