@@ -68,8 +68,8 @@ demo: $(EMBEDDED_STAMP)
 
 # ruff (lint rules, import order and formatting) and mypy, all configured in pyproject.toml.
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench docs/hooks
+	$(BIN)/ruff format --check src tests bench docs/hooks
 	$(BIN)/mypy
 
 # The trace viewer's tests drive Debian's chromium (never a downloaded browser build).

@@ -18,7 +18,10 @@ def _help(*command: str) -> str:
     env = {**os.environ, "COLUMNS": "100", "NO_COLOR": "1", "TERM": "dumb", "PACORE_DEBUG": ""}
     done = subprocess.run(
         [sys.executable, "-m", "pacore", *command, "--help"],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     return done.stdout.rstrip()
 
