@@ -185,6 +185,8 @@ class FileServer:
     no_ranges: set[str] = field(default_factory=set)
     #: Of those, paths sent slowly: 4 kB, then this many seconds' pause, and so on.
     drip: dict[str, float] = field(default_factory=dict)
+    #: Of those, paths whose body stops after this many bytes until the event is set (the test's cue).
+    holds: dict[str, tuple[int, threading.Event]] = field(default_factory=dict)
 
     def set(self, path: str, data: bytes) -> None:
         self.files[path] = data
@@ -248,7 +250,10 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             pause = server.drip.get(path)
             if pause:
                 try:
+                    held_at, cue = server.holds.get(path, (len(rest), threading.Event()))
                     for at in range(0, len(rest), 4096):
+                        if at >= held_at:
+                            cue.wait(timeout=60)
                         self.wfile.write(rest[at : at + 4096])
                         self.wfile.flush()
                         time.sleep(pause)
@@ -775,7 +780,10 @@ def test_cli_ctrl_c_keeps_the_partial_download_and_the_next_get_resumes(server: 
     body = jsonl_bytes(GSM8K_ROWS * 400)  # about 80 kB, sent 4 kB at a time
     server.set("/slow.jsonl", body)
     server.etags["/slow.jsonl"] = '"slow"'
-    server.drip["/slow.jsonl"] = 0.5  # 10 s in all: Ctrl-C comes long before the end, however loaded the machine
+    server.drip["/slow.jsonl"] = 0.05
+    # The rest waits until Ctrl-C has been answered: the download cannot end first, however loaded the machine.
+    answered = threading.Event()
+    server.holds["/slow.jsonl"] = (16384, answered)
     env = {k: v for k, v in os.environ.items() if k != "PACORE_DEBUG"}
     env.update(PACORE_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(SRC))
     command = [sys.executable, "-m", "pacore", "data", "get", "gsm8k", "--from", f"{server.url}/slow.jsonl"]
@@ -787,7 +795,10 @@ def test_cli_ctrl_c_keeps_the_partial_download_and_the_next_get_resumes(server: 
     while not (part.exists() and part.stat().st_size >= 8192) and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        answered.set()
     assert process.returncode == 130, stderr
     assert stderr.strip() == "pacore: error: interrupted"
     kept = part.stat().st_size
