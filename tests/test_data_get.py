@@ -788,8 +788,9 @@ def test_cli_ctrl_c_keeps_the_partial_download_and_the_next_get_resumes(server: 
     env.update(PACORE_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(SRC))
     command = [sys.executable, "-m", "pacore", "data", "get", "gsm8k", "--from", f"{server.url}/slow.jsonl"]
     process = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job may inherit SIG_IGN
+    )  # fmt: skip
     part = tmp_path / "cache" / "data" / f"127.0.0.1_{server.url.rsplit(':', 1)[1]}" / "slow.jsonl.part"
     deadline = time.monotonic() + 60
     while not (part.exists() and part.stat().st_size >= 8192) and time.monotonic() < deadline:
