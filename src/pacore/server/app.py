@@ -96,7 +96,7 @@ _COALESCED_EVENTS = 256
 # Key of the request state where a handler leaves the status it ended with
 # when that differs from the one sent (a stream that failed or lost its client).
 _OUTCOME_KEY = "pacore_status"
-CHAT_PATH = "/v1/chat/completions"
+_CHAT_PATH = "/v1/chat/completions"
 #: Exceptions a chat completion may raise that :func:`describe` answers for the client; any other is a bug.
 _MAPPED_ERRORS = (PacoreError, ValidationError)
 
@@ -394,11 +394,11 @@ _ChatEndpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 class _Guard:
     """ASGI middleware: API keys, the body size limit and per-request counting.
 
-    It also serves chat completions itself: calling ``chat`` here, past the
+    It also serves chat completions itself, calling ``chat`` here, past the
     layers of Starlette and FastAPI (their error middleware, router and
-    request wrappers), saves about 0.15 ms of the 2 ms of server CPU a
-    pass-through request costs (measured side by side). Errors are mapped by
-    :func:`describe` as the app's handlers map them.
+    request wrappers): with the faster parsing of stream chunks, about 5% of
+    the server CPU a pass-through request costs (docs/latency.md). Errors are
+    mapped by :func:`describe` as the app's handlers map them.
     """
 
     def __init__(self, app: ASGIApp, server: _Server, chat: _ChatEndpoint) -> None:
@@ -425,7 +425,7 @@ class _Guard:
             if refusal is not None:
                 await describe(refusal).response()(scope, receive, send_counted)
                 return
-            if scope["path"] == CHAT_PATH and scope["method"] == "POST":
+            if scope["path"] == _CHAT_PATH and scope["method"] == "POST":
                 await self._serve_chat(scope, self._limited(receive), send_counted)
             else:
                 await self.app(scope, self._limited(receive), send_counted)
@@ -433,7 +433,7 @@ class _Guard:
             status = state.get(_OUTCOME_KEY, sent["status"])
             endpoint = _endpoint(scope["path"])
             self.server.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-            if endpoint == CHAT_PATH and access_logger.isEnabledFor(logging.INFO):
+            if endpoint == _CHAT_PATH and access_logger.isEnabledFor(logging.INFO):
                 access_logger.info(
                     "%s", _access_line(status, state.get("pacore_run"), time.perf_counter() - started,
                                        self.server.config.log_content),
@@ -536,7 +536,7 @@ def _endpoint(path: str) -> str:
         return "/ui/api/traces/{id}"
     if path.startswith(_PUBLIC_PREFIX):
         return "/ui/static"
-    known = (CHAT_PATH, "/v1/models", "/health", "/metrics", "/openapi.json", "/ui", "/ui/api/requests")
+    known = (_CHAT_PATH, "/v1/models", "/health", "/metrics", "/openapi.json", "/ui", "/ui/api/requests")
     return path if path in known else "other"
 
 
@@ -611,7 +611,7 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
     app.add_middleware(_Guard, server=server, chat=chat_completions)
     # The guard serves POST requests; the route gives the OpenAPI entry and a 405 to other methods.
     app.router.add_api_route(
-        CHAT_PATH,
+        _CHAT_PATH,
         chat_completions,
         methods=["POST"],
         # parse_body reads the body (stricter than FastAPI's parser), so its schema is declared here.
