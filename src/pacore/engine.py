@@ -13,7 +13,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -166,45 +166,35 @@ def adopt_first_round(
     return adopted
 
 
+@dataclass(eq=False)
 class _Solve:
     """State of one request; one instance per ``asolve`` call."""
 
-    def __init__(
-        self,
-        messages: list[Message],
-        schedule: Schedule,
-        backend: Backend,
-        params: GenerationParams,
-        template: SynthesisTemplate,
-        seed: int,
-        on_event: EventCallback | None,
-        min_success: float | None,
-        stream_answer: bool,
-        first_round: Sequence[Completion | trace.Trajectory] | None,
-        reference_order: ReferenceOrder = "shuffle",
-        compute: ComputePolicy | None = None,
-    ) -> None:
-        self.messages = messages
-        self.schedule = schedule
-        self.backend = backend
-        self.compute = compute or ComputePolicy()
+    messages: list[Message]
+    schedule: Schedule
+    backend: Backend
+    params: GenerationParams
+    template: SynthesisTemplate
+    seed: int
+    emit: EventCallback | None
+    min_success: float | None
+    stream_answer: bool
+    first_round: Sequence[Completion | trace.Trajectory] | None
+    reference_order: ReferenceOrder = "shuffle"
+    compute: ComputePolicy = POLICIES_OFF
+    reports_progress: bool = field(init=False)
+    budget: _Budget | None = field(init=False)
+    rounds: list[trace.Round] = field(init=False, default_factory=list)
+    #: Calls a policy cancelled and the rounds stopped waiting for (see ``_PolicyRound._leave_stopped``).
+    winding_down: set[asyncio.Task[Completion]] = field(init=False, default_factory=set)
+    started: float = field(init=False, default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
         if self.compute.wants_confidence:
-            params = replace(params, top_logprobs=self.compute.top_logprobs)
-        self.params = params
-        self.template = template
-        self.seed = seed
-        self.emit = on_event
-        self.min_success = min_success
-        self.stream_answer = stream_answer
-        self.first_round = first_round
-        self.reference_order = reference_order
-        self.reports_progress = on_event is not None and accepts_progress(backend)
+            self.params = replace(self.params, top_logprobs=self.compute.top_logprobs)
+        self.reports_progress = self.emit is not None and accepts_progress(self.backend)
         budget = self.compute.budget_tokens
-        self.budget = None if budget is None else _Budget(budget, params.max_tokens, sum(schedule.ks))
-        self.rounds: list[trace.Round] = []
-        #: Calls a policy cancelled and the rounds stopped waiting for (see ``_PolicyRound._leave_stopped``).
-        self.winding_down: set[asyncio.Task[Completion]] = set()
-        self.started = time.perf_counter()
+        self.budget = None if budget is None else _Budget(budget, self.params.max_tokens, sum(self.schedule.ks))
 
     def result(self, answer: str = "", error: str | None = None) -> trace.Result:
         return trace.Result(
@@ -885,7 +875,7 @@ async def asample(
     messages = normalize_messages(prompt)
     state = _Solve(
         messages, Schedule((n,)), backend, params or GenerationParams(), SynthesisTemplate.default(),
-        seed=0, on_event=on_event, min_success=None, stream_answer=False, first_round=None, compute=policy,
+        seed=0, emit=on_event, min_success=None, stream_answer=False, first_round=None, compute=policy,
     )  # fmt: skip
     rnd = trace.Round(index=0, k=n, started_at=time.time())
     budget = current_retry_budget.set(RetryBudget())

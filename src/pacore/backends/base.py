@@ -169,13 +169,14 @@ class Backend(Protocol):
         """Most samples one ``generate`` call should be asked for; 1 means "no batching"."""
         ...
 
+    # ``= ...``: the callbacks are optional; an implementation chooses its defaults.
     async def generate(
         self,
         messages: Sequence[Message],
         n: int,
         params: GenerationParams,
-        on_progress: ProgressCallback | None = None,
-        on_confidence: ConfidenceCallback | None = None,
+        on_progress: ProgressCallback | None = ...,
+        on_confidence: ConfidenceCallback | None = ...,
     ) -> list[Completion]: ...
 
     async def stream(

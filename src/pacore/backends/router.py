@@ -23,18 +23,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pacore.backends.base import (
-    Backend,
-    BaseBackend,
-    Completion,
-    DeltaCallback,
-    GenerationParams,
-    Listeners,
-    Message,
-    accepts_confidence,
-    accepts_progress,
-    retry_elsewhere,
-)
+from pacore.backends import base
 from pacore.errors import BackendError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -94,7 +83,7 @@ class _Circuit:
         return "half-open" if now >= self.open_until else "open"
 
 
-class RouterBackend(BaseBackend):
+class RouterBackend(base.BaseBackend):
     """Least-outstanding-requests routing over ``backends``, with a circuit breaker per member.
 
     ``clock`` (seconds, monotonic) is replaceable for tests.
@@ -102,7 +91,7 @@ class RouterBackend(BaseBackend):
 
     def __init__(
         self,
-        backends: Sequence[Backend],
+        backends: Sequence[base.Backend],
         breaker: BreakerPolicy = BreakerPolicy(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -118,8 +107,8 @@ class RouterBackend(BaseBackend):
         self._clock = clock
         self._next = 0
         # Members whose generate takes on_progress, on_confidence (by id: members need not be hashable).
-        self._with_progress = {id(backend) for backend in self.backends if accepts_progress(backend)}
-        self._with_confidence = {id(backend) for backend in self.backends if accepts_confidence(backend)}
+        self._with_progress = {id(backend) for backend in self.backends if base.accepts_progress(backend)}
+        self._with_confidence = {id(backend) for backend in self.backends if base.accepts_confidence(backend)}
 
     # Members may learn their model and ``max_n`` on their first call, so
     # these are read from them each time rather than copied once.
@@ -165,8 +154,8 @@ class RouterBackend(BaseBackend):
         return any(i not in tried and c.available(now) for i, c in enumerate(self._circuits))
 
     async def _route(
-        self, call: Callable[[Backend], Awaitable[list[Completion]]], n: int, delivered: Callable[[], bool]
-    ) -> list[Completion]:
+        self, call: Callable[[base.Backend], Awaitable[list[base.Completion]]], n: int, delivered: Callable[[], bool]
+    ) -> list[base.Completion]:
         """Run ``call`` on a member, failing over to others while the failure is transient.
 
         The failures that were failed over are listed first in each completion's ``failed_attempts``.
@@ -180,7 +169,7 @@ class RouterBackend(BaseBackend):
             probe = circuit.open_until is not None
             circuit.probing = circuit.probing or probe
             self.outstanding[member] += n
-            hook = retry_elsewhere.set(lambda error: not delivered() and self._can_fail_over(error, tried))
+            hook = base.retry_elsewhere.set(lambda error: not delivered() and self._can_fail_over(error, tried))
             try:
                 result = await call(self.backends[member])
             except BackendError as error:
@@ -196,7 +185,7 @@ class RouterBackend(BaseBackend):
                         completion.failed_attempts = (*failed_over, *completion.failed_attempts)
                 return result
             finally:
-                retry_elsewhere.reset(hook)
+                base.retry_elsewhere.reset(hook)
                 self.outstanding[member] -= n
                 if probe:
                     circuit.probing = False  # also when the probe was cancelled
@@ -226,9 +215,9 @@ class RouterBackend(BaseBackend):
         )  # fmt: skip
 
     async def _generate(
-        self, messages: Sequence[Message], n: int, params: GenerationParams, listeners: Listeners
-    ) -> list[Completion]:
-        def call(backend: Backend) -> Awaitable[list[Completion]]:
+        self, messages: Sequence[base.Message], n: int, params: base.GenerationParams, listeners: base.Listeners
+    ) -> list[base.Completion]:
+        def call(backend: base.Backend) -> Awaitable[list[base.Completion]]:
             # Only the callbacks a member takes (third-party backends may predate them).
             callbacks: dict[str, Any] = {}
             if listeners.on_progress is not None and id(backend) in self._with_progress:
@@ -240,8 +229,8 @@ class RouterBackend(BaseBackend):
         return await self._route(call, n, lambda: False)
 
     async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, on_delta: DeltaCallback
-    ) -> Completion:
+        self, messages: Sequence[base.Message], params: base.GenerationParams, on_delta: base.DeltaCallback
+    ) -> base.Completion:
         relayed = False
 
         def relay(content: str, reasoning: str) -> None:
@@ -249,7 +238,7 @@ class RouterBackend(BaseBackend):
             relayed = True
             on_delta(content, reasoning)
 
-        async def one_stream(backend: Backend) -> list[Completion]:
+        async def one_stream(backend: base.Backend) -> list[base.Completion]:
             return [await backend.stream(messages, params, relay)]
 
         # Deltas already delivered cannot be taken back: a stream fails over only before its first.
