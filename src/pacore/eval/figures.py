@@ -89,30 +89,19 @@ class SynthesisStats:
     emergent_correct: int = 0
     cross_checking: int = 0
 
-    @property
-    def fixed_rate(self) -> float | None:
-        return ratio(self.fixed, self.majority_wrong)
-
-    @property
-    def broke_rate(self) -> float | None:
-        return ratio(self.broke, self.majority_right)
-
-    @property
-    def emergent_rate(self) -> float | None:
-        return ratio(self.emergent_correct, self.all_inputs_wrong)
-
-    @property
-    def cross_checking_rate(self) -> float | None:
-        return ratio(self.cross_checking, self.synthesized)
-
     def as_dict(self) -> dict[str, Any]:
-        rates = {
-            "fixed_rate": self.fixed_rate,
-            "broke_rate": self.broke_rate,
-            "emergent_correctness_rate": self.emergent_rate,
-            "cross_checking_frequency": self.cross_checking_rate,
-        }
-        return {**asdict(self), **rates}
+        counts = asdict(self)
+        rates = {rate: ratio(counts[part], counts[whole]) for rate, (part, whole) in _SYNTHESIS_RATES.items()}
+        return {**counts, **rates}
+
+
+#: The rates of :meth:`SynthesisStats.as_dict`, each a count over the count it is a share of.
+_SYNTHESIS_RATES = {
+    "fixed_rate": ("fixed", "majority_wrong"),
+    "broke_rate": ("broke", "majority_right"),
+    "emergent_correctness_rate": ("emergent_correct", "all_inputs_wrong"),
+    "cross_checking_frequency": ("cross_checking", "synthesized"),
+}
 
 
 @dataclass
