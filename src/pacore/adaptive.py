@@ -25,6 +25,9 @@ from pacore.flags import Flag
 #: Most ``top_logprobs`` an OpenAI-compatible server accepts.
 MAX_TOP_LOGPROBS = 20
 
+#: A share of a round's trajectories (more than none, at most all), or ``None``: the policy is off.
+_RoundShare = Annotated[float | None, Field(gt=0, le=1)]
+
 
 class ComputePolicy(BaseModel):
     """Which adaptive-compute policies a request uses (all off by default)."""
@@ -56,13 +59,13 @@ class ComputePolicy(BaseModel):
     keep_token_confidences: bool = False
 
     keep_top: Annotated[
-        float | None,
+        _RoundShare,
         Flag(
             "--keep-top",
             "Synthesize only this fraction of a round's messages, the most confident (e.g. 0.5).",
             metavar="FRACTION",
         ),
-    ] = Field(default=None, gt=0, le=1)
+    ] = None
 
     early_stop: Annotated[
         bool,
@@ -112,13 +115,13 @@ class ComputePolicy(BaseModel):
     ] = Field(default=0.95, gt=0.5, lt=1)
 
     quorum: Annotated[
-        float | None,
+        _RoundShare,
         Flag(
             "--quorum",
             "End a round once this fraction of its trajectories has finished; cancel the rest.",
             metavar="FRACTION",
         ),
-    ] = Field(default=None, gt=0, le=1)
+    ] = None
     straggler_timeout: Annotated[
         float | None,
         Flag(
