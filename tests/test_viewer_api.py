@@ -220,6 +220,25 @@ def test_the_run_viewer_is_read_only(viewer, run_dir) -> None:
     assert (run_dir[0] / "run.sqlite").read_bytes() == before
 
 
+def test_a_run_lists_the_start_of_long_questions_and_answers_as_live_requests_do(tmp_path) -> None:
+    from pacore.server.history import RequestRecord
+    from pacore.server.runview import RunView
+
+    question = "Problem 7:   a long\nquestion. " * 30
+    answer = "A long answer," + " and a long answer," * 30
+    problem = Problem(id="q7", messages=[{"role": "user", "content": question}], answer="8", kind="exact", line=1)
+    backend = ScriptedBackend(respond=lambda call, i: answer)
+    asyncio.run(run_dataset(tmp_path / "run", [problem], dataset_path="d.jsonl", arm=Arm.build("single"),
+                            backend=backend))  # fmt: skip
+    view = RunView(tmp_path / "run")
+    (summary,) = view.summaries()
+    live = RequestRecord("r", "m", [], [{"role": "user", "content": question}], False).summary()
+    assert summary.question == live.question and len(summary.question) == 240 and summary.question.endswith("…")
+    assert summary.answer == answer[:239] + "…"
+    detail = view.detail(summary.id)
+    assert detail is not None and (detail.question, detail.answer) == (question, answer)
+
+
 def test_result_ids_round_trip_through_problem_ids_with_slashes() -> None:
     assert parse_result_id("pacore-32,4/a/b/c/3/12") == ("pacore-32,4", "a/b/c", 3, 12)
     assert parse_result_id("single/q/x/1") is None
@@ -317,7 +336,7 @@ def test_looking_at_a_record_does_not_walk_its_answer_or_trajectories_again(monk
     record.apply(Final(result=Result(answer=answer, schedule=[2], rounds=[first, final], usage=Usage())))
 
     looks = {"previews": 0, "trajectories": 0}
-    preview, ok = history._preview, Trajectory.ok
+    preview, ok = history.preview, Trajectory.ok
 
     def counted_preview(text: str) -> str:
         looks["previews"] += text == answer
@@ -327,7 +346,7 @@ def test_looking_at_a_record_does_not_walk_its_answer_or_trajectories_again(monk
         looks["trajectories"] += 1
         return ok.fget(trajectory)  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(history, "_preview", counted_preview)
+    monkeypatch.setattr(history, "preview", counted_preview)
     monkeypatch.setattr(Trajectory, "ok", property(counted_ok))
     summaries = [record.summary() for _ in range(3)]
     assert looks == {"previews": 0, "trajectories": 0}

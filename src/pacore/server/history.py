@@ -66,7 +66,8 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _preview(text: str) -> str:
+def preview(text: str) -> str:
+    """The start of ``text`` as the viewer's list shows it: white space folded, cut with an ellipsis."""
     return _clip(" ".join(text.split()), _PREVIEW_CHARS)
 
 
@@ -283,7 +284,7 @@ class RequestRecord:
                 self.finish("failed", result.error)
             else:
                 self.answer = result.answer
-                self._answer_preview = _preview(result.answer)
+                self._answer_preview = preview(result.answer)
                 self._answer_pieces, self._answer_chars = [result.answer], len(result.answer)
                 self.status = "done"
                 self.finished = time.time()
@@ -340,8 +341,8 @@ class RequestRecord:
 
     def summary(self) -> RequestSummary:
         # The list shows the start of the question and of the answer; the detail shows them whole.
-        preview = {"question": _preview(self.question), "answer": self._answer_preview}
-        return self._full_summary().model_copy(update=preview)
+        shown = {"question": preview(self.question), "answer": self._answer_preview}
+        return self._full_summary().model_copy(update=shown)
 
     def detail(self, since: int = 0) -> RequestDetail:
         final = self.rounds[-1] if self.rounds and self.rounds[-1].trace.final else None

@@ -24,7 +24,7 @@ from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
 from pacore.server.app import mount_viewer
 from pacore.server.errors import install_error_handlers
-from pacore.server.history import RequestDetail, RequestRecord, RequestSummary
+from pacore.server.history import RequestDetail, RequestRecord, RequestSummary, preview
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
 from pacore.trace import Final, RoundFinished, RoundStarted, TrajectoryFinished
 
@@ -77,7 +77,6 @@ class RunView:
     def _summary(self, arm: ArmInfo, result: ProblemResult, problem: StoredProblem, repeated: bool) -> RequestSummary:
         span = result_span(result)
         title = f"{problem.id} · {arm.name}" + (f" · seed {result.seed} repeat {result.repeat}" if repeated else "")
-        question = last_user_text(problem.messages)
         return RequestSummary(
             id=result_id(arm.name, result),
             created=span[0].timestamp() if span else 0.0,
@@ -86,8 +85,9 @@ class RunView:
             schedule=Schedule.parse(arm.schedule).as_list() if arm.method == "pacore" and arm.schedule else [],
             stream=False,
             status="pending" if result.status == "pending" else result.status,  # type: ignore[arg-type]
-            question=" ".join(question.split())[:240],
-            answer=result.answer,
+            # The list shows the start of the question and of the answer, as for live requests.
+            question=preview(last_user_text(problem.messages)),
+            answer=None if result.answer is None else preview(result.answer),
             completion_tokens=result.completion_tokens,
             elapsed_s=result.wall_s or 0.0,
             kind=problem.kind,
