@@ -152,3 +152,11 @@ def test_a_server_setting_below_its_bound_is_a_usage_error(flag: str, value: str
         capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(SRC)},
     )  # fmt: skip
     assert done.returncode == 2 and flag in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_optional_bounded_setting_left_unset_passes_its_check() -> None:
+    bound = Flag("--rate", "How fast.", metavar="R", min=0.5)
+    bound.check("rate", None)  # unset: nothing to hold
+    bound.check("rate", 0.5)
+    with pytest.raises(UsageError, match=r"^rate must be at least 0.5, got 0.25$"):
+        bound.check("rate", 0.25)

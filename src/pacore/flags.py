@@ -28,9 +28,12 @@ class Flag:
     #: The default as ``--help`` shows it, where the value itself would read badly ("8 MiB").
     default_text: str | None = None
 
-    def check(self, field: str, value: float) -> None:
-        """Refuse ``value`` below :attr:`min`, naming ``field``: the bound holds off the command line too."""
-        if self.min is not None and not value >= self.min:  # NaN is refused as well
+    def check(self, field: str, value: float | None) -> None:
+        """Refuse ``value`` below :attr:`min`, naming ``field``: the bound holds off the command line too.
+
+        ``None`` (an optional setting left unset) has no bound to hold.
+        """
+        if self.min is not None and value is not None and not value >= self.min:  # NaN is refused as well
             bound = "0 or more" if self.min == 0 else f"at least {self.min:g}"
             shown = f"{value:g}" if isinstance(value, float) else value
             raise UsageError(f"{field} must be {bound}, got {shown}")
