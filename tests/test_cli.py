@@ -137,6 +137,21 @@ def test_ask_help_lists_every_flag_and_examples() -> None:
         assert flag in process.stdout, flag
 
 
+@pytest.mark.parametrize("command", ["report", "export-train", "serve"])
+def test_help_prints_each_paragraph_of_a_command_as_one_flowing_text(command: str) -> None:
+    """A docstring's line breaks are not kept: on a wide terminal each paragraph is one line."""
+    from pacore.cli import report, serve
+    from pacore.cli.main import unwrapped
+
+    callback = {"report": report.report_command, "export-train": report.export_train_command, "serve": serve.serve}
+    wide = pacore(*command.split(), "--help", env=environment(COLUMNS="1000"))
+    lines = [line.strip() for line in wide.stdout.splitlines()]
+    paragraphs = unwrapped(callback[command].__doc__).split("\n\n")
+    assert len(paragraphs) >= 2
+    for paragraph in paragraphs:
+        assert paragraph in lines, paragraph
+
+
 def test_top_level_help_lists_ask() -> None:
     process = pacore("--help")
     assert process.returncode == 0

@@ -10,6 +10,7 @@ unusable inputs exit with 2, runtime failures with 1, an interrupt with 130
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 
@@ -38,6 +39,20 @@ def _register_commands(command: str | None = None) -> None:
     home = COMMAND_HOMES.get(command or "", command)
     for name in [home] if home in COMMAND_MODULES else COMMAND_MODULES:
         importlib.import_module(f"pacore.cli.{name}")
+    for typer_app in [app, *(group.typer_instance for group in app.registered_groups if group.typer_instance)]:
+        for info in typer_app.registered_commands:
+            if info.help is None and info.callback is not None and info.callback.__doc__:
+                info.help = unwrapped(info.callback.__doc__)
+
+
+def unwrapped(doc: str) -> str:
+    """``doc`` with each paragraph's lines joined, but for indented ones (examples).
+
+    typer's ``--help`` keeps the line breaks of a docstring's later paragraphs,
+    which then break sentences in the middle once the terminal wraps them too.
+    """
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(p if p.startswith((" ", "\b")) or "\n " in p else " ".join(p.split("\n")) for p in paragraphs)
 
 
 def exit_code_for(exc: BaseException) -> int:

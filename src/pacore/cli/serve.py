@@ -109,8 +109,8 @@ def serve(
 ) -> None:
     """Serve PaCoRe behind an OpenAI-compatible /v1/chat/completions, with a live trace viewer at /ui.
 
-    Request sampling fields (temperature, top_p, max_tokens, seed, stop) override the defaults set here;
-    so does a request's pacore.compute object the adaptive-compute flags.
+    Request sampling fields (temperature, top_p, max_tokens, seed, stop) override the defaults set here,
+    and a request's pacore.compute object overrides the adaptive-compute flags.
     """
     require("server", *SERVER_MODULES, feature="pacore serve")
     from pacore.server import ServerConfig, create_app
