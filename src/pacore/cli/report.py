@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from pacore.cli.app import app
-from pacore.cli.options import TemplateOption, out_option, parse_reference_order
+from pacore.cli.options import TemplateOption, out_option, panel_option, parse_reference_order
 from pacore.cli.results import interval_text
 from pacore.eval import export, report
 from pacore.verifier import Verifier
@@ -104,6 +104,10 @@ Stage 1 filters on message accuracy (--min-acc/--max-acc), stage 2 on the synthe
 """
 
 
+_stage_one_option = panel_option("Stage 1: message sets")
+_stage_two_option = panel_option("Stage 2: synthesis success")
+
+
 @app.command("export-train", epilog=EXPORT_EXAMPLES)
 def export_train_command(
     source: Annotated[
@@ -121,15 +125,15 @@ def export_train_command(
         ),
     ] = "pacore",  # fmt: skip
     min_acc: Annotated[
-        float, typer.Option("--min-acc", help="Keep problems whose message-set accuracy is above this.")
+        float, _stage_one_option("--min-acc", help="Keep problems whose message-set accuracy is above this.")
     ] = export.DEFAULT_MIN_ACC,
     max_acc: Annotated[
-        float, typer.Option("--max-acc", help="... and below this (9/24 in the report).")
+        float, _stage_one_option("--max-acc", help="... and below this (9/24 in the report).")
     ] = export.DEFAULT_MAX_ACC,
-    min_size: Annotated[int, typer.Option("--min-size", help="Smallest message set (clipped to what exists).")] = (
+    min_size: Annotated[int, _stage_one_option("--min-size", help="Smallest message set (clipped to what exists).")] = (
         export.DEFAULT_MIN_SIZE
     ),
-    max_size: Annotated[int, typer.Option("--max-size", help="Largest message set.")] = export.DEFAULT_MAX_SIZE,
+    max_size: Annotated[int, _stage_one_option("--max-size", help="Largest message set.")] = export.DEFAULT_MAX_SIZE,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the message-set draws and of the reference order.")] = 0,
     arm: Annotated[
         str | None,
@@ -141,16 +145,16 @@ def export_train_command(
     ] = None,  # fmt: skip
     synthesis_acc: Annotated[
         str | None,
-        typer.Option(
+        _stage_two_option(
             "--synthesis-acc",
             metavar="MIN..MAX",
-            help="Stage 2: keep problems whose synthesis success rate in --synthesis-run lies strictly "
+            help="Keep problems whose synthesis success rate in --synthesis-run lies strictly "
             "between MIN and MAX (0..1: sometimes but not always right).",
         ),
     ] = None,  # fmt: skip
     synthesis_run: Annotated[
         Path | None,
-        typer.Option(
+        _stage_two_option(
             "--synthesis-run",
             metavar="RUN_DIR",
             help="A pacore run of the stage-1 policy on these problems (with repeats) \\[default: SOURCE].",
