@@ -189,8 +189,19 @@ def test_bad_configs_are_one_line_usage_errors(tmp_path: Path) -> None:
     for text, message in (
         ('model = "m"\ndata = "d"\noutput_dir = "o"\nstepz = 3\n', "unknown key(s) stepz"),
         ('model = "m"\ndata = "d"\n', "missing output_dir"),
-        ('model = "m"\ndata = "d"\noutput_dir = "o"\ngenerations = 1\n', "generations must be at least 2"),
-        ('model = "m"\ndata = "d"\noutput_dir = "o"\nsteps = "ten"\n', "steps must be int"),
+        (
+            'model = "m"\ndata = "d"\noutput_dir = "o"\ngenerations = 1\n',
+            "generations: input should be greater than or equal to 2, got 1",
+        ),
+        (
+            'model = "m"\ndata = "d"\noutput_dir = "o"\nsteps = "ten"\n',
+            "steps: input should be a valid integer, got 'ten'",
+        ),
+        ('model = "m"\ndata = "d"\noutput_dir = "o"\nsteps = true\n', "steps: input should be a valid integer"),
+        (
+            'model = "m"\ndata = "d"\noutput_dir = "o"\nlearning_rate = 0\n',
+            "learning_rate: input should be greater than 0",
+        ),
         ('model = "m"\ndata = "d"\noutput_dir = "o"\nreward = "process"\n', "needs a verifier"),
         ('model = "m"\ndata = "d"\noutput_dir = "o"\n', "model path"),
         ("model = \n", "bad.toml"),

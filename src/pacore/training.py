@@ -23,20 +23,21 @@ imported by the rest of pacore.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Self, TextIO
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pacore._extras import require
 from pacore.backends.llama_cpp import cache_dir as models_cache_dir
 from pacore.errors import UsageError
-from pacore.eval.rewards import REWARDS, make_reward_func
+from pacore.eval.rewards import RewardName, make_reward_func
 
 LOG_NAME = "log.jsonl"
 REWARDS_LOG_NAME = "rewards.jsonl"
@@ -50,55 +51,47 @@ _CONVERSION_VERSION = 2
 TRAIN_MODULES = ("torch", "transformers", "trl", "datasets")
 
 
-_POSITIVE = (
-    "steps", "generations", "prompts_per_step", "max_prompt_length", "max_completion_length",
-    "save_steps", "keep_checkpoints", "threads",
-)  # fmt: skip
+class TrainConfig(BaseModel):
+    """The knobs of a GRPO run; paths in a config file are relative to that file.
 
+    Each bound is checked when the config is made: a TOML value of another type
+    (``steps = "ten"``), a bound not met or an unknown key is refused.
+    """
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """The knobs of a GRPO run; paths in a config file are relative to that file."""
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     #: A Hugging Face model directory, a ``.gguf`` file, or a directory holding one GGUF file.
     model: str
     #: A ``trl`` export (``pacore export-train --format trl``): parquet or JSONL.
     data: str
     output_dir: str
-    steps: int = 100
-    #: Completions sampled per prompt (GRPO's group size).
-    generations: int = 8
-    prompts_per_step: int = 1
-    max_prompt_length: int = 4096
-    max_completion_length: int = 1024
-    learning_rate: float = 1e-6
+    steps: int = Field(default=100, ge=1)
+    #: Completions sampled per prompt (GRPO's group size): GRPO compares completions of one prompt.
+    generations: int = Field(default=8, ge=2)
+    prompts_per_step: int = Field(default=1, ge=1)
+    max_prompt_length: int = Field(default=4096, ge=1)
+    max_completion_length: int = Field(default=1024, ge=1)
+    learning_rate: float = Field(default=1e-6, gt=0)
     temperature: float = 1.0
     #: KL coefficient against the reference model (0: no reference model is kept).
     beta: float = 0.0
-    save_steps: int = 50
+    save_steps: int = Field(default=50, ge=1)
     #: Checkpoints kept (older ones are deleted); each holds the model and optimizer state.
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = Field(default=2, ge=1)
     seed: int = 0
     #: ``outcome`` (the report's) or ``process`` (needs ``verifier``).
-    reward: str = "outcome"
+    reward: RewardName = "outcome"
     verifier: str | None = None
     verifier_model: str | None = None
     verifier_template: str | None = None
     #: CPU threads for torch; 1 is much faster for small models on a few cores.
-    threads: int = 1
+    threads: int = Field(default=1, ge=1)
 
-    def check(self) -> None:
-        for name in _POSITIVE:
-            if getattr(self, name) < 1:
-                raise UsageError(f"train config: {name} must be at least 1, got {getattr(self, name)}")
-        if self.generations < 2:
-            raise UsageError("train config: generations must be at least 2 (GRPO compares completions of one prompt)")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise UsageError(f"train config: learning_rate must be positive, got {self.learning_rate}")
-        if self.reward not in REWARDS:
-            raise UsageError(f"train config: reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+    @model_validator(mode="after")
+    def _process_reward_has_a_verifier(self) -> Self:
         if self.reward == "process" and not self.verifier:
-            raise UsageError("train config: reward = 'process' needs a verifier (a backend spec)")
+            raise ValueError("reward = 'process' needs a verifier (a backend spec)")
+        return self
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
@@ -112,35 +105,29 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
         raise UsageError(f"train config {path}: {exc}") from None
     values = dict(document.get("train", document))
     values.update({key: value for key, value in overrides.items() if value is not None})
-    known = {f.name: f for f in fields(TrainConfig)}
+    known = TrainConfig.model_fields
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UsageError(f"train config {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
     missing = [name for name in ("model", "data", "output_dir") if name not in values]
     if missing:
         raise UsageError(f"train config {path}: missing {', '.join(missing)}")
-    for name, value in values.items():
-        type_name = str(known[name].type)  # annotations are strings here
-        if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
-        elif not _fits(value, type_name):
-            raise UsageError(f"train config {path}: {name} must be {type_name.replace(' | None', '')}, got {value!r}")
     for name in ("model", "data", "output_dir", "verifier_template"):
         if isinstance(values.get(name), str):
             values[name] = str(path.parent / values[name]) if not Path(values[name]).is_absolute() else values[name]
-    config = TrainConfig(**values)
-    config.check()
-    return config
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        raise UsageError(f"train config {path}: {_config_problem(exc)}") from None
 
 
-def _fits(value: Any, type_name: str) -> bool:
-    if isinstance(value, bool):
-        return type_name == "bool"
-    if type_name == "int":
-        return isinstance(value, int)
-    if type_name == "float":
-        return isinstance(value, float)
-    return isinstance(value, str)  # "str" and "str | None"
+def _config_problem(exc: ValidationError) -> str:
+    """The first problem of a config, in a line: the key, what it must be, and what it was."""
+    error = exc.errors(include_url=False)[0]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a rule across keys says them itself
+        return message
+    return f"{error['loc'][0]}: {message[:1].lower()}{message[1:]}, got {error['input']!r}"
 
 
 def find_gguf(path: Path) -> Path | None:
@@ -293,7 +280,6 @@ class TrainSummary:
 
 def train(config: TrainConfig, *, resume: bool = True, progress: TextIO | None = sys.stderr) -> TrainSummary:
     """Run GRPO as ``config`` says; returns where everything went."""
-    config.check()
     os.environ.setdefault("OMP_NUM_THREADS", str(config.threads))
     require("train", *TRAIN_MODULES, feature="pacore train")
     import torch
@@ -304,7 +290,7 @@ def train(config: TrainConfig, *, resume: bool = True, progress: TextIO | None =
     torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_COPY_NAME).write_text(json.dumps(config.__dict__, indent=2) + "\n", encoding="utf-8")
+    (output_dir / CONFIG_COPY_NAME).write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
     checkpoint = last_checkpoint(output_dir) if resume else None
     if checkpoint is None:  # a fresh run starts fresh logs
         for name in (LOG_NAME, REWARDS_LOG_NAME):
@@ -319,7 +305,7 @@ def train(config: TrainConfig, *, resume: bool = True, progress: TextIO | None =
     transformers_logging.disable_progress_bar()  # our own line per step says more
     dataset, dropped = load_prompts(config.data, tokenizer, config.max_prompt_length)
     reward = make_reward_func(
-        config.reward,  # type: ignore[arg-type]  # checked
+        config.reward,
         verifier=config.verifier, verifier_model=config.verifier_model, verifier_template=config.verifier_template,
     )  # fmt: skip
     args = GRPOConfig(
