@@ -271,6 +271,22 @@ def test_majority_vote_without_answers() -> None:
     assert majority_vote([None, "", "no idea"], "number") == (None, 0)
 
 
+def test_a_grader_process_answering_something_else_than_a_verdict_is_replaced() -> None:
+    import subprocess
+    import sys
+
+    from pacore.eval import grading
+
+    grading._verify_process._stop()
+    talker = "import sys\nfor line in sys.stdin: print('hello', flush=True)"  # taken for a child already up
+    grading._verify_process._process = subprocess.Popen(
+        [sys.executable, "-c", talker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    outcome = verdict_in_a_thread(r"\boxed{\frac{2}{4}}", "x/2")
+    assert outcome == [GradeVerdict(False, "grader process failed: it answered 'hello', not a verdict")]
+    assert verdict_in_a_thread(r"\boxed{\frac{2}{4}}", "0.5") == [GradeVerdict(True)]  # a new child
+
+
 def test_off_posix_math_verify_keeps_its_own_timeouts_in_any_thread(monkeypatch) -> None:
     """Without POSIX pipes to supervise a child, a worker thread calls math-verify with its timeouts (a process
     per step on Windows), never the child process."""

@@ -249,14 +249,21 @@ class _VerifyProcess:
                 process.stdin.flush()
                 line = self._line(process, limit_s)
                 if line is not None:
-                    correct, note = json.loads(line)
-                    return GradeVerdict(correct, note)
+                    return self._parsed(line)
                 why = f"comparison cut after {limit_s:g} s"
-            except OSError as exc:  # the child died (killed, out of memory...) or could not start
+            except OSError as exc:  # the child died (killed, out of memory...), could not start or talks nonsense
                 why = f"grader process failed: {exc}"
             self._stop()
         logger.warning("math grading: %s comparing %r with %r: graded incorrect", why, predicted, ground_truth)
         return GradeVerdict(False, why)
+
+    @staticmethod
+    def _parsed(line: str) -> GradeVerdict:
+        try:
+            correct, note = json.loads(line)
+        except ValueError:
+            raise OSError(f"it answered {line[:80]!r}, not a verdict") from None
+        return GradeVerdict(bool(correct), note)
 
     @staticmethod
     def _line(process: subprocess.Popen[str], limit_s: float) -> str | None:
