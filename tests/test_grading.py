@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pacore.errors import UsageError
 from pacore.eval import extract_answer, grade, majority_vote
-from pacore.eval.grading import KINDS, boxed_answer, equivalent
+from pacore.eval.grading import KINDS, GradeVerdict, boxed_answer, equivalent, grade_verdict
 
 # (response, ground truth, kind, expected grade)
 GRADES = [
@@ -154,21 +154,48 @@ def test_equivalent_compares_bare_answers() -> None:
     [r"9^{9^{9}}", r"10^{10^{10}}", r"(10^{100})!", r"(x+1)^{9999}", r"2**2**2**40", "x" * 5000],
 )
 def test_pathological_answers_finish_fast_in_a_worker_thread(tower: str) -> None:
-    """Outside the main thread math-verify has no timeout; screening must keep sympy away."""
-    outcome: list[bool] = []
+    """Outside the main thread math-verify has no timeout; screening must keep sympy away, and says so."""
+    outcome: list[GradeVerdict] = []
     cpu_seconds: list[float] = []
 
     def grade_it() -> None:
         started = time.thread_time()  # this thread's CPU: a loaded machine's waits do not count
-        outcome.append(grade(rf"\boxed{{{tower}}}", "5", "math"))
+        outcome.append(grade_verdict(rf"\boxed{{{tower}}}", "5", "math"))
         cpu_seconds.append(time.thread_time() - started)
 
     worker = threading.Thread(target=grade_it)
     worker.start()
     worker.join(timeout=60)
     assert not worker.is_alive(), "grading hung"
-    assert outcome == [False]
+    assert outcome == [GradeVerdict(False, "answer too heavy to compare symbolically")]
     assert cpu_seconds[0] < 5
+    assert grade(rf"\boxed{{{tower}}}", "5", "math") is False
+    assert grade_verdict(r"\boxed{5}", tower, "math") == GradeVerdict(
+        False, "ground truth too heavy to compare symbolically"
+    )
+
+
+@pytest.mark.parametrize(
+    ("response", "truth", "kind"),
+    [(r"\boxed{2\pi}", r"\pi", "math"), ("Answer: 180", "18", "gsm8k"), ("Answer: C", "B", "choice"),
+     ("Paris, France", "paris", "exact"), ("I don't know.", "3", "gsm8k"), (None, "3", "auto")],
+)  # fmt: skip
+def test_an_answer_compared_and_found_wrong_has_no_note(response: str | None, truth: str, kind: str) -> None:
+    assert grade_verdict(response, truth, kind) == GradeVerdict(False)
+    assert grade_verdict(r"\boxed{\frac{1}{2}}", "0.5", "math") == GradeVerdict(True)
+
+
+NESTED = "\\sin(\\cos(" * 22 + "x" + "))" * 22  # passes the screening; sympy spends seconds on it
+
+
+def test_a_math_verify_timeout_in_the_main_thread_is_a_note(monkeypatch) -> None:
+    """math-verify's own timeouts (SIGALRM) end a step it spends too long on: the grade says so."""
+    from pacore.eval import grading
+
+    monkeypatch.setattr(grading, "_VERIFY_TIMEOUT_S", 1)
+    assert grade_verdict(rf"\boxed{{{NESTED}}}", "y", "math") == GradeVerdict(
+        False, "math-verify timed out (1 s a step)"
+    )
 
 
 def test_math_verify_works_in_a_worker_thread() -> None:
@@ -179,28 +206,46 @@ def test_math_verify_works_in_a_worker_thread() -> None:
     assert outcome == [True]
 
 
+def verdict_in_a_thread(response: str, truth: str) -> list[GradeVerdict]:
+    outcome: list[GradeVerdict] = []
+    worker = threading.Thread(target=lambda: outcome.append(grade_verdict(response, truth, "math")))
+    worker.start()
+    worker.join(timeout=120)
+    return outcome
+
+
 def test_a_comparison_overrunning_off_the_main_thread_is_cut_and_graded_wrong(monkeypatch, caplog) -> None:
     """Off the main thread math-verify runs in a child process, ended past its bound; the next call starts another."""
     from pacore.eval import grading
 
-    nested = "\\sin(\\cos(" * 22 + "x" + "))" * 22  # passes the screening; sympy spends seconds on it
-    assert grading._safe_for_sympy(nested)
-
-    def in_a_thread(response: str, truth: str) -> list[bool]:
-        outcome: list[bool] = []
-        worker = threading.Thread(target=lambda: outcome.append(grade(response, truth, "math")))
-        worker.start()
-        worker.join(timeout=120)
-        return outcome
-
-    assert in_a_thread(r"\boxed{\frac{2}{4}}", "0.5") == [True]  # the child is up
+    assert grading._safe_for_sympy(NESTED)
+    assert verdict_in_a_thread(r"\boxed{\frac{2}{4}}", "0.5") == [GradeVerdict(True)]  # the child is up
     monkeypatch.setattr(grading, "_VERIFY_TIMEOUT_S", 0)  # math-verify's own timeouts off: only the bound cuts
     monkeypatch.setattr(grading, "_OVERRUN_SLACK_S", 1)
     with caplog.at_level(logging.WARNING, logger="pacore.eval"):
-        assert in_a_thread(rf"\boxed{{{nested}}}", "y") == [False]
-    assert "math grading gave up after 1 s comparing" in caplog.text and "graded incorrect" in caplog.text
+        assert verdict_in_a_thread(rf"\boxed{{{NESTED}}}", "y") == [GradeVerdict(False, "comparison cut after 1 s")]
+    assert "math grading: comparison cut after 1 s comparing" in caplog.text and "graded incorrect" in caplog.text
     monkeypatch.undo()
-    assert in_a_thread(r"\boxed{(x+1)^2}", "x^2+2x+1") == [True]  # a new child
+    assert verdict_in_a_thread(r"\boxed{(x+1)^2}", "x^2+2x+1") == [GradeVerdict(True)]  # a new child
+
+
+def test_a_grader_process_that_dies_mid_comparison_is_a_note(monkeypatch) -> None:
+    from pacore.eval import grading
+
+    assert verdict_in_a_thread(r"\boxed{\frac{2}{4}}", "0.5") == [GradeVerdict(True)]  # the child is up
+    child = grading._verify_process._process
+    assert child is not None
+    monkeypatch.setattr(grading, "_VERIFY_TIMEOUT_S", 0)  # nothing cuts the comparison but the kill below
+    monkeypatch.setattr(grading, "_OVERRUN_SLACK_S", 60)
+    killer = threading.Timer(1.0, child.kill)
+    killer.start()
+    try:
+        outcome = verdict_in_a_thread(rf"\boxed{{{NESTED}}}", "y")
+    finally:
+        killer.cancel()
+    assert outcome == [GradeVerdict(False, "grader process failed: its process ended (exit code -9)")]
+    monkeypatch.undo()
+    assert verdict_in_a_thread(r"\boxed{(x+1)^2}", "x^2+2x+1") == [GradeVerdict(True)]  # a new child
 
 
 async def test_grading_inside_the_event_loop() -> None:
@@ -226,6 +271,22 @@ def test_majority_vote_without_answers() -> None:
     assert majority_vote([None, "", "no idea"], "number") == (None, 0)
 
 
+def test_a_grader_process_answering_something_else_than_a_verdict_is_replaced() -> None:
+    import subprocess
+    import sys
+
+    from pacore.eval import grading
+
+    grading._verify_process._stop()
+    talker = "import sys\nfor line in sys.stdin: print('hello', flush=True)"  # taken for a child already up
+    grading._verify_process._process = subprocess.Popen(
+        [sys.executable, "-c", talker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    outcome = verdict_in_a_thread(r"\boxed{\frac{2}{4}}", "x/2")
+    assert outcome == [GradeVerdict(False, "grader process failed: it answered 'hello', not a verdict")]
+    assert verdict_in_a_thread(r"\boxed{\frac{2}{4}}", "0.5") == [GradeVerdict(True)]  # a new child
+
+
 def test_off_posix_math_verify_keeps_its_own_timeouts_in_any_thread(monkeypatch) -> None:
     """Without POSIX pipes to supervise a child, a worker thread calls math-verify with its timeouts (a process
     per step on Windows), never the child process."""
@@ -233,8 +294,10 @@ def test_off_posix_math_verify_keeps_its_own_timeouts_in_any_thread(monkeypatch)
 
     calls: list[int] = []
     monkeypatch.setattr(grading.os, "name", "nt")
-    monkeypatch.setattr(grading, "_verify", lambda predicted, truth, timeout: calls.append(timeout) or True)
-    monkeypatch.setattr(grading._verify_process, "equal", lambda *args: pytest.fail("no child process off POSIX"))
+    monkeypatch.setattr(
+        grading, "_verify", lambda predicted, truth, timeout: calls.append(timeout) or grading.GradeVerdict(True)
+    )
+    monkeypatch.setattr(grading._verify_process, "verdict", lambda *args: pytest.fail("no child process off POSIX"))
     outcome: list[bool] = []
     worker = threading.Thread(target=lambda: outcome.append(grade(r"\boxed{\frac{2}{4}}", "x/2", "math")))
     worker.start()

@@ -129,6 +129,9 @@ def test_report_numbers_per_arm(run_dir: Path) -> None:
         sum(words(a) + words(b) for (a, b), _ in SCRIPT.values()) / 3
     )
     assert majority["synthesis"] is None
+    # Every answer was compared: nothing graded without a verdict, and the report says nothing about it.
+    assert [(m["not_judged"], m["not_judged_notes"]) for m in document["methods"]] == [(0, []), (0, [])]
+    assert "without being judged" not in (run_dir / "report.md").read_text()
 
 
 def test_report_files_hold_the_numbers(run_dir: Path, tmp_path: Path) -> None:
@@ -333,3 +336,69 @@ def test_tables_of_several_runs_start_with_the_run_column() -> None:
     for table in (synthesis_rows, spurious_rows):
         header, rows = table(arms, with_run=True)
         assert header[:2] == ["run", "arm"] and rows == []
+
+
+def test_answers_graded_incorrect_without_being_judged_are_stored_and_reported(tmp_path: Path, monkeypatch) -> None:
+    """A comparison cut in the grader's child process and an answer too heavy for sympy are graded wrong,
+    as before, but the run store keeps why and the report counts them apart from answers judged wrong."""
+    import asyncio
+    import csv
+
+    from pacore.eval import grading
+    from pacore.store import RunStore
+
+    nested = "\\sin(\\cos(" * 22 + "x" + "))" * 22  # passes the screening; sympy spends seconds on it
+    replies = {0: rf"So \boxed{{{nested}}}", 1: r"So \boxed{9^{9^{9}}}", 2: "Answer: 180", 3: "The answer is 4"}
+    problems = [
+        Problem(id="cut", messages=[{"role": "user", "content": "Problem 0"}], answer="y", kind="math", line=1),
+        Problem(id="heavy", messages=[{"role": "user", "content": "Problem 1"}], answer="5", kind="math", line=2),
+        Problem(id="wrong", messages=[{"role": "user", "content": "Problem 2"}], answer="18", kind="gsm8k", line=3),
+        Problem(id="right", messages=[{"role": "user", "content": "Problem 3"}], answer="4", kind="gsm8k", line=4),
+    ]
+    backend = ScriptedBackend(respond=lambda call, i: replies[int(call.last_user_text.split()[-1])])
+    # The runner grades off the main thread, in math-verify's child process: with its own timeouts off,
+    # only the overrun bound (1 s) cuts the nested comparison.
+    monkeypatch.setattr(grading, "_VERIFY_TIMEOUT_S", 0)
+    monkeypatch.setattr(grading, "_OVERRUN_SLACK_S", 1)
+    path = tmp_path / "run"
+    summary = asyncio.run(run_dataset(path, problems, dataset_path="d.jsonl", arm=Arm.build("single"), backend=backend))
+    monkeypatch.undo()
+    assert (summary.graded, summary.correct, summary.not_judged) == (4, 1, 2)
+    from pacore.cli.run import summary_text
+
+    assert "accuracy 25.0% (1/4) (2 graded incorrect without being judged: see pacore report)" in summary_text(
+        summary, path
+    )
+
+    with RunStore.open(path) as store:
+        stored = {r.problem_id: (r.correct, r.grade_note) for r in store.results("single")}
+    assert stored == {
+        "cut": (False, "comparison cut after 1 s"),
+        "heavy": (False, "answer too heavy to compare symbolically"),
+        "wrong": (False, None),
+        "right": (True, None),
+    }
+
+    (figures,) = report_json(str(path))["methods"]
+    assert (figures["graded"], figures["correct"], figures["not_judged"]) == (4, 1, 2)
+    assert sorted((n["note"], n["count"]) for n in figures["not_judged_notes"]) == [
+        ("answer too heavy to compare symbolically", 1), ("comparison cut after 1 s", 1),
+    ]  # fmt: skip
+    markdown = (path / "report.md").read_text()
+    assert "Graded incorrect without being judged" in markdown
+    line = next(line for line in markdown.splitlines() if line.startswith("- single: "))
+    assert line.startswith("- single: 2 of 4 graded results; 1 × ")
+    assert "1 × comparison cut after 1 s" in line and "1 × answer too heavy to compare symbolically" in line
+    assert markdown.index(line) < markdown.index("accuracy_vs_ttc.png")  # read with the accuracy table
+    assert "<li>single: 2 of 4 graded results; 1 × " in (path / "report.html").read_text()
+    with (path / "report.csv").open(newline="") as file:
+        grades = {row["problem"]: row["grade"] for row in csv.DictReader(file)}
+    assert grades == {
+        "cut": "wrong (not judged: comparison cut after 1 s)",
+        "heavy": "wrong (not judged: answer too heavy to compare symbolically)",
+        "wrong": "wrong",
+        "right": "correct",
+    }
+    text = pacore_in_process("report", str(path))
+    assert text.returncode == 0, text.stderr
+    assert "accuracy 25.0%" in text.stdout and ", 2 graded incorrect without being judged" in text.stdout

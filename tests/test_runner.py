@@ -346,7 +346,7 @@ async def test_commits_and_grading_run_off_the_event_loop(tmp_path: Path, monkey
 
         return wrapper
 
-    monkeypatch.setattr(runner_module, "grade", spy("grade", runner_module.grade))
+    monkeypatch.setattr(runner_module, "grade_verdict", spy("grade", runner_module.grade_verdict))
     for method in ("record", "pool", "add_pool"):
         monkeypatch.setattr(RunStore, method, spy(method, getattr(RunStore, method)))
     backend = ScriptedBackend(respond=right_after_synthesis)

@@ -200,3 +200,38 @@ def test_the_sqlite_helpers_stay_importable_from_the_store() -> None:
     )
     for name in names:
         assert getattr(store_module, name) is getattr(database, name)
+
+
+def test_m004_gives_old_results_no_grade_note_and_new_ones_keep_theirs(tmp_path: Path, monkeypatch) -> None:
+    run_dir = tmp_path / "run"
+    # A database as pacore wrote it before grade notes existed, with a graded result.
+    before = store_module.MIGRATIONS.index(store_module.m004_result_grade_note)
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:before])
+    with new_store(tmp_path) as old:
+        old.db.execute(
+            "UPDATE results SET status = 'done', answer = 'three', correct = 0, attempts = 1 WHERE problem_id = 'p1'"
+        )
+        assert "grade_note" not in {row[1] for row in old.db.execute("PRAGMA table_info(results)")}
+    monkeypatch.undo()
+    with RunStore.open(run_dir) as reader:  # a reader (pacore report) migrates it too
+        old_result = reader.result("pacore-4", "p1")
+        assert old_result is not None
+        assert (old_result.answer, old_result.correct, old_result.grade_note) == ("three", False, None)
+    with RunStore.open(run_dir, writer=True) as store:
+        assert "m004_result_grade_note" in store.applied_migrations()
+        store.record(
+            "pacore-4", ProblemResult("p2", "done", answer="4", correct=False, grade_note="comparison cut after 20 s")
+        )
+        store.record("pacore-4", ProblemResult("p1", "done", answer="2", correct=True))
+    with RunStore.open(run_dir) as reader:
+        first, second = reader.results("pacore-4")
+        assert (first.answer, first.correct, first.grade_note, first.attempts) == ("2", True, None, 2)
+        assert (second.correct, second.grade_note) == (False, "comparison cut after 20 s")
+
+
+def test_a_rerun_result_replaces_its_grade_note(tmp_path: Path) -> None:
+    with new_store(tmp_path) as store:
+        store.record("pacore-4", ProblemResult("p1", "done", correct=False, grade_note="answer too heavy"))
+        assert store.result("pacore-4", "p1").grade_note == "answer too heavy"
+        store.record("pacore-4", ProblemResult("p1", "done", correct=True))
+        assert store.result("pacore-4", "p1").grade_note is None

@@ -12,9 +12,10 @@ schedule or sample count). The database holds:
 - ``problems``: the data set's problems, so reports and exports need no data file;
 - ``arms``: one row per method/schedule/samples evaluated in this run;
 - ``results``: one row per (arm, problem, seed, repeat): pending, done or
-  failed, with the answer, grade, tokens, wall time, failure reason and the
-  whole trace. A problem is run ``repeats`` times per seed (independent pool
-  draws or fresh samples); reports average over them;
+  failed, with the answer, grade (and why it was not really judged, when it
+  was not), tokens, wall time, failure reason and the whole trace. A problem
+  is run ``repeats`` times per seed (independent pool draws or fresh
+  samples); reports average over them;
 - ``pool``: cached first-round trajectories, ``(problem, index)``.
 
 The schema evolves through :data:`MIGRATIONS`, an ordered list of small
@@ -162,6 +163,12 @@ def m003_arm_compute(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE arms ADD COLUMN compute_json TEXT")
 
 
+@migration
+def m004_result_grade_note(db: sqlite3.Connection) -> None:
+    # Why an answer graded incorrect was not really judged (comparison cut...); NULL: it was, or older.
+    db.execute("ALTER TABLE results ADD COLUMN grade_note TEXT")
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
@@ -224,6 +231,9 @@ class ProblemResult:
     repeat: int = 0
     #: When the result was last recorded (ISO 8601, UTC); ``None`` while it was never run.
     updated_at: str | None = None
+    #: Why ``correct`` is ``False`` without the answers being compared (``"comparison cut after 20 s"``...,
+    #: see :class:`pacore.eval.grading.GradeVerdict`); ``None`` when they were, or in runs stored before.
+    grade_note: str | None = None
 
 
 #: A result's key within an arm: problem, seed, repeat.
@@ -403,12 +413,12 @@ class RunStore:
             updated = db.execute(
                 "UPDATE results SET status = ?, answer = ?, extracted = ?, correct = ?, "
                 "prompt_tokens = ?, completion_tokens = ?, calls = ?, wall_s = ?, error = ?, "
-                "trace_json = ?, attempts = attempts + 1, updated_at = ? "
+                "trace_json = ?, attempts = attempts + 1, updated_at = ?, grade_note = ? "
                 "WHERE arm = ? AND problem_id = ? AND seed = ? AND repeat = ?",
                 (
                     result.status, result.answer, result.extracted, correct, result.prompt_tokens,
                     result.completion_tokens, result.calls, result.wall_s, result.error, trace,
-                    now_iso(), arm, result.problem_id, result.seed, result.repeat,
+                    now_iso(), result.grade_note, arm, result.problem_id, result.seed, result.repeat,
                 ),
             ).rowcount  # fmt: skip
             if updated != 1:
@@ -465,7 +475,7 @@ _RESULT_COLUMNS = ", ".join(
     f"r.{name}"
     for name in (
         "problem_id", "status", "answer", "extracted", "correct", "prompt_tokens",
-        "completion_tokens", "calls", "wall_s", "error", "attempts", "seed", "repeat", "updated_at",
+        "completion_tokens", "calls", "wall_s", "error", "attempts", "seed", "repeat", "updated_at", "grade_note",
     )
 )  # fmt: skip
 
@@ -496,6 +506,7 @@ def _result(row: sqlite3.Row) -> ProblemResult:
         seed=row["seed"],
         repeat=row["repeat"],
         updated_at=row["updated_at"],
+        grade_note=row["grade_note"],
     )
 
 

@@ -86,6 +86,7 @@ def report_command(
             f"{prefix}{arm.arm}: accuracy {report.percent(arm.accuracy)}{interval_text(arm)} on {graded}, "
             f"{tokens} TTC tokens/problem, {arm.failed} failed"
             + (f", {arm.pending} unfinished" if arm.pending else "")
+            + (f", {arm.not_judged} graded incorrect without being judged" if arm.not_judged else "")
             + spurious
         )
     typer.echo(f"wrote {files.markdown}, {files.html}, {files.plot} and {files.csv}")

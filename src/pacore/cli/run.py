@@ -184,6 +184,8 @@ def summary_text(summary: report.ArmReport, run_dir: Path) -> str:
     repeats = f" ({summary.problems} problems × {summary.repeats} repeats)" if summary.repeats > 1 else ""
     if summary.repeated:
         accuracy = f"mean accuracy {report.percent(summary.accuracy)}{interval_text(summary)} over repeats"
+    if summary.not_judged:
+        accuracy += f" ({summary.not_judged} graded incorrect without being judged: see pacore report)"
     return (
         f"{summary.arm}: {summary.answered}/{summary.results} answered{repeats}{failed}{pending}, "
         f"{accuracy} -> {run_dir}"

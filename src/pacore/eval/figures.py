@@ -5,7 +5,9 @@ Pure computation over a run's stored results (no text, no files written);
 
 For every arm of every run: accuracy with a 95% interval (over the answered
 problems that have a ground truth), mean effective TTC (completion tokens) and
-prompt tokens per answered problem, wall time and failures. With repeats
+prompt tokens per answered problem, wall time and failures, and how many
+answers were graded incorrect without being compared (their grade notes:
+comparison cut, answer too heavy for sympy...). With repeats
 (several results per problem), accuracy is the mean over problems of each
 problem's accuracy over its repeats, and the interval a normal approximation
 over problems (see :func:`repeat_interval`); with one result per problem it
@@ -166,6 +168,10 @@ class ArmReport:
         return len(self.problem_accuracies) < self.graded
 
     spurious: SpuriousStats | None = None
+    #: Results graded incorrect without the answers being compared (counted wrong in the accuracy),
+    #: and their most common grade notes.
+    not_judged: int = 0
+    not_judged_notes: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float | None:
@@ -240,6 +246,8 @@ class ArmReport:
             "first_start": iso_time(self.first_start),
             "last_finish": iso_time(self.last_finish),
             "failure_reasons": [{"reason": r, "count": n} for r, n in self.failure_reasons],
+            "not_judged": self.not_judged,
+            "not_judged_notes": [{"note": note, "count": n} for note, n in self.not_judged_notes],
             "synthesis": self.synthesis.as_dict() if self.synthesis else None,
             "spurious": self.spurious.as_dict() if self.spurious else None,
         }
@@ -296,6 +304,7 @@ def arm_report(
     )
     completion_tokens = prompt_tokens = wall_s = 0.0
     reasons: Counter[str] = Counter()
+    not_judged: Counter[str] = Counter()
     per_problem: Counter[str] = Counter()
     grades: dict[str, list[bool]] = {}
     if arm.method == "pacore" and problems is not None:
@@ -323,6 +332,8 @@ def arm_report(
                 report.graded += 1
                 report.correct += int(result.correct)
                 grades.setdefault(result.problem_id, []).append(result.correct)
+                if result.grade_note is not None and not result.correct:
+                    not_judged[result.grade_note] += 1
             if result.trace is not None:
                 report.stopped += sum(1 for rnd in result.trace.rounds for t in rnd.trajectories if t.stopped)
                 report.dropped += sum(len(rnd.dropped) for rnd in result.trace.rounds)
@@ -338,6 +349,8 @@ def arm_report(
         report.mean_prompt_tokens = prompt_tokens / report.answered
         report.mean_wall_s = wall_s / report.answered
     report.failure_reasons = reasons.most_common(3)
+    report.not_judged = not_judged.total()
+    report.not_judged_notes = not_judged.most_common(3)
     return report
 
 
@@ -463,6 +476,8 @@ def problem_rows(store: RunStore) -> list[list[str]]:
     for arm in store.arms():
         for result in store.results(arm.name, traces=False):
             grade_text = "" if result.correct is None else ("correct" if result.correct else "wrong")
+            if result.grade_note is not None and not result.correct:
+                grade_text += f" (not judged: {result.grade_note})"
             rows.append([
                 arm.name, result.problem_id, str(result.seed), str(result.repeat), result.status,
                 result.extracted or "", truths.get(result.problem_id) or "", grade_text,

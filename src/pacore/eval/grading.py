@@ -19,10 +19,15 @@ only in the main thread: elsewhere it runs in a child process (see
 timeouts start a process per step, in any thread); the
 screening in :func:`_safe_for_sympy` keeps it away from inputs that never
 finish in the first place.
+
+An answer that could not be compared (screened out, timed out, cut, or its
+grader process failed) grades ``False``; :func:`grade_verdict` says why, so a
+batch run can tell such answers from wrong ones (:class:`GradeVerdict`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -31,6 +36,7 @@ import select
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from pacore._extras import require
@@ -57,7 +63,7 @@ MAX_VERIFY_CHARS = 300
 _VERIFY_TIMEOUT_S = 5
 # Off the main thread a comparison (two parses and a verify, each bounded in the child process as in
 # the main thread) may take this much longer than their timeouts: past it the child is ended, the answer
-# graded wrong. What no SIGALRM interrupts (a long step inside C code) is cut so.
+# graded wrong without a verdict. What no SIGALRM interrupts (a long step inside C code) is cut so.
 _OVERRUN_SLACK_S = 5
 # Seconds the child process may take to start (it imports sympy, a second or two).
 _START_LIMIT_S = 120
@@ -73,46 +79,67 @@ def _resolve(kind: str, ground_truth: str) -> str:
     return kind
 
 
+@dataclass(frozen=True, slots=True)
+class GradeVerdict:
+    """A grade, and why it was not really judged when it was not."""
+
+    correct: bool
+    #: Why the answers could not be compared, so ``correct`` is ``False`` without a verdict
+    #: (``"comparison cut after 20 s"``, ``"answer too heavy to compare symbolically"``...);
+    #: ``None`` when they were compared.
+    note: str | None = None
+
+
 def grade(response_text: str | None, ground_truth: str | None, kind: str = "auto") -> bool:
     """Whether the answer stated in ``response_text`` is equivalent to ``ground_truth``.
 
     ``ground_truth`` is the bare answer (``"18"``, ``"\\frac{1}{2}"``, ``"B"``);
-    a missing ground truth or response grades ``False``.
+    a missing ground truth or response grades ``False``. :func:`grade_verdict`
+    also says when an answer graded ``False`` could not be compared.
     """
+    return grade_verdict(response_text, ground_truth, kind).correct
+
+
+def grade_verdict(response_text: str | None, ground_truth: str | None, kind: str = "auto") -> GradeVerdict:
+    """:func:`grade`'s grade with, when the answers could not be compared, why (see :class:`GradeVerdict`)."""
     kind = check_kind(kind)
     if ground_truth is not None and not isinstance(ground_truth, str):
         ground_truth = str(ground_truth)  # numbers from JSON or parquet columns
     if not ground_truth or not ground_truth.strip() or not response_text:
-        return False
+        return GradeVerdict(False)
     kind = _resolve(kind, ground_truth)
     if kind == "choice":
         expected = extract_choice(ground_truth)
-        return expected is not None and extract_choice(response_text) == expected
+        return GradeVerdict(expected is not None and extract_choice(response_text) == expected)
     predicted = extract_answer(response_text, kind)
     if kind == "exact":
         candidates = {normalized_text(response_text)}
         if predicted is not None:
             candidates.add(normalized_text(predicted))
-        return normalized_text(ground_truth) in candidates
+        return GradeVerdict(normalized_text(ground_truth) in candidates)
     if predicted is None:
-        return False
-    return equivalent(predicted, ground_truth, kind)
+        return GradeVerdict(False)
+    return _equivalence(predicted, ground_truth, kind)
 
 
 def equivalent(predicted: str, ground_truth: str, kind: str = "auto") -> bool:
     """Whether two bare answers are equal as numbers, as text, or (math/auto) symbolically."""
+    return _equivalence(predicted, ground_truth, kind).correct
+
+
+def _equivalence(predicted: str, ground_truth: str, kind: str) -> GradeVerdict:
     expected_number = as_number(ground_truth)
     predicted_number = as_number(predicted)
     if expected_number is not None and predicted_number is not None:
         if expected_number == predicted_number:
-            return True
+            return GradeVerdict(True)
         if kind in NUMERIC_KINDS:
-            return False
+            return GradeVerdict(False)
     if normalized_text(predicted) == normalized_text(ground_truth):
-        return True
+        return GradeVerdict(True)
     if kind == "exact":
-        return False
-    return _math_verify_equal(predicted, ground_truth)
+        return GradeVerdict(False)
+    return _math_verify_verdict(predicted, ground_truth)
 
 
 # --- math-verify, guarded -----------------------------------------------------
@@ -146,40 +173,55 @@ def _heavy_power(base: str, exponent: str) -> bool:
     return len(exponent) >= 5 or (len(exponent) >= 2 and not base.isdigit())
 
 
-def _math_verify_equal(predicted: str, ground_truth: str) -> bool:
-    if not (_safe_for_sympy(predicted) and _safe_for_sympy(ground_truth)):
-        return False
+def _math_verify_verdict(predicted: str, ground_truth: str) -> GradeVerdict:
+    for side, text in (("answer", predicted), ("ground truth", ground_truth)):
+        if not _safe_for_sympy(text):
+            return GradeVerdict(False, f"{side} too heavy to compare symbolically")
     require("eval", "math_verify", feature="math grading")
     if threading.current_thread() is threading.main_thread() or os.name != "posix":
         # math-verify's own timeouts hold: SIGALRM in the main thread; off POSIX, a process per step, in any thread.
         return _verify(predicted, ground_truth, _VERIFY_TIMEOUT_S)
-    return _verify_process.equal(predicted, ground_truth, _VERIFY_TIMEOUT_S)
+    return _verify_process.verdict(predicted, ground_truth, _VERIFY_TIMEOUT_S)
 
 
-def _verify(predicted: str, ground_truth: str, timeout: int) -> bool:
+def _verify(predicted: str, ground_truth: str, timeout: int) -> GradeVerdict:
     """math-verify's verdict, each step bounded by ``timeout`` seconds (``SIGALRM``: main thread only)."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify.errors import TimeoutException
 
     targets = [LatexExtractionConfig(), ExprExtractionConfig()]
+    timed_out = GradeVerdict(False, f"math-verify timed out ({timeout} s a step)")
     try:
-        gold = parse("\\boxed{" + ground_truth + "}", extraction_config=targets, parsing_timeout=timeout)
-        guess = parse("\\boxed{" + predicted + "}", extraction_config=targets, parsing_timeout=timeout)
-        if not gold or not guess:
-            return False
-        return bool(verify(gold, guess, timeout_seconds=timeout))
+        # raise_on_error: a timeout is told apart from a failure, which is "not equal" as before.
+        gold = parse("\\boxed{" + ground_truth + "}", targets, parsing_timeout=timeout, raise_on_error=True)
+        guess = parse("\\boxed{" + predicted + "}", targets, parsing_timeout=timeout, raise_on_error=True)
+    except TimeoutException:  # a BaseException
+        return timed_out
     except Exception:  # math-verify and sympy fail in many ways on odd text; that is "not equal"
-        return False
+        return GradeVerdict(False)
+    # verify's own loop over every pair, so that a timed-out pair is known; a failing one is "not equal".
+    cut = False
+    for gold_form, guess_form in itertools.product(gold, guess):
+        try:
+            if verify(gold_form, guess_form, timeout_seconds=timeout, raise_on_error=True):
+                return GradeVerdict(True)
+        except TimeoutException:
+            cut = True
+        except Exception:
+            pass
+    return timed_out if cut else GradeVerdict(False)
 
 
 def serve_verdicts() -> None:
     """The child process of :class:`_VerifyProcess`: reads ``[predicted, ground_truth, timeout]`` JSON lines
-    on stdin, answers each with ``true`` or ``false`` on stdout, :func:`_verify` running in its main thread."""
+    on stdin, answers each with ``[correct, note]`` on stdout, :func:`_verify` running in its main thread."""
     import math_verify  # noqa: F401 - imported before saying ready, so no comparison pays for it
 
     print("ready", flush=True)
     for line in sys.stdin:
         predicted, ground_truth, timeout = json.loads(line)
-        print(json.dumps(_verify(predicted, ground_truth, timeout)), flush=True)
+        verdict = _verify(predicted, ground_truth, timeout)
+        print(json.dumps([verdict.correct, verdict.note]), flush=True)
 
 
 class _VerifyProcess:
@@ -197,7 +239,7 @@ class _VerifyProcess:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[str] | None = None
 
-    def equal(self, predicted: str, ground_truth: str, timeout: int) -> bool:
+    def verdict(self, predicted: str, ground_truth: str, timeout: int) -> GradeVerdict:
         limit_s = 3 * timeout + _OVERRUN_SLACK_S
         with self._lock:
             try:
@@ -205,15 +247,23 @@ class _VerifyProcess:
                 assert process.stdin is not None
                 process.stdin.write(json.dumps([predicted, ground_truth, timeout]) + "\n")
                 process.stdin.flush()
-                verdict = self._line(process, limit_s)
-                if verdict is not None:
-                    return verdict == "true"
-                reason = f"gave up after {limit_s:g} s"
-            except OSError as exc:  # the child died (killed, out of memory...) or could not start
-                reason = f"failed ({exc})"
+                line = self._line(process, limit_s)
+                if line is not None:
+                    return self._parsed(line)
+                why = f"comparison cut after {limit_s:g} s"
+            except OSError as exc:  # the child died (killed, out of memory...), could not start or talks nonsense
+                why = f"grader process failed: {exc}"
             self._stop()
-        logger.warning("math grading %s comparing %r with %r: graded incorrect", reason, predicted, ground_truth)
-        return False
+        logger.warning("math grading: %s comparing %r with %r: graded incorrect", why, predicted, ground_truth)
+        return GradeVerdict(False, why)
+
+    @staticmethod
+    def _parsed(line: str) -> GradeVerdict:
+        try:
+            correct, note = json.loads(line)
+        except ValueError:
+            raise OSError(f"it answered {line[:80]!r}, not a verdict") from None
+        return GradeVerdict(bool(correct), note)
 
     @staticmethod
     def _line(process: subprocess.Popen[str], limit_s: float) -> str | None:

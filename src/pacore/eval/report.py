@@ -153,6 +153,16 @@ def summary_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list
     return _table(header, rows, with_run)
 
 
+def not_judged_lines(arms: list[ArmReport], with_run: bool) -> list[str]:
+    """Per arm with results graded incorrect without being judged: how many and why (none when no arm has)."""
+    return [
+        f"{arm.arm}{f' ({arm.run})' if with_run else ''}: {arm.not_judged} of {arm.graded} graded results; "
+        + ", ".join(f"{count} × {note}" for note, count in arm.not_judged_notes)
+        for arm in arms
+        if arm.not_judged
+    ]
+
+
 def synthesis_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
     header = [
         "arm", "synthesized outputs", "fixed the majority (when it was wrong)",
@@ -216,6 +226,10 @@ def _table(
     return header, [row for _, row in rows]
 
 
+NOT_JUDGED_NOTE = (
+    "Graded incorrect without being judged (the answers could not be compared, so these count as wrong "
+    "in the accuracy above):"
+)
 POLICY_NOTE = (
     "Arms that ran an adaptive-compute policy (see docs/adaptive-compute.md), per answered problem; "
     "stopped trajectories' tokens count in the TTC, and on a pool the policy was replayed on round 1."
@@ -279,9 +293,11 @@ def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str], details: Seq
         "## Accuracy and compute",
         "",
         _markdown_table(*summary_rows(arms, with_run)),
-        "",
-        f"![accuracy vs effective TTC]({PLOT_NAME})",
     ]
+    not_judged = not_judged_lines(arms, with_run)
+    if not_judged:
+        parts += ["", NOT_JUDGED_NOTE, "", *(f"- {line}" for line in not_judged)]
+    parts += ["", f"![accuracy vs effective TTC]({PLOT_NAME})"]
     header, rows = synthesis_rows(arms, with_run)
     if rows:
         parts += [
@@ -350,6 +366,11 @@ def render_html(
         "<h2>Accuracy and compute</h2>",
         _html_table(*summary_rows(arms, with_run)),
     ]
+    not_judged = not_judged_lines(arms, with_run)
+    if not_judged:
+        parts.append(f"<p>{html.escape(NOT_JUDGED_NOTE)}</p><ul>")
+        parts += [f"<li>{html.escape(line)}</li>" for line in not_judged]
+        parts.append("</ul>")
     if plot_png:
         encoded = base64.b64encode(plot_png).decode("ascii")
         parts.append(f"<img alt='accuracy vs effective TTC' src='data:image/png;base64,{encoded}'>")

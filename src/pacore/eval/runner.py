@@ -49,7 +49,7 @@ from pacore.engine import asample, asolve, check_policy, too_few_succeeded, with
 from pacore.errors import DatasetError, PacoreError, RoundFailedError, RunConflictError, UsageError
 from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.figures import ArmReport, arm_report
-from pacore.eval.grading import extract_answer, grade, majority_vote
+from pacore.eval.grading import GradeVerdict, extract_answer, grade_verdict, majority_vote
 from pacore.options import SolveOptions, policy_label
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
@@ -500,15 +500,15 @@ class BatchRun:
         finally:
             tracker.close()
         answer = trace.answer
-        correct = None
+        verdict: GradeVerdict | None = None
         if problem.answer is not None:
-            correct = await self._off_loop(grade, answer, problem.answer, problem.kind)
+            verdict = await self._off_loop(grade_verdict, answer, problem.answer, problem.kind)
         return ProblemResult(
             problem_id=problem.id,
             status="done",
             answer=answer,
             extracted=extract_answer(answer, problem.kind),
-            correct=correct,
+            correct=verdict.correct if verdict is not None else None,
             prompt_tokens=trace.usage.prompt_tokens,
             completion_tokens=trace.usage.completion_tokens,
             calls=trace.usage.calls,
@@ -516,6 +516,7 @@ class BatchRun:
             trace=trace,
             seed=unit.seed,
             repeat=unit.index,
+            grade_note=verdict.note if verdict is not None else None,
         )
 
     def _params(self, unit: Repeat) -> GenerationParams:
