@@ -152,6 +152,16 @@ def test_help_prints_each_paragraph_of_a_command_as_one_flowing_text(command: st
         assert paragraph in lines, paragraph
 
 
+def test_help_paragraphs_keep_list_items_and_examples_on_their_lines() -> None:
+    from pacore.cli.main import unwrapped
+
+    doc = "Title.\n\n    A sentence\n    --with a flag.\n\n    Steps:\n    - one\n    - two\n\n      pacore ask x\n      pacore ask y\n"
+    assert (
+        unwrapped(doc)
+        == "Title.\n\nA sentence --with a flag.\n\nSteps:\n- one\n- two\n\n  pacore ask x\n  pacore ask y"
+    )
+
+
 def test_top_level_help_lists_ask() -> None:
     process = pacore("--help")
     assert process.returncode == 0

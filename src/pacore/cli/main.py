@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import sys
 
 import typer
@@ -46,13 +47,19 @@ def _register_commands(command: str | None = None) -> None:
 
 
 def unwrapped(doc: str) -> str:
-    """``doc`` with each paragraph's lines joined, but for indented ones (examples).
+    """``doc`` with the lines of each paragraph joined, but for indented paragraphs (examples) and list items.
 
     typer's ``--help`` keeps the line breaks of a docstring's later paragraphs,
     which then break sentences in the middle once the terminal wraps them too.
     """
     paragraphs = inspect.cleandoc(doc).split("\n\n")
-    return "\n\n".join(p if p.startswith((" ", "\b")) or "\n " in p else " ".join(p.split("\n")) for p in paragraphs)
+    return "\n\n".join(
+        p if p.startswith((" ", "\b")) or "\n " in p else _LINE_IN_PARAGRAPH.sub(" ", p) for p in paragraphs
+    )
+
+
+#: A line break inside a paragraph, other than before a list item.
+_LINE_IN_PARAGRAPH = re.compile(r"\n(?![-*] )")
 
 
 def exit_code_for(exc: BaseException) -> int:
