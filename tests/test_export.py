@@ -136,4 +136,32 @@ async def test_cli_prints_the_summary(tmp_path: Path) -> None:
     assert process.returncode == 0, process.stderr
     assert process.stdout.startswith("export-train: kept 1 of 2 problems")
     assert "1 with message accuracy <= 0" in process.stdout
+    assert "not judged" not in process.stdout  # every answer was compared
     assert [r["id"] for r in read(tmp_path / "out" / "train.jsonl")] == ["q0"]
+
+
+def test_answers_graded_wrong_without_being_judged_are_counted_in_the_summary(tmp_path: Path) -> None:
+    """The accuracy filter counts an answer too heavy to compare as wrong; the summary says how many."""
+    heavy, right, wrong = r"So \boxed{9^{9^{9}}}", r"So \boxed{5}", r"So \boxed{7}"
+    records = [
+        {"id": "mixed", "conversation": [{"role": "user", "content": "What is 2 + 3?"}], "ground_truth": "5",
+         "kind": "math", "responses": [right, heavy, heavy, wrong]},
+        {"id": "solved", "conversation": [{"role": "user", "content": "And 3 + 2?"}], "ground_truth": "5",
+         "kind": "math", "responses": [right, right, right, heavy]},
+    ]  # fmt: skip
+    data = tmp_path / "train-file.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = export_train(data, tmp_path / "t.jsonl", format="trl", max_acc=0.5, min_size=4, max_size=4)
+    # Judged wrong (7) is not counted; the three heavy answers of both drawn sets are, kept problem or not.
+    assert summary.not_judged == {"answer too heavy to compare symbolically": 3}
+    assert summary.dropped == {"with message accuracy >= 0.5": 1}
+    (row,) = read(tmp_path / "t.jsonl")
+    assert (row["id"], row["message_accuracy"]) == ("mixed", 0.25)
+    assert summary.line().endswith(
+        "; 3 answers not judged (graded wrong): 3 × answer too heavy to compare symbolically"
+    )
+    process = pacore_in_process(
+        "export-train", str(data), "--out", str(tmp_path / "p.jsonl"), "--max-acc", "0.5", "--min-size", "4"
+    )
+    assert process.returncode == 0, process.stderr
+    assert "; 3 answers not judged (graded wrong): 3 × answer too heavy" in process.stdout

@@ -122,6 +122,7 @@ def test_report_numbers_per_arm(run_dir: Path) -> None:
     assert (synthesis["all_inputs_wrong"], synthesis["emergent_correct"]) == (1, 1)
     assert synthesis["emergent_correctness_rate"] == 1.0
     assert synthesis["cross_checking_frequency"] == pytest.approx(1 / 3)
+    assert synthesis["not_judged"] == 0
 
     majority = methods["majority-2"]
     assert (majority["schedule"], majority["samples"], majority["correct"], majority["graded"]) == (None, 2, 2, 3)
@@ -402,3 +403,38 @@ def test_answers_graded_incorrect_without_being_judged_are_stored_and_reported(t
     text = pacore_in_process("report", str(path))
     assert text.returncode == 0, text.stderr
     assert "accuracy 25.0%" in text.stdout and ", 2 graded incorrect without being judged" in text.stdout
+
+
+def test_synthesis_diagnostics_count_the_messages_they_graded_wrong_without_judging(tmp_path: Path) -> None:
+    """Inputs too heavy for sympy count as wrong in the diagnostics (here: an emergent correctness);
+    the report says how many messages that was, apart from the results' own not-judged count."""
+    import asyncio
+
+    heavy = [r"So \boxed{9^{9^{9}}}", r"Thus \boxed{9^{9^{9}}}"]
+
+    def heavy_inputs(call: Call, i: int) -> str:
+        if "Reference Responses" in call.last_user_text or "Problem right" in call.last_user_text:
+            return r"The answer is \boxed{5}"
+        return heavy[i % 2]
+
+    problems = [
+        Problem(id=name, messages=[{"role": "user", "content": f"Problem {name}"}], answer="5", kind="math", line=n)
+        for n, name in enumerate(("heavy", "right"), 1)
+    ]  # fmt: skip
+    backend = ScriptedBackend(respond=heavy_inputs, max_n=2)
+    path = tmp_path / "run"
+    asyncio.run(
+        run_dataset(path, problems, dataset_path="d.jsonl", arm=Arm.build("pacore", schedule="2"), backend=backend)
+    )
+    (figures,) = report_json(str(path))["methods"]
+    assert (figures["graded"], figures["correct"], figures["not_judged"]) == (2, 2, 0)  # the final answers
+    synthesis = figures["synthesis"]
+    # The two inputs could not be compared: taken as wrong (the synthesis, right, was compared).
+    assert synthesis["not_judged"] == 2
+    assert (synthesis["all_inputs_wrong"], synthesis["emergent_correct"]) == (1, 1)
+    markdown = (path / "report.md").read_text()
+    section = markdown[markdown.index("## Synthesis diagnostics") :]
+    assert "Trajectory messages these diagnostics graded incorrect without being judged" in section
+    assert "\n- pacore-2: 2 messages\n" in section
+    assert "Graded incorrect without being judged" not in markdown  # no result was
+    assert "<li>pacore-2: 2 messages</li>" in (path / "report.html").read_text()

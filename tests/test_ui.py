@@ -306,3 +306,58 @@ def test_viewer_shows_what_the_adaptive_policies_did(page):
         assert synthesis.locator(".policy-note").text_content().startswith("keep-top: ")
         assert synthesis.locator(".dropped").text_content().startswith("dropped (least confident): R1#")
         assert f"{summary['dropped']} references dropped by keep-top" in synthesis.locator(".stats").text_content()
+
+
+def test_pacore_view_shows_an_answer_graded_wrong_without_being_judged(page, tmp_path):
+    """The list badges it "not judged" with its grade note as tooltip, the detail says why; a wrong answer
+    that was judged stays "wrong"."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvicorn
+
+    from fakes import ScriptedBackend
+    from pacore.eval.datasets import Problem
+    from pacore.eval.runner import Arm, run_dataset
+    from pacore.server.runview import create_run_app
+    from server_harness import serving
+
+    replies = {"heavy": r"So \boxed{9^{9^{9}}}", "judged": "The answer is 7"}
+    problems = [
+        Problem(id=name, messages=[{"role": "user", "content": f"Problem {name}"}], answer="5", kind="math", line=n)
+        for n, name in enumerate(replies, 1)
+    ]  # fmt: skip
+    backend = ScriptedBackend(respond=lambda call, i: replies[call.last_user_text.split()[-1]])
+    run = run_dataset(tmp_path / "run", problems, dataset_path="d.jsonl", arm=Arm.build("single"), backend=backend)
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API holds this thread's event loop
+        pool.submit(asyncio.run, run).result()
+    note = "answer too heavy to compare symbolically"
+    server = uvicorn.Server(uvicorn.Config(create_run_app(tmp_path / "run"), log_level="warning"))
+    with serving(server) as base_url:
+        page.goto(f"{base_url}/ui")
+        items = page.locator(".request-item")
+        items.nth(1).wait_for()
+        heavy, judged = items.filter(has_text="heavy · single"), items.filter(has_text="judged · single")
+        badge = heavy.locator(".badge.wrong")
+        assert badge.text_content() == "not judged"
+        assert badge.get_attribute("title") == f"graded wrong without being judged: {note}"
+        assert judged.locator(".badge.wrong").text_content() == "wrong"
+        assert judged.locator(".badge.wrong").get_attribute("title") is None
+
+        page.fill("#filter", "not judged")
+        page.wait_for_function("document.querySelectorAll('.request-item').length === 1")
+        assert "heavy · single" in items.first.text_content()
+        page.fill("#filter", "")
+        heavy.click()
+        page.locator(".request-head code", has_text="heavy · single").wait_for()
+        assert page.locator(".request-head .badge.not-judged").text_content() == "not judged"
+        final = page.locator("#final-answer")
+        assert final.locator(".truth .badge.not-judged").get_attribute("title").endswith(note)
+        assert final.locator(".grade-note").text_content() == (
+            f"Not judged: {note}. Graded wrong: the answers could not be compared."
+        )
+        judged.click()
+        page.locator(".request-head code", has_text="judged · single").wait_for()
+        page.locator("#final-answer .truth .badge.wrong", has_text="wrong").wait_for()
+        assert page.locator("#final-answer .grade-note, .badge.not-judged").count() == 1  # the list's only
+        assert page.dialogs == []

@@ -364,3 +364,37 @@ def test_pacore_view_serves_the_viewer_files_with_the_viewer_csp(viewer) -> None
         response = httpx.get(f"{viewer.base_url}{path}", timeout=30)
         assert response.status_code == 200, path
         assert "default-src 'self'" in response.headers["content-security-policy"], path
+
+
+def test_a_run_result_graded_wrong_without_being_judged_carries_its_grade_note(tmp_path) -> None:
+    """The run's grade note reaches the list, the detail and the download; a live request has none."""
+    from pacore.server.history import RequestRecord, RequestSummary
+    from pacore.server.runview import RunView
+
+    replies = {"heavy": r"So \boxed{9^{9^{9}}}", "wrong": "The answer is 7", "right": "The answer is 4"}
+    problems = [
+        Problem(id=name, messages=[{"role": "user", "content": f"Problem {name}"}], answer=answer, kind=kind, line=n)
+        for n, (name, answer, kind) in enumerate([("heavy", "5", "math"), ("wrong", "4", "gsm8k"),
+                                                  ("right", "4", "gsm8k")], 1)
+    ]  # fmt: skip
+    backend = ScriptedBackend(respond=lambda call, i: replies[call.last_user_text.split()[-1]])
+    asyncio.run(run_dataset(tmp_path / "run", problems, dataset_path="d.jsonl", arm=Arm.build("single"),
+                            backend=backend))  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(create_run_app(tmp_path / "run"), log_level="warning"))
+    with serving(server) as base_url:
+        running = RunningServer(base_url)
+        rows = {r["title"]: r for r in get(running, "/ui/api/requests")["data"]}
+        note = "answer too heavy to compare symbolically"
+        assert {title: (r["correct"], r["grade_note"]) for title, r in rows.items()} == {
+            "heavy · single": (False, note), "wrong · single": (False, None), "right · single": (True, None),
+        }  # fmt: skip
+        detail = get(running, "/ui/api/requests/single/heavy/0/0")
+        assert (detail["correct"], detail["grade_note"], detail["final_answer"]) == (False, note, "9^{9^{9}}")
+        assert get(running, "/ui/api/requests/single/wrong/0/0")["grade_note"] is None
+        assert get(running, "/ui/api/traces/single/heavy/0/0")["grade_note"] == note
+    assert RunView(tmp_path / "run").detail("single/heavy/0/0").grade_note == note  # type: ignore[union-attr]
+    # A live request has no grade note, and a request saved before the field existed still loads.
+    live = RequestRecord("r", "m", [], [{"role": "user", "content": "q"}], False)
+    assert live.summary().grade_note is None and live.detail().grade_note is None
+    saved = live.summary().model_dump(exclude={"grade_note"})
+    assert RequestSummary.model_validate(saved).grade_note is None

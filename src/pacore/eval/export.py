@@ -51,7 +51,7 @@ from pacore.backends.base import Message
 from pacore.engine import adopt_first_round
 from pacore.errors import RunConflictError, UsageError
 from pacore.eval.datasets import load_dataset
-from pacore.eval.grading import grade
+from pacore.eval.grading import grade_verdict
 from pacore.eval.report import run_inputs
 from pacore.files import atomic_output, refuse_overwriting
 from pacore.messages import compact, last_user_text, text_of
@@ -82,11 +82,21 @@ class ExportSummary:
     kept: int = 0
     #: Why the other problems were dropped, with counts.
     dropped: Counter[str] = field(default_factory=Counter)
+    #: Answers of the drawn message sets graded wrong without being compared, by grade note
+    #: (see :class:`pacore.eval.grading.GradeVerdict`): the accuracy filter counted them wrong.
+    not_judged: Counter[str] = field(default_factory=Counter)
 
     def line(self) -> str:
         why = ", ".join(f"{count} {reason}" for reason, count in self.dropped.most_common())
         dropped = f"; dropped {sum(self.dropped.values())}: {why}" if self.dropped else ""
-        return f"kept {self.kept} of {self.problems} problems -> {self.out} (responses from {self.source}){dropped}"
+        notes = ", ".join(f"{count} × {note}" for note, count in self.not_judged.most_common(3))
+        not_judged = (
+            f"; {self.not_judged.total()} answers not judged (graded wrong): {notes}" if self.not_judged else ""
+        )
+        return (
+            f"kept {self.kept} of {self.problems} problems -> {self.out} (responses from {self.source})"
+            f"{dropped}{not_judged}"
+        )
 
 
 @dataclass(frozen=True)
@@ -256,7 +266,10 @@ def export_train(
         summary = ExportSummary(out=out, source=messages.description, problems=len(messages.problems))
         rows: list[dict[str, Any]] = []
         for problem in messages.problems:
-            drawn = _draw(problem, messages.trajectories_of(problem.id), min_acc, max_acc, min_size, max_size, seed)
+            drawn = _draw(
+                problem, messages.trajectories_of(problem.id), min_acc, max_acc, min_size, max_size, seed,
+                summary.not_judged,
+            )  # fmt: skip
             if isinstance(drawn, str):
                 summary.dropped[drawn] += 1
                 continue
@@ -313,8 +326,10 @@ def _draw(
     min_size: int,
     max_size: int,
     seed: int,
+    not_judged: Counter[str],
 ) -> tuple[list[Trajectory], float] | str:
-    """The drawn message set and its accuracy, or why the problem is dropped."""
+    """The drawn message set and its accuracy, or why the problem is dropped; the notes of
+    its answers graded wrong without being compared are added to ``not_judged``."""
     if problem.ground_truth is None:
         return "without ground truth"
     usable = [t for t in trajectories if t.message]
@@ -323,7 +338,9 @@ def _draw(
     rng = random.Random(f"pacore-export:{seed}:{problem.id}")
     size = rng.randint(min(min_size, len(usable)), min(max_size, len(usable)))
     chosen = rng.sample(usable, size)
-    accuracy = sum(grade(t.message, problem.ground_truth, problem.kind) for t in chosen) / size
+    verdicts = [grade_verdict(t.message, problem.ground_truth, problem.kind) for t in chosen]
+    not_judged.update(v.note for v in verdicts if v.note is not None)
+    accuracy = sum(v.correct for v in verdicts) / size
     if accuracy <= min_acc:
         return f"with message accuracy <= {min_acc:g}"
     if accuracy >= max_acc:

@@ -20,7 +20,10 @@ trajectory (every round after the first) of graded problems:
 - *emergent correctness*: the synthesis was right although every input
   message was wrong (voting can never do that);
 - *cross-checking*: the synthesis refers to the references by number
-  ("Reference 3", "ref 2", "Reference #1").
+  ("Reference 3", "ref 2", "Reference #1");
+- *not judged*: the trajectory messages (synthesized outputs and their
+  inputs) these diagnostics graded wrong without comparing their answers with
+  the ground truth (each distinct message of a result once).
 
 With a verifier (:mod:`pacore.verifier`), every arm also gets its *spurious
 correctness* (R-Align): the share of correct answers whose derivation the
@@ -38,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pacore.eval.grading import grade, majority_vote
+from pacore.eval.grading import GradeVerdict, grade_verdict, majority_vote
 from pacore.messages import last_user_text
 from pacore.options import policy_label
 from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
@@ -90,6 +93,9 @@ class SynthesisStats:
     all_inputs_wrong: int = 0
     emergent_correct: int = 0
     cross_checking: int = 0
+    #: Trajectory messages (synthesized outputs and their inputs; each distinct one of a result once)
+    #: graded wrong without their answers being compared: the counts above took them as wrong.
+    not_judged: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         counts = asdict(self)
@@ -280,12 +286,16 @@ class _Grader:
         assert problem.ground_truth is not None
         self.ground_truth = problem.ground_truth
         self.kind = problem.kind
-        self.cache: dict[str | None, bool] = {}
+        self.cache: dict[str | None, GradeVerdict] = {}
 
     def __call__(self, text: str | None) -> bool:
         if text not in self.cache:
-            self.cache[text] = bool(text) and grade(text, self.ground_truth, self.kind)
-        return self.cache[text]
+            self.cache[text] = grade_verdict(text, self.ground_truth, self.kind)
+        return self.cache[text].correct
+
+    def not_judged(self, texts: Iterable[str | None]) -> int:
+        """How many of the distinct ``texts`` were graded wrong without being compared."""
+        return sum(1 for text in set(texts) if (verdict := self.cache.get(text)) and verdict.note is not None)
 
 
 def arm_report(
@@ -356,6 +366,7 @@ def arm_report(
 
 def _add_synthesis_stats(stats: SynthesisStats, trace: Result, problem: StoredProblem) -> None:
     grader = _Grader(problem)
+    messages: list[str | None] = []  # every trajectory message graded (the majority answer is none)
     for previous, rnd in zip(trace.rounds, trace.rounds[1:], strict=False):
         by_index = {t.index: t.message for t in previous.trajectories}
         inputs = [by_index.get(index) for round_index, index in rnd.references if round_index == previous.index]
@@ -365,10 +376,12 @@ def _add_synthesis_stats(stats: SynthesisStats, trace: Result, problem: StoredPr
         voted, _ = majority_vote(inputs, problem.kind)
         majority_right = grader(voted)
         all_wrong = not any(grader(m) for m in inputs)
+        messages += inputs
         for trajectory in rnd.trajectories:
             if not trajectory.ok:
                 continue
             right = grader(trajectory.message)
+            messages.append(trajectory.message)
             stats.synthesized += 1
             if majority_right:
                 stats.majority_right += 1
@@ -380,6 +393,7 @@ def _add_synthesis_stats(stats: SynthesisStats, trace: Result, problem: StoredPr
                 stats.all_inputs_wrong += 1
                 stats.emergent_correct += int(right)
             stats.cross_checking += int(bool(CROSS_CHECK.search(trajectory.text)))
+    stats.not_judged += grader.not_judged(messages)
 
 
 def collect(run_dirs: Sequence[str | Path], verifier: Verifier | None = None) -> list[ArmReport]:

@@ -156,11 +156,36 @@ def summary_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list
 def not_judged_lines(arms: list[ArmReport], with_run: bool) -> list[str]:
     """Per arm with results graded incorrect without being judged: how many and why (none when no arm has)."""
     return [
-        f"{arm.arm}{f' ({arm.run})' if with_run else ''}: {arm.not_judged} of {arm.graded} graded results; "
+        f"{_arm_name(arm, with_run)}: {arm.not_judged} of {arm.graded} graded results; "
         + ", ".join(f"{count} × {note}" for note, count in arm.not_judged_notes)
         for arm in arms
         if arm.not_judged
     ]
+
+
+def synthesis_not_judged_lines(arms: list[ArmReport], with_run: bool) -> list[str]:
+    """Per arm whose synthesis diagnostics graded messages incorrect without judging them: how many."""
+    return [
+        f"{_arm_name(arm, with_run)}: {stats.not_judged} messages"
+        for arm in arms
+        if (stats := arm.synthesis) is not None and stats.not_judged
+    ]
+
+
+def _arm_name(arm: ArmReport, with_run: bool) -> str:
+    return f"{arm.arm} ({arm.run})" if with_run else arm.arm
+
+
+def _markdown_notes(note: str, lines: list[str]) -> list[str]:
+    """A note over its lines as a markdown list; nothing without lines."""
+    return ["", note, "", *(f"- {line}" for line in lines)] if lines else []
+
+
+def _html_notes(note: str, lines: list[str]) -> list[str]:
+    """A note over its lines as an HTML list; nothing without lines."""
+    if not lines:
+        return []
+    return [f"<p>{html.escape(note)}</p><ul>", *(f"<li>{html.escape(line)}</li>" for line in lines), "</ul>"]
 
 
 def synthesis_rows(arms: list[ArmReport], with_run: bool) -> tuple[list[str], list[list[str]]]:
@@ -230,6 +255,10 @@ NOT_JUDGED_NOTE = (
     "Graded incorrect without being judged (the answers could not be compared, so these count as wrong "
     "in the accuracy above):"
 )
+SYNTHESIS_NOT_JUDGED_NOTE = (
+    "Trajectory messages these diagnostics graded incorrect without being judged (synthesized outputs and "
+    "their inputs, each distinct one of a result once; counted as wrong above):"
+)
 POLICY_NOTE = (
     "Arms that ran an adaptive-compute policy (see docs/adaptive-compute.md), per answered problem; "
     "stopped trajectories' tokens count in the TTC, and on a pool the policy was replayed on round 1."
@@ -294,9 +323,7 @@ def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str], details: Seq
         "",
         _markdown_table(*summary_rows(arms, with_run)),
     ]
-    not_judged = not_judged_lines(arms, with_run)
-    if not_judged:
-        parts += ["", NOT_JUDGED_NOTE, "", *(f"- {line}" for line in not_judged)]
+    parts += _markdown_notes(NOT_JUDGED_NOTE, not_judged_lines(arms, with_run))
     parts += ["", f"![accuracy vs effective TTC]({PLOT_NAME})"]
     header, rows = synthesis_rows(arms, with_run)
     if rows:
@@ -309,6 +336,7 @@ def render_markdown(arms: list[ArmReport], run_dirs: Sequence[str], details: Seq
             "",
             _markdown_table(header, rows),
         ]
+        parts += _markdown_notes(SYNTHESIS_NOT_JUDGED_NOTE, synthesis_not_judged_lines(arms, with_run))
     header, rows = policy_rows(arms, with_run)
     if rows:
         parts += ["", "## Adaptive compute", "", POLICY_NOTE, "", _markdown_table(header, rows)]
@@ -366,17 +394,14 @@ def render_html(
         "<h2>Accuracy and compute</h2>",
         _html_table(*summary_rows(arms, with_run)),
     ]
-    not_judged = not_judged_lines(arms, with_run)
-    if not_judged:
-        parts.append(f"<p>{html.escape(NOT_JUDGED_NOTE)}</p><ul>")
-        parts += [f"<li>{html.escape(line)}</li>" for line in not_judged]
-        parts.append("</ul>")
+    parts += _html_notes(NOT_JUDGED_NOTE, not_judged_lines(arms, with_run))
     if plot_png:
         encoded = base64.b64encode(plot_png).decode("ascii")
         parts.append(f"<img alt='accuracy vs effective TTC' src='data:image/png;base64,{encoded}'>")
     header, rows = synthesis_rows(arms, with_run)
     if rows:
         parts += ["<h2>Synthesis diagnostics</h2>", _html_table(header, rows)]
+        parts += _html_notes(SYNTHESIS_NOT_JUDGED_NOTE, synthesis_not_judged_lines(arms, with_run))
     header, rows = policy_rows(arms, with_run)
     if rows:
         parts += ["<h2>Adaptive compute</h2>", f"<p>{html.escape(POLICY_NOTE)}</p>", _html_table(header, rows)]

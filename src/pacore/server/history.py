@@ -138,6 +138,8 @@ class RequestSummary(BaseModel):
     title: str | None = None
     ground_truth: str | None = None
     correct: bool | None = None
+    #: Why ``correct`` is ``False`` without the answers being compared (see ``ProblemResult.grade_note``).
+    grade_note: str | None = None
 
 
 class RequestDetail(RequestSummary):

@@ -4,7 +4,8 @@ Every result of every arm (one per problem, seed and repeat) is a "request"
 of the viewer: its stored trace is replayed through the same
 :class:`~pacore.server.history.RequestRecord` the server folds live events
 into, so a run's traces look exactly like a server's, with the problem's
-ground truth and grade added. Nothing here writes to the run (opening an
+ground truth and grade added (and the grade note of an answer graded wrong
+without being judged). Nothing here writes to the run (opening an
 older run's store upgrades its schema, as every reader of a run does).
 """
 
@@ -94,6 +95,7 @@ class RunView:
             title=title,
             ground_truth=problem.ground_truth,
             correct=result.correct,
+            grade_note=result.grade_note,
         )
 
     def summaries(self) -> list[RequestSummary]:
@@ -176,6 +178,7 @@ class RunView:
             "answer": result.answer,
             "extracted": result.extracted,
             "correct": result.correct,
+            "grade_note": result.grade_note,
             "error": result.error,
             "wall_s": result.wall_s,
             "finished_at": result.updated_at,

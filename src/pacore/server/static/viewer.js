@@ -62,6 +62,18 @@ function gradeLabel(correct) {
   return correct === true ? "correct" : correct === false ? "wrong" : null;
 }
 
+// A batch run's answer graded wrong because it could not be compared (its grade note says why)
+// shows as "not judged", the note in its tooltip; any other grade as its label.
+function gradeBadge(request) {
+  const grade = gradeLabel(request.correct);
+  if (!grade) return null;
+  if (request.correct === false && request.grade_note) {
+    const title = `graded wrong without being judged: ${request.grade_note}`;
+    return el("span", { class: "badge wrong not-judged", title, text: "not judged" });
+  }
+  return el("span", { class: `badge ${grade}`, text: grade });
+}
+
 // --- API --------------------------------------------------------------------
 
 function apiKey() {
@@ -120,8 +132,8 @@ function showSource(source) {
 }
 
 function searchText(request) {
-  return [request.id, request.title, request.status, gradeLabel(request.correct), request.model,
-    request.question, request.answer, fmtDate(request.created)].filter(Boolean).join("\n").toLowerCase();
+  return [request.id, request.title, request.status, gradeLabel(request.correct),
+    request.grade_note ? `not judged ${request.grade_note}` : null, request.model, request.question, request.answer, fmtDate(request.created)].filter(Boolean).join("\n").toLowerCase();
 }
 
 function renderList() {
@@ -134,11 +146,10 @@ function renderList() {
 }
 
 function listItem(request) {
-  const grade = gradeLabel(request.correct);
   const link = el("a", { class: "request-item", href: `#${request.id}`, "data-id": request.id }, [
     el("div", { class: "line1" }, [
       el("span", { class: `badge ${request.status}`, text: request.status }),
-      grade ? el("span", { class: `badge ${grade}`, text: grade }) : null,
+      gradeBadge(request),
       el("span", { class: "when", text: fmtDate(request.created) }),
       el("span", { text: fmtSchedule(request.schedule) }),
       el("span", { text: `${fmtTokens(request.completion_tokens)} tok` }),
@@ -226,13 +237,12 @@ function renderDetail(detail) {
   const finalAnswer = detail.final_answer;
   const download = el("button", { type: "button", id: "download", text: "Download JSON" });
   download.addEventListener("click", () => downloadTrace(detail.id));
-  const grade = gradeLabel(detail.correct);
   const head = el("div", { class: "request-head" }, [
     el("h1", {}, [
       el("span", { text: detail.title ? "Result" : "Request" }),
       el("code", { text: detail.title || detail.id }),
       el("span", { class: `badge ${detail.status}`, text: detail.status }),
-      grade ? el("span", { class: `badge ${grade}`, text: grade }) : null,
+      gradeBadge(detail),
       download,
     ]),
     el("div", { class: "question", text: detail.question || "(no text)" }),
@@ -259,7 +269,6 @@ function metaItem(label, value) {
 }
 
 function finalBox(detail) {
-  const grade = gradeLabel(detail.correct);
   if (detail.status === "failed" || detail.status === "cancelled") {
     return el("div", { class: "final failed" }, [
       el("h2", { text: detail.status === "failed" ? "Failed" : "Cancelled" }),
@@ -288,8 +297,14 @@ function finalBox(detail) {
       ? el("div", { class: "truth" }, [
         el("span", { class: "muted", text: "ground truth " }),
         el("b", { text: detail.ground_truth }),
-        grade ? el("span", { class: `badge ${grade}`, text: grade }) : null,
+        gradeBadge(detail),
       ])
+      : null,
+    detail.correct === false && detail.grade_note
+      ? el("div", {
+        class: "grade-note",
+        text: `Not judged: ${detail.grade_note}. Graded wrong: the answers could not be compared.`,
+      })
       : null,
   ]);
 }
