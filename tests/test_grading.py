@@ -304,3 +304,12 @@ def test_off_posix_math_verify_keeps_its_own_timeouts_in_any_thread(monkeypatch)
     worker.join(timeout=60)
     assert outcome == [True]
     assert calls == [grading._VERIFY_TIMEOUT_S]
+
+
+@pytest.mark.parametrize(
+    ("answer", "truth", "kind"),
+    [(r"\frac{1}{2}", "0.5", "math"), (r"\sqrt{2}", r"\sqrt{2}", "auto"), ("18", "18", "gsm8k"), ("B", "B", "choice")],
+)
+def test_an_answer_already_extracted_is_compared_as_it_is(answer: str, truth: str, kind: str) -> None:
+    assert grade_verdict(answer, truth, kind, extracted=True) == GradeVerdict(True)
+    assert not grade_verdict(answer, "7", kind, extracted=True).correct

@@ -438,3 +438,21 @@ def test_synthesis_diagnostics_count_the_messages_they_graded_wrong_without_judg
     assert "\n- pacore-2: 2 messages\n" in section
     assert "Graded incorrect without being judged" not in markdown  # no result was
     assert "<li>pacore-2: 2 messages</li>" in (path / "report.html").read_text()
+
+
+def test_synthesis_diagnostics_grade_the_majority_of_the_inputs_as_the_answer_it_is(tmp_path: Path) -> None:
+    r"""Both inputs say \frac{1}{2}, and so does the synthesis: the majority was right and was kept
+    (searched again for an answer, the voted \frac{1}{2} would read 2: "majority wrong, fixed")."""
+    import asyncio
+
+    problem = Problem(
+        id="half", messages=[{"role": "user", "content": "Half?"}], answer=r"\frac{1}{2}", kind="math", line=1
+    )
+    backend = ScriptedBackend(respond=lambda call, i: r"It is \boxed{\frac{1}{2}}", max_n=2)
+    path = tmp_path / "run"
+    asyncio.run(
+        run_dataset(path, [problem], dataset_path="d.jsonl", arm=Arm.build("pacore", schedule="2"), backend=backend)
+    )
+    synthesis = report_json(str(path))["methods"][0]["synthesis"]
+    assert (synthesis["synthesized"], synthesis["majority_right"], synthesis["broke"]) == (1, 1, 0)
+    assert (synthesis["majority_wrong"], synthesis["fixed"]) == (0, 0)

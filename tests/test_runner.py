@@ -103,6 +103,25 @@ async def test_majority_votes_over_k_samples_and_keeps_them_all(tmp_path: Path) 
     assert q0.trace.usage.calls == 3
 
 
+@pytest.mark.parametrize(
+    ("kind", "stated", "truth"),
+    [("math", r"\frac{1}{2}", r"\frac{1}{2}"), ("auto", r"\sqrt{2}", r"\sqrt{2}"), ("math", "(1, 2)", "(1,2)"),
+     ("choice", "C", "C"), ("exact", "Paris", "paris")],
+)  # fmt: skip
+async def test_a_majority_vote_is_graded_as_the_answer_it_is(
+    tmp_path: Path, kind: str, stated: str, truth: str
+) -> None:
+    """The voted answer is extracted already: searched again, ``\\frac{1}{2}`` would give its last number, 2."""
+    problem = Problem(id="q", messages=[{"role": "user", "content": "Which?"}], answer=truth, kind=kind, line=1)
+    backend = ScriptedBackend(respond=lambda call, i: f"So the answer is \\boxed{{{stated}}}.", max_n=1)
+    await run(tmp_path, backend, Arm.build("single"), [problem])
+    summary = await run(tmp_path, backend, Arm.build("majority", samples=3), [problem], add_arm=True)
+    assert (summary.answered, summary.graded, summary.correct) == (1, 1, 1)
+    voted = results(tmp_path, "majority-3")["q"]
+    assert (voted.answer, voted.extracted, voted.correct) == (stated, stated, True)
+    assert results(tmp_path, "single")["q"].correct  # the same samples, graded as whole responses
+
+
 def test_arm_options_are_validated() -> None:
     with pytest.raises(UsageError, match="--samples is for --method majority"):
         Arm.build("pacore", samples=4)

@@ -286,16 +286,18 @@ class _Grader:
         assert problem.ground_truth is not None
         self.ground_truth = problem.ground_truth
         self.kind = problem.kind
-        self.cache: dict[str | None, GradeVerdict] = {}
+        self.cache: dict[tuple[str | None, bool], GradeVerdict] = {}
 
-    def __call__(self, text: str | None) -> bool:
-        if text not in self.cache:
-            self.cache[text] = grade_verdict(text, self.ground_truth, self.kind)
-        return self.cache[text].correct
+    def __call__(self, text: str | None, *, extracted: bool = False) -> bool:
+        """Whether ``text`` (with ``extracted``: an answer already extracted, a majority vote's) is right."""
+        key = (text, extracted)
+        if key not in self.cache:
+            self.cache[key] = grade_verdict(text, self.ground_truth, self.kind, extracted=extracted)
+        return self.cache[key].correct
 
     def not_judged(self, texts: Iterable[str | None]) -> int:
-        """How many of the distinct ``texts`` were graded wrong without being compared."""
-        return sum(1 for text in set(texts) if (verdict := self.cache.get(text)) and verdict.note is not None)
+        """How many of the distinct messages ``texts`` were graded wrong without being compared."""
+        return sum(1 for text in set(texts) if (verdict := self.cache.get((text, False))) and verdict.note is not None)
 
 
 def arm_report(
@@ -374,7 +376,7 @@ def _add_synthesis_stats(stats: SynthesisStats, trace: Result, problem: StoredPr
         if not inputs:
             continue
         voted, _ = majority_vote(inputs, problem.kind)
-        majority_right = grader(voted)
+        majority_right = grader(voted, extracted=True)
         all_wrong = not any(grader(m) for m in inputs)
         messages += inputs
         for trajectory in rnd.trajectories:

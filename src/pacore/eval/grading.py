@@ -100,8 +100,15 @@ def grade(response_text: str | None, ground_truth: str | None, kind: str = "auto
     return grade_verdict(response_text, ground_truth, kind).correct
 
 
-def grade_verdict(response_text: str | None, ground_truth: str | None, kind: str = "auto") -> GradeVerdict:
-    """:func:`grade`'s grade with, when the answers could not be compared, why (see :class:`GradeVerdict`)."""
+def grade_verdict(
+    response_text: str | None, ground_truth: str | None, kind: str = "auto", *, extracted: bool = False
+) -> GradeVerdict:
+    """:func:`grade`'s grade with, when the answers could not be compared, why (see :class:`GradeVerdict`).
+
+    With ``extracted``, ``response_text`` is an answer already extracted from its
+    response (a majority vote's): it is compared as it is, not searched again for
+    an answer (the last number of ``\\frac{1}{2}`` is ``2``).
+    """
     kind = check_kind(kind)
     if ground_truth is not None and not isinstance(ground_truth, str):
         ground_truth = str(ground_truth)  # numbers from JSON or parquet columns
@@ -111,7 +118,7 @@ def grade_verdict(response_text: str | None, ground_truth: str | None, kind: str
     if kind == "choice":
         expected = extract_choice(ground_truth)
         return GradeVerdict(expected is not None and extract_choice(response_text) == expected)
-    predicted = extract_answer(response_text, kind)
+    predicted = response_text.strip() if extracted else extract_answer(response_text, kind)
     if kind == "exact":
         candidates = {normalized_text(response_text)}
         if predicted is not None:

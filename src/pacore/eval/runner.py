@@ -31,6 +31,7 @@ another seed adds R more draws instead of being refused; the pool is reused.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import random
@@ -500,14 +501,17 @@ class BatchRun:
         finally:
             tracker.close()
         answer = trace.answer
+        # A majority vote's answer is an extracted answer already: graded as it is, not searched again.
+        voted = self.arm.method == "majority"
         verdict: GradeVerdict | None = None
         if problem.answer is not None:
-            verdict = await self._off_loop(grade_verdict, answer, problem.answer, problem.kind)
+            grade = functools.partial(grade_verdict, extracted=voted)
+            verdict = await self._off_loop(grade, answer, problem.answer, problem.kind)
         return ProblemResult(
             problem_id=problem.id,
             status="done",
             answer=answer,
-            extracted=extract_answer(answer, problem.kind),
+            extracted=(answer or None) if voted else extract_answer(answer, problem.kind),
             correct=verdict.correct if verdict is not None else None,
             prompt_tokens=trace.usage.prompt_tokens,
             completion_tokens=trace.usage.completion_tokens,
