@@ -202,6 +202,8 @@ def test_bad_configs_are_one_line_usage_errors(tmp_path: Path) -> None:
             'model = "m"\ndata = "d"\noutput_dir = "o"\nlearning_rate = 0\n',
             "learning_rate: input should be greater than 0",
         ),
+        ('model = "m"\ndata = "d"\noutput_dir = "o"\ntemperature = 0\n', "temperature: input should be greater than 0"),
+        ('model = "m"\ndata = "d"\noutput_dir = "o"\nseed = -1\n', "seed: input should be greater than or equal to 0"),
         ('model = "m"\ndata = "d"\noutput_dir = "o"\nreward = "process"\n', "needs a verifier"),
         ('model = "m"\ndata = "d"\noutput_dir = "o"\n', "model path"),
         ("model = \n", "bad.toml"),

@@ -72,13 +72,14 @@ class TrainConfig(BaseModel):
     max_prompt_length: int = Field(default=4096, ge=1)
     max_completion_length: int = Field(default=1024, ge=1)
     learning_rate: float = Field(default=1e-6, gt=0)
-    temperature: float = 1.0
+    temperature: float = Field(default=1.0, gt=0)
     #: KL coefficient against the reference model (0: no reference model is kept).
-    beta: float = 0.0
+    beta: float = Field(default=0.0, ge=0)
     save_steps: int = Field(default=50, ge=1)
     #: Checkpoints kept (older ones are deleted); each holds the model and optimizer state.
     keep_checkpoints: int = Field(default=2, ge=1)
-    seed: int = 0
+    #: numpy, which TRL seeds too, takes 0 to 2**32 - 1.
+    seed: int = Field(default=0, ge=0, lt=2**32)
     #: ``outcome`` (the report's) or ``process`` (needs ``verifier``).
     reward: RewardName = "outcome"
     verifier: str | None = None
