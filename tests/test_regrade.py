@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from fakes import ScriptedBackend
 from pacore.eval.datasets import Problem
 from pacore.eval.grading import extract_answer, grade_verdict
 from pacore.eval.regrade import regrade_run
-from pacore.eval.runner import Arm, run_dataset
+from pacore.eval.runner import Arm, BatchRun, run_dataset
 from pacore.store import DB_NAME, RunStore
 
 HALF = r"\frac{1}{2}"
@@ -154,11 +155,33 @@ def test_regrade_skips_unfinished_results_and_a_result_redone_meanwhile(old_run:
     assert kept is not None and kept.correct is True
 
 
-def test_regrade_works_while_a_run_holds_the_directory(old_run: Path) -> None:
-    # pacore run keeps the run lock for its whole run; regrade needs no lock, only short write transactions.
-    with RunStore.open(old_run, writer=True):
+async def test_regrade_works_while_a_run_writes_the_directory(old_run: Path) -> None:
+    """pacore run keeps the run lock and its connection for its whole run; regrade needs no lock,
+    only short write transactions, and both commit to the same database meanwhile."""
+    backend = ScriptedBackend(
+        respond=lambda call, i: RESPONSES[call.last_user_text],
+        gate=threading.Event(),
+        held=lambda call: call.last_user_text == "Free?",
+    )
+    arm = Arm.build("majority", samples=5)
+    with BatchRun.open(
+        old_run, PROBLEMS, dataset_path="d.jsonl", arm=arm, backend=backend, add_arm=True, concurrency=3
+    ) as batch:
+        running = asyncio.create_task(batch.execute())
+        async with asyncio.timeout(60):
+            while batch.progress.done < 2:  # half and heavy committed, free held at the gate
+                await asyncio.sleep(0.01)
         counts = regrade_run(old_run)
-    assert [c.updated for c in counts] == [1, 2]
+        backend.gate.set()
+        summary = await running
+    assert [(c.arm, c.checked, c.updated) for c in counts] == [
+        ("single", 2, 1),
+        ("majority-3", 2, 2),
+        ("majority-5", 2, 0),
+    ]
+    assert (summary.answered, summary.graded, summary.correct) == (3, 2, 1)
+    again = regrade_run(old_run)
+    assert [(c.checked, c.updated) for c in again] == [(2, 0), (2, 0), (2, 0)]
 
 
 def test_regrade_in_a_subprocess(old_run: Path) -> None:
