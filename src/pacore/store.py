@@ -426,6 +426,28 @@ class RunStore:
                     f"arm {arm!r} has no problem {result.problem_id!r} (seed {result.seed}, repeat {result.repeat})"
                 )
 
+    def update_grades(self, arm: str, graded: Iterable[ProblemResult]) -> list[ProblemResult]:
+        """Rewrite the extracted answer, grade and grade note of done results of ``arm``, in one transaction.
+
+        Each is written only while its row still holds the answer it was graded from (a
+        ``pacore run`` working on the run meanwhile may have redone it). Nothing else of
+        the result changes (not ``updated_at``: it was not run again). Returns those written.
+        """
+        written = []
+        with self.transaction() as db:
+            for result in graded:
+                updated = db.execute(
+                    "UPDATE results SET extracted = ?, correct = ?, grade_note = ? "
+                    "WHERE arm = ? AND problem_id = ? AND seed = ? AND repeat = ? AND status = 'done' AND answer IS ?",
+                    (
+                        result.extracted, None if result.correct is None else int(result.correct), result.grade_note,
+                        arm, result.problem_id, result.seed, result.repeat, result.answer,
+                    ),
+                ).rowcount  # fmt: skip
+                if updated:
+                    written.append(result)
+        return written
+
     def results(self, arm: str, *, traces: bool = True) -> Iterator[ProblemResult]:
         """Every result of ``arm`` in data set order (then seed and repeat), with traces unless ``traces=False``.
 

@@ -30,7 +30,7 @@ __all__ = ["EXIT_CODES", "app", "exit_code_for", "main"]
 #: The command modules, in the order ``pacore --help`` lists their commands.
 COMMAND_MODULES = ("ask", "run", "report", "serve", "train", "view", "data", "model")
 #: The commands registered by a module of another name.
-COMMAND_HOMES = {"export-train": "report"}
+COMMAND_HOMES = {"export-train": "report", "regrade": "run"}
 
 
 def _register_commands(command: str | None = None) -> None:

@@ -1,5 +1,5 @@
-"""``pacore run``: evaluate a data set under a method (``pacore report`` and
-``pacore export-train`` read its results, in :mod:`pacore.cli.report`)."""
+"""``pacore run``: evaluate a data set under a method, and ``pacore regrade``: grade its stored
+answers again (``pacore report`` and ``pacore export-train`` read its results, in :mod:`pacore.cli.report`)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from pacore.cli.results import interval_text, results_unit
 from pacore.errors import PacoreError
 from pacore.eval import report
 from pacore.eval.datasets import Problem, load_dataset
+from pacore.eval.regrade import regrade_run
 from pacore.eval.runner import DEFAULT_SAMPLES, METHODS, Arm, BatchProgress, BatchRun, RunPlan
 from pacore.progress import format_duration
 from pacore.prompts import SynthesisTemplate
@@ -278,3 +279,31 @@ def run(
             f"{summary.failed} of {summary.results} {results_unit(summary.repeats)} failed ({count} x {reason}); "
             "rerun the same command to retry them"
         )
+
+
+REGRADE_EXAMPLES = """\
+[bold]Examples[/bold]
+
+  pacore regrade runs/aime
+  pacore regrade runs/aime --arm majority-32 --arm pacore-low
+
+Nothing is generated: each done result is graded again from its stored answer, and only what changed is written back (safe while 'pacore run' works on the same directory; a second regrade changes nothing). Then 'pacore report RUN_DIR' shows the new accuracies.
+"""
+
+
+@app.command("regrade", epilog=REGRADE_EXAMPLES)
+def regrade(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run directory to re-grade.")],
+    arms: Annotated[
+        list[str] | None,
+        typer.Option("--arm", metavar="NAME", help="Re-grade only this arm (repeatable) \\[default: every arm]."),
+    ] = None,
+) -> None:
+    """Grade a run's stored answers again with the current grader.
+
+    Every done result with a ground truth gets its extracted answer, grade and grade note
+    recomputed as 'pacore run' would now; one line per arm says how many results were
+    checked and what changed.
+    """
+    for counts in regrade_run(run_dir, arms or ()):
+        typer.echo(counts.line())

@@ -31,7 +31,6 @@ another seed adds R more draws instead of being refused; the pool is reused.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import random
@@ -50,7 +49,7 @@ from pacore.engine import asample, asolve, check_policy, too_few_succeeded, with
 from pacore.errors import DatasetError, PacoreError, RoundFailedError, RunConflictError, UsageError
 from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.figures import ArmReport, arm_report
-from pacore.eval.grading import GradeVerdict, extract_answer, grade_verdict, majority_vote
+from pacore.eval.grading import extract_answer, grade_verdict, majority_vote
 from pacore.options import SolveOptions, policy_label
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
@@ -179,6 +178,32 @@ def _config_changes(stored: dict[str, Any], current: dict[str, Any], ignored: Se
     if old_order != current["template"]["reference_order"]:
         changes.append(f"reference-order {old_order} -> {current['template']['reference_order']}")
     return changes
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerGrade:
+    """What a batch run stores about an arm's answer besides the answer: its extraction and grade."""
+
+    extracted: str | None
+    #: ``None`` when the problem has no ground truth to grade against.
+    correct: bool | None
+    #: Why ``correct`` is ``False`` without the answers being compared (see :class:`~pacore.eval.grading.GradeVerdict`).
+    note: str | None = None
+
+
+def grade_answer(method: str, answer: str | None, ground_truth: str | None, kind: str = "auto") -> AnswerGrade:
+    """The extraction and grade a batch run stores for ``answer``, an arm's final answer under ``method``.
+
+    The one grading step of ``pacore run`` and ``pacore regrade``. A majority vote's
+    answer (``method="majority"``) is an extracted answer already: it is graded as
+    it is, not searched again for one. Without a ground truth nothing is graded.
+    """
+    voted = method == "majority"
+    extracted = (answer or None) if voted else extract_answer(answer, kind)
+    if ground_truth is None:
+        return AnswerGrade(extracted, None)
+    verdict = grade_verdict(answer, ground_truth, kind, extracted=voted)
+    return AnswerGrade(extracted, verdict.correct, verdict.note)
 
 
 def stored_problem(problem: Problem, position: int) -> StoredProblem:
@@ -501,18 +526,13 @@ class BatchRun:
         finally:
             tracker.close()
         answer = trace.answer
-        # A majority vote's answer is an extracted answer already: graded as it is, not searched again.
-        voted = self.arm.method == "majority"
-        verdict: GradeVerdict | None = None
-        if problem.answer is not None:
-            grade = functools.partial(grade_verdict, extracted=voted)
-            verdict = await self._off_loop(grade, answer, problem.answer, problem.kind)
+        grade = await self._off_loop(grade_answer, self.arm.method, answer, problem.answer, problem.kind)
         return ProblemResult(
             problem_id=problem.id,
             status="done",
             answer=answer,
-            extracted=(answer or None) if voted else extract_answer(answer, problem.kind),
-            correct=verdict.correct if verdict is not None else None,
+            extracted=grade.extracted,
+            correct=grade.correct,
             prompt_tokens=trace.usage.prompt_tokens,
             completion_tokens=trace.usage.completion_tokens,
             calls=trace.usage.calls,
@@ -520,7 +540,7 @@ class BatchRun:
             trace=trace,
             seed=unit.seed,
             repeat=unit.index,
-            grade_note=verdict.note if verdict is not None else None,
+            grade_note=grade.note,
         )
 
     def _params(self, unit: Repeat) -> GenerationParams:
