@@ -43,29 +43,30 @@ class FastBackend:
 def fast_backend(*args: str | int | float) -> Iterator[FastBackend]:
     """Run ``bench/fastbackend.py`` with ``args`` in its own process while the block runs."""
     command = [sys.executable, str(BENCH_DIR / "fastbackend.py"), *map(str, args)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    try:
-        urls: list[str] = []
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        assert process.stdout is not None
-        while time.monotonic() < deadline:
-            line = process.stdout.readline().strip()
-            if line == "ready":
-                break
-            if not line and process.poll() is not None:
-                raise RuntimeError(f"fastbackend exited with code {process.returncode}")
-            if line.startswith("http"):
-                urls.append(line)
-        else:
-            raise RuntimeError("fastbackend did not start in time")
-        yield FastBackend(process, urls)
-    finally:
-        process.send_signal(signal.SIGTERM)
+    # Popen as a context manager closes the stdout pipe at the end (else a ResourceWarning) once the process is reaped.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            urls: list[str] = []
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            assert process.stdout is not None
+            while time.monotonic() < deadline:
+                line = process.stdout.readline().strip()
+                if line == "ready":
+                    break
+                if not line and process.poll() is not None:
+                    raise RuntimeError(f"fastbackend exited with code {process.returncode}")
+                if line.startswith("http"):
+                    urls.append(line)
+            else:
+                raise RuntimeError("fastbackend did not start in time")
+            yield FastBackend(process, urls)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 class Clock:
