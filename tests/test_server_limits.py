@@ -401,13 +401,15 @@ def test_a_stream_read_slowly_but_steadily_is_not_cut(parser):
 
 def test_a_round_whose_calls_all_timed_out_is_a_504(fake):
     fake.respond = lambda call, i: Completion(text="", error="no answer within 1s", error_kind="timeout")
-    with running_app(fake, ServerConfig(schedule=DEFAULT)) as running:
+    # The SDK client closed by the block: a failed call's traceback would keep it for the GC, which can
+    # find its socket still open (a ResourceWarning).
+    with running_app(fake, ServerConfig(schedule=DEFAULT)) as running, client(running) as sdk:
         with pytest.raises(openai.APIStatusError) as caught:
-            client(running).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+            sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
         assert caught.value.status_code == 504
         assert caught.value.body["code"] == "backend_timeout"
         with pytest.raises(openai.APIError) as streamed:
-            list(client(running).chat.completions.create(
+            list(sdk.chat.completions.create(
                 model="m", stream=True, messages=[{"role": "user", "content": "Hi"}]
             ))  # fmt: skip
         assert streamed.value.body["code"] == "backend_timeout"
@@ -416,14 +418,14 @@ def test_a_round_whose_calls_all_timed_out_is_a_504(fake):
             text="", error="boom", error_kind="timeout" if call.number % 2 else "status"
         )
         with pytest.raises(openai.InternalServerError) as mixed:
-            client(running).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+            sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
         assert (mixed.value.status_code, mixed.value.body["code"]) == (502, "round_failed")
 
 
 def test_strict_types_through_the_sdk(fake):
-    with running_app(fake, ServerConfig(schedule=DEFAULT)) as running:
+    with running_app(fake, ServerConfig(schedule=DEFAULT)) as running, client(running) as sdk:
         with pytest.raises(openai.BadRequestError) as caught:
-            client(running).chat.completions.create(
+            sdk.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "Hi"}], extra_body={"pacore": {"schedule": [True]}}
             )
         assert caught.value.body["param"].startswith("pacore.schedule")
