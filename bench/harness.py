@@ -43,29 +43,30 @@ class FastBackend:
 def fast_backend(*args: str | int | float) -> Iterator[FastBackend]:
     """Run ``bench/fastbackend.py`` with ``args`` in its own process while the block runs."""
     command = [sys.executable, str(BENCH_DIR / "fastbackend.py"), *map(str, args)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    try:
-        urls: list[str] = []
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        assert process.stdout is not None
-        while time.monotonic() < deadline:
-            line = process.stdout.readline().strip()
-            if line == "ready":
-                break
-            if not line and process.poll() is not None:
-                raise RuntimeError(f"fastbackend exited with code {process.returncode}")
-            if line.startswith("http"):
-                urls.append(line)
-        else:
-            raise RuntimeError("fastbackend did not start in time")
-        yield FastBackend(process, urls)
-    finally:
-        process.send_signal(signal.SIGTERM)
+    # Popen as a context manager closes the stdout pipe at the end (else a ResourceWarning) once the process is reaped.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            urls: list[str] = []
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            assert process.stdout is not None
+            while time.monotonic() < deadline:
+                line = process.stdout.readline().strip()
+                if line == "ready":
+                    break
+                if not line and process.poll() is not None:
+                    raise RuntimeError(f"fastbackend exited with code {process.returncode}")
+                if line.startswith("http"):
+                    urls.append(line)
+            else:
+                raise RuntimeError("fastbackend did not start in time")
+            yield FastBackend(process, urls)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 class Clock:
@@ -89,6 +90,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
     return ordered[rank - 1]
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) process ``pid`` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb() -> float:

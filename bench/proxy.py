@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -39,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from harness import check_targets, emit, fast_backend, machine, percentile, target_lines
+from harness import check_targets, emit, fast_backend, machine, percentile, process_cpu_s, target_lines
 
 MESSAGES = [{"role": "user", "content": "How many primes are there below 100? Answer with the number."}]
 COMPLETION_TOKENS = 32
@@ -58,8 +57,7 @@ class Server:
 
     def cpu_s(self) -> float:
         """CPU seconds the server process has used so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.pid)
 
 
 @contextlib.contextmanager

@@ -84,20 +84,21 @@ def serving(server: uvicorn.Server) -> Iterator[str]:
 def running_cli(*args: str) -> Iterator[tuple[RunningServer, subprocess.Popen[str]]]:
     """Run ``pacore serve --port 0 ARGS`` until the block ends (then Ctrl+C it)."""
     command = [PACORE, "serve", "--port", "0", *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first_line = process.stdout.readline() if process.stdout else ""
-        match = re.search(r"listening on (http://\S+)", first_line)
-        if not match:
-            process.kill()
-            _, err = process.communicate(timeout=10)
-            raise RuntimeError(f"pacore serve did not start: {first_line!r} {err!r}")
-        yield RunningServer(match.group(1), start_line=first_line.rstrip("\n")), process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
+    # As a context manager Popen closes its pipes at the end (else ResourceWarnings) once the process is reaped.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            first_line = process.stdout.readline() if process.stdout else ""
+            match = re.search(r"listening on (http://\S+)", first_line)
+            if not match:
                 process.kill()
-                process.wait()
+                _, err = process.communicate(timeout=10)
+                raise RuntimeError(f"pacore serve did not start: {first_line!r} {err!r}")
+            yield RunningServer(match.group(1), start_line=first_line.rstrip("\n")), process
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()

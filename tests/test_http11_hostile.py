@@ -27,6 +27,10 @@ from pacore.errors import BackendError
 from test_http11 import CHUNKED_HEAD, Handler, chunked, raw_server, read_request
 
 LIMIT_S = 10  # no test waits longer: a hang fails fast
+#: A read timeout that must fire against a silent server, yet never against one that answers at once:
+#: 2 s leaves a loaded machine's stalls far behind it, and the silent servers stay silent for ever.
+READ_TIMEOUT_S = 2
+SILENT_S = 3600
 MESSAGES = [{"role": "user", "content": "What is 2+3?"}]
 PARAMS = GenerationParams(max_tokens=16)
 
@@ -246,12 +250,12 @@ async def test_headers_then_silence_is_a_read_timeout_and_the_next_request_gets_
         if connection == 1:
             writer.write(OK + b"Content-Length: 10\r\n\r\nhel")
             await writer.drain()
-            await asyncio.sleep(LIMIT_S)
+            await asyncio.sleep(SILENT_S)
         writer.write(OK + b"Content-Length: 2\r\n\r\nok")
         await writer.drain()
 
     server = Connections(handler)
-    async with lean_client(server, timeout=0.2) as (client, url):
+    async with lean_client(server, timeout=READ_TIMEOUT_S) as (client, url):
         with pytest.raises(httpx.ReadTimeout):
             await post(client, url)
         again = await post(client, url)
@@ -278,7 +282,9 @@ async def test_a_server_that_never_accepts_is_a_connect_timeout() -> None:
             filler.setblocking(False)
             filler.connect_ex(address)
             fillers.append(filler)
-        timeout = httpx.Timeout(5, connect=0.3)
+        # The cancelled connect below is cut at 0.1 s, long before this timeout could fire; the
+        # working server's connect completes at once, however loaded the machine.
+        timeout = httpx.Timeout(5, connect=READ_TIMEOUT_S)
         silent = f"http://{address[0]}:{address[1]}/"
         async with lean_client(answer_ok, timeout) as (client, url):
             with pytest.raises(httpx.ConnectTimeout):
@@ -403,7 +409,7 @@ async def test_many_concurrent_streams_through_the_backend_survive_faulty_connec
             if fault == 3:  # stall past the read timeout
                 writer.write(CHUNKED_HEAD)
                 await writer.drain()
-                await asyncio.sleep(LIMIT_S)
+                await asyncio.sleep(SILENT_S)
                 return
             answer = stream_for(text)
             writer.write(CHUNKED_HEAD)
@@ -413,7 +419,7 @@ async def test_many_concurrent_streams_through_the_backend_survive_faulty_connec
 
     retry = RetryPolicy(max_attempts=8, backoff_base=0.001, backoff_max=0.01)
     async with serving(handler) as url:
-        backend = OpenAIBackend(url + "/v1", model="m", timeout=0.3, retry=retry, max_connections=8)
+        backend = OpenAIBackend(url + "/v1", model="m", timeout=READ_TIMEOUT_S, retry=retry, max_connections=8)
         assert backend._lean
         try:
             calls = [backend.generate([{"role": "user", "content": f"question {i}"}], 1, PARAMS) for i in range(40)]
@@ -464,7 +470,8 @@ async def test_many_streams_through_the_pool_against_fastbackend_faults_match_ht
     retry = RetryPolicy(max_attempts=12, backoff_base=0.001, backoff_max=0.01, budget_min=100)
 
     async def texts(url: str, transport: httpx.AsyncBaseTransport | None) -> list[str]:
-        backend = OpenAIBackend(url, model="fast", n_mode="off", timeout=1, retry=retry, transport=transport)
+        # No fault hangs: the timeout only ever fires on a stall of the machine's, which 10 s outlasts.
+        backend = OpenAIBackend(url, model="fast", n_mode="off", timeout=10, retry=retry, transport=transport)
         assert backend._lean == (transport is None)
         async with backend:
             calls = [backend.generate(prompt, 1, param) for prompt, param in zip(prompts, params, strict=True)]
@@ -483,20 +490,26 @@ async def test_many_streams_through_the_pool_against_fastbackend_faults_match_ht
 
 async def test_a_connection_paused_for_a_slow_reader_still_notices_the_server_closing_it() -> None:
     body = b"y" * (1024 * 1024 + 100 * 1024)  # crosses the pause threshold in its last received piece
+    released, dropped = asyncio.Event(), asyncio.Event()
 
-    async def handler(_connection: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handler(connection: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(OK + b"Content-Length: %d\r\n\r\n" % len(body) + body)
         await writer.drain()
-        await asyncio.sleep(0.3)
-        writer.close()  # an idle keep-alive connection the server drops
+        if connection == 1:
+            await released.wait()
+            writer.close()  # an idle keep-alive connection the server drops
+            await writer.wait_closed()
+            dropped.set()
 
     server = Connections(handler)
     async with lean_client(server) as (client, url):
         async with client.stream("POST", url + "/", content=b"x") as response:
             await asyncio.sleep(0.2)  # the whole body arrives before it is read
             assert await response.aread() == body
-        await asyncio.sleep(0.4)
+        released.set()  # back in the pool, idle
+        # Waited for, not slept on: the socket is closed, so the client's next look at it finds the FIN.
+        await asyncio.wait_for(dropped.wait(), LIMIT_S)
         again = await post(client, url)
     assert again.content == body
     assert server.count == 2

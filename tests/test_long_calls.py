@@ -26,15 +26,18 @@ pytestmark = pytest.mark.http
 
 MESSAGES = [{"role": "user", "content": "q"}]
 NO_RETRY = RetryPolicy(max_attempts=1)
-TIMEOUT_S = 0.5
+#: The inactivity timeout: 40 times the 50 ms between two tokens at 20 tokens a second, so that a
+#: loaded machine's stall (of this process or of the server's) never passes for a silent server.
+TIMEOUT_S = 2.0
+#: The slow stream's tokens at 20 a second: 3 s, longer than the timeout, never 2 s without a byte.
+SLOW_TOKENS = 60
 
 
 # --- the timeout limits silence, not length ---------------------------------------------
 
 
 async def test_a_slow_stream_outlives_the_timeout_and_completes() -> None:
-    # 30 tokens at 20 a second: 1.5 s, three times the timeout, never 0.5 s without a byte.
-    with fast_backend("--tokens-per-s", 20, "--completion-tokens", 30) as server:
+    with fast_backend("--tokens-per-s", 20, "--completion-tokens", SLOW_TOKENS) as server:
         async with OpenAIBackend(server.url, model="fast", timeout=TIMEOUT_S, retry=NO_RETRY) as backend:
             progress: list[tuple[int, int]] = []
             started = time.perf_counter()
@@ -45,13 +48,13 @@ async def test_a_slow_stream_outlives_the_timeout_and_completes() -> None:
             deltas: list[str] = []
             answer = await backend.stream(MESSAGES, GenerationParams(), lambda c, r: deltas.append(c))
         (stats,) = server.stats()
-    assert elapsed > 3 * TIMEOUT_S
-    assert [len(c.text.split()) for c in completions] == [30, 30, 30] and all(c.ok for c in completions)
-    assert sum(c.completion_tokens for c in completions) == 90
+    assert elapsed > 1.4 * TIMEOUT_S  # paced by the server: a limit on the whole call would have cut it
+    assert [len(c.text.split()) for c in completions] == [SLOW_TOKENS] * 3 and all(c.ok for c in completions)
+    assert sum(c.completion_tokens for c in completions) == 3 * SLOW_TOKENS
     assert stats["calls"] == 2 and stats["samples"] == 4  # n=3 streamed in one call, then the answer
     # Each sample's progress, token by token.
-    assert [t for i, t in progress if i == 2] == list(range(1, 31))
-    assert answer.ok and len(deltas) == 30 and "".join(deltas) == answer.text
+    assert [t for i, t in progress if i == 2] == list(range(1, SLOW_TOKENS + 1))
+    assert answer.ok and len(deltas) == SLOW_TOKENS and "".join(deltas) == answer.text
 
 
 async def test_a_server_silent_for_longer_than_the_timeout_is_cut_with_kind_timeout() -> None:

@@ -72,9 +72,16 @@ def async_client(running: RunningServer, **options) -> openai.AsyncOpenAI:
 
 
 def ask(running: RunningServer, model: str = "scripted", **options):
-    return client(running).chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "What is six times seven?"}], **options
-    )
+    openai_client = client(running)  # left open for a stream the caller reads; closed when collected
+    try:
+        return openai_client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "What is six times seven?"}], **options
+        )
+    except BaseException:
+        # The error's traceback keeps the client in a reference cycle, whose collection may find its
+        # socket before the client's own finalizer closes it (a ResourceWarning): closed here.
+        openai_client.close()
+        raise
 
 
 def metric(running: RunningServer, name: str, **labels: str) -> float:

@@ -3,8 +3,8 @@
 - the request parser's time is linear in the body (a hypothesis property, in
   CPU time per byte), and every field with a size is capped before the work
   it would cause, with a 400 that names the limit and echoes nothing at length;
-- while large hostile bodies are being refused, ``/health`` answers in under
-  100 ms;
+- large hostile bodies are refused for a fraction of a second of the server's
+  CPU, while ``/health`` goes on answering;
 - raw sockets on loopback play slowloris (slow headers, slow body) and a
   streaming client that never reads: each is cut by its timeout (or the
   request's deadline), its slot freed, and counted in ``/metrics``;
@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import Call, StreamingScriptedBackend
-from harness import fast_backend
+from harness import fast_backend, process_cpu_s
 from pacore.backends.base import Completion, GenerationParams
 from pacore.errors import ScheduleError
 from pacore.schedule import Schedule
@@ -209,7 +209,7 @@ def test_health_answers_fast_while_large_hostile_bodies_are_refused():
               HOSTILE["numbers in an extra field"](3_000_000)]  # fmt: skip
     refused: list[tuple[int, float]] = []
     # The real command in its own process: the server's event loop alone is timed, not this one's GIL.
-    with running_cli("--backend", "http://127.0.0.1:9/v1", "--model", "m") as (running, _):
+    with running_cli("--backend", "http://127.0.0.1:9/v1", "--model", "m") as (running, process):
 
         def attack() -> None:
             with httpx.Client(base_url=running.api_url, timeout=60) as http_client:
@@ -222,22 +222,26 @@ def test_health_answers_fast_while_large_hostile_bodies_are_refused():
         latencies = []
         with httpx.Client(base_url=running.base_url, timeout=10) as probe:
             probe.get("/health")  # connected, so each probe times the server alone
+            cpu_before = process_cpu_s(process.pid)
             attacker.start()
             while attacker.is_alive():
                 started = time.monotonic()
                 assert probe.get("/health").status_code == 200
                 latencies.append(time.monotonic() - started)
                 time.sleep(0.005)
-        attacker.join()
+            attacker.join()
+            cpu_used = process_cpu_s(process.pid) - cpu_before
     assert [status for status, _ in refused] == [400] * len(bodies) * 2
-    # Before the limits, one of these bodies held the event loop for seconds (81 s for the schedule);
-    # the bounds leave room for a loaded 2-core machine (CI: 4 test workers), where any probe or
-    # refusal may wait a while for a CPU, but never for a parser that takes seconds.
-    assert max(seconds for _, seconds in refused) < 4
+    # Before the limits, one of these bodies held the event loop for seconds of CPU (81 s for the
+    # schedule). Counted in the server's CPU time, which a loaded machine does not stretch as it
+    # does the wall clock: the 8 refusals and the probes take about 0.2 s of it.
+    assert cpu_used < 3, cpu_used
+    # Wall-clock bounds a loaded 2-core machine (CI: 4 test workers) cannot reach, as a parser
+    # holding the loop for a minute would: the typical probe takes milliseconds here.
+    assert max(seconds for _, seconds in refused) < 30
     assert len(latencies) >= 10
     latencies.sort()
-    assert latencies[len(latencies) // 2] < 0.1, latencies  # the typical probe: under 100 ms
-    assert latencies[len(latencies) * 9 // 10] < 0.25 and latencies[-1] < 1.5, latencies[-5:]
+    assert latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 30, latencies[-5:]
 
 
 @contextlib.contextmanager
@@ -246,8 +250,9 @@ def raw_connection(running: RunningServer) -> Iterator[socket.socket]:
         yield connection
 
 
-#: Bytes a slowloris client sends, one every 0.2 s, until it is cut: it would go on for 20 s.
-DRIBBLES = 100
+#: Bytes a slowloris client sends, one every 0.2 s, until it is cut: it would go on for 60 s, and
+#: half that is the bound on a cut the 1 s timeout makes (a loaded machine's stalls stay far below).
+DRIBBLES = 300
 
 
 @pytest.fixture(params=["httptools", "h11"])
@@ -349,7 +354,9 @@ def slot_is_free(running: RunningServer) -> bool:
     [({"write_timeout_s": 1.0}, "write_stall"), ({"deadline_s": 2.0, "write_timeout_s": 600.0}, "deadline")],
 )
 def test_a_stream_its_client_does_not_read_loses_its_slot(limits, reason, parser):
-    backend = StreamingScriptedBackend(respond=long_answer)
+    # The whole answer is queued at once: streamed a word per loop turn, a loaded machine could reach the
+    # deadline with less than the socket buffers hold, which is then written out, and nothing is cut.
+    backend = StreamingScriptedBackend(respond=long_answer, interleaved=False)
     config = ServerConfig(schedule=DEFAULT, max_concurrent_requests=1, **limits)
     with running_app(backend, config) as running:
         with a_stream_nobody_reads(running):
@@ -373,14 +380,16 @@ def test_a_stream_read_slowly_but_steadily_is_not_cut(parser):
     backend = StreamingScriptedBackend(respond=long_answer)
     # The reader drains the kernel's queue, not the server's own buffer, for several stall limits:
     # progress is counted in both.
-    with running_app(backend, ServerConfig(schedule=DEFAULT, write_timeout_s=1.0)) as running:
+    # A 2 s stall limit, 40 times the reader's pauses: only a stall of the machine longer than that
+    # (this process hosts the server too) would look like a client that stopped reading.
+    with running_app(backend, ServerConfig(schedule=DEFAULT, write_timeout_s=2.0)) as running:
         with a_stream_nobody_reads(running) as connection:
             wait_for(lambda: len(backend.calls) == 1)
             received = bytearray()
             started = time.monotonic()
             while chunk := connection.recv(8192):
                 received += chunk
-                if time.monotonic() - started < 4.0:
+                if time.monotonic() - started < 6.0:
                     time.sleep(0.05)  # 160 KB/s, far slower than the server writes: its buffer stays full
         assert b"data: [DONE]" in received[-100:], bytes(received[-100:])
         assert len(received) > len(LONG_ANSWER)
@@ -392,13 +401,15 @@ def test_a_stream_read_slowly_but_steadily_is_not_cut(parser):
 
 def test_a_round_whose_calls_all_timed_out_is_a_504(fake):
     fake.respond = lambda call, i: Completion(text="", error="no answer within 1s", error_kind="timeout")
-    with running_app(fake, ServerConfig(schedule=DEFAULT)) as running:
+    # The SDK client closed by the block: a failed call's traceback would keep it for the GC, which can
+    # find its socket still open (a ResourceWarning).
+    with running_app(fake, ServerConfig(schedule=DEFAULT)) as running, client(running) as sdk:
         with pytest.raises(openai.APIStatusError) as caught:
-            client(running).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+            sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
         assert caught.value.status_code == 504
         assert caught.value.body["code"] == "backend_timeout"
         with pytest.raises(openai.APIError) as streamed:
-            list(client(running).chat.completions.create(
+            list(sdk.chat.completions.create(
                 model="m", stream=True, messages=[{"role": "user", "content": "Hi"}]
             ))  # fmt: skip
         assert streamed.value.body["code"] == "backend_timeout"
@@ -407,14 +418,14 @@ def test_a_round_whose_calls_all_timed_out_is_a_504(fake):
             text="", error="boom", error_kind="timeout" if call.number % 2 else "status"
         )
         with pytest.raises(openai.InternalServerError) as mixed:
-            client(running).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+            sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
         assert (mixed.value.status_code, mixed.value.body["code"]) == (502, "round_failed")
 
 
 def test_strict_types_through_the_sdk(fake):
-    with running_app(fake, ServerConfig(schedule=DEFAULT)) as running:
+    with running_app(fake, ServerConfig(schedule=DEFAULT)) as running, client(running) as sdk:
         with pytest.raises(openai.BadRequestError) as caught:
-            client(running).chat.completions.create(
+            sdk.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "Hi"}], extra_body={"pacore": {"schedule": [True]}}
             )
         assert caught.value.body["param"].startswith("pacore.schedule")

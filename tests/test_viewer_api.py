@@ -249,17 +249,18 @@ def test_pacore_view_command_serves_the_run_and_refuses_a_non_run(run_dir, tmp_p
     refused = subprocess.run([PACORE, "view", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode == 2 and refused.stderr.startswith("pacore: error: ")
     assert len(refused.stderr.strip().splitlines()) == 1
-    process = subprocess.Popen([PACORE, "view", str(run_dir[0]), "--port", "0"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    try:
-        line = process.stdout.readline()
-        url = re.search(r"(http://\S+)/ui", line).group(1)
-        assert "(read-only)" in line
-        listing = httpx.get(f"{url}/ui/api/requests", timeout=30).json()["data"]
-        assert len(listing) == 9
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    # As a context manager Popen closes its pipes once the process is reaped (else ResourceWarnings).
+    with subprocess.Popen([PACORE, "view", str(run_dir[0]), "--port", "0"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env) as process:  # fmt: skip
+        try:
+            line = process.stdout.readline()
+            url = re.search(r"(http://\S+)/ui", line).group(1)
+            assert "(read-only)" in line
+            listing = httpx.get(f"{url}/ui/api/requests", timeout=30).json()["data"]
+            assert len(listing) == 9
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def test_a_prompt_too_long_to_keep_is_left_out_not_cut() -> None:
