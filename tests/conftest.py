@@ -53,19 +53,6 @@ def patient_math_verify() -> Iterator[None]:
     grading._VERIFY_TIMEOUT_S = saved
 
 
-@pytest.fixture(scope="session", autouse=True)
-def math_verify_child_reaped() -> Iterator[None]:
-    """The math-verify child process that grading off the main thread starts ends with the session.
-
-    pacore.eval.grading keeps it for the life of the process and leaves it to the interpreter's exit,
-    which warns of the child still running and of its two open pipes (ResourceWarning).
-    """
-    yield
-    from pacore.eval import grading
-
-    grading._verify_process._stop()
-
-
 @pytest.fixture(scope="session")
 def llama_server_url() -> Iterator[str]:
     """Base URL (``http://127.0.0.1:PORT/v1``) of a real llama-cpp-python server

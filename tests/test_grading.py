@@ -313,3 +313,30 @@ def test_off_posix_math_verify_keeps_its_own_timeouts_in_any_thread(monkeypatch)
 def test_an_answer_already_extracted_is_compared_as_it_is(answer: str, truth: str, kind: str) -> None:
     assert grade_verdict(answer, truth, kind, extracted=True) == GradeVerdict(True)
     assert not grade_verdict(answer, "7", kind, extracted=True).correct
+
+
+def test_a_program_that_graded_off_the_main_thread_ends_its_grader_process_on_exit() -> None:
+    """The supervised math-verify child ends with the program: no child left running, no pipe left open."""
+    import os
+    import subprocess
+    import sys
+
+    from cli_harness import environment
+
+    code = (
+        "import threading\n"
+        "from pacore.eval import grading\n"
+        "verdicts = []\n"
+        "thread = threading.Thread(target=lambda: verdicts.append(grading.grade_verdict(r'\\boxed{\\sqrt{4}}', '2')))\n"
+        "thread.start(); thread.join()\n"
+        "print(verdicts[0].correct, grading._verify_process._process.pid)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "always::ResourceWarning", "-c", code],
+        capture_output=True, text=True, timeout=300, env=environment(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    correct, pid = done.stdout.split()
+    assert correct == "True" and "ResourceWarning" not in done.stderr, done.stderr
+    with pytest.raises(ProcessLookupError):  # reaped, not left running
+        os.kill(int(pid), 0)

@@ -27,6 +27,7 @@ batch run can tell such answers from wrong ones (:class:`GradeVerdict`).
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import logging
@@ -307,3 +308,5 @@ class _VerifyProcess:
 
 
 _verify_process = _VerifyProcess()
+# Ended with its parent's interpreter, not left to it: that warns of a child still running and its open pipes.
+atexit.register(_verify_process._stop)
