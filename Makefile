@@ -79,13 +79,17 @@ browser:
 # Parallel workers (pytest-xdist): most tests wait on loopback servers and subprocesses, so more
 # workers than cores pay (docs/checks.md has the figures). TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 4
+# The suite starts hundreds of Python processes (workers, pacore commands, servers): with bytecode
+# caching off (PYTHONDONTWRITEBYTECODE, which some environments set), each would compile pacore and
+# its tests again. On for the tests: about a sixth of the unit lane's CPU (docs/checks.md).
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest
 
 test: setup train-extra browser
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(PYTEST) -n $(TEST_WORKERS)
 
 # The unit lane: no embedded model, no training, no browser, no documentation examples (a few minutes).
 test-fast: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not model and not train" --ignore=tests/test_doc_examples.py --ignore=tests/test_ui.py
+	$(PYTEST) -n $(TEST_WORKERS) -m "not model and not train" --ignore=tests/test_doc_examples.py --ignore=tests/test_ui.py
 
 # Performance figures against the targets (bench/RESULTS.md) and reliability under injected
 # faults (bench/RELIABILITY.md); BENCH_FLAGS=--quick for a short run. Only --write (passed

@@ -15,6 +15,7 @@ entry point, argv bytes, signals, streams).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -61,11 +62,15 @@ def pacore(
     )
 
 
-def invoke(*args: str, stdin: bytes = b"", env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
-    """Run ``pacore ARGS`` in this process, with ``env`` set (None: unset) for it: (exit code, stdout, stderr).
+def invoke(
+    *args: str, stdin: bytes = b"", env: dict[str, str | None] | None = None, cwd: Path | None = None
+) -> tuple[int, str, str]:
+    """Run ``pacore ARGS`` in this process, with ``env`` set (None: unset) for it, in ``cwd`` if given:
+    (exit code, stdout, stderr).
 
     An escaping exception fails the test."""
-    with CliRunner().isolation(input=stdin, env={**CLEAN_ENV, **(env or {})}) as (out, err, _):
+    isolation = CliRunner().isolation(input=stdin, env={**CLEAN_ENV, **(env or {})})
+    with contextlib.chdir(cwd or Path.cwd()), isolation as (out, err, _):
         try:
             main(list(args))
             code = 0
@@ -77,10 +82,10 @@ def invoke(*args: str, stdin: bytes = b"", env: dict[str, str | None] | None = N
 
 
 def pacore_in_process(
-    *args: str, stdin: str = "", env: dict[str, str | None] | None = None
+    *args: str, stdin: str = "", env: dict[str, str | None] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """:func:`pacore`'s outcome, from :func:`invoke`: for the tests of what a command says, not of its process."""
-    code, stdout, stderr = invoke(*args, stdin=stdin.encode(), env=env)
+    code, stdout, stderr = invoke(*args, stdin=stdin.encode(), env=env, cwd=cwd)
     return subprocess.CompletedProcess(["pacore", *args], code, stdout, stderr)
 
 

@@ -30,8 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cli_harness import assert_one_line_error, environment, free_port, pacore_in_process
-from cli_harness import pacore as run_pacore
+from cli_harness import assert_one_line_error, free_port, pacore_in_process
 from pacore.errors import DatasetError, DownloadError, MissingExtraError, UsageError
 from pacore.eval import grade, load_dataset
 from pacore.eval.catalogue import CATALOGUE, GPQA_LETTERS, get_dataset, gpqa_option_order
@@ -707,8 +706,9 @@ def test_cli_draws_the_download_bar_on_a_terminal(server: FileServer, tmp_path: 
 
 
 def pacore(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """``pacore ARGS`` in ``cwd`` with ``env`` and no data mirror but what ``env`` names."""
-    return run_pacore(*args, cwd=cwd, timeout=120, env=environment("PACORE_DATA_MIRROR", **env))
+    """``pacore ARGS`` in ``cwd`` with ``env`` and no data mirror but what ``env`` names, in this process
+    (what the commands say; the Ctrl-C test starts a real one)."""
+    return pacore_in_process(*args, cwd=cwd, env={"PACORE_DATA_MIRROR": None, **env})
 
 
 def test_cli_get_from_url_then_check_and_list(server: FileServer, tmp_path: Path) -> None:

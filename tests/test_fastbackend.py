@@ -427,8 +427,11 @@ def test_adaptive_benchmark_runs_against_the_simulator() -> None:
     # Early stop cut trajectories mid-stream, and their tokens were counted, not dropped.
     assert live["early_stop_p90"]["stopped_per_problem"] > 0
     assert 0 < live["early_stop_p90"]["tokens_ratio"] < 1
-    # Quorum 0.9 of 16 cancels the last trajectory of round 1 (unless the last two finish together).
-    assert 0 < live["quorum_0.9"]["stopped_per_problem"] <= 1
+    # Quorum 0.9 of 16 cancels at most the last trajectory of round 1: none when the last ones finish
+    # together, as runaways running to max_tokens side by side do (tests/test_adaptive_engine.py checks
+    # the cancelling itself, without a clock).
+    assert 0 <= live["quorum_0.9"]["stopped_per_problem"] <= 1
+    assert live["quorum_0.9"]["tokens_ratio"] <= 1
     assert all(0 <= arm["accuracy"] <= 1 for arm in live.values())
     assert set(figures["targets"]) == {"token_saving_within_1pt", "quorum_p50_wall_saving"}
     # The simulator ran with the spread and runaway share asked for, and the figures say so.

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from rich.console import Console
 
-from cli_harness import PACORE, assert_one_line_error, closed_port_url, environment, pacore
+from cli_harness import PACORE, assert_one_line_error, closed_port_url, environment, pacore, pacore_in_process
 from harness import fast_backend
 from pacore.cli.run import LiveBatchDisplay
 from pacore.eval import runner
@@ -104,7 +104,7 @@ def test_sigkill_then_resume_loses_and_repeats_nothing(fast_server: str, data: P
     wait_until_idle(fast_server)
     served_before = samples_served(fast_server)
 
-    resumed = pacore("run", *command)
+    resumed = pacore_in_process("run", *command)  # the resume: what it says, not its process
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming pacore-2 in {run_dir}: {len(finished_before)} done (skipped)" in resumed.stderr
     assert resumed.stdout.startswith(f"pacore-2: {PROBLEMS}/{PROBLEMS} answered")
@@ -117,7 +117,7 @@ def test_sigkill_then_resume_loses_and_repeats_nothing(fast_server: str, data: P
     # 2 first-round samples + 1 synthesis per problem, and only for the unfinished ones.
     assert samples_served(fast_server) - served_before == 3 * (PROBLEMS - len(finished_before))
 
-    again = pacore("run", *command)
+    again = pacore_in_process("run", *command)
     assert again.returncode == 0 and "0 unfinished" in again.stderr
     assert samples_served(fast_server) - served_before == 3 * (PROBLEMS - len(finished_before))
 
@@ -151,7 +151,7 @@ def test_repeats_survive_sigkill_and_a_second_seed_adds_draws(fast_server: str, 
     wait_until_idle(fast_server)
     served_before = samples_served(fast_server)
 
-    resumed = pacore("run", *command)
+    resumed = pacore_in_process("run", *command)  # the resume: what it says, not its process
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming pacore-2 in {run_dir}: {len(done_before)} done (skipped)" in resumed.stderr
     assert resumed.stdout.startswith(
@@ -168,10 +168,10 @@ def test_repeats_survive_sigkill_and_a_second_seed_adds_draws(fast_server: str, 
     assert missing <= extra <= missing + 4 * problems
 
     served_before = samples_served(fast_server)
-    second_seed = pacore("run", *common, "--repeats", str(repeats), "--seed", "2")
+    second_seed = pacore_in_process("run", *common, "--repeats", str(repeats), "--seed", "2")
     assert second_seed.returncode == 0, second_seed.stderr
     assert samples_served(fast_server) - served_before == repeats * problems  # one synthesis each, no new pool
-    report = pacore("report", str(run_dir), "--json")
+    report = pacore_in_process("report", str(run_dir), "--json")
     assert report.returncode == 0, report.stderr
     (figures,) = json.loads(report.stdout)["methods"]
     assert (figures["problems"], figures["results"], figures["repeats"], figures["answered"]) == (
@@ -182,22 +182,27 @@ def test_repeats_survive_sigkill_and_a_second_seed_adds_draws(fast_server: str, 
 
 
 def test_a_changed_method_or_data_set_is_refused_unless_forced(fast_server: str, data: Path, tmp_path: Path) -> None:
+    # What the command says, not its process: in this process (the other tests here start real ones).
     run_dir = tmp_path / "run"
     backend = ["--backend", fast_server, "--model", "fast", "--max-tokens", "6", "--quiet"]
-    first = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1", *backend)
+    first = pacore_in_process("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1", *backend)
     assert first.returncode == 0, first.stderr
 
-    method = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--method", "single", *backend)
+    method = pacore_in_process("run", str(data), "--out", str(run_dir), "--limit", "2", "--method", "single", *backend)
     assert_one_line_error(method, 2, "holds pacore-1, not single; add --add-arm")
-    other_data = pacore("run", str(data), "--out", str(run_dir), "--limit", "3", "--schedule", "1", *backend)
+    other_data = pacore_in_process("run", str(data), "--out", str(run_dir), "--limit", "3", "--schedule", "1", *backend)
     assert_one_line_error(other_data, 2, "holds a run of another data set (2 problems")
-    other_settings = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1",
+    other_settings = pacore_in_process("run", str(data), "--out", str(run_dir), "--limit", "2", "--schedule", "1",
                             *backend, "--temperature", "0.5")  # fmt: skip
     assert_one_line_error(other_settings, 2, "temperature 1.0 -> 0.5")
 
-    added = pacore("run", str(data), "--out", str(run_dir), "--limit", "2", "--method", "single", "--add-arm", *backend)
+    added = pacore_in_process(
+        "run", str(data), "--out", str(run_dir), "--limit", "2", "--method", "single", "--add-arm", *backend
+    )
     assert added.returncode == 0, added.stderr
-    forced = pacore("run", str(data), "--out", str(run_dir), "--limit", "3", "--schedule", "1", "--force", *backend)
+    forced = pacore_in_process(
+        "run", str(data), "--out", str(run_dir), "--limit", "3", "--schedule", "1", "--force", *backend
+    )
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.startswith("pacore-1: 3/3 answered")
     assert len(list(run_dir.glob("run.replaced-*.sqlite"))) == 1
@@ -240,7 +245,7 @@ def test_gsm8k_with_the_embedded_model_then_report(tmp_path: Path) -> None:
     majority = pacore("run", str(GSM8K), *common, "--method", "majority", "--samples", "2", "--add-arm")
     assert majority.returncode == 0, majority.stderr
 
-    report = pacore("report", str(run_dir), "--json")
+    report = pacore_in_process("report", str(run_dir), "--json")
     assert report.returncode == 0, report.stderr
     methods = {m["arm"]: m for m in json.loads(report.stdout)["methods"]}
     assert set(methods) == {"pacore-2", "majority-2"}
