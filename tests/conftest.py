@@ -89,8 +89,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("llama_server"))
         elif any(scope in SHARED_SCOPES for scope in _fixture_scopes(item)):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    _slowest_modules_first(items)
     if config.getoption("loadgroup", False):  # set in pytest-xdist's workers under --dist loadgroup
         _name_groups(items)
+
+
+def _slowest_modules_first(items: list[pytest.Item]) -> None:
+    """Order the modules that train or run the embedded model before the rest, each module kept whole.
+
+    pytest-xdist hands out tests in this order: a training run or a documentation example that runs
+    the model for minutes, started last, would keep one worker busy long after the others are done.
+    """
+
+    def weight(item: pytest.Item) -> int:
+        if item.get_closest_marker("train"):
+            return 0
+        if item.get_closest_marker("model") or item.nodeid.startswith("tests/test_doc_examples.py"):
+            return 1
+        return 2
+
+    modules: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        modules[module] = min(modules.get(module, 2), weight(item))
+    items.sort(key=lambda item: modules[item.nodeid.split("::")[0]])  # stable: a module's own order stays
 
 
 def _name_groups(items: list[pytest.Item]) -> None:
