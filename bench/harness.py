@@ -61,12 +61,7 @@ def fast_backend(*args: str | int | float) -> Iterator[FastBackend]:
                 raise RuntimeError("fastbackend did not start in time")
             yield FastBackend(process, urls)
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 class Clock:
@@ -90,6 +85,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
     return ordered[rank - 1]
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Send ``sig`` to ``process`` and reap it, killing it if it has not ended within ``timeout`` seconds."""
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def process_cpu_s(pid: int) -> float:

@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from harness import check_targets, emit, fast_backend, machine, percentile, process_cpu_s, target_lines
+from harness import check_targets, emit, fast_backend, machine, percentile, process_cpu_s, stop_process, target_lines
 
 MESSAGES = [{"role": "user", "content": "How many primes are there below 100? Answer with the number."}]
 COMPLETION_TOKENS = 32
@@ -76,12 +76,7 @@ def pacore_serve(backend_url: str) -> Iterator[Server]:
             raise RuntimeError(f"pacore serve did not start: {line!r}")
         yield Server(match.group(1).rstrip("/") + "/v1", process.pid)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, signal.SIGINT, timeout=20)
 
 
 def body(model: str, stream: bool = False) -> dict[str, Any]:

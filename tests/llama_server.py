@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from cli_harness import free_port
+from harness import stop_process
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -49,12 +50,7 @@ def llama_server(model_path: Path, *, n_ctx: int = 4096) -> Iterator[str]:
             _wait_until_ready(process, base_url, log)
             yield base_url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, timeout=15)
 
 
 def _wait_until_ready(process: subprocess.Popen, base_url: str, log) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from harness import stop_process
 from pacore.backends.base import Backend
 from pacore.server import ServerConfig, create_app
 from pacore.server.shutdown import GracefulServer
@@ -96,9 +97,4 @@ def running_cli(*args: str) -> Iterator[tuple[RunningServer, subprocess.Popen[st
             yield RunningServer(match.group(1), start_line=first_line.rstrip("\n")), process
         finally:
             if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                stop_process(process, signal.SIGINT, timeout=20)
