@@ -20,7 +20,7 @@ import pytest
 from fakes import ScriptedBackend
 from harness import fast_backend
 from pacore import asolve
-from pacore.cli.ask import AnswerStream
+from pacore.cli.answer_stream import AnswerStream
 from pacore.cli.progress import LineProgress, ProgressState
 from pacore.trace import AnswerDelta, RoundStarted, Trajectory, TrajectoryFinished, TrajectoryProgress
 

@@ -365,7 +365,7 @@ def test_answers_graded_incorrect_without_being_judged_are_stored_and_reported(t
     summary = asyncio.run(run_dataset(path, problems, dataset_path="d.jsonl", arm=Arm.build("single"), backend=backend))
     monkeypatch.undo()
     assert (summary.graded, summary.correct, summary.not_judged) == (4, 1, 2)
-    from pacore.cli.run import summary_text
+    from pacore.cli.run_display import summary_text
 
     assert "accuracy 25.0% (1/4) (2 graded incorrect without being judged: see pacore report)" in summary_text(
         summary, path

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from cli_harness import PACORE, assert_one_line_error, closed_port_url, environment, pacore, pacore_in_process
 from harness import fast_backend
-from pacore.cli.run import LiveBatchDisplay
+from pacore.cli.run_display import LiveBatchDisplay
 from pacore.eval import runner
 from pacore.eval.runner import BatchProgress
 

@@ -11,22 +11,9 @@ in :mod:`pacore.eval`, RL rewards in :mod:`pacore.rewards`, the server in
 :mod:`pacore.server`.
 """
 
+from typing import TYPE_CHECKING
+
 from pacore._lazy import lazy_attributes
-from pacore.adaptive import ComputePolicy
-from pacore.api import asolve, iter_solve, solve
-from pacore.backends import (
-    Backend,
-    BaseBackend,
-    BreakerPolicy,
-    Completion,
-    GenerationParams,
-    LlamaCppBackend,
-    RetryPolicy,
-    RouterBackend,
-    open_backend,
-    register_backend,
-)
-from pacore.engine import asample, compact
 from pacore.errors import (
     BackendError,
     ContextOverflowError,
@@ -40,23 +27,42 @@ from pacore.errors import (
     TemplateError,
     UsageError,
 )
-from pacore.options import SolveOptions
-from pacore.prompts import SynthesisTemplate
-from pacore.schedule import PRESETS, Schedule
-from pacore.trace import (
-    AnswerDelta,
-    Confidence,
-    Event,
-    Final,
-    Result,
-    Round,
-    RoundFinished,
-    RoundStarted,
-    Trajectory,
-    TrajectoryFinished,
-    TrajectoryProgress,
-    Usage,
-)
+
+if TYPE_CHECKING:
+    from pacore.adaptive import ComputePolicy
+    from pacore.api import asolve, iter_solve, solve
+    from pacore.backends import (
+        Backend,
+        BaseBackend,
+        BreakerPolicy,
+        Completion,
+        GenerationParams,
+        LlamaCppBackend,
+        OpenAIBackend,
+        RetryPolicy,
+        RouterBackend,
+        open_backend,
+        register_backend,
+    )
+    from pacore.engine import asample
+    from pacore.messages import compact
+    from pacore.options import SolveOptions
+    from pacore.prompts import SynthesisTemplate
+    from pacore.schedule import PRESETS, Schedule
+    from pacore.trace import (
+        AnswerDelta,
+        Confidence,
+        Event,
+        Final,
+        Result,
+        Round,
+        RoundFinished,
+        RoundStarted,
+        Trajectory,
+        TrajectoryFinished,
+        TrajectoryProgress,
+        Usage,
+    )
 
 __version__ = "0.1.0"
 
@@ -109,5 +115,24 @@ __all__ = [
 ]
 
 
-# OpenAIBackend is imported on first use (see pacore.backends).
-__getattr__ = lazy_attributes(__name__, {"OpenAIBackend": "pacore.backends"})
+#: The public names (the errors above excepted) by the module each comes from. Each is imported on first
+#: use, so ``import pacore`` (and with it every ``pacore`` command) pays for the engine, pydantic and jinja2
+#: only once something uses them.
+_NAMES_BY_MODULE = {
+    "pacore.adaptive": ("ComputePolicy",),
+    "pacore.api": ("asolve", "iter_solve", "solve"),
+    "pacore.backends": (
+        "Backend", "BaseBackend", "BreakerPolicy", "Completion", "GenerationParams", "LlamaCppBackend",
+        "OpenAIBackend", "RetryPolicy", "RouterBackend", "open_backend", "register_backend",
+    ),
+    "pacore.engine": ("asample",),
+    "pacore.messages": ("compact",),
+    "pacore.options": ("SolveOptions",),
+    "pacore.prompts": ("SynthesisTemplate",),
+    "pacore.schedule": ("PRESETS", "Schedule"),
+    "pacore.trace": (
+        "AnswerDelta", "Confidence", "Event", "Final", "Result", "Round", "RoundFinished", "RoundStarted",
+        "Trajectory", "TrajectoryFinished", "TrajectoryProgress", "Usage",
+    ),
+}  # fmt: skip
+__getattr__ = lazy_attributes(__name__, _NAMES_BY_MODULE)

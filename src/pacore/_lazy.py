@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 
-def lazy_attributes(module: str, sources: Mapping[str, str]) -> Callable[[str], object]:
-    """A module-level ``__getattr__`` for ``module``: each name of ``sources`` comes from the
-    module it maps to, imported on first use; any other name is an AttributeError as usual."""
+def lazy_attributes(module: str, names_by_module: Mapping[str, Iterable[str]]) -> Callable[[str], object]:
+    """A module-level ``__getattr__`` for ``module``: each name listed in ``names_by_module`` comes from the
+    module it is listed under, imported on first use; any other name is an AttributeError as usual."""
+    sources = {name: source for source, names in names_by_module.items() for name in names}
 
     def __getattr__(name: str) -> object:
         if name in sources:

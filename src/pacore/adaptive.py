@@ -32,7 +32,8 @@ _RoundShare = Annotated[float | None, Field(gt=0, le=1)]
 class ComputePolicy(BaseModel):
     """Which adaptive-compute policies a request uses (all off by default)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    # defer_build: the validator is built when a policy is first made, not when the CLI reads the fields.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, defer_build=True)
 
     #: Implied by ``keep_top`` and ``early_stop``.
     confidence: Annotated[
@@ -179,8 +180,9 @@ _SETTINGS_OF = {
     "straggler_timeout": "quorum",
 }
 
-#: Every policy off: the paper's method (a policy is immutable, so one serves every request).
-POLICIES_OFF = ComputePolicy()
+#: Every policy off: the paper's method (a policy is immutable, so one serves every request). Its
+#: defaults need no validation: importing this module builds no validator.
+POLICIES_OFF = ComputePolicy.model_construct()
 
 
 def majority_probability(leader: int, others: int) -> float:

@@ -6,7 +6,6 @@ exit codes in ``pacore.cli.main``, HTTP statuses in ``pacore.server``.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -139,6 +138,8 @@ class DeadlineExceededError(RoundFailedError):
 
 def first_error(group: BaseExceptionGroup) -> BaseException:
     """The first real error of a task group's failure (a cancellation only if nothing else)."""
+    import asyncio  # here: every ``pacore`` command imports this module, most never start an event loop
+
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             return first_error(exc)

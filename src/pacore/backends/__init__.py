@@ -126,4 +126,4 @@ __all__ = [
 
 # Imported on first use: the HTTP client costs import time that users of
 # the embedded model need not pay.
-__getattr__ = lazy_attributes(__name__, {"OpenAIBackend": "pacore.backends.openai_http"})
+__getattr__ = lazy_attributes(__name__, {"pacore.backends.openai_http": ("OpenAIBackend",)})

@@ -15,8 +15,7 @@ import typer
 from pacore.cli.app import app
 from pacore.cli.options import out_option
 from pacore.errors import UsageError
-from pacore.eval.datasets import dataset_fingerprint, load_dataset
-from pacore.eval.synthetic import OPERATIONS, synthetic_problems, write_jsonl
+from pacore.eval.synthetic import OPERATIONS
 
 data_app = typer.Typer(help="Get, check and generate data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -35,6 +34,8 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Read a data set as 'pacore run' would and summarize it (count, answers, kinds, fingerprint)."""
+    from pacore.eval.datasets import dataset_fingerprint, load_dataset
+
     problems = load_dataset(path)
     summary: dict[str, Any] = {
         "problems": len(problems),
@@ -75,6 +76,8 @@ def synth(
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same problems.")] = 0,
 ) -> None:
     """Write large-integer arithmetic problems with exact answers (plain JSONL format)."""
+    from pacore.eval.synthetic import synthetic_problems, write_jsonl
+
     operations = [op.strip() for op in ops.split(",") if op.strip()]
     problems = synthetic_problems(count, digits=_digit_range(digits), operations=operations, seed=seed)
     written = write_jsonl(problems, out)

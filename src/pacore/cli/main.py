@@ -36,7 +36,10 @@ COMMAND_HOMES = {"export-train": "report", "regrade": "run"}
 def _register_commands(command: str | None = None) -> None:
     # Each command group lives in its own module and registers itself on ``app`` when imported.
     # A known command needs only its own module: ``pacore ask`` then starts without importing the
-    # evaluation code of run and report (a tenth of a second); help and typos get every command.
+    # evaluation code of run and report (a tenth of a second); ``--version`` needs none; help and
+    # typos get every command.
+    if command == "--version":
+        return
     home = COMMAND_HOMES.get(command or "", command)
     for name in [home] if home in COMMAND_MODULES else COMMAND_MODULES:
         importlib.import_module(f"pacore.cli.{name}")

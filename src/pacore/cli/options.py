@@ -19,20 +19,24 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, get_type_hints
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pacore.adaptive import ComputePolicy
-from pacore.backends import Backend, GenerationParams, RetryPolicy, open_backend
 from pacore.errors import OutputError, UsageError
 from pacore.files import output_path
 from pacore.flags import Flag, declared_flags
-from pacore.options import SolveOptions
-from pacore.prompts import SynthesisTemplate
 from pacore.schedule import Schedule
-from pacore.synthesis import REFERENCE_ORDERS, ReferenceOrder
+
+# The engine's objects (and jinja2, behind the templates) are imported where a command builds them:
+# declaring the options, which every `pacore` command line does, needs none of them.
+if TYPE_CHECKING:
+    from pacore.backends import Backend, GenerationParams
+    from pacore.options import SolveOptions
+    from pacore.prompts import SynthesisTemplate
+    from pacore.synthesis import ReferenceOrder
 
 BACKEND_PANEL = "Backend"
 GENERATION_PANEL = "Generation"
@@ -215,7 +219,8 @@ def flagged_fields(settings: type) -> list[FlaggedField]:
 
     Their defaults are those of ``settings()``.
     """
-    defaults = settings()
+    # A model's defaults without validating them: its validator is built when a command uses it.
+    defaults = settings.model_construct() if issubclass(settings, BaseModel) else settings()
     return [FlaggedField(name, kind, getattr(defaults, name), flag) for name, kind, flag in declared_flags(settings)]
 
 
@@ -318,6 +323,8 @@ class SolveSetup(NamedTuple):
 def generation_params(
     *, max_tokens: int | None, temperature: float, top_p: float, seed: int | None
 ) -> GenerationParams:
+    from pacore.backends import GenerationParams
+
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
@@ -337,6 +344,8 @@ def check_limits(*, deadline: float | None, min_success: float | None) -> None:
 
 def parse_reference_order(value: str) -> ReferenceOrder:
     """The ``--reference-order`` value, checked."""
+    from pacore.synthesis import REFERENCE_ORDERS
+
     if value not in REFERENCE_ORDERS:
         raise UsageError(f"--reference-order must be one of {', '.join(REFERENCE_ORDERS)}, got {value!r}")
     return value  # type: ignore[return-value]
@@ -348,6 +357,8 @@ def load_template(template: str | Path | None, schedule: Schedule) -> SynthesisT
     The trial render catches unknown variables now rather than after the
     first round has spent its compute.
     """
+    from pacore.prompts import SynthesisTemplate
+
     synthesis = SynthesisTemplate.load(template)
     ks = schedule.ks
     for index in range(1, len(ks)):
@@ -374,6 +385,8 @@ def open_backends(
     Takes the list of every ``--backend`` given; several make one backend
     that sends each call to the least busy of them (see ``pacore.backends.router``).
     """
+    from pacore.backends import RetryPolicy, open_backend
+
     specs = [spec for spec in specs or () if spec.strip()]
     if timeout is not None and not timeout > 0:  # NaN too
         raise UsageError(f"--timeout must be positive, got {timeout:g}")
@@ -418,6 +431,8 @@ class SolveFlags:
         self, schedule: Schedule, *, compute: ComputePolicy | None = None, stream_answer: bool = False
     ) -> SolveOptions:
         """Validate every flag but the backend ones; the template is trial-rendered for ``schedule``."""
+        from pacore.options import SolveOptions
+
         params = generation_params(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed
         )

@@ -11,8 +11,7 @@ import typer
 from pacore.cli.app import app
 from pacore.cli.options import TemplateOption, out_option, panel_option, parse_reference_order
 from pacore.cli.results import interval_text
-from pacore.eval import export, report
-from pacore.verifier import Verifier
+from pacore.eval import choices
 
 
 @app.command("report")
@@ -50,6 +49,9 @@ def report_command(
     failures; for PaCoRe arms, synthesis diagnostics; with --verifier, spurious correctness
     (verdicts cached, see docs/train.md).
     """
+    from pacore.eval import report
+    from pacore.verifier import Verifier
+
     if verifier is None:
         arms, files = report.write_report(run_dirs, out)
     else:
@@ -121,20 +123,20 @@ def export_train_command(
         typer.Option(
             "--format",
             "-f",
-            help=f"One of {', '.join(export.FORMATS)}: the released JSONL layout, verl's "
+            help=f"One of {', '.join(choices.FORMATS)}: the released JSONL layout, verl's "
             "parquet, or a TRL data set; verl and trl hold the synthesis prompt the engine sends.",
         ),
     ] = "pacore",  # fmt: skip
     min_acc: Annotated[
         float, _stage_one_option("--min-acc", help="Keep problems whose message-set accuracy is above this.")
-    ] = export.DEFAULT_MIN_ACC,
+    ] = choices.DEFAULT_MIN_ACC,
     max_acc: Annotated[
         float, _stage_one_option("--max-acc", help="... and below this (9/24 in the report).")
-    ] = export.DEFAULT_MAX_ACC,
+    ] = choices.DEFAULT_MAX_ACC,
     min_size: Annotated[int, _stage_one_option("--min-size", help="Smallest message set (clipped to what exists).")] = (
-        export.DEFAULT_MIN_SIZE
+        choices.DEFAULT_MIN_SIZE
     ),
-    max_size: Annotated[int, _stage_one_option("--max-size", help="Largest message set.")] = export.DEFAULT_MAX_SIZE,
+    max_size: Annotated[int, _stage_one_option("--max-size", help="Largest message set.")] = choices.DEFAULT_MAX_SIZE,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the message-set draws and of the reference order.")] = 0,
     arm: Annotated[
         str | None,
@@ -176,6 +178,8 @@ def export_train_command(
     In verl and trl records the prompt is the synthesis conversation the engine sends, built with
     the run's template and reference order unless --template / --reference-order say otherwise.
     """
+    from pacore.eval import export
+
     if order is not None:
         parse_reference_order(order)
     summary = export.export_train(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pacore.eval import report
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pacore.eval.report import ArmReport
 
 
 def results_unit(repeats: int) -> str:
@@ -10,7 +13,9 @@ def results_unit(repeats: int) -> str:
     return "problems" if repeats == 1 else "problem repeats"
 
 
-def interval_text(arm: report.ArmReport) -> str:
+def interval_text(arm: ArmReport) -> str:
     """An arm's 95% accuracy interval as `` [lo, hi]``, or nothing when it has none."""
+    from pacore.eval import report  # on use: declaring the commands must not load the report code
+
     interval = arm.interval
     return f" [{report.percent(interval[0])}, {report.percent(interval[1])}]" if interval else ""

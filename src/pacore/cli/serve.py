@@ -38,7 +38,6 @@ from pacore.cli.options import (
     with_compute_options,
     with_settings_options,
 )
-from pacore.engine import check_policy
 from pacore.errors import PacoreError
 from pacore.schedule import Schedule
 from pacore.server.settings import ServerSettings
@@ -113,6 +112,7 @@ def serve(
     and a request's pacore.compute object overrides the adaptive-compute flags.
     """
     require("server", *SERVER_MODULES, feature="pacore serve")
+    from pacore.engine import check_policy
     from pacore.server import ServerConfig, create_app
     from pacore.server.shutdown import GracefulServer
 

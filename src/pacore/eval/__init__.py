@@ -13,12 +13,17 @@ reports and training export (the Python side of ``pacore run``, ``report`` and `
     write_report(["runs/gsm8k"])
 """
 
-from pacore.eval.datasets import Problem, dataset_fingerprint, load_dataset
-from pacore.eval.export import export_train
-from pacore.eval.grading import extract_answer, grade, majority_vote
-from pacore.eval.report import write_report
-from pacore.eval.runner import Arm, BatchRun, run_dataset
-from pacore.eval.synthetic import synthetic_problems, write_jsonl
+from typing import TYPE_CHECKING
+
+from pacore._lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from pacore.eval.datasets import Problem, dataset_fingerprint, load_dataset
+    from pacore.eval.export import export_train
+    from pacore.eval.grading import extract_answer, grade, majority_vote
+    from pacore.eval.report import write_report
+    from pacore.eval.runner import Arm, BatchRun, run_dataset
+    from pacore.eval.synthetic import synthetic_problems, write_jsonl
 
 __all__ = [
     "Arm",
@@ -35,3 +40,15 @@ __all__ = [
     "write_jsonl",
     "write_report",
 ]
+
+#: The public names by the module each comes from, imported on first use: a command that needs one
+#: module (``pacore data check`` reads data sets) does not import the runner, reports and export.
+_NAMES_BY_MODULE = {
+    "pacore.eval.datasets": ("Problem", "dataset_fingerprint", "load_dataset"),
+    "pacore.eval.export": ("export_train",),
+    "pacore.eval.grading": ("extract_answer", "grade", "majority_vote"),
+    "pacore.eval.report": ("write_report",),
+    "pacore.eval.runner": ("Arm", "BatchRun", "run_dataset"),
+    "pacore.eval.synthetic": ("synthetic_problems", "write_jsonl"),
+}
+__getattr__ = lazy_attributes(__name__, _NAMES_BY_MODULE)

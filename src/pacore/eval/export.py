@@ -44,12 +44,20 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from pacore._extras import require
 from pacore.backends.base import Message
 from pacore.engine import adopt_first_round
 from pacore.errors import RunConflictError, UsageError
+from pacore.eval.choices import (
+    DEFAULT_MAX_ACC,
+    DEFAULT_MAX_SIZE,
+    DEFAULT_MIN_ACC,
+    DEFAULT_MIN_SIZE,
+    FORMATS,
+    ExportFormat,
+)
 from pacore.eval.datasets import load_dataset
 from pacore.eval.grading import grade_verdict
 from pacore.eval.report import run_inputs
@@ -61,13 +69,6 @@ from pacore.store import ArmInfo, RunStore, StoredProblem
 from pacore.synthesis import ReferenceOrder, build_synthesis_input
 from pacore.trace import Trajectory
 
-ExportFormat = Literal["pacore", "verl", "trl"]
-FORMATS: tuple[str, ...] = get_args(ExportFormat)
-
-DEFAULT_MIN_ACC = 0.0
-DEFAULT_MAX_ACC = 0.375
-DEFAULT_MIN_SIZE = 16
-DEFAULT_MAX_SIZE = 24
 IMAGE_PLACEHOLDER = "<image>"
 
 _ABILITY = {"choice": "choice", "exact": "text"}  # every other grading kind is "math"

@@ -47,6 +47,7 @@ from pacore.adaptive import ComputePolicy
 from pacore.backends.base import Backend, GenerationParams
 from pacore.engine import asample, asolve, check_policy, too_few_succeeded, within_deadline
 from pacore.errors import DatasetError, PacoreError, RoundFailedError, RunConflictError, UsageError
+from pacore.eval.choices import DEFAULT_SAMPLES, METHODS
 from pacore.eval.datasets import Problem, dataset_fingerprint
 from pacore.eval.figures import ArmReport, arm_report
 from pacore.eval.grading import extract_answer, grade_verdict, majority_vote
@@ -59,8 +60,6 @@ from pacore.trace import Event, Result, Round, RoundStarted, Trajectory, Traject
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("pacore", "single", "majority")
-DEFAULT_SAMPLES = 16
 #: Generation settings that only pick draws from a pool, so a pooled run accepts another value.
 POOL_DRAW_SETTINGS = ("seed",)
 

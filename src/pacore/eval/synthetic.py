@@ -11,11 +11,13 @@ import json
 import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pacore.errors import UsageError
-from pacore.eval.datasets import Problem
 from pacore.files import atomic_output, refuse_overwriting
-from pacore.store import store_files
+
+if TYPE_CHECKING:
+    from pacore.eval.datasets import Problem
 
 _INSTRUCTION = "Give the exact integer as your final answer in \\boxed{}."
 
@@ -65,6 +67,9 @@ def synthetic_problems(
     The same arguments always give the same problems. Ids are
     ``synth-<seed>-<index>``; answers are exact integers graded as numbers.
     """
+    # Imported here: `pacore --help` lists OPERATIONS without loading the data set code.
+    from pacore.eval.datasets import Problem
+
     if not 1 <= count <= MAX_COUNT:
         raise UsageError(f"count must be from 1 to {MAX_COUNT:,}, got {_clip(count)}")
     low, high = digits
@@ -110,6 +115,8 @@ def write_jsonl(problems: Iterable[Problem], path: str | Path) -> int:
     reference format (``messages``, ``ground_truth``). Returns the count.
     The file is replaced atomically; a run directory's own files are refused.
     """
+    from pacore.store import store_files
+
     path = Path(path)
     refuse_overwriting(path, store_files(path.parent))
     count = 0
