@@ -3,8 +3,9 @@
 Each check runs the command in a fresh interpreter and lists the modules it
 loaded: ``import pacore`` and ``pacore --version`` load neither pydantic nor
 the engine; declaring the commands (``pacore --help``, ``pacore ask --help``)
-loads neither the engine, the server, the evaluation code, jinja2, httpx
-nor asyncio, and builds no validator of pacore's own models.
+and listing the data sets (``pacore data list``) load neither the engine, the
+server, the evaluation code, jinja2, httpx nor asyncio, and build no validator
+of pacore's own models.
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ def test_version_needs_no_command_module() -> None:
     assert {name for name in loaded if name.startswith("pacore.cli.")} == {"pacore.cli.app", "pacore.cli.main"}
 
 
-@pytest.mark.parametrize("args", [["--help"], ["ask", "--help"], ["run", "--help"], ["serve", "--help"]], ids=" ".join)
-def test_declaring_the_commands_loads_no_run_time_module(args: list[str]) -> None:
+@pytest.mark.parametrize(
+    "args", [["--help"], ["ask", "--help"], ["run", "--help"], ["serve", "--help"], ["data", "list"]], ids=" ".join
+)
+def test_declaring_the_commands_and_listing_data_sets_load_no_run_time_module(args: list[str]) -> None:
     statement = COMMAND.format(args=args) + (
         "from pacore.adaptive import ComputePolicy\n"
         "assert not ComputePolicy.__pydantic_complete__, 'ComputePolicy was validated'\n"

@@ -31,12 +31,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
 from pydantic import TypeAdapter
 
 from pacore._extras import require
 from pacore.errors import DatasetError, DownloadError, UsageError
-from pacore.eval.datasets import load_dataset
 from pacore.eval.download import (
     DownloadBar,
     DownloadLimits,
@@ -49,7 +47,6 @@ from pacore.eval.download import (
     normalize_sha256,
 )
 from pacore.files import atomic_output, refuse_overwriting
-from pacore.store import store_files
 
 Format = Literal["jsonl", "json", "parquet", "csv"]
 Row = dict[str, Any]
@@ -359,6 +356,8 @@ class GetReport:
 
 def cache_path_for(url: str, cache: Path) -> Path:
     """A cache file for ``url``: its host (and port) and path under ``cache`` (no '..', query hashed in)."""
+    import httpx  # here: listing the catalogue needs no HTTP client
+
     parsed = httpx.URL(url)
     parts = [p for p in parsed.path.split("/") if p not in ("", ".", "..")] or ["index"]
     if parsed.query:
@@ -413,6 +412,8 @@ def get_dataset(
         plan = [(f.url_via(mirror), f.url, f) for f in entry.files]
     records: list[Row] = []
     reports: list[SourceReport] = []
+    from pacore.store import store_files
+
     inputs = store_files(out.parent)
     for location, canonical, spec in plan:
         fetched = _obtain(location, canonical, spec, pinned, force, limits, progress, cache)
@@ -482,6 +483,8 @@ def _obtain(
 
 
 def _write_checked(content: str, out: Path) -> None:
+    from pacore.eval.datasets import load_dataset
+
     def loads(temp: Path) -> None:
         try:
             load_dataset(temp)

@@ -24,9 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 try:
     import fcntl
@@ -36,6 +34,10 @@ except ImportError:  # not on Windows: downloads there are not locked against ea
 from pacore import __version__
 from pacore.errors import DownloadError, UsageError
 from pacore.files import write_atomic
+
+# httpx is imported where a file is downloaded: `pacore data list` reads the catalogue without it.
+if TYPE_CHECKING:
+    import httpx
 
 _CHUNK = 1 << 16
 
@@ -210,6 +212,8 @@ def _locked(part: Path, dest: Path) -> Iterator[Any]:
 
 def _download(url: str, handle: Any, resume: Path, limits: DownloadLimits, bar: DownloadBar) -> tuple[str, int]:
     """Fill ``handle`` (append mode) with ``url``'s bytes, resuming what it holds when the server allows."""
+    import httpx
+
     offset = handle.seek(0, os.SEEK_END)
     state = _read_resume_state(resume)
     if offset and state.get("url") != url:
@@ -351,6 +355,8 @@ def _no_bar(_label: str, _total: int | None, _done: int) -> Iterator[Callable[[i
 
 
 def _host(url: str) -> str:
+    import httpx
+
     try:
         return httpx.URL(url).host or url
     except httpx.InvalidURL:
