@@ -115,24 +115,26 @@ __all__ = [
 ]
 
 
-#: The public names (the errors above excepted) by the module each comes from. Each is imported on first
-#: use, so ``import pacore`` (and with it every ``pacore`` command) pays for the engine, pydantic and jinja2
-#: only once something uses them.
-_NAMES_BY_MODULE = {
-    "pacore.adaptive": ("ComputePolicy",),
-    "pacore.api": ("asolve", "iter_solve", "solve"),
-    "pacore.backends": (
-        "Backend", "BaseBackend", "BreakerPolicy", "Completion", "GenerationParams", "LlamaCppBackend",
-        "OpenAIBackend", "RetryPolicy", "RouterBackend", "open_backend", "register_backend",
-    ),
-    "pacore.engine": ("asample",),
-    "pacore.messages": ("compact",),
-    "pacore.options": ("SolveOptions",),
-    "pacore.prompts": ("SynthesisTemplate",),
-    "pacore.schedule": ("PRESETS", "Schedule"),
-    "pacore.trace": (
-        "AnswerDelta", "Confidence", "Event", "Final", "Result", "Round", "RoundFinished", "RoundStarted",
-        "Trajectory", "TrajectoryFinished", "TrajectoryProgress", "Usage",
-    ),
-}  # fmt: skip
-__getattr__ = lazy_attributes(__name__, _NAMES_BY_MODULE)
+# The public names (the errors above excepted) by the module each comes from. Each is imported on first
+# use, so ``import pacore`` (and with it every ``pacore`` command) pays for the engine, pydantic and jinja2
+# only once something uses them.
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "pacore.adaptive": ("ComputePolicy",),
+        "pacore.api": ("asolve", "iter_solve", "solve"),
+        "pacore.backends": (
+            "Backend", "BaseBackend", "BreakerPolicy", "Completion", "GenerationParams", "LlamaCppBackend",
+            "OpenAIBackend", "RetryPolicy", "RouterBackend", "open_backend", "register_backend",
+        ),
+        "pacore.engine": ("asample",),
+        "pacore.messages": ("compact",),
+        "pacore.options": ("SolveOptions",),
+        "pacore.prompts": ("SynthesisTemplate",),
+        "pacore.schedule": ("PRESETS", "Schedule"),
+        "pacore.trace": (
+            "AnswerDelta", "Confidence", "Event", "Final", "Result", "Round", "RoundFinished", "RoundStarted",
+            "Trajectory", "TrajectoryFinished", "TrajectoryProgress", "Usage",
+        ),
+    },
+)  # fmt: skip

@@ -41,14 +41,16 @@ __all__ = [
     "write_report",
 ]
 
-#: The public names by the module each comes from, imported on first use: a command that needs one
-#: module (``pacore data check`` reads data sets) does not import the runner, reports and export.
-_NAMES_BY_MODULE = {
-    "pacore.eval.datasets": ("Problem", "dataset_fingerprint", "load_dataset"),
-    "pacore.eval.export": ("export_train",),
-    "pacore.eval.grading": ("extract_answer", "grade", "majority_vote"),
-    "pacore.eval.report": ("write_report",),
-    "pacore.eval.runner": ("Arm", "BatchRun", "run_dataset"),
-    "pacore.eval.synthetic": ("synthetic_problems", "write_jsonl"),
-}
-__getattr__ = lazy_attributes(__name__, _NAMES_BY_MODULE)
+# The public names by the module each comes from, imported on first use: a command that needs one
+# module (``pacore data check`` reads data sets) does not import the runner, reports and export.
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "pacore.eval.datasets": ("Problem", "dataset_fingerprint", "load_dataset"),
+        "pacore.eval.export": ("export_train",),
+        "pacore.eval.grading": ("extract_answer", "grade", "majority_vote"),
+        "pacore.eval.report": ("write_report",),
+        "pacore.eval.runner": ("Arm", "BatchRun", "run_dataset"),
+        "pacore.eval.synthetic": ("synthetic_problems", "write_jsonl"),
+    },
+)
