@@ -24,7 +24,7 @@ from typing import Any
 from adaptive import EARLY_STOP_AND_WIDTH
 from harness import BENCH_DIR, machine
 
-SCRIPTS = ("orchestration", "proxy", "embedded", "adaptive")
+SCRIPTS = ("orchestration", "proxy", "embedded", "adaptive", "startup")
 
 # What limits each figure, shown when its target is not met (filled from the figures).
 LIMITS: dict[str, Callable[[dict[str, Any]], str]] = {
