@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pacore.errors import UsageError
 from pacore.eval import extract_answer, grade, majority_vote
-from pacore.eval.grading import KINDS, GradeVerdict, boxed_answer, equivalent, grade_verdict
+from pacore.eval.grading import KINDS, GradeVerdict, boxed_answer, equivalent, format_note_counts, grade_verdict
 
 # (response, ground truth, kind, expected grade)
 GRADES = [
@@ -183,6 +183,12 @@ def test_pathological_answers_finish_fast_in_a_worker_thread(tower: str) -> None
 def test_an_answer_compared_and_found_wrong_has_no_note(response: str | None, truth: str, kind: str) -> None:
     assert grade_verdict(response, truth, kind) == GradeVerdict(False)
     assert grade_verdict(r"\boxed{\frac{1}{2}}", "0.5", "math") == GradeVerdict(True)
+
+
+def test_grade_notes_with_their_counts_read_as_the_report_and_export_show_them() -> None:
+    notes = [("comparison cut after 20 s", 3), ("answer too heavy to compare symbolically", 1)]
+    assert format_note_counts(notes) == "3 × comparison cut after 20 s, 1 × answer too heavy to compare symbolically"
+    assert format_note_counts([]) == ""
 
 
 NESTED = "\\sin(\\cos(" * 22 + "x" + "))" * 22  # passes the screening; sympy spends seconds on it

@@ -235,6 +235,11 @@ class ProblemResult:
     #: see :class:`pacore.eval.grading.GradeVerdict`); ``None`` when they were, or in runs stored before.
     grade_note: str | None = None
 
+    @property
+    def key(self) -> RepeatKey:
+        """This result's key within its arm: problem, seed, repeat."""
+        return self.problem_id, self.seed, self.repeat
+
 
 #: A result's key within an arm: problem, seed, repeat.
 RepeatKey = tuple[str, int, int]
@@ -418,7 +423,7 @@ class RunStore:
                 (
                     result.status, result.answer, result.extracted, correct, result.prompt_tokens,
                     result.completion_tokens, result.calls, result.wall_s, result.error, trace,
-                    now_iso(), result.grade_note, arm, result.problem_id, result.seed, result.repeat,
+                    now_iso(), result.grade_note, arm, *result.key,
                 ),
             ).rowcount  # fmt: skip
             if updated != 1:
@@ -441,7 +446,7 @@ class RunStore:
                     "WHERE arm = ? AND problem_id = ? AND seed = ? AND repeat = ? AND status = 'done' AND answer IS ?",
                     (
                         result.extracted, None if result.correct is None else int(result.correct), result.grade_note,
-                        arm, result.problem_id, result.seed, result.repeat, result.answer,
+                        arm, *result.key, result.answer,
                     ),
                 ).rowcount  # fmt: skip
                 if updated:

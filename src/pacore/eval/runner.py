@@ -53,7 +53,7 @@ from pacore.eval.grading import extract_answer, grade_verdict, majority_vote
 from pacore.options import SolveOptions, policy_label
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
-from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
+from pacore.store import ArmInfo, ProblemResult, RepeatKey, RunInfo, RunStore, StoredProblem
 from pacore.synthesis import ReferenceOrder
 from pacore.trace import Event, Result, Round, RoundStarted, Trajectory, TrajectoryFinished, usage_of
 
@@ -233,6 +233,11 @@ class Repeat:
     def label(self) -> str:
         return self.problem.id if self.index == 0 else f"{self.problem.id} (repeat {self.index})"
 
+    @property
+    def key(self) -> RepeatKey:
+        """The key of this unit's result in the store."""
+        return self.problem.id, self.seed, self.index
+
 
 @dataclass
 class BatchProgress:
@@ -365,7 +370,7 @@ class BatchRun:
         wanted = {"pending", "failed"} if plan.retry_failed else {"pending"}
         self.todo = [
             unit for unit in _repeats(problems, plan.seed, plan.repeats)
-            if statuses[unit.problem.id, unit.seed, unit.index] in wanted
+            if statuses[unit.key] in wanted
         ]  # fmt: skip
         # Failed problems being retried count again only once they finish.
         self.progress = BatchProgress(
@@ -451,7 +456,7 @@ class BatchRun:
             else:
                 store.add_repeats(arm.name, ids, seed=seed, repeats=repeats)
             statuses = store.statuses(arm.name)
-            counts = Counter(statuses[u.problem.id, u.seed, u.index] for u in _repeats(problems, seed, repeats))
+            counts = Counter(statuses[u.key] for u in _repeats(problems, seed, repeats))
             plan = RunPlan(
                 new_run=new_run,
                 new_arm=new_arm,
