@@ -193,8 +193,8 @@ class ArmInfo:
 
     name: str
     method: str
-    schedule: str | None = None
-    samples: int | None = None
+    schedule: str | None = None  # a pacore arm's K-vector ("8,4")
+    samples: int | None = None  # a majority arm's k
     created_at: str = ""
     #: The arm's adaptive-compute policy, its non-default ``ComputePolicy`` fields (``None``: none).
     compute: dict[str, Any] | None = None
