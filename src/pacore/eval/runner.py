@@ -246,17 +246,19 @@ class BatchProgress:
     arm: str
     #: Problem repeats this command asks for (problems x repeats), done before this run included.
     total: int
-    done: int = 0
-    failed: int = 0
     #: Problem repeats to work on in this run.
     todo: int = 0
     repeats: int = 1
+    started: float = field(default_factory=time.perf_counter)
+    #: Results so far, those of earlier runs included.
+    done: int = 0
+    failed: int = 0
+    #: This run's figures: results finished, correct and graded, calls under way, tokens generated.
     finished_now: int = 0
     correct: int = 0
     graded: int = 0
     in_flight: int = 0
     completion_tokens: int = 0
-    started: float = field(default_factory=time.perf_counter)
 
     @property
     def accuracy(self) -> float | None:
@@ -374,8 +376,8 @@ class BatchRun:
         ]  # fmt: skip
         # Failed problems being retried count again only once they finish.
         self.progress = BatchProgress(
-            arm=arm.name, total=len(problems) * plan.repeats, done=plan.done,
-            failed=0 if plan.retry_failed else plan.failed, todo=len(self.todo), repeats=plan.repeats,
+            arm=arm.name, total=len(problems) * plan.repeats, todo=len(self.todo), repeats=plan.repeats,
+            done=plan.done, failed=0 if plan.retry_failed else plan.failed,
         )  # fmt: skip
 
     @classmethod
@@ -535,17 +537,17 @@ class BatchRun:
         return ProblemResult(
             problem_id=problem.id,
             status="done",
+            seed=unit.seed,
+            repeat=unit.index,
             answer=answer,
             extracted=grade.extracted,
             correct=grade.correct,
+            grade_note=grade.note,
+            trace=trace,
             prompt_tokens=trace.usage.prompt_tokens,
             completion_tokens=trace.usage.completion_tokens,
             calls=trace.usage.calls,
             wall_s=time.perf_counter() - started,
-            trace=trace,
-            seed=unit.seed,
-            repeat=unit.index,
-            grade_note=grade.note,
         )
 
     def _params(self, unit: Repeat) -> GenerationParams:
@@ -686,14 +688,14 @@ def _failed(unit: Repeat, reason: str, trace: Result | None, wall_s: float) -> P
     return ProblemResult(
         problem_id=unit.problem.id,
         status="failed",
+        seed=unit.seed,
+        repeat=unit.index,
+        error=reason,
+        trace=trace,
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,
         calls=usage.calls if usage else 0,
         wall_s=wall_s,
-        error=reason,
-        trace=trace,
-        seed=unit.seed,
-        repeat=unit.index,
     )
 
 
