@@ -27,6 +27,9 @@ Any other block that starts a server on a documented port (``--port N``, and ``N
 URLs are moved together, so a port another process holds cannot fail or hang an example.
 
 Anything else after ``example:`` is an error, and so is a skip without a reason.
+
+Each block's shell runs in a process group of its own (:class:`ProcessGroup`) that is killed
+when this process ends, however it ends: a killed pytest leaves no example's server running.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -202,16 +206,62 @@ def workspace(directory: Path) -> Path:
     return directory
 
 
-def stop(process: subprocess.Popen) -> None:
-    """End a block's process group (its own children included)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-    process.wait()
+# The leader of a block's process group, alive until the group is stopped. When the process that
+# started it ends, however it ends (SIGKILL, a timeout), the kernel sends it SIGHUP (Linux's
+# PR_SET_PDEATHSIG) and it kills the whole group: the block's shell and the servers it started
+# (a shell's children are not covered by a parent-death signal of the shell's own).
+WATCHDOG = """
+import ctypes, os, signal, sys
+signal.signal(signal.SIGHUP, lambda *_: os.killpg(0, signal.SIGKILL))
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a teardown's SIGTERM is for the block; its SIGKILL ends this too
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGHUP) != 0:  # 1: PR_SET_PDEATHSIG
+    sys.exit(f"prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
+if os.getppid() != int(sys.argv[1]):  # the parent ended before prctl
+    os.killpg(0, signal.SIGKILL)
+print("ready", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+class ProcessGroup:
+    """A new process group that is killed when this process ends, however it ends.
+
+    Its leader is :data:`WATCHDOG`; the parent-death signal comes when the thread that
+    created the group ends, so a group is created by the thread that owns it (pytest's).
+    """
+
+    def __init__(self) -> None:
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", WATCHDOG, str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, process_group=0,
+        )  # fmt: skip
+        assert self.watchdog.stdout is not None
+        with self.watchdog.stdout:
+            ready = self.watchdog.stdout.readline()
+        if ready != "ready\n":
+            self.watchdog.wait()
+            raise RuntimeError(f"the process group's watchdog did not start (exit status {self.watchdog.returncode})")
+        self.id = self.watchdog.pid
+
+    def start(self, command: list[str], **options: Any) -> subprocess.Popen:
+        """``command`` started in this group (``options`` as for :class:`subprocess.Popen`).
+
+        Its input is empty, not a terminal: a process of a background group that reads one is stopped.
+        """
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, process_group=self.id, **options)
+
+    def stop(self, main: subprocess.Popen) -> None:
+        """SIGTERM to the group, up to 10 s for ``main`` to end, then SIGKILL to what is left, the watchdog included."""
+        # Until the watchdog is reaped its id is the group's, never another process's.
+        if self.watchdog.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.id, signal.SIGTERM)  # the watchdog ignores it
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    main.wait(timeout=10)
+                os.killpg(self.id, signal.SIGKILL)
+            self.watchdog.wait()
+        main.wait()
 
 
 def outputs(directory: Path) -> str:
@@ -227,6 +277,7 @@ class Server:
     documented_port: int
     port: int
     process: subprocess.Popen
+    group: ProcessGroup
     log: Path
 
 
@@ -254,10 +305,11 @@ class Servers:
         directory = workspace(Path(tempfile.mkdtemp(prefix=f"{block.page.stem}-{block.line}-", dir=self.root)))
         (directory / "example.sh").write_text(render_shell(block, code, self.fast_url), encoding="utf-8")
         log = directory / "server.log"
+        group = ProcessGroup()
         with log.open("w") as out:
-            process = subprocess.Popen(
+            process = group.start(
                 ["bash", "-euo", "pipefail", "example.sh"], cwd=directory, env=self.env(block, directory),
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline and process.poll() is None:
@@ -266,15 +318,15 @@ class Servers:
             except httpx.HTTPError:
                 time.sleep(0.5)
                 continue
-            self.running[block.id] = Server(block, documented, port, process, log)
+            self.running[block.id] = Server(block, documented, port, process, group, log)
             return self.running[block.id]
-        stop(process)
+        group.stop(process)
         status = process.returncode
         pytest.fail(f"{block.id}: no answer on port {port} (exit status {status}):\n{log.read_text()[-3000:]}")
 
     def stop_all(self) -> None:
         for server in self.running.values():
-            stop(server.process)
+            server.group.stop(server.process)
 
 
 @pytest.fixture(scope="session")
@@ -392,6 +444,71 @@ def test_examples_that_start_servers_run_on_free_ports() -> None:
         assert len(PORT_OR_URL_PORT.findall(moved.code)) == len(PORT_OR_URL_PORT.findall(block.code)), block.id
 
 
+# The examples' harness as pytest runs it, in a process of its own to be killed: it starts the
+# server of background example argv[1], in argv[2], says where (port, process group) and waits.
+HARNESS_TO_KILL = """
+import os, sys, time
+from pathlib import Path
+import test_doc_examples as examples
+
+block = next(b for b in examples.BLOCKS if b.id == sys.argv[1])
+env = {**os.environ, "PATH": f"{examples.BIN}{os.pathsep}{os.environ['PATH']}"}
+servers = examples.Servers(Path(sys.argv[2]), lambda block, home: {**env, "HOME": str(home)}, "http://127.0.0.1:9/v1")
+server = servers.start(block)
+print(server.port, server.group.id, flush=True)
+time.sleep(600)
+"""
+
+
+def live_members(group: int) -> list[int]:
+    """The processes of process group ``group`` still running (zombies left out: nothing may reap them here)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # ended meanwhile
+            state, _parent, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if int(process_group) == group and state != "Z":
+                members.append(int(stat.parent.name))
+    return members
+
+
+def listens(port: int) -> bool:
+    """Whether something accepts connections on loopback ``port``."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+@pytest.mark.http
+def test_a_killed_pytest_leaves_no_example_server_behind(tmp_path: Path) -> None:
+    """SIGKILL the process running the examples: the server a background example started, and its shell, end too."""
+    block = next(b for b in BLOCKS if b.background and not (b.model or b.backend or b.skip))  # needs no fixture
+    path = os.pathsep.join(str(ROOT / directory) for directory in ("tests", "bench", "src"))
+    harness = subprocess.Popen(
+        [sys.executable, "-c", HARNESS_TO_KILL, block.id, str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    group = None
+    try:
+        assert harness.stdout is not None
+        with harness.stdout:
+            started = harness.stdout.readline()
+        assert started, f"the harness exited with status {harness.wait()} before {block.id} answered"
+        port, group = map(int, started.split())
+        assert listens(port) and len(live_members(group)) >= 3  # the watchdog, the shell, the server
+        harness.kill()
+        harness.wait()
+        deadline = time.monotonic() + 10
+        while (listens(port) or live_members(group)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not live_members(group), f"still running 10 s after the harness was killed: {live_members(group)}"
+        assert not listens(port)
+    finally:
+        harness.kill()
+        harness.wait()
+        if group is not None and live_members(group):  # what outlived the harness when this failed
+            os.killpg(group, signal.SIGKILL)
+
+
 #: Pages with a background server: their later blocks use it.
 SERVED_PAGES = {block.page for block in BLOCKS if block.background and not block.skip}
 
@@ -446,17 +563,16 @@ def test_example_runs(
     # Output goes to files, not pipes: a background job the block leaves running would
     # hold a pipe open, and waiting for its end would wait for that job.
     out_path, err_path = directory / "stdout.txt", directory / "stderr.txt"
+    group = ProcessGroup()
     with out_path.open("w") as out, err_path.open("w") as err:
-        process = subprocess.Popen(
-            command, cwd=directory, env=env, stdout=out, stderr=err, text=True, start_new_session=True
-        )
+        process = group.start(command, cwd=directory, env=env, stdout=out, stderr=err, text=True)
     try:
         process.wait(timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        stop(process)
+        group.stop(process)
         pytest.fail(f"{block.id} ran longer than {BLOCK_TIMEOUT_S} s\n{outputs(directory)}")
     finally:
-        stop(process)  # background jobs the block started and did not end
+        group.stop(process)  # background jobs the block started and did not end
     expired = " (a `timeout` in the example expired)" if process.returncode == 124 else ""
     assert process.returncode == 0, (
         f"{block.id} exited with {process.returncode}{expired}\n--- code\n{code}\n{outputs(directory)}"

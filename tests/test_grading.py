@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pacore.errors import UsageError
 from pacore.eval import extract_answer, grade, majority_vote
-from pacore.eval.grading import KINDS, GradeVerdict, boxed_answer, equivalent, grade_verdict
+from pacore.eval.grading import KINDS, GradeVerdict, boxed_answer, equivalent, format_note_counts, grade_verdict
 
 # (response, ground truth, kind, expected grade)
 GRADES = [
@@ -185,17 +185,28 @@ def test_an_answer_compared_and_found_wrong_has_no_note(response: str | None, tr
     assert grade_verdict(r"\boxed{\frac{1}{2}}", "0.5", "math") == GradeVerdict(True)
 
 
+def test_grade_notes_with_their_counts_read_as_the_report_and_export_show_them() -> None:
+    notes = [("comparison cut after 20 s", 3), ("answer too heavy to compare symbolically", 1)]
+    assert format_note_counts(notes) == "3 × comparison cut after 20 s, 1 × answer too heavy to compare symbolically"
+    assert format_note_counts([]) == ""
+
+
 NESTED = "\\sin(\\cos(" * 22 + "x" + "))" * 22  # passes the screening; sympy spends seconds on it
 
 
+# The alarm's exception can be raised inside a weakref callback sympy triggers, where Python
+# swallows it (an "unraisable" exception): that step then runs to its end. Seen once in a CI run.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_math_verify_timeout_in_the_main_thread_is_a_note(monkeypatch) -> None:
     """math-verify's own timeouts (SIGALRM) end a step it spends too long on: the grade says so."""
     from pacore.eval import grading
 
     monkeypatch.setattr(grading, "_VERIFY_TIMEOUT_S", 1)
-    assert grade_verdict(rf"\boxed{{{NESTED}}}", "y", "math") == GradeVerdict(
-        False, "math-verify timed out (1 s a step)"
-    )
+    for _ in range(3):  # a swallowed alarm is rare: three in a row would be a bug
+        verdict = grade_verdict(rf"\boxed{{{NESTED}}}", "y", "math")
+        if verdict.note is not None:
+            break
+    assert verdict == GradeVerdict(False, "math-verify timed out (1 s a step)")
 
 
 def test_math_verify_works_in_a_worker_thread() -> None:

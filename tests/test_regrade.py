@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cli_harness import assert_one_line_error, pacore, pacore_in_process
 from fakes import ScriptedBackend
+from pacore import database
+from pacore.database import CheckedConnection
+from pacore.errors import StoreError, StoreUnusableError
 from pacore.eval.datasets import Problem
 from pacore.eval.grading import extract_answer, grade_verdict
 from pacore.eval.regrade import regrade_run
@@ -201,3 +207,65 @@ def test_bad_input_is_a_one_line_usage_error(old_run: Path, tmp_path: Path) -> N
     (tmp_path / "file").write_text("x")
     assert_one_line_error(pacore_in_process("regrade", str(tmp_path / "file")), 2, "is not a directory")
     assert_one_line_error(pacore_in_process("regrade"), 2, "Missing argument 'RUN_DIR'")
+
+
+@contextlib.contextmanager
+def write_lock_held(path: Path) -> Iterator[None]:
+    """Another program's write transaction on ``path``'s database, held until the block ends."""
+    holder = sqlite3.connect(path / DB_NAME, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+@contextlib.contextmanager
+def unwritable_store(path: Path, why: str) -> Iterator[RunStore]:
+    """``path``'s store, opened so that writing it fails: ``why`` is "read-only", "locked" or "full"."""
+    if why == "read-only":  # root ignores file modes: the database is opened read-only through SQLite itself
+        db = sqlite3.connect(
+            f"file:{path / DB_NAME}?mode=ro", uri=True, isolation_level=None, factory=CheckedConnection
+        )
+        db.row_factory = sqlite3.Row
+        with RunStore(path, db, None) as store:
+            yield store
+    elif why == "locked":
+        with write_lock_held(path), RunStore.open(path) as store:
+            store.db.execute("PRAGMA busy_timeout = 100")  # not the 30 s a regrade waits
+            yield store
+    else:  # the disk full at the database's present size
+        with RunStore.open(path) as store:
+            pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+            store.db.execute(f"PRAGMA max_page_count = {pages}")
+            yield store
+
+
+@pytest.mark.parametrize(
+    ("why", "error", "fragment"),
+    [("read-only", StoreUnusableError, "is read-only"), ("locked", StoreError, "is locked by another process"),
+     ("full", StoreError, "the disk or database is full")],
+    ids=["read-only", "locked", "full"],
+)  # fmt: skip
+def test_a_store_that_cannot_be_written_is_a_one_line_store_error(
+    old_run: Path, why: str, error: type[StoreError], fragment: str
+) -> None:
+    before = stored(old_run)
+    with unwritable_store(old_run, why) as store:
+        # Answers long enough to need new pages: a full database cannot take them.
+        graded = [dataclasses.replace(r, extracted="7" * 100_000) for r in store.results("single", traces=False)]
+        with pytest.raises(StoreError) as caught:
+            store.update_grades("single", graded)
+        assert type(caught.value) is error and fragment in str(caught.value) and "\n" not in str(caught.value)
+        assert not store.db.in_transaction  # rolled back, by SQLite itself when the disk was full
+    assert stored(old_run) == before
+
+
+def test_regrade_of_a_locked_run_is_a_one_line_error_and_writes_nothing(old_run: Path, monkeypatch) -> None:
+    monkeypatch.setattr(database, "BUSY_TIMEOUT_S", 0.1)
+    before = stored(old_run)
+    with write_lock_held(old_run):
+        assert_one_line_error(pacore_in_process("regrade", str(old_run)), 1, "is locked by another process")
+    assert stored(old_run) == before
+    assert [c.updated for c in regrade_run(old_run)] == [1, 2]  # once the lock is released

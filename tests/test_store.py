@@ -187,6 +187,17 @@ def test_add_arm_creates_every_repeat_of_its_seed(tmp_path: Path) -> None:
         assert sorted(store.statuses("single")) == [("p1", 3, 0), ("p1", 3, 1), ("p2", 3, 0), ("p2", 3, 1)]
 
 
+def test_a_results_key_is_its_key_in_statuses(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path / "run", writer=True) as store:
+        store.init_run(INFO, PROBLEMS)
+        store.add_arm(ArmInfo("single", "single"), ["p1", "p2"], seed=3, repeats=2)
+        store.record("single", ProblemResult("p2", "done", answer="4", seed=3, repeat=1))
+        results = list(store.results("single", traces=False))
+        assert [r.key for r in results] == [("p1", 3, 0), ("p1", 3, 1), ("p2", 3, 0), ("p2", 3, 1)]
+        assert {r.key: r.status for r in results} == store.statuses("single")
+        assert store.statuses("single")["p2", 3, 1] == "done"
+
+
 def test_the_sqlite_helpers_stay_importable_from_the_store() -> None:
     # They moved to pacore.database; docs/structure.md promises their old import path.
     names = (

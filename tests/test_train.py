@@ -30,6 +30,7 @@ from pacore.eval.datasets import Problem
 from pacore.eval.export import export_train
 from pacore.eval.runner import Arm, run_dataset
 from pacore.rewards import outcome_reward
+from pacore.training import remove_older_conversions
 
 pytestmark = pytest.mark.train
 # Looked up, not imported: importing transformers and TRL takes seconds, and every pytest worker
@@ -212,3 +213,19 @@ def test_bad_configs_are_one_line_usage_errors(tmp_path: Path) -> None:
         process = subprocess.run([PACORE, "train", str(config)], capture_output=True, text=True)
         assert process.returncode == 2 and message in process.stderr, process.stderr
         assert "Traceback" not in process.stderr
+
+
+def test_a_new_conversion_replaces_the_older_ones_of_its_file_name(tmp_path: Path) -> None:
+    """Conversions are keyed by content: the one of earlier contents (or of the former size-and-mtime key) goes."""
+    keep = tmp_path / "m.Q4-0123456789abcdef-v2"
+    older = [tmp_path / "m.Q4-fedcba9876543210-v2", tmp_path / "m.Q4-98362432-1796083471442185573-v2"]
+    others = [
+        tmp_path / "m.Q4-large-0123456789abcdef-v2",  # another file whose name begins alike
+        tmp_path / "n.Q4-0123456789abcdef-v2",
+        tmp_path / ".m.Q4-0123456789abcdef-v2.partial-12",  # another process's conversion in progress
+    ]
+    for directory in (keep, *older, *others):
+        directory.mkdir()
+        (directory / "config.json").write_text("{}")
+    remove_older_conversions(tmp_path, "m.Q4", keep)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in (keep, *others))

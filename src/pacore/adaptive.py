@@ -42,20 +42,22 @@ class ComputePolicy(BaseModel):
     #: The ``top_logprobs`` each call requests.
     top_logprobs: Annotated[
         int,
+        Field(ge=1, le=MAX_TOP_LOGPROBS),
         Flag(
             "--top-logprobs",
             f"Alternatives per token the confidence is computed from (1 to {MAX_TOP_LOGPROBS}).",
             metavar="K",
         ),
-    ] = Field(default=5, ge=1, le=MAX_TOP_LOGPROBS)
+    ] = 5
     window: Annotated[
         int,
+        Field(ge=1),
         Flag(
             "--confidence-window",
             "Tokens per sliding window of group confidence, scaled down for short outputs.",
             metavar="N",
         ),
-    ] = Field(default=2048, ge=1)
+    ] = 2048
     #: Keep per-token confidences in the trace, not only the summary figures.
     keep_token_confidences: bool = False
 
@@ -78,18 +80,20 @@ class ComputePolicy(BaseModel):
     ] = False
     warmup: Annotated[
         int,
+        Field(ge=1),
         Flag("--warmup", "Trajectories per round that finish before early stop sets its threshold.", metavar="N"),
-    ] = Field(default=4, ge=1)
+    ] = 4
     #: DeepConf-high keeps 90%: percentile 10; DeepConf-low keeps 10%: percentile 90.
     early_stop_percentile: Annotated[
         float,
+        Field(gt=0, lt=100),
         Flag(
             "--early-stop-percentile",
             "Early stop's threshold: this percentile of the warm-up's lowest group confidence; 10 keeps ~90%, "
             "90 keeps ~10%.",
             metavar="P",
         ),
-    ] = Field(default=10.0, gt=0, lt=100)
+    ] = 10.0
     #: Every later trajectory is then judged from its first window. Off: the warm-up runs in
     #: parallel with the rest.
     warmup_first: Annotated[
@@ -108,12 +112,13 @@ class ComputePolicy(BaseModel):
     #: The runner-up is the leading answer's rival.
     settle_threshold: Annotated[
         float,
+        Field(gt=0.5, lt=1),
         Flag(
             "--settle-threshold",
             "Posterior probability that the leading answer is the majority one needed to stop sampling (0.5 to 1).",
             metavar="P",
         ),
-    ] = Field(default=0.95, gt=0.5, lt=1)
+    ] = 0.95
 
     quorum: Annotated[
         _RoundShare,
@@ -125,21 +130,19 @@ class ComputePolicy(BaseModel):
     ] = None
     straggler_timeout: Annotated[
         float | None,
-        Flag(
-            "--straggler-timeout",
-            "With --quorum: once the quorum is met, wait at most this long for the rest.",
-            metavar="SECONDS",
-        ),
-    ] = Field(default=None, ge=0)
+        Field(ge=0),
+        Flag("--straggler-timeout", "Once --quorum is met, wait at most this long for the rest.", metavar="SECONDS"),
+    ] = None
 
     budget_tokens: Annotated[
         int | None,
+        Field(ge=1),
         Flag(
             "--budget-tokens",
             "Cap on generated tokens per problem: no trajectory is opened that could exceed it.",
             metavar="N",
         ),
-    ] = Field(default=None, ge=1)
+    ] = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:

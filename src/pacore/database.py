@@ -29,14 +29,17 @@ def now_iso() -> str:
 
 @contextmanager
 def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One write transaction on ``db``, rolled back if anything fails."""
+    """One write transaction on ``db``, rolled back if anything fails (its commit included)."""
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # SQLite rolls a transaction back itself on some errors (a full disk, an I/O error): a
+        # second ROLLBACK would fail and hide the error that says what happened.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def migrate(db: sqlite3.Connection, migrations: Iterable[Migration]) -> list[str]:
@@ -69,10 +72,14 @@ def applied_migrations(db: sqlite3.Connection) -> set[str]:
     return {row["name"] for row in db.execute("SELECT name FROM schema_migrations")}
 
 
+#: Seconds a statement waits for another connection's lock (a run committing) before "is locked by another process".
+BUSY_TIMEOUT_S = 30.0
+
+
 def connect(path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
     """A connection to the database at ``path`` with the store's durability settings."""
     # Written from a worker thread (batch runs, the server history), not the one that opened it.
-    db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False, factory=factory)
+    db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False, factory=factory)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit survives power loss too, not only a killed process;

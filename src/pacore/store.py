@@ -193,8 +193,8 @@ class ArmInfo:
 
     name: str
     method: str
-    schedule: str | None = None
-    samples: int | None = None
+    schedule: str | None = None  # a pacore arm's K-vector ("8,4")
+    samples: int | None = None  # a majority arm's k
     created_at: str = ""
     #: The arm's adaptive-compute policy, its non-default ``ComputePolicy`` fields (``None``: none).
     compute: dict[str, Any] | None = None
@@ -215,25 +215,31 @@ class ProblemResult:
 
     problem_id: str
     status: str  # "pending", "done" or "failed"
+    #: Which draw of the problem this is: the command's seed and the repeat (0..R-1).
+    seed: int = 0
+    repeat: int = 0
     answer: str | None = None
     extracted: str | None = None
     #: ``None`` when the problem has no ground truth to grade against.
     correct: bool | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    calls: int = 0
-    wall_s: float | None = None
-    error: str | None = None
-    trace: Result | None = None
-    attempts: int = 0
-    #: Which draw of the problem this is: the command's seed and the repeat (0..R-1).
-    seed: int = 0
-    repeat: int = 0
-    #: When the result was last recorded (ISO 8601, UTC); ``None`` while it was never run.
-    updated_at: str | None = None
     #: Why ``correct`` is ``False`` without the answers being compared (``"comparison cut after 20 s"``...,
     #: see :class:`pacore.eval.grading.GradeVerdict`); ``None`` when they were, or in runs stored before.
     grade_note: str | None = None
+    error: str | None = None
+    trace: Result | None = None
+    #: When the result was last recorded (ISO 8601, UTC); ``None`` while it was never run.
+    updated_at: str | None = None
+    #: What it cost: the trace's token and call totals, the attempts made, the seconds taken.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    attempts: int = 0
+    wall_s: float | None = None
+
+    @property
+    def key(self) -> RepeatKey:
+        """This result's key within its arm: problem, seed, repeat."""
+        return self.problem_id, self.seed, self.repeat
 
 
 #: A result's key within an arm: problem, seed, repeat.
@@ -418,7 +424,7 @@ class RunStore:
                 (
                     result.status, result.answer, result.extracted, correct, result.prompt_tokens,
                     result.completion_tokens, result.calls, result.wall_s, result.error, trace,
-                    now_iso(), result.grade_note, arm, result.problem_id, result.seed, result.repeat,
+                    now_iso(), result.grade_note, arm, *result.key,
                 ),
             ).rowcount  # fmt: skip
             if updated != 1:
@@ -441,7 +447,7 @@ class RunStore:
                     "WHERE arm = ? AND problem_id = ? AND seed = ? AND repeat = ? AND status = 'done' AND answer IS ?",
                     (
                         result.extracted, None if result.correct is None else int(result.correct), result.grade_note,
-                        arm, result.problem_id, result.seed, result.repeat, result.answer,
+                        arm, *result.key, result.answer,
                     ),
                 ).rowcount  # fmt: skip
                 if updated:

@@ -79,8 +79,8 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 class Trajectory(CallOutcome):
     """One sampled call of one round."""
 
-    round: int
-    index: int
+    round: int  # its round's index (0 first)
+    index: int  # its place in the round (0 first)
     #: The compacted message passed to the next round; ``None`` if it contributes none.
     message: str | None = None
     #: Position in which this trajectory finished within its round (0 first); ``None`` if unknown.

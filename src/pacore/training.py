@@ -22,8 +22,11 @@ imported by the rest of pacore.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import time
 import tomllib
@@ -169,12 +172,20 @@ def load_model(path: str | Path, progress: TextIO | None = None) -> tuple[Any, A
 
 
 def converted_gguf_dir(gguf: Path, progress: TextIO | None = None) -> Path:
-    """A Hugging Face model directory holding ``gguf`` dequantized to float32 (made once, then reused)."""
+    """A Hugging Face model directory holding ``gguf`` dequantized to float32 (made once, then reused).
+
+    The conversion is found by the file's name and content hash, not its
+    modification time, which every reinstall of a package that ships the
+    file changes. One conversion per file name is kept: a new one replaces
+    those of earlier contents (each is four times the size of a 4-bit GGUF).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf.stat()
-    target = models_cache_dir() / "gguf-hf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{_CONVERSION_VERSION}"
+    with gguf.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    conversions = models_cache_dir() / "gguf-hf"
+    target = conversions / f"{gguf.stem}-{digest[:16]}-v{_CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
     if progress is not None:
@@ -197,7 +208,19 @@ def converted_gguf_dir(gguf: Path, progress: TextIO | None = None) -> Path:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.replace(target)  # whole or not at all: another process may be converting too
+    remove_older_conversions(conversions, gguf.stem, keep=target)
     return target
+
+
+def remove_older_conversions(conversions: Path, stem: str, keep: Path) -> None:
+    """Delete the conversions of a GGUF file named ``stem`` other than ``keep``.
+
+    Also those kept under the former key (size and modification time).
+    """
+    older = re.compile(rf"{re.escape(stem)}-(?:[0-9a-f]{{16}}|\d+-\d+)-v\d+")
+    for path in conversions.iterdir():
+        if path != keep and older.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_prompts(path: str | Path, tokenizer: Any, max_prompt_length: int) -> tuple[Any, int]:

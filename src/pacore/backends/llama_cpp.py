@@ -458,11 +458,11 @@ class LlamaCppBackend(BaseBackend):
         self,
         path: str | Path | None = None,
         *,
-        model: str | None = None,
-        n_ctx: int | None = None,
-        chat_format: str | None = None,
-        threads: int | None = None,
-        default_max_tokens: int | None = None,
+        model: str | None = None,  # the name results carry; None: the file's stem, or the embedded model's
+        n_ctx: int | None = None,  # None: $PACORE_N_CTX, else DEFAULT_N_CTX
+        chat_format: str | None = None,  # llama-cpp-python's name; None: the GGUF's own chat template
+        threads: int | None = None,  # None: $PACORE_THREADS, else DEFAULT_THREADS
+        default_max_tokens: int | None = None,  # for calls that set no max_tokens; None: to the end of the context
     ) -> None:
         require("embedded", "llama_cpp", feature="the embedded backend (llama.cpp)")
         if path is None:

@@ -29,7 +29,7 @@ def report_command(
             help="Judge the derivation of every correct answer with this model (a backend spec: "
             "http://host:port/v1, gguf:/path, embedded) and report each arm's spurious correctness.",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     verifier_template: Annotated[
         Path | None,
         typer.Option("--verifier-template", metavar="FILE", help="Jinja2 verifier prompt instead of the built-in one."),
@@ -126,7 +126,7 @@ def export_train_command(
             help=f"One of {', '.join(choices.FORMATS)}: the released JSONL layout, verl's "
             "parquet, or a TRL data set; verl and trl hold the synthesis prompt the engine sends.",
         ),
-    ] = "pacore",  # fmt: skip
+    ] = "pacore",
     min_acc: Annotated[
         float, _stage_one_option("--min-acc", help="Keep problems whose message-set accuracy is above this.")
     ] = choices.DEFAULT_MIN_ACC,
@@ -145,7 +145,7 @@ def export_train_command(
             help="Take the responses from this arm's first round \\[default: the pool, else the "
             "arm with the widest first round].",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     synthesis_acc: Annotated[
         str | None,
         _stage_two_option(
@@ -154,7 +154,7 @@ def export_train_command(
             help="Keep problems whose synthesis success rate in --synthesis-run lies strictly "
             "between MIN and MAX (0..1: sometimes but not always right).",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     synthesis_run: Annotated[
         Path | None,
         _stage_two_option(
@@ -162,7 +162,7 @@ def export_train_command(
             metavar="RUN_DIR",
             help="A pacore run of the stage-1 policy on these problems (with repeats) \\[default: SOURCE].",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     template: TemplateOption = None,
     order: Annotated[
         str | None,
@@ -171,7 +171,7 @@ def export_train_command(
             "--order",
             help="Reference order of the prompt: shuffle (seeded) or release \\[default: the run's, else shuffle].",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
 ) -> None:
     """Write RL training records for the synthesis step (PaCoRe-Train JSONL, verl parquet or TRL).
 

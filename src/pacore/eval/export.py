@@ -59,7 +59,7 @@ from pacore.eval.choices import (
     ExportFormat,
 )
 from pacore.eval.datasets import load_dataset
-from pacore.eval.grading import grade_verdict
+from pacore.eval.grading import format_note_counts, grade_verdict
 from pacore.eval.report import run_inputs
 from pacore.files import atomic_output, refuse_overwriting
 from pacore.messages import compact, last_user_text, text_of
@@ -90,7 +90,7 @@ class ExportSummary:
     def line(self) -> str:
         why = ", ".join(f"{count} {reason}" for reason, count in self.dropped.most_common())
         dropped = f"; dropped {sum(self.dropped.values())}: {why}" if self.dropped else ""
-        notes = ", ".join(f"{count} × {note}" for note, count in self.not_judged.most_common(3))
+        notes = format_note_counts(self.not_judged.most_common(3))
         not_judged = (
             f"; {self.not_judged.total()} answers not judged (graded wrong): {notes}" if self.not_judged else ""
         )

@@ -37,6 +37,7 @@ import select
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,11 @@ class GradeVerdict:
     #: (``"comparison cut after 20 s"``, ``"answer too heavy to compare symbolically"``...);
     #: ``None`` when they were compared.
     note: str | None = None
+
+
+def format_note_counts(counts: Iterable[tuple[str, int]]) -> str:
+    """Grade notes (:attr:`GradeVerdict.note`) with how often each occurred: ``"3 × comparison cut after 20 s, 1 × ..."``."""
+    return ", ".join(f"{count} × {note}" for note, count in counts)
 
 
 def grade(response_text: str | None, ground_truth: str | None, kind: str = "auto") -> bool:

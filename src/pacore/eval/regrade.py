@@ -87,11 +87,7 @@ def _regrade_arm(store: RunStore, arm: ArmInfo, problems: dict[str, StoredProble
             counts.checked += 1
             if (grade.extracted, grade.correct, grade.note) != (old.extracted, old.correct, old.grade_note):
                 new = dataclasses.replace(old, extracted=grade.extracted, correct=grade.correct, grade_note=grade.note)
-                changed[_key(old)] = (old, new)
+                changed[old.key] = (old, new)
         for new in store.update_grades(arm.name, [new for _, new in changed.values()]):
-            counts.count(changed[_key(new)][0], new)
+            counts.count(changed[new.key][0], new)
     return counts
-
-
-def _key(result: ProblemResult) -> RepeatKey:
-    return result.problem_id, result.seed, result.repeat

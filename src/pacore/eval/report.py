@@ -47,6 +47,7 @@ from pacore.eval.figures import (
     spurious_stats,
     wilson_interval,
 )
+from pacore.eval.grading import format_note_counts
 from pacore.files import atomic_output, refuse_overwriting, write_atomic
 from pacore.store import RunStore, store_files
 from pacore.verifier import Verifier
@@ -157,7 +158,7 @@ def not_judged_lines(arms: list[ArmReport], with_run: bool) -> list[str]:
     """Per arm with results graded incorrect without being judged: how many and why (none when no arm has)."""
     return [
         f"{_arm_name(arm, with_run)}: {arm.not_judged} of {arm.graded} graded results; "
-        + ", ".join(f"{count} × {note}" for note, count in arm.not_judged_notes)
+        + format_note_counts(arm.not_judged_notes)
         for arm in arms
         if arm.not_judged
     ]

@@ -54,7 +54,7 @@ from pacore.eval.grading import extract_answer, grade_verdict, majority_vote
 from pacore.options import SolveOptions, policy_label
 from pacore.prompts import SynthesisTemplate
 from pacore.schedule import MAX_TRAJECTORIES_PER_ROUND, Schedule
-from pacore.store import ArmInfo, ProblemResult, RunInfo, RunStore, StoredProblem
+from pacore.store import ArmInfo, ProblemResult, RepeatKey, RunInfo, RunStore, StoredProblem
 from pacore.synthesis import ReferenceOrder
 from pacore.trace import Event, Result, Round, RoundStarted, Trajectory, TrajectoryFinished, usage_of
 
@@ -232,6 +232,11 @@ class Repeat:
     def label(self) -> str:
         return self.problem.id if self.index == 0 else f"{self.problem.id} (repeat {self.index})"
 
+    @property
+    def key(self) -> RepeatKey:
+        """The key of this unit's result in the store."""
+        return self.problem.id, self.seed, self.index
+
 
 @dataclass
 class BatchProgress:
@@ -240,17 +245,19 @@ class BatchProgress:
     arm: str
     #: Problem repeats this command asks for (problems x repeats), done before this run included.
     total: int
-    done: int = 0
-    failed: int = 0
     #: Problem repeats to work on in this run.
     todo: int = 0
     repeats: int = 1
+    started: float = field(default_factory=time.perf_counter)
+    #: Results so far, those of earlier runs included.
+    done: int = 0
+    failed: int = 0
+    #: This run's figures: results finished, correct and graded, calls under way, tokens generated.
     finished_now: int = 0
     correct: int = 0
     graded: int = 0
     in_flight: int = 0
     completion_tokens: int = 0
-    started: float = field(default_factory=time.perf_counter)
 
     @property
     def accuracy(self) -> float | None:
@@ -364,12 +371,12 @@ class BatchRun:
         wanted = {"pending", "failed"} if plan.retry_failed else {"pending"}
         self.todo = [
             unit for unit in _repeats(problems, plan.seed, plan.repeats)
-            if statuses[unit.problem.id, unit.seed, unit.index] in wanted
+            if statuses[unit.key] in wanted
         ]  # fmt: skip
         # Failed problems being retried count again only once they finish.
         self.progress = BatchProgress(
-            arm=arm.name, total=len(problems) * plan.repeats, done=plan.done,
-            failed=0 if plan.retry_failed else plan.failed, todo=len(self.todo), repeats=plan.repeats,
+            arm=arm.name, total=len(problems) * plan.repeats, todo=len(self.todo), repeats=plan.repeats,
+            done=plan.done, failed=0 if plan.retry_failed else plan.failed,
         )  # fmt: skip
 
     @classmethod
@@ -450,7 +457,7 @@ class BatchRun:
             else:
                 store.add_repeats(arm.name, ids, seed=seed, repeats=repeats)
             statuses = store.statuses(arm.name)
-            counts = Counter(statuses[u.problem.id, u.seed, u.index] for u in _repeats(problems, seed, repeats))
+            counts = Counter(statuses[u.key] for u in _repeats(problems, seed, repeats))
             plan = RunPlan(
                 new_run=new_run,
                 new_arm=new_arm,
@@ -529,17 +536,17 @@ class BatchRun:
         return ProblemResult(
             problem_id=problem.id,
             status="done",
+            seed=unit.seed,
+            repeat=unit.index,
             answer=answer,
             extracted=grade.extracted,
             correct=grade.correct,
+            grade_note=grade.note,
+            trace=trace,
             prompt_tokens=trace.usage.prompt_tokens,
             completion_tokens=trace.usage.completion_tokens,
             calls=trace.usage.calls,
             wall_s=time.perf_counter() - started,
-            trace=trace,
-            seed=unit.seed,
-            repeat=unit.index,
-            grade_note=grade.note,
         )
 
     def _params(self, unit: Repeat) -> GenerationParams:
@@ -680,14 +687,14 @@ def _failed(unit: Repeat, reason: str, trace: Result | None, wall_s: float) -> P
     return ProblemResult(
         problem_id=unit.problem.id,
         status="failed",
+        seed=unit.seed,
+        repeat=unit.index,
+        error=reason,
+        trace=trace,
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,
         calls=usage.calls if usage else 0,
         wall_s=wall_s,
-        error=reason,
-        trace=trace,
-        seed=unit.seed,
-        repeat=unit.index,
     )
 
 

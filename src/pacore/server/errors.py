@@ -169,8 +169,8 @@ def _timed_out(exc: RoundFailedError) -> bool:
 def _reply(
     status: int,
     message: str,
-    kind: str,
-    param: str | None = None,
+    kind: str,  # the error object's "type" (invalid_request_error...)
+    param: str | None = None,  # the request field at fault
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> ErrorReply:

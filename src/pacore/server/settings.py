@@ -22,7 +22,11 @@ DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-request caps of a server, each checked before the work it bounds."""
+    """Per-request caps of a server, each checked before the work it bounds.
+
+    ``pacore serve`` sets ``max_rounds`` and ``max_trajectories`` (``--max-rounds``, ``--max-trajectories``);
+    the others are fields of :class:`pacore.server.ServerConfig` only (see docs/server-limits.md).
+    """
 
     max_rounds: int = 4
     max_trajectories: int = 128
