@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli_harness import pacore_in_process
 from fakes import Call, ScriptedBackend
 from llama_server import free_port
 from pacore.backends.llama_cpp import smollm2_path
@@ -207,12 +208,17 @@ def test_bad_configs_are_one_line_usage_errors(tmp_path: Path) -> None:
         ('model = "m"\ndata = "d"\noutput_dir = "o"\nseed = -1\n', "seed: input should be greater than or equal to 0"),
         ('model = "m"\ndata = "d"\noutput_dir = "o"\nreward = "process"\n', "needs a verifier"),
         ('model = "m"\ndata = "d"\noutput_dir = "o"\n', "model path"),
+        (f'model = "{TINY_GGUF}"\ndata = "d.parquet"\noutput_dir = "o"\n', "training data"),
         ("model = \n", "bad.toml"),
     ):
         config.write_text(text)
-        process = subprocess.run([PACORE, "train", str(config)], capture_output=True, text=True)
+        process = pacore_in_process("train", str(config))
         assert process.returncode == 2 and message in process.stderr, process.stderr
         assert "Traceback" not in process.stderr
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+    # The last one again as its own process: what a user sees.
+    process = subprocess.run([PACORE, "train", str(config)], capture_output=True, text=True)
+    assert process.returncode == 2 and "bad.toml" in process.stderr and "Traceback" not in process.stderr
 
 
 def test_a_new_conversion_replaces_the_older_ones_of_its_file_name(tmp_path: Path) -> None:

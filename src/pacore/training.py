@@ -146,6 +146,22 @@ def find_gguf(path: Path) -> Path | None:
     return None
 
 
+def existing_model_path(path: str | Path) -> Path:
+    """``path`` if it exists, else a one-line usage error."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"model path {path} does not exist")
+    return path
+
+
+def existing_data_path(path: str | Path) -> Path:
+    """``path`` if it is a file, else a one-line usage error that says how to write one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"training data {path} does not exist (write it with 'pacore export-train --format trl')")
+    return path
+
+
 def load_model(path: str | Path, progress: TextIO | None = None) -> tuple[Any, Any]:
     """A trainable float32 causal LM and its tokenizer from a local directory or GGUF file.
 
@@ -153,12 +169,10 @@ def load_model(path: str | Path, progress: TextIO | None = None) -> tuple[Any, A
     directory in the cache (see :func:`converted_gguf_dir`): converting
     takes minutes on a small CPU, loading the conversion seconds.
     """
+    path = existing_model_path(path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"model path {path} does not exist")
     gguf = find_gguf(path)
     if gguf is not None:
         path = converted_gguf_dir(gguf, progress)
@@ -225,11 +239,9 @@ def remove_older_conversions(conversions: Path, stem: str, keep: Path) -> None:
 
 def load_prompts(path: str | Path, tokenizer: Any, max_prompt_length: int) -> tuple[Any, int]:
     """The ``trl`` export as a ``datasets.Dataset``, without prompts longer than ``max_prompt_length`` tokens."""
+    path = existing_data_path(path)
     from datasets import load_dataset
 
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"training data {path} does not exist (write it with 'pacore export-train --format trl')")
     kind = "json" if path.suffix in (".jsonl", ".json") else "parquet"
     dataset = load_dataset(kind, data_files=str(path), split="train")
     missing = [column for column in ("prompt", "ground_truth") if column not in dataset.column_names]
@@ -304,6 +316,9 @@ class TrainSummary:
 
 def train(config: TrainConfig, *, resume: bool = True, progress: TextIO | None = sys.stderr) -> TrainSummary:
     """Run GRPO as ``config`` says; returns where everything went."""
+    # A mistyped path is refused before torch is imported (seconds) and before anything is written.
+    existing_model_path(config.model)
+    existing_data_path(config.data)
     os.environ.setdefault("OMP_NUM_THREADS", str(config.threads))
     require("train", *TRAIN_MODULES, feature="pacore train")
     import torch
