@@ -13,7 +13,7 @@ After every invocation the run's database is read and checked:
   invocation changed, or more than one row for a problem;
 - a re-run must retry exactly the failed problems and leave done ones alone.
 
-    python bench/reliability.py [--quick] [--json] [--seed N] [--write]
+    python bench/reliability.py [--quick] [--kinds K,...] [--json] [--seed N] [--write]
 
 prints the results (``--write``, as ``make bench`` passes, also writes
 ``bench/RELIABILITY.md``); exits with 1 if anything was lost or duplicated.
@@ -96,13 +96,29 @@ class Figures:
     seconds: float = 0.0
 
 
-def scenarios(quick: bool) -> list[Scenario]:
+def scenarios(quick: bool, kinds: list[str] | None = None) -> list[Scenario]:
+    """Every kind's scenario, the dead endpoint's, then all kinds mixed with SIGKILLs; ``kinds``: only those."""
     per_kind = 20 if quick else 60
-    rows = [Scenario(kind, f"{kind}:{RATE}", per_kind) for kind in KINDS]
-    rows.append(Scenario("endpoint down", "", per_kind, dead_endpoint=True))
+    rows = [Scenario(kind, f"{kind}:{RATE}", per_kind) for kind in kinds or KINDS]
+    if kinds is None or "down" in kinds:
+        rows.append(Scenario("endpoint down", "", per_kind, dead_endpoint=True))
     mixed = 60 if quick else 200
-    rows.append(Scenario("all kinds + SIGKILL", f"all:{RATE}", mixed, kills=3 if quick else 6, retries=1))
+    kills = 3 if quick else 6
+    if kinds is None:
+        rows.append(Scenario("all kinds + SIGKILL", f"all:{RATE}", mixed, kills=kills, retries=1))
+    else:
+        mix = ",".join(f"{kind}:{RATE / len(kinds):g}" for kind in kinds)
+        rows.append(Scenario(f"{', '.join(kinds)} + SIGKILL", mix, mixed, kills=kills, retries=1))
     return rows
+
+
+def fault_kinds(text: str) -> list[str]:
+    """``--kinds``: known fault kinds, comma-separated."""
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"fault kinds are among {', '.join(KINDS)}; got {text!r}")
+    return list(dict.fromkeys(kinds))
 
 
 def write_data(path: Path, problems: int) -> Path:
@@ -289,9 +305,9 @@ def _failed_attempts(run_dir: Path) -> Counter[str]:
     return kinds
 
 
-def measure(quick: bool, seed: int) -> dict[str, Any]:
+def measure(quick: bool, seed: int, kinds: list[str] | None = None) -> dict[str, Any]:
     rows = []
-    for scenario in scenarios(quick):
+    for scenario in scenarios(quick, kinds):
         with tempfile.TemporaryDirectory(prefix="pacore-reliability-") as workdir:
             figures = run_scenario(scenario, Path(workdir), seed)
         print(f"  {scenario.name}: {_row_summary(figures)}", file=sys.stderr, flush=True)
@@ -383,11 +399,16 @@ def write_markdown(figures: dict[str, Any]) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer problems per scenario (under a minute)")
+    parser.add_argument(
+        "--kinds", type=fault_kinds, metavar="K,...", help="only these fault kinds' scenarios (not with --write)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--seed", type=int, default=1, help="seed of the faults and of the kill moments")
     parser.add_argument("--write", action="store_true", help="also write bench/RELIABILITY.md (make bench does)")
     args = parser.parse_args(argv)
-    figures = measure(args.quick, args.seed)
+    if args.write and args.kinds:
+        parser.error("--write records every scenario: drop --kinds")  # a partial table would replace the full one
+    figures = measure(args.quick, args.seed, args.kinds)
     outcome = f"wrote {write_markdown(figures)}" if args.write else "bench/RELIABILITY.md not written (--write does)"
     emit(figures, args.json, [*report(figures), "", outcome])
     totals = figures["totals"]

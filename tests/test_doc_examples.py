@@ -580,15 +580,23 @@ def test_example_runs(
 
 
 def test_bench_prints_without_write_and_leaves_the_committed_file(tmp_path: Path) -> None:
-    """The cheapest benchmark that writes markdown, run as the docs show it, but without --write."""
+    """The cheapest benchmark that writes markdown, run as docs/configure.md shows it (one fault kind, without
+    --write); with --write, a partial run is refused."""
     committed = ROOT / "bench" / "RELIABILITY.md"
     before = (committed.read_bytes(), committed.stat().st_mtime_ns)
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "reliability.py"), "--quick"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-    )  # fmt: skip
+
+    def reliability(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "reliability.py"), "--quick", "--kinds", "503", *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )  # fmt: skip
+
+    done = reliability()
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| scenario" in done.stdout  # the results table, printed
+    assert "| 503 + SIGKILL |" in done.stdout  # the results table, printed, with the kind's scenarios only
+    assert "| hang |" not in done.stdout
     assert "--write" in done.stdout  # says how to update the file
+    refused = reliability("--write")
+    assert refused.returncode == 2 and "drop --kinds" in refused.stderr
     assert (committed.read_bytes(), committed.stat().st_mtime_ns) == before
