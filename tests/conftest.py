@@ -95,7 +95,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _slowest_modules_first(items: list[pytest.Item]) -> None:
-    """Order the modules that train or run the embedded model before the rest, each module kept whole.
+    """Order the modules that train, run the embedded model or hold a ``slow`` test before the rest, each
+    module kept whole.
 
     pytest-xdist hands out tests in this order: a training run or a documentation example that runs
     the model for minutes, started last, would keep one worker busy long after the others are done.
@@ -106,12 +107,12 @@ def _slowest_modules_first(items: list[pytest.Item]) -> None:
             return 0
         if item.get_closest_marker("model") or item.nodeid.startswith("tests/test_doc_examples.py"):
             return 1
-        return 2
+        return 2 if item.get_closest_marker("slow") else 3
 
     modules: dict[str, int] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
-        modules[module] = min(modules.get(module, 2), weight(item))
+        modules[module] = min(modules.get(module, 3), weight(item))
     items.sort(key=lambda item: modules[item.nodeid.split("::")[0]])  # stable: a module's own order stays
 
 

@@ -351,6 +351,7 @@ def backend_calls(url: str) -> int:
     return httpx.get(url.removesuffix("/v1") + "/stats").json()["calls"]
 
 
+@pytest.mark.slow
 def test_run_and_report_place_policy_arms_next_to_the_fixed_schedule(simulated_url, tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", "question": f"Problem {i}", "answer": "0"}) + "\n"

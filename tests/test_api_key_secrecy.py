@@ -40,6 +40,7 @@ def files_containing(root: Path, needle: str) -> list[str]:
     return [str(path) for path in root.rglob("*") if path.is_file() and needle.encode() in path.read_bytes()]
 
 
+@pytest.mark.slow
 def test_api_keys_stay_out_of_runs_traces_reports_and_output(tmp_path: Path) -> None:
     data = write_data(tmp_path / "data.jsonl", 30)
     runs = tmp_path / "runs"

@@ -19,6 +19,7 @@ from reliability import ARM, Checker, Figures, Scenario, run_scenario
 PROBLEMS = 60
 
 
+@pytest.mark.slow
 @pytest.mark.http
 def test_faults_and_sigkills_leave_every_problem_answered_exactly_once(tmp_path: Path) -> None:
     # --retries 0: a fifth of the calls fail outright, so problems fail and reruns must retry them.

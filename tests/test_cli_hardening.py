@@ -540,6 +540,7 @@ def command_lines(junk_dir: Path, finished_run: Path, url: str) -> st.SearchStra
     )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )

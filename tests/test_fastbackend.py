@@ -410,6 +410,7 @@ async def test_pacore_solves_against_the_simulator() -> None:
     assert result.usage.completion_tokens == sum(t.completion_tokens for r in result.rounds for t in r.trajectories)
 
 
+@pytest.mark.slow
 def test_adaptive_benchmark_runs_against_the_simulator() -> None:
     """A smoke run of bench/adaptive.py (2 problems, 3 arms, other spread and runaways) so the benchmark does not rot."""
     bench = Path(__file__).resolve().parents[1] / "bench" / "adaptive.py"

@@ -279,6 +279,7 @@ async def test_200_concurrent_clients_get_only_answers_429s_or_openai_errors(fau
     assert asgi_errors == []
 
 
+@pytest.mark.slow
 async def test_memory_and_history_stay_bounded_over_repeated_bursts(faulty, monkeypatch):
     running, backend = faulty
     # pytest keeps every log record, and a logged traceback keeps its request alive.
