@@ -77,9 +77,9 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 # Parallel workers (pytest-xdist): most tests wait on loopback servers and subprocesses, so more
-# workers than cores pay: on 2 cores 6 beat 4, and 8 beat 6 for the whole suite (docs/checks.md has
-# the figures). TEST_WORKERS=0 runs in this process.
-TEST_WORKERS ?= 8
+# workers than cores pay: on 2 cores 6 beat 4; 8 varied more, from 1 min better to 1 min worse
+# (docs/checks.md has the figures). TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 6
 # The suite starts hundreds of Python processes (workers, pacore commands, servers): with bytecode
 # caching off (PYTHONDONTWRITEBYTECODE, which some environments set), each would compile pacore and
 # its tests again. On for the tests: about a sixth of the unit lane's CPU (docs/checks.md).
